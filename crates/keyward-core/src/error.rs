@@ -1,0 +1,105 @@
+//! The service error type.
+
+use crate::store::StoreError;
+
+/// Errors of the KMS service. Transports map each variant to a status code with
+/// [`KmsError::code`]; messages never contain secret material.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KmsError {
+    /// The caller presented no credential, or one that is invalid or expired.
+    #[error("missing or invalid token: pass a valid token in the Authorization header (Bearer) or KEYWARD_TOKEN")]
+    Unauthenticated,
+    /// The caller is authenticated but not allowed to do this.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// A named object does not exist.
+    #[error("{what} {name:?} not found")]
+    NotFound {
+        /// Kind of object ("key", "secret", ...).
+        what: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// An object with that name already exists.
+    #[error("{what} {name:?} already exists")]
+    AlreadyExists {
+        /// Kind of object.
+        what: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// A request field is invalid; the message says which and why.
+    #[error("invalid request: {0}")]
+    InvalidArgument(String),
+    /// The key is disabled.
+    #[error("key {0:?} is disabled: enable it with `keyward key enable {0}`")]
+    KeyDisabled(String),
+    /// The key is scheduled for deletion.
+    #[error("key {0:?} is pending deletion: cancel with `keyward key cancel-delete {0}` to use it again")]
+    KeyPendingDeletion(String),
+    /// The operation does not apply to this key type.
+    #[error("key {name:?} is of type {algorithm}, which does not support {operation}")]
+    WrongKeyType {
+        /// Key name.
+        name: String,
+        /// Key type.
+        algorithm: &'static str,
+        /// Refused operation.
+        operation: &'static str,
+    },
+    /// Decryption failed: tampered, truncated, unknown key or wrong context. Deliberately vague.
+    #[error("decryption failed")]
+    DecryptionFailed,
+    /// A concurrent change or a check-and-set mismatch.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Storage is unavailable; the request may be retried.
+    #[error("storage unavailable")]
+    Unavailable(#[source] StoreError),
+    /// An internal error (corrupt data, a bug). Details are logged, not returned.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl KmsError {
+    /// A stable machine-readable code for the error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unauthenticated => "unauthenticated",
+            Self::PermissionDenied(_) => "permission_denied",
+            Self::NotFound { .. } => "not_found",
+            Self::AlreadyExists { .. } => "already_exists",
+            Self::InvalidArgument(_) => "invalid_argument",
+            Self::KeyDisabled(_) => "key_disabled",
+            Self::KeyPendingDeletion(_) => "key_pending_deletion",
+            Self::WrongKeyType { .. } => "wrong_key_type",
+            Self::DecryptionFailed => "decryption_failed",
+            Self::Conflict(_) => "conflict",
+            Self::Unavailable(_) => "unavailable",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    pub(crate) fn invalid(msg: impl Into<String>) -> Self {
+        Self::InvalidArgument(msg.into())
+    }
+}
+
+impl From<StoreError> for KmsError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(_) => Self::Unavailable(e),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<keyward_crypto::CryptoError> for KmsError {
+    fn from(e: keyward_crypto::CryptoError) -> Self {
+        match e {
+            keyward_crypto::CryptoError::DecryptionFailed => Self::DecryptionFailed,
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,837 @@
+//! The KMS service: key lifecycle, cryptographic operations, secrets and tokens.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use keyward_crypto::aead::AeadKey;
+use keyward_crypto::format::{self, EnvelopeKind};
+use keyward_crypto::keys::{KeyAlgorithm, LoadedKey};
+use keyward_crypto::{SecretBytes, hash};
+
+use crate::limits::*;
+use crate::model::*;
+use crate::secretdata::SecretData;
+use crate::store::{Store, StoreError};
+use crate::{KmsError, now_unix, validate};
+
+const META_ROOT_CHECK: &str = "root_check";
+const META_SECRETS_KEY: &str = "secrets_key";
+const AAD_ROOT_CHECK: &[u8] = b"keyward/root-check/v1";
+const AAD_SECRETS_KEY: &[u8] = b"keyward/secrets-key/v1";
+const ROOT_CHECK_PLAINTEXT: &[u8] = b"keyward root key check";
+const CAS_RETRIES: usize = 8;
+
+/// A key as held in memory: metadata and every version unwrapped.
+#[derive(Debug)]
+pub struct CachedKey {
+    /// Metadata at load time.
+    pub record: KeyRecord,
+    versions: BTreeMap<u32, LoadedVersion>,
+}
+
+#[derive(Debug)]
+struct LoadedVersion {
+    key: LoadedKey,
+    public_key: Option<Vec<u8>>,
+    created_at: i64,
+}
+
+/// Public information about one key version.
+#[derive(Debug, Clone)]
+pub struct VersionInfo {
+    /// Version number.
+    pub version: u32,
+    /// Creation time.
+    pub created_at: i64,
+    /// DER SubjectPublicKeyInfo of signing keys.
+    pub public_key: Option<Vec<u8>>,
+}
+
+/// A key's metadata plus its versions.
+#[derive(Debug, Clone)]
+pub struct KeyDescription {
+    /// Metadata.
+    pub record: KeyRecord,
+    /// Versions, ascending.
+    pub versions: Vec<VersionInfo>,
+}
+
+/// Parameters of a new key.
+#[derive(Debug, Clone)]
+pub struct CreateKey {
+    /// Unique name.
+    pub name: String,
+    /// Key type.
+    pub algorithm: KeyAlgorithm,
+    /// Free text.
+    pub description: String,
+    /// Automatic rotation period in seconds.
+    pub rotate_every_secs: Option<u64>,
+}
+
+/// Result of an encryption.
+#[derive(Debug)]
+pub struct Encrypted {
+    /// The ciphertext envelope.
+    pub ciphertext: Vec<u8>,
+    /// Key name.
+    pub key_name: String,
+    /// Key version used.
+    pub key_version: u32,
+}
+
+/// Result of a decryption.
+#[derive(Debug)]
+pub struct Decrypted {
+    /// The plaintext.
+    pub plaintext: SecretBytes,
+    /// Key name.
+    pub key_name: String,
+    /// Key version the ciphertext was made with.
+    pub key_version: u32,
+}
+
+/// Result of generating a data key.
+#[derive(Debug)]
+pub struct DataKey {
+    /// The data key in the clear (absent for the without-plaintext variant).
+    pub plaintext: Option<SecretBytes>,
+    /// The data key encrypted under the named key.
+    pub ciphertext: Vec<u8>,
+    /// Key version used.
+    pub key_version: u32,
+}
+
+/// A secret version as read.
+#[derive(Debug)]
+pub struct SecretValue {
+    /// Fields.
+    pub data: SecretData,
+    /// Version number.
+    pub version: u32,
+    /// Creation time.
+    pub created_at: i64,
+}
+
+/// Metadata of one secret version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretVersionInfo {
+    /// Version number.
+    pub version: u32,
+    /// Creation time.
+    pub created_at: i64,
+    /// Soft-deletion time.
+    pub deleted_at: Option<i64>,
+    /// Whether the value was destroyed.
+    pub destroyed: bool,
+}
+
+/// What the scheduler did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ScheduledReport {
+    /// Keys rotated.
+    pub rotated: Vec<String>,
+    /// Keys purged after their pending window.
+    pub purged: Vec<String>,
+}
+
+#[derive(Default)]
+struct KeyCache {
+    by_name: HashMap<String, Arc<CachedKey>>,
+    by_id: HashMap<KeyId, Arc<CachedKey>>,
+}
+
+/// The KMS service. Cheap to share behind an `Arc`.
+pub struct Kms {
+    store: Arc<dyn Store>,
+    root: AeadKey,
+    secrets_key: AeadKey,
+    keys: RwLock<KeyCache>,
+    tokens: RwLock<HashMap<[u8; 32], Arc<TokenRecord>>>,
+}
+
+impl std::fmt::Debug for Kms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kms").field("store", &self.store.backend_name()).finish_non_exhaustive()
+    }
+}
+
+fn version_aad(id: &KeyId, version: u32) -> Vec<u8> {
+    let mut aad = b"keyward/key-version/v1\0".to_vec();
+    aad.extend_from_slice(&id.0);
+    aad.extend_from_slice(&version.to_be_bytes());
+    aad
+}
+
+fn secret_aad(path: &str, version: u32) -> Vec<u8> {
+    let mut aad = b"keyward/secret/v1\0".to_vec();
+    aad.extend_from_slice(path.as_bytes());
+    aad.push(0);
+    aad.extend_from_slice(&version.to_be_bytes());
+    aad
+}
+
+fn check_len(what: &str, n: usize, max: usize) -> Result<(), KmsError> {
+    if n > max {
+        return Err(KmsError::invalid(format!("{what} is {n} bytes; the limit is {max}")));
+    }
+    Ok(())
+}
+
+fn not_found(what: &'static str, name: &str) -> KmsError {
+    KmsError::NotFound { what, name: name.to_string() }
+}
+
+impl Kms {
+    /// Open the service over `store` with the unsealed `root` key. On a new store this
+    /// initialises it and returns the root token, which is shown once and stored only as a hash.
+    pub async fn open(store: Arc<dyn Store>, root: SecretBytes) -> Result<(Self, Option<SecretBytes>), KmsError> {
+        let root = AeadKey::new(&root)?;
+        match store.get_meta(META_ROOT_CHECK).await? {
+            Some(check) => {
+                root.open(AAD_ROOT_CHECK, &check).map_err(|_| {
+                    KmsError::Internal("the root key does not match this store (wrong seal for this data directory)".into())
+                })?;
+            }
+            None => {
+                let check = root.seal(AAD_ROOT_CHECK, ROOT_CHECK_PLAINTEXT)?;
+                if !store.put_meta_if_absent(META_ROOT_CHECK, &check).await? {
+                    // Another server initialised concurrently: verify against theirs.
+                    let theirs = store.get_meta(META_ROOT_CHECK).await?.ok_or_else(|| KmsError::Internal("root check vanished".into()))?;
+                    root.open(AAD_ROOT_CHECK, &theirs).map_err(|_| KmsError::Internal("root key mismatch".into()))?;
+                }
+            }
+        }
+        let fresh = SecretBytes::random(32)?;
+        let wrapped = root.seal(AAD_SECRETS_KEY, fresh.expose())?;
+        store.put_meta_if_absent(META_SECRETS_KEY, &wrapped).await?;
+        let wrapped = store
+            .get_meta(META_SECRETS_KEY)
+            .await?
+            .ok_or_else(|| KmsError::Internal("secrets key missing".into()))?;
+        let secrets_key = AeadKey::new(&root.open(AAD_SECRETS_KEY, &wrapped)?)?;
+
+        let kms = Self {
+            store,
+            root,
+            secrets_key,
+            keys: RwLock::new(KeyCache::default()),
+            tokens: RwLock::new(HashMap::new()),
+        };
+        let tokens = kms.store.list_tokens().await?;
+        let root_token = if tokens.is_empty() { Some(kms.create_token(vec!["root".into()], None).await?) } else { None };
+        kms.reload_tokens().await?;
+        Ok((kms, root_token))
+    }
+
+    /// The store backend's name.
+    pub fn backend_name(&self) -> &'static str {
+        self.store.backend_name()
+    }
+
+    // ----- tokens ---------------------------------------------------------------------------
+
+    async fn create_token(&self, policies: Vec<String>, ttl_secs: Option<u64>) -> Result<SecretBytes, KmsError> {
+        let raw = SecretBytes::random(32)?;
+        let token = SecretBytes::from_vec(format!("kwt_{}", hex::encode(raw.expose())).into_bytes());
+        let mut acc = [0u8; 12];
+        keyward_crypto::fill_random(&mut acc)?;
+        let now = now_unix();
+        let rec = TokenRecord {
+            hash: hash::sha256(token.expose()),
+            accessor: format!("acc_{}", hex::encode(acc)),
+            policies,
+            created_at: now,
+            expires_at: ttl_secs.map(|t| now.saturating_add(i64::try_from(t).unwrap_or(i64::MAX))),
+        };
+        self.store.put_token(&rec).await?;
+        Ok(token)
+    }
+
+    async fn reload_tokens(&self) -> Result<(), KmsError> {
+        let all = self.store.list_tokens().await?;
+        let map = all.into_iter().map(|t| (t.hash, Arc::new(t))).collect();
+        *self.tokens.write().map_err(|_| KmsError::Internal("token cache poisoned".into()))? = map;
+        Ok(())
+    }
+
+    /// Authenticate a bearer token.
+    pub fn authenticate(&self, token: &str) -> Result<Arc<TokenRecord>, KmsError> {
+        if token.is_empty() || token.len() > 256 {
+            return Err(KmsError::Unauthenticated);
+        }
+        let h = hash::sha256(token.as_bytes());
+        let map = self.tokens.read().map_err(|_| KmsError::Internal("token cache poisoned".into()))?;
+        let rec = map.get(&h).ok_or(KmsError::Unauthenticated)?;
+        // The map lookup found the hash; confirm in constant time (defence in depth).
+        if !keyward_crypto::ct_eq(&rec.hash, &h) {
+            return Err(KmsError::Unauthenticated);
+        }
+        if rec.expires_at.is_some_and(|e| e <= now_unix()) {
+            return Err(KmsError::Unauthenticated);
+        }
+        Ok(rec.clone())
+    }
+
+    /// Authorize `operation` on `resource` for `who`. Until policies exist only the root token
+    /// may do anything; every other identity is denied.
+    pub fn authorize(&self, who: &TokenRecord, operation: &str, resource: &str) -> Result<(), KmsError> {
+        if who.is_root() {
+            Ok(())
+        } else {
+            Err(KmsError::PermissionDenied(format!("no policy grants {operation} on {resource}")))
+        }
+    }
+
+    // ----- key cache ------------------------------------------------------------------------
+
+    fn cached_by_name(&self, name: &str) -> Option<Arc<CachedKey>> {
+        self.keys.read().ok()?.by_name.get(name).cloned()
+    }
+
+    fn cached_by_id(&self, id: &KeyId) -> Option<Arc<CachedKey>> {
+        self.keys.read().ok()?.by_id.get(id).cloned()
+    }
+
+    fn invalidate(&self, rec: &KeyRecord) {
+        if let Ok(mut c) = self.keys.write() {
+            c.by_name.remove(&rec.name);
+            c.by_id.remove(&rec.id);
+        }
+    }
+
+    async fn load(&self, rec: KeyRecord) -> Result<Arc<CachedKey>, KmsError> {
+        let mut versions = BTreeMap::new();
+        for v in self.store.get_key_versions(&rec.id).await? {
+            let material = self
+                .root
+                .open(&version_aad(&rec.id, v.version), &v.wrapped_material)
+                .map_err(|_| KmsError::Internal(format!("key {} version {} cannot be unwrapped", rec.name, v.version)))?;
+            let key = LoadedKey::load(rec.algorithm, &material)?;
+            versions.insert(v.version, LoadedVersion { key, public_key: v.public_key, created_at: v.created_at });
+        }
+        if !versions.contains_key(&rec.current_version) {
+            return Err(KmsError::Internal(format!("key {} lacks its current version", rec.name)));
+        }
+        let ck = Arc::new(CachedKey { record: rec, versions });
+        if let Ok(mut c) = self.keys.write() {
+            // Do not overwrite a newer entry loaded concurrently.
+            let newer = c.by_id.get(&ck.record.id).is_some_and(|old| old.record.revision > ck.record.revision);
+            if !newer {
+                c.by_name.insert(ck.record.name.clone(), ck.clone());
+                c.by_id.insert(ck.record.id, ck.clone());
+            }
+        }
+        Ok(ck)
+    }
+
+    async fn key(&self, name: &str) -> Result<Arc<CachedKey>, KmsError> {
+        if let Some(k) = self.cached_by_name(name) {
+            return Ok(k);
+        }
+        validate::key_name(name)?;
+        let rec = self.store.get_key(name).await?.ok_or_else(|| not_found("key", name))?;
+        self.load(rec).await
+    }
+
+    async fn key_by_id(&self, id: &KeyId) -> Result<Option<Arc<CachedKey>>, KmsError> {
+        if let Some(k) = self.cached_by_id(id) {
+            return Ok(Some(k));
+        }
+        match self.store.get_key_by_id(id).await? {
+            Some(rec) => Ok(Some(self.load(rec).await?)),
+            None => Ok(None),
+        }
+    }
+
+    fn usable(ck: &CachedKey, operation: &'static str, ok_type: fn(KeyAlgorithm) -> bool) -> Result<(), KmsError> {
+        let r = &ck.record;
+        match r.state {
+            KeyState::Enabled => {}
+            KeyState::Disabled => return Err(KmsError::KeyDisabled(r.name.clone())),
+            KeyState::PendingDeletion => return Err(KmsError::KeyPendingDeletion(r.name.clone())),
+        }
+        if !ok_type(r.algorithm) {
+            return Err(KmsError::WrongKeyType { name: r.name.clone(), algorithm: r.algorithm.as_str(), operation });
+        }
+        Ok(())
+    }
+
+    // ----- key lifecycle --------------------------------------------------------------------
+
+    fn new_version(&self, id: &KeyId, alg: KeyAlgorithm, version: u32, now: i64) -> Result<KeyVersionRecord, KmsError> {
+        let material = alg.generate()?;
+        let public_key = LoadedKey::load(alg, &material)?.public_key_der();
+        let wrapped_material = self.root.seal(&version_aad(id, version), material.expose())?;
+        Ok(KeyVersionRecord { key_id: *id, version, wrapped_material, public_key, created_at: now })
+    }
+
+    /// Create a key with its first version.
+    pub async fn create_key(&self, req: CreateKey) -> Result<KeyDescription, KmsError> {
+        validate::key_name(&req.name)?;
+        check_len("description", req.description.len(), MAX_DESCRIPTION)?;
+        if let Some(p) = req.rotate_every_secs {
+            if !(MIN_ROTATION_PERIOD..=MAX_ROTATION_PERIOD).contains(&p) {
+                return Err(KmsError::invalid(format!(
+                    "rotation period must be between {MIN_ROTATION_PERIOD} seconds and {} days",
+                    MAX_ROTATION_PERIOD / 86400
+                )));
+            }
+        }
+        let now = now_unix();
+        let id = KeyId::random()?;
+        let first = self.new_version(&id, req.algorithm, 1, now)?;
+        let rec = KeyRecord {
+            id,
+            name: req.name.clone(),
+            algorithm: req.algorithm,
+            state: KeyState::Enabled,
+            description: req.description,
+            created_at: now,
+            updated_at: now,
+            current_version: 1,
+            rotate_every_secs: req.rotate_every_secs,
+            next_rotation_at: req.rotate_every_secs.map(|p| now.saturating_add(p as i64)),
+            deletion_at: None,
+            revision: 1,
+        };
+        match self.store.create_key(&rec, &first).await {
+            Ok(()) => {}
+            Err(StoreError::AlreadyExists) => return Err(KmsError::AlreadyExists { what: "key", name: req.name }),
+            Err(e) => return Err(e.into()),
+        }
+        self.describe_key(&rec.name).await
+    }
+
+    /// A key's metadata and versions.
+    pub async fn describe_key(&self, name: &str) -> Result<KeyDescription, KmsError> {
+        let ck = self.key(name).await?;
+        Ok(describe(&ck))
+    }
+
+    /// Keys ordered by name after `after`; returns the page and the cursor for the next one.
+    pub async fn list_keys(&self, after: Option<&str>, limit: Option<u32>) -> Result<(Vec<KeyRecord>, Option<String>), KmsError> {
+        let limit = limit.unwrap_or(DEFAULT_PAGE);
+        if limit == 0 || limit > MAX_PAGE {
+            return Err(KmsError::invalid(format!("limit must be between 1 and {MAX_PAGE}")));
+        }
+        let page = self.store.list_keys(after, limit).await?;
+        let next = (page.len() == limit as usize).then(|| page.last().map(|k| k.name.clone())).flatten();
+        Ok((page, next))
+    }
+
+    async fn update_key_with(
+        &self,
+        name: &str,
+        f: impl Fn(&mut KeyRecord, i64) -> Result<(), KmsError>,
+    ) -> Result<KeyDescription, KmsError> {
+        validate::key_name(name)?;
+        for _ in 0..CAS_RETRIES {
+            let mut rec = self.store.get_key(name).await?.ok_or_else(|| not_found("key", name))?;
+            let expected = rec.revision;
+            let now = now_unix();
+            f(&mut rec, now)?;
+            rec.revision = expected + 1;
+            rec.updated_at = now;
+            match self.store.update_key(&rec, expected).await {
+                Ok(()) => {
+                    self.invalidate(&rec);
+                    return self.describe_key(name).await;
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(KmsError::Conflict(format!("key {name:?} is being changed concurrently; retry")))
+    }
+
+    /// Enable a disabled key.
+    pub async fn enable_key(&self, name: &str) -> Result<KeyDescription, KmsError> {
+        self.update_key_with(name, |r, _| match r.state {
+            KeyState::PendingDeletion => Err(KmsError::KeyPendingDeletion(r.name.clone())),
+            _ => {
+                r.state = KeyState::Enabled;
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    /// Disable a key: every cryptographic operation is refused until it is enabled again.
+    pub async fn disable_key(&self, name: &str) -> Result<KeyDescription, KmsError> {
+        self.update_key_with(name, |r, _| match r.state {
+            KeyState::PendingDeletion => Err(KmsError::KeyPendingDeletion(r.name.clone())),
+            _ => {
+                r.state = KeyState::Disabled;
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    /// Set or clear the automatic rotation period.
+    pub async fn set_rotation(&self, name: &str, rotate_every_secs: Option<u64>) -> Result<KeyDescription, KmsError> {
+        if let Some(p) = rotate_every_secs {
+            if !(MIN_ROTATION_PERIOD..=MAX_ROTATION_PERIOD).contains(&p) {
+                return Err(KmsError::invalid("rotation period out of range"));
+            }
+        }
+        self.update_key_with(name, |r, now| {
+            r.rotate_every_secs = rotate_every_secs;
+            r.next_rotation_at = rotate_every_secs.map(|p| now.saturating_add(p as i64));
+            Ok(())
+        })
+        .await
+    }
+
+    /// Schedule deletion after `pending_days` (1 to 30, default 7). The key refuses use meanwhile.
+    pub async fn schedule_deletion(&self, name: &str, pending_days: Option<u32>) -> Result<KeyDescription, KmsError> {
+        let days = pending_days.unwrap_or(DEFAULT_PENDING_DAYS);
+        if !(MIN_PENDING_DAYS..=MAX_PENDING_DAYS).contains(&days) {
+            return Err(KmsError::invalid(format!(
+                "pending window must be between {MIN_PENDING_DAYS} and {MAX_PENDING_DAYS} days"
+            )));
+        }
+        self.update_key_with(name, |r, now| {
+            if r.state == KeyState::PendingDeletion {
+                return Err(KmsError::KeyPendingDeletion(r.name.clone()));
+            }
+            r.state = KeyState::PendingDeletion;
+            r.deletion_at = Some(now.saturating_add(i64::from(days) * 86400));
+            Ok(())
+        })
+        .await
+    }
+
+    /// Cancel a pending deletion. As in AWS KMS the key comes back *disabled*.
+    pub async fn cancel_deletion(&self, name: &str) -> Result<KeyDescription, KmsError> {
+        self.update_key_with(name, |r, _| {
+            if r.state != KeyState::PendingDeletion {
+                return Err(KmsError::Conflict(format!("key {:?} is not pending deletion", r.name)));
+            }
+            r.state = KeyState::Disabled;
+            r.deletion_at = None;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Add a new version; it becomes current. Older versions keep decrypting and verifying.
+    pub async fn rotate_key(&self, name: &str) -> Result<KeyDescription, KmsError> {
+        validate::key_name(name)?;
+        self.rotate_at(name, now_unix()).await
+    }
+
+    async fn rotate_at(&self, name: &str, now: i64) -> Result<KeyDescription, KmsError> {
+        for _ in 0..CAS_RETRIES {
+            let mut rec = self.store.get_key(name).await?.ok_or_else(|| not_found("key", name))?;
+            if rec.state == KeyState::PendingDeletion {
+                return Err(KmsError::KeyPendingDeletion(rec.name));
+            }
+            let expected = rec.revision;
+            let version = rec
+                .current_version
+                .checked_add(1)
+                .ok_or_else(|| KmsError::invalid("key has reached the maximum number of versions"))?;
+            let v = self.new_version(&rec.id, rec.algorithm, version, now)?;
+            rec.current_version = version;
+            rec.revision = expected + 1;
+            rec.updated_at = now;
+            rec.next_rotation_at = rec.rotate_every_secs.map(|p| now.saturating_add(p as i64));
+            match self.store.add_key_version(&rec, &v, expected).await {
+                Ok(()) => {
+                    self.invalidate(&rec);
+                    return self.describe_key(name).await;
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(KmsError::Conflict(format!("key {name:?} is being changed concurrently; retry")))
+    }
+
+    /// Run due work: automatic rotations and purges of keys whose pending window ended.
+    pub async fn run_scheduled(&self, now: i64) -> Result<ScheduledReport, KmsError> {
+        let mut report = ScheduledReport::default();
+        for rec in self.store.keys_due(now, 1000).await? {
+            match rec.state {
+                KeyState::PendingDeletion if rec.deletion_at.is_some_and(|d| d <= now) => {
+                    match self.store.delete_key(&rec.id, rec.revision).await {
+                        Ok(()) => {
+                            self.invalidate(&rec);
+                            report.purged.push(rec.name);
+                        }
+                        Err(StoreError::Conflict | StoreError::NotFound) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                KeyState::Enabled if rec.next_rotation_at.is_some_and(|t| t <= now) => {
+                    self.rotate_at(&rec.name, now).await?;
+                    report.rotated.push(rec.name);
+                }
+                _ => {}
+            }
+        }
+        Ok(report)
+    }
+
+    // ----- cryptographic operations ---------------------------------------------------------
+
+    /// Encrypt up to 64 KiB under the key's current version, binding `context`.
+    pub async fn encrypt(&self, name: &str, plaintext: &[u8], context: &BTreeMap<String, String>) -> Result<Encrypted, KmsError> {
+        check_len("plaintext", plaintext.len(), MAX_PLAINTEXT)?;
+        validate::context(context)?;
+        let ck = self.key(name).await?;
+        Self::usable(&ck, "encrypt", |a| a == KeyAlgorithm::Aes256Gcm)?;
+        let (version, key) = current_aead(&ck)?;
+        let ciphertext = format::seal_ciphertext(key, ck.record.id.0, version, context, plaintext)?;
+        Ok(Encrypted { ciphertext, key_name: ck.record.name.clone(), key_version: version })
+    }
+
+    /// Decrypt a ciphertext envelope; the key is found from its header.
+    pub async fn decrypt(&self, ciphertext: &[u8], context: &BTreeMap<String, String>) -> Result<Decrypted, KmsError> {
+        check_len("ciphertext", ciphertext.len(), MAX_CIPHERTEXT)?;
+        validate::context(context)?;
+        let (header, body) = format::parse(ciphertext, EnvelopeKind::CiphertextV1).map_err(|_| KmsError::DecryptionFailed)?;
+        let ck = self.key_by_id(&KeyId(header.key_id)).await?.ok_or(KmsError::DecryptionFailed)?;
+        Self::usable(&ck, "decrypt", |a| a == KeyAlgorithm::Aes256Gcm)?;
+        let key = ck.versions.get(&header.version).and_then(|v| v.key.aead()).ok_or(KmsError::DecryptionFailed)?;
+        let plaintext = format::open_ciphertext(key, &header, body, context).map_err(|_| KmsError::DecryptionFailed)?;
+        Ok(Decrypted { plaintext, key_name: ck.record.name.clone(), key_version: header.version })
+    }
+
+    /// Decrypt and encrypt again under `destination` (default: the same key's current version)
+    /// with `destination_context`; the plaintext never leaves the service.
+    pub async fn reencrypt(
+        &self,
+        ciphertext: &[u8],
+        context: &BTreeMap<String, String>,
+        destination: Option<&str>,
+        destination_context: &BTreeMap<String, String>,
+    ) -> Result<Encrypted, KmsError> {
+        let d = self.decrypt(ciphertext, context).await?;
+        let dest = destination.unwrap_or(&d.key_name).to_string();
+        self.encrypt(&dest, d.plaintext.expose(), destination_context).await
+    }
+
+    /// Generate a data key of `bytes` (16 to 64, default 32) bytes, returned in the clear (unless
+    /// `with_plaintext` is false) and encrypted under the named key.
+    pub async fn generate_data_key(
+        &self,
+        name: &str,
+        bytes: Option<usize>,
+        context: &BTreeMap<String, String>,
+        with_plaintext: bool,
+    ) -> Result<DataKey, KmsError> {
+        let n = bytes.unwrap_or(32);
+        if !(16..=64).contains(&n) {
+            return Err(KmsError::invalid("data key size must be between 16 and 64 bytes"));
+        }
+        let dk = SecretBytes::random(n)?;
+        let enc = self.encrypt(name, dk.expose(), context).await?;
+        Ok(DataKey { plaintext: with_plaintext.then_some(dk), ciphertext: enc.ciphertext, key_version: enc.key_version })
+    }
+
+    /// Sign `message` with the key's current version; returns a signature envelope.
+    pub async fn sign(&self, name: &str, message: &[u8]) -> Result<(Vec<u8>, u32), KmsError> {
+        check_len("message", message.len(), MAX_MESSAGE)?;
+        let ck = self.key(name).await?;
+        Self::usable(&ck, "sign", KeyAlgorithm::is_signing)?;
+        let v = current(&ck)?;
+        let sig = v.1.key.sign(message)?;
+        Ok((format::wrap_tag(EnvelopeKind::SignatureV1, ck.record.id.0, v.0, &sig), v.0))
+    }
+
+    /// Verify a signature envelope made by this key (any version).
+    pub async fn verify(&self, name: &str, message: &[u8], signature: &[u8]) -> Result<bool, KmsError> {
+        check_len("message", message.len(), MAX_MESSAGE)?;
+        let ck = self.key(name).await?;
+        Self::usable(&ck, "verify", KeyAlgorithm::is_signing)?;
+        let (h, sig) = format::parse(signature, EnvelopeKind::SignatureV1)
+            .map_err(|_| KmsError::invalid("signature is not a Keyward signature (expected the base64 value returned by sign)"))?;
+        if h.key_id != ck.record.id.0 {
+            return Ok(false);
+        }
+        Ok(ck.versions.get(&h.version).is_some_and(|v| v.key.verify(message, sig).is_ok()))
+    }
+
+    /// HMAC-SHA256 of `message` with the key's current version; returns a MAC envelope.
+    pub async fn mac(&self, name: &str, message: &[u8]) -> Result<(Vec<u8>, u32), KmsError> {
+        check_len("message", message.len(), MAX_MESSAGE)?;
+        let ck = self.key(name).await?;
+        Self::usable(&ck, "mac", |a| a == KeyAlgorithm::HmacSha256)?;
+        let v = current(&ck)?;
+        let tag = v.1.key.mac(message)?;
+        Ok((format::wrap_tag(EnvelopeKind::MacV1, ck.record.id.0, v.0, &tag), v.0))
+    }
+
+    /// Verify a MAC envelope made by this key (any version), in constant time.
+    pub async fn verify_mac(&self, name: &str, message: &[u8], mac: &[u8]) -> Result<bool, KmsError> {
+        check_len("message", message.len(), MAX_MESSAGE)?;
+        let ck = self.key(name).await?;
+        Self::usable(&ck, "verify-mac", |a| a == KeyAlgorithm::HmacSha256)?;
+        let (h, tag) = format::parse(mac, EnvelopeKind::MacV1)
+            .map_err(|_| KmsError::invalid("mac is not a Keyward MAC (expected the base64 value returned by mac)"))?;
+        if h.key_id != ck.record.id.0 {
+            return Ok(false);
+        }
+        Ok(ck.versions.get(&h.version).is_some_and(|v| v.key.verify_mac(message, tag).is_ok()))
+    }
+
+    /// `n` random bytes (1 to 1024) from the CSPRNG.
+    pub fn random(&self, n: usize) -> Result<SecretBytes, KmsError> {
+        if n == 0 || n > MAX_RANDOM_BYTES {
+            return Err(KmsError::invalid(format!("bytes must be between 1 and {MAX_RANDOM_BYTES}")));
+        }
+        Ok(SecretBytes::random(n)?)
+    }
+
+    // ----- secrets --------------------------------------------------------------------------
+
+    /// Write a new version of a secret. With `cas`, the write only succeeds if the current
+    /// version is `cas` (0: the secret must not exist yet). Returns the new version.
+    pub async fn put_secret(&self, path: &str, data: SecretData, cas: Option<u32>) -> Result<u32, KmsError> {
+        validate::secret_path(path)?;
+        let encoded = data.encode();
+        for _ in 0..CAS_RETRIES {
+            let current = self.store.get_secret(path).await?.map_or(0, |s| s.current_version);
+            if let Some(c) = cas {
+                if c != current {
+                    return Err(KmsError::Conflict(format!(
+                        "check-and-set failed: current version of {path:?} is {current}, not {c}"
+                    )));
+                }
+            }
+            let version = current.checked_add(1).ok_or_else(|| KmsError::invalid("too many versions"))?;
+            let wrapped = self.secrets_key.seal(&secret_aad(path, version), encoded.expose())?;
+            let rec = SecretVersionRecord {
+                path: path.to_string(),
+                version,
+                wrapped_value: Some(wrapped),
+                created_at: now_unix(),
+                deleted_at: None,
+            };
+            match self.store.put_secret_version(&rec, current).await {
+                Ok(()) => return Ok(version),
+                Err(StoreError::Conflict) if cas.is_none() => continue,
+                Err(StoreError::Conflict) => {
+                    return Err(KmsError::Conflict(format!("check-and-set failed: {path:?} changed concurrently")));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(KmsError::Conflict(format!("secret {path:?} is being written concurrently; retry")))
+    }
+
+    /// Read a secret version (latest if `version` is `None`).
+    pub async fn get_secret(&self, path: &str, version: Option<u32>) -> Result<SecretValue, KmsError> {
+        validate::secret_path(path)?;
+        let meta = self.store.get_secret(path).await?.ok_or_else(|| not_found("secret", path))?;
+        let v = version.unwrap_or(meta.current_version);
+        let rec = self
+            .store
+            .get_secret_version(path, v)
+            .await?
+            .ok_or_else(|| not_found("secret version", &format!("{path}@{v}")))?;
+        if rec.deleted_at.is_some() {
+            return Err(KmsError::NotFound { what: "secret version (deleted; undelete it to read)", name: format!("{path}@{v}") });
+        }
+        let wrapped = rec
+            .wrapped_value
+            .ok_or_else(|| KmsError::NotFound { what: "secret version (destroyed)", name: format!("{path}@{v}") })?;
+        let plain = self
+            .secrets_key
+            .open(&secret_aad(path, v), &wrapped)
+            .map_err(|_| KmsError::Internal(format!("secret {path}@{v} cannot be unwrapped")))?;
+        let data = SecretData::decode(plain.expose()).ok_or_else(|| KmsError::Internal("corrupt secret encoding".into()))?;
+        Ok(SecretValue { data, version: v, created_at: rec.created_at })
+    }
+
+    /// Version history of a secret.
+    pub async fn secret_versions(&self, path: &str) -> Result<(SecretRecord, Vec<SecretVersionInfo>), KmsError> {
+        validate::secret_path(path)?;
+        let meta = self.store.get_secret(path).await?.ok_or_else(|| not_found("secret", path))?;
+        let versions = self
+            .store
+            .list_secret_versions(path)
+            .await?
+            .into_iter()
+            .map(|v| SecretVersionInfo {
+                version: v.version,
+                created_at: v.created_at,
+                deleted_at: v.deleted_at,
+                destroyed: v.wrapped_value.is_none(),
+            })
+            .collect();
+        Ok((meta, versions))
+    }
+
+    /// Secret paths under `prefix`; returns the page and the cursor for the next one.
+    pub async fn list_secrets(&self, prefix: &str, after: Option<&str>, limit: Option<u32>) -> Result<(Vec<String>, Option<String>), KmsError> {
+        validate::secret_prefix(prefix)?;
+        let limit = limit.unwrap_or(DEFAULT_PAGE);
+        if limit == 0 || limit > MAX_PAGE {
+            return Err(KmsError::invalid(format!("limit must be between 1 and {MAX_PAGE}")));
+        }
+        let page = self.store.list_secrets(prefix, after, limit).await?;
+        let next = (page.len() == limit as usize).then(|| page.last().cloned()).flatten();
+        Ok((page, next))
+    }
+
+    async fn resolve_versions(&self, path: &str, versions: &[u32], default_latest: bool) -> Result<Vec<u32>, KmsError> {
+        validate::secret_path(path)?;
+        let meta = self.store.get_secret(path).await?.ok_or_else(|| not_found("secret", path))?;
+        if versions.is_empty() {
+            if default_latest {
+                return Ok(vec![meta.current_version]);
+            }
+            return Err(KmsError::invalid("name the versions to act on"));
+        }
+        if versions.len() > 1000 {
+            return Err(KmsError::invalid("at most 1000 versions per request"));
+        }
+        if let Some(bad) = versions.iter().find(|v| **v == 0 || **v > meta.current_version) {
+            return Err(not_found("secret version", &format!("{path}@{bad}")));
+        }
+        Ok(versions.to_vec())
+    }
+
+    /// Soft-delete versions (default: the latest). Deleted versions can be undeleted.
+    pub async fn delete_secret(&self, path: &str, versions: &[u32]) -> Result<u32, KmsError> {
+        let vs = self.resolve_versions(path, versions, true).await?;
+        Ok(self.store.set_secret_versions_deleted(path, &vs, Some(now_unix())).await?)
+    }
+
+    /// Undo a soft delete (default: the latest version).
+    pub async fn undelete_secret(&self, path: &str, versions: &[u32]) -> Result<u32, KmsError> {
+        let vs = self.resolve_versions(path, versions, true).await?;
+        Ok(self.store.set_secret_versions_deleted(path, &vs, None).await?)
+    }
+
+    /// Erase the values of the given versions for good.
+    pub async fn destroy_secret(&self, path: &str, versions: &[u32]) -> Result<u32, KmsError> {
+        let vs = self.resolve_versions(path, versions, false).await?;
+        Ok(self.store.destroy_secret_versions(path, &vs).await?)
+    }
+}
+
+fn current(ck: &CachedKey) -> Result<(u32, &LoadedVersion), KmsError> {
+    let v = ck.record.current_version;
+    ck.versions.get(&v).map(|l| (v, l)).ok_or_else(|| KmsError::Internal("current version not loaded".into()))
+}
+
+fn current_aead(ck: &CachedKey) -> Result<(u32, &AeadKey), KmsError> {
+    let (v, l) = current(ck)?;
+    l.key.aead().map(|k| (v, k)).ok_or_else(|| KmsError::Internal("not an AEAD key".into()))
+}
+
+fn describe(ck: &CachedKey) -> KeyDescription {
+    KeyDescription {
+        record: ck.record.clone(),
+        versions: ck
+            .versions
+            .iter()
+            .map(|(v, l)| VersionInfo { version: *v, created_at: l.created_at, public_key: l.public_key.clone() })
+            .collect(),
+    }
+}

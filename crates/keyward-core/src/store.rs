@@ -1,0 +1,102 @@
+//! The storage port.
+//!
+//! A backend stores opaque records and enforces the few invariants that must hold under
+//! concurrency (unique names, compare-and-set on revisions and version numbers), so that several
+//! servers can share one backend. It never sees key material or secret values in the clear.
+
+use async_trait::async_trait;
+
+use crate::model::{KeyId, KeyRecord, KeyVersionRecord, SecretRecord, SecretVersionRecord, TokenRecord};
+
+/// Storage errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A unique constraint was violated (e.g. key name taken).
+    #[error("already exists")]
+    AlreadyExists,
+    /// A compare-and-set precondition did not hold.
+    #[error("conflict")]
+    Conflict,
+    /// The record to change does not exist.
+    #[error("not found")]
+    NotFound,
+    /// The backend cannot be reached or is overloaded; retry later.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data is not what the backend expects.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    /// Any other backend failure.
+    #[error("storage backend error: {0}")]
+    Backend(String),
+}
+
+/// The storage interface. All methods are atomic.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Backend name for status output ("sqlite", ...).
+    fn backend_name(&self) -> &'static str;
+
+    /// Read a metadata value.
+    async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Insert a metadata value unless present; returns whether it was inserted.
+    async fn put_meta_if_absent(&self, key: &str, value: &[u8]) -> Result<bool, StoreError>;
+
+    /// Create a key with its first version. [`StoreError::AlreadyExists`] if the name is taken.
+    async fn create_key(&self, key: &KeyRecord, first: &KeyVersionRecord) -> Result<(), StoreError>;
+    /// Look a key up by name.
+    async fn get_key(&self, name: &str) -> Result<Option<KeyRecord>, StoreError>;
+    /// Look a key up by id.
+    async fn get_key_by_id(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError>;
+    /// Keys ordered by name, strictly after `after`, at most `limit`.
+    async fn list_keys(&self, after: Option<&str>, limit: u32) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Replace a key's metadata if its stored revision is `expected_revision`
+    /// ([`StoreError::Conflict`] otherwise). `key.revision` must be `expected_revision + 1`.
+    async fn update_key(&self, key: &KeyRecord, expected_revision: u64) -> Result<(), StoreError>;
+    /// Add a version and update the key (compare-and-set on the revision, as [`Store::update_key`]).
+    async fn add_key_version(
+        &self,
+        key: &KeyRecord,
+        version: &KeyVersionRecord,
+        expected_revision: u64,
+    ) -> Result<(), StoreError>;
+    /// All versions of a key, ascending.
+    async fn get_key_versions(&self, id: &KeyId) -> Result<Vec<KeyVersionRecord>, StoreError>;
+    /// Keys whose automatic rotation or pending deletion is due at `now`.
+    async fn keys_due(&self, now: i64, limit: u32) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Delete a key and all its versions if its revision is `expected_revision`.
+    async fn delete_key(&self, id: &KeyId, expected_revision: u64) -> Result<(), StoreError>;
+
+    /// Add a secret version. The secret's stored current version must be
+    /// `expected_current` (0 for a new path), else [`StoreError::Conflict`];
+    /// `version.version` must be `expected_current + 1`.
+    async fn put_secret_version(
+        &self,
+        version: &SecretVersionRecord,
+        expected_current: u32,
+    ) -> Result<(), StoreError>;
+    /// A secret's metadata.
+    async fn get_secret(&self, path: &str) -> Result<Option<SecretRecord>, StoreError>;
+    /// One secret version (value included).
+    async fn get_secret_version(&self, path: &str, version: u32) -> Result<Option<SecretVersionRecord>, StoreError>;
+    /// All versions of a secret, ascending, without values (`wrapped_value` is `Some(vec![])`
+    /// for a live version and `None` for a destroyed one).
+    async fn list_secret_versions(&self, path: &str) -> Result<Vec<SecretVersionRecord>, StoreError>;
+    /// Secret paths starting with `prefix`, ordered, strictly after `after`, at most `limit`.
+    async fn list_secrets(&self, prefix: &str, after: Option<&str>, limit: u32) -> Result<Vec<String>, StoreError>;
+    /// Set or clear (`None`) the deletion time of the given versions; returns how many changed.
+    async fn set_secret_versions_deleted(
+        &self,
+        path: &str,
+        versions: &[u32],
+        deleted_at: Option<i64>,
+    ) -> Result<u32, StoreError>;
+    /// Erase the values of the given versions for good; returns how many were erased.
+    async fn destroy_secret_versions(&self, path: &str, versions: &[u32]) -> Result<u32, StoreError>;
+
+    /// Store a token record (by hash).
+    async fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+    /// All token records.
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+}

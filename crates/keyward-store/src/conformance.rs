@@ -1,0 +1,216 @@
+//! The conformance suite every [`Store`] backend must pass.
+//!
+//! Call [`run_all`] from a backend's tests with a fresh, empty store. Each check panics with a
+//! message naming the violated rule; the suite is deliberately part of the library so that an
+//! out-of-tree backend can run it too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+
+use keyward_core::model::*;
+use keyward_core::store::{Store, StoreError};
+
+/// Run every check against `store`, which must be empty.
+pub async fn run_all(store: Arc<dyn Store>) {
+    meta(&*store).await;
+    keys(&*store).await;
+    key_cas(&*store).await;
+    due_and_delete(&*store).await;
+    secrets(&*store).await;
+    secret_concurrency(store.clone()).await;
+    tokens(&*store).await;
+}
+
+fn key(name: &str, id: u8) -> KeyRecord {
+    KeyRecord {
+        id: KeyId([id; 16]),
+        name: name.into(),
+        algorithm: KeyAlgorithm::Aes256Gcm,
+        state: KeyState::Enabled,
+        description: "d".into(),
+        created_at: 100,
+        updated_at: 100,
+        current_version: 1,
+        rotate_every_secs: None,
+        next_rotation_at: None,
+        deletion_at: None,
+        revision: 1,
+    }
+}
+
+fn version(id: u8, v: u32) -> KeyVersionRecord {
+    KeyVersionRecord {
+        key_id: KeyId([id; 16]),
+        version: v,
+        wrapped_material: vec![id, v as u8, 0xAA],
+        public_key: (v % 2 == 0).then(|| vec![1, 2, 3]),
+        created_at: 100 + i64::from(v),
+    }
+}
+
+async fn meta(s: &dyn Store) {
+    assert_eq!(s.get_meta("m").await.unwrap(), None, "absent meta reads as None");
+    assert!(s.put_meta_if_absent("m", b"one").await.unwrap(), "first insert wins");
+    assert!(!s.put_meta_if_absent("m", b"two").await.unwrap(), "second insert is refused");
+    assert_eq!(s.get_meta("m").await.unwrap().as_deref(), Some(&b"one"[..]), "first value kept");
+}
+
+async fn keys(s: &dyn Store) {
+    let a = key("alpha", 1);
+    s.create_key(&a, &version(1, 1)).await.unwrap();
+    assert!(
+        matches!(s.create_key(&key("alpha", 2), &version(2, 1)).await, Err(StoreError::AlreadyExists)),
+        "duplicate name is AlreadyExists"
+    );
+    assert!(s.get_key_by_id(&KeyId([2; 16])).await.unwrap().is_none(), "failed create leaves nothing behind");
+    assert!(s.get_key_versions(&KeyId([2; 16])).await.unwrap().is_empty(), "failed create leaves no version");
+    assert_eq!(s.get_key("alpha").await.unwrap(), Some(a.clone()), "get by name round-trips every field");
+    assert_eq!(s.get_key_by_id(&a.id).await.unwrap(), Some(a.clone()), "get by id");
+    assert_eq!(s.get_key("nope").await.unwrap(), None);
+    for (i, n) in ["delta", "bravo", "charlie"].iter().enumerate() {
+        let id = 10 + i as u8;
+        let mut k = key(n, id);
+        k.algorithm = KeyAlgorithm::Ed25519;
+        k.rotate_every_secs = Some(3600);
+        k.next_rotation_at = Some(5000);
+        s.create_key(&k, &version(id, 1)).await.unwrap();
+    }
+    let names = |v: Vec<KeyRecord>| v.into_iter().map(|k| k.name).collect::<Vec<_>>();
+    assert_eq!(names(s.list_keys(None, 2).await.unwrap()), ["alpha", "bravo"], "first page in name order");
+    assert_eq!(names(s.list_keys(Some("bravo"), 2).await.unwrap()), ["charlie", "delta"], "cursor is exclusive");
+    assert!(s.list_keys(Some("delta"), 2).await.unwrap().is_empty(), "past the end is empty");
+}
+
+async fn key_cas(s: &dyn Store) {
+    let mut k = s.get_key("alpha").await.unwrap().unwrap();
+    let expected = k.revision;
+    k.revision += 1;
+    k.state = KeyState::Disabled;
+    k.description = "changed".into();
+    s.update_key(&k, expected).await.unwrap();
+    assert_eq!(s.get_key("alpha").await.unwrap().unwrap(), k, "update persisted");
+    assert!(matches!(s.update_key(&k, expected).await, Err(StoreError::Conflict)), "stale revision is Conflict");
+    let mut ghost = key("ghost", 99);
+    ghost.revision = 2;
+    assert!(matches!(s.update_key(&ghost, 1).await, Err(StoreError::NotFound)), "unknown key is NotFound");
+
+    // Rotation: add version 2 under CAS.
+    let expected = k.revision;
+    k.revision += 1;
+    k.current_version = 2;
+    s.add_key_version(&k, &version(1, 2), expected).await.unwrap();
+    let vs = s.get_key_versions(&k.id).await.unwrap();
+    assert_eq!(vs, vec![version(1, 1), version(1, 2)], "versions ascending, fields round-trip");
+    // A concurrent rotation with the same expected revision must fail and add nothing.
+    let mut k2 = k.clone();
+    k2.current_version = 3;
+    assert!(
+        matches!(s.add_key_version(&k2, &version(1, 3), expected).await, Err(StoreError::Conflict)),
+        "stale rotation is Conflict"
+    );
+    assert_eq!(s.get_key_versions(&k.id).await.unwrap().len(), 2, "failed rotation added no version");
+    assert_eq!(s.get_key("alpha").await.unwrap().unwrap().current_version, 2);
+}
+
+async fn due_and_delete(s: &dyn Store) {
+    // bravo/charlie/delta: enabled with next_rotation_at = 5000.
+    assert!(s.keys_due(4999, 10).await.unwrap().is_empty(), "nothing due before its time");
+    assert_eq!(s.keys_due(5000, 10).await.unwrap().len(), 3, "due at its time");
+    assert_eq!(s.keys_due(5000, 2).await.unwrap().len(), 2, "limit respected");
+    let mut d = s.get_key("delta").await.unwrap().unwrap();
+    let exp = d.revision;
+    d.revision += 1;
+    d.state = KeyState::Disabled;
+    s.update_key(&d, exp).await.unwrap();
+    assert_eq!(s.keys_due(5000, 10).await.unwrap().len(), 2, "disabled keys do not rotate");
+    let exp = d.revision;
+    d.revision += 1;
+    d.state = KeyState::PendingDeletion;
+    d.deletion_at = Some(9000);
+    d.next_rotation_at = None;
+    s.update_key(&d, exp).await.unwrap();
+    let due: Vec<_> = s.keys_due(9000, 10).await.unwrap().into_iter().map(|k| k.name).collect();
+    assert!(due.contains(&"delta".to_string()), "pending deletion is due at deletion_at");
+    assert!(matches!(s.delete_key(&d.id, exp).await, Err(StoreError::Conflict)), "delete is CAS");
+    s.delete_key(&d.id, d.revision).await.unwrap();
+    assert!(s.get_key("delta").await.unwrap().is_none(), "deleted");
+    assert!(s.get_key_versions(&d.id).await.unwrap().is_empty(), "versions deleted with the key");
+    assert!(matches!(s.delete_key(&d.id, d.revision).await, Err(StoreError::NotFound)));
+    // The name can be reused by a new key.
+    s.create_key(&key("delta", 77), &version(77, 1)).await.unwrap();
+}
+
+fn sv(path: &str, v: u32) -> SecretVersionRecord {
+    SecretVersionRecord {
+        path: path.into(),
+        version: v,
+        wrapped_value: Some(vec![v as u8; 4]),
+        created_at: 1000 + i64::from(v),
+        deleted_at: None,
+    }
+}
+
+async fn secrets(s: &dyn Store) {
+    assert!(s.get_secret("app/db").await.unwrap().is_none());
+    s.put_secret_version(&sv("app/db", 1), 0).await.unwrap();
+    assert!(matches!(s.put_secret_version(&sv("app/db", 1), 0).await, Err(StoreError::Conflict)), "version CAS");
+    s.put_secret_version(&sv("app/db", 2), 1).await.unwrap();
+    assert!(matches!(s.put_secret_version(&sv("app/db", 4), 3).await, Err(StoreError::Conflict)), "skipping is Conflict");
+    let meta = s.get_secret("app/db").await.unwrap().unwrap();
+    assert_eq!((meta.current_version, meta.created_at, meta.updated_at), (2, 1001, 1002));
+    assert_eq!(s.get_secret_version("app/db", 1).await.unwrap(), Some(sv("app/db", 1)));
+    assert_eq!(s.get_secret_version("app/db", 3).await.unwrap(), None);
+
+    assert_eq!(s.set_secret_versions_deleted("app/db", &[1], Some(5)).await.unwrap(), 1);
+    assert_eq!(s.set_secret_versions_deleted("app/db", &[1], Some(5)).await.unwrap(), 0, "idempotent");
+    assert_eq!(s.get_secret_version("app/db", 1).await.unwrap().unwrap().deleted_at, Some(5));
+    assert_eq!(s.set_secret_versions_deleted("app/db", &[1], None).await.unwrap(), 1, "undelete");
+    assert_eq!(s.destroy_secret_versions("app/db", &[1, 9]).await.unwrap(), 1);
+    assert_eq!(s.get_secret_version("app/db", 1).await.unwrap().unwrap().wrapped_value, None, "destroyed");
+    assert_eq!(s.set_secret_versions_deleted("app/db", &[1], Some(6)).await.unwrap(), 0, "destroyed stays destroyed");
+    let hist = s.list_secret_versions("app/db").await.unwrap();
+    assert_eq!(hist.len(), 2);
+    assert_eq!(hist[0].wrapped_value, None, "history marks destroyed versions");
+    assert_eq!(hist[1].wrapped_value, Some(vec![]), "history carries no values");
+
+    for p in ["app/api", "app/zz", "apple", "other/x"] {
+        s.put_secret_version(&sv(p, 1), 0).await.unwrap();
+    }
+    assert_eq!(s.list_secrets("app/", None, 10).await.unwrap(), ["app/api", "app/db", "app/zz"], "prefix");
+    assert_eq!(s.list_secrets("app", None, 10).await.unwrap(), ["app/api", "app/db", "app/zz", "apple"]);
+    assert_eq!(s.list_secrets("app/", Some("app/api"), 1).await.unwrap(), ["app/db"], "cursor and limit");
+    assert_eq!(s.list_secrets("", None, 100).await.unwrap().len(), 5, "empty prefix lists all");
+    assert!(s.list_secrets("app%", None, 10).await.unwrap().is_empty(), "LIKE wildcards are literal");
+}
+
+async fn secret_concurrency(s: Arc<dyn Store>) {
+    // 8 writers race to add version 1 of the same path: exactly one wins.
+    let mut handles = Vec::new();
+    for _ in 0..8 {
+        let s = s.clone();
+        handles.push(tokio::spawn(async move { s.put_secret_version(&sv("race/x", 1), 0).await }));
+    }
+    let mut wins = 0;
+    for h in handles {
+        match h.await.unwrap() {
+            Ok(()) => wins += 1,
+            Err(StoreError::Conflict) | Err(StoreError::AlreadyExists) => {}
+            Err(e) => panic!("unexpected error in race: {e}"),
+        }
+    }
+    assert_eq!(wins, 1, "exactly one concurrent writer wins a version");
+}
+
+async fn tokens(s: &dyn Store) {
+    assert!(s.list_tokens().await.unwrap().is_empty());
+    let t = TokenRecord {
+        hash: [9; 32],
+        accessor: "acc_1".into(),
+        policies: vec!["root".into(), "ops".into()],
+        created_at: 1,
+        expires_at: Some(99),
+    };
+    s.put_token(&t).await.unwrap();
+    assert_eq!(s.list_tokens().await.unwrap(), vec![t.clone()]);
+    assert!(s.put_token(&t).await.is_err(), "duplicate token hash refused");
+}

@@ -1,0 +1,640 @@
+//! SQLite backend: the embedded default store.
+//!
+//! One writer connection (SQLite serialises writers anyway) and a few reader connections; WAL
+//! mode lets readers proceed while a write commits. `synchronous=FULL` makes every committed
+//! transaction durable before the call returns. Blocking calls run on tokio's blocking pool.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use keyward_core::model::*;
+use keyward_core::store::{Store, StoreError};
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+
+const READERS: usize = 4;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
+CREATE TABLE keys (
+    id BLOB PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    algorithm TEXT NOT NULL,
+    state TEXT NOT NULL,
+    description TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    current_version INTEGER NOT NULL,
+    rotate_every_secs INTEGER,
+    next_rotation_at INTEGER,
+    deletion_at INTEGER,
+    revision INTEGER NOT NULL
+);
+CREATE INDEX keys_next_rotation ON keys(next_rotation_at) WHERE next_rotation_at IS NOT NULL;
+CREATE INDEX keys_deletion ON keys(deletion_at) WHERE deletion_at IS NOT NULL;
+CREATE TABLE key_versions (
+    key_id BLOB NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    wrapped_material BLOB NOT NULL,
+    public_key BLOB,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (key_id, version)
+);
+CREATE TABLE secrets (
+    path TEXT PRIMARY KEY,
+    current_version INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE secret_versions (
+    path TEXT NOT NULL REFERENCES secrets(path) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    wrapped_value BLOB,
+    created_at INTEGER NOT NULL,
+    deleted_at INTEGER,
+    PRIMARY KEY (path, version)
+);
+CREATE TABLE tokens (
+    hash BLOB PRIMARY KEY,
+    accessor TEXT NOT NULL UNIQUE,
+    policies TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER
+);
+"#];
+
+struct Inner {
+    writer: Mutex<Connection>,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: AtomicUsize,
+}
+
+/// The SQLite store.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+fn backend(e: rusqlite::Error) -> StoreError {
+    match e {
+        rusqlite::Error::SqliteFailure(ref f, _)
+            if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) =>
+        {
+            StoreError::Unavailable(e.to_string())
+        }
+        rusqlite::Error::SqliteFailure(ref f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+            StoreError::AlreadyExists
+        }
+        other => StoreError::Backend(other.to_string()),
+    }
+}
+
+fn open_conn(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(backend)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(backend)?;
+    conn.pragma_update(None, "synchronous", "FULL").map_err(backend)?;
+    conn.pragma_update(None, "foreign_keys", "ON").map_err(backend)?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) the database at `path` and apply pending migrations.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let mut writer = open_conn(path)?;
+        migrate(&mut writer)?;
+        let readers = (0..READERS).map(|_| open_conn(path).map(Mutex::new)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { inner: Arc::new(Inner { writer: Mutex::new(writer), readers, next_reader: AtomicUsize::new(0) }) })
+    }
+
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = inner.writer.lock().map_err(|_| StoreError::Backend("writer lock poisoned".into()))?;
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("blocking task failed: {e}")))?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let i = inner.next_reader.fetch_add(1, Ordering::Relaxed) % inner.readers.len().max(1);
+            let slot = inner.readers.get(i).ok_or_else(|| StoreError::Backend("no reader".into()))?;
+            let conn = slot.lock().map_err(|_| StoreError::Backend("reader lock poisoned".into()))?;
+            f(&conn)
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("blocking task failed: {e}")))?
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+    let current: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(backend)?;
+    let current = usize::try_from(current).map_err(|_| StoreError::Corrupt("negative schema version".into()))?;
+    if current > MIGRATIONS.len() {
+        return Err(StoreError::Corrupt(format!(
+            "database schema version {current} is newer than this Keyward ({}); upgrade Keyward",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, m) in MIGRATIONS.iter().enumerate().skip(current) {
+        tx.execute_batch(m).map_err(backend)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(backend)?;
+    }
+    tx.commit().map_err(backend)
+}
+
+const KEY_COLS: &str = "id, name, algorithm, state, description, created_at, updated_at, current_version, \
+                        rotate_every_secs, next_rotation_at, deletion_at, revision";
+
+fn key_from_row(r: &Row<'_>) -> rusqlite::Result<Result<KeyRecord, StoreError>> {
+    let id: Vec<u8> = r.get(0)?;
+    let alg: String = r.get(2)?;
+    let state: String = r.get(3)?;
+    let rotate: Option<i64> = r.get(8)?;
+    let cur: i64 = r.get(7)?;
+    let rev: i64 = r.get(11)?;
+    let rec = (|| {
+        Some(KeyRecord {
+            id: KeyId(id.try_into().ok()?),
+            name: r.get(1).ok()?,
+            algorithm: KeyAlgorithm::parse(&alg)?,
+            state: KeyState::parse(&state)?,
+            description: r.get(4).ok()?,
+            created_at: r.get(5).ok()?,
+            updated_at: r.get(6).ok()?,
+            current_version: u32::try_from(cur).ok()?,
+            rotate_every_secs: match rotate {
+                Some(v) => Some(u64::try_from(v).ok()?),
+                None => None,
+            },
+            next_rotation_at: r.get(9).ok()?,
+            deletion_at: r.get(10).ok()?,
+            revision: u64::try_from(rev).ok()?,
+        })
+    })();
+    Ok(rec.ok_or_else(|| StoreError::Corrupt("key row".into())))
+}
+
+fn i64_of(v: u64) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Backend("value out of range".into()))
+}
+
+fn key_params(k: &KeyRecord) -> Result<[Box<dyn rusqlite::ToSql + Send>; 12], StoreError> {
+    Ok([
+        Box::new(k.id.0.to_vec()),
+        Box::new(k.name.clone()),
+        Box::new(k.algorithm.as_str()),
+        Box::new(k.state.as_str()),
+        Box::new(k.description.clone()),
+        Box::new(k.created_at),
+        Box::new(k.updated_at),
+        Box::new(i64::from(k.current_version)),
+        Box::new(k.rotate_every_secs.map(i64_of).transpose()?),
+        Box::new(k.next_rotation_at),
+        Box::new(k.deletion_at),
+        Box::new(i64_of(k.revision)?),
+    ])
+}
+
+fn update_key_tx(tx: &rusqlite::Transaction<'_>, k: &KeyRecord, expected: u64) -> Result<(), StoreError> {
+    let p = key_params(k)?;
+    let n = tx
+        .execute(
+            "UPDATE keys SET name=?2, algorithm=?3, state=?4, description=?5, created_at=?6, updated_at=?7, \
+             current_version=?8, rotate_every_secs=?9, next_rotation_at=?10, deletion_at=?11, revision=?12 \
+             WHERE id=?1 AND revision=?13",
+            rusqlite::params_from_iter(p.iter().map(|b| b.as_ref() as &dyn rusqlite::ToSql).chain([&i64_of(expected)? as &dyn rusqlite::ToSql])),
+        )
+        .map_err(backend)?;
+    if n == 1 {
+        return Ok(());
+    }
+    let exists: Option<i64> =
+        tx.query_row("SELECT 1 FROM keys WHERE id=?1", [k.id.0.to_vec()], |r| r.get(0)).optional().map_err(backend)?;
+    Err(if exists.is_some() { StoreError::Conflict } else { StoreError::NotFound })
+}
+
+fn version_from_row(r: &Row<'_>) -> rusqlite::Result<Result<KeyVersionRecord, StoreError>> {
+    let id: Vec<u8> = r.get(0)?;
+    let v: i64 = r.get(1)?;
+    Ok((|| {
+        Some(KeyVersionRecord {
+            key_id: KeyId(id.try_into().ok()?),
+            version: u32::try_from(v).ok()?,
+            wrapped_material: r.get(2).ok()?,
+            public_key: r.get(3).ok()?,
+            created_at: r.get(4).ok()?,
+        })
+    })()
+    .ok_or_else(|| StoreError::Corrupt("key version row".into())))
+}
+
+fn secret_version_from_row(r: &Row<'_>) -> rusqlite::Result<Result<SecretVersionRecord, StoreError>> {
+    let v: i64 = r.get(1)?;
+    Ok(match u32::try_from(v) {
+        Ok(version) => Ok(SecretVersionRecord {
+            path: r.get(0)?,
+            version,
+            wrapped_value: r.get(2)?,
+            created_at: r.get(3)?,
+            deleted_at: r.get(4)?,
+        }),
+        Err(_) => Err(StoreError::Corrupt("secret version row".into())),
+    })
+}
+
+fn collect<T>(rows: impl Iterator<Item = rusqlite::Result<Result<T, StoreError>>>) -> Result<Vec<T>, StoreError> {
+    rows.map(|r| r.map_err(backend).and_then(|x| x)).collect()
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend_name(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = key.to_string();
+        self.read(move |c| c.query_row("SELECT v FROM meta WHERE k=?1", [key], |r| r.get(0)).optional().map_err(backend))
+            .await
+    }
+
+    async fn put_meta_if_absent(&self, key: &str, value: &[u8]) -> Result<bool, StoreError> {
+        let (key, value) = (key.to_string(), value.to_vec());
+        self.write(move |c| {
+            let n = c.execute("INSERT OR IGNORE INTO meta (k, v) VALUES (?1, ?2)", params![key, value]).map_err(backend)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn create_key(&self, key: &KeyRecord, first: &KeyVersionRecord) -> Result<(), StoreError> {
+        let (key, first) = (key.clone(), first.clone());
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+            let p = key_params(&key)?;
+            tx.execute(
+                &format!("INSERT INTO keys ({KEY_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"),
+                rusqlite::params_from_iter(p.iter().map(|b| b.as_ref() as &dyn rusqlite::ToSql)),
+            )
+            .map_err(backend)?;
+            tx.execute(
+                "INSERT INTO key_versions (key_id, version, wrapped_material, public_key, created_at) VALUES (?1,?2,?3,?4,?5)",
+                params![first.key_id.0.to_vec(), first.version, first.wrapped_material, first.public_key, first.created_at],
+            )
+            .map_err(backend)?;
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn get_key(&self, name: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let name = name.to_string();
+        self.read(move |c| {
+            c.query_row(&format!("SELECT {KEY_COLS} FROM keys WHERE name=?1"), [name], key_from_row)
+                .optional()
+                .map_err(backend)?
+                .transpose()
+        })
+        .await
+    }
+
+    async fn get_key_by_id(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        let id = id.0.to_vec();
+        self.read(move |c| {
+            c.query_row(&format!("SELECT {KEY_COLS} FROM keys WHERE id=?1"), [id], key_from_row)
+                .optional()
+                .map_err(backend)?
+                .transpose()
+        })
+        .await
+    }
+
+    async fn list_keys(&self, after: Option<&str>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+        let after = after.unwrap_or("").to_string();
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached(&format!("SELECT {KEY_COLS} FROM keys WHERE name > ?1 ORDER BY name LIMIT ?2"))
+                .map_err(backend)?;
+            let rows = st.query_map(params![after, limit], key_from_row).map_err(backend)?;
+            collect(rows)
+        })
+        .await
+    }
+
+    async fn update_key(&self, key: &KeyRecord, expected_revision: u64) -> Result<(), StoreError> {
+        let key = key.clone();
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+            update_key_tx(&tx, &key, expected_revision)?;
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn add_key_version(&self, key: &KeyRecord, version: &KeyVersionRecord, expected_revision: u64) -> Result<(), StoreError> {
+        let (key, v) = (key.clone(), version.clone());
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+            update_key_tx(&tx, &key, expected_revision)?;
+            tx.execute(
+                "INSERT INTO key_versions (key_id, version, wrapped_material, public_key, created_at) VALUES (?1,?2,?3,?4,?5)",
+                params![v.key_id.0.to_vec(), v.version, v.wrapped_material, v.public_key, v.created_at],
+            )
+            .map_err(|e| match backend(e) {
+                StoreError::AlreadyExists => StoreError::Conflict,
+                other => other,
+            })?;
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn get_key_versions(&self, id: &KeyId) -> Result<Vec<KeyVersionRecord>, StoreError> {
+        let id = id.0.to_vec();
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT key_id, version, wrapped_material, public_key, created_at FROM key_versions \
+                     WHERE key_id=?1 ORDER BY version",
+                )
+                .map_err(backend)?;
+            let rows = st.query_map([id], version_from_row).map_err(backend)?;
+            collect(rows)
+        })
+        .await
+    }
+
+    async fn keys_due(&self, now: i64, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached(&format!(
+                    "SELECT {KEY_COLS} FROM keys WHERE (state='enabled' AND next_rotation_at <= ?1) \
+                     OR (state='pending_deletion' AND deletion_at <= ?1) ORDER BY name LIMIT ?2"
+                ))
+                .map_err(backend)?;
+            let rows = st.query_map(params![now, limit], key_from_row).map_err(backend)?;
+            collect(rows)
+        })
+        .await
+    }
+
+    async fn delete_key(&self, id: &KeyId, expected_revision: u64) -> Result<(), StoreError> {
+        let id = id.0.to_vec();
+        let rev = i64_of(expected_revision)?;
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+            let n = tx.execute("DELETE FROM keys WHERE id=?1 AND revision=?2", params![id, rev]).map_err(backend)?;
+            if n == 0 {
+                let exists: Option<i64> =
+                    tx.query_row("SELECT 1 FROM keys WHERE id=?1", [&id], |r| r.get(0)).optional().map_err(backend)?;
+                return Err(if exists.is_some() { StoreError::Conflict } else { StoreError::NotFound });
+            }
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn put_secret_version(&self, v: &SecretVersionRecord, expected_current: u32) -> Result<(), StoreError> {
+        let v = v.clone();
+        self.write(move |c| {
+            if v.version != expected_current.wrapping_add(1) {
+                return Err(StoreError::Conflict);
+            }
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+            let cur: Option<i64> = tx
+                .query_row("SELECT current_version FROM secrets WHERE path=?1", [&v.path], |r| r.get(0))
+                .optional()
+                .map_err(backend)?;
+            match cur {
+                None if expected_current == 0 => {
+                    tx.execute(
+                        "INSERT INTO secrets (path, current_version, created_at, updated_at) VALUES (?1, ?2, ?3, ?3)",
+                        params![v.path, v.version, v.created_at],
+                    )
+                    .map_err(backend)?;
+                }
+                Some(c) if c == i64::from(expected_current) => {
+                    tx.execute(
+                        "UPDATE secrets SET current_version=?2, updated_at=?3 WHERE path=?1",
+                        params![v.path, v.version, v.created_at],
+                    )
+                    .map_err(backend)?;
+                }
+                _ => return Err(StoreError::Conflict),
+            }
+            tx.execute(
+                "INSERT INTO secret_versions (path, version, wrapped_value, created_at, deleted_at) VALUES (?1,?2,?3,?4,?5)",
+                params![v.path, v.version, v.wrapped_value, v.created_at, v.deleted_at],
+            )
+            .map_err(backend)?;
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn get_secret(&self, path: &str) -> Result<Option<SecretRecord>, StoreError> {
+        let path = path.to_string();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT path, current_version, created_at, updated_at FROM secrets WHERE path=?1",
+                [path],
+                |r| {
+                    let v: i64 = r.get(1)?;
+                    Ok(u32::try_from(v).map(|current_version| SecretRecord {
+                        path: r.get(0).unwrap_or_default(),
+                        current_version,
+                        created_at: r.get(2).unwrap_or_default(),
+                        updated_at: r.get(3).unwrap_or_default(),
+                    }))
+                },
+            )
+            .optional()
+            .map_err(backend)?
+            .map(|r| r.map_err(|_| StoreError::Corrupt("secret row".into())))
+            .transpose()
+        })
+        .await
+    }
+
+    async fn get_secret_version(&self, path: &str, version: u32) -> Result<Option<SecretVersionRecord>, StoreError> {
+        let path = path.to_string();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT path, version, wrapped_value, created_at, deleted_at FROM secret_versions WHERE path=?1 AND version=?2",
+                params![path, version],
+                secret_version_from_row,
+            )
+            .optional()
+            .map_err(backend)?
+            .transpose()
+        })
+        .await
+    }
+
+    async fn list_secret_versions(&self, path: &str) -> Result<Vec<SecretVersionRecord>, StoreError> {
+        let path = path.to_string();
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT path, version, CASE WHEN wrapped_value IS NULL THEN NULL ELSE x'' END, created_at, deleted_at \
+                     FROM secret_versions WHERE path=?1 ORDER BY version",
+                )
+                .map_err(backend)?;
+            let rows = st.query_map([path], secret_version_from_row).map_err(backend)?;
+            collect(rows)
+        })
+        .await
+    }
+
+    async fn list_secrets(&self, prefix: &str, after: Option<&str>, limit: u32) -> Result<Vec<String>, StoreError> {
+        let (prefix, after) = (prefix.to_string(), after.unwrap_or("").to_string());
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT path FROM secrets WHERE path >= ?1 AND substr(path, 1, length(?1)) = ?1 AND path > ?2 \
+                     ORDER BY path LIMIT ?3",
+                )
+                .map_err(backend)?;
+            let rows = st.query_map(params![prefix, after, limit], |r| r.get::<_, String>(0).map(Ok)).map_err(backend)?;
+            collect(rows)
+        })
+        .await
+    }
+
+    async fn set_secret_versions_deleted(&self, path: &str, versions: &[u32], deleted_at: Option<i64>) -> Result<u32, StoreError> {
+        let (path, versions) = (path.to_string(), versions.to_vec());
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+            let mut n = 0u32;
+            {
+                let mut st = tx
+                    .prepare_cached(
+                        "UPDATE secret_versions SET deleted_at=?3 WHERE path=?1 AND version=?2 \
+                         AND wrapped_value IS NOT NULL AND deleted_at IS NOT ?3",
+                    )
+                    .map_err(backend)?;
+                for v in versions {
+                    n += u32::try_from(st.execute(params![path, v, deleted_at]).map_err(backend)?).unwrap_or(0);
+                }
+            }
+            tx.commit().map_err(backend)?;
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn destroy_secret_versions(&self, path: &str, versions: &[u32]) -> Result<u32, StoreError> {
+        let (path, versions) = (path.to_string(), versions.to_vec());
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+            let mut n = 0u32;
+            {
+                let mut st = tx
+                    .prepare_cached(
+                        "UPDATE secret_versions SET wrapped_value=NULL WHERE path=?1 AND version=?2 AND wrapped_value IS NOT NULL",
+                    )
+                    .map_err(backend)?;
+                for v in versions {
+                    n += u32::try_from(st.execute(params![path, v]).map_err(backend)?).unwrap_or(0);
+                }
+            }
+            tx.commit().map_err(backend)?;
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn put_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        let t = t.clone();
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO tokens (hash, accessor, policies, created_at, expires_at) VALUES (?1,?2,?3,?4,?5)",
+                params![t.hash.to_vec(), t.accessor, t.policies.join(","), t.created_at, t.expires_at],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached("SELECT hash, accessor, policies, created_at, expires_at FROM tokens ORDER BY accessor")
+                .map_err(backend)?;
+            let rows = st
+                .query_map([], |r| {
+                    let hash: Vec<u8> = r.get(0)?;
+                    let policies: String = r.get(2)?;
+                    Ok(match <[u8; 32]>::try_from(hash) {
+                        Ok(hash) => Ok(TokenRecord {
+                            hash,
+                            accessor: r.get(1)?,
+                            policies: policies.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect(),
+                            created_at: r.get(3)?,
+                            expires_at: r.get(4)?,
+                        }),
+                        Err(_) => Err(StoreError::Corrupt("token row".into())),
+                    })
+                })
+                .map_err(backend)?;
+            collect(rows)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sqlite_passes_conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("kw.db")).unwrap();
+        crate::conformance::run_all(Arc::new(store)).await;
+    }
+
+    #[tokio::test]
+    async fn reopen_keeps_data_and_migrations_are_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("kw.db");
+        {
+            let s = SqliteStore::open(&p).unwrap();
+            assert!(s.put_meta_if_absent("x", b"1").await.unwrap());
+        }
+        let s = SqliteStore::open(&p).unwrap();
+        assert_eq!(s.get_meta("x").await.unwrap().as_deref(), Some(&b"1"[..]));
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("kw.db");
+        {
+            let c = Connection::open(&p).unwrap();
+            c.pragma_update(None, "user_version", 99).unwrap();
+        }
+        let err = SqliteStore::open(&p).unwrap_err();
+        assert!(err.to_string().contains("newer"), "{err}");
+    }
+}
