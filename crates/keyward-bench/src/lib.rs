@@ -1,1 +1,254 @@
-//! placeholder
+//! # keyward-bench
+//!
+//! The load generator behind `keyward bench`: N concurrent clients run one operation against a
+//! server for a fixed time after a warm-up, and the report gives throughput, latency percentiles
+//! (p50/p90/p99/p99.9/max) and the error count.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keyward_client::Client;
+use serde::Serialize;
+
+/// The operation under load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Op {
+    /// `POST /v1/keys/{key}/encrypt` of `size` bytes.
+    Encrypt,
+    /// `POST /v1/decrypt` of a ciphertext of `size` bytes.
+    Decrypt,
+    /// `POST /v1/keys/{key}/generate-data-key`.
+    GenerateDataKey,
+    /// `GET /v1/secrets/data/{path}` of a secret of `size` bytes.
+    SecretGet,
+}
+
+impl Op {
+    /// Parse a CLI name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "encrypt" => Some(Self::Encrypt),
+            "decrypt" => Some(Self::Decrypt),
+            "generate-data-key" | "datakey" => Some(Self::GenerateDataKey),
+            "secret-get" => Some(Self::SecretGet),
+            _ => None,
+        }
+    }
+}
+
+/// Benchmark parameters.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// Operation.
+    pub op: Op,
+    /// Concurrent clients.
+    pub concurrency: usize,
+    /// Measured duration.
+    pub duration: Duration,
+    /// Warm-up before measuring (not counted).
+    pub warmup: Duration,
+    /// Payload size in bytes.
+    pub size: usize,
+    /// Key to use (created as aes256-gcm if missing).
+    pub key: String,
+    /// Secret path for `secret-get`.
+    pub secret_path: String,
+}
+
+/// The result of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Operation.
+    pub op: Op,
+    /// Concurrent clients.
+    pub concurrency: usize,
+    /// Payload size.
+    pub size: usize,
+    /// Measured seconds.
+    pub seconds: f64,
+    /// Successful operations measured.
+    pub ops: u64,
+    /// Failed operations measured.
+    pub errors: u64,
+    /// The first error seen, if any.
+    pub first_error: Option<String>,
+    /// Operations per second.
+    pub ops_per_sec: f64,
+    /// Latency percentiles in microseconds.
+    pub p50_us: u64,
+    /// 90th percentile.
+    pub p90_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// 99.9th percentile.
+    pub p999_us: u64,
+    /// Maximum.
+    pub max_us: u64,
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "op={:?} concurrency={} size={}B duration={:.1}s", self.op, self.concurrency, self.size, self.seconds)?;
+        writeln!(f, "throughput: {:.0} ops/s  ({} ok, {} errors)", self.ops_per_sec, self.ops, self.errors)?;
+        write!(
+            f,
+            "latency us: p50={} p90={} p99={} p99.9={} max={}",
+            self.p50_us, self.p90_us, self.p99_us, self.p999_us, self.max_us
+        )?;
+        if let Some(e) = &self.first_error {
+            write!(f, "\nfirst error: {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Errors preparing a run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BenchError {
+    /// Parameters are invalid.
+    #[error("invalid benchmark parameters: {0}")]
+    Config(String),
+    /// Setup against the server failed.
+    #[error("benchmark setup failed: {0}")]
+    Setup(#[from] keyward_client::Error),
+}
+
+enum Prepared {
+    Encrypt(Vec<u8>),
+    Decrypt(Vec<u8>),
+    DataKey,
+    SecretGet,
+}
+
+async fn prepare(client: &Client, cfg: &BenchConfig) -> Result<Prepared, BenchError> {
+    if matches!(cfg.op, Op::Encrypt | Op::Decrypt | Op::GenerateDataKey) {
+        match client.describe_key(&cfg.key).await {
+            Ok(_) => {}
+            Err(e) if e.status() == Some(404) => {
+                client.create_key(&cfg.key, "aes256-gcm", "created by keyward bench", None).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let payload: Vec<u8> = (0..cfg.size).map(|i| (i % 251) as u8).collect();
+    Ok(match cfg.op {
+        Op::Encrypt => Prepared::Encrypt(payload),
+        Op::Decrypt => Prepared::Decrypt(client.encrypt(&cfg.key, &payload, &BTreeMap::new()).await?.ciphertext),
+        Op::GenerateDataKey => Prepared::DataKey,
+        Op::SecretGet => {
+            let value: String = "x".repeat(cfg.size.max(1));
+            client.put_secret(&cfg.secret_path, &BTreeMap::from([("value".to_string(), value)]), None).await?;
+            Prepared::SecretGet
+        }
+    })
+}
+
+async fn one(client: &Client, cfg: &BenchConfig, p: &Prepared) -> Result<(), keyward_client::Error> {
+    let ctx = BTreeMap::new();
+    match p {
+        Prepared::Encrypt(pt) => client.encrypt(&cfg.key, pt, &ctx).await.map(|_| ()),
+        Prepared::Decrypt(ct) => client.decrypt(ct, &ctx).await.map(|_| ()),
+        Prepared::DataKey => client.generate_data_key(&cfg.key, &ctx, None, true).await.map(|_| ()),
+        Prepared::SecretGet => client.get_secret(&cfg.secret_path, None).await.map(|_| ()),
+    }
+}
+
+fn percentile(sorted: &[u32], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let idx = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
+    u64::from(sorted.get(idx.min(sorted.len() - 1)).copied().unwrap_or(0))
+}
+
+/// Run the benchmark.
+pub async fn run(client: Client, cfg: BenchConfig) -> Result<BenchReport, BenchError> {
+    if cfg.concurrency == 0 || cfg.concurrency > 4096 {
+        return Err(BenchError::Config("concurrency must be between 1 and 4096".into()));
+    }
+    if cfg.duration.is_zero() {
+        return Err(BenchError::Config("duration must be positive".into()));
+    }
+    let prepared = Arc::new(prepare(&client, &cfg).await?);
+    let cfg = Arc::new(cfg);
+    let start = Instant::now() + cfg.warmup;
+    let end = start + cfg.duration;
+    let mut tasks = Vec::with_capacity(cfg.concurrency);
+    for _ in 0..cfg.concurrency {
+        let (client, cfg, prepared) = (client.clone(), cfg.clone(), prepared.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat: Vec<u32> = Vec::with_capacity(1 << 16);
+            let mut errors = 0u64;
+            let mut first_error = None;
+            loop {
+                let t0 = Instant::now();
+                if t0 >= end {
+                    break;
+                }
+                let r = one(&client, &cfg, &prepared).await;
+                let t1 = Instant::now();
+                if t0 < start {
+                    continue;
+                }
+                match r {
+                    Ok(()) => lat.push(u32::try_from((t1 - t0).as_micros()).unwrap_or(u32::MAX)),
+                    Err(e) => {
+                        errors += 1;
+                        if first_error.is_none() {
+                            first_error = Some(e.to_string());
+                        }
+                    }
+                }
+            }
+            (lat, errors, first_error)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    let mut first_error = None;
+    for t in tasks {
+        if let Ok((lat, e, fe)) = t.await {
+            all.extend(lat);
+            errors += e;
+            if first_error.is_none() {
+                first_error = fe;
+            }
+        }
+    }
+    all.sort_unstable();
+    let seconds = cfg.duration.as_secs_f64();
+    Ok(BenchReport {
+        op: cfg.op,
+        concurrency: cfg.concurrency,
+        size: cfg.size,
+        seconds,
+        ops: all.len() as u64,
+        errors,
+        first_error,
+        ops_per_sec: all.len() as f64 / seconds,
+        p50_us: percentile(&all, 50.0),
+        p90_us: percentile(&all, 90.0),
+        p99_us: percentile(&all, 99.0),
+        p999_us: percentile(&all, 99.9),
+        max_us: all.last().copied().map_or(0, u64::from),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<u32> = (1..=1000).collect();
+        assert_eq!(percentile(&v, 50.0), 501);
+        assert_eq!(percentile(&v, 99.0), 990);
+        assert_eq!(percentile(&v, 100.0), 1000);
+        assert_eq!(percentile(&[], 50.0), 0);
+    }
+}

@@ -1,1 +1,415 @@
-//! placeholder
+//! # keyward-client
+//!
+//! The Rust SDK for Keyward's `/v1` HTTP API.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), keyward_client::Error> {
+//! use std::collections::BTreeMap;
+//! let client = keyward_client::Client::builder("http://127.0.0.1:8270").token("kwt_...").build()?;
+//! let ctx = BTreeMap::from([("tenant".to_string(), "acme".to_string())]);
+//! let ct = client.encrypt("payments", b"4111 1111 1111 1111", &ctx).await?;
+//! let pt = client.decrypt(&ct.ciphertext, &ctx).await?;
+//! assert_eq!(&pt.plaintext[..], b"4111 1111 1111 1111");
+//! # Ok(()) }
+//! ```
+//!
+//! Plaintexts and secret values come back in [`zeroize::Zeroizing`] buffers, wiped on drop.
+//! The token is held in a wiping buffer and never printed by `Debug`.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use zeroize::Zeroizing;
+
+/// Environment variable naming the server address.
+pub const ENV_ADDR: &str = "KEYWARD_ADDR";
+/// Environment variable holding the token.
+pub const ENV_TOKEN: &str = "KEYWARD_TOKEN";
+/// Environment variable naming a PEM CA certificate file to trust.
+pub const ENV_CACERT: &str = "KEYWARD_CACERT";
+
+/// Client errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The server answered with an error.
+    #[error("{message} (HTTP {status}, code {code}, request {request_id})")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// Stable error code.
+        code: String,
+        /// Message from the server.
+        message: String,
+        /// Request id, to find the request in server logs.
+        request_id: String,
+    },
+    /// The server could not be reached or the connection failed.
+    #[error("cannot reach the Keyward server at {addr}: {source}")]
+    Transport {
+        /// Address used.
+        addr: String,
+        /// Cause.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The response was not what the API documents.
+    #[error("unexpected response from server: {0}")]
+    Decode(String),
+    /// The client is misconfigured.
+    #[error("client configuration: {0}")]
+    Config(String),
+}
+
+impl Error {
+    /// The API error code, if this is an API error.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// The HTTP status, if this is an API error.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Builds a [`Client`].
+pub struct ClientBuilder {
+    addr: String,
+    token: Option<Zeroizing<String>>,
+    ca_pem: Option<Vec<u8>>,
+    timeout: Duration,
+    pool_max_idle: usize,
+}
+
+impl std::fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientBuilder").field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
+impl ClientBuilder {
+    /// The token to send.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(Zeroizing::new(token.into()));
+        self
+    }
+
+    /// Trust this PEM CA certificate for HTTPS.
+    pub fn ca_cert_pem(mut self, pem: Vec<u8>) -> Self {
+        self.ca_pem = Some(pem);
+        self
+    }
+
+    /// Per-request timeout (default 30 s).
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// Maximum idle pooled connections (default 64).
+    pub fn pool_max_idle(mut self, n: usize) -> Self {
+        self.pool_max_idle = n;
+        self
+    }
+
+    /// Build the client.
+    pub fn build(self) -> Result<Client, Error> {
+        let addr = self.addr.trim_end_matches('/').to_string();
+        if !(addr.starts_with("http://") || addr.starts_with("https://")) {
+            return Err(Error::Config(format!("server address {addr:?} must start with http:// or https://")));
+        }
+        let mut b = reqwest::Client::builder()
+            .timeout(self.timeout)
+            .pool_max_idle_per_host(self.pool_max_idle)
+            .tcp_nodelay(true);
+        if let Some(pem) = &self.ca_pem {
+            let cert = reqwest::Certificate::from_pem(pem).map_err(|e| Error::Config(format!("CA certificate: {e}")))?;
+            b = b.add_root_certificate(cert);
+        }
+        let http = b.build().map_err(|e| Error::Config(e.to_string()))?;
+        Ok(Client { http, addr, token: self.token })
+    }
+}
+
+/// A Keyward API client. Cheap to clone (connections are pooled and shared).
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    addr: String,
+    token: Option<Zeroizing<String>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("addr", &self.addr).field("token", &self.token.as_ref().map(|_| "[REDACTED]")).finish()
+    }
+}
+
+/// Result of encrypt and re-encrypt.
+#[derive(Debug, Clone)]
+pub struct Encrypted {
+    /// Ciphertext envelope.
+    pub ciphertext: Vec<u8>,
+    /// Key name.
+    pub key: String,
+    /// Key version used.
+    pub key_version: u32,
+}
+
+/// Result of decrypt.
+#[derive(Debug)]
+pub struct Decrypted {
+    /// Plaintext, wiped on drop.
+    pub plaintext: Zeroizing<Vec<u8>>,
+    /// Key name.
+    pub key: String,
+    /// Key version the ciphertext was made with.
+    pub key_version: u32,
+}
+
+/// Result of generate-data-key.
+#[derive(Debug)]
+pub struct DataKey {
+    /// The data key in the clear (absent for the without-plaintext variant).
+    pub plaintext: Option<Zeroizing<Vec<u8>>>,
+    /// The data key encrypted under the named key.
+    pub ciphertext: Vec<u8>,
+    /// Key version used.
+    pub key_version: u32,
+}
+
+/// A secret version.
+pub struct Secret {
+    /// Version number.
+    pub version: u32,
+    /// Fields, wiped on drop.
+    pub data: BTreeMap<String, Zeroizing<String>>,
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secret").field("version", &self.version).field("fields", &self.data.keys().collect::<Vec<_>>()).finish()
+    }
+}
+
+#[derive(Deserialize)]
+struct CipherOut {
+    ciphertext: String,
+    key: String,
+    key_version: u32,
+}
+
+#[derive(Deserialize)]
+struct PlainOut {
+    plaintext: String,
+    key: String,
+    key_version: u32,
+}
+
+fn unb64(s: &str) -> Result<Vec<u8>, Error> {
+    STANDARD.decode(s).map_err(|_| Error::Decode("invalid base64 in response".into()))
+}
+
+/// Percent-encode one path segment (key names are already restricted; this is belt and braces).
+fn seg(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'@' | b'+') {
+            out.push(b as char);
+        } else if b == b'/' {
+            out.push('/');
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl Client {
+    /// Start building a client for `addr` (e.g. `http://127.0.0.1:8270`).
+    pub fn builder(addr: impl Into<String>) -> ClientBuilder {
+        ClientBuilder { addr: addr.into(), token: None, ca_pem: None, timeout: Duration::from_secs(30), pool_max_idle: 64 }
+    }
+
+    /// A client configured from `KEYWARD_ADDR`, `KEYWARD_TOKEN` and `KEYWARD_CACERT`.
+    pub fn from_env() -> Result<Self, Error> {
+        let addr = std::env::var(ENV_ADDR)
+            .map_err(|_| Error::Config(format!("{ENV_ADDR} is not set: export the address printed by `keyward dev`")))?;
+        let mut b = Self::builder(addr);
+        if let Ok(t) = std::env::var(ENV_TOKEN) {
+            b = b.token(t);
+        }
+        if let Ok(p) = std::env::var(ENV_CACERT) {
+            let pem = std::fs::read(&p).map_err(|e| Error::Config(format!("reading {ENV_CACERT} file {p}: {e}")))?;
+            b = b.ca_cert_pem(pem);
+        }
+        b.build()
+    }
+
+    /// The server address.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Send a request and return the JSON response. `path` starts with `/v1/`.
+    pub async fn request(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<Value, Error> {
+        let url = format!("{}{}", self.addr, path);
+        let mut rb = self.http.request(method, &url);
+        if let Some(t) = &self.token {
+            rb = rb.bearer_auth(t.as_str());
+        }
+        if let Some(b) = body {
+            let bytes = serde_json::to_vec(b).map_err(|e| Error::Decode(e.to_string()))?;
+            rb = rb.header("content-type", "application/json").body(bytes);
+        }
+        let resp = rb.send().await.map_err(|source| Error::Transport { addr: self.addr.clone(), source })?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(|source| Error::Transport { addr: self.addr.clone(), source })?;
+        if (200..300).contains(&status) {
+            return serde_json::from_slice(&bytes).map_err(|e| Error::Decode(e.to_string()));
+        }
+        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let e = &v["error"];
+        Err(Error::Api {
+            status,
+            code: e["code"].as_str().unwrap_or("unknown").to_string(),
+            message: e["message"].as_str().unwrap_or("no error message in response").to_string(),
+            request_id: e["request_id"].as_str().unwrap_or("-").to_string(),
+        })
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Result<Value, Error> {
+        self.request(reqwest::Method::POST, path, Some(&body)).await
+    }
+
+    /// `GET /v1/health`.
+    pub async fn health(&self) -> Result<Value, Error> {
+        self.request(reqwest::Method::GET, "/v1/health", None).await
+    }
+
+    /// Create a key.
+    pub async fn create_key(&self, name: &str, key_type: &str, description: &str, rotate_every: Option<&str>) -> Result<Value, Error> {
+        let mut body = json!({"name": name, "type": key_type, "description": description});
+        if let Some(r) = rotate_every {
+            body["rotate_every"] = json!(r);
+        }
+        self.post("/v1/keys", body).await
+    }
+
+    /// Describe a key.
+    pub async fn describe_key(&self, name: &str) -> Result<Value, Error> {
+        self.request(reqwest::Method::GET, &format!("/v1/keys/{}", seg(name)), None).await
+    }
+
+    /// A key lifecycle action: `enable`, `disable`, `rotate`, `cancel-deletion`.
+    pub async fn key_action(&self, name: &str, action: &str) -> Result<Value, Error> {
+        self.post(&format!("/v1/keys/{}/{action}", seg(name)), json!({})).await
+    }
+
+    /// Schedule deletion after `pending_days` (server default 7).
+    pub async fn schedule_deletion(&self, name: &str, pending_days: Option<u32>) -> Result<Value, Error> {
+        self.post(&format!("/v1/keys/{}/schedule-deletion", seg(name)), json!({"pending_days": pending_days})).await
+    }
+
+    /// Encrypt under a key.
+    pub async fn encrypt(&self, key: &str, plaintext: &[u8], context: &BTreeMap<String, String>) -> Result<Encrypted, Error> {
+        let pt = Zeroizing::new(STANDARD.encode(plaintext));
+        let v = self.post(&format!("/v1/keys/{}/encrypt", seg(key)), json!({"plaintext": *pt, "context": context})).await?;
+        let o: CipherOut = serde_json::from_value(v).map_err(|e| Error::Decode(e.to_string()))?;
+        Ok(Encrypted { ciphertext: unb64(&o.ciphertext)?, key: o.key, key_version: o.key_version })
+    }
+
+    /// Decrypt a ciphertext (the key is named inside it).
+    pub async fn decrypt(&self, ciphertext: &[u8], context: &BTreeMap<String, String>) -> Result<Decrypted, Error> {
+        let v = self.post("/v1/decrypt", json!({"ciphertext": STANDARD.encode(ciphertext), "context": context})).await?;
+        let o: PlainOut = serde_json::from_value(v).map_err(|e| Error::Decode(e.to_string()))?;
+        let o = ZeroOnDrop(o);
+        Ok(Decrypted { plaintext: Zeroizing::new(unb64(&o.0.plaintext)?), key: o.0.key.clone(), key_version: o.0.key_version })
+    }
+
+    /// Re-encrypt under `destination` (default: same key, newest version).
+    pub async fn reencrypt(
+        &self,
+        ciphertext: &[u8],
+        context: &BTreeMap<String, String>,
+        destination: Option<&str>,
+        destination_context: &BTreeMap<String, String>,
+    ) -> Result<Encrypted, Error> {
+        let v = self
+            .post(
+                "/v1/reencrypt",
+                json!({"ciphertext": STANDARD.encode(ciphertext), "context": context,
+                       "destination_key": destination, "destination_context": destination_context}),
+            )
+            .await?;
+        let o: CipherOut = serde_json::from_value(v).map_err(|e| Error::Decode(e.to_string()))?;
+        Ok(Encrypted { ciphertext: unb64(&o.ciphertext)?, key: o.key, key_version: o.key_version })
+    }
+
+    /// Generate a data key (`with_plaintext` false: the without-plaintext variant).
+    pub async fn generate_data_key(
+        &self,
+        key: &str,
+        context: &BTreeMap<String, String>,
+        bytes: Option<usize>,
+        with_plaintext: bool,
+    ) -> Result<DataKey, Error> {
+        let op = if with_plaintext { "generate-data-key" } else { "generate-data-key-without-plaintext" };
+        let v = self.post(&format!("/v1/keys/{}/{op}", seg(key)), json!({"context": context, "bytes": bytes})).await?;
+        let plaintext = match v["plaintext"].as_str() {
+            Some(p) => Some(Zeroizing::new(unb64(p)?)),
+            None => None,
+        };
+        Ok(DataKey {
+            plaintext,
+            ciphertext: unb64(v["ciphertext"].as_str().ok_or_else(|| Error::Decode("no ciphertext".into()))?)?,
+            key_version: v["key_version"].as_u64().and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
+        })
+    }
+
+    /// Write a secret version; returns the new version number.
+    pub async fn put_secret(&self, path: &str, data: &BTreeMap<String, String>, cas: Option<u32>) -> Result<u32, Error> {
+        let v = self
+            .request(reqwest::Method::PUT, &format!("/v1/secrets/data/{}", seg(path)), Some(&json!({"data": data, "cas": cas})))
+            .await?;
+        v["version"].as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| Error::Decode("no version".into()))
+    }
+
+    /// Read a secret (latest version if `version` is `None`).
+    pub async fn get_secret(&self, path: &str, version: Option<u32>) -> Result<Secret, Error> {
+        let q = version.map(|v| format!("?version={v}")).unwrap_or_default();
+        let v = self.request(reqwest::Method::GET, &format!("/v1/secrets/data/{}{q}", seg(path)), None).await?;
+        let version = v["version"].as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| Error::Decode("no version".into()))?;
+        let mut data = BTreeMap::new();
+        if let Some(obj) = v["data"].as_object() {
+            for (k, val) in obj {
+                data.insert(k.clone(), Zeroizing::new(val.as_str().unwrap_or_default().to_string()));
+            }
+        }
+        Ok(Secret { version, data })
+    }
+}
+
+struct ZeroOnDrop(PlainOut);
+
+impl Drop for ZeroOnDrop {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0.plaintext);
+    }
+}
+
+/// HTTP method type used by [`Client::request`].
+pub use reqwest::Method;

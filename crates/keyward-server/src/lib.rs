@@ -1,1 +1,17 @@
-//! placeholder
+//! # keyward-server
+//!
+//! The Keyward HTTP/JSON API server: routing ([`api`]), strict request parsing and the single
+//! error-to-status mapping ([`error`]), token authentication, the rotation/purge scheduler, and
+//! start-up ([`run`]): opening the store, unsealing the root key through a [`keyward_core::seal::Seal`],
+//! binding the listener.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod error;
+pub mod extract;
+pub mod run;
+pub mod seal_file;
+mod wire;
+
+pub use run::{Running, ServerConfig, start};

@@ -1,0 +1,288 @@
+//! Command-line definition (clap derive).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "keyward", version, about = "Keyward: keys and secrets released to workloads by what they are")]
+pub struct Cli {
+    /// Server address.
+    #[arg(long, global = true, env = "KEYWARD_ADDR", default_value = "http://127.0.0.1:8270")]
+    pub addr: String,
+    /// API token (prefer the KEYWARD_TOKEN variable over this flag: flags show in `ps`).
+    #[arg(long, global = true, env = "KEYWARD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM CA certificate to trust for HTTPS.
+    #[arg(long, global = true, env = "KEYWARD_CACERT")]
+    pub cacert: Option<PathBuf>,
+    /// Output format for commands that print data.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a development server: embedded store, insecure file seal, plain HTTP on loopback.
+    Dev(DevArgs),
+    /// Run a production server (needs Shamir/HSM sealing and TLS, which come in a later release).
+    Server(DevArgs),
+    /// Show server health.
+    Status,
+    /// Manage keys.
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Encrypt stdin under a key; writes the ciphertext to stdout.
+    Encrypt {
+        /// Key name.
+        #[arg(long)]
+        key: String,
+        #[command(flatten)]
+        ctx: ContextArgs,
+        /// Write the ciphertext as base64 text instead of raw bytes.
+        #[arg(long)]
+        base64: bool,
+    },
+    /// Decrypt a ciphertext from stdin; writes the plaintext to stdout.
+    Decrypt {
+        #[command(flatten)]
+        ctx: ContextArgs,
+        /// Read the ciphertext as base64 text and write the plaintext as base64.
+        #[arg(long)]
+        base64: bool,
+    },
+    /// Re-encrypt a ciphertext from stdin (to the newest version, or to another key).
+    Reencrypt {
+        #[command(flatten)]
+        ctx: ContextArgs,
+        /// Destination key (default: the same key).
+        #[arg(long)]
+        to_key: Option<String>,
+        /// Destination context entries KEY=VALUE.
+        #[arg(long = "to-context", value_parser = parse_kv)]
+        to_context: Vec<(String, String)>,
+        /// Base64 text in and out.
+        #[arg(long)]
+        base64: bool,
+    },
+    /// Generate a data key for envelope encryption.
+    Datakey {
+        #[arg(long)]
+        key: String,
+        #[command(flatten)]
+        ctx: ContextArgs,
+        /// Data key size in bytes (16 to 64).
+        #[arg(long)]
+        bytes: Option<usize>,
+        /// Return only the wrapped data key.
+        #[arg(long)]
+        without_plaintext: bool,
+    },
+    /// Sign stdin; prints the signature (base64).
+    Sign {
+        #[arg(long)]
+        key: String,
+    },
+    /// Verify a signature over stdin.
+    Verify {
+        #[arg(long)]
+        key: String,
+        /// Signature (base64) as printed by `keyward sign`.
+        #[arg(long)]
+        signature: String,
+    },
+    /// Compute an HMAC over stdin; prints the MAC (base64).
+    Mac {
+        #[arg(long)]
+        key: String,
+    },
+    /// Verify a MAC over stdin.
+    VerifyMac {
+        #[arg(long)]
+        key: String,
+        /// MAC (base64) as printed by `keyward mac`.
+        #[arg(long)]
+        mac: String,
+    },
+    /// Random bytes from the server's CSPRNG.
+    Random {
+        #[arg(long, default_value_t = 32)]
+        bytes: usize,
+        /// Encoding of the output.
+        #[arg(long, value_enum, default_value_t = Encoding::Base64)]
+        encoding: Encoding,
+    },
+    /// Versioned secrets.
+    #[command(subcommand)]
+    Secret(SecretCmd),
+    /// Load generator: throughput and latency percentiles.
+    Bench(BenchArgs),
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Encoding {
+    Base64,
+    Hex,
+    Raw,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DevArgs {
+    /// Address to listen on (loopback only in dev mode).
+    #[arg(long, default_value = "127.0.0.1:8270")]
+    pub listen: std::net::SocketAddr,
+    /// Data directory (database, insecure root key, root token).
+    #[arg(long, env = "KEYWARD_DEV_DATA")]
+    pub data: Option<PathBuf>,
+    /// How often the scheduler checks for due rotations and deletions.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub scheduler_interval: std::time::Duration,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct ContextArgs {
+    /// Encryption context entry KEY=VALUE (repeatable); decrypt needs the same entries.
+    #[arg(long = "context", value_parser = parse_kv)]
+    pub context: Vec<(String, String)>,
+}
+
+pub fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCmd {
+    /// Create a key.
+    Create {
+        name: String,
+        /// Key type: aes256-gcm, hmac-sha256, ed25519, ecdsa-p256.
+        #[arg(long = "type", default_value = "aes256-gcm")]
+        key_type: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Rotate automatically, e.g. 90d.
+        #[arg(long)]
+        rotate_every: Option<String>,
+    },
+    /// List keys.
+    List {
+        #[arg(long)]
+        limit: Option<u32>,
+        #[arg(long)]
+        after: Option<String>,
+    },
+    /// Show a key and its versions.
+    Show { name: String },
+    /// Add a new version (older versions keep decrypting).
+    Rotate { name: String },
+    /// Enable a disabled key.
+    Enable { name: String },
+    /// Disable a key (all cryptographic use refused).
+    Disable { name: String },
+    /// Set or clear automatic rotation.
+    RotationPolicy {
+        name: String,
+        /// Period such as 90d; omit with --off.
+        #[arg(long, conflicts_with = "off")]
+        rotate_every: Option<String>,
+        #[arg(long)]
+        off: bool,
+    },
+    /// Schedule deletion after a pending window (default 7 days, minimum 1).
+    Delete {
+        name: String,
+        #[arg(long)]
+        pending_days: Option<u32>,
+    },
+    /// Cancel a scheduled deletion (the key comes back disabled).
+    CancelDelete { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SecretCmd {
+    /// Write a new version: KEY=VALUE, KEY=@FILE (value from a file) or KEY=- (from stdin).
+    Put {
+        path: String,
+        #[arg(value_parser = parse_kv)]
+        fields: Vec<(String, String)>,
+        /// Read all fields from a JSON object file ("-" for stdin).
+        #[arg(long, conflicts_with = "fields")]
+        from_file: Option<PathBuf>,
+        /// Only write if the current version is this (0: must not exist).
+        #[arg(long)]
+        cas: Option<u32>,
+    },
+    /// Read a secret.
+    Get {
+        path: String,
+        #[arg(long)]
+        version: Option<u32>,
+        /// Print only this field's value.
+        #[arg(long)]
+        field: Option<String>,
+    },
+    /// List secret paths under a prefix.
+    List {
+        #[arg(default_value = "")]
+        prefix: String,
+        #[arg(long)]
+        limit: Option<u32>,
+        #[arg(long)]
+        after: Option<String>,
+    },
+    /// Version history.
+    Versions { path: String },
+    /// Soft-delete versions (default: latest).
+    Delete {
+        path: String,
+        #[arg(long, value_delimiter = ',')]
+        versions: Vec<u32>,
+    },
+    /// Undo a soft delete (default: latest).
+    Undelete {
+        path: String,
+        #[arg(long, value_delimiter = ',')]
+        versions: Vec<u32>,
+    },
+    /// Erase versions for good.
+    Destroy {
+        path: String,
+        #[arg(long, value_delimiter = ',', required = true)]
+        versions: Vec<u32>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// encrypt, decrypt, generate-data-key or secret-get.
+    #[arg(long, default_value = "encrypt")]
+    pub op: String,
+    #[arg(long, short = 'c', default_value_t = 32)]
+    pub concurrency: usize,
+    #[arg(long, short = 'd', default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: std::time::Duration,
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub warmup: std::time::Duration,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    pub size: usize,
+    /// Key to use (created if missing).
+    #[arg(long, default_value = "bench-aes")]
+    pub key: String,
+    /// Secret path for secret-get.
+    #[arg(long, default_value = "bench/secret")]
+    pub secret_path: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}

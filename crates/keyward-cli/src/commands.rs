@@ -1,0 +1,459 @@
+//! Command implementations: each turns arguments into library calls and prints the result.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::process::ExitCode;
+
+use anyhow::{Context, anyhow, bail};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use keyward_client::Client;
+use serde_json::{Value, json};
+
+use crate::cli::*;
+
+const STDIN_LIMIT: u64 = 1024 * 1024;
+
+fn client(cli: &Cli) -> anyhow::Result<Client> {
+    let mut b = Client::builder(cli.addr.clone());
+    if let Some(t) = &cli.token {
+        b = b.token(t.clone());
+    }
+    if let Some(p) = &cli.cacert {
+        b = b.ca_cert_pem(std::fs::read(p).with_context(|| format!("reading CA certificate {}", p.display()))?);
+    }
+    Ok(b.build()?)
+}
+
+fn read_stdin() -> anyhow::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    std::io::stdin().take(STDIN_LIMIT + 1).read_to_end(&mut buf).context("reading stdin")?;
+    if buf.len() as u64 > STDIN_LIMIT {
+        bail!("input on stdin is larger than {STDIN_LIMIT} bytes");
+    }
+    Ok(buf)
+}
+
+fn ctx_map(c: &[(String, String)]) -> BTreeMap<String, String> {
+    c.iter().cloned().collect()
+}
+
+fn write_out(bytes: &[u8]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)?;
+    out.flush()?;
+    Ok(())
+}
+
+fn decode_b64_input(input: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let text = std::str::from_utf8(input).context("base64 input is not text")?;
+    let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    STANDARD.decode(compact).map_err(|_| anyhow!("input is not valid base64 (omit --base64 for raw bytes)"))
+}
+
+fn print_value(output: Output, v: &Value) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(v)?),
+        Output::Table => print_table(v, ""),
+    }
+    Ok(())
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Print an object as aligned `key: value` lines; arrays of objects as tables.
+fn print_table(v: &Value, indent: &str) {
+    match v {
+        Value::Object(m) => {
+            let width = m.keys().map(String::len).max().unwrap_or(0);
+            for (k, val) in m {
+                match val {
+                    Value::Array(items) if items.iter().all(Value::is_object) && !items.is_empty() => {
+                        println!("{indent}{k}:");
+                        print_rows(items, &format!("{indent}  "));
+                    }
+                    Value::Object(_) => {
+                        println!("{indent}{k}:");
+                        print_table(val, &format!("{indent}  "));
+                    }
+                    Value::Array(items) => {
+                        println!("{indent}{k:width$}  {}", items.iter().map(scalar).collect::<Vec<_>>().join(", "));
+                    }
+                    _ => println!("{indent}{k:width$}  {}", scalar(val)),
+                }
+            }
+        }
+        Value::Array(items) => print_rows(items, indent),
+        other => println!("{indent}{}", scalar(other)),
+    }
+}
+
+fn print_rows(items: &[Value], indent: &str) {
+    let mut cols: Vec<String> = Vec::new();
+    for it in items {
+        if let Value::Object(m) = it {
+            for (k, v) in m {
+                if !v.is_object() && !v.is_array() && !cols.contains(k) {
+                    cols.push(k.clone());
+                }
+            }
+        }
+    }
+    let rows: Vec<Vec<String>> = items.iter().map(|it| cols.iter().map(|c| scalar(&it[c])).collect()).collect();
+    let widths: Vec<usize> =
+        cols.iter().enumerate().map(|(i, c)| rows.iter().map(|r| r[i].len()).max().unwrap_or(0).max(c.len())).collect();
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:w$}", w = widths[i])).collect();
+        println!("{indent}{}", parts.join("  ").trim_end());
+    };
+    line(cols.iter().map(|c| c.to_uppercase()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+/// Run the parsed command.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Dev(a) => dev(a.clone(), true).await,
+        Command::Server(a) => dev(a.clone(), false).await,
+        Command::Status => {
+            print_value(cli.output, &client(&cli)?.health().await?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Key(k) => key(&cli, k).await,
+        Command::Encrypt { key, ctx, base64 } => {
+            let pt = zeroize::Zeroizing::new(read_stdin()?);
+            let e = client(&cli)?.encrypt(key, &pt, &ctx_map(&ctx.context)).await?;
+            if *base64 {
+                println!("{}", STANDARD.encode(&e.ciphertext));
+            } else {
+                write_out(&e.ciphertext)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Decrypt { ctx, base64 } => {
+            let input = read_stdin()?;
+            let ct = if *base64 { decode_b64_input(&input)? } else { input };
+            let d = client(&cli)?.decrypt(&ct, &ctx_map(&ctx.context)).await?;
+            if *base64 {
+                println!("{}", STANDARD.encode(&*d.plaintext));
+            } else {
+                write_out(&d.plaintext)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reencrypt { ctx, to_key, to_context, base64 } => {
+            let input = read_stdin()?;
+            let ct = if *base64 { decode_b64_input(&input)? } else { input };
+            let e = client(&cli)?.reencrypt(&ct, &ctx_map(&ctx.context), to_key.as_deref(), &ctx_map(to_context)).await?;
+            if *base64 {
+                println!("{}", STANDARD.encode(&e.ciphertext));
+            } else {
+                write_out(&e.ciphertext)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Datakey { key, ctx, bytes, without_plaintext } => {
+            let dk = client(&cli)?.generate_data_key(key, &ctx_map(&ctx.context), *bytes, !without_plaintext).await?;
+            let mut v = json!({"key": key, "key_version": dk.key_version, "ciphertext": STANDARD.encode(&dk.ciphertext)});
+            if let Some(p) = &dk.plaintext {
+                v["plaintext"] = json!(STANDARD.encode(&**p));
+            }
+            print_value(cli.output, &v)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sign { key } => {
+            let msg = read_stdin()?;
+            let v = client(&cli)?
+                .request(reqwest_post(), &format!("/v1/keys/{key}/sign"), Some(&json!({"message": STANDARD.encode(&msg)})))
+                .await?;
+            single_or_value(cli.output, &v, "signature")
+        }
+        Command::Verify { key, signature } => {
+            let msg = read_stdin()?;
+            let v = client(&cli)?
+                .request(
+                    reqwest_post(),
+                    &format!("/v1/keys/{key}/verify"),
+                    Some(&json!({"message": STANDARD.encode(&msg), "signature": signature.trim()})),
+                )
+                .await?;
+            validity(cli.output, &v)
+        }
+        Command::Mac { key } => {
+            let msg = read_stdin()?;
+            let v = client(&cli)?
+                .request(reqwest_post(), &format!("/v1/keys/{key}/mac"), Some(&json!({"message": STANDARD.encode(&msg)})))
+                .await?;
+            single_or_value(cli.output, &v, "mac")
+        }
+        Command::VerifyMac { key, mac } => {
+            let msg = read_stdin()?;
+            let v = client(&cli)?
+                .request(
+                    reqwest_post(),
+                    &format!("/v1/keys/{key}/verify-mac"),
+                    Some(&json!({"message": STANDARD.encode(&msg), "mac": mac.trim()})),
+                )
+                .await?;
+            validity(cli.output, &v)
+        }
+        Command::Random { bytes, encoding } => {
+            let v = client(&cli)?.request(reqwest_post(), "/v1/random", Some(&json!({"bytes": bytes}))).await?;
+            let raw = STANDARD.decode(v["bytes"].as_str().unwrap_or_default()).map_err(|_| anyhow!("bad response"))?;
+            match encoding {
+                Encoding::Base64 => println!("{}", STANDARD.encode(&raw)),
+                Encoding::Hex => println!("{}", hex_encode(&raw)),
+                Encoding::Raw => write_out(&raw)?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Secret(s) => secret(&cli, s).await,
+        Command::Bench(b) => bench(&cli, b).await,
+    }
+}
+
+fn hex_encode(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn reqwest_post() -> keyward_client::Method {
+    keyward_client::Method::POST
+}
+
+fn single_or_value(output: Output, v: &Value, field: &str) -> anyhow::Result<ExitCode> {
+    match output {
+        Output::Json => print_value(output, v)?,
+        Output::Table => println!("{}", v[field].as_str().unwrap_or_default()),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn validity(output: Output, v: &Value) -> anyhow::Result<ExitCode> {
+    let valid = v["valid"].as_bool().unwrap_or(false);
+    match output {
+        Output::Json => print_value(output, v)?,
+        Output::Table => println!("{}", if valid { "valid" } else { "INVALID" }),
+    }
+    Ok(if valid { ExitCode::SUCCESS } else { ExitCode::from(3) })
+}
+
+async fn key(cli: &Cli, k: &KeyCmd) -> anyhow::Result<ExitCode> {
+    let c = client(cli)?;
+    let v = match k {
+        KeyCmd::Create { name, key_type, description, rotate_every } => {
+            c.create_key(name, key_type, description, rotate_every.as_deref()).await?
+        }
+        KeyCmd::List { limit, after } => {
+            let mut q = Vec::new();
+            if let Some(l) = limit {
+                q.push(format!("limit={l}"));
+            }
+            if let Some(a) = after {
+                q.push(format!("after={a}"));
+            }
+            let path = if q.is_empty() { "/v1/keys".to_string() } else { format!("/v1/keys?{}", q.join("&")) };
+            let v = c.request(keyward_client::Method::GET, &path, None).await?;
+            if cli.output == Output::Table {
+                let cols = ["name", "type", "state", "current_version", "rotate_every", "created_at"];
+                let rows: Vec<Value> = v["keys"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|k| Value::Object(cols.iter().map(|c| (c.to_string(), k[*c].clone())).collect()))
+                    .collect();
+                print_rows(&rows, "");
+                if let Some(n) = v["next"].as_str() {
+                    println!("(more: --after {n})");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            v
+        }
+        KeyCmd::Show { name } => c.describe_key(name).await?,
+        KeyCmd::Rotate { name } => c.key_action(name, "rotate").await?,
+        KeyCmd::Enable { name } => c.key_action(name, "enable").await?,
+        KeyCmd::Disable { name } => c.key_action(name, "disable").await?,
+        KeyCmd::CancelDelete { name } => c.key_action(name, "cancel-deletion").await?,
+        KeyCmd::Delete { name, pending_days } => c.schedule_deletion(name, *pending_days).await?,
+        KeyCmd::RotationPolicy { name, rotate_every, off } => {
+            if rotate_every.is_none() && !off {
+                bail!("give --rotate-every PERIOD or --off");
+            }
+            c.request(
+                keyward_client::Method::PUT,
+                &format!("/v1/keys/{name}/rotation-policy"),
+                Some(&json!({"rotate_every": rotate_every})),
+            )
+            .await?
+        }
+    };
+    print_value(cli.output, &v)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn field_value(v: &str) -> anyhow::Result<String> {
+    if v == "-" {
+        let b = read_stdin()?;
+        return String::from_utf8(b).map_err(|_| anyhow!("value on stdin is not UTF-8"));
+    }
+    if let Some(p) = v.strip_prefix('@') {
+        return std::fs::read_to_string(p).with_context(|| format!("reading value file {p}"));
+    }
+    Ok(v.to_string())
+}
+
+async fn secret(cli: &Cli, s: &SecretCmd) -> anyhow::Result<ExitCode> {
+    let c = client(cli)?;
+    let path_of = |p: &str| format!("/v1/secrets/{p}");
+    let v = match s {
+        SecretCmd::Put { path, fields, from_file, cas } => {
+            let data: BTreeMap<String, String> = match from_file {
+                Some(f) => {
+                    let raw = if f.as_os_str() == "-" { read_stdin()? } else { std::fs::read(f)? };
+                    serde_json::from_slice(&raw).context("--from-file must hold a JSON object of string values")?
+                }
+                None => {
+                    if fields.is_empty() {
+                        bail!("give at least one KEY=VALUE field, or --from-file");
+                    }
+                    let mut m = BTreeMap::new();
+                    for (k, v) in fields {
+                        m.insert(k.clone(), field_value(v)?);
+                    }
+                    m
+                }
+            };
+            let version = c.put_secret(path, &data, *cas).await?;
+            json!({"path": path, "version": version})
+        }
+        SecretCmd::Get { path, version, field } => {
+            let q = version.map(|v| format!("?version={v}")).unwrap_or_default();
+            let v = c.request(keyward_client::Method::GET, &format!("{}{q}", path_of(&format!("data/{path}"))), None).await?;
+            if let Some(f) = field {
+                let val = v["data"][f].as_str().ok_or_else(|| anyhow!("secret {path} has no field {f:?}"))?;
+                match cli.output {
+                    Output::Json => println!("{}", serde_json::to_string(val)?),
+                    Output::Table => println!("{val}"),
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            v
+        }
+        SecretCmd::List { prefix, limit, after } => {
+            let mut q = vec![format!("prefix={}", urlencode(prefix))];
+            if let Some(l) = limit {
+                q.push(format!("limit={l}"));
+            }
+            if let Some(a) = after {
+                q.push(format!("after={}", urlencode(a)));
+            }
+            let v = c.request(keyward_client::Method::GET, &format!("/v1/secrets?{}", q.join("&")), None).await?;
+            if cli.output == Output::Table {
+                for p in v["paths"].as_array().map(Vec::as_slice).unwrap_or_default() {
+                    println!("{}", p.as_str().unwrap_or_default());
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            v
+        }
+        SecretCmd::Versions { path } => c.request(keyward_client::Method::GET, &path_of(&format!("metadata/{path}")), None).await?,
+        SecretCmd::Delete { path, versions } => {
+            c.request(keyward_client::Method::POST, &path_of(&format!("delete/{path}")), Some(&json!({"versions": versions}))).await?
+        }
+        SecretCmd::Undelete { path, versions } => {
+            c.request(keyward_client::Method::POST, &path_of(&format!("undelete/{path}")), Some(&json!({"versions": versions})))
+                .await?
+        }
+        SecretCmd::Destroy { path, versions } => {
+            c.request(keyward_client::Method::POST, &path_of(&format!("destroy/{path}")), Some(&json!({"versions": versions})))
+                .await?
+        }
+    };
+    print_value(cli.output, &v)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
+
+async fn bench(cli: &Cli, b: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let op = keyward_bench::Op::parse(&b.op).ok_or_else(|| anyhow!("unknown --op {:?}: use encrypt, decrypt, generate-data-key or secret-get", b.op))?;
+    let cfg = keyward_bench::BenchConfig {
+        op,
+        concurrency: b.concurrency,
+        duration: b.duration,
+        warmup: b.warmup,
+        size: b.size,
+        key: b.key.clone(),
+        secret_path: b.secret_path.clone(),
+    };
+    let report = keyward_bench::run(client(cli)?, cfg).await?;
+    if b.json || cli.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{report}");
+    }
+    Ok(if report.ops == 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+async fn dev(a: DevArgs, dev: bool) -> anyhow::Result<ExitCode> {
+    let data = match a.data {
+        Some(d) => d,
+        None => {
+            let home = std::env::var_os("HOME").ok_or_else(|| anyhow!("HOME is not set; pass --data DIR"))?;
+            std::path::PathBuf::from(home).join(".keyward").join("dev")
+        }
+    };
+    let cfg = keyward_server::ServerConfig { listen: a.listen, data_dir: data.clone(), dev, scheduler_interval: a.scheduler_interval };
+    let mut running = keyward_server::start(cfg).await?;
+    let token = match &running.new_root_token {
+        Some(t) => Some(String::from_utf8_lossy(t.expose()).into_owned()),
+        None => running.root_token_file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()).map(|s| s.trim().to_string()),
+    };
+    eprintln!("Keyward dev server on http://{} (data in {})", running.addr, data.display());
+    eprintln!("WARNING: dev mode keeps the root key unencrypted on disk and serves plain HTTP. Not for real secrets.");
+    if running.new_root_token.is_some() {
+        eprintln!("A new root token was created; it is also in {} (mode 0600).", data.join("root-token").display());
+    }
+    println!("export KEYWARD_ADDR=http://{}", running.addr);
+    match token {
+        Some(t) => println!("export KEYWARD_TOKEN={t}"),
+        None => eprintln!("The root token file is missing; the root token cannot be shown again."),
+    }
+    std::io::stdout().flush()?;
+    tokio::select! {
+        r = running.wait() => { r?; }
+        _ = shutdown_signal() => {
+            eprintln!("shutting down");
+            running.shutdown().await?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = ctrl_c.await;
+}

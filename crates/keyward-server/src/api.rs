@@ -1,0 +1,384 @@
+//! Routes and handlers of the /v1 API.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, get, post, put};
+use axum::{Json, Router};
+use keyward_core::Kms;
+use keyward_core::secretdata::SecretData;
+use keyward_core::service::CreateKey;
+use keyward_crypto::keys::KeyAlgorithm;
+use serde_json::{Value, json};
+
+use crate::error::ApiError;
+use crate::extract::{Caller, RequestId, StrictJson, StrictQuery};
+use crate::wire::*;
+
+/// The OpenAPI document served at `/v1/openapi.json`.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// Shared state of the handlers.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The service.
+    pub kms: Arc<Kms>,
+    /// Seal kind, for health output.
+    pub seal: &'static str,
+    /// Whether the seal is insecure (dev).
+    pub insecure_seal: bool,
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn ok(v: Value) -> ApiResult {
+    Ok(Json(v).into_response())
+}
+
+/// Every route: (method, path, anonymous?, handler). The OpenAPI test checks this table against
+/// the document in both directions.
+pub fn route_table() -> Vec<(&'static str, &'static str, bool, MethodRouter<AppState>)> {
+    vec![
+        ("get", "/v1/health", true, get(health)),
+        ("get", "/v1/openapi.json", false, get(openapi)),
+        ("post", "/v1/keys", false, post(create_key)),
+        ("get", "/v1/keys", false, get(list_keys)),
+        ("get", "/v1/keys/{name}", false, get(describe_key)),
+        ("post", "/v1/keys/{name}/enable", false, post(enable_key)),
+        ("post", "/v1/keys/{name}/disable", false, post(disable_key)),
+        ("post", "/v1/keys/{name}/rotate", false, post(rotate_key)),
+        ("put", "/v1/keys/{name}/rotation-policy", false, put(rotation_policy)),
+        ("post", "/v1/keys/{name}/schedule-deletion", false, post(schedule_deletion)),
+        ("post", "/v1/keys/{name}/cancel-deletion", false, post(cancel_deletion)),
+        ("post", "/v1/keys/{name}/encrypt", false, post(encrypt)),
+        ("post", "/v1/keys/{name}/generate-data-key", false, post(data_key)),
+        ("post", "/v1/keys/{name}/generate-data-key-without-plaintext", false, post(data_key_without_plaintext)),
+        ("post", "/v1/keys/{name}/sign", false, post(sign)),
+        ("post", "/v1/keys/{name}/verify", false, post(verify)),
+        ("post", "/v1/keys/{name}/mac", false, post(mac)),
+        ("post", "/v1/keys/{name}/verify-mac", false, post(verify_mac)),
+        ("post", "/v1/decrypt", false, post(decrypt)),
+        ("post", "/v1/reencrypt", false, post(reencrypt)),
+        ("post", "/v1/random", false, post(random)),
+        ("get", "/v1/secrets", false, get(list_secrets)),
+        ("get", "/v1/secrets/data/{*path}", false, get(get_secret)),
+        ("put", "/v1/secrets/data/{*path}", false, put(put_secret)),
+        ("get", "/v1/secrets/metadata/{*path}", false, get(secret_metadata)),
+        ("post", "/v1/secrets/delete/{*path}", false, post(delete_secret)),
+        ("post", "/v1/secrets/undelete/{*path}", false, post(undelete_secret)),
+        ("post", "/v1/secrets/destroy/{*path}", false, post(destroy_secret)),
+    ]
+}
+
+/// Build the router with its middleware.
+pub fn router(state: AppState) -> Router {
+    let mut public = Router::new();
+    let mut protected = Router::new();
+    for (_, path, anonymous, handler) in route_table() {
+        if anonymous {
+            public = public.route(path, handler);
+        } else {
+            protected = protected.route(path, handler);
+        }
+    }
+    let protected = protected.route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    public
+        .merge(protected)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_such_route", "no such API route; see /v1/openapi.json") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route; see /v1/openapi.json")
+        })
+        .layer(middleware::from_fn(finish))
+        .with_state(state)
+}
+
+/// Assign a request id; render [`ApiError`]s as JSON with it; log failures once.
+async fn finish(mut req: Request, next: Next) -> Response {
+    let mut raw = [0u8; 8];
+    let id = match keyward_crypto::fill_random(&mut raw) {
+        Ok(()) => hex::encode(raw),
+        Err(_) => "unknown".to_string(),
+    };
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let mut resp = next.run(req).await;
+    if let Some(err) = resp.extensions_mut().remove::<ApiError>() {
+        if err.status.is_server_error() {
+            tracing::error!(request_id = %id, %method, %path, status = err.status.as_u16(), code = err.code, detail = ?err.internal, "request failed");
+        } else {
+            tracing::debug!(request_id = %id, %method, %path, status = err.status.as_u16(), code = err.code, "request refused");
+        }
+        let body = json!({"error": {"code": err.code, "message": err.message, "request_id": id}});
+        resp = (err.status, Json(body)).into_response();
+    }
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// Require a valid token (`Authorization: Bearer TOKEN` or `X-Keyward-Token: TOKEN`).
+async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    let h = req.headers();
+    let token = h
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| h.get("x-keyward-token").and_then(|v| v.to_str().ok()));
+    let Some(token) = token else {
+        return ApiError::from(keyward_core::KmsError::Unauthenticated).into_response();
+    };
+    match st.kms.authenticate(token.trim()) {
+        Ok(rec) => {
+            req.extensions_mut().insert(Caller(rec));
+            next.run(req).await
+        }
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+fn allow(st: &AppState, c: &Caller, op: &str, resource: &str) -> Result<(), ApiError> {
+    st.kms.authorize(&c.0, op, resource).map_err(ApiError::from)
+}
+
+async fn health(State(st): State<AppState>) -> Json<Value> {
+    Json(json!({
+        "status": "ok",
+        "sealed": false,
+        "seal": st.seal,
+        "insecure_seal": st.insecure_seal,
+        "storage": st.kms.backend_name(),
+        "version": env!("CARGO_PKG_VERSION"),
+    }))
+}
+
+async fn openapi(State(st): State<AppState>, c: Caller) -> ApiResult {
+    allow(&st, &c, "read", "sys/openapi")?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI).into_response())
+}
+
+// ----- keys --------------------------------------------------------------------------------
+
+async fn create_key(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<CreateKeyReq>) -> ApiResult {
+    allow(&st, &c, "admin", &format!("keys/{}", r.name))?;
+    let algorithm = KeyAlgorithm::parse(&r.key_type).ok_or_else(|| {
+        ApiError::invalid(format!(
+            "unknown key type {:?}: use one of {}",
+            r.key_type,
+            KeyAlgorithm::ALL.map(|a| a.as_str()).join(", ")
+        ))
+    })?;
+    let rotate_every_secs = r.rotate_every.as_deref().map(|s| parse_period("rotate_every", s)).transpose()?;
+    let d = st.kms.create_key(CreateKey { name: r.name, algorithm, description: r.description, rotate_every_secs }).await?;
+    Ok((StatusCode::CREATED, Json(KeyOut::from_description(&d))).into_response())
+}
+
+async fn list_keys(State(st): State<AppState>, c: Caller, StrictQuery(q): StrictQuery<PageQuery>) -> ApiResult {
+    allow(&st, &c, "list", "keys/")?;
+    let (page, next) = st.kms.list_keys(q.after.as_deref(), q.limit).await?;
+    let keys: Vec<KeyOut> = page.iter().map(KeyOut::from_record).collect();
+    ok(json!({"keys": keys, "next": next}))
+}
+
+async fn describe_key(State(st): State<AppState>, c: Caller, Path(name): Path<String>) -> ApiResult {
+    allow(&st, &c, "read", &format!("keys/{name}"))?;
+    ok(serde_json::to_value(KeyOut::from_description(&st.kms.describe_key(&name).await?)).unwrap_or_default())
+}
+
+async fn key_admin(st: &AppState, c: &Caller, name: &str) -> Result<(), ApiError> {
+    allow(st, c, "admin", &format!("keys/{name}"))
+}
+
+fn key_json(d: &keyward_core::service::KeyDescription) -> ApiResult {
+    ok(serde_json::to_value(KeyOut::from_description(d)).unwrap_or_default())
+}
+
+async fn enable_key(State(st): State<AppState>, c: Caller, Path(name): Path<String>, StrictJson(_): StrictJson<Empty>) -> ApiResult {
+    key_admin(&st, &c, &name).await?;
+    key_json(&st.kms.enable_key(&name).await?)
+}
+
+async fn disable_key(State(st): State<AppState>, c: Caller, Path(name): Path<String>, StrictJson(_): StrictJson<Empty>) -> ApiResult {
+    key_admin(&st, &c, &name).await?;
+    key_json(&st.kms.disable_key(&name).await?)
+}
+
+async fn rotate_key(State(st): State<AppState>, c: Caller, Path(name): Path<String>, StrictJson(_): StrictJson<Empty>) -> ApiResult {
+    key_admin(&st, &c, &name).await?;
+    key_json(&st.kms.rotate_key(&name).await?)
+}
+
+async fn rotation_policy(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+    StrictJson(r): StrictJson<RotationPolicyReq>,
+) -> ApiResult {
+    key_admin(&st, &c, &name).await?;
+    let secs = r.rotate_every.as_deref().map(|s| parse_period("rotate_every", s)).transpose()?;
+    key_json(&st.kms.set_rotation(&name, secs).await?)
+}
+
+async fn schedule_deletion(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+    StrictJson(r): StrictJson<ScheduleDeletionReq>,
+) -> ApiResult {
+    key_admin(&st, &c, &name).await?;
+    key_json(&st.kms.schedule_deletion(&name, r.pending_days).await?)
+}
+
+async fn cancel_deletion(State(st): State<AppState>, c: Caller, Path(name): Path<String>, StrictJson(_): StrictJson<Empty>) -> ApiResult {
+    key_admin(&st, &c, &name).await?;
+    key_json(&st.kms.cancel_deletion(&name).await?)
+}
+
+// ----- cryptographic operations --------------------------------------------------------------
+
+async fn encrypt(State(st): State<AppState>, c: Caller, Path(name): Path<String>, StrictJson(r): StrictJson<EncryptReq>) -> ApiResult {
+    allow(&st, &c, "encrypt", &format!("keys/{name}"))?;
+    let pt = zeroize::Zeroizing::new(unb64("plaintext", &r.plaintext)?);
+    let e = st.kms.encrypt(&name, &pt, &r.context).await?;
+    ok(json!({"ciphertext": b64(&e.ciphertext), "key": e.key_name, "key_version": e.key_version}))
+}
+
+async fn decrypt(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<DecryptReq>) -> ApiResult {
+    let ct = unb64("ciphertext", &r.ciphertext)?;
+    // Authorization is by the key named in the ciphertext header; the service re-checks it.
+    let resource = key_resource_of(&st, &ct).await;
+    allow(&st, &c, "decrypt", &resource)?;
+    let d = st.kms.decrypt(&ct, &r.context).await?;
+    ok(json!({"plaintext": b64(d.plaintext.expose()), "key": d.key_name, "key_version": d.key_version}))
+}
+
+async fn key_resource_of(st: &AppState, ciphertext: &[u8]) -> String {
+    match keyward_crypto::format::parse(ciphertext, keyward_crypto::format::EnvelopeKind::CiphertextV1) {
+        Ok((h, _)) => format!("keys/@{}", hex::encode(h.key_id)),
+        Err(_) => {
+            let _ = st;
+            "keys/@unknown".to_string()
+        }
+    }
+}
+
+async fn reencrypt(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<ReencryptReq>) -> ApiResult {
+    let ct = unb64("ciphertext", &r.ciphertext)?;
+    allow(&st, &c, "decrypt", &key_resource_of(&st, &ct).await)?;
+    if let Some(dest) = &r.destination_key {
+        allow(&st, &c, "encrypt", &format!("keys/{dest}"))?;
+    }
+    let e = st.kms.reencrypt(&ct, &r.context, r.destination_key.as_deref(), &r.destination_context).await?;
+    ok(json!({"ciphertext": b64(&e.ciphertext), "key": e.key_name, "key_version": e.key_version}))
+}
+
+async fn data_key_common(st: &AppState, c: &Caller, name: &str, r: DataKeyReq, with_plaintext: bool) -> ApiResult {
+    allow(st, c, "generate-data-key", &format!("keys/{name}"))?;
+    let dk = st.kms.generate_data_key(name, r.bytes, &r.context, with_plaintext).await?;
+    let mut v = json!({"ciphertext": b64(&dk.ciphertext), "key": name, "key_version": dk.key_version});
+    if let Some(p) = &dk.plaintext {
+        v["plaintext"] = Value::String(b64(p.expose()));
+    }
+    ok(v)
+}
+
+async fn data_key(State(st): State<AppState>, c: Caller, Path(name): Path<String>, StrictJson(r): StrictJson<DataKeyReq>) -> ApiResult {
+    data_key_common(&st, &c, &name, r, true).await
+}
+
+async fn data_key_without_plaintext(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+    StrictJson(r): StrictJson<DataKeyReq>,
+) -> ApiResult {
+    data_key_common(&st, &c, &name, r, false).await
+}
+
+async fn sign(State(st): State<AppState>, c: Caller, Path(name): Path<String>, StrictJson(r): StrictJson<MessageReq>) -> ApiResult {
+    allow(&st, &c, "sign", &format!("keys/{name}"))?;
+    let (sig, v) = st.kms.sign(&name, &unb64("message", &r.message)?).await?;
+    ok(json!({"signature": b64(&sig), "key": name, "key_version": v}))
+}
+
+async fn verify(State(st): State<AppState>, c: Caller, Path(name): Path<String>, StrictJson(r): StrictJson<VerifyReq>) -> ApiResult {
+    allow(&st, &c, "verify", &format!("keys/{name}"))?;
+    let valid = st.kms.verify(&name, &unb64("message", &r.message)?, &unb64("signature", &r.signature)?).await?;
+    ok(json!({"valid": valid}))
+}
+
+async fn mac(State(st): State<AppState>, c: Caller, Path(name): Path<String>, StrictJson(r): StrictJson<MessageReq>) -> ApiResult {
+    allow(&st, &c, "mac", &format!("keys/{name}"))?;
+    let (m, v) = st.kms.mac(&name, &unb64("message", &r.message)?).await?;
+    ok(json!({"mac": b64(&m), "key": name, "key_version": v}))
+}
+
+async fn verify_mac(State(st): State<AppState>, c: Caller, Path(name): Path<String>, StrictJson(r): StrictJson<VerifyMacReq>) -> ApiResult {
+    allow(&st, &c, "verify-mac", &format!("keys/{name}"))?;
+    let valid = st.kms.verify_mac(&name, &unb64("message", &r.message)?, &unb64("mac", &r.mac)?).await?;
+    ok(json!({"valid": valid}))
+}
+
+async fn random(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<RandomReq>) -> ApiResult {
+    allow(&st, &c, "random", "sys/random")?;
+    let b = st.kms.random(r.bytes)?;
+    ok(json!({"bytes": b64(b.expose())}))
+}
+
+// ----- secrets -------------------------------------------------------------------------------
+
+async fn list_secrets(State(st): State<AppState>, c: Caller, StrictQuery(q): StrictQuery<SecretListQuery>) -> ApiResult {
+    allow(&st, &c, "list", &format!("secrets/{}", q.prefix))?;
+    let (paths, next) = st.kms.list_secrets(&q.prefix, q.after.as_deref(), q.limit).await?;
+    ok(json!({"paths": paths, "next": next}))
+}
+
+async fn get_secret(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(path): Path<String>,
+    StrictQuery(q): StrictQuery<VersionQuery>,
+) -> ApiResult {
+    allow(&st, &c, "read", &format!("secrets/{path}"))?;
+    let s = st.kms.get_secret(&path, q.version).await?;
+    ok(json!({"path": path, "version": s.version, "created_at": time(s.created_at), "data": s.data.expose()}))
+}
+
+async fn put_secret(State(st): State<AppState>, c: Caller, Path(path): Path<String>, StrictJson(r): StrictJson<PutSecretReq>) -> ApiResult {
+    allow(&st, &c, "write", &format!("secrets/{path}"))?;
+    let data = SecretData::new(r.data)?;
+    let version = st.kms.put_secret(&path, data, r.cas).await?;
+    ok(json!({"path": path, "version": version}))
+}
+
+async fn secret_metadata(State(st): State<AppState>, c: Caller, Path(path): Path<String>) -> ApiResult {
+    allow(&st, &c, "read", &format!("secrets/{path}"))?;
+    let (meta, versions) = st.kms.secret_versions(&path).await?;
+    let versions: Vec<SecretVersionOut> = versions.iter().map(SecretVersionOut::from).collect();
+    ok(json!({
+        "path": meta.path,
+        "current_version": meta.current_version,
+        "created_at": time(meta.created_at),
+        "updated_at": time(meta.updated_at),
+        "versions": versions,
+    }))
+}
+
+async fn delete_secret(State(st): State<AppState>, c: Caller, Path(path): Path<String>, StrictJson(r): StrictJson<VersionsReq>) -> ApiResult {
+    allow(&st, &c, "write", &format!("secrets/{path}"))?;
+    ok(json!({"changed": st.kms.delete_secret(&path, &r.versions).await?}))
+}
+
+async fn undelete_secret(State(st): State<AppState>, c: Caller, Path(path): Path<String>, StrictJson(r): StrictJson<VersionsReq>) -> ApiResult {
+    allow(&st, &c, "write", &format!("secrets/{path}"))?;
+    ok(json!({"changed": st.kms.undelete_secret(&path, &r.versions).await?}))
+}
+
+async fn destroy_secret(State(st): State<AppState>, c: Caller, Path(path): Path<String>, StrictJson(r): StrictJson<VersionsReq>) -> ApiResult {
+    allow(&st, &c, "destroy", &format!("secrets/{path}"))?;
+    ok(json!({"changed": st.kms.destroy_secret(&path, &r.versions).await?}))
+}

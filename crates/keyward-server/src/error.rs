@@ -1,0 +1,71 @@
+//! The one place where errors become HTTP responses.
+//!
+//! Handlers return [`ApiError`]. Its response carries the status and a safe message in a
+//! response extension; the `finish` middleware in [`crate::api`] turns it into the JSON body
+//! `{"error": {"code", "message", "request_id"}}` and logs the failure once, with the request id.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use keyward_core::KmsError;
+
+/// An API error: status, stable code and a message safe to show the caller.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable machine-readable code.
+    pub code: &'static str,
+    /// Message for the caller: says what to fix, never contains secret material.
+    pub message: String,
+    /// Detail for the server log only.
+    pub internal: Option<String>,
+}
+
+impl ApiError {
+    /// A new error.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into(), internal: None }
+    }
+
+    /// 400 invalid_argument.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_argument", message)
+    }
+}
+
+/// Map a service error to status, code and safe message (the only such mapping).
+impl From<KmsError> for ApiError {
+    fn from(e: KmsError) -> Self {
+        let status = match &e {
+            KmsError::Unauthenticated => StatusCode::UNAUTHORIZED,
+            KmsError::PermissionDenied(_) => StatusCode::FORBIDDEN,
+            KmsError::NotFound { .. } => StatusCode::NOT_FOUND,
+            KmsError::AlreadyExists { .. } | KmsError::Conflict(_) => StatusCode::CONFLICT,
+            KmsError::KeyDisabled(_) | KmsError::KeyPendingDeletion(_) => StatusCode::CONFLICT,
+            KmsError::InvalidArgument(_) | KmsError::WrongKeyType { .. } | KmsError::DecryptionFailed => {
+                StatusCode::BAD_REQUEST
+            }
+            KmsError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let internal = match &e {
+            KmsError::Internal(d) => Some(d.clone()),
+            KmsError::Unavailable(s) => Some(s.to_string()),
+            _ => None,
+        };
+        let message = match &e {
+            KmsError::Unavailable(_) => "storage is unavailable; retry shortly".to_string(),
+            KmsError::Internal(_) => "internal error; the server log has details under this request id".to_string(),
+            other => other.to_string(),
+        };
+        Self { status, code: e.code(), message, internal }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = self.status.into_response();
+        r.extensions_mut().insert(self);
+        r
+    }
+}

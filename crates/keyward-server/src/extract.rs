@@ -1,0 +1,102 @@
+//! Request extractors: strict JSON bodies and query strings with our error format, the request
+//! id, and the authenticated caller.
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use keyward_core::model::TokenRecord;
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+
+/// Largest accepted request body (64 KiB of plaintext is ~88 KiB of base64, plus context).
+pub const MAX_BODY: usize = 256 * 1024;
+
+/// A JSON body parsed strictly: size-limited, unknown fields rejected (each request type has
+/// `deny_unknown_fields`), and errors that never echo submitted values.
+#[derive(Debug)]
+pub struct StrictJson<T>(pub T);
+
+fn json_error(e: &serde_json::Error) -> ApiError {
+    use serde_json::error::Category;
+    let msg = e.to_string();
+    let detail = match e.classify() {
+        Category::Data if msg.starts_with("unknown field") || msg.starts_with("missing field") => {
+            // Field names only, never values.
+            msg.split(" at line").next().unwrap_or("invalid field").to_string()
+        }
+        Category::Data => format!("a field has the wrong type or an invalid value (line {}, column {})", e.line(), e.column()),
+        Category::Eof => "the JSON body is truncated".to_string(),
+        Category::Syntax => format!("the body is not valid JSON (line {}, column {})", e.line(), e.column()),
+        Category::Io => "the body could not be read".to_string(),
+    };
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("invalid request body: {detail}"))
+}
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for StrictJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        if let Some(ct) = req.headers().get(axum::http::header::CONTENT_TYPE) {
+            let ok = ct.to_str().map(|s| s.split(';').next().unwrap_or("").trim() == "application/json").unwrap_or(false);
+            if !ok {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    "send the request body as application/json",
+                ));
+            }
+        }
+        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY).await.map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("request body is larger than {MAX_BODY} bytes"),
+            )
+        })?;
+        let body: &[u8] = if bytes.is_empty() { b"{}" } else { &bytes };
+        serde_json::from_slice(body).map(StrictJson).map_err(|e| json_error(&e))
+    }
+}
+
+/// A query string parsed strictly (unknown parameters rejected).
+#[derive(Debug)]
+pub struct StrictQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for StrictQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let q = parts.uri.query().unwrap_or("");
+        if q.len() > 4096 {
+            return Err(ApiError::invalid("query string longer than 4096 bytes"));
+        }
+        serde_urlencoded::from_str(q).map(StrictQuery).map_err(|e| {
+            let m = e.to_string();
+            let detail = if m.starts_with("unknown field") { m } else { "a query parameter has an invalid value".into() };
+            ApiError::invalid(format!("invalid query string: {detail}"))
+        })
+    }
+}
+
+/// The request id assigned by the request-id middleware.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// The authenticated caller, set by the authentication middleware.
+#[derive(Debug, Clone)]
+pub struct Caller(pub Arc<TokenRecord>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| ApiError::from(keyward_core::KmsError::Unauthenticated))
+    }
+}

@@ -1,0 +1,199 @@
+//! Server start-up: configuration checks, seal, store, service, listener, scheduler.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyward_core::seal::{Seal, SealError};
+use keyward_core::store::StoreError;
+use keyward_core::{Kms, KmsError};
+use keyward_crypto::SecretBytes;
+use keyward_store::SqliteStore;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::api::{AppState, router};
+use crate::seal_file::InsecureFileSeal;
+
+/// Server configuration.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Data directory (database, and in dev mode the insecure root key and root token).
+    pub data_dir: PathBuf,
+    /// Dev mode: insecure file seal, plain HTTP on loopback only.
+    pub dev: bool,
+    /// How often the scheduler looks for due rotations and purges.
+    pub scheduler_interval: Duration,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The configuration is not acceptable; the message says what to change.
+    #[error("{0}")]
+    Config(String),
+    /// File system or socket error.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The seal could not provide the root key.
+    #[error("seal: {0}")]
+    Seal(#[from] SealError),
+    /// The store could not be opened.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The service could not be opened.
+    #[error("service: {0}")]
+    Kms(#[from] KmsError),
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
+    let context = context.into();
+    move |source| StartError::Io { context, source }
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Running {
+    /// Bound address.
+    pub addr: SocketAddr,
+    /// The root token, when this start initialised a new store (shown once).
+    pub new_root_token: Option<SecretBytes>,
+    /// In dev mode, the file holding the root token.
+    pub root_token_file: Option<PathBuf>,
+    /// Seal kind in use.
+    pub seal: &'static str,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+    scheduler: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stop accepting requests, finish in-flight ones and return.
+    pub async fn shutdown(mut self) -> std::io::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.scheduler.abort();
+        match (&mut self.task).await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+
+    /// Wait until the server stops by itself (it normally runs until shut down).
+    pub async fn wait(&mut self) -> std::io::Result<()> {
+        match (&mut self.task).await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+}
+
+/// Validate the configuration, open everything and start serving.
+pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
+    if !cfg.dev {
+        return Err(StartError::Config(
+            "only dev mode is available in this build: the Shamir/HSM seals and TLS that `keyward server` requires \
+             are not implemented yet; use `keyward dev` on a loopback address"
+                .into(),
+        ));
+    }
+    if !cfg.listen.ip().is_loopback() {
+        return Err(StartError::Config(format!(
+            "dev mode serves plain HTTP and may only listen on a loopback address, not {}; use 127.0.0.1",
+            cfg.listen
+        )));
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&cfg.data_dir)
+        .map_err(io(format!("creating data directory {}", cfg.data_dir.display())))?;
+
+    let seal = InsecureFileSeal::new(cfg.data_dir.join("root-key.insecure"));
+    tracing::warn!(
+        seal = seal.kind(),
+        "DEV MODE: the root key is stored UNENCRYPTED in {} and the API is plain HTTP; never use dev mode for real secrets",
+        cfg.data_dir.join("root-key.insecure").display()
+    );
+    let (root, created) = seal.load_or_create()?;
+    let db = cfg.data_dir.join("keyward.db");
+    if created && db.exists() {
+        return Err(StartError::Config(format!(
+            "{} exists but its root key file was missing; a new root key cannot read it. Restore root-key.insecure or use another --data directory",
+            db.display()
+        )));
+    }
+    let store = SqliteStore::open(&db)?;
+    let (kms, new_root_token) = Kms::open(Arc::new(store), root).await?;
+    let kms = Arc::new(kms);
+
+    let token_file = cfg.data_dir.join("root-token");
+    if let Some(t) = &new_root_token {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&token_file)
+            .map_err(io(format!("writing {}", token_file.display())))?;
+        f.write_all(t.expose()).map_err(io("writing root token"))?;
+        f.sync_all().map_err(io("writing root token"))?;
+    }
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(io(format!("binding {}", cfg.listen)))?;
+    let addr = listener.local_addr().map_err(io("reading bound address"))?;
+    let state = AppState { kms: kms.clone(), seal: seal.kind(), insecure_seal: seal.is_insecure() };
+    let app = router(state);
+
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx.await;
+            })
+            .await
+    });
+    let scheduler = tokio::spawn(scheduler(kms, cfg.scheduler_interval));
+    tracing::info!(%addr, "keyward listening");
+    Ok(Running {
+        addr,
+        new_root_token,
+        root_token_file: Some(token_file),
+        seal: seal.kind(),
+        shutdown: Some(tx),
+        task,
+        scheduler,
+    })
+}
+
+async fn scheduler(kms: Arc<Kms>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match kms.run_scheduled(keyward_core::now_unix()).await {
+            Ok(r) => {
+                for k in &r.rotated {
+                    tracing::info!(key = %k, "rotated on schedule");
+                }
+                for k in &r.purged {
+                    tracing::info!(key = %k, "purged after pending deletion window");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "scheduled work failed; will retry"),
+        }
+    }
+}

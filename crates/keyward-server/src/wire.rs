@@ -1,0 +1,243 @@
+//! JSON wire types of the /v1 API. Every request type rejects unknown fields.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use keyward_core::service::{KeyDescription, SecretVersionInfo};
+use keyward_core::model::KeyRecord;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+
+pub type Context = BTreeMap<String, String>;
+
+pub fn b64(bytes: &[u8]) -> String {
+    STANDARD.encode(bytes)
+}
+
+pub fn unb64(field: &str, s: &str) -> Result<Vec<u8>, ApiError> {
+    STANDARD.decode(s).map_err(|_| ApiError::invalid(format!("{field} must be standard base64")))
+}
+
+pub fn time(t: i64) -> String {
+    let st = UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0));
+    humantime::format_rfc3339_seconds(st).to_string()
+}
+
+pub fn parse_period(field: &str, s: &str) -> Result<u64, ApiError> {
+    humantime::parse_duration(s)
+        .map(|d| d.as_secs())
+        .map_err(|_| ApiError::invalid(format!("{field} must be a duration such as 90d, 12h or 30m")))
+}
+
+pub fn format_period(secs: u64) -> String {
+    if secs % 86400 == 0 {
+        format!("{}d", secs / 86400)
+    } else if secs % 3600 == 0 {
+        format!("{}h", secs / 3600)
+    } else if secs % 60 == 0 {
+        format!("{}m", secs / 60)
+    } else {
+        format!("{secs}s")
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKeyReq {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub key_type: String,
+    #[serde(default)]
+    pub description: String,
+    pub rotate_every: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationPolicyReq {
+    pub rotate_every: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleDeletionReq {
+    pub pending_days: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    pub limit: Option<u32>,
+    pub after: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretListQuery {
+    #[serde(default)]
+    pub prefix: String,
+    pub limit: Option<u32>,
+    pub after: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionQuery {
+    pub version: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptReq {
+    pub plaintext: String,
+    #[serde(default)]
+    pub context: Context,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecryptReq {
+    pub ciphertext: String,
+    #[serde(default)]
+    pub context: Context,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReencryptReq {
+    pub ciphertext: String,
+    #[serde(default)]
+    pub context: Context,
+    pub destination_key: Option<String>,
+    #[serde(default)]
+    pub destination_context: Context,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataKeyReq {
+    #[serde(default)]
+    pub context: Context,
+    pub bytes: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageReq {
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyReq {
+    pub message: String,
+    pub signature: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyMacReq {
+    pub message: String,
+    pub mac: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RandomReq {
+    pub bytes: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutSecretReq {
+    pub data: BTreeMap<String, String>,
+    pub cas: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionsReq {
+    #[serde(default)]
+    pub versions: Vec<u32>,
+}
+
+#[derive(Serialize)]
+pub struct VersionOut {
+    pub version: u32,
+    pub created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct KeyOut {
+    pub id: String,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub key_type: &'static str,
+    pub state: &'static str,
+    pub description: String,
+    pub created_at: String,
+    pub updated_at: String,
+    pub current_version: u32,
+    pub rotate_every: Option<String>,
+    pub next_rotation_at: Option<String>,
+    pub deletion_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub versions: Option<Vec<VersionOut>>,
+}
+
+impl KeyOut {
+    pub fn from_record(r: &KeyRecord) -> Self {
+        Self {
+            id: r.id.to_hex(),
+            name: r.name.clone(),
+            key_type: r.algorithm.as_str(),
+            state: r.state.as_str(),
+            description: r.description.clone(),
+            created_at: time(r.created_at),
+            updated_at: time(r.updated_at),
+            current_version: r.current_version,
+            rotate_every: r.rotate_every_secs.map(format_period),
+            next_rotation_at: r.next_rotation_at.map(time),
+            deletion_at: r.deletion_at.map(time),
+            versions: None,
+        }
+    }
+
+    pub fn from_description(d: &KeyDescription) -> Self {
+        let mut k = Self::from_record(&d.record);
+        k.versions = Some(
+            d.versions
+                .iter()
+                .map(|v| VersionOut {
+                    version: v.version,
+                    created_at: time(v.created_at),
+                    public_key: v.public_key.as_deref().map(b64),
+                })
+                .collect(),
+        );
+        k
+    }
+}
+
+#[derive(Serialize)]
+pub struct SecretVersionOut {
+    pub version: u32,
+    pub created_at: String,
+    pub deleted_at: Option<String>,
+    pub destroyed: bool,
+}
+
+impl From<&SecretVersionInfo> for SecretVersionOut {
+    fn from(v: &SecretVersionInfo) -> Self {
+        Self { version: v.version, created_at: time(v.created_at), deleted_at: v.deleted_at.map(time), destroyed: v.destroyed }
+    }
+}
