@@ -62,6 +62,9 @@ pub enum Error {
     /// The response was not what the API documents.
     #[error("unexpected response from server: {0}")]
     Decode(String),
+    /// An argument was refused before anything was sent.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
     /// The client is misconfigured.
     #[error("client configuration: {0}")]
     Config(String),
@@ -223,6 +226,17 @@ fn unb64(s: &str) -> Result<Vec<u8>, Error> {
     STANDARD.decode(s).map_err(|_| Error::Decode("invalid base64 in response".into()))
 }
 
+/// Refuse secret paths that URL normalisation would rewrite (`.`/`..`/empty segments), so the
+/// server always sees the path the caller meant.
+fn check_path(path: &str) -> Result<(), Error> {
+    if path.is_empty() || path.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+        return Err(Error::InvalidArgument(format!(
+            "secret path {path:?} has an empty, '.' or '..' segment"
+        )));
+    }
+    Ok(())
+}
+
 /// Percent-encode one path segment (key names are already restricted; this is belt and braces).
 fn seg(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -382,6 +396,7 @@ impl Client {
 
     /// Write a secret version; returns the new version number.
     pub async fn put_secret(&self, path: &str, data: &BTreeMap<String, String>, cas: Option<u32>) -> Result<u32, Error> {
+        check_path(path)?;
         let v = self
             .request(reqwest::Method::PUT, &format!("/v1/secrets/data/{}", seg(path)), Some(&json!({"data": data, "cas": cas})))
             .await?;
@@ -390,6 +405,7 @@ impl Client {
 
     /// Read a secret (latest version if `version` is `None`).
     pub async fn get_secret(&self, path: &str, version: Option<u32>) -> Result<Secret, Error> {
+        check_path(path)?;
         let q = version.map(|v| format!("?version={v}")).unwrap_or_default();
         let v = self.request(reqwest::Method::GET, &format!("/v1/secrets/data/{}{q}", seg(path)), None).await?;
         let version = v["version"].as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| Error::Decode("no version".into()))?;
