@@ -92,7 +92,11 @@ pub struct BenchReport {
 
 impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "op={:?} concurrency={} size={}B duration={:.1}s", self.op, self.concurrency, self.size, self.seconds)?;
+        writeln!(
+            f,
+            "op={:?} concurrency={} size={}B duration={:.1}s",
+            self.op, self.concurrency, self.size, self.seconds
+        )?;
         writeln!(f, "throughput: {:.0} ops/s  ({} ok, {} errors)", self.ops_per_sec, self.ops, self.errors)?;
         write!(
             f,

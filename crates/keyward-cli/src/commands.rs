@@ -152,7 +152,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Reencrypt { ctx, to_key, to_context, base64 } => {
             let input = read_stdin()?;
             let ct = if *base64 { decode_b64_input(&input)? } else { input };
-            let e = client(&cli)?.reencrypt(&ct, &ctx_map(&ctx.context), to_key.as_deref(), &ctx_map(to_context)).await?;
+            let e =
+                client(&cli)?.reencrypt(&ct, &ctx_map(&ctx.context), to_key.as_deref(), &ctx_map(to_context)).await?;
             if *base64 {
                 println!("{}", STANDARD.encode(&e.ciphertext));
             } else {
@@ -162,7 +163,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Datakey { key, ctx, bytes, without_plaintext } => {
             let dk = client(&cli)?.generate_data_key(key, &ctx_map(&ctx.context), *bytes, !without_plaintext).await?;
-            let mut v = json!({"key": key, "key_version": dk.key_version, "ciphertext": STANDARD.encode(&dk.ciphertext)});
+            let mut v =
+                json!({"key": key, "key_version": dk.key_version, "ciphertext": STANDARD.encode(&dk.ciphertext)});
             if let Some(p) = &dk.plaintext {
                 v["plaintext"] = json!(STANDARD.encode(&**p));
             }
@@ -172,7 +174,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sign { key } => {
             let msg = read_stdin()?;
             let v = client(&cli)?
-                .request(reqwest_post(), &format!("/v1/keys/{key}/sign"), Some(&json!({"message": STANDARD.encode(&msg)})))
+                .request(
+                    reqwest_post(),
+                    &format!("/v1/keys/{key}/sign"),
+                    Some(&json!({"message": STANDARD.encode(&msg)})),
+                )
                 .await?;
             single_or_value(cli.output, &v, "signature")
         }
@@ -190,7 +196,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Mac { key } => {
             let msg = read_stdin()?;
             let v = client(&cli)?
-                .request(reqwest_post(), &format!("/v1/keys/{key}/mac"), Some(&json!({"message": STANDARD.encode(&msg)})))
+                .request(
+                    reqwest_post(),
+                    &format!("/v1/keys/{key}/mac"),
+                    Some(&json!({"message": STANDARD.encode(&msg)})),
+                )
                 .await?;
             single_or_value(cli.output, &v, "mac")
         }
@@ -337,7 +347,9 @@ async fn secret(cli: &Cli, s: &SecretCmd) -> anyhow::Result<ExitCode> {
         }
         SecretCmd::Get { path, version, field } => {
             let q = version.map(|v| format!("?version={v}")).unwrap_or_default();
-            let v = c.request(keyward_client::Method::GET, &format!("{}{q}", path_of(&format!("data/{path}"))), None).await?;
+            let v = c
+                .request(keyward_client::Method::GET, &format!("{}{q}", path_of(&format!("data/{path}"))), None)
+                .await?;
             if let Some(f) = field {
                 let val = v["data"][f].as_str().ok_or_else(|| anyhow!("secret {path} has no field {f:?}"))?;
                 match cli.output {
@@ -365,17 +377,32 @@ async fn secret(cli: &Cli, s: &SecretCmd) -> anyhow::Result<ExitCode> {
             }
             v
         }
-        SecretCmd::Versions { path } => c.request(keyward_client::Method::GET, &path_of(&format!("metadata/{path}")), None).await?,
+        SecretCmd::Versions { path } => {
+            c.request(keyward_client::Method::GET, &path_of(&format!("metadata/{path}")), None).await?
+        }
         SecretCmd::Delete { path, versions } => {
-            c.request(keyward_client::Method::POST, &path_of(&format!("delete/{path}")), Some(&json!({"versions": versions}))).await?
+            c.request(
+                keyward_client::Method::POST,
+                &path_of(&format!("delete/{path}")),
+                Some(&json!({"versions": versions})),
+            )
+            .await?
         }
         SecretCmd::Undelete { path, versions } => {
-            c.request(keyward_client::Method::POST, &path_of(&format!("undelete/{path}")), Some(&json!({"versions": versions})))
-                .await?
+            c.request(
+                keyward_client::Method::POST,
+                &path_of(&format!("undelete/{path}")),
+                Some(&json!({"versions": versions})),
+            )
+            .await?
         }
         SecretCmd::Destroy { path, versions } => {
-            c.request(keyward_client::Method::POST, &path_of(&format!("destroy/{path}")), Some(&json!({"versions": versions})))
-                .await?
+            c.request(
+                keyward_client::Method::POST,
+                &path_of(&format!("destroy/{path}")),
+                Some(&json!({"versions": versions})),
+            )
+            .await?
         }
     };
     print_value(cli.output, &v)?;
@@ -384,12 +411,19 @@ async fn secret(cli: &Cli, s: &SecretCmd) -> anyhow::Result<ExitCode> {
 
 fn urlencode(s: &str) -> String {
     s.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 
 async fn bench(cli: &Cli, b: &BenchArgs) -> anyhow::Result<ExitCode> {
-    let op = keyward_bench::Op::parse(&b.op).ok_or_else(|| anyhow!("unknown --op {:?}: use encrypt, decrypt, generate-data-key or secret-get", b.op))?;
+    let op = keyward_bench::Op::parse(&b.op)
+        .ok_or_else(|| anyhow!("unknown --op {:?}: use encrypt, decrypt, generate-data-key or secret-get", b.op))?;
     let cfg = keyward_bench::BenchConfig {
         op,
         concurrency: b.concurrency,
@@ -416,11 +450,18 @@ async fn dev(a: DevArgs, dev: bool) -> anyhow::Result<ExitCode> {
             std::path::PathBuf::from(home).join(".keyward").join("dev")
         }
     };
-    let cfg = keyward_server::ServerConfig { listen: a.listen, data_dir: data.clone(), dev, scheduler_interval: a.scheduler_interval };
+    let cfg = keyward_server::ServerConfig {
+        listen: a.listen,
+        data_dir: data.clone(),
+        dev,
+        scheduler_interval: a.scheduler_interval,
+    };
     let mut running = keyward_server::start(cfg).await?;
     let token = match &running.new_root_token {
         Some(t) => Some(String::from_utf8_lossy(t.expose()).into_owned()),
-        None => running.root_token_file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()).map(|s| s.trim().to_string()),
+        None => {
+            running.root_token_file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()).map(|s| s.trim().to_string())
+        }
     };
     eprintln!("Keyward dev server on http://{} (data in {})", running.addr, data.display());
     eprintln!("WARNING: dev mode keeps the root key unencrypted on disk and serves plain HTTP. Not for real secrets.");

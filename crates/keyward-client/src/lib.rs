@@ -139,7 +139,8 @@ impl ClientBuilder {
             .pool_max_idle_per_host(self.pool_max_idle)
             .tcp_nodelay(true);
         if let Some(pem) = &self.ca_pem {
-            let cert = reqwest::Certificate::from_pem(pem).map_err(|e| Error::Config(format!("CA certificate: {e}")))?;
+            let cert =
+                reqwest::Certificate::from_pem(pem).map_err(|e| Error::Config(format!("CA certificate: {e}")))?;
             b = b.add_root_certificate(cert);
         }
         let http = b.build().map_err(|e| Error::Config(e.to_string()))?;
@@ -157,7 +158,10 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("addr", &self.addr).field("token", &self.token.as_ref().map(|_| "[REDACTED]")).finish()
+        f.debug_struct("Client")
+            .field("addr", &self.addr)
+            .field("token", &self.token.as_ref().map(|_| "[REDACTED]"))
+            .finish()
     }
 }
 
@@ -204,7 +208,10 @@ pub struct Secret {
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Secret").field("version", &self.version).field("fields", &self.data.keys().collect::<Vec<_>>()).finish()
+        f.debug_struct("Secret")
+            .field("version", &self.version)
+            .field("fields", &self.data.keys().collect::<Vec<_>>())
+            .finish()
     }
 }
 
@@ -230,9 +237,7 @@ fn unb64(s: &str) -> Result<Vec<u8>, Error> {
 /// server always sees the path the caller meant.
 fn check_path(path: &str) -> Result<(), Error> {
     if path.is_empty() || path.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
-        return Err(Error::InvalidArgument(format!(
-            "secret path {path:?} has an empty, '.' or '..' segment"
-        )));
+        return Err(Error::InvalidArgument(format!("secret path {path:?} has an empty, '.' or '..' segment")));
     }
     Ok(())
 }
@@ -255,13 +260,20 @@ fn seg(s: &str) -> String {
 impl Client {
     /// Start building a client for `addr` (e.g. `http://127.0.0.1:8270`).
     pub fn builder(addr: impl Into<String>) -> ClientBuilder {
-        ClientBuilder { addr: addr.into(), token: None, ca_pem: None, timeout: Duration::from_secs(30), pool_max_idle: 64 }
+        ClientBuilder {
+            addr: addr.into(),
+            token: None,
+            ca_pem: None,
+            timeout: Duration::from_secs(30),
+            pool_max_idle: 64,
+        }
     }
 
     /// A client configured from `KEYWARD_ADDR`, `KEYWARD_TOKEN` and `KEYWARD_CACERT`.
     pub fn from_env() -> Result<Self, Error> {
-        let addr = std::env::var(ENV_ADDR)
-            .map_err(|_| Error::Config(format!("{ENV_ADDR} is not set: export the address printed by `keyward dev`")))?;
+        let addr = std::env::var(ENV_ADDR).map_err(|_| {
+            Error::Config(format!("{ENV_ADDR} is not set: export the address printed by `keyward dev`"))
+        })?;
         let mut b = Self::builder(addr);
         if let Ok(t) = std::env::var(ENV_TOKEN) {
             b = b.token(t);
@@ -315,7 +327,13 @@ impl Client {
     }
 
     /// Create a key.
-    pub async fn create_key(&self, name: &str, key_type: &str, description: &str, rotate_every: Option<&str>) -> Result<Value, Error> {
+    pub async fn create_key(
+        &self,
+        name: &str,
+        key_type: &str,
+        description: &str,
+        rotate_every: Option<&str>,
+    ) -> Result<Value, Error> {
         let mut body = json!({"name": name, "type": key_type, "description": description});
         if let Some(r) = rotate_every {
             body["rotate_every"] = json!(r);
@@ -339,19 +357,30 @@ impl Client {
     }
 
     /// Encrypt under a key.
-    pub async fn encrypt(&self, key: &str, plaintext: &[u8], context: &BTreeMap<String, String>) -> Result<Encrypted, Error> {
+    pub async fn encrypt(
+        &self,
+        key: &str,
+        plaintext: &[u8],
+        context: &BTreeMap<String, String>,
+    ) -> Result<Encrypted, Error> {
         let pt = Zeroizing::new(STANDARD.encode(plaintext));
-        let v = self.post(&format!("/v1/keys/{}/encrypt", seg(key)), json!({"plaintext": *pt, "context": context})).await?;
+        let v =
+            self.post(&format!("/v1/keys/{}/encrypt", seg(key)), json!({"plaintext": *pt, "context": context})).await?;
         let o: CipherOut = serde_json::from_value(v).map_err(|e| Error::Decode(e.to_string()))?;
         Ok(Encrypted { ciphertext: unb64(&o.ciphertext)?, key: o.key, key_version: o.key_version })
     }
 
     /// Decrypt a ciphertext (the key is named inside it).
     pub async fn decrypt(&self, ciphertext: &[u8], context: &BTreeMap<String, String>) -> Result<Decrypted, Error> {
-        let v = self.post("/v1/decrypt", json!({"ciphertext": STANDARD.encode(ciphertext), "context": context})).await?;
+        let v =
+            self.post("/v1/decrypt", json!({"ciphertext": STANDARD.encode(ciphertext), "context": context})).await?;
         let o: PlainOut = serde_json::from_value(v).map_err(|e| Error::Decode(e.to_string()))?;
         let o = ZeroOnDrop(o);
-        Ok(Decrypted { plaintext: Zeroizing::new(unb64(&o.0.plaintext)?), key: o.0.key.clone(), key_version: o.0.key_version })
+        Ok(Decrypted {
+            plaintext: Zeroizing::new(unb64(&o.0.plaintext)?),
+            key: o.0.key.clone(),
+            key_version: o.0.key_version,
+        })
     }
 
     /// Re-encrypt under `destination` (default: same key, newest version).
@@ -395,10 +424,19 @@ impl Client {
     }
 
     /// Write a secret version; returns the new version number.
-    pub async fn put_secret(&self, path: &str, data: &BTreeMap<String, String>, cas: Option<u32>) -> Result<u32, Error> {
+    pub async fn put_secret(
+        &self,
+        path: &str,
+        data: &BTreeMap<String, String>,
+        cas: Option<u32>,
+    ) -> Result<u32, Error> {
         check_path(path)?;
         let v = self
-            .request(reqwest::Method::PUT, &format!("/v1/secrets/data/{}", seg(path)), Some(&json!({"data": data, "cas": cas})))
+            .request(
+                reqwest::Method::PUT,
+                &format!("/v1/secrets/data/{}", seg(path)),
+                Some(&json!({"data": data, "cas": cas})),
+            )
             .await?;
         v["version"].as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| Error::Decode("no version".into()))
     }
@@ -408,7 +446,10 @@ impl Client {
         check_path(path)?;
         let q = version.map(|v| format!("?version={v}")).unwrap_or_default();
         let v = self.request(reqwest::Method::GET, &format!("/v1/secrets/data/{}{q}", seg(path)), None).await?;
-        let version = v["version"].as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| Error::Decode("no version".into()))?;
+        let version = v["version"]
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| Error::Decode("no version".into()))?;
         let mut data = BTreeMap::new();
         if let Some(obj) = v["data"].as_object() {
             for (k, val) in obj {

@@ -178,6 +178,16 @@ fn check_len(what: &str, n: usize, max: usize) -> Result<(), KmsError> {
     Ok(())
 }
 
+fn check_period(p: Option<u64>) -> Result<(), KmsError> {
+    match p {
+        Some(p) if !(MIN_ROTATION_PERIOD..=MAX_ROTATION_PERIOD).contains(&p) => Err(KmsError::invalid(format!(
+            "rotation period must be between {MIN_ROTATION_PERIOD} seconds and {} days",
+            MAX_ROTATION_PERIOD / 86400
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn not_found(what: &'static str, name: &str) -> KmsError {
     KmsError::NotFound { what, name: name.to_string() }
 }
@@ -190,14 +200,19 @@ impl Kms {
         match store.get_meta(META_ROOT_CHECK).await? {
             Some(check) => {
                 root.open(AAD_ROOT_CHECK, &check).map_err(|_| {
-                    KmsError::Internal("the root key does not match this store (wrong seal for this data directory)".into())
+                    KmsError::Internal(
+                        "the root key does not match this store (wrong seal for this data directory)".into(),
+                    )
                 })?;
             }
             None => {
                 let check = root.seal(AAD_ROOT_CHECK, ROOT_CHECK_PLAINTEXT)?;
                 if !store.put_meta_if_absent(META_ROOT_CHECK, &check).await? {
                     // Another server initialised concurrently: verify against theirs.
-                    let theirs = store.get_meta(META_ROOT_CHECK).await?.ok_or_else(|| KmsError::Internal("root check vanished".into()))?;
+                    let theirs = store
+                        .get_meta(META_ROOT_CHECK)
+                        .await?
+                        .ok_or_else(|| KmsError::Internal("root check vanished".into()))?;
                     root.open(AAD_ROOT_CHECK, &theirs).map_err(|_| KmsError::Internal("root key mismatch".into()))?;
                 }
             }
@@ -205,10 +220,8 @@ impl Kms {
         let fresh = SecretBytes::random(32)?;
         let wrapped = root.seal(AAD_SECRETS_KEY, fresh.expose())?;
         store.put_meta_if_absent(META_SECRETS_KEY, &wrapped).await?;
-        let wrapped = store
-            .get_meta(META_SECRETS_KEY)
-            .await?
-            .ok_or_else(|| KmsError::Internal("secrets key missing".into()))?;
+        let wrapped =
+            store.get_meta(META_SECRETS_KEY).await?.ok_or_else(|| KmsError::Internal("secrets key missing".into()))?;
         let secrets_key = AeadKey::new(&root.open(AAD_SECRETS_KEY, &wrapped)?)?;
 
         let kms = Self {
@@ -219,7 +232,8 @@ impl Kms {
             tokens: RwLock::new(HashMap::new()),
         };
         let tokens = kms.store.list_tokens().await?;
-        let root_token = if tokens.is_empty() { Some(kms.create_token(vec!["root".into()], None).await?) } else { None };
+        let root_token =
+            if tokens.is_empty() { Some(kms.create_token(vec!["root".into()], None).await?) } else { None };
         kms.reload_tokens().await?;
         Ok((kms, root_token))
     }
@@ -303,10 +317,9 @@ impl Kms {
     async fn load(&self, rec: KeyRecord) -> Result<Arc<CachedKey>, KmsError> {
         let mut versions = BTreeMap::new();
         for v in self.store.get_key_versions(&rec.id).await? {
-            let material = self
-                .root
-                .open(&version_aad(&rec.id, v.version), &v.wrapped_material)
-                .map_err(|_| KmsError::Internal(format!("key {} version {} cannot be unwrapped", rec.name, v.version)))?;
+            let material = self.root.open(&version_aad(&rec.id, v.version), &v.wrapped_material).map_err(|_| {
+                KmsError::Internal(format!("key {} version {} cannot be unwrapped", rec.name, v.version))
+            })?;
             let key = LoadedKey::load(rec.algorithm, &material)?;
             versions.insert(v.version, LoadedVersion { key, public_key: v.public_key, created_at: v.created_at });
         }
@@ -370,14 +383,7 @@ impl Kms {
     pub async fn create_key(&self, req: CreateKey) -> Result<KeyDescription, KmsError> {
         validate::key_name(&req.name)?;
         check_len("description", req.description.len(), MAX_DESCRIPTION)?;
-        if let Some(p) = req.rotate_every_secs {
-            if !(MIN_ROTATION_PERIOD..=MAX_ROTATION_PERIOD).contains(&p) {
-                return Err(KmsError::invalid(format!(
-                    "rotation period must be between {MIN_ROTATION_PERIOD} seconds and {} days",
-                    MAX_ROTATION_PERIOD / 86400
-                )));
-            }
-        }
+        check_period(req.rotate_every_secs)?;
         let now = now_unix();
         let id = KeyId::random()?;
         let first = self.new_version(&id, req.algorithm, 1, now)?;
@@ -410,7 +416,11 @@ impl Kms {
     }
 
     /// Keys ordered by name after `after`; returns the page and the cursor for the next one.
-    pub async fn list_keys(&self, after: Option<&str>, limit: Option<u32>) -> Result<(Vec<KeyRecord>, Option<String>), KmsError> {
+    pub async fn list_keys(
+        &self,
+        after: Option<&str>,
+        limit: Option<u32>,
+    ) -> Result<(Vec<KeyRecord>, Option<String>), KmsError> {
         let limit = limit.unwrap_or(DEFAULT_PAGE);
         if limit == 0 || limit > MAX_PAGE {
             return Err(KmsError::invalid(format!("limit must be between 1 and {MAX_PAGE}")));
@@ -471,11 +481,7 @@ impl Kms {
 
     /// Set or clear the automatic rotation period.
     pub async fn set_rotation(&self, name: &str, rotate_every_secs: Option<u64>) -> Result<KeyDescription, KmsError> {
-        if let Some(p) = rotate_every_secs {
-            if !(MIN_ROTATION_PERIOD..=MAX_ROTATION_PERIOD).contains(&p) {
-                return Err(KmsError::invalid("rotation period out of range"));
-            }
-        }
+        check_period(rotate_every_secs)?;
         self.update_key_with(name, |r, now| {
             r.rotate_every_secs = rotate_every_secs;
             r.next_rotation_at = rotate_every_secs.map(|p| now.saturating_add(p as i64));
@@ -578,7 +584,12 @@ impl Kms {
     // ----- cryptographic operations ---------------------------------------------------------
 
     /// Encrypt up to 64 KiB under the key's current version, binding `context`.
-    pub async fn encrypt(&self, name: &str, plaintext: &[u8], context: &BTreeMap<String, String>) -> Result<Encrypted, KmsError> {
+    pub async fn encrypt(
+        &self,
+        name: &str,
+        plaintext: &[u8],
+        context: &BTreeMap<String, String>,
+    ) -> Result<Encrypted, KmsError> {
         check_len("plaintext", plaintext.len(), MAX_PLAINTEXT)?;
         validate::context(context)?;
         let ck = self.key(name).await?;
@@ -592,7 +603,8 @@ impl Kms {
     pub async fn decrypt(&self, ciphertext: &[u8], context: &BTreeMap<String, String>) -> Result<Decrypted, KmsError> {
         check_len("ciphertext", ciphertext.len(), MAX_CIPHERTEXT)?;
         validate::context(context)?;
-        let (header, body) = format::parse(ciphertext, EnvelopeKind::CiphertextV1).map_err(|_| KmsError::DecryptionFailed)?;
+        let (header, body) =
+            format::parse(ciphertext, EnvelopeKind::CiphertextV1).map_err(|_| KmsError::DecryptionFailed)?;
         let ck = self.key_by_id(&KeyId(header.key_id)).await?.ok_or(KmsError::DecryptionFailed)?;
         Self::usable(&ck, "decrypt", |a| a == KeyAlgorithm::Aes256Gcm)?;
         let key = ck.versions.get(&header.version).and_then(|v| v.key.aead()).ok_or(KmsError::DecryptionFailed)?;
@@ -629,7 +641,11 @@ impl Kms {
         }
         let dk = SecretBytes::random(n)?;
         let enc = self.encrypt(name, dk.expose(), context).await?;
-        Ok(DataKey { plaintext: with_plaintext.then_some(dk), ciphertext: enc.ciphertext, key_version: enc.key_version })
+        Ok(DataKey {
+            plaintext: with_plaintext.then_some(dk),
+            ciphertext: enc.ciphertext,
+            key_version: enc.key_version,
+        })
     }
 
     /// Sign `message` with the key's current version; returns a signature envelope.
@@ -647,8 +663,9 @@ impl Kms {
         check_len("message", message.len(), MAX_MESSAGE)?;
         let ck = self.key(name).await?;
         Self::usable(&ck, "verify", KeyAlgorithm::is_signing)?;
-        let (h, sig) = format::parse(signature, EnvelopeKind::SignatureV1)
-            .map_err(|_| KmsError::invalid("signature is not a Keyward signature (expected the base64 value returned by sign)"))?;
+        let (h, sig) = format::parse(signature, EnvelopeKind::SignatureV1).map_err(|_| {
+            KmsError::invalid("signature is not a Keyward signature (expected the base64 value returned by sign)")
+        })?;
         if h.key_id != ck.record.id.0 {
             return Ok(false);
         }
@@ -695,12 +712,12 @@ impl Kms {
         let encoded = data.encode();
         for _ in 0..CAS_RETRIES {
             let current = self.store.get_secret(path).await?.map_or(0, |s| s.current_version);
-            if let Some(c) = cas {
-                if c != current {
-                    return Err(KmsError::Conflict(format!(
-                        "check-and-set failed: current version of {path:?} is {current}, not {c}"
-                    )));
-                }
+            if let Some(c) = cas
+                && c != current
+            {
+                return Err(KmsError::Conflict(format!(
+                    "check-and-set failed: current version of {path:?} is {current}, not {c}"
+                )));
             }
             let version = current.checked_add(1).ok_or_else(|| KmsError::invalid("too many versions"))?;
             let wrapped = self.secrets_key.seal(&secret_aad(path, version), encoded.expose())?;
@@ -734,7 +751,10 @@ impl Kms {
             .await?
             .ok_or_else(|| not_found("secret version", &format!("{path}@{v}")))?;
         if rec.deleted_at.is_some() {
-            return Err(KmsError::NotFound { what: "secret version (deleted; undelete it to read)", name: format!("{path}@{v}") });
+            return Err(KmsError::NotFound {
+                what: "secret version (deleted; undelete it to read)",
+                name: format!("{path}@{v}"),
+            });
         }
         let wrapped = rec
             .wrapped_value
@@ -743,7 +763,8 @@ impl Kms {
             .secrets_key
             .open(&secret_aad(path, v), &wrapped)
             .map_err(|_| KmsError::Internal(format!("secret {path}@{v} cannot be unwrapped")))?;
-        let data = SecretData::decode(plain.expose()).ok_or_else(|| KmsError::Internal("corrupt secret encoding".into()))?;
+        let data =
+            SecretData::decode(plain.expose()).ok_or_else(|| KmsError::Internal("corrupt secret encoding".into()))?;
         Ok(SecretValue { data, version: v, created_at: rec.created_at })
     }
 
@@ -767,7 +788,12 @@ impl Kms {
     }
 
     /// Secret paths under `prefix`; returns the page and the cursor for the next one.
-    pub async fn list_secrets(&self, prefix: &str, after: Option<&str>, limit: Option<u32>) -> Result<(Vec<String>, Option<String>), KmsError> {
+    pub async fn list_secrets(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: Option<u32>,
+    ) -> Result<(Vec<String>, Option<String>), KmsError> {
         validate::secret_prefix(prefix)?;
         let limit = limit.unwrap_or(DEFAULT_PAGE);
         if limit == 0 || limit > MAX_PAGE {

@@ -71,11 +71,7 @@ pub trait Store: Send + Sync + 'static {
     /// Add a secret version. The secret's stored current version must be
     /// `expected_current` (0 for a new path), else [`StoreError::Conflict`];
     /// `version.version` must be `expected_current + 1`.
-    async fn put_secret_version(
-        &self,
-        version: &SecretVersionRecord,
-        expected_current: u32,
-    ) -> Result<(), StoreError>;
+    async fn put_secret_version(&self, version: &SecretVersionRecord, expected_current: u32) -> Result<(), StoreError>;
     /// A secret's metadata.
     async fn get_secret(&self, path: &str) -> Result<Option<SecretRecord>, StoreError>;
     /// One secret version (value included).

@@ -57,7 +57,9 @@ pub fn context(ctx: &BTreeMap<String, String>) -> Result<(), KmsError> {
             return Err(KmsError::invalid(format!("encryption context keys must be 1 to {MAX_CONTEXT_KEY} bytes")));
         }
         if v.len() > MAX_CONTEXT_VALUE {
-            return Err(KmsError::invalid(format!("encryption context values must be at most {MAX_CONTEXT_VALUE} bytes")));
+            return Err(KmsError::invalid(format!(
+                "encryption context values must be at most {MAX_CONTEXT_VALUE} bytes"
+            )));
         }
     }
     Ok(())

@@ -31,8 +31,7 @@ impl AeadKey {
         if key.len() != KEY_SIZE {
             return Err(CryptoError::InvalidKeyMaterial);
         }
-        let unbound =
-            UnboundKey::new(&AES_256_GCM, key.expose()).map_err(|_| CryptoError::InvalidKeyMaterial)?;
+        let unbound = UnboundKey::new(&AES_256_GCM, key.expose()).map_err(|_| CryptoError::InvalidKeyMaterial)?;
         Ok(Self { key: LessSafeKey::new(unbound) })
     }
 

@@ -189,10 +189,7 @@ mod tests {
     fn golden_context_encoding() {
         let h = [0u8; HEADER_LEN];
         let aad = context_aad(&h, &ctx(&[("b", "2"), ("a", "1")]));
-        assert_eq!(
-            hex::encode(&aad[HEADER_LEN..]),
-            "000000020000000161000000013100000001620000000132"
-        );
+        assert_eq!(hex::encode(&aad[HEADER_LEN..]), "000000020000000161000000013100000001620000000132");
     }
 
     #[test]

@@ -26,10 +26,7 @@ mod tests {
     // FIPS 180-2 "abc".
     #[test]
     fn sha256_vector() {
-        assert_eq!(
-            hex::encode(sha256(b"abc")),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(hex::encode(sha256(b"abc")), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 
     // RFC 4231 test case 2.

@@ -1,9 +1,9 @@
 //! Key material for every key type Keyward supports, and the operations each type allows.
 
 use aws_lc_rs::encoding::AsDer;
+use aws_lc_rs::hmac;
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair};
-use aws_lc_rs::hmac;
 
 use crate::aead::AeadKey;
 use crate::{CryptoError, SecretBytes};
@@ -54,8 +54,9 @@ impl KeyAlgorithm {
                 Ok(SecretBytes::copy_from(doc.as_ref()))
             }
             Self::EcdsaP256 => {
-                let doc = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, &SystemRandom::new())
-                    .map_err(|_| CryptoError::Rng)?;
+                let doc =
+                    EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, &SystemRandom::new())
+                        .map_err(|_| CryptoError::Rng)?;
                 Ok(SecretBytes::copy_from(doc.as_ref()))
             }
         }
@@ -67,7 +68,7 @@ pub enum LoadedKey {
     /// AES-256-GCM.
     Aead(AeadKey),
     /// HMAC-SHA256.
-    Hmac(hmac::Key),
+    Hmac(Box<hmac::Key>),
     /// Ed25519 key pair.
     Ed25519(Ed25519KeyPair),
     /// ECDSA P-256 key pair.
@@ -95,7 +96,7 @@ impl LoadedKey {
                 if material.len() != 32 {
                     return Err(CryptoError::InvalidKeyMaterial);
                 }
-                Self::Hmac(hmac::Key::new(hmac::HMAC_SHA256, material.expose()))
+                Self::Hmac(Box::new(hmac::Key::new(hmac::HMAC_SHA256, material.expose())))
             }
             KeyAlgorithm::Ed25519 => Self::Ed25519(
                 Ed25519KeyPair::from_pkcs8(material.expose()).map_err(|_| CryptoError::InvalidKeyMaterial)?,
@@ -128,10 +129,9 @@ impl LoadedKey {
     pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, CryptoError> {
         match self {
             Self::Ed25519(k) => Ok(k.sign(message).as_ref().to_vec()),
-            Self::EcdsaP256(k) => k
-                .sign(&SystemRandom::new(), message)
-                .map(|s| s.as_ref().to_vec())
-                .map_err(|_| CryptoError::Rng),
+            Self::EcdsaP256(k) => {
+                k.sign(&SystemRandom::new(), message).map(|s| s.as_ref().to_vec()).map_err(|_| CryptoError::Rng)
+            }
             _ => Err(CryptoError::InvalidKeyMaterial),
         }
     }
@@ -143,9 +143,7 @@ impl LoadedKey {
             Self::EcdsaP256(k) => (&signature::ECDSA_P256_SHA256_ASN1, k.public_key().as_ref()),
             _ => return Err(CryptoError::InvalidKeyMaterial),
         };
-        signature::UnparsedPublicKey::new(alg, public)
-            .verify(message, sig)
-            .map_err(|_| CryptoError::VerificationFailed)
+        signature::UnparsedPublicKey::new(alg, public).verify(message, sig).map_err(|_| CryptoError::VerificationFailed)
     }
 
     /// HMAC-SHA256 tag of `message` (MAC keys only).

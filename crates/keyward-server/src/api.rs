@@ -87,9 +87,15 @@ pub fn router(state: AppState) -> Router {
     let protected = protected.route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     public
         .merge(protected)
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_such_route", "no such API route; see /v1/openapi.json") })
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "no_such_route", "no such API route; see /v1/openapi.json")
+        })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route; see /v1/openapi.json")
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route; see /v1/openapi.json",
+            )
         })
         .layer(middleware::from_fn(finish))
         .with_state(state)
@@ -173,7 +179,8 @@ async fn create_key(State(st): State<AppState>, c: Caller, StrictJson(r): Strict
         ))
     })?;
     let rotate_every_secs = r.rotate_every.as_deref().map(|s| parse_period("rotate_every", s)).transpose()?;
-    let d = st.kms.create_key(CreateKey { name: r.name, algorithm, description: r.description, rotate_every_secs }).await?;
+    let d =
+        st.kms.create_key(CreateKey { name: r.name, algorithm, description: r.description, rotate_every_secs }).await?;
     Ok((StatusCode::CREATED, Json(KeyOut::from_description(&d))).into_response())
 }
 
@@ -197,17 +204,32 @@ fn key_json(d: &keyward_core::service::KeyDescription) -> ApiResult {
     ok(serde_json::to_value(KeyOut::from_description(d)).unwrap_or_default())
 }
 
-async fn enable_key(State(st): State<AppState>, c: Caller, Path(name): Path<String>, StrictJson(_): StrictJson<Empty>) -> ApiResult {
+async fn enable_key(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+    StrictJson(_): StrictJson<Empty>,
+) -> ApiResult {
     key_admin(&st, &c, &name).await?;
     key_json(&st.kms.enable_key(&name).await?)
 }
 
-async fn disable_key(State(st): State<AppState>, c: Caller, Path(name): Path<String>, StrictJson(_): StrictJson<Empty>) -> ApiResult {
+async fn disable_key(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+    StrictJson(_): StrictJson<Empty>,
+) -> ApiResult {
     key_admin(&st, &c, &name).await?;
     key_json(&st.kms.disable_key(&name).await?)
 }
 
-async fn rotate_key(State(st): State<AppState>, c: Caller, Path(name): Path<String>, StrictJson(_): StrictJson<Empty>) -> ApiResult {
+async fn rotate_key(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+    StrictJson(_): StrictJson<Empty>,
+) -> ApiResult {
     key_admin(&st, &c, &name).await?;
     key_json(&st.kms.rotate_key(&name).await?)
 }
@@ -233,14 +255,24 @@ async fn schedule_deletion(
     key_json(&st.kms.schedule_deletion(&name, r.pending_days).await?)
 }
 
-async fn cancel_deletion(State(st): State<AppState>, c: Caller, Path(name): Path<String>, StrictJson(_): StrictJson<Empty>) -> ApiResult {
+async fn cancel_deletion(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+    StrictJson(_): StrictJson<Empty>,
+) -> ApiResult {
     key_admin(&st, &c, &name).await?;
     key_json(&st.kms.cancel_deletion(&name).await?)
 }
 
 // ----- cryptographic operations --------------------------------------------------------------
 
-async fn encrypt(State(st): State<AppState>, c: Caller, Path(name): Path<String>, StrictJson(r): StrictJson<EncryptReq>) -> ApiResult {
+async fn encrypt(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+    StrictJson(r): StrictJson<EncryptReq>,
+) -> ApiResult {
     allow(&st, &c, "encrypt", &format!("keys/{name}"))?;
     let pt = zeroize::Zeroizing::new(unb64("plaintext", &r.plaintext)?);
     let e = st.kms.encrypt(&name, &pt, &r.context).await?;
@@ -286,7 +318,12 @@ async fn data_key_common(st: &AppState, c: &Caller, name: &str, r: DataKeyReq, w
     ok(v)
 }
 
-async fn data_key(State(st): State<AppState>, c: Caller, Path(name): Path<String>, StrictJson(r): StrictJson<DataKeyReq>) -> ApiResult {
+async fn data_key(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+    StrictJson(r): StrictJson<DataKeyReq>,
+) -> ApiResult {
     data_key_common(&st, &c, &name, r, true).await
 }
 
@@ -299,25 +336,45 @@ async fn data_key_without_plaintext(
     data_key_common(&st, &c, &name, r, false).await
 }
 
-async fn sign(State(st): State<AppState>, c: Caller, Path(name): Path<String>, StrictJson(r): StrictJson<MessageReq>) -> ApiResult {
+async fn sign(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+    StrictJson(r): StrictJson<MessageReq>,
+) -> ApiResult {
     allow(&st, &c, "sign", &format!("keys/{name}"))?;
     let (sig, v) = st.kms.sign(&name, &unb64("message", &r.message)?).await?;
     ok(json!({"signature": b64(&sig), "key": name, "key_version": v}))
 }
 
-async fn verify(State(st): State<AppState>, c: Caller, Path(name): Path<String>, StrictJson(r): StrictJson<VerifyReq>) -> ApiResult {
+async fn verify(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+    StrictJson(r): StrictJson<VerifyReq>,
+) -> ApiResult {
     allow(&st, &c, "verify", &format!("keys/{name}"))?;
     let valid = st.kms.verify(&name, &unb64("message", &r.message)?, &unb64("signature", &r.signature)?).await?;
     ok(json!({"valid": valid}))
 }
 
-async fn mac(State(st): State<AppState>, c: Caller, Path(name): Path<String>, StrictJson(r): StrictJson<MessageReq>) -> ApiResult {
+async fn mac(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+    StrictJson(r): StrictJson<MessageReq>,
+) -> ApiResult {
     allow(&st, &c, "mac", &format!("keys/{name}"))?;
     let (m, v) = st.kms.mac(&name, &unb64("message", &r.message)?).await?;
     ok(json!({"mac": b64(&m), "key": name, "key_version": v}))
 }
 
-async fn verify_mac(State(st): State<AppState>, c: Caller, Path(name): Path<String>, StrictJson(r): StrictJson<VerifyMacReq>) -> ApiResult {
+async fn verify_mac(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+    StrictJson(r): StrictJson<VerifyMacReq>,
+) -> ApiResult {
     allow(&st, &c, "verify-mac", &format!("keys/{name}"))?;
     let valid = st.kms.verify_mac(&name, &unb64("message", &r.message)?, &unb64("mac", &r.mac)?).await?;
     ok(json!({"valid": valid}))
@@ -331,7 +388,11 @@ async fn random(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson
 
 // ----- secrets -------------------------------------------------------------------------------
 
-async fn list_secrets(State(st): State<AppState>, c: Caller, StrictQuery(q): StrictQuery<SecretListQuery>) -> ApiResult {
+async fn list_secrets(
+    State(st): State<AppState>,
+    c: Caller,
+    StrictQuery(q): StrictQuery<SecretListQuery>,
+) -> ApiResult {
     allow(&st, &c, "list", &format!("secrets/{}", q.prefix))?;
     let (paths, next) = st.kms.list_secrets(&q.prefix, q.after.as_deref(), q.limit).await?;
     ok(json!({"paths": paths, "next": next}))
@@ -348,7 +409,12 @@ async fn get_secret(
     ok(json!({"path": path, "version": s.version, "created_at": time(s.created_at), "data": s.data.expose()}))
 }
 
-async fn put_secret(State(st): State<AppState>, c: Caller, Path(path): Path<String>, StrictJson(r): StrictJson<PutSecretReq>) -> ApiResult {
+async fn put_secret(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(path): Path<String>,
+    StrictJson(r): StrictJson<PutSecretReq>,
+) -> ApiResult {
     allow(&st, &c, "write", &format!("secrets/{path}"))?;
     let data = SecretData::new(r.data)?;
     let version = st.kms.put_secret(&path, data, r.cas).await?;
@@ -368,17 +434,32 @@ async fn secret_metadata(State(st): State<AppState>, c: Caller, Path(path): Path
     }))
 }
 
-async fn delete_secret(State(st): State<AppState>, c: Caller, Path(path): Path<String>, StrictJson(r): StrictJson<VersionsReq>) -> ApiResult {
+async fn delete_secret(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(path): Path<String>,
+    StrictJson(r): StrictJson<VersionsReq>,
+) -> ApiResult {
     allow(&st, &c, "write", &format!("secrets/{path}"))?;
     ok(json!({"changed": st.kms.delete_secret(&path, &r.versions).await?}))
 }
 
-async fn undelete_secret(State(st): State<AppState>, c: Caller, Path(path): Path<String>, StrictJson(r): StrictJson<VersionsReq>) -> ApiResult {
+async fn undelete_secret(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(path): Path<String>,
+    StrictJson(r): StrictJson<VersionsReq>,
+) -> ApiResult {
     allow(&st, &c, "write", &format!("secrets/{path}"))?;
     ok(json!({"changed": st.kms.undelete_secret(&path, &r.versions).await?}))
 }
 
-async fn destroy_secret(State(st): State<AppState>, c: Caller, Path(path): Path<String>, StrictJson(r): StrictJson<VersionsReq>) -> ApiResult {
+async fn destroy_secret(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(path): Path<String>,
+    StrictJson(r): StrictJson<VersionsReq>,
+) -> ApiResult {
     allow(&st, &c, "destroy", &format!("secrets/{path}"))?;
     ok(json!({"changed": st.kms.destroy_secret(&path, &r.versions).await?}))
 }

@@ -27,7 +27,9 @@ fn json_error(e: &serde_json::Error) -> ApiError {
             // Field names only, never values.
             msg.split(" at line").next().unwrap_or("invalid field").to_string()
         }
-        Category::Data => format!("a field has the wrong type or an invalid value (line {}, column {})", e.line(), e.column()),
+        Category::Data => {
+            format!("a field has the wrong type or an invalid value (line {}, column {})", e.line(), e.column())
+        }
         Category::Eof => "the JSON body is truncated".to_string(),
         Category::Syntax => format!("the body is not valid JSON (line {}, column {})", e.line(), e.column()),
         Category::Io => "the body could not be read".to_string(),
@@ -40,7 +42,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for StrictJson<T> {
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
         if let Some(ct) = req.headers().get(axum::http::header::CONTENT_TYPE) {
-            let ok = ct.to_str().map(|s| s.split(';').next().unwrap_or("").trim() == "application/json").unwrap_or(false);
+            let ok =
+                ct.to_str().map(|s| s.split(';').next().unwrap_or("").trim() == "application/json").unwrap_or(false);
             if !ok {
                 return Err(ApiError::new(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -75,7 +78,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for StrictQuery<T>
         }
         serde_urlencoded::from_str(q).map(StrictQuery).map_err(|e| {
             let m = e.to_string();
-            let detail = if m.starts_with("unknown field") { m } else { "a query parameter has an invalid value".into() };
+            let detail =
+                if m.starts_with("unknown field") { m } else { "a query parameter has an invalid value".into() };
             ApiError::invalid(format!("invalid query string: {detail}"))
         })
     }
@@ -93,10 +97,6 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        parts
-            .extensions
-            .get::<Caller>()
-            .cloned()
-            .ok_or_else(|| ApiError::from(keyward_core::KmsError::Unauthenticated))
+        parts.extensions.get::<Caller>().cloned().ok_or_else(|| ApiError::from(keyward_core::KmsError::Unauthenticated))
     }
 }

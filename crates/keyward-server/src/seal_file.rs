@@ -46,7 +46,10 @@ impl Seal for InsecureFileSeal {
                 std::io::Read::take(&mut f, 33).read_to_end(&mut buf)?;
                 if buf.len() != 32 {
                     zeroize::Zeroize::zeroize(&mut buf);
-                    return Err(SealError::Invalid(format!("{} does not hold a 32-byte root key", self.path.display())));
+                    return Err(SealError::Invalid(format!(
+                        "{} does not hold a 32-byte root key",
+                        self.path.display()
+                    )));
                 }
                 Ok((SecretBytes::from_vec(buf), false))
             }

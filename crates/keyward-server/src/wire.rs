@@ -5,8 +5,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use keyward_core::service::{KeyDescription, SecretVersionInfo};
 use keyward_core::model::KeyRecord;
+use keyward_core::service::{KeyDescription, SecretVersionInfo};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
@@ -33,11 +33,11 @@ pub fn parse_period(field: &str, s: &str) -> Result<u64, ApiError> {
 }
 
 pub fn format_period(secs: u64) -> String {
-    if secs % 86400 == 0 {
+    if secs.is_multiple_of(86400) {
         format!("{}d", secs / 86400)
-    } else if secs % 3600 == 0 {
+    } else if secs.is_multiple_of(3600) {
         format!("{}h", secs / 3600)
-    } else if secs % 60 == 0 {
+    } else if secs.is_multiple_of(60) {
         format!("{}m", secs / 60)
     } else {
         format!("{secs}s")
@@ -238,6 +238,11 @@ pub struct SecretVersionOut {
 
 impl From<&SecretVersionInfo> for SecretVersionOut {
     fn from(v: &SecretVersionInfo) -> Self {
-        Self { version: v.version, created_at: time(v.created_at), deleted_at: v.deleted_at.map(time), destroyed: v.destroyed }
+        Self {
+            version: v.version,
+            created_at: time(v.created_at),
+            deleted_at: v.deleted_at.map(time),
+            destroyed: v.destroyed,
+        }
     }
 }

@@ -31,13 +31,23 @@ async fn key_lifecycle() {
         let has_pub = k["versions"][0]["public_key"].is_string();
         assert_eq!(has_pub, t == "ed25519" || t == "ecdsa-p256", "public key only for signing keys ({t})");
     }
-    assert_eq!(code(&c.create_key("k-aes256-gcm", "aes256-gcm", "", None).await.unwrap_err()), (409, "already_exists".into()));
-    assert_eq!(code(&c.create_key("bad name", "aes256-gcm", "", None).await.unwrap_err()), (400, "invalid_argument".into()));
+    assert_eq!(
+        code(&c.create_key("k-aes256-gcm", "aes256-gcm", "", None).await.unwrap_err()),
+        (409, "already_exists".into())
+    );
+    assert_eq!(
+        code(&c.create_key("bad name", "aes256-gcm", "", None).await.unwrap_err()),
+        (400, "invalid_argument".into())
+    );
     let e = c.create_key("x", "rsa-4096", "", None).await.unwrap_err();
     assert_eq!(code(&e), (400, "invalid_argument".into()));
     assert!(e.to_string().contains("aes256-gcm"), "error lists the valid types: {e}");
     assert_eq!(code(&c.create_key("x", "aes256-gcm", "", Some("soon")).await.unwrap_err()).0, 400);
-    assert_eq!(code(&c.create_key("x", "aes256-gcm", "", Some("5s")).await.unwrap_err()).0, 400, "below minimum period");
+    assert_eq!(
+        code(&c.create_key("x", "aes256-gcm", "", Some("5s")).await.unwrap_err()).0,
+        400,
+        "below minimum period"
+    );
     assert_eq!(code(&c.describe_key("missing").await.unwrap_err()), (404, "not_found".into()));
 
     // Pagination over 4 keys with page size 3.
@@ -67,8 +77,14 @@ async fn key_lifecycle() {
     let at = humantime::parse_rfc3339(k["deletion_at"].as_str().unwrap()).unwrap();
     let days = at.duration_since(std::time::SystemTime::now()).unwrap().as_secs_f64() / 86400.0;
     assert!((6.99..=7.01).contains(&days), "default window is 7 days, got {days}");
-    assert_eq!(code(&c.encrypt("k-aes256-gcm", b"d", &BTreeMap::new()).await.unwrap_err()), (409, "key_pending_deletion".into()));
-    assert_eq!(code(&c.decrypt(&ct.ciphertext, &BTreeMap::new()).await.unwrap_err()), (409, "key_pending_deletion".into()));
+    assert_eq!(
+        code(&c.encrypt("k-aes256-gcm", b"d", &BTreeMap::new()).await.unwrap_err()),
+        (409, "key_pending_deletion".into())
+    );
+    assert_eq!(
+        code(&c.decrypt(&ct.ciphertext, &BTreeMap::new()).await.unwrap_err()),
+        (409, "key_pending_deletion".into())
+    );
     assert_eq!(code(&c.key_action("k-aes256-gcm", "enable").await.unwrap_err()).0, 409, "cannot enable while pending");
     assert_eq!(c.key_action("k-aes256-gcm", "cancel-deletion").await.unwrap()["state"], "disabled");
     assert_eq!(code(&c.key_action("k-aes256-gcm", "cancel-deletion").await.unwrap_err()).0, 409);
@@ -76,13 +92,21 @@ async fn key_lifecycle() {
 
     // Rotation policy.
     let k = c
-        .request(keyward_client::Method::PUT, "/v1/keys/k-aes256-gcm/rotation-policy", Some(&json!({"rotate_every": "90d"})))
+        .request(
+            keyward_client::Method::PUT,
+            "/v1/keys/k-aes256-gcm/rotation-policy",
+            Some(&json!({"rotate_every": "90d"})),
+        )
         .await
         .unwrap();
     assert_eq!(k["rotate_every"], "90d");
     assert!(k["next_rotation_at"].is_string());
     let k = c
-        .request(keyward_client::Method::PUT, "/v1/keys/k-aes256-gcm/rotation-policy", Some(&json!({"rotate_every": null})))
+        .request(
+            keyward_client::Method::PUT,
+            "/v1/keys/k-aes256-gcm/rotation-policy",
+            Some(&json!({"rotate_every": null})),
+        )
         .await
         .unwrap();
     assert!(k["next_rotation_at"].is_null());
@@ -167,7 +191,11 @@ async fn encrypt_decrypt_context_tamper_rotate_reencrypt() {
 
 async fn sign(c: &keyward_client::Client, key: &str, msg: &[u8]) -> String {
     let v = c
-        .request(keyward_client::Method::POST, &format!("/v1/keys/{key}/sign"), Some(&json!({"message": STANDARD.encode(msg)})))
+        .request(
+            keyward_client::Method::POST,
+            &format!("/v1/keys/{key}/sign"),
+            Some(&json!({"message": STANDARD.encode(msg)})),
+        )
         .await
         .unwrap();
     v["signature"].as_str().unwrap().to_string()
@@ -237,17 +265,21 @@ async fn sign_verify_mac_random() {
     let e = c.encrypt("mac", b"x", &BTreeMap::new()).await.unwrap_err();
     assert_eq!(code(&e), (400, "wrong_key_type".into()));
     c.create_key("aes", "aes256-gcm", "", None).await.unwrap();
-    let e = c
-        .request(keyward_client::Method::POST, "/v1/keys/aes/sign", Some(&json!({"message": ""})))
-        .await
-        .unwrap_err();
+    let e =
+        c.request(keyward_client::Method::POST, "/v1/keys/aes/sign", Some(&json!({"message": ""}))).await.unwrap_err();
     assert_eq!(code(&e), (400, "wrong_key_type".into()));
 
     // Random.
     let r = c.request(keyward_client::Method::POST, "/v1/random", Some(&json!({"bytes": 48}))).await.unwrap();
     assert_eq!(STANDARD.decode(r["bytes"].as_str().unwrap()).unwrap().len(), 48);
     for n in [0, 1025] {
-        assert_eq!(c.request(keyward_client::Method::POST, "/v1/random", Some(&json!({"bytes": n}))).await.unwrap_err().status(), Some(400));
+        assert_eq!(
+            c.request(keyward_client::Method::POST, "/v1/random", Some(&json!({"bytes": n})))
+                .await
+                .unwrap_err()
+                .status(),
+            Some(400)
+        );
     }
 }
 
@@ -304,7 +336,8 @@ async fn secrets_kv() {
     }
     let l = c.request(keyward_client::Method::GET, "/v1/secrets?prefix=team/&limit=2", None).await.unwrap();
     assert_eq!(l["paths"], json!(["team/a", "team/b"]));
-    let l = c.request(keyward_client::Method::GET, "/v1/secrets?prefix=team/&limit=2&after=team/b", None).await.unwrap();
+    let l =
+        c.request(keyward_client::Method::GET, "/v1/secrets?prefix=team/&limit=2&after=team/b", None).await.unwrap();
     assert_eq!(l["paths"], json!(["team/c"]));
 
     // Validation.
@@ -314,7 +347,15 @@ async fn secrets_kv() {
     }
     // The server checks too: paths that URL parsers keep as-is but Keyward refuses.
     for bad in ["a%20b", "a//b", "a/%00"] {
-        let (st, b, _) = raw(&s.addr, "PUT", &format!("/v1/secrets/data/{bad}"), Some(&s.token), Some("application/json"), br#"{"data":{}}"#.to_vec()).await;
+        let (st, b, _) = raw(
+            &s.addr,
+            "PUT",
+            &format!("/v1/secrets/data/{bad}"),
+            Some(&s.token),
+            Some("application/json"),
+            br#"{"data":{}}"#.to_vec(),
+        )
+        .await;
         assert_eq!((st, b["error"]["code"].as_str()), (400, Some("invalid_argument")), "{bad}");
     }
     let huge = ctx(&[("v", &"x".repeat(200 * 1024))]);
@@ -352,8 +393,7 @@ async fn bad_input_and_authentication() {
     let (st, b, _) = raw(a, "POST", "/v1/keys/k/encrypt", t, j, br#"{"plaintext": 5}"#.to_vec()).await;
     assert_eq!(st, 400);
     assert!(!b.to_string().contains('5') || b["error"]["message"].as_str().unwrap().contains("column"));
-    let (st, b, _) =
-        raw(a, "PUT", "/v1/secrets/data/x", t, j, br#"{"data":{"k":123456789}}"#.to_vec()).await;
+    let (st, b, _) = raw(a, "PUT", "/v1/secrets/data/x", t, j, br#"{"data":{"k":123456789}}"#.to_vec()).await;
     assert_eq!(st, 400);
     assert!(!b.to_string().contains("123456789"), "values are never echoed: {b}");
     let (st, _, _) = raw(a, "POST", "/v1/keys/k/encrypt", t, Some("text/plain"), br#"{"plaintext":""}"#.to_vec()).await;

@@ -43,7 +43,7 @@ fn version(id: u8, v: u32) -> KeyVersionRecord {
         key_id: KeyId([id; 16]),
         version: v,
         wrapped_material: vec![id, v as u8, 0xAA],
-        public_key: (v % 2 == 0).then(|| vec![1, 2, 3]),
+        public_key: v.is_multiple_of(2).then(|| vec![1, 2, 3]),
         created_at: 100 + i64::from(v),
     }
 }
@@ -155,7 +155,10 @@ async fn secrets(s: &dyn Store) {
     s.put_secret_version(&sv("app/db", 1), 0).await.unwrap();
     assert!(matches!(s.put_secret_version(&sv("app/db", 1), 0).await, Err(StoreError::Conflict)), "version CAS");
     s.put_secret_version(&sv("app/db", 2), 1).await.unwrap();
-    assert!(matches!(s.put_secret_version(&sv("app/db", 4), 3).await, Err(StoreError::Conflict)), "skipping is Conflict");
+    assert!(
+        matches!(s.put_secret_version(&sv("app/db", 4), 3).await, Err(StoreError::Conflict)),
+        "skipping is Conflict"
+    );
     let meta = s.get_secret("app/db").await.unwrap().unwrap();
     assert_eq!((meta.current_version, meta.created_at, meta.updated_at), (2, 1001, 1002));
     assert_eq!(s.get_secret_version("app/db", 1).await.unwrap(), Some(sv("app/db", 1)));

@@ -221,7 +221,11 @@ fn update_key_tx(tx: &rusqlite::Transaction<'_>, k: &KeyRecord, expected: u64) -
             "UPDATE keys SET name=?2, algorithm=?3, state=?4, description=?5, created_at=?6, updated_at=?7, \
              current_version=?8, rotate_every_secs=?9, next_rotation_at=?10, deletion_at=?11, revision=?12 \
              WHERE id=?1 AND revision=?13",
-            rusqlite::params_from_iter(p.iter().map(|b| b.as_ref() as &dyn rusqlite::ToSql).chain([&i64_of(expected)? as &dyn rusqlite::ToSql])),
+            rusqlite::params_from_iter(
+                p.iter()
+                    .map(|b| b.as_ref() as &dyn rusqlite::ToSql)
+                    .chain([&i64_of(expected)? as &dyn rusqlite::ToSql]),
+            ),
         )
         .map_err(backend)?;
     if n == 1 {
@@ -273,14 +277,17 @@ impl Store for SqliteStore {
 
     async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let key = key.to_string();
-        self.read(move |c| c.query_row("SELECT v FROM meta WHERE k=?1", [key], |r| r.get(0)).optional().map_err(backend))
-            .await
+        self.read(move |c| {
+            c.query_row("SELECT v FROM meta WHERE k=?1", [key], |r| r.get(0)).optional().map_err(backend)
+        })
+        .await
     }
 
     async fn put_meta_if_absent(&self, key: &str, value: &[u8]) -> Result<bool, StoreError> {
         let (key, value) = (key.to_string(), value.to_vec());
         self.write(move |c| {
-            let n = c.execute("INSERT OR IGNORE INTO meta (k, v) VALUES (?1, ?2)", params![key, value]).map_err(backend)?;
+            let n =
+                c.execute("INSERT OR IGNORE INTO meta (k, v) VALUES (?1, ?2)", params![key, value]).map_err(backend)?;
             Ok(n == 1)
         })
         .await
@@ -350,7 +357,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn add_key_version(&self, key: &KeyRecord, version: &KeyVersionRecord, expected_revision: u64) -> Result<(), StoreError> {
+    async fn add_key_version(
+        &self,
+        key: &KeyRecord,
+        version: &KeyVersionRecord,
+        expected_revision: u64,
+    ) -> Result<(), StoreError> {
         let (key, v) = (key.clone(), version.clone());
         self.write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
@@ -514,13 +526,19 @@ impl Store for SqliteStore {
                      ORDER BY path LIMIT ?3",
                 )
                 .map_err(backend)?;
-            let rows = st.query_map(params![prefix, after, limit], |r| r.get::<_, String>(0).map(Ok)).map_err(backend)?;
+            let rows =
+                st.query_map(params![prefix, after, limit], |r| r.get::<_, String>(0).map(Ok)).map_err(backend)?;
             collect(rows)
         })
         .await
     }
 
-    async fn set_secret_versions_deleted(&self, path: &str, versions: &[u32], deleted_at: Option<i64>) -> Result<u32, StoreError> {
+    async fn set_secret_versions_deleted(
+        &self,
+        path: &str,
+        versions: &[u32],
+        deleted_at: Option<i64>,
+    ) -> Result<u32, StoreError> {
         let (path, versions) = (path.to_string(), versions.to_vec());
         self.write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;

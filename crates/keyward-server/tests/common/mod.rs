@@ -47,7 +47,14 @@ impl TestServer {
     }
 }
 
-pub async fn raw(addr: &str, method: &str, path: &str, token: Option<&str>, ctype: Option<&str>, body: Vec<u8>) -> (u16, serde_json::Value, Option<String>) {
+pub async fn raw(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    ctype: Option<&str>,
+    body: Vec<u8>,
+) -> (u16, serde_json::Value, Option<String>) {
     let http = reqwest::Client::new();
     let mut rb = http.request(reqwest::Method::from_bytes(method.as_bytes()).unwrap(), format!("{addr}{path}"));
     if let Some(t) = token {

@@ -1,0 +1,144 @@
+//! The README's tour, run against the real `keyward` binary: dev server, keys, encrypt/decrypt
+//! through stdin/stdout, rotation, restart on the same data directory, secrets, errors.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_keyward");
+
+struct Dev {
+    child: Child,
+    addr: String,
+    token: String,
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_dev(data: &Path) -> Dev {
+    let mut child = Command::new(BIN)
+        .args(["dev", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .env_remove("KEYWARD_ADDR")
+        .env_remove("KEYWARD_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn keyward dev");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut addr = None;
+    let mut token = None;
+    while addr.is_none() || token.is_none() {
+        let line = lines.next().expect("dev printed its exports").unwrap();
+        if let Some(a) = line.strip_prefix("export KEYWARD_ADDR=") {
+            addr = Some(a.to_string());
+        } else if let Some(t) = line.strip_prefix("export KEYWARD_TOKEN=") {
+            token = Some(t.to_string());
+        }
+    }
+    Dev { child, addr: addr.unwrap(), token: token.unwrap() }
+}
+
+fn kw(dev: &Dev, args: &[&str], stdin: &[u8]) -> Output {
+    let mut c = Command::new(BIN)
+        .args(args)
+        .env("KEYWARD_ADDR", &dev.addr)
+        .env("KEYWARD_TOKEN", &dev.token)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(stdin).unwrap();
+    c.wait_with_output().unwrap()
+}
+
+fn ok(dev: &Dev, args: &[&str], stdin: &[u8]) -> Vec<u8> {
+    let o = kw(dev, args, stdin);
+    assert!(o.status.success(), "keyward {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    o.stdout
+}
+
+fn json(dev: &Dev, args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.extend(["--output", "json"]);
+    serde_json::from_slice(&ok(dev, &a, b"")).unwrap()
+}
+
+#[test]
+fn readme_tour_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("dev");
+    let dev = start_dev(&data);
+    assert!(dev.token.starts_with("kwt_"));
+    assert_eq!(
+        std::fs::read_to_string(data.join("root-token")).unwrap().trim(),
+        dev.token,
+        "root token written to DIR/root-token"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(data.join("root-token")).unwrap().permissions().mode() & 0o777, 0o600);
+
+    let k = json(&dev, &["key", "create", "payments"]);
+    assert_eq!(k["type"], "aes256-gcm");
+    let secret = b"card 4111-1111-1111-1111\x00\xff binary ok";
+    let ct = ok(&dev, &["encrypt", "--key", "payments", "--context", "tenant=acme"], secret);
+    assert_eq!(&ct[..2], b"KW", "raw ciphertext envelope on stdout");
+    assert_eq!(ok(&dev, &["decrypt", "--context", "tenant=acme"], &ct), secret);
+    let o = kw(&dev, &["decrypt", "--context", "tenant=evil"], &ct);
+    assert!(!o.status.success());
+    assert!(o.stdout.is_empty(), "no output on failure");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("decryption failed"));
+
+    let b64 = ok(&dev, &["encrypt", "--key", "payments", "--base64"], b"text");
+    assert_eq!(ok(&dev, &["decrypt", "--base64"], &b64), b"dGV4dA==\n");
+
+    let k = json(&dev, &["key", "rotate", "payments"]);
+    assert_eq!(k["current_version"], 2);
+    assert_eq!(ok(&dev, &["decrypt", "--context", "tenant=acme"], &ct), secret, "old ciphertext after rotation");
+    let table = String::from_utf8(ok(&dev, &["key", "list"], b"")).unwrap();
+    assert!(table.contains("payments") && table.to_uppercase().contains("NAME"), "{table}");
+
+    ok(&dev, &["secret", "put", "app/db", "user=app", "password=-"], b"s3cret");
+    assert_eq!(ok(&dev, &["secret", "get", "app/db", "--field", "password"], b""), b"s3cret\n");
+    ok(&dev, &["key", "create", "signer", "--type", "ed25519"], b"");
+    let sig = ok(&dev, &["sign", "--key", "signer"], b"release-1.0.tar.gz");
+    let sig = String::from_utf8(sig).unwrap();
+    ok(&dev, &["verify", "--key", "signer", "--signature", sig.trim()], b"release-1.0.tar.gz");
+    assert_eq!(kw(&dev, &["verify", "--key", "signer", "--signature", sig.trim()], b"tampered").status.code(), Some(3));
+    assert_eq!(ok(&dev, &["random", "--bytes", "16", "--encoding", "hex"], b"").len(), 33);
+    let dk = json(&dev, &["datakey", "--key", "payments"]);
+    assert!(dk["plaintext"].is_string() && dk["ciphertext"].is_string());
+
+    // Errors go to stderr with a non-zero exit and say what to do.
+    let o = kw(&dev, &["key", "show", "nope"], b"");
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not found"));
+    let mut bad = Command::new(BIN);
+    let o = bad.args(["key", "list"]).env("KEYWARD_ADDR", &dev.addr).env("KEYWARD_TOKEN", "kwt_bad").output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("token"), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // Restart on the same data directory: same token, keys, versions and secrets.
+    let token = dev.token.clone();
+    drop(dev);
+    let dev = start_dev(&data);
+    assert_eq!(dev.token, token);
+    assert_eq!(ok(&dev, &["decrypt", "--context", "tenant=acme"], &ct), secret);
+    assert_eq!(json(&dev, &["key", "show", "payments"])["current_version"], 2);
+    assert_eq!(ok(&dev, &["secret", "get", "app/db", "--field", "user"], b""), b"app\n");
+}
+
+#[test]
+fn dev_refuses_non_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(BIN).args(["dev", "--listen", "0.0.0.0:0", "--data"]).arg(dir.path()).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("loopback"));
+}
