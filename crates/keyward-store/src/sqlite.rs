@@ -109,6 +109,18 @@ fn open_conn(path: &Path) -> Result<Connection, StoreError> {
 impl SqliteStore {
     /// Open (creating if needed) the database at `path` and apply pending migrations.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        // Create the file owner-only before SQLite does; its -wal and -shm files take the same mode.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
+        }
         let mut writer = open_conn(path)?;
         migrate(&mut writer)?;
         let readers = (0..READERS).map(|_| open_conn(path).map(Mutex::new)).collect::<Result<Vec<_>, _>>()?;
@@ -634,11 +646,16 @@ mod tests {
 
     #[tokio::test]
     async fn reopen_keeps_data_and_migrations_are_idempotent() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("kw.db");
         {
             let s = SqliteStore::open(&p).unwrap();
             assert!(s.put_meta_if_absent("x", b"1").await.unwrap());
+            for f in ["kw.db", "kw.db-wal", "kw.db-shm"] {
+                let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode();
+                assert_eq!(mode & 0o077, 0, "{f} is owner-only");
+            }
         }
         let s = SqliteStore::open(&p).unwrap();
         assert_eq!(s.get_meta("x").await.unwrap().as_deref(), Some(&b"1"[..]));

@@ -25,6 +25,8 @@ impl TestServer {
             data_dir: dir.path().join("data"),
             dev: true,
             scheduler_interval: Duration::from_secs(3600),
+            tls: None,
+            insecure_file_seal: false,
         };
         let running = start(cfg).await.expect("server starts");
         let token = std::fs::read_to_string(running.root_token_file.as_ref().unwrap()).unwrap();

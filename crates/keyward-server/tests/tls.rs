@@ -1,0 +1,134 @@
+//! `keyward server` outside dev mode: HTTPS only, explicit insecure seal, and clients that trust
+//! only the configured CA. Certificates are made by the `openssl` command (Debian `openssl`).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use keyward_server::tls::TlsFiles;
+use keyward_server::{ServerConfig, start};
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let st = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the openssl command is required for this test (apt-get install openssl)");
+    assert!(st.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&st.stderr));
+}
+
+/// A CA and a server certificate for 127.0.0.1 / localhost signed by it.
+fn make_certs(dir: &Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=keyward test CA",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n")
+        .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+}
+
+fn cfg(dir: &Path, tls: bool, seal: bool) -> ServerConfig {
+    ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.join("data"),
+        dev: false,
+        scheduler_interval: Duration::from_secs(3600),
+        tls: tls.then(|| TlsFiles { cert: dir.join("server.pem"), key: dir.join("server.key") }),
+        insecure_file_seal: seal,
+    }
+}
+
+#[tokio::test]
+async fn server_mode_requires_tls_and_explicit_seal_and_serves_https() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+
+    let e = start(cfg(dir.path(), false, true)).await.unwrap_err();
+    assert!(e.to_string().contains("--tls-cert"), "{e}");
+    let e = start(cfg(dir.path(), true, false)).await.unwrap_err();
+    assert!(e.to_string().contains("--insecure-file-seal"), "{e}");
+    let mut bad = cfg(dir.path(), true, true);
+    bad.tls = Some(TlsFiles { cert: dir.path().join("ca.key"), key: dir.path().join("server.key") });
+    assert!(start(bad).await.is_err(), "a key file is not a certificate");
+
+    let running = start(cfg(dir.path(), true, true)).await.unwrap();
+    assert!(running.tls);
+    assert!(running.root_token_file.is_none(), "outside dev mode the root token is not written to disk");
+    assert!(!dir.path().join("data/root-token").exists());
+    let token = String::from_utf8(running.new_root_token.as_ref().unwrap().expose().to_vec()).unwrap();
+    let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+    for host in ["127.0.0.1", "localhost"] {
+        let addr = format!("https://{host}:{}", running.addr.port());
+        let c = keyward_client::Client::builder(&addr).token(&token).ca_cert_pem(ca.clone()).build().unwrap();
+        assert_eq!(c.health().await.unwrap()["status"], "ok");
+        c.create_key(&format!("tls-{}", host.replace('.', "-")), "aes256-gcm", "", None).await.unwrap();
+    }
+    let https = format!("https://127.0.0.1:{}", running.addr.port());
+
+    // A client that does not trust the CA refuses the server.
+    let untrusting = keyward_client::Client::builder(&https).token(&token).build().unwrap();
+    let e = untrusting.health().await.unwrap_err();
+    assert!(matches!(e, keyward_client::Error::Transport { .. }), "{e}");
+    // Plain HTTP to the HTTPS port gets nothing useful.
+    let plain = keyward_client::Client::builder(format!("http://127.0.0.1:{}", running.addr.port()))
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    assert!(plain.health().await.is_err());
+
+    running.shutdown().await.unwrap();
+}
