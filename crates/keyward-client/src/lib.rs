@@ -215,6 +215,18 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+#[derive(serde::Serialize)]
+struct EncryptBody<'a> {
+    plaintext: &'a str,
+    context: &'a BTreeMap<String, String>,
+}
+
+#[derive(serde::Serialize)]
+struct DecryptBody<'a> {
+    ciphertext: &'a str,
+    context: &'a BTreeMap<String, String>,
+}
+
 #[derive(Deserialize)]
 struct CipherOut {
     ciphertext: String,
@@ -292,14 +304,24 @@ impl Client {
 
     /// Send a request and return the JSON response. `path` starts with `/v1/`.
     pub async fn request(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<Value, Error> {
+        self.call(method, path, body).await
+    }
+
+    /// Send a request with a typed body and decode a typed response.
+    async fn call<B: serde::Serialize + ?Sized, R: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<R, Error> {
         let url = format!("{}{}", self.addr, path);
         let mut rb = self.http.request(method, &url);
         if let Some(t) = &self.token {
             rb = rb.bearer_auth(t.as_str());
         }
         if let Some(b) = body {
-            let bytes = serde_json::to_vec(b).map_err(|e| Error::Decode(e.to_string()))?;
-            rb = rb.header("content-type", "application/json").body(bytes);
+            let bytes = Zeroizing::new(serde_json::to_vec(b).map_err(|e| Error::Decode(e.to_string()))?);
+            rb = rb.header("content-type", "application/json").body(bytes.to_vec());
         }
         let resp = rb.send().await.map_err(|source| Error::Transport { addr: self.addr.clone(), source })?;
         let status = resp.status().as_u16();
@@ -364,18 +386,17 @@ impl Client {
         context: &BTreeMap<String, String>,
     ) -> Result<Encrypted, Error> {
         let pt = Zeroizing::new(STANDARD.encode(plaintext));
-        let v =
-            self.post(&format!("/v1/keys/{}/encrypt", seg(key)), json!({"plaintext": *pt, "context": context})).await?;
-        let o: CipherOut = serde_json::from_value(v).map_err(|e| Error::Decode(e.to_string()))?;
+        let body = EncryptBody { plaintext: &pt, context };
+        let o: CipherOut =
+            self.call(reqwest::Method::POST, &format!("/v1/keys/{}/encrypt", seg(key)), Some(&body)).await?;
         Ok(Encrypted { ciphertext: unb64(&o.ciphertext)?, key: o.key, key_version: o.key_version })
     }
 
     /// Decrypt a ciphertext (the key is named inside it).
     pub async fn decrypt(&self, ciphertext: &[u8], context: &BTreeMap<String, String>) -> Result<Decrypted, Error> {
-        let v =
-            self.post("/v1/decrypt", json!({"ciphertext": STANDARD.encode(ciphertext), "context": context})).await?;
-        let o: PlainOut = serde_json::from_value(v).map_err(|e| Error::Decode(e.to_string()))?;
-        let o = ZeroOnDrop(o);
+        let ct = STANDARD.encode(ciphertext);
+        let body = DecryptBody { ciphertext: &ct, context };
+        let o = ZeroOnDrop(self.call::<_, PlainOut>(reqwest::Method::POST, "/v1/decrypt", Some(&body)).await?);
         Ok(Decrypted {
             plaintext: Zeroizing::new(unb64(&o.0.plaintext)?),
             key: o.0.key.clone(),
