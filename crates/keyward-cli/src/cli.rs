@@ -125,6 +125,9 @@ pub enum Command {
     Secret(SecretCmd),
     /// Load generator: throughput and latency percentiles.
     Bench(BenchArgs),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -145,6 +148,8 @@ pub struct DevArgs {
     /// How often the scheduler checks for due rotations and deletions.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub scheduler_interval: std::time::Duration,
+    #[command(flatten)]
+    pub audit: AuditArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -168,6 +173,35 @@ pub struct ServerArgs {
     /// How often the scheduler checks for due rotations and deletions.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub scheduler_interval: std::time::Duration,
+    #[command(flatten)]
+    pub audit: AuditArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AuditArgs {
+    /// Audit log file (default DATA/audit.log).
+    #[arg(long)]
+    pub audit_file: Option<PathBuf>,
+    /// Also write audit records to stdout as JSON lines.
+    #[arg(long)]
+    pub audit_stdout: bool,
+    /// Rotate the audit file at this many bytes.
+    #[arg(long, default_value_t = 256 * 1024 * 1024)]
+    pub audit_max_bytes: u64,
+    /// Run with NO audit log (only to measure the audit's cost).
+    #[arg(long)]
+    pub insecure_no_audit: bool,
+}
+
+impl AuditArgs {
+    pub fn settings(&self) -> keyward_server::AuditSettings {
+        keyward_server::AuditSettings {
+            file: self.audit_file.clone(),
+            stdout: self.audit_stdout,
+            max_file_bytes: self.audit_max_bytes,
+            insecure_disable: self.insecure_no_audit,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -311,4 +345,17 @@ pub struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCmd {
+    /// Verify the hash chain of audit files; reports the first broken record.
+    Verify {
+        /// Audit files (default: the server's current file and its rotated predecessors).
+        files: Vec<PathBuf>,
+        /// Read the 32-byte HMAC key (base64) from this file instead of asking the server;
+        /// without the server, truncation of the tail cannot be detected.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
 }

@@ -227,6 +227,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Secret(s) => secret(&cli, s).await,
         Command::Bench(b) => bench(&cli, b).await,
+        Command::Audit(AuditCmd::Verify { files, key_file }) => audit_verify(&cli, files, key_file.as_deref()).await,
     }
 }
 
@@ -455,6 +456,7 @@ async fn server(a: ServerArgs) -> anyhow::Result<ExitCode> {
         scheduler_interval: a.scheduler_interval,
         tls: Some(keyward_server::tls::TlsFiles { cert: a.tls_cert, key: a.tls_key }),
         insecure_file_seal: a.insecure_file_seal,
+        audit: a.audit.settings(),
     };
     let mut running = keyward_server::start(cfg).await?;
     eprintln!("Keyward server on https://{} (data in {})", running.addr, a.data.display());
@@ -493,6 +495,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
         scheduler_interval: a.scheduler_interval,
         tls: None,
         insecure_file_seal: true,
+        audit: a.audit.settings(),
     };
     let mut running = keyward_server::start(cfg).await?;
     let token = match &running.new_root_token {
@@ -528,4 +531,58 @@ async fn shutdown_signal() {
         }
     }
     let _ = ctrl_c.await;
+}
+
+async fn audit_verify(
+    cli: &Cli,
+    files: &[std::path::PathBuf],
+    key_file: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    let (key, head, server_file) = match key_file {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let key =
+                STANDARD.decode(text.trim()).map_err(|_| anyhow!("{} must hold the base64 audit key", p.display()))?;
+            (key, None, None)
+        }
+        None => {
+            let v = client(cli)?.request(keyward_client::Method::GET, "/v1/sys/audit", None).await?;
+            if v["enabled"] != json!(true) {
+                bail!("the server runs without an audit log");
+            }
+            let key =
+                STANDARD.decode(v["key"].as_str().unwrap_or_default()).map_err(|_| anyhow!("bad key in response"))?;
+            let head = keyward_server::audit::Head {
+                seq: v["head"]["seq"].as_u64().unwrap_or(0),
+                hmac: v["head"]["hmac"].as_str().unwrap_or_default().to_string(),
+            };
+            (key, Some(head), v["file"].as_str().map(std::path::PathBuf::from))
+        }
+    };
+    let files: Vec<std::path::PathBuf> = if files.is_empty() {
+        let f = server_file.ok_or_else(|| anyhow!("name the audit files to verify"))?;
+        keyward_server::audit::log_files(&f)
+    } else {
+        files.to_vec()
+    };
+    match keyward_server::audit::verify_files(&key, &files, head.as_ref()) {
+        Ok(r) => {
+            let v = json!({"ok": true, "records": r.records, "first_seq": r.first_seq, "last_seq": r.last_seq, "files": files});
+            match cli.output {
+                Output::Json => print_value(cli.output, &v)?,
+                Output::Table => println!(
+                    "ok: {} records intact (seq {}..{}) in {} file(s)",
+                    r.records,
+                    r.first_seq,
+                    r.last_seq,
+                    files.len()
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("audit log BROKEN at {}:{}: {}", e.file, e.line, e.reason);
+            Ok(ExitCode::from(2))
+        }
+    }
 }

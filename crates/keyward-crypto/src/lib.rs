@@ -23,6 +23,7 @@
 pub mod aead;
 pub mod format;
 pub mod hash;
+pub mod kdf;
 pub mod keys;
 mod secret;
 

@@ -14,6 +14,7 @@ use keyward_core::service::CreateKey;
 use keyward_crypto::keys::KeyAlgorithm;
 use serde_json::{Value, json};
 
+use crate::audit::{AuditCtx, AuditLog};
 use crate::error::ApiError;
 use crate::extract::{Caller, RequestId, StrictJson, StrictQuery};
 use crate::wire::*;
@@ -30,6 +31,8 @@ pub struct AppState {
     pub seal: &'static str,
     /// Whether the seal is insecure (dev).
     pub insecure_seal: bool,
+    /// The audit log; `None` only when started with the explicit insecure no-audit option.
+    pub audit: Option<Arc<AuditLog>>,
 }
 
 type ApiResult = Result<Response, ApiError>;
@@ -44,6 +47,7 @@ pub fn route_table() -> Vec<(&'static str, &'static str, bool, MethodRouter<AppS
     vec![
         ("get", "/v1/health", true, get(health)),
         ("get", "/v1/openapi.json", false, get(openapi)),
+        ("get", "/v1/sys/audit", false, get(audit_info)),
         ("post", "/v1/keys", false, post(create_key)),
         ("get", "/v1/keys", false, get(list_keys)),
         ("get", "/v1/keys/{name}", false, get(describe_key)),
@@ -97,12 +101,13 @@ pub fn router(state: AppState) -> Router {
                 "method not allowed on this route; see /v1/openapi.json",
             )
         })
-        .layer(middleware::from_fn(finish))
+        .layer(middleware::from_fn_with_state(state.clone(), finish))
         .with_state(state)
 }
 
-/// Assign a request id; render [`ApiError`]s as JSON with it; log failures once.
-async fn finish(mut req: Request, next: Next) -> Response {
+/// Assign a request id; render [`ApiError`]s as JSON with it; log failures once; write the
+/// audit record and wait for it to be durable before the response leaves (fail closed).
+async fn finish(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
     let mut raw = [0u8; 8];
     let id = match keyward_crypto::fill_random(&mut raw) {
         Ok(()) => hex::encode(raw),
@@ -110,21 +115,53 @@ async fn finish(mut req: Request, next: Next) -> Response {
     };
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let ctx = Arc::new(AuditCtx::default());
     req.extensions_mut().insert(RequestId(id.clone()));
-    let mut resp = next.run(req).await;
+    req.extensions_mut().insert(ctx.clone());
+    let audited = st.audit.as_ref().filter(|_| path != "/v1/health");
+    // Fail closed: while the audit log cannot be written, nothing runs.
+    let mut resp = match audited {
+        Some(a) if !a.is_healthy() => audit_unavailable(),
+        _ => next.run(req).await,
+    };
+    let mut error_code = None;
     if let Some(err) = resp.extensions_mut().remove::<ApiError>() {
         if err.status.is_server_error() {
             tracing::error!(request_id = %id, %method, %path, status = err.status.as_u16(), code = err.code, detail = ?err.internal, "request failed");
         } else {
             tracing::debug!(request_id = %id, %method, %path, status = err.status.as_u16(), code = err.code, "request refused");
         }
-        let body = json!({"error": {"code": err.code, "message": err.message, "request_id": id}});
-        resp = (err.status, Json(body)).into_response();
+        error_code = Some(err.code);
+        resp = error_response(&err, &id);
+    }
+    if let Some(audit) = audited {
+        let record = ctx.record(&id, method.as_str(), &path, resp.status().as_u16(), error_code);
+        if let Err(e) = audit.append(record).await {
+            tracing::error!(request_id = %id, error = %e, "audit record not written; refusing the request");
+            resp = audit_unavailable();
+        }
+    }
+    if let Some(err) = resp.extensions_mut().remove::<ApiError>() {
+        resp = error_response(&err, &id);
     }
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
+}
+
+fn audit_unavailable() -> Response {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "audit_unavailable",
+        "the audit log cannot be written, so no request is served; the operator must fix the audit file",
+    )
+    .into_response()
+}
+
+fn error_response(err: &ApiError, request_id: &str) -> Response {
+    let body = json!({"error": {"code": err.code, "message": err.message, "request_id": request_id}});
+    (err.status, Json(body)).into_response()
 }
 
 /// Require a valid token (`Authorization: Bearer TOKEN` or `X-Keyward-Token: TOKEN`).
@@ -135,20 +172,35 @@ async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .or_else(|| h.get("x-keyward-token").and_then(|v| v.to_str().ok()));
+    let ctx = req.extensions().get::<Arc<AuditCtx>>().cloned().unwrap_or_default();
     let Some(token) = token else {
+        ctx.set_reason("no token presented");
         return ApiError::from(keyward_core::KmsError::Unauthenticated).into_response();
     };
     match st.kms.authenticate(token.trim()) {
         Ok(rec) => {
-            req.extensions_mut().insert(Caller(rec));
+            ctx.set_identity(&rec.accessor);
+            req.extensions_mut().insert(Caller(rec, ctx));
             next.run(req).await
         }
-        Err(e) => ApiError::from(e).into_response(),
+        Err(e) => {
+            ctx.set_reason("invalid or expired token");
+            ApiError::from(e).into_response()
+        }
     }
 }
 
 fn allow(st: &AppState, c: &Caller, op: &str, resource: &str) -> Result<(), ApiError> {
-    st.kms.authorize(&c.0, op, resource).map_err(ApiError::from)
+    match st.kms.authorize(&c.0, op, resource) {
+        Ok(()) => {
+            c.1.set_decision(op, resource, true, "root token".into());
+            Ok(())
+        }
+        Err(e) => {
+            c.1.set_decision(op, resource, false, e.to_string());
+            Err(ApiError::from(e))
+        }
+    }
 }
 
 async fn health(State(st): State<AppState>) -> Json<Value> {
@@ -160,6 +212,22 @@ async fn health(State(st): State<AppState>) -> Json<Value> {
         "storage": st.kms.backend_name(),
         "version": env!("CARGO_PKG_VERSION"),
     }))
+}
+
+async fn audit_info(State(st): State<AppState>, c: Caller) -> ApiResult {
+    allow(&st, &c, "audit", "sys/audit")?;
+    match &st.audit {
+        Some(a) => {
+            let h = a.head();
+            ok(json!({
+                "enabled": true,
+                "file": a.file().display().to_string(),
+                "head": {"seq": h.seq, "hmac": h.hmac},
+                "key": b64(a.key().expose()),
+            }))
+        }
+        None => ok(json!({"enabled": false})),
+    }
 }
 
 async fn openapi(State(st): State<AppState>, c: Caller) -> ApiResult {

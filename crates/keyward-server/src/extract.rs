@@ -89,9 +89,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for StrictQuery<T>
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
-/// The authenticated caller, set by the authentication middleware.
+/// The authenticated caller, set by the authentication middleware, with the request's audit
+/// facts (authorization decisions are recorded there).
 #[derive(Debug, Clone)]
-pub struct Caller(pub Arc<TokenRecord>);
+pub struct Caller(pub Arc<TokenRecord>, pub Arc<crate::audit::AuditCtx>);
 
 impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;

@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod audit;
 pub mod error;
 pub mod extract;
 pub mod run;
@@ -16,4 +17,4 @@ pub mod tls;
 #[allow(missing_docs)]
 pub mod wire;
 
-pub use run::{Running, ServerConfig, start};
+pub use run::{AuditSettings, Running, ServerConfig, start};

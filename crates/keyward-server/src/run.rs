@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::api::{AppState, router};
+use crate::audit::{AuditConfig, AuditError, AuditLog};
 use crate::seal_file::InsecureFileSeal;
 use crate::tls::{TlsError, TlsFiles, TlsListener, server_config};
 
@@ -33,6 +34,27 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     /// Outside dev mode, accept the insecure file seal (the only seal until Shamir/HSM exist).
     pub insecure_file_seal: bool,
+    /// Audit settings.
+    pub audit: AuditSettings,
+}
+
+/// Audit settings. Auditing is on unless explicitly switched off (for benchmarks only).
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    /// Audit file (default `DATA/audit.log`).
+    pub file: Option<PathBuf>,
+    /// Also write records to stdout as JSON lines.
+    pub stdout: bool,
+    /// Rotate the file at this size.
+    pub max_file_bytes: u64,
+    /// Run without an audit log. Only for measuring the audit's cost; logged loudly.
+    pub insecure_disable: bool,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        Self { file: None, stdout: false, max_file_bytes: 256 * 1024 * 1024, insecure_disable: false }
+    }
 }
 
 /// Why the server could not start.
@@ -63,6 +85,9 @@ pub enum StartError {
     /// TLS could not be configured.
     #[error("{0}")]
     Tls(#[from] TlsError),
+    /// The audit log could not be opened.
+    #[error("{0}")]
+    Audit(#[from] AuditError),
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
@@ -167,6 +192,18 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
             db.display()
         )));
     }
+    let audit = if cfg.audit.insecure_disable {
+        tracing::warn!("AUDIT DISABLED (--insecure-no-audit): requests leave no record");
+        None
+    } else {
+        let key = keyward_crypto::kdf::hkdf_sha256(root.expose(), b"", b"keyward/audit-key/v1", 32)
+            .map_err(|e| StartError::Config(format!("deriving the audit key: {e}")))?;
+        let file = cfg.audit.file.clone().unwrap_or_else(|| cfg.data_dir.join("audit.log"));
+        let ac = AuditConfig { file, stdout: cfg.audit.stdout, max_file_bytes: cfg.audit.max_file_bytes };
+        let log = AuditLog::open(ac, key)?;
+        log.system_event(&format!("keyward {} starting (seal {})", env!("CARGO_PKG_VERSION"), seal.kind())).await?;
+        Some(Arc::new(log))
+    };
     let store = SqliteStore::open(&db)?;
     let (kms, new_root_token) = Kms::open(Arc::new(store), root).await?;
     let kms = Arc::new(kms);
@@ -187,7 +224,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
 
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(io(format!("binding {}", cfg.listen)))?;
     let addr = listener.local_addr().map_err(io("reading bound address"))?;
-    let state = AppState { kms: kms.clone(), seal: seal.kind(), insecure_seal: seal.is_insecure() };
+    let state = AppState { kms: kms.clone(), seal: seal.kind(), insecure_seal: seal.is_insecure(), audit };
     let app = router(state);
 
     let (tx, rx) = oneshot::channel::<()>();

@@ -89,6 +89,7 @@ fn cfg(dir: &Path, tls: bool, seal: bool) -> ServerConfig {
         scheduler_interval: Duration::from_secs(3600),
         tls: tls.then(|| TlsFiles { cert: dir.join("server.pem"), key: dir.join("server.key") }),
         insecure_file_seal: seal,
+        audit: Default::default(),
     }
 }
 

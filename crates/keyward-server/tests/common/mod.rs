@@ -27,6 +27,7 @@ impl TestServer {
             scheduler_interval: Duration::from_secs(3600),
             tls: None,
             insecure_file_seal: false,
+            audit: Default::default(),
         };
         let running = start(cfg).await.expect("server starts");
         let token = std::fs::read_to_string(running.root_token_file.as_ref().unwrap()).unwrap();

@@ -1,0 +1,685 @@
+//! The audit log: every API request (except the anonymous health check) leaves a record
+//! *before* its response leaves, and if the record cannot be made durable the request fails.
+//!
+//! Records are JSON lines. Each line carries `seq` (1, 2, ...) and `prev` (the previous line's
+//! MAC) and ends with `"hmac"`: HMAC-SHA256, under an audit key derived from the root key, of the
+//! line's bytes up to that field (with the closing brace). Editing, deleting, reordering or
+//! inserting a record breaks the chain; truncating the tail is detected by comparing with the
+//! head the server reports (`GET /v1/sys/audit`).
+//!
+//! Writes are group-committed: one writer thread takes every pending record, appends them,
+//! calls `fdatasync` once and then releases all the waiting requests. Files rotate by size
+//! (`audit.log` becomes `audit.log.<first seq>`); the chain continues across files.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use keyward_crypto::{SecretBytes, hash};
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+/// Audit configuration.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// The audit file.
+    pub file: PathBuf,
+    /// Also write each record to stdout (JSON lines, not fsync'd).
+    pub stdout: bool,
+    /// Rotate when the file reaches this size.
+    pub max_file_bytes: u64,
+}
+
+/// Audit failures.
+#[derive(Debug, thiserror::Error, Clone)]
+#[non_exhaustive]
+pub enum AuditError {
+    /// The log cannot be written; requests fail until it can.
+    #[error("audit log unavailable: {0}")]
+    Unavailable(String),
+    /// The existing log's last record is not intact; the server refuses to extend it.
+    #[error("audit log {path} is damaged at its end ({reason}); run `keyward audit verify` and move the file aside")]
+    DamagedTail {
+        /// File.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// One audit record, before chaining. Holds no secret values, tokens or plaintext.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditRecord {
+    /// RFC 3339 time with milliseconds.
+    pub time: String,
+    /// Request id (also in the response header `x-request-id`).
+    pub request_id: String,
+    /// Token accessor, or `anonymous`.
+    pub identity: String,
+    /// HTTP method.
+    pub method: String,
+    /// Request path (names keys and secret paths, never values).
+    pub path: String,
+    /// Operation checked (`encrypt`, `read`, ...), if authorization was reached.
+    pub operation: Option<String>,
+    /// Resource checked (`keys/NAME`, `secrets/PATH`), if authorization was reached.
+    pub resource: Option<String>,
+    /// `allow`, `deny`, or `none` (refused before authorization, e.g. bad token).
+    pub decision: &'static str,
+    /// The grant or the reason for the decision.
+    pub reason: Option<String>,
+    /// HTTP status of the response.
+    pub status: u16,
+    /// Error code of the response, if it failed.
+    pub error: Option<String>,
+}
+
+/// Per-request audit facts, filled in by authentication and authorization.
+#[derive(Debug, Default)]
+pub struct AuditCtx {
+    inner: Mutex<CtxFields>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct CtxFields {
+    identity: Option<String>,
+    operation: Option<String>,
+    resource: Option<String>,
+    decision: Option<&'static str>,
+    reason: Option<String>,
+}
+
+impl AuditCtx {
+    /// Record who the caller is.
+    pub fn set_identity(&self, accessor: &str) {
+        if let Ok(mut f) = self.inner.lock() {
+            f.identity = Some(accessor.to_string());
+        }
+    }
+
+    /// Record an authorization decision (the last one wins; each request makes one).
+    pub fn set_decision(&self, operation: &str, resource: &str, allowed: bool, reason: String) {
+        if let Ok(mut f) = self.inner.lock() {
+            f.operation = Some(operation.to_string());
+            f.resource = Some(resource.to_string());
+            f.decision = Some(if allowed { "allow" } else { "deny" });
+            f.reason = Some(reason);
+        }
+    }
+
+    /// Record why a request was refused before authorization.
+    pub fn set_reason(&self, reason: &str) {
+        if let Ok(mut f) = self.inner.lock() {
+            f.reason = Some(reason.to_string());
+        }
+    }
+
+    /// Build the record.
+    pub fn record(&self, request_id: &str, method: &str, path: &str, status: u16, error: Option<&str>) -> AuditRecord {
+        let f = self.inner.lock().map(|f| f.clone()).unwrap_or_default();
+        AuditRecord {
+            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            request_id: request_id.to_string(),
+            identity: f.identity.unwrap_or_else(|| "anonymous".into()),
+            method: method.to_string(),
+            path: path.to_string(),
+            operation: f.operation,
+            resource: f.resource,
+            decision: f.decision.unwrap_or("none"),
+            reason: f.reason,
+            status,
+            error: error.map(str::to_string),
+        }
+    }
+}
+
+struct Job {
+    record: AuditRecord,
+    done: oneshot::Sender<Result<(), AuditError>>,
+}
+
+/// The head of the chain: last sequence number and MAC written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    /// Last sequence number (0 for an empty log).
+    pub seq: u64,
+    /// Last MAC, hex (64 zeros for an empty log).
+    pub hmac: String,
+}
+
+/// The audit log handle.
+pub struct AuditLog {
+    tx: Mutex<mpsc::Sender<Job>>,
+    healthy: Arc<AtomicBool>,
+    head: Arc<Mutex<Head>>,
+    key: Arc<SecretBytes>,
+    file: PathBuf,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog").field("file", &self.file).finish_non_exhaustive()
+    }
+}
+
+const ZERO_MAC: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+const MAC_SUFFIX_LEN: usize = r#","hmac":""#.len() + 64 + 2;
+
+fn chain_line(key: &[u8], record: &AuditRecord, seq: u64, prev: &str) -> Result<(Vec<u8>, String), AuditError> {
+    let mut body = serde_json::to_vec(record).map_err(|e| AuditError::Unavailable(e.to_string()))?;
+    // `{...}` -> `{...,"seq":N,"prev":"HEX"}`
+    body.pop();
+    body.extend_from_slice(format!(r#","seq":{seq},"prev":"{prev}"}}"#).as_bytes());
+    let mac = hex::encode(hash::hmac_sha256(key, &body));
+    body.pop();
+    body.extend_from_slice(format!(r#","hmac":"{mac}"}}"#).as_bytes());
+    body.push(b'\n');
+    Ok((body, mac))
+}
+
+/// What verification found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Records checked.
+    pub records: u64,
+    /// First and last sequence numbers seen.
+    pub first_seq: u64,
+    /// Last sequence number seen.
+    pub last_seq: u64,
+    /// MAC of the last record.
+    pub last_hmac: String,
+}
+
+/// Where and why verification failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}: {reason}")]
+pub struct VerifyError {
+    /// File.
+    pub file: String,
+    /// 1-based line number.
+    pub line: u64,
+    /// What is wrong with that record.
+    pub reason: String,
+}
+
+/// Verify one line given the expected sequence number and previous MAC; returns its seq and MAC.
+fn verify_line(key: &[u8], line: &[u8], expect: Option<(u64, &str)>) -> Result<(u64, String), String> {
+    if line.len() < MAC_SUFFIX_LEN + 2 || !line.ends_with(b"\"}") {
+        return Err("record is truncated or not a Keyward audit record".into());
+    }
+    let (head, tail) = line.split_at(line.len() - MAC_SUFFIX_LEN);
+    let mac = tail
+        .strip_prefix(br#","hmac":""#)
+        .and_then(|t| t.strip_suffix(br#""}"#))
+        .and_then(|m| std::str::from_utf8(m).ok())
+        .ok_or("record has no hmac field at its end")?;
+    let mut body = head.to_vec();
+    body.push(b'}');
+    let want = hex::encode(hash::hmac_sha256(key, &body));
+    if !keyward_crypto::ct_eq(want.as_bytes(), mac.as_bytes()) {
+        return Err("MAC mismatch: the record was modified (or the key is wrong)".into());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|_| "record is not JSON")?;
+    let seq = v["seq"].as_u64().ok_or("record has no seq")?;
+    let prev = v["prev"].as_str().ok_or("record has no prev")?;
+    if let Some((want_seq, want_prev)) = expect {
+        if seq != want_seq {
+            return Err(format!("expected record {want_seq}, found {seq}: records were deleted or reordered"));
+        }
+        if prev != want_prev {
+            return Err("chain broken: prev does not match the previous record's MAC".into());
+        }
+    }
+    Ok((seq, mac.to_string()))
+}
+
+/// Verify audit files (any order; sorted by their first sequence number) with `key`. If `head`
+/// is given, the log must contain that record (detects truncation of the tail).
+pub fn verify_files(key: &[u8], files: &[PathBuf], head: Option<&Head>) -> Result<VerifyReport, VerifyError> {
+    let err = |file: &Path, line: u64, reason: String| VerifyError { file: file.display().to_string(), line, reason };
+    let mut ordered = Vec::new();
+    for f in files {
+        let first = BufReader::new(File::open(f).map_err(|e| err(f, 0, e.to_string()))?)
+            .split(b'\n')
+            .next()
+            .transpose()
+            .map_err(|e| err(f, 0, e.to_string()))?
+            .and_then(|l| serde_json::from_slice::<serde_json::Value>(&l).ok())
+            .and_then(|v| v["seq"].as_u64())
+            .unwrap_or(0);
+        ordered.push((first, f.clone()));
+    }
+    ordered.sort();
+    let mut expect: Option<(u64, String)> = None;
+    let mut report = VerifyReport { records: 0, first_seq: 0, last_seq: 0, last_hmac: ZERO_MAC.into() };
+    let mut saw_head = head.is_none_or(|h| h.seq == 0);
+    for (_, f) in &ordered {
+        let rd = BufReader::new(File::open(f).map_err(|e| err(f, 0, e.to_string()))?);
+        for (i, line) in rd.split(b'\n').enumerate() {
+            let n = i as u64 + 1;
+            let line = line.map_err(|e| err(f, n, e.to_string()))?;
+            let (seq, mac) =
+                verify_line(key, &line, expect.as_ref().map(|(s, m)| (*s, m.as_str()))).map_err(|r| err(f, n, r))?;
+            if expect.is_none() {
+                report.first_seq = seq;
+            }
+            if let Some(h) = head
+                && h.seq == seq
+            {
+                if h.hmac != mac {
+                    return Err(err(f, n, "record differs from the one the server reports as written".into()));
+                }
+                saw_head = true;
+            }
+            report.records += 1;
+            report.last_seq = seq;
+            report.last_hmac.clone_from(&mac);
+            expect = Some((seq + 1, mac));
+        }
+    }
+    if !saw_head {
+        let h = head.map_or(0, |h| h.seq);
+        let last = ordered.last().map(|(_, f)| f.clone()).unwrap_or_default();
+        return Err(err(
+            &last,
+            report.records,
+            format!(
+                "log ends at record {} but the server has written record {h}: records were removed from the end",
+                report.last_seq
+            ),
+        ));
+    }
+    Ok(report)
+}
+
+/// Read the chain head from the end of an existing file (verifying its last record).
+fn read_tail(key: &[u8], path: &Path) -> Result<Option<Head>, AuditError> {
+    let damaged = |reason: String| AuditError::DamagedTail { path: path.display().to_string(), reason };
+    let mut f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(AuditError::Unavailable(e.to_string())),
+    };
+    let len = f.metadata().map_err(|e| AuditError::Unavailable(e.to_string()))?.len();
+    if len == 0 {
+        return Ok(None);
+    }
+    let window = len.min(64 * 1024);
+    f.seek(SeekFrom::Start(len - window)).map_err(|e| AuditError::Unavailable(e.to_string()))?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).map_err(|e| AuditError::Unavailable(e.to_string()))?;
+    if buf.last() != Some(&b'\n') {
+        return Err(damaged("the last record is incomplete".into()));
+    }
+    buf.pop();
+    let start = buf.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
+    let (seq, hmac) = verify_line(key, &buf[start..], None).map_err(damaged)?;
+    Ok(Some(Head { seq, hmac }))
+}
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).mode(0o600).open(path)
+}
+
+impl AuditLog {
+    /// Open (or continue) the log and start its writer thread.
+    pub fn open(cfg: AuditConfig, key: SecretBytes) -> Result<Self, AuditError> {
+        let key = Arc::new(key);
+        // Continue the chain from the current file, or from the newest rotated file.
+        let mut head = read_tail(key.expose(), &cfg.file)?;
+        if head.is_none() {
+            head = newest_rotated(&cfg.file).map(|p| read_tail(key.expose(), &p)).transpose()?.flatten();
+        }
+        let head = Arc::new(Mutex::new(head.unwrap_or(Head { seq: 0, hmac: ZERO_MAC.into() })));
+        let file =
+            open_append(&cfg.file).map_err(|e| AuditError::Unavailable(format!("{}: {e}", cfg.file.display())))?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        let healthy = Arc::new(AtomicBool::new(true));
+        let writer = Writer {
+            cfg: cfg.clone(),
+            key: key.clone(),
+            head: head.clone(),
+            file: Some(file),
+            healthy: healthy.clone(),
+        };
+        std::thread::Builder::new()
+            .name("keyward-audit".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+        Ok(Self { tx: Mutex::new(tx), healthy, head, key, file: cfg.file })
+    }
+
+    /// Whether the last write succeeded. While false, the server refuses requests *before*
+    /// running them (their refusal is still offered to the log, which is how it recovers).
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// A record about the server itself (start-up), written and made durable now.
+    pub async fn system_event(&self, what: &str) -> Result<(), AuditError> {
+        self.append(AuditRecord {
+            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            request_id: "-".into(),
+            identity: "keyward".into(),
+            method: "-".into(),
+            path: "-".into(),
+            operation: Some("system".into()),
+            resource: None,
+            decision: "none",
+            reason: Some(what.to_string()),
+            status: 0,
+            error: None,
+        })
+        .await
+    }
+
+    /// Append a record and wait until it is durable.
+    pub async fn append(&self, record: AuditRecord) -> Result<(), AuditError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .lock()
+            .map_err(|_| AuditError::Unavailable("writer lock poisoned".into()))?
+            .send(Job { record, done })
+            .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?;
+        wait.await.map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?
+    }
+
+    /// The last record written.
+    pub fn head(&self) -> Head {
+        self.head.lock().map(|h| h.clone()).unwrap_or(Head { seq: 0, hmac: ZERO_MAC.into() })
+    }
+
+    /// The HMAC key, for `keyward audit verify` (root only).
+    pub fn key(&self) -> &SecretBytes {
+        &self.key
+    }
+
+    /// The current file.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+}
+
+fn rotated_files(current: &Path) -> Vec<(u64, PathBuf)> {
+    let (Some(dir), Some(name)) = (current.parent(), current.file_name().and_then(|n| n.to_str())) else {
+        return Vec::new();
+    };
+    let prefix = format!("{name}.");
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }) {
+        for e in rd.flatten() {
+            let fname = e.file_name();
+            if let Some(n) = fname.to_str().and_then(|s| s.strip_prefix(&prefix)).and_then(|s| s.parse::<u64>().ok()) {
+                out.push((n, e.path()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn newest_rotated(current: &Path) -> Option<PathBuf> {
+    rotated_files(current).pop().map(|(_, p)| p)
+}
+
+/// All files of a log (rotated ones first), for verification.
+pub fn log_files(current: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = rotated_files(current).into_iter().map(|(_, p)| p).collect();
+    if current.exists() {
+        v.push(current.to_path_buf());
+    }
+    v
+}
+
+struct Writer {
+    cfg: AuditConfig,
+    key: Arc<SecretBytes>,
+    head: Arc<Mutex<Head>>,
+    file: Option<File>,
+    healthy: Arc<AtomicBool>,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
+        let mut failed: Option<String> = None;
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < 4096 {
+                match rx.try_recv() {
+                    Ok(j) => batch.push(j),
+                    Err(_) => break,
+                }
+            }
+            let result = match &failed {
+                Some(reason) => Err(AuditError::Unavailable(reason.clone())),
+                None => self.write_batch(&batch),
+            };
+            if let Err(AuditError::Unavailable(r)) = &result
+                && r.starts_with("unrecoverable")
+            {
+                failed = Some(r.clone());
+            }
+            if result.is_err() {
+                tracing::error!(error = ?result, "audit write failed; failing requests until it succeeds");
+            }
+            self.healthy.store(result.is_ok(), Ordering::Relaxed);
+            for j in batch {
+                let _ = j.done.send(result.clone());
+            }
+        }
+    }
+
+    fn write_batch(&mut self, batch: &[Job]) -> Result<(), AuditError> {
+        let unavailable = |e: std::io::Error| AuditError::Unavailable(e.to_string());
+        let (mut seq, mut prev) = {
+            let h = self.head.lock().map_err(|_| AuditError::Unavailable("head lock poisoned".into()))?;
+            (h.seq, h.hmac.clone())
+        };
+        let mut buf = Vec::with_capacity(batch.len() * 400);
+        for j in batch {
+            seq += 1;
+            let (line, mac) = chain_line(self.key.expose(), &j.record, seq, &prev)?;
+            buf.extend_from_slice(&line);
+            prev = mac;
+        }
+        // If the file was moved or replaced (external rotation, operator action), reopen the path.
+        if let Some(f) = &self.file {
+            let same = match (f.metadata(), std::fs::metadata(&self.cfg.file)) {
+                (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                _ => false,
+            };
+            if !same {
+                self.file = None;
+            }
+        }
+        if self.file.is_none() {
+            self.file = Some(open_append(&self.cfg.file).map_err(unavailable)?);
+        }
+        let file = self.file.as_mut().ok_or_else(|| AuditError::Unavailable("no audit file".into()))?;
+        let before = file.metadata().map_err(unavailable)?.len();
+        if let Err(e) = file.write_all(&buf).and_then(|()| file.sync_data()) {
+            // Undo a partial append so the chain stays intact; if that fails too, stop for good.
+            if file.set_len(before).and_then(|()| file.sync_data()).is_err() {
+                return Err(AuditError::Unavailable(format!(
+                    "unrecoverable: {e}; and the partial write could not be undone"
+                )));
+            }
+            return Err(AuditError::Unavailable(e.to_string()));
+        }
+        if let Ok(mut h) = self.head.lock() {
+            *h = Head { seq, hmac: prev };
+        }
+        if self.cfg.stdout {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&buf).and_then(|()| out.flush());
+        }
+        if before + buf.len() as u64 >= self.cfg.max_file_bytes {
+            self.rotate(seq);
+        }
+        Ok(())
+    }
+
+    /// Move the full file aside as `FILE.<last seq + 1>`-ordered name and start a new one.
+    fn rotate(&mut self, last_seq: u64) {
+        self.file = None;
+        let target = PathBuf::from(format!("{}.{}", self.cfg.file.display(), last_seq));
+        match std::fs::rename(&self.cfg.file, &target) {
+            Ok(()) => tracing::info!(file = %target.display(), "audit log rotated"),
+            Err(e) => tracing::warn!(error = %e, "audit log rotation failed; continuing in the same file"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(i: u32) -> AuditRecord {
+        AuditRecord {
+            time: "t".into(),
+            request_id: format!("r{i}"),
+            identity: "acc".into(),
+            method: "POST".into(),
+            path: "/v1/x".into(),
+            operation: Some("encrypt".into()),
+            resource: Some("keys/k".into()),
+            decision: "allow",
+            reason: None,
+            status: 200,
+            error: None,
+        }
+    }
+
+    fn write_log(dir: &Path, n: u32, max: u64) -> (AuditLog, PathBuf) {
+        let file = dir.join("audit.log");
+        let log = AuditLog::open(
+            AuditConfig { file: file.clone(), stdout: false, max_file_bytes: max },
+            SecretBytes::copy_from(&[5; 32]),
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        for i in 0..n {
+            rt.block_on(log.append(rec(i))).unwrap();
+        }
+        (log, file)
+    }
+
+    fn lines(p: &Path) -> Vec<String> {
+        std::fs::read_to_string(p).unwrap().lines().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn chain_verifies_and_detects_edit_delete_reorder_truncate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, file) = write_log(dir.path(), 6, u64::MAX);
+        let key = [5u8; 32];
+        let head = log.head();
+        assert_eq!(head.seq, 6);
+        let r = verify_files(&key, std::slice::from_ref(&file), Some(&head)).unwrap();
+        assert_eq!((r.records, r.first_seq, r.last_seq), (6, 1, 6));
+        assert!(verify_files(&[6u8; 32], std::slice::from_ref(&file), None).is_err(), "wrong key");
+
+        let orig = lines(&file);
+        let check = |ls: Vec<String>, want_line: u64| {
+            let p = dir.path().join("tampered.log");
+            std::fs::write(&p, ls.join("\n") + "\n").unwrap();
+            let e = verify_files(&key, &[p], Some(&head)).unwrap_err();
+            assert_eq!(e.line, want_line, "{e}");
+        };
+        let mut edited = orig.clone();
+        edited[2] = edited[2].replace("keys/k", "keys/K");
+        check(edited, 3);
+        let mut deleted = orig.clone();
+        deleted.remove(3);
+        check(deleted, 4);
+        let mut reordered = orig.clone();
+        reordered.swap(1, 2);
+        check(reordered, 2);
+        let truncated = orig[..4].to_vec();
+        let p = dir.path().join("truncated.log");
+        std::fs::write(&p, truncated.join("\n") + "\n").unwrap();
+        let e = verify_files(&key, &[p], Some(&head)).unwrap_err();
+        assert!(e.reason.contains("removed from the end"), "{e}");
+        let mut partial = orig.join("\n");
+        partial.truncate(partial.len() - 10);
+        let p = dir.path().join("partial.log");
+        std::fs::write(&p, partial).unwrap();
+        assert!(verify_files(&key, &[p], Some(&head)).is_err());
+    }
+
+    #[test]
+    fn reopen_continues_chain_and_rotation_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, file) = write_log(dir.path(), 3, 1500);
+        drop(log);
+        let (log, _) = write_log(dir.path(), 10, 1500);
+        let head = log.head();
+        assert_eq!(head.seq, 13, "chain continued after reopen");
+        let files = log_files(&file);
+        assert!(files.len() > 2, "rotated by size: {files:?}");
+        let r = verify_files(&[5; 32], &files, Some(&head)).unwrap();
+        assert_eq!((r.records, r.first_seq, r.last_seq), (13, 1, 13));
+        // Dropping a whole rotated file in the middle is detected.
+        let mut missing = files.clone();
+        missing.remove(1);
+        assert!(verify_files(&[5; 32], &missing, Some(&head)).is_err());
+    }
+
+    #[test]
+    fn damaged_tail_refuses_to_open_and_unwritable_sink_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, file) = write_log(dir.path(), 2, u64::MAX);
+        drop(log);
+        let mut s = std::fs::read(&file).unwrap();
+        s.truncate(s.len() - 5);
+        std::fs::write(&file, s).unwrap();
+        let e = AuditLog::open(
+            AuditConfig { file: file.clone(), stdout: false, max_file_bytes: u64::MAX },
+            SecretBytes::copy_from(&[5; 32]),
+        )
+        .unwrap_err();
+        assert!(matches!(e, AuditError::DamagedTail { .. }), "{e}");
+
+        let full = AuditLog::open(
+            AuditConfig { file: PathBuf::from("/dev/full"), stdout: false, max_file_bytes: u64::MAX },
+            SecretBytes::copy_from(&[5; 32]),
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        assert!(rt.block_on(full.append(rec(1))).is_err(), "a sink that cannot write fails the request");
+    }
+
+    #[test]
+    fn records_hold_no_values() {
+        let (line, _) = chain_line(&[1; 32], &rec(1), 1, ZERO_MAC).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        for k in keys {
+            assert!(
+                [
+                    "time",
+                    "request_id",
+                    "identity",
+                    "method",
+                    "path",
+                    "operation",
+                    "resource",
+                    "decision",
+                    "reason",
+                    "status",
+                    "error",
+                    "seq",
+                    "prev",
+                    "hmac"
+                ]
+                .contains(&k),
+                "unexpected field {k}"
+            );
+        }
+    }
+}

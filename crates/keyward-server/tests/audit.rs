@@ -1,0 +1,103 @@
+//! The audit log on a real server: every request leaves a record before its response, denied
+//! requests say why, no secret reaches the log, the chain verifies, and a sink that cannot be
+//! written makes every request fail.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use base64::Engine;
+use common::{TestServer, raw};
+use keyward_server::{AuditSettings, ServerConfig, start};
+
+#[tokio::test]
+async fn every_request_is_audited_without_secrets_and_the_chain_verifies() {
+    let s = TestServer::start().await;
+    let c = s.client();
+    c.create_key("k", "aes256-gcm", "", None).await.unwrap();
+    let ct = c.encrypt("k", b"PLAINTEXT-MARKER-91", &BTreeMap::new()).await.unwrap();
+    c.put_secret("a/b", &BTreeMap::from([("v".to_string(), "SECRET-MARKER-77".to_string())]), None).await.unwrap();
+    let (st, _, rid_denied) = raw(&s.addr, "GET", "/v1/keys", Some("kwt_forged"), None, vec![]).await;
+    assert_eq!(st, 401);
+    let bad = c.decrypt(&ct.ciphertext[..30], &BTreeMap::new()).await.unwrap_err();
+    assert_eq!(bad.status(), Some(400));
+    s.anonymous().health().await.unwrap();
+
+    let file = s.dir.path().join("data/audit.log");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(!text.contains("PLAINTEXT-MARKER"), "plaintext in audit log");
+    assert!(!text.contains("SECRET-MARKER"), "secret value in audit log");
+    assert!(!text.contains(&s.token), "token in audit log");
+    assert!(!text.contains("kwt_forged"), "presented token in audit log");
+    assert!(!text.contains("/v1/health"), "health checks are not audited");
+    let recs: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(recs[0]["operation"], "system", "server start is recorded");
+    let recs = recs[1..].to_vec();
+    assert_eq!(recs.len(), 5, "create, encrypt, put, denied list, failed decrypt");
+    let denied = recs.iter().find(|r| r["request_id"].as_str() == rid_denied.as_deref()).unwrap();
+    assert_eq!(denied["status"], 401);
+    assert_eq!(denied["identity"], "anonymous");
+    assert_eq!(denied["reason"], "invalid or expired token");
+    let enc = &recs[1];
+    assert_eq!(
+        (enc["operation"].as_str(), enc["resource"].as_str(), enc["decision"].as_str()),
+        (Some("encrypt"), Some("keys/k"), Some("allow"))
+    );
+    assert!(enc["identity"].as_str().unwrap().starts_with("acc_"));
+    assert_eq!(recs[4]["error"], "decryption_failed");
+
+    // The chain verifies with the key and head the server reports, and the report's own request
+    // is itself audited before its response.
+    let info = c.request(keyward_client::Method::GET, "/v1/sys/audit", None).await.unwrap();
+    let key = base64::engine::general_purpose::STANDARD.decode(info["key"].as_str().unwrap()).unwrap();
+    let head = keyward_server::audit::Head {
+        seq: info["head"]["seq"].as_u64().unwrap(),
+        hmac: info["head"]["hmac"].as_str().unwrap().to_string(),
+    };
+    assert_eq!(head.seq, 6);
+    let r = keyward_server::audit::verify_files(&key, std::slice::from_ref(&file), Some(&head)).unwrap();
+    assert_eq!(r.last_seq, 7, "the sys/audit request was recorded too");
+}
+
+#[tokio::test]
+async fn unwritable_audit_sink_refuses_start_and_fails_requests_until_fixed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("data"),
+        dev: true,
+        scheduler_interval: Duration::from_secs(3600),
+        tls: None,
+        insecure_file_seal: false,
+        audit: AuditSettings { file: Some("/dev/full".into()), ..Default::default() },
+    };
+    let e = start(cfg).await.unwrap_err();
+    assert!(e.to_string().contains("audit"), "a server whose audit sink cannot write does not start: {e}");
+
+    // At run time: the audit file is replaced by something that cannot be written.
+    let s = TestServer::start().await;
+    let c = s.client();
+    c.create_key("k", "aes256-gcm", "", None).await.unwrap();
+    let file = s.dir.path().join("data/audit.log");
+    std::fs::rename(&file, s.dir.path().join("data/audit.log.moved")).unwrap();
+    std::fs::create_dir(&file).unwrap();
+    let e = c.encrypt("k", b"x", &BTreeMap::new()).await.unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(503), Some("audit_unavailable")));
+    // While broken, nothing runs: a key created now would be partial state.
+    let e = c.create_key("k2", "aes256-gcm", "", None).await.unwrap_err();
+    assert_eq!(e.code(), Some("audit_unavailable"));
+    // Fixed: requests flow again, and k2 was never created.
+    std::fs::remove_dir(&file).unwrap();
+    let mut recovered = false;
+    for _ in 0..3 {
+        if c.describe_key("k").await.is_ok() {
+            recovered = true;
+            break;
+        }
+    }
+    assert!(recovered, "recovers once the file can be written");
+    assert_eq!(c.describe_key("k2").await.unwrap_err().status(), Some(404));
+    c.encrypt("k", b"x", &BTreeMap::new()).await.unwrap();
+}
