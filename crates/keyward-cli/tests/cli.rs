@@ -133,6 +133,18 @@ fn readme_tour_and_restart() {
     assert_eq!(ok(&dev, &["decrypt", "--context", "tenant=acme"], &ct), secret);
     assert_eq!(json(&dev, &["key", "show", "payments"])["current_version"], 2);
     assert_eq!(ok(&dev, &["secret", "get", "app/db", "--field", "user"], b""), b"app\n");
+
+    // The audit chain spans both runs and verifies; an edited record is found.
+    let out = String::from_utf8(ok(&dev, &["audit", "verify"], b"")).unwrap();
+    assert!(out.starts_with("ok: "), "{out}");
+    let log = data.join("audit.log");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let tampered = text.replacen("\"status\":200", "\"status\":201", 1);
+    assert_ne!(text, tampered);
+    std::fs::write(&log, tampered).unwrap();
+    let o = kw(&dev, &["audit", "verify"], b"");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("BROKEN"), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 #[test]
