@@ -170,6 +170,9 @@ pub struct ServerArgs {
     /// Shamir/HSM sealing exist). Anyone who can read that file has every key.
     #[arg(long)]
     pub insecure_file_seal: bool,
+    /// Start even if memory cannot be locked (key material could be swapped to disk).
+    #[arg(long)]
+    pub insecure_no_mlock: bool,
     /// How often the scheduler checks for due rotations and deletions.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub scheduler_interval: std::time::Duration,

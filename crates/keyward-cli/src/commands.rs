@@ -449,6 +449,8 @@ async fn bench(cli: &Cli, b: &BenchArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn server(a: ServerArgs) -> anyhow::Result<ExitCode> {
+    let h = keyward_server::harden::harden_process(!a.insecure_no_mlock)?;
+    tracing::info!(?h, "process hardened");
     let cfg = keyward_server::ServerConfig {
         listen: a.listen,
         data_dir: a.data.clone(),
@@ -481,6 +483,8 @@ async fn serve_until_signal(running: &mut keyward_server::Running) -> anyhow::Re
 }
 
 async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
+    let h = keyward_server::harden::harden_process(false)?;
+    tracing::info!(?h, "process hardened");
     let data = match a.data {
         Some(d) => d,
         None => {

@@ -45,6 +45,14 @@ fn start_dev(data: &Path) -> Dev {
     Dev { child, addr: addr.unwrap(), token: token.unwrap() }
 }
 
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .is_some_and(|l| l.split_whitespace().nth(1) == Some("0"))
+}
+
 fn kw(dev: &Dev, args: &[&str], stdin: &[u8]) -> Output {
     let mut c = Command::new(BIN)
         .args(args)
@@ -84,6 +92,22 @@ fn readme_tour_and_restart() {
     );
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(data.join("root-token")).unwrap().permissions().mode() & 0o777, 0o600);
+
+    // The key-holding process cannot dump core and has its memory locked.
+    let pid = dev.child.id();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits.lines().find(|l| l.starts_with("Max core file size")).unwrap();
+    assert!(core.split_whitespace().nth(4) == Some("0"), "{core}");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let locked_kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmLck:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    if nix_is_root() {
+        assert!(locked_kb > 0, "memory is locked (VmLck {locked_kb} kB)");
+    }
 
     let k = json(&dev, &["key", "create", "payments"]);
     assert_eq!(k["type"], "aes256-gcm");

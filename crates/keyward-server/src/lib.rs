@@ -11,6 +11,7 @@ pub mod api;
 pub mod audit;
 pub mod error;
 pub mod extract;
+pub mod harden;
 pub mod run;
 pub mod seal_file;
 pub mod tls;
