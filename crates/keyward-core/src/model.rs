@@ -144,10 +144,10 @@ pub struct SecretVersionRecord {
     pub deleted_at: Option<i64>,
 }
 
-/// An API token. Only a hash of the token is stored.
+/// An API token. Only a keyed hash of the token is stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRecord {
-    /// SHA-256 of the token string.
+    /// HMAC-SHA256 of the token string under a key derived from the root key.
     pub hash: [u8; 32],
     /// Non-secret handle for the token (safe to log).
     pub accessor: String,
@@ -157,6 +157,16 @@ pub struct TokenRecord {
     pub created_at: i64,
     /// Expiry, if any.
     pub expires_at: Option<i64>,
+    /// Accessor of the token that created this one (revoking it revokes this one).
+    pub parent: Option<String>,
+    /// Lifetime granted at creation and on each renewal.
+    pub ttl_secs: Option<u64>,
+    /// Maximum number of uses, if limited.
+    pub max_uses: Option<u32>,
+    /// Uses so far (tracked for tokens with `max_uses`).
+    pub uses: u32,
+    /// Free text naming the holder.
+    pub display_name: String,
 }
 
 impl TokenRecord {

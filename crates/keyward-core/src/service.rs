@@ -10,6 +10,7 @@ use keyward_crypto::{SecretBytes, hash};
 
 use crate::limits::*;
 use crate::model::*;
+use crate::policy::{Policy, ROOT_POLICY};
 use crate::secretdata::SecretData;
 use crate::store::{Store, StoreError};
 use crate::{KmsError, now_unix, validate};
@@ -126,6 +127,19 @@ pub struct SecretVersionInfo {
     pub destroyed: bool,
 }
 
+/// Parameters of a new token.
+#[derive(Debug, Clone)]
+pub struct TokenRequest {
+    /// Policies attached.
+    pub policies: Vec<String>,
+    /// Lifetime in seconds (renewable by the same amount); `None`: no expiry.
+    pub ttl_secs: Option<u64>,
+    /// Use limit.
+    pub max_uses: Option<u32>,
+    /// Free text naming the holder.
+    pub display_name: String,
+}
+
 /// What the scheduler did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ScheduledReport {
@@ -148,6 +162,8 @@ pub struct Kms {
     secrets_key: AeadKey,
     keys: RwLock<KeyCache>,
     tokens: RwLock<HashMap<[u8; 32], Arc<TokenRecord>>>,
+    token_key: SecretBytes,
+    policies: RwLock<HashMap<String, Arc<Policy>>>,
 }
 
 impl std::fmt::Debug for Kms {
@@ -196,6 +212,7 @@ impl Kms {
     /// Open the service over `store` with the unsealed `root` key. On a new store this
     /// initialises it and returns the root token, which is shown once and stored only as a hash.
     pub async fn open(store: Arc<dyn Store>, root: SecretBytes) -> Result<(Self, Option<SecretBytes>), KmsError> {
+        let token_key = keyward_crypto::kdf::hkdf_sha256(root.expose(), b"", b"keyward/token-hash/v1", 32)?;
         let root = AeadKey::new(&root)?;
         match store.get_meta(META_ROOT_CHECK).await? {
             Some(check) => {
@@ -230,11 +247,23 @@ impl Kms {
             secrets_key,
             keys: RwLock::new(KeyCache::default()),
             tokens: RwLock::new(HashMap::new()),
+            token_key,
+            policies: RwLock::new(HashMap::new()),
         };
         let tokens = kms.store.list_tokens().await?;
-        let root_token =
-            if tokens.is_empty() { Some(kms.create_token(vec!["root".into()], None).await?) } else { None };
+        let root_token = if tokens.is_empty() {
+            let req = TokenRequest {
+                policies: vec![ROOT_POLICY.into()],
+                ttl_secs: None,
+                max_uses: None,
+                display_name: "root".into(),
+            };
+            Some(kms.insert_token(None, req).await?.0)
+        } else {
+            None
+        };
         kms.reload_tokens().await?;
+        kms.reload_policies().await?;
         Ok((kms, root_token))
     }
 
@@ -245,21 +274,42 @@ impl Kms {
 
     // ----- tokens ---------------------------------------------------------------------------
 
-    async fn create_token(&self, policies: Vec<String>, ttl_secs: Option<u64>) -> Result<SecretBytes, KmsError> {
+    fn token_hash(&self, token: &[u8]) -> [u8; 32] {
+        hash::hmac_sha256(self.token_key.expose(), token)
+    }
+
+    async fn insert_token(
+        &self,
+        parent: Option<&TokenRecord>,
+        req: TokenRequest,
+    ) -> Result<(SecretBytes, TokenRecord), KmsError> {
         let raw = SecretBytes::random(32)?;
         let token = SecretBytes::from_vec(format!("kwt_{}", hex::encode(raw.expose())).into_bytes());
         let mut acc = [0u8; 12];
         keyward_crypto::fill_random(&mut acc)?;
         let now = now_unix();
+        let mut expires_at = req.ttl_secs.map(|t| now.saturating_add(i64::try_from(t).unwrap_or(i64::MAX)));
+        // A child never outlives its parent.
+        if let Some(pe) = parent.and_then(|p| p.expires_at) {
+            expires_at = Some(expires_at.map_or(pe, |e| e.min(pe)));
+        }
         let rec = TokenRecord {
-            hash: hash::sha256(token.expose()),
+            hash: self.token_hash(token.expose()),
             accessor: format!("acc_{}", hex::encode(acc)),
-            policies,
+            policies: req.policies,
             created_at: now,
-            expires_at: ttl_secs.map(|t| now.saturating_add(i64::try_from(t).unwrap_or(i64::MAX))),
+            expires_at,
+            parent: parent.map(|p| p.accessor.clone()),
+            ttl_secs: req.ttl_secs,
+            max_uses: req.max_uses,
+            uses: 0,
+            display_name: req.display_name,
         };
         self.store.put_token(&rec).await?;
-        Ok(token)
+        if let Ok(mut m) = self.tokens.write() {
+            m.insert(rec.hash, Arc::new(rec.clone()));
+        }
+        Ok((token, rec))
     }
 
     async fn reload_tokens(&self) -> Result<(), KmsError> {
@@ -269,32 +319,223 @@ impl Kms {
         Ok(())
     }
 
-    /// Authenticate a bearer token.
-    pub fn authenticate(&self, token: &str) -> Result<Arc<TokenRecord>, KmsError> {
+    fn token_by_accessor(&self, accessor: &str) -> Result<Arc<TokenRecord>, KmsError> {
+        let map = self.tokens.read().map_err(|_| KmsError::Internal("token cache poisoned".into()))?;
+        map.values().find(|t| t.accessor == accessor).cloned().ok_or_else(|| not_found("token", accessor))
+    }
+
+    /// Authenticate a bearer token. Counts a use for tokens with a use limit (and revokes the
+    /// token when it is used up).
+    pub async fn authenticate(&self, token: &str) -> Result<Arc<TokenRecord>, KmsError> {
         if token.is_empty() || token.len() > 256 {
             return Err(KmsError::Unauthenticated);
         }
-        let h = hash::sha256(token.as_bytes());
-        let map = self.tokens.read().map_err(|_| KmsError::Internal("token cache poisoned".into()))?;
-        let rec = map.get(&h).ok_or(KmsError::Unauthenticated)?;
-        // The map lookup found the hash; confirm in constant time (defence in depth).
+        let h = self.token_hash(token.as_bytes());
+        let rec = {
+            let map = self.tokens.read().map_err(|_| KmsError::Internal("token cache poisoned".into()))?;
+            map.get(&h).cloned().ok_or(KmsError::Unauthenticated)?
+        };
         if !keyward_crypto::ct_eq(&rec.hash, &h) {
             return Err(KmsError::Unauthenticated);
         }
         if rec.expires_at.is_some_and(|e| e <= now_unix()) {
             return Err(KmsError::Unauthenticated);
         }
-        Ok(rec.clone())
+        if let Some(max) = rec.max_uses {
+            let mut next = (*rec).clone();
+            next.uses = rec.uses.saturating_add(1);
+            if next.uses > max {
+                return Err(KmsError::Unauthenticated);
+            }
+            // Durable before use, so a restart cannot grant extra uses.
+            self.store.update_token(&next).await.map_err(|e| match e {
+                StoreError::NotFound => KmsError::Unauthenticated,
+                other => other.into(),
+            })?;
+            let next = Arc::new(next);
+            if let Ok(mut m) = self.tokens.write() {
+                m.insert(h, next.clone());
+            }
+            return Ok(next);
+        }
+        Ok(rec)
     }
 
-    /// Authorize `operation` on `resource` for `who`. Until policies exist only the root token
-    /// may do anything; every other identity is denied.
-    pub fn authorize(&self, who: &TokenRecord, operation: &str, resource: &str) -> Result<(), KmsError> {
-        if who.is_root() {
-            Ok(())
-        } else {
-            Err(KmsError::PermissionDenied(format!("no policy grants {operation} on {resource}")))
+    /// Create a token for `parent`. A non-root parent can only hand out policies it holds.
+    pub async fn create_token(
+        &self,
+        parent: &TokenRecord,
+        req: TokenRequest,
+    ) -> Result<(SecretBytes, TokenRecord), KmsError> {
+        if req.policies.is_empty() || req.policies.len() > 64 {
+            return Err(KmsError::invalid("a token needs 1 to 64 policies"));
         }
+        if req.display_name.len() > 128 {
+            return Err(KmsError::invalid("display name is at most 128 bytes"));
+        }
+        if let Some(t) = req.ttl_secs
+            && (t == 0 || t > MAX_ROTATION_PERIOD)
+        {
+            return Err(KmsError::invalid("ttl must be between 1 second and 10 years"));
+        }
+        if req.max_uses == Some(0) {
+            return Err(KmsError::invalid("max_uses must be at least 1"));
+        }
+        {
+            let known = self.policies.read().map_err(|_| KmsError::Internal("policy cache poisoned".into()))?;
+            for p in &req.policies {
+                if p != ROOT_POLICY && !known.contains_key(p) {
+                    return Err(not_found("policy", p));
+                }
+                if !parent.is_root() && !parent.policies.contains(p) {
+                    return Err(KmsError::PermissionDenied(format!(
+                        "a token can only create tokens with policies it holds itself, and it does not hold {p:?}"
+                    )));
+                }
+            }
+        }
+        self.insert_token(Some(parent), req).await
+    }
+
+    /// Look a token up by accessor.
+    pub fn lookup_token(&self, accessor: &str) -> Result<Arc<TokenRecord>, KmsError> {
+        let t = self.token_by_accessor(accessor)?;
+        if t.expires_at.is_some_and(|e| e <= now_unix()) {
+            return Err(not_found("token (expired)", accessor));
+        }
+        Ok(t)
+    }
+
+    /// Extend a token's expiry by its TTL from now (never beyond its parent's expiry).
+    pub async fn renew_token(&self, accessor: &str) -> Result<Arc<TokenRecord>, KmsError> {
+        let t = self.lookup_token(accessor)?;
+        let Some(ttl) = t.ttl_secs else {
+            return Err(KmsError::invalid("this token has no TTL and does not expire; nothing to renew"));
+        };
+        let mut next = (*t).clone();
+        let mut exp = now_unix().saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX));
+        if let Some(pe) = t.parent.as_deref().and_then(|p| self.token_by_accessor(p).ok()).and_then(|p| p.expires_at) {
+            exp = exp.min(pe);
+        }
+        next.expires_at = Some(exp);
+        self.store.update_token(&next).await?;
+        let next = Arc::new(next);
+        if let Ok(mut m) = self.tokens.write() {
+            m.insert(next.hash, next.clone());
+        }
+        Ok(next)
+    }
+
+    /// Revoke a token and every token created from it; returns the accessors revoked. The last
+    /// token holding the root policy cannot be revoked.
+    pub async fn revoke_token(&self, accessor: &str) -> Result<Vec<String>, KmsError> {
+        let all: Vec<Arc<TokenRecord>> = {
+            let m = self.tokens.read().map_err(|_| KmsError::Internal("token cache poisoned".into()))?;
+            m.values().cloned().collect()
+        };
+        if !all.iter().any(|t| t.accessor == accessor) {
+            return Err(not_found("token", accessor));
+        }
+        let mut doomed = vec![accessor.to_string()];
+        let mut i = 0;
+        while let Some(a) = doomed.get(i).cloned() {
+            doomed.extend(all.iter().filter(|t| t.parent.as_deref() == Some(a.as_str())).map(|t| t.accessor.clone()));
+            i += 1;
+        }
+        let now = now_unix();
+        let roots_left = all
+            .iter()
+            .filter(|t| t.is_root() && !doomed.contains(&t.accessor) && t.expires_at.is_none_or(|e| e > now))
+            .count();
+        if roots_left == 0 && all.iter().any(|t| t.is_root() && doomed.contains(&t.accessor)) {
+            return Err(KmsError::Conflict(
+                "this would revoke the last root token: create another token with the root policy first".into(),
+            ));
+        }
+        self.store.delete_tokens(&doomed).await?;
+        if let Ok(mut m) = self.tokens.write() {
+            m.retain(|_, t| !doomed.contains(&t.accessor));
+        }
+        Ok(doomed)
+    }
+
+    // ----- policies -------------------------------------------------------------------------
+
+    async fn reload_policies(&self) -> Result<(), KmsError> {
+        let mut map = HashMap::new();
+        for (name, doc) in self.store.list_policies().await? {
+            let p: Policy =
+                serde_json::from_str(&doc).map_err(|e| KmsError::Internal(format!("stored policy {name}: {e}")))?;
+            map.insert(name, Arc::new(p));
+        }
+        *self.policies.write().map_err(|_| KmsError::Internal("policy cache poisoned".into()))? = map;
+        Ok(())
+    }
+
+    /// Create or replace a policy.
+    pub async fn put_policy(&self, policy: Policy) -> Result<(), KmsError> {
+        policy.validate()?;
+        let doc = serde_json::to_string(&policy).map_err(|e| KmsError::Internal(e.to_string()))?;
+        self.store.put_policy(&policy.name, &doc, now_unix()).await?;
+        if let Ok(mut m) = self.policies.write() {
+            m.insert(policy.name.clone(), Arc::new(policy));
+        }
+        Ok(())
+    }
+
+    /// A policy by name.
+    pub fn get_policy(&self, name: &str) -> Result<Arc<Policy>, KmsError> {
+        self.policies.read().ok().and_then(|m| m.get(name).cloned()).ok_or_else(|| not_found("policy", name))
+    }
+
+    /// All policy names (the built-in `root` first).
+    pub fn list_policies(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.policies.read().map(|m| m.keys().cloned().collect()).unwrap_or_default();
+        v.sort();
+        v.insert(0, ROOT_POLICY.into());
+        v
+    }
+
+    /// Delete a policy. Tokens naming it lose what it granted.
+    pub async fn delete_policy(&self, name: &str) -> Result<(), KmsError> {
+        if name == ROOT_POLICY {
+            return Err(KmsError::invalid("the root policy is built in and cannot be deleted"));
+        }
+        if !self.store.delete_policy(name).await? {
+            return Err(not_found("policy", name));
+        }
+        if let Ok(mut m) = self.policies.write() {
+            m.remove(name);
+        }
+        Ok(())
+    }
+
+    /// Decide whether a holder of `policies` may do `operation` on `resource`. Returns the grant
+    /// (`policy NAME rule N`) or [`KmsError::PermissionDenied`] with the reason. Deny by default.
+    pub fn decide(&self, policies: &[String], operation: &str, resource: &str) -> Result<String, KmsError> {
+        if policies.iter().any(|p| p == ROOT_POLICY) {
+            return Ok("policy root".into());
+        }
+        let map = self.policies.read().map_err(|_| KmsError::Internal("policy cache poisoned".into()))?;
+        for name in policies {
+            if let Some(i) = map.get(name).and_then(|p| p.grants(operation, resource)) {
+                return Ok(format!("policy {name} rule {i}"));
+            }
+        }
+        Err(KmsError::PermissionDenied(format!("no policy of this token grants {operation} on {resource}")))
+    }
+
+    /// Authorize `operation` on `resource` for `who`; see [`Kms::decide`].
+    pub fn authorize(&self, who: &TokenRecord, operation: &str, resource: &str) -> Result<String, KmsError> {
+        self.decide(&who.policies, operation, resource)
+    }
+
+    /// The key name a ciphertext was made with (for authorizing decrypt), if the key exists.
+    pub async fn key_name_of_ciphertext(&self, ciphertext: &[u8]) -> Result<Option<String>, KmsError> {
+        let Ok((h, _)) = format::parse(ciphertext, EnvelopeKind::CiphertextV1) else {
+            return Ok(None);
+        };
+        Ok(self.key_by_id(&KeyId(h.key_id)).await?.map(|k| k.record.name.clone()))
     }
 
     // ----- key cache ------------------------------------------------------------------------

@@ -91,8 +91,19 @@ pub trait Store: Send + Sync + 'static {
     /// Erase the values of the given versions for good; returns how many were erased.
     async fn destroy_secret_versions(&self, path: &str, versions: &[u32]) -> Result<u32, StoreError>;
 
-    /// Store a token record (by hash).
+    /// Store a new token record (by hash); [`StoreError::AlreadyExists`] if the hash is known.
     async fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+    /// Replace a token's mutable fields (expiry, uses); [`StoreError::NotFound`] if revoked.
+    async fn update_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+    /// Delete tokens by accessor; returns how many existed.
+    async fn delete_tokens(&self, accessors: &[String]) -> Result<u32, StoreError>;
     /// All token records.
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// Create or replace a policy document.
+    async fn put_policy(&self, name: &str, document: &str, now: i64) -> Result<(), StoreError>;
+    /// Delete a policy; returns whether it existed.
+    async fn delete_policy(&self, name: &str) -> Result<bool, StoreError>;
+    /// All policies as (name, document), by name.
+    async fn list_policies(&self) -> Result<Vec<(String, String)>, StoreError>;
 }

@@ -48,6 +48,18 @@ pub fn route_table() -> Vec<(&'static str, &'static str, bool, MethodRouter<AppS
         ("get", "/v1/health", true, get(health)),
         ("get", "/v1/openapi.json", false, get(openapi)),
         ("get", "/v1/sys/audit", false, get(audit_info)),
+        ("post", "/v1/sys/authorize", false, post(dry_run)),
+        ("get", "/v1/auth/whoami", false, get(whoami)),
+        ("post", "/v1/auth/token/create", false, post(token_create)),
+        ("post", "/v1/auth/token/lookup", false, post(token_lookup)),
+        ("post", "/v1/auth/token/renew", false, post(token_renew)),
+        ("post", "/v1/auth/token/renew-self", false, post(token_renew_self)),
+        ("post", "/v1/auth/token/revoke", false, post(token_revoke)),
+        ("post", "/v1/auth/token/revoke-self", false, post(token_revoke_self)),
+        ("get", "/v1/policies", false, get(list_policies)),
+        ("get", "/v1/policies/{name}", false, get(get_policy)),
+        ("put", "/v1/policies/{name}", false, put(put_policy)),
+        ("delete", "/v1/policies/{name}", false, axum::routing::delete(delete_policy)),
         ("post", "/v1/keys", false, post(create_key)),
         ("get", "/v1/keys", false, get(list_keys)),
         ("get", "/v1/keys/{name}", false, get(describe_key)),
@@ -177,7 +189,7 @@ async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) 
         ctx.set_reason("no token presented");
         return ApiError::from(keyward_core::KmsError::Unauthenticated).into_response();
     };
-    match st.kms.authenticate(token.trim()) {
+    match st.kms.authenticate(token.trim()).await {
         Ok(rec) => {
             ctx.set_identity(&rec.accessor);
             req.extensions_mut().insert(Caller(rec, ctx));
@@ -192,8 +204,8 @@ async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) 
 
 fn allow(st: &AppState, c: &Caller, op: &str, resource: &str) -> Result<(), ApiError> {
     match st.kms.authorize(&c.0, op, resource) {
-        Ok(()) => {
-            c.1.set_decision(op, resource, true, "root token".into());
+        Ok(grant) => {
+            c.1.set_decision(op, resource, true, grant);
             Ok(())
         }
         Err(e) => {
@@ -228,6 +240,128 @@ async fn audit_info(State(st): State<AppState>, c: Caller) -> ApiResult {
         }
         None => ok(json!({"enabled": false})),
     }
+}
+
+// ----- tokens, policies, authorization -------------------------------------------------------
+
+fn token_json(t: &keyward_core::model::TokenRecord) -> Value {
+    json!({
+        "accessor": t.accessor,
+        "policies": t.policies,
+        "display_name": t.display_name,
+        "created_at": time(t.created_at),
+        "expires_at": t.expires_at.map(time),
+        "ttl": t.ttl_secs.map(format_period),
+        "max_uses": t.max_uses,
+        "uses": t.uses,
+        "parent": t.parent,
+    })
+}
+
+async fn whoami(State(st): State<AppState>, c: Caller) -> ApiResult {
+    c.1.set_decision("whoami", "auth/self", true, "every token may see itself".into());
+    let grants: Vec<Value> =
+        c.0.policies
+            .iter()
+            .map(|p| match st.kms.get_policy(p) {
+                Ok(pol) => json!({"policy": p, "grants": pol.summary()}),
+                Err(_) if p == keyward_core::policy::ROOT_POLICY => json!({"policy": p, "grants": ["* on *"]}),
+                Err(_) => json!({"policy": p, "grants": [], "missing": true}),
+            })
+            .collect();
+    let mut v = token_json(&c.0);
+    v["effective"] = Value::Array(grants);
+    ok(v)
+}
+
+async fn token_create(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<TokenCreateReq>) -> ApiResult {
+    allow(&st, &c, "write", "auth/token")?;
+    let ttl_secs = r.ttl.as_deref().map(|s| parse_period("ttl", s)).transpose()?;
+    let req = keyward_core::service::TokenRequest {
+        policies: r.policies,
+        ttl_secs,
+        max_uses: r.max_uses,
+        display_name: r.display_name.unwrap_or_default(),
+    };
+    let (token, rec) = st.kms.create_token(&c.0, req).await?;
+    let mut v = token_json(&rec);
+    v["token"] = Value::String(String::from_utf8_lossy(token.expose()).into_owned());
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+async fn token_lookup(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<AccessorReq>) -> ApiResult {
+    allow(&st, &c, "read", "auth/token")?;
+    let t = st.kms.lookup_token(&r.accessor)?;
+    ok(token_json(&t))
+}
+
+async fn token_renew(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<AccessorReq>) -> ApiResult {
+    allow(&st, &c, "write", "auth/token")?;
+    let t = st.kms.renew_token(&r.accessor).await?;
+    ok(token_json(&t))
+}
+
+async fn token_renew_self(State(st): State<AppState>, c: Caller, StrictJson(_): StrictJson<Empty>) -> ApiResult {
+    c.1.set_decision("renew", "auth/self", true, "every token may renew itself".into());
+    let t = st.kms.renew_token(&c.0.accessor).await?;
+    ok(token_json(&t))
+}
+
+async fn token_revoke(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<AccessorReq>) -> ApiResult {
+    allow(&st, &c, "write", "auth/token")?;
+    ok(json!({"revoked": st.kms.revoke_token(&r.accessor).await?}))
+}
+
+async fn token_revoke_self(State(st): State<AppState>, c: Caller, StrictJson(_): StrictJson<Empty>) -> ApiResult {
+    c.1.set_decision("revoke", "auth/self", true, "every token may revoke itself".into());
+    ok(json!({"revoked": st.kms.revoke_token(&c.0.accessor).await?}))
+}
+
+async fn list_policies(State(st): State<AppState>, c: Caller) -> ApiResult {
+    allow(&st, &c, "list", "policies/")?;
+    ok(json!({"policies": st.kms.list_policies()}))
+}
+
+async fn get_policy(State(st): State<AppState>, c: Caller, Path(name): Path<String>) -> ApiResult {
+    allow(&st, &c, "read", &format!("policies/{name}"))?;
+    if name == keyward_core::policy::ROOT_POLICY {
+        return ok(
+            json!({"name": "root", "description": "built in: every operation on every resource", "rules": [{"resources": ["*"], "operations": ["*"]}]}),
+        );
+    }
+    ok(serde_json::to_value(&*st.kms.get_policy(&name)?).unwrap_or_default())
+}
+
+async fn put_policy(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+    StrictJson(r): StrictJson<PolicyReq>,
+) -> ApiResult {
+    allow(&st, &c, "admin", &format!("policies/{name}"))?;
+    let p = keyward_core::policy::Policy { name: name.clone(), description: r.description, rules: r.rules };
+    st.kms.put_policy(p).await?;
+    ok(serde_json::to_value(&*st.kms.get_policy(&name)?).unwrap_or_default())
+}
+
+async fn delete_policy(State(st): State<AppState>, c: Caller, Path(name): Path<String>) -> ApiResult {
+    allow(&st, &c, "admin", &format!("policies/{name}"))?;
+    st.kms.delete_policy(&name).await?;
+    ok(json!({"deleted": name}))
+}
+
+/// Dry run: would a token (by accessor) or a set of policies be allowed `operation` on `resource`?
+async fn dry_run(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<DryRunReq>) -> ApiResult {
+    allow(&st, &c, "admin", "sys/authorize")?;
+    let policies = match (&r.accessor, &r.policies) {
+        (Some(a), None) => st.kms.lookup_token(a)?.policies.clone(),
+        (None, Some(p)) => p.clone(),
+        _ => return Err(ApiError::invalid("give exactly one of accessor or policies")),
+    };
+    ok(match st.kms.decide(&policies, &r.operation, &r.resource) {
+        Ok(grant) => json!({"allowed": true, "grant": grant, "policies": policies}),
+        Err(e) => json!({"allowed": false, "reason": e.to_string(), "policies": policies}),
+    })
 }
 
 async fn openapi(State(st): State<AppState>, c: Caller) -> ApiResult {
@@ -350,25 +484,25 @@ async fn encrypt(
 async fn decrypt(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<DecryptReq>) -> ApiResult {
     let ct = unb64("ciphertext", &r.ciphertext)?;
     // Authorization is by the key named in the ciphertext header; the service re-checks it.
-    let resource = key_resource_of(&st, &ct).await;
+    let resource = key_resource_of(&st, &ct).await?;
     allow(&st, &c, "decrypt", &resource)?;
     let d = st.kms.decrypt(&ct, &r.context).await?;
     ok(json!({"plaintext": b64(d.plaintext.expose()), "key": d.key_name, "key_version": d.key_version}))
 }
 
-async fn key_resource_of(st: &AppState, ciphertext: &[u8]) -> String {
-    match keyward_crypto::format::parse(ciphertext, keyward_crypto::format::EnvelopeKind::CiphertextV1) {
-        Ok((h, _)) => format!("keys/@{}", hex::encode(h.key_id)),
-        Err(_) => {
-            let _ = st;
-            "keys/@unknown".to_string()
-        }
-    }
+/// The resource a ciphertext is authorized against: the key named by its header. An unknown or
+/// malformed header is `keys/?` (only a caller allowed to decrypt with every key gets past the
+/// check, to then learn "decryption failed").
+async fn key_resource_of(st: &AppState, ciphertext: &[u8]) -> Result<String, ApiError> {
+    Ok(match st.kms.key_name_of_ciphertext(ciphertext).await? {
+        Some(name) => format!("keys/{name}"),
+        None => "keys/?".to_string(),
+    })
 }
 
 async fn reencrypt(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<ReencryptReq>) -> ApiResult {
     let ct = unb64("ciphertext", &r.ciphertext)?;
-    allow(&st, &c, "decrypt", &key_resource_of(&st, &ct).await)?;
+    allow(&st, &c, "decrypt", &key_resource_of(&st, &ct).await?)?;
     if let Some(dest) = &r.destination_key {
         allow(&st, &c, "encrypt", &format!("keys/{dest}"))?;
     }

@@ -171,6 +171,38 @@ pub struct VersionsReq {
     pub versions: Vec<u32>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenCreateReq {
+    pub policies: Vec<String>,
+    pub ttl: Option<String>,
+    pub max_uses: Option<u32>,
+    pub display_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessorReq {
+    pub accessor: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyReq {
+    #[serde(default)]
+    pub description: String,
+    pub rules: Vec<keyward_core::policy::Rule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DryRunReq {
+    pub accessor: Option<String>,
+    pub policies: Option<Vec<String>>,
+    pub operation: String,
+    pub resource: String,
+}
+
 #[derive(Serialize)]
 pub struct VersionOut {
     pub version: u32,
@@ -270,6 +302,10 @@ pub fn parse_all_request_types(data: &[u8]) -> usize {
         + ok::<RandomReq>(data)
         + ok::<PutSecretReq>(data)
         + ok::<VersionsReq>(data)
+        + ok::<TokenCreateReq>(data)
+        + ok::<AccessorReq>(data)
+        + ok::<PolicyReq>(data)
+        + ok::<DryRunReq>(data)
         + usize::from(serde_urlencoded::from_bytes::<PageQuery>(data).is_ok())
         + usize::from(serde_urlencoded::from_bytes::<SecretListQuery>(data).is_ok())
         + usize::from(serde_urlencoded::from_bytes::<VersionQuery>(data).is_ok())

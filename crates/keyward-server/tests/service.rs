@@ -70,12 +70,12 @@ async fn wrong_root_key_is_refused_and_reopen_keeps_token() {
     let dir = tempfile::tempdir().unwrap();
     let (kms, token) = open(dir.path(), &[7; 32]).await.unwrap();
     let token = String::from_utf8(token.unwrap().expose().to_vec()).unwrap();
-    assert!(kms.authenticate(&token).unwrap().is_root());
-    assert!(kms.authenticate("kwt_nope").is_err());
+    assert!(kms.authenticate(&token).await.unwrap().is_root());
+    assert!(kms.authenticate("kwt_nope").await.is_err());
     drop(kms);
     let err = open(dir.path(), &[8; 32]).await.unwrap_err();
     assert!(err.to_string().contains("internal") || matches!(err, KmsError::Internal(_)));
     let (kms, again) = open(dir.path(), &[7; 32]).await.unwrap();
     assert!(again.is_none(), "root token is created once");
-    assert!(kms.authenticate(&token).is_ok());
+    assert!(kms.authenticate(&token).await.is_ok());
 }

@@ -19,6 +19,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     secrets(&*store).await;
     secret_concurrency(store.clone()).await;
     tokens(&*store).await;
+    policies(&*store).await;
 }
 
 fn key(name: &str, id: u8) -> KeyRecord {
@@ -212,8 +213,47 @@ async fn tokens(s: &dyn Store) {
         policies: vec!["root".into(), "ops".into()],
         created_at: 1,
         expires_at: Some(99),
+        parent: None,
+        ttl_secs: Some(98),
+        max_uses: Some(3),
+        uses: 0,
+        display_name: "ops".into(),
     };
     s.put_token(&t).await.unwrap();
     assert_eq!(s.list_tokens().await.unwrap(), vec![t.clone()]);
     assert!(s.put_token(&t).await.is_err(), "duplicate token hash refused");
+    let mut child = t.clone();
+    child.hash = [8; 32];
+    child.accessor = "acc_2".into();
+    child.parent = Some("acc_1".into());
+    child.max_uses = None;
+    child.ttl_secs = None;
+    s.put_token(&child).await.unwrap();
+    let mut renewed = t.clone();
+    renewed.expires_at = Some(500);
+    renewed.uses = 2;
+    s.update_token(&renewed).await.unwrap();
+    assert_eq!(
+        s.list_tokens().await.unwrap(),
+        vec![renewed.clone(), child.clone()],
+        "update persisted; ordered by accessor"
+    );
+    assert_eq!(s.delete_tokens(&["acc_1".into(), "acc_2".into(), "acc_9".into()]).await.unwrap(), 2);
+    assert!(s.list_tokens().await.unwrap().is_empty());
+    assert!(matches!(s.update_token(&renewed).await, Err(StoreError::NotFound)), "revoked tokens stay revoked");
+}
+
+async fn policies(s: &dyn Store) {
+    assert!(s.list_policies().await.unwrap().is_empty());
+    s.put_policy("b", "{doc b}", 1).await.unwrap();
+    s.put_policy("a", "{doc a}", 1).await.unwrap();
+    s.put_policy("b", "{doc b2}", 2).await.unwrap();
+    assert_eq!(
+        s.list_policies().await.unwrap(),
+        vec![("a".to_string(), "{doc a}".to_string()), ("b".to_string(), "{doc b2}".to_string())],
+        "upsert, ordered by name"
+    );
+    assert!(s.delete_policy("a").await.unwrap());
+    assert!(!s.delete_policy("a").await.unwrap());
+    assert_eq!(s.list_policies().await.unwrap().len(), 1);
 }

@@ -16,7 +16,8 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 const READERS: usize = 4;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
 CREATE TABLE keys (
     id BLOB PRIMARY KEY,
@@ -63,7 +64,20 @@ CREATE TABLE tokens (
     created_at INTEGER NOT NULL,
     expires_at INTEGER
 );
-"#];
+"#,
+    r#"
+ALTER TABLE tokens ADD COLUMN parent TEXT;
+ALTER TABLE tokens ADD COLUMN ttl_secs INTEGER;
+ALTER TABLE tokens ADD COLUMN max_uses INTEGER;
+ALTER TABLE tokens ADD COLUMN uses INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tokens ADD COLUMN display_name TEXT NOT NULL DEFAULT '';
+CREATE TABLE policies (
+    name TEXT PRIMARY KEY,
+    document TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+"#,
+];
 
 struct Inner {
     writer: Mutex<Connection>,
@@ -597,8 +611,20 @@ impl Store for SqliteStore {
         let t = t.clone();
         self.write(move |c| {
             c.execute(
-                "INSERT INTO tokens (hash, accessor, policies, created_at, expires_at) VALUES (?1,?2,?3,?4,?5)",
-                params![t.hash.to_vec(), t.accessor, t.policies.join(","), t.created_at, t.expires_at],
+                "INSERT INTO tokens (hash, accessor, policies, created_at, expires_at, parent, ttl_secs, max_uses, uses, display_name) \
+                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)",
+                params![
+                    t.hash.to_vec(),
+                    t.accessor,
+                    t.policies.join(","),
+                    t.created_at,
+                    t.expires_at,
+                    t.parent,
+                    t.ttl_secs.map(i64_of).transpose()?,
+                    t.max_uses,
+                    t.uses,
+                    t.display_name
+                ],
             )
             .map_err(backend)?;
             Ok(())
@@ -606,15 +632,50 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn update_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        let t = t.clone();
+        self.write(move |c| {
+            let n = c
+                .execute(
+                    "UPDATE tokens SET expires_at=?2, uses=?3 WHERE accessor=?1",
+                    params![t.accessor, t.expires_at, t.uses],
+                )
+                .map_err(backend)?;
+            if n == 1 { Ok(()) } else { Err(StoreError::NotFound) }
+        })
+        .await
+    }
+
+    async fn delete_tokens(&self, accessors: &[String]) -> Result<u32, StoreError> {
+        let accessors = accessors.to_vec();
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+            let mut n = 0u32;
+            {
+                let mut st = tx.prepare_cached("DELETE FROM tokens WHERE accessor=?1").map_err(backend)?;
+                for a in &accessors {
+                    n += u32::try_from(st.execute([a]).map_err(backend)?).unwrap_or(0);
+                }
+            }
+            tx.commit().map_err(backend)?;
+            Ok(n)
+        })
+        .await
+    }
+
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         self.read(move |c| {
             let mut st = c
-                .prepare_cached("SELECT hash, accessor, policies, created_at, expires_at FROM tokens ORDER BY accessor")
+                .prepare_cached(
+                    "SELECT hash, accessor, policies, created_at, expires_at, parent, ttl_secs, max_uses, uses, display_name \
+                     FROM tokens ORDER BY accessor",
+                )
                 .map_err(backend)?;
             let rows = st
                 .query_map([], |r| {
                     let hash: Vec<u8> = r.get(0)?;
                     let policies: String = r.get(2)?;
+                    let ttl: Option<i64> = r.get(6)?;
                     Ok(match <[u8; 32]>::try_from(hash) {
                         Ok(hash) => Ok(TokenRecord {
                             hash,
@@ -622,11 +683,44 @@ impl Store for SqliteStore {
                             policies: policies.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect(),
                             created_at: r.get(3)?,
                             expires_at: r.get(4)?,
+                            parent: r.get(5)?,
+                            ttl_secs: ttl.and_then(|t| u64::try_from(t).ok()),
+                            max_uses: r.get(7)?,
+                            uses: r.get(8)?,
+                            display_name: r.get(9)?,
                         }),
                         Err(_) => Err(StoreError::Corrupt("token row".into())),
                     })
                 })
                 .map_err(backend)?;
+            collect(rows)
+        })
+        .await
+    }
+
+    async fn put_policy(&self, name: &str, document: &str, now: i64) -> Result<(), StoreError> {
+        let (name, document) = (name.to_string(), document.to_string());
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO policies (name, document, updated_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT(name) DO UPDATE SET document=excluded.document, updated_at=excluded.updated_at",
+                params![name, document, now],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_policy(&self, name: &str) -> Result<bool, StoreError> {
+        let name = name.to_string();
+        self.write(move |c| Ok(c.execute("DELETE FROM policies WHERE name=?1", [name]).map_err(backend)? == 1)).await
+    }
+
+    async fn list_policies(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.read(move |c| {
+            let mut st = c.prepare_cached("SELECT name, document FROM policies ORDER BY name").map_err(backend)?;
+            let rows = st.query_map([], |r| Ok(Ok((r.get(0)?, r.get(1)?)))).map_err(backend)?;
             collect(rows)
         })
         .await
