@@ -138,6 +138,8 @@ pub struct TokenRequest {
     pub max_uses: Option<u32>,
     /// Free text naming the holder.
     pub display_name: String,
+    /// Create without a parent, so revoking the creator does not revoke it (root tokens only).
+    pub orphan: bool,
 }
 
 /// What the scheduler did.
@@ -257,6 +259,7 @@ impl Kms {
                 ttl_secs: None,
                 max_uses: None,
                 display_name: "root".into(),
+                orphan: true,
             };
             Some(kms.insert_token(None, req).await?.0)
         } else {
@@ -381,6 +384,9 @@ impl Kms {
         if req.max_uses == Some(0) {
             return Err(KmsError::invalid("max_uses must be at least 1"));
         }
+        if req.orphan && !parent.is_root() {
+            return Err(KmsError::PermissionDenied("only a root token can create orphan tokens".into()));
+        }
         {
             let known = self.policies.read().map_err(|_| KmsError::Internal("policy cache poisoned".into()))?;
             for p in &req.policies {
@@ -394,7 +400,8 @@ impl Kms {
                 }
             }
         }
-        self.insert_token(Some(parent), req).await
+        let parent = if req.orphan { None } else { Some(parent) };
+        self.insert_token(parent, req).await
     }
 
     /// Look a token up by accessor.
@@ -449,7 +456,7 @@ impl Kms {
             .count();
         if roots_left == 0 && all.iter().any(|t| t.is_root() && doomed.contains(&t.accessor)) {
             return Err(KmsError::Conflict(
-                "this would revoke the last root token: create another token with the root policy first".into(),
+                "this would revoke the last root token: first create another with `{\"policies\": [\"root\"], \"orphan\": true}`".into(),
             ));
         }
         self.store.delete_tokens(&doomed).await?;

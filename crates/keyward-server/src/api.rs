@@ -282,6 +282,7 @@ async fn token_create(State(st): State<AppState>, c: Caller, StrictJson(r): Stri
         ttl_secs,
         max_uses: r.max_uses,
         display_name: r.display_name.unwrap_or_default(),
+        orphan: r.orphan,
     };
     let (token, rec) = st.kms.create_token(&c.0, req).await?;
     let mut v = token_json(&rec);

@@ -178,6 +178,8 @@ pub struct TokenCreateReq {
     pub ttl: Option<String>,
     pub max_uses: Option<u32>,
     pub display_name: Option<String>,
+    #[serde(default)]
+    pub orphan: bool,
 }
 
 #[derive(Deserialize)]
