@@ -128,6 +128,15 @@ pub enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Policies (deny by default).
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Who am I, and what may I do.
+    #[command(subcommand)]
+    Auth(AuthCmd),
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -361,4 +370,60 @@ pub enum AuditCmd {
         #[arg(long)]
         key_file: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCmd {
+    /// Create or replace a policy from a JSON file ("-" for stdin):
+    /// {"description": "...", "rules": [{"resources": ["keys/app"], "operations": ["encrypt"]}]}
+    Put { name: String, file: PathBuf },
+    /// List policy names.
+    List,
+    /// Show a policy.
+    Show { name: String },
+    /// Delete a policy.
+    Delete { name: String },
+    /// Dry run: would this token (accessor) or these policies be allowed OPERATION on RESOURCE?
+    Check {
+        /// Token accessor to check.
+        #[arg(long, conflicts_with = "policies")]
+        accessor: Option<String>,
+        /// Policies to check (repeatable).
+        #[arg(long = "policy")]
+        policies: Vec<String>,
+        operation: String,
+        resource: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Create a token (prints it once).
+    Create {
+        /// Policy to attach (repeatable).
+        #[arg(long = "policy", required = true)]
+        policies: Vec<String>,
+        /// Lifetime, renewable, e.g. 1h.
+        #[arg(long)]
+        ttl: Option<String>,
+        #[arg(long)]
+        max_uses: Option<u32>,
+        #[arg(long)]
+        display_name: Option<String>,
+        /// No parent: not revoked with its creator (root only).
+        #[arg(long)]
+        orphan: bool,
+    },
+    /// Look a token up by accessor.
+    Lookup { accessor: String },
+    /// Renew a token by accessor (or your own with no accessor).
+    Renew { accessor: Option<String> },
+    /// Revoke a token and all tokens created from it (or your own with no accessor).
+    Revoke { accessor: Option<String> },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuthCmd {
+    /// Show the caller's token and effective grants.
+    Whoami,
 }

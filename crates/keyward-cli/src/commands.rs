@@ -228,6 +228,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Secret(s) => secret(&cli, s).await,
         Command::Bench(b) => bench(&cli, b).await,
         Command::Audit(AuditCmd::Verify { files, key_file }) => audit_verify(&cli, files, key_file.as_deref()).await,
+        Command::Policy(p) => policy(&cli, p).await,
+        Command::Token(t) => token(&cli, t).await,
+        Command::Auth(AuthCmd::Whoami) => {
+            let v = client(&cli)?.request(keyward_client::Method::GET, "/v1/auth/whoami", None).await?;
+            print_value(cli.output, &v)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -589,4 +596,66 @@ async fn audit_verify(
             Ok(ExitCode::from(2))
         }
     }
+}
+
+async fn policy(cli: &Cli, p: &PolicyCmd) -> anyhow::Result<ExitCode> {
+    use keyward_client::Method;
+    let c = client(cli)?;
+    let v = match p {
+        PolicyCmd::Put { name, file } => {
+            let raw = if file.as_os_str() == "-" { read_stdin()? } else { std::fs::read(file)? };
+            let body: Value = serde_json::from_slice(&raw).context("the policy file must be JSON")?;
+            c.request(Method::PUT, &format!("/v1/policies/{name}"), Some(&body)).await?
+        }
+        PolicyCmd::List => c.request(Method::GET, "/v1/policies", None).await?,
+        PolicyCmd::Show { name } => c.request(Method::GET, &format!("/v1/policies/{name}"), None).await?,
+        PolicyCmd::Delete { name } => c.request(Method::DELETE, &format!("/v1/policies/{name}"), None).await?,
+        PolicyCmd::Check { accessor, policies, operation, resource } => {
+            let mut body = json!({"operation": operation, "resource": resource});
+            match accessor {
+                Some(a) => body["accessor"] = json!(a),
+                None => body["policies"] = json!(policies),
+            }
+            let v = c.request(Method::POST, "/v1/sys/authorize", Some(&body)).await?;
+            let allowed = v["allowed"].as_bool().unwrap_or(false);
+            match cli.output {
+                Output::Json => print_value(cli.output, &v)?,
+                Output::Table if allowed => println!("allowed by {}", v["grant"].as_str().unwrap_or("?")),
+                Output::Table => println!("denied: {}", v["reason"].as_str().unwrap_or("?")),
+            }
+            return Ok(if allowed { ExitCode::SUCCESS } else { ExitCode::from(3) });
+        }
+    };
+    print_value(cli.output, &v)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn token(cli: &Cli, t: &TokenCmd) -> anyhow::Result<ExitCode> {
+    use keyward_client::Method;
+    let c = client(cli)?;
+    let v = match t {
+        TokenCmd::Create { policies, ttl, max_uses, display_name, orphan } => {
+            c.request(
+                Method::POST,
+                "/v1/auth/token/create",
+                Some(&json!({"policies": policies, "ttl": ttl, "max_uses": max_uses, "display_name": display_name, "orphan": orphan})),
+            )
+            .await?
+        }
+        TokenCmd::Lookup { accessor } => {
+            c.request(Method::POST, "/v1/auth/token/lookup", Some(&json!({"accessor": accessor}))).await?
+        }
+        TokenCmd::Renew { accessor: Some(a) } => {
+            c.request(Method::POST, "/v1/auth/token/renew", Some(&json!({"accessor": a}))).await?
+        }
+        TokenCmd::Renew { accessor: None } => c.request(Method::POST, "/v1/auth/token/renew-self", Some(&json!({}))).await?,
+        TokenCmd::Revoke { accessor: Some(a) } => {
+            c.request(Method::POST, "/v1/auth/token/revoke", Some(&json!({"accessor": a}))).await?
+        }
+        TokenCmd::Revoke { accessor: None } => {
+            c.request(Method::POST, "/v1/auth/token/revoke-self", Some(&json!({}))).await?
+        }
+    };
+    print_value(cli.output, &v)?;
+    Ok(ExitCode::SUCCESS)
 }

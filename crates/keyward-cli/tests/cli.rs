@@ -140,6 +140,35 @@ fn readme_tour_and_restart() {
     let dk = json(&dev, &["datakey", "--key", "payments"]);
     assert!(dk["plaintext"].is_string() && dk["ciphertext"].is_string());
 
+    // Policies and scoped tokens.
+    let pol = dir.path().join("pol.json");
+    std::fs::write(&pol, r#"{"rules":[{"resources":["keys/payments"],"operations":["encrypt","decrypt"]}]}"#).unwrap();
+    ok(&dev, &["policy", "put", "payments-app", pol.to_str().unwrap()], b"");
+    assert!(String::from_utf8(ok(&dev, &["policy", "list"], b"")).unwrap().contains("payments-app"));
+    let t = json(&dev, &["token", "create", "--policy", "payments-app", "--ttl", "1h"]);
+    let scoped = Dev {
+        child: Command::new("true").spawn().unwrap(),
+        addr: dev.addr.clone(),
+        token: t["token"].as_str().unwrap().into(),
+    };
+    assert_eq!(ok(&scoped, &["decrypt", "--context", "tenant=acme"], &ct), secret, "scoped token may decrypt");
+    let o = kw(&scoped, &["secret", "get", "app/db"], b"");
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("permission denied"), "{}", String::from_utf8_lossy(&o.stderr));
+    let out =
+        String::from_utf8(ok(&dev, &["policy", "check", "--policy", "payments-app", "encrypt", "keys/payments"], b""))
+            .unwrap();
+    assert!(out.starts_with("allowed by policy payments-app rule 0"), "{out}");
+    assert_eq!(
+        kw(&dev, &["policy", "check", "--policy", "payments-app", "sign", "keys/payments"], b"").status.code(),
+        Some(3)
+    );
+    let who = json(&scoped, &["auth", "whoami"]);
+    assert_eq!(who["policies"], serde_json::json!(["payments-app"]));
+    ok(&dev, &["token", "revoke", t["accessor"].as_str().unwrap()], b"");
+    assert!(!kw(&scoped, &["auth", "whoami"], b"").status.success(), "revoked");
+    drop(scoped);
+
     // Errors go to stderr with a non-zero exit and say what to do.
     let o = kw(&dev, &["key", "show", "nope"], b"");
     assert!(!o.status.success());
