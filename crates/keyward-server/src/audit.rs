@@ -154,7 +154,8 @@ pub struct Head {
 
 /// The audit log handle.
 pub struct AuditLog {
-    tx: Mutex<mpsc::Sender<Job>>,
+    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     healthy: Arc<AtomicBool>,
     head: Arc<Mutex<Head>>,
     key: Arc<SecretBytes>,
@@ -260,9 +261,18 @@ pub fn verify_files(key: &[u8], files: &[PathBuf], head: Option<&Head>) -> Resul
     let mut saw_head = head.is_none_or(|h| h.seq == 0);
     for (_, f) in &ordered {
         let rd = BufReader::new(File::open(f).map_err(|e| err(f, 0, e.to_string()))?);
+        let mut in_tail = false;
         for (i, line) in rd.split(b'\n').enumerate() {
             let n = i as u64 + 1;
             let line = line.map_err(|e| err(f, n, e.to_string()))?;
+            // Preallocated space after the last record is all zeros.
+            if in_tail || line.first() == Some(&0) {
+                if line.iter().any(|b| *b != 0) {
+                    return Err(err(f, n, "data after the end of the records".into()));
+                }
+                in_tail = true;
+                continue;
+            }
             let (seq, mac) =
                 verify_line(key, &line, expect.as_ref().map(|(s, m)| (*s, m.as_str()))).map_err(|r| err(f, n, r))?;
             if expect.is_none() {
@@ -309,10 +319,14 @@ fn read_tail(key: &[u8], path: &Path) -> Result<Option<Head>, AuditError> {
     if len == 0 {
         return Ok(None);
     }
-    let window = len.min(64 * 1024);
-    f.seek(SeekFrom::Start(len - window)).map_err(|e| AuditError::Unavailable(e.to_string()))?;
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf).map_err(|e| AuditError::Unavailable(e.to_string()))?;
+    let end = logical_end(&mut f).map_err(|e| AuditError::Unavailable(e.to_string()))?;
+    if end == 0 {
+        return Ok(None);
+    }
+    let window = end.min(64 * 1024);
+    f.seek(SeekFrom::Start(end - window)).map_err(|e| AuditError::Unavailable(e.to_string()))?;
+    let mut buf = vec![0u8; usize::try_from(window).unwrap_or(0)];
+    f.read_exact(&mut buf).map_err(|e| AuditError::Unavailable(e.to_string()))?;
     if buf.last() != Some(&b'\n') {
         return Err(damaged("the last record is incomplete".into()));
     }
@@ -323,7 +337,71 @@ fn read_tail(key: &[u8], path: &Path) -> Result<Option<Head>, AuditError> {
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new().create(true).append(true).mode(0o600).open(path)
+    OpenOptions::new().create(true).read(true).write(true).truncate(false).mode(0o600).open(path)
+}
+
+/// Bytes added ahead of the records, written as zeros and synced once, so that appending a
+/// batch and `fdatasync` touch only data blocks, not the file size (much cheaper on ext4/xfs).
+const PREALLOC: u64 = 4 * 1024 * 1024;
+
+/// Where the records end: the file size less any zero-filled preallocated tail.
+fn logical_end(f: &mut File) -> std::io::Result<u64> {
+    let len = f.metadata()?.len();
+    let mut end = len;
+    let mut buf = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..usize::try_from(end - start).unwrap_or(0)];
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(chunk)?;
+        match chunk.iter().rposition(|b| *b != 0) {
+            Some(i) => return Ok(start + i as u64 + 1),
+            None => end = start,
+        }
+    }
+    Ok(0)
+}
+
+/// An open audit file with its write position and preallocated end.
+struct LogFile {
+    file: File,
+    pos: u64,
+    alloc: u64,
+}
+
+impl LogFile {
+    fn open(path: &Path) -> std::io::Result<Self> {
+        let mut file = open_append(path)?;
+        let pos = logical_end(&mut file)?;
+        let alloc = file.metadata()?.len();
+        Ok(Self { file, pos, alloc })
+    }
+
+    /// Write `buf` at the end of the records and make it durable.
+    fn append_durable(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let need = self.pos + buf.len() as u64;
+        if need > self.alloc {
+            let new_alloc = need + PREALLOC;
+            let zeros = vec![0u8; usize::try_from(new_alloc - self.alloc).unwrap_or(0)];
+            self.file.write_all_at(&zeros, self.alloc)?;
+            self.file.sync_all()?;
+            self.alloc = new_alloc;
+        }
+        if let Err(e) = self.file.write_all_at(buf, self.pos).and_then(|()| self.file.sync_data()) {
+            // Best effort: leave zeros where the failed batch went, so the tail stays clean.
+            let _ = self.file.write_all_at(&vec![0u8; buf.len()], self.pos);
+            return Err(e);
+        }
+        self.pos = need;
+        Ok(())
+    }
+
+    /// Drop the preallocated tail (before rotation or shutdown).
+    fn trim(&self) -> std::io::Result<()> {
+        self.file.set_len(self.pos)?;
+        self.file.sync_all()
+    }
 }
 
 impl AuditLog {
@@ -337,7 +415,7 @@ impl AuditLog {
         }
         let head = Arc::new(Mutex::new(head.unwrap_or(Head { seq: 0, hmac: ZERO_MAC.into() })));
         let file =
-            open_append(&cfg.file).map_err(|e| AuditError::Unavailable(format!("{}: {e}", cfg.file.display())))?;
+            LogFile::open(&cfg.file).map_err(|e| AuditError::Unavailable(format!("{}: {e}", cfg.file.display())))?;
         let (tx, rx) = mpsc::channel::<Job>();
         let healthy = Arc::new(AtomicBool::new(true));
         let writer = Writer {
@@ -347,11 +425,11 @@ impl AuditLog {
             file: Some(file),
             healthy: healthy.clone(),
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("keyward-audit".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| AuditError::Unavailable(e.to_string()))?;
-        Ok(Self { tx: Mutex::new(tx), healthy, head, key, file: cfg.file })
+        Ok(Self { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), healthy, head, key, file: cfg.file })
     }
 
     /// Whether the last write succeeded. While false, the server refuses requests *before*
@@ -384,6 +462,8 @@ impl AuditLog {
         self.tx
             .lock()
             .map_err(|_| AuditError::Unavailable("writer lock poisoned".into()))?
+            .as_ref()
+            .ok_or_else(|| AuditError::Unavailable("audit log closed".into()))?
             .send(Job { record, done })
             .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?;
         wait.await.map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?
@@ -402,6 +482,19 @@ impl AuditLog {
     /// The current file.
     pub fn file(&self) -> &Path {
         &self.file
+    }
+}
+
+impl Drop for AuditLog {
+    /// Stop the writer after it has written everything queued, and wait for it, so that a new
+    /// log opened on the same file (a restart) never races with this one.
+    fn drop(&mut self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = t.join();
+        }
     }
 }
 
@@ -440,7 +533,7 @@ struct Writer {
     cfg: AuditConfig,
     key: Arc<SecretBytes>,
     head: Arc<Mutex<Head>>,
-    file: Option<File>,
+    file: Option<LogFile>,
     healthy: Arc<AtomicBool>,
 }
 
@@ -472,6 +565,10 @@ impl Writer {
                 let _ = j.done.send(result.clone());
             }
         }
+        // Every sender is gone: the server is stopping. Leave a file without the zero tail.
+        if let Some(f) = self.file.take() {
+            let _ = f.trim();
+        }
     }
 
     fn write_batch(&mut self, batch: &[Job]) -> Result<(), AuditError> {
@@ -489,7 +586,7 @@ impl Writer {
         }
         // If the file was moved or replaced (external rotation, operator action), reopen the path.
         if let Some(f) = &self.file {
-            let same = match (f.metadata(), std::fs::metadata(&self.cfg.file)) {
+            let same = match (f.file.metadata(), std::fs::metadata(&self.cfg.file)) {
                 (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
                 _ => false,
             };
@@ -498,19 +595,11 @@ impl Writer {
             }
         }
         if self.file.is_none() {
-            self.file = Some(open_append(&self.cfg.file).map_err(unavailable)?);
+            self.file = Some(LogFile::open(&self.cfg.file).map_err(unavailable)?);
         }
         let file = self.file.as_mut().ok_or_else(|| AuditError::Unavailable("no audit file".into()))?;
-        let before = file.metadata().map_err(unavailable)?.len();
-        if let Err(e) = file.write_all(&buf).and_then(|()| file.sync_data()) {
-            // Undo a partial append so the chain stays intact; if that fails too, stop for good.
-            if file.set_len(before).and_then(|()| file.sync_data()).is_err() {
-                return Err(AuditError::Unavailable(format!(
-                    "unrecoverable: {e}; and the partial write could not be undone"
-                )));
-            }
-            return Err(AuditError::Unavailable(e.to_string()));
-        }
+        file.append_durable(&buf).map_err(unavailable)?;
+        let written = file.pos;
         if let Ok(mut h) = self.head.lock() {
             *h = Head { seq, hmac: prev };
         }
@@ -518,7 +607,7 @@ impl Writer {
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(&buf).and_then(|()| out.flush());
         }
-        if before + buf.len() as u64 >= self.cfg.max_file_bytes {
+        if written >= self.cfg.max_file_bytes {
             self.rotate(seq);
         }
         Ok(())
@@ -526,7 +615,11 @@ impl Writer {
 
     /// Move the full file aside as `FILE.<last seq + 1>`-ordered name and start a new one.
     fn rotate(&mut self, last_seq: u64) {
-        self.file = None;
+        if let Some(f) = self.file.take()
+            && let Err(e) = f.trim()
+        {
+            tracing::warn!(error = %e, "could not trim the audit file before rotation");
+        }
         let target = PathBuf::from(format!("{}.{}", self.cfg.file.display(), last_seq));
         match std::fs::rename(&self.cfg.file, &target) {
             Ok(()) => tracing::info!(file = %target.display(), "audit log rotated"),
@@ -569,8 +662,17 @@ mod tests {
         (log, file)
     }
 
+    /// The records of a live file (without the preallocated zero tail).
+    fn records(p: &Path) -> Vec<u8> {
+        let mut b = std::fs::read(p).unwrap();
+        while b.last() == Some(&0) {
+            b.pop();
+        }
+        b
+    }
+
     fn lines(p: &Path) -> Vec<String> {
-        std::fs::read_to_string(p).unwrap().lines().map(str::to_string).collect()
+        String::from_utf8(records(p)).unwrap().lines().map(str::to_string).collect()
     }
 
     #[test]
@@ -635,7 +737,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (log, file) = write_log(dir.path(), 2, u64::MAX);
         drop(log);
-        let mut s = std::fs::read(&file).unwrap();
+        let mut s = records(&file);
         s.truncate(s.len() - 5);
         std::fs::write(&file, s).unwrap();
         let e = AuditLog::open(

@@ -47,7 +47,7 @@ pub fn harden_process(require_mlock: bool) -> Result<Hardening, HardenError> {
         source: e.into(),
         fix: "this should never happen; report it",
     })?;
-    let memory_locked = match mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE) {
+    let memory_locked = match mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT) {
         Ok(()) => true,
         Err(e) if require_mlock => {
             return Err(HardenError::Failed {

@@ -135,7 +135,7 @@ async fn authorization_matrix_and_audited_denials() {
     }
 
     // Every denial is in the audit log with its reason and identity.
-    let log = std::fs::read_to_string(s.dir.path().join("data/audit.log")).unwrap();
+    let log = common::audit_records(&s.dir.path().join("data/audit.log"));
     let recs: Vec<Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let denials: Vec<&Value> = recs.iter().filter(|r| r["decision"] == "deny").collect();
     assert_eq!(denials.len(), 8 + 11, "scoped 8 + signer 11 denials");
