@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use base64::Engine;
 use common::{TestServer, raw};
@@ -65,13 +64,8 @@ async fn every_request_is_audited_without_secrets_and_the_chain_verifies() {
 async fn unwritable_audit_sink_refuses_start_and_fails_requests_until_fixed() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().join("data"),
-        dev: true,
-        scheduler_interval: Duration::from_secs(3600),
-        tls: None,
-        insecure_file_seal: false,
         audit: AuditSettings { file: Some("/dev/full".into()), ..Default::default() },
+        ..common::dev_config(dir.path())
     };
     let e = start(cfg).await.unwrap_err();
     assert!(e.to_string().contains("audit"), "a server whose audit sink cannot write does not start: {e}");

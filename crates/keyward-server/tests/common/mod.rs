@@ -5,6 +5,19 @@ use std::time::Duration;
 use keyward_client::Client;
 use keyward_server::{Running, ServerConfig, start};
 
+/// A dev-mode configuration on a free loopback port with its data under `dir/data`.
+pub fn dev_config(dir: &std::path::Path) -> ServerConfig {
+    ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.join("data"),
+        dev: true,
+        scheduler_interval: Duration::from_secs(3600),
+        tls: None,
+        insecure_file_seal: false,
+        audit: Default::default(),
+    }
+}
+
 #[allow(missing_debug_implementations)]
 pub struct TestServer {
     pub running: Option<Running>,
@@ -20,15 +33,7 @@ impl TestServer {
     }
 
     pub async fn start_in(dir: tempfile::TempDir) -> Self {
-        let cfg = ServerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data_dir: dir.path().join("data"),
-            dev: true,
-            scheduler_interval: Duration::from_secs(3600),
-            tls: None,
-            insecure_file_seal: false,
-            audit: Default::default(),
-        };
+        let cfg = dev_config(dir.path());
         let running = start(cfg).await.expect("server starts");
         let token = std::fs::read_to_string(running.root_token_file.as_ref().unwrap()).unwrap();
         let addr = format!("http://{}", running.addr);
