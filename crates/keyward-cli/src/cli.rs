@@ -33,10 +33,13 @@ pub enum Output {
 pub enum Command {
     /// Run a development server: embedded store, insecure file seal, plain HTTP on loopback.
     Dev(DevArgs),
-    /// Run a server: HTTPS only. Until Shamir/HSM sealing exist it needs --insecure-file-seal.
+    /// Run a server: HTTPS only, sealed by Shamir shares (see `keyward operator init`).
     Server(ServerArgs),
-    /// Show server health.
+    /// Show server health, seal state and unseal progress.
     Status,
+    /// Seal ceremonies: init, unseal, seal, rekey, root key rotation.
+    #[command(subcommand)]
+    Operator(OperatorCmd),
     /// Manage keys.
     #[command(subcommand)]
     Key(KeyCmd),
@@ -139,6 +142,38 @@ pub enum Command {
     Auth(AuthCmd),
 }
 
+#[derive(Subcommand, Debug)]
+pub enum OperatorCmd {
+    /// Initialise a new server: prints the unseal key shares and the root token, once.
+    Init {
+        /// Number of shares to issue.
+        #[arg(long, default_value_t = 5)]
+        shares: u8,
+        /// Shares needed to unseal.
+        #[arg(long, default_value_t = 3)]
+        threshold: u8,
+    },
+    /// Submit one unseal share, read from a prompt (not echoed) or from stdin, never from argv.
+    Unseal,
+    /// Seal the server: it stops serving and forgets its keys until unsealed again.
+    Seal,
+    /// Replace the unseal shares (the root key is unchanged; old shares stop working). Each
+    /// holder runs it once with their current share; the last one gets the new shares.
+    Rekey {
+        /// Number of new shares (when starting the rekey).
+        #[arg(long, default_value_t = 5)]
+        shares: u8,
+        /// New threshold (when starting the rekey).
+        #[arg(long, default_value_t = 3)]
+        threshold: u8,
+        /// Cancel the rekey in progress.
+        #[arg(long)]
+        cancel: bool,
+    },
+    /// Move all stored key material to a new root key, while serving.
+    RotateRoot,
+}
+
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Encoding {
     Base64,
@@ -175,8 +210,8 @@ pub struct ServerArgs {
     /// PEM private key for HTTPS.
     #[arg(long)]
     pub tls_key: PathBuf,
-    /// Keep the root key in an unencrypted file in the data directory (the only seal until
-    /// Shamir/HSM sealing exist). Anyone who can read that file has every key.
+    /// Keep the unseal key in an unencrypted file in the data directory instead of Shamir
+    /// shares. Anyone who can read that file has every key.
     #[arg(long)]
     pub insecure_file_seal: bool,
     /// Start even if memory cannot be locked (key material could be swapped to disk).

@@ -127,6 +127,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print_value(cli.output, &client(&cli)?.health().await?)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Operator(o) => operator(&cli, o).await,
         Command::Key(k) => key(&cli, k).await,
         Command::Encrypt { key, ctx, base64 } => {
             let pt = zeroize::Zeroizing::new(read_stdin()?);
@@ -453,6 +454,101 @@ async fn bench(cli: &Cli, b: &BenchArgs) -> anyhow::Result<ExitCode> {
         println!("{report}");
     }
     Ok(if report.ops == 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// Read one share from a no-echo prompt on a terminal, else one line of stdin.
+fn read_share(prompt: &str) -> anyhow::Result<zeroize::Zeroizing<String>> {
+    use std::io::IsTerminal;
+    let s = if std::io::stdin().is_terminal() {
+        zeroize::Zeroizing::new(rpassword::prompt_password(prompt).context("reading the share")?)
+    } else {
+        let mut line = zeroize::Zeroizing::new(String::new());
+        std::io::BufRead::read_line(&mut std::io::stdin().lock().take(4096), &mut line)
+            .context("reading the share from stdin")?;
+        line
+    };
+    let trimmed = zeroize::Zeroizing::new(s.trim().to_string());
+    if trimmed.is_empty() {
+        bail!("no share given: paste one share (as printed by `keyward operator init` or rekey)");
+    }
+    Ok(trimmed)
+}
+
+fn print_shares(output: Output, v: &Value, root_token: Option<&str>) -> anyhow::Result<()> {
+    if output == Output::Json {
+        return print_value(output, v);
+    }
+    for (i, s) in v["shares"].as_array().into_iter().flatten().enumerate() {
+        println!("Unseal share {}: {}", i + 1, s.as_str().unwrap_or(""));
+    }
+    if let Some(t) = root_token {
+        println!("Root token: {t}");
+    }
+    eprintln!(
+        "These are shown once. Give each share to a different operator; any threshold of them unseals the server."
+    );
+    Ok(())
+}
+
+async fn operator(cli: &Cli, o: &OperatorCmd) -> anyhow::Result<ExitCode> {
+    let c = client(cli)?;
+    use keyward_client::Method;
+    const GET: Method = Method::GET;
+    const POST: Method = Method::POST;
+    const DELETE: Method = Method::DELETE;
+    match o {
+        OperatorCmd::Init { shares, threshold } => {
+            let v = c.request(POST, "/v1/sys/init", Some(&json!({"shares": shares, "threshold": threshold}))).await?;
+            print_shares(cli.output, &v, v["root_token"].as_str())?;
+            eprintln!("The server is sealed: run `keyward operator unseal` {threshold} times with different shares.");
+        }
+        OperatorCmd::Unseal => {
+            let share = read_share("Unseal share: ")?;
+            let v = c.request(POST, "/v1/sys/unseal", Some(&json!({"share": &*share}))).await?;
+            if cli.output == Output::Json {
+                print_value(cli.output, &v)?;
+            } else if v["complete"] == true {
+                println!("Unsealed.");
+            } else {
+                println!("Unseal progress: {}/{}", v["progress"], v["threshold"]);
+            }
+        }
+        OperatorCmd::Seal => {
+            c.request(POST, "/v1/sys/seal", Some(&json!({}))).await?;
+            println!("Sealed.");
+        }
+        OperatorCmd::Rekey { shares, threshold, cancel } => {
+            if *cancel {
+                print_value(cli.output, &c.request(DELETE, "/v1/sys/rekey", None).await?)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let st = c.request(GET, "/v1/sys/rekey", None).await?;
+            let nonce = match st["nonce"].as_str() {
+                Some(n) => n.to_string(),
+                None => {
+                    let v = c
+                        .request(POST, "/v1/sys/rekey", Some(&json!({"shares": shares, "threshold": threshold})))
+                        .await?;
+                    eprintln!("Started a rekey to {shares} shares with threshold {threshold}.");
+                    v["nonce"].as_str().ok_or_else(|| anyhow!("the server returned no rekey nonce"))?.to_string()
+                }
+            };
+            let share = read_share("Current unseal share: ")?;
+            let v = c.request(POST, "/v1/sys/rekey/update", Some(&json!({"nonce": nonce, "share": &*share}))).await?;
+            if v["shares"].is_array() {
+                print_shares(cli.output, &v, None)?;
+                eprintln!("Rekeyed: the old shares no longer unseal this server.");
+            } else if cli.output == Output::Json {
+                print_value(cli.output, &v)?;
+            } else {
+                println!("Rekey progress: {}/{}", v["progress"], v["threshold"]);
+            }
+        }
+        OperatorCmd::RotateRoot => {
+            print_value(cli.output, &c.request(POST, "/v1/sys/rotate-root", Some(&json!({}))).await?)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn server(a: ServerArgs) -> anyhow::Result<ExitCode> {

@@ -12,10 +12,15 @@ pub enum SealError {
     /// The sealed data is malformed or has unsafe permissions.
     #[error("seal: {0}")]
     Invalid(String),
+    /// The unseal key does not open the root keyring (a wrong or forged share, or another
+    /// installation's key).
+    #[error("the unseal key does not open the root keyring")]
+    WrongUnsealKey,
 }
 
-/// Provides the 256-bit root key. Implementations: the insecure file seal of `keyward dev`
-/// (in `keyward-server`); Shamir and PKCS#11 seals come later behind the same trait.
+/// Provides a 256-bit key kept outside the store. The insecure file seal of `keyward dev` (in
+/// `keyward-server`) provides the unseal key this way; Shamir shares are submitted by operators
+/// instead, and a PKCS#11 seal will come behind this trait.
 pub trait Seal: Send + Sync + std::fmt::Debug {
     /// Short name for status output ("insecure-file", ...).
     fn kind(&self) -> &'static str;
@@ -24,4 +29,123 @@ pub trait Seal: Send + Sync + std::fmt::Debug {
     /// Return the root key, creating and sealing a new one if none exists yet.
     /// The boolean is true when a new root key was created.
     fn load_or_create(&self) -> Result<(SecretBytes, bool), SealError>;
+}
+
+/// Meta entry holding the [`SealConfig`].
+pub const META_SEAL: &str = "seal";
+const AAD_KEYRING: &[u8] = b"keyward/root-keyring/v1";
+/// Length of the unseal key (the key-encryption key of the root keyring).
+pub const UNSEAL_KEY_LEN: usize = 32;
+
+/// How the root keyring is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SealKind {
+    /// The unseal key is split into Shamir shares held by operators.
+    Shamir,
+    /// The unseal key rests in a local file in the clear (`keyward dev`).
+    InsecureFile,
+}
+
+impl SealKind {
+    /// Name for status output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Shamir => "shamir",
+            Self::InsecureFile => "insecure-file",
+        }
+    }
+}
+
+/// The stored seal: parameters and the root keyring (newest first) wrapped under the unseal key.
+/// More than one root key only while a root rotation is unfinished.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealConfig {
+    /// Seal kind.
+    pub kind: SealKind,
+    /// Number of shares (Shamir).
+    pub shares: u8,
+    /// Shares needed to unseal (Shamir).
+    pub threshold: u8,
+    /// Root keys, newest first, each AES-256-GCM sealed under the unseal key (hex).
+    pub keyring: Vec<String>,
+    /// Incremented on every change (rekey, root rotation).
+    pub generation: u64,
+}
+
+impl SealConfig {
+    /// A config whose keyring holds `roots` wrapped under `unseal_key`.
+    pub fn new(
+        kind: SealKind,
+        shares: u8,
+        threshold: u8,
+        unseal_key: &SecretBytes,
+        roots: &[&SecretBytes],
+    ) -> Result<Self, SealError> {
+        let mut c = Self { kind, shares, threshold, keyring: Vec::new(), generation: 0 };
+        c.set_keyring(unseal_key, roots)?;
+        Ok(c)
+    }
+
+    /// Replace the keyring (and bump the generation).
+    pub fn set_keyring(&mut self, unseal_key: &SecretBytes, roots: &[&SecretBytes]) -> Result<(), SealError> {
+        let kek = keyward_crypto::aead::AeadKey::new(unseal_key).map_err(|e| SealError::Invalid(e.to_string()))?;
+        self.keyring = roots
+            .iter()
+            .map(|r| kek.seal(AAD_KEYRING, r.expose()).map(hex::encode))
+            .collect::<Result<_, _>>()
+            .map_err(|e| SealError::Invalid(e.to_string()))?;
+        self.generation += 1;
+        Ok(())
+    }
+
+    /// Open the keyring with `unseal_key`; [`SealError::WrongUnsealKey`] if it does not fit.
+    pub fn open_keyring(&self, unseal_key: &SecretBytes) -> Result<Vec<SecretBytes>, SealError> {
+        let kek = keyward_crypto::aead::AeadKey::new(unseal_key).map_err(|_| SealError::WrongUnsealKey)?;
+        if self.keyring.is_empty() {
+            return Err(SealError::Invalid("the stored root keyring is empty".into()));
+        }
+        self.keyring
+            .iter()
+            .map(|h| {
+                let sealed = hex::decode(h).map_err(|_| SealError::Invalid("stored root keyring is not hex".into()))?;
+                kek.open(AAD_KEYRING, &sealed).map_err(|_| SealError::WrongUnsealKey)
+            })
+            .collect()
+    }
+
+    /// Serialized form for the store.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parse the stored form.
+    pub fn from_bytes(b: &[u8]) -> Result<Self, SealError> {
+        serde_json::from_slice(b).map_err(|e| SealError::Invalid(format!("stored seal configuration: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyring_opens_only_with_its_unseal_key() {
+        let kek = SecretBytes::random(32).unwrap();
+        let (r1, r2) = (SecretBytes::random(32).unwrap(), SecretBytes::random(32).unwrap());
+        let mut c = SealConfig::new(SealKind::Shamir, 5, 3, &kek, &[&r1]).unwrap();
+        let parsed = SealConfig::from_bytes(&c.to_bytes()).unwrap();
+        assert_eq!(parsed, c);
+        let ring = parsed.open_keyring(&kek).unwrap();
+        assert!(ring[0].ct_eq(r1.expose()));
+        assert!(matches!(c.open_keyring(&SecretBytes::random(32).unwrap()), Err(SealError::WrongUnsealKey)));
+        let g = c.generation;
+        c.set_keyring(&kek, &[&r2, &r1]).unwrap();
+        assert_eq!(c.generation, g + 1);
+        let ring = c.open_keyring(&kek).unwrap();
+        assert!(ring[0].ct_eq(r2.expose()) && ring[1].ct_eq(r1.expose()));
+        assert!(SealConfig::from_bytes(b"{\"kind\":\"shamir\"}").is_err());
+        assert!(!format!("{c:?}").contains(&hex::encode(r1.expose())), "debug shows only wrapped keys");
+    }
 }

@@ -19,6 +19,17 @@ const META_ROOT_CHECK: &str = "root_check";
 const META_SECRETS_KEY: &str = "secrets_key";
 const AAD_ROOT_CHECK: &[u8] = b"keyward/root-check/v1";
 const AAD_SECRETS_KEY: &[u8] = b"keyward/secrets-key/v1";
+const META_TOKEN_KEY: &str = "token_key";
+const AAD_TOKEN_KEY: &[u8] = b"keyward/token-key/v1";
+const META_AUDIT_KEY: &str = "audit_key";
+const AAD_AUDIT_KEY: &[u8] = b"keyward/audit-key/v1";
+/// Every meta entry wrapped directly under the root key, with its associated data.
+const ROOT_WRAPPED_META: &[(&str, &[u8])] = &[
+    (META_ROOT_CHECK, AAD_ROOT_CHECK),
+    (META_SECRETS_KEY, AAD_SECRETS_KEY),
+    (META_TOKEN_KEY, AAD_TOKEN_KEY),
+    (META_AUDIT_KEY, AAD_AUDIT_KEY),
+];
 const ROOT_CHECK_PLAINTEXT: &[u8] = b"keyward root key check";
 const CAS_RETRIES: usize = 8;
 
@@ -55,6 +66,15 @@ pub struct KeyDescription {
     pub record: KeyRecord,
     /// Versions, ascending.
     pub versions: Vec<VersionInfo>,
+}
+
+/// What a root rotation re-wrapped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RewrapReport {
+    /// Service keys (secrets key, token key, audit key, root check).
+    pub service_keys: u32,
+    /// Key versions.
+    pub key_versions: u32,
 }
 
 /// Parameters of a new key.
@@ -160,8 +180,13 @@ struct KeyCache {
 /// The KMS service. Cheap to share behind an `Arc`.
 pub struct Kms {
     store: Arc<dyn Store>,
-    root: AeadKey,
+    /// Root keys, newest first; older ones only during a root rotation.
+    roots: RwLock<Vec<Arc<AeadKey>>>,
+    /// Held (shared) from wrapping material under the newest root until it is stored, and
+    /// (exclusively) while a new root is installed, so no write under an old root lands unseen.
+    wrap_guard: tokio::sync::RwLock<()>,
     secrets_key: AeadKey,
+    audit_key: SecretBytes,
     keys: RwLock<KeyCache>,
     tokens: RwLock<HashMap<[u8; 32], Arc<TokenRecord>>>,
     token_key: SecretBytes,
@@ -211,42 +236,58 @@ fn not_found(what: &'static str, name: &str) -> KmsError {
 }
 
 impl Kms {
-    /// Open the service over `store` with the unsealed `root` key. On a new store this
-    /// initialises it and returns the root token, which is shown once and stored only as a hash.
-    pub async fn open(store: Arc<dyn Store>, root: SecretBytes) -> Result<(Self, Option<SecretBytes>), KmsError> {
-        let token_key = keyward_crypto::kdf::hkdf_sha256(root.expose(), b"", b"keyward/token-hash/v1", 32)?;
-        let root = AeadKey::new(&root)?;
+    /// Open the service over `store` with the unsealed root keyring (newest first; more than one
+    /// only while a root rotation is unfinished). On a new store this initialises it and returns
+    /// the root token, which is shown once and stored only as a hash.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        keyring: Vec<SecretBytes>,
+    ) -> Result<(Self, Option<SecretBytes>), KmsError> {
+        let newest = keyring.first().ok_or_else(|| KmsError::Internal("empty root keyring".into()))?;
+        // Stores created before these keys were stored derived them from the root key itself;
+        // deriving the same way keeps their tokens and audit chain valid.
+        let legacy_token_key = keyward_crypto::kdf::hkdf_sha256(newest.expose(), b"", b"keyward/token-hash/v1", 32)?;
+        let legacy_audit_key = keyward_crypto::kdf::hkdf_sha256(newest.expose(), b"", b"keyward/audit-key/v1", 32)?;
+        let roots = keyring.iter().map(AeadKey::new).collect::<Result<Vec<_>, _>>()?;
+        let roots: Vec<Arc<AeadKey>> = roots.into_iter().map(Arc::new).collect();
+        let open_any = |aad: &[u8], sealed: &[u8]| roots.iter().find_map(|r| r.open(aad, sealed).ok());
         match store.get_meta(META_ROOT_CHECK).await? {
             Some(check) => {
-                root.open(AAD_ROOT_CHECK, &check).map_err(|_| {
+                open_any(AAD_ROOT_CHECK, &check).ok_or_else(|| {
                     KmsError::Internal(
                         "the root key does not match this store (wrong seal for this data directory)".into(),
                     )
                 })?;
             }
             None => {
-                let check = root.seal(AAD_ROOT_CHECK, ROOT_CHECK_PLAINTEXT)?;
+                let check = roots[0].seal(AAD_ROOT_CHECK, ROOT_CHECK_PLAINTEXT)?;
                 if !store.put_meta_if_absent(META_ROOT_CHECK, &check).await? {
                     // Another server initialised concurrently: verify against theirs.
                     let theirs = store
                         .get_meta(META_ROOT_CHECK)
                         .await?
                         .ok_or_else(|| KmsError::Internal("root check vanished".into()))?;
-                    root.open(AAD_ROOT_CHECK, &theirs).map_err(|_| KmsError::Internal("root key mismatch".into()))?;
+                    open_any(AAD_ROOT_CHECK, &theirs).ok_or_else(|| KmsError::Internal("root key mismatch".into()))?;
                 }
             }
         }
-        let fresh = SecretBytes::random(32)?;
-        let wrapped = root.seal(AAD_SECRETS_KEY, fresh.expose())?;
-        store.put_meta_if_absent(META_SECRETS_KEY, &wrapped).await?;
-        let wrapped =
-            store.get_meta(META_SECRETS_KEY).await?.ok_or_else(|| KmsError::Internal("secrets key missing".into()))?;
-        let secrets_key = AeadKey::new(&root.open(AAD_SECRETS_KEY, &wrapped)?)?;
+        let stored_key = async |name: &str, aad: &[u8], initial: SecretBytes| -> Result<SecretBytes, KmsError> {
+            let wrapped = roots[0].seal(aad, initial.expose())?;
+            store.put_meta_if_absent(name, &wrapped).await?;
+            let wrapped = store.get_meta(name).await?.ok_or_else(|| KmsError::Internal(format!("{name} missing")))?;
+            open_any(aad, &wrapped).ok_or_else(|| KmsError::Internal(format!("{name} cannot be unwrapped")))
+        };
+        let secrets_key =
+            AeadKey::new(&stored_key(META_SECRETS_KEY, AAD_SECRETS_KEY, SecretBytes::random(32)?).await?)?;
+        let token_key = stored_key(META_TOKEN_KEY, AAD_TOKEN_KEY, legacy_token_key).await?;
+        let audit_key = stored_key(META_AUDIT_KEY, AAD_AUDIT_KEY, legacy_audit_key).await?;
 
         let kms = Self {
             store,
-            root,
+            roots: RwLock::new(roots),
+            wrap_guard: tokio::sync::RwLock::new(()),
             secrets_key,
+            audit_key,
             keys: RwLock::new(KeyCache::default()),
             tokens: RwLock::new(HashMap::new()),
             token_key,
@@ -268,6 +309,100 @@ impl Kms {
         kms.reload_tokens().await?;
         kms.reload_policies().await?;
         Ok((kms, root_token))
+    }
+
+    /// The key of the audit log's hash chain (stored under the root key).
+    pub fn audit_key(&self) -> &SecretBytes {
+        &self.audit_key
+    }
+
+    // ----- root keys ------------------------------------------------------------------------
+
+    fn current_root(&self) -> Result<Arc<AeadKey>, KmsError> {
+        let roots = self.roots.read().map_err(|_| KmsError::Internal("root keyring lock poisoned".into()))?;
+        roots.first().cloned().ok_or_else(|| KmsError::Internal("empty root keyring".into()))
+    }
+
+    /// Open data wrapped under any root key; the flag says whether it was the newest.
+    fn unwrap_root(&self, aad: &[u8], sealed: &[u8]) -> Result<(Option<SecretBytes>, bool), KmsError> {
+        let roots = self.roots.read().map_err(|_| KmsError::Internal("root keyring lock poisoned".into()))?.clone();
+        for (i, r) in roots.iter().enumerate() {
+            if let Ok(p) = r.open(aad, sealed) {
+                return Ok((Some(p), i == 0));
+            }
+        }
+        Ok((None, false))
+    }
+
+    /// Install `new` as the newest root key. Everything wrapped from now on uses it; data under
+    /// the older roots stays readable until [`Kms::finish_root_rotation`].
+    pub async fn begin_root_rotation(&self, new: &SecretBytes) -> Result<(), KmsError> {
+        let key = Arc::new(AeadKey::new(new)?);
+        let _exclusive = self.wrap_guard.write().await;
+        let mut roots = self.roots.write().map_err(|_| KmsError::Internal("root keyring lock poisoned".into()))?;
+        roots.insert(0, key);
+        Ok(())
+    }
+
+    /// Re-wrap every root-wrapped record (service keys and all key versions) under the newest
+    /// root key. Idempotent and safe to run while serving.
+    pub async fn rewrap_under_newest_root(&self) -> Result<RewrapReport, KmsError> {
+        let mut report = RewrapReport::default();
+        let root = self.current_root()?;
+        for (name, aad) in ROOT_WRAPPED_META {
+            let Some(old) = self.store.get_meta(name).await? else { continue };
+            match self.unwrap_root(aad, &old)? {
+                (Some(_), true) => {}
+                (Some(p), false) => {
+                    if !self.store.replace_meta(name, &old, &root.seal(aad, p.expose())?).await? {
+                        return Err(KmsError::Conflict(format!("{name} changed during root rotation; run it again")));
+                    }
+                    report.service_keys += 1;
+                }
+                (None, _) => return Err(KmsError::Internal(format!("{name} cannot be unwrapped by any root key"))),
+            }
+        }
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.store.list_keys(after.as_deref(), 500).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.name.clone());
+            for rec in &page {
+                for v in self.store.get_key_versions(&rec.id).await? {
+                    let aad = version_aad(&rec.id, v.version);
+                    match self.unwrap_root(&aad, &v.wrapped_material)? {
+                        (Some(_), true) => {}
+                        (Some(p), false) => {
+                            let new = root.seal(&aad, p.expose())?;
+                            // A version purged meanwhile needs nothing; nothing else rewrites material.
+                            if self.store.rewrap_key_version(&rec.id, v.version, &v.wrapped_material, &new).await? {
+                                report.key_versions += 1;
+                            }
+                        }
+                        (None, _) => {
+                            return Err(KmsError::Internal(format!(
+                                "key {} version {} cannot be unwrapped by any root key",
+                                rec.name, v.version
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Drop (and wipe) every root key but the newest. Call after a successful
+    /// [`Kms::rewrap_under_newest_root`] and after the seal stores only the newest key.
+    pub fn finish_root_rotation(&self) -> Result<(), KmsError> {
+        let mut roots = self.roots.write().map_err(|_| KmsError::Internal("root keyring lock poisoned".into()))?;
+        roots.truncate(1);
+        Ok(())
+    }
+
+    /// How many root keys are in use (more than one while a rotation is unfinished).
+    pub fn root_keys(&self) -> usize {
+        self.roots.read().map(|r| r.len()).unwrap_or(0)
     }
 
     /// The store backend's name.
@@ -565,9 +700,10 @@ impl Kms {
     async fn load(&self, rec: KeyRecord) -> Result<Arc<CachedKey>, KmsError> {
         let mut versions = BTreeMap::new();
         for v in self.store.get_key_versions(&rec.id).await? {
-            let material = self.root.open(&version_aad(&rec.id, v.version), &v.wrapped_material).map_err(|_| {
-                KmsError::Internal(format!("key {} version {} cannot be unwrapped", rec.name, v.version))
-            })?;
+            let material =
+                self.unwrap_root(&version_aad(&rec.id, v.version), &v.wrapped_material)?.0.ok_or_else(|| {
+                    KmsError::Internal(format!("key {} version {} cannot be unwrapped", rec.name, v.version))
+                })?;
             let key = LoadedKey::load(rec.algorithm, &material)?;
             versions.insert(v.version, LoadedVersion { key, public_key: v.public_key, created_at: v.created_at });
         }
@@ -623,7 +759,7 @@ impl Kms {
     fn new_version(&self, id: &KeyId, alg: KeyAlgorithm, version: u32, now: i64) -> Result<KeyVersionRecord, KmsError> {
         let material = alg.generate()?;
         let public_key = LoadedKey::load(alg, &material)?.public_key_der();
-        let wrapped_material = self.root.seal(&version_aad(id, version), material.expose())?;
+        let wrapped_material = self.current_root()?.seal(&version_aad(id, version), material.expose())?;
         Ok(KeyVersionRecord { key_id: *id, version, wrapped_material, public_key, created_at: now })
     }
 
@@ -634,6 +770,7 @@ impl Kms {
         check_period(req.rotate_every_secs)?;
         let now = now_unix();
         let id = KeyId::random()?;
+        let _wrapping = self.wrap_guard.read().await;
         let first = self.new_version(&id, req.algorithm, 1, now)?;
         let rec = KeyRecord {
             id,
@@ -787,6 +924,7 @@ impl Kms {
                 .current_version
                 .checked_add(1)
                 .ok_or_else(|| KmsError::invalid("key has reached the maximum number of versions"))?;
+            let _wrapping = self.wrap_guard.read().await;
             let v = self.new_version(&rec.id, rec.algorithm, version, now)?;
             rec.current_version = version;
             rec.revision = expected + 1;

@@ -42,6 +42,8 @@ pub trait Store: Send + Sync + 'static {
     async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Insert a metadata value unless present; returns whether it was inserted.
     async fn put_meta_if_absent(&self, key: &str, value: &[u8]) -> Result<bool, StoreError>;
+    /// Replace a metadata value if it currently equals `expected`; returns whether it was replaced.
+    async fn replace_meta(&self, key: &str, expected: &[u8], value: &[u8]) -> Result<bool, StoreError>;
 
     /// Create a key with its first version. [`StoreError::AlreadyExists`] if the name is taken.
     async fn create_key(&self, key: &KeyRecord, first: &KeyVersionRecord) -> Result<(), StoreError>;
@@ -63,6 +65,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// All versions of a key, ascending.
     async fn get_key_versions(&self, id: &KeyId) -> Result<Vec<KeyVersionRecord>, StoreError>;
+    /// Replace one version's wrapped material if it currently equals `expected` (root key
+    /// rotation); returns whether it was replaced.
+    async fn rewrap_key_version(
+        &self,
+        id: &KeyId,
+        version: u32,
+        expected: &[u8],
+        wrapped: &[u8],
+    ) -> Result<bool, StoreError>;
     /// Keys whose automatic rotation or pending deletion is due at `now`.
     async fn keys_due(&self, now: i64, limit: u32) -> Result<Vec<KeyRecord>, StoreError>;
     /// Delete a key and all its versions if its revision is `expected_revision`.

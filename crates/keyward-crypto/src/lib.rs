@@ -26,6 +26,7 @@ pub mod hash;
 pub mod kdf;
 pub mod keys;
 mod secret;
+pub mod shamir;
 
 pub use secret::SecretBytes;
 

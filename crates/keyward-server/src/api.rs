@@ -14,9 +14,10 @@ use keyward_core::service::CreateKey;
 use keyward_crypto::keys::KeyAlgorithm;
 use serde_json::{Value, json};
 
-use crate::audit::{AuditCtx, AuditLog};
+use crate::audit::AuditCtx;
 use crate::error::ApiError;
 use crate::extract::{Caller, RequestId, StrictJson, StrictQuery};
+use crate::sealing::Sealing;
 use crate::wire::*;
 
 /// The OpenAPI document served at `/v1/openapi.json`.
@@ -25,14 +26,26 @@ pub const OPENAPI: &str = include_str!("../openapi.json");
 /// Shared state of the handlers.
 #[derive(Debug, Clone)]
 pub struct AppState {
-    /// The service.
-    pub kms: Arc<Kms>,
-    /// Seal kind, for health output.
-    pub seal: &'static str,
-    /// Whether the seal is insecure (dev).
-    pub insecure_seal: bool,
-    /// The audit log; `None` only when started with the explicit insecure no-audit option.
-    pub audit: Option<Arc<AuditLog>>,
+    /// The seal state and, while unsealed, the service and its audit log.
+    pub sealing: Arc<Sealing>,
+}
+
+impl AppState {
+    /// The service, or 503 while sealed.
+    fn kms(&self) -> Result<Arc<Kms>, ApiError> {
+        self.sealing.unsealed().map(|u| u.kms.clone()).ok_or_else(sealed_error)
+    }
+}
+
+/// Routes a sealed server still answers.
+const SEALED_ROUTES: &[&str] = &["/v1/health", "/v1/sys/init", "/v1/sys/unseal"];
+
+fn sealed_error() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "sealed",
+        "keyward is sealed: operators must unseal it with `keyward operator unseal` (see `keyward status`)",
+    )
 }
 
 type ApiResult = Result<Response, ApiError>;
@@ -46,6 +59,14 @@ fn ok(v: Value) -> ApiResult {
 pub fn route_table() -> Vec<(&'static str, &'static str, bool, MethodRouter<AppState>)> {
     vec![
         ("get", "/v1/health", true, get(health)),
+        ("post", "/v1/sys/init", true, post(sys_init)),
+        ("post", "/v1/sys/unseal", true, post(sys_unseal)),
+        ("post", "/v1/sys/seal", false, post(sys_seal)),
+        ("get", "/v1/sys/rekey", false, get(rekey_status)),
+        ("post", "/v1/sys/rekey", false, post(rekey_start)),
+        ("delete", "/v1/sys/rekey", false, axum::routing::delete(rekey_cancel)),
+        ("post", "/v1/sys/rekey/update", false, post(rekey_update)),
+        ("post", "/v1/sys/rotate-root", false, post(rotate_root)),
         ("get", "/v1/openapi.json", false, get(openapi)),
         ("get", "/v1/sys/audit", false, get(audit_info)),
         ("post", "/v1/sys/authorize", false, post(dry_run)),
@@ -130,12 +151,21 @@ async fn finish(State(st): State<AppState>, mut req: Request, next: Next) -> Res
     let ctx = Arc::new(AuditCtx::default());
     req.extensions_mut().insert(RequestId(id.clone()));
     req.extensions_mut().insert(ctx.clone());
-    let audited = st.audit.as_ref().filter(|_| path != "/v1/health");
-    // Fail closed: while the audit log cannot be written, nothing runs.
+    // The service and audit log as of the request's start: a request that seals the server
+    // still gets its own record written.
+    let unsealed = st.sealing.unsealed();
+    let audited = unsealed.as_ref().and_then(|u| u.audit.as_ref()).filter(|_| path != "/v1/health");
+    // Fail closed: while sealed, or while the audit log cannot be written, nothing runs.
     let mut resp = match audited {
+        _ if unsealed.is_none() && !SEALED_ROUTES.contains(&path.as_str()) => sealed_error().into_response(),
         Some(a) if !a.is_healthy() => audit_unavailable(),
         _ => next.run(req).await,
     };
+    if unsealed.is_none() {
+        // No audit key exists while sealed: seal ceremonies are logged here instead, and the
+        // unseal itself is the first record of the reopened chain.
+        tracing::info!(request_id = %id, %method, %path, status = resp.status().as_u16(), "request while sealed");
+    }
     let mut error_code = None;
     if let Some(err) = resp.extensions_mut().remove::<ApiError>() {
         if err.status.is_server_error() {
@@ -189,7 +219,11 @@ async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) 
         ctx.set_reason("no token presented");
         return ApiError::from(keyward_core::KmsError::Unauthenticated).into_response();
     };
-    match st.kms.authenticate(token.trim()).await {
+    let kms = match st.kms() {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
+    };
+    match kms.authenticate(token.trim()).await {
         Ok(rec) => {
             ctx.set_identity(&rec.accessor);
             req.extensions_mut().insert(Caller(rec, ctx));
@@ -203,7 +237,7 @@ async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) 
 }
 
 fn allow(st: &AppState, c: &Caller, op: &str, resource: &str) -> Result<(), ApiError> {
-    match st.kms.authorize(&c.0, op, resource) {
+    match st.kms()?.authorize(&c.0, op, resource) {
         Ok(grant) => {
             c.1.set_decision(op, resource, true, grant);
             Ok(())
@@ -215,20 +249,96 @@ fn allow(st: &AppState, c: &Caller, op: &str, resource: &str) -> Result<(), ApiE
     }
 }
 
-async fn health(State(st): State<AppState>) -> Json<Value> {
-    Json(json!({
-        "status": "ok",
-        "sealed": false,
-        "seal": st.seal,
-        "insecure_seal": st.insecure_seal,
-        "storage": st.kms.backend_name(),
+async fn health(State(st): State<AppState>) -> ApiResult {
+    let s = st.sealing.status().await?;
+    ok(json!({
+        "status": if s.sealed { "sealed" } else { "ok" },
+        "initialized": s.initialized,
+        "sealed": s.sealed,
+        "seal": s.seal,
+        "insecure_seal": s.insecure_seal,
+        "shares": s.shares,
+        "threshold": s.threshold,
+        "progress": s.progress,
+        "rekey_in_progress": s.rekey_in_progress,
+        "storage": "sqlite",
         "version": env!("CARGO_PKG_VERSION"),
     }))
 }
 
+// ----- seal ceremonies -----------------------------------------------------------------------
+
+fn shares_json(shares: &[keyward_crypto::SecretBytes]) -> Value {
+    Value::Array(shares.iter().map(|s| Value::String(String::from_utf8_lossy(s.expose()).into_owned())).collect())
+}
+
+async fn sys_init(State(st): State<AppState>, StrictJson(r): StrictJson<InitReq>) -> ApiResult {
+    let res = st.sealing.init(r.shares.unwrap_or(5), r.threshold.unwrap_or(3)).await?;
+    tracing::warn!("initialised: the unseal shares and root token were returned once to the caller");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "shares": shares_json(&res.shares),
+            "root_token": String::from_utf8_lossy(res.root_token.expose()),
+        })),
+    )
+        .into_response())
+}
+
+fn progress_json(p: crate::sealing::Progress) -> Value {
+    use crate::sealing::Progress;
+    match p {
+        Progress::Need { have, threshold } => json!({"complete": false, "progress": have, "threshold": threshold}),
+        Progress::Unsealed => json!({"complete": true, "sealed": false}),
+        Progress::Rekeyed(shares) => json!({"complete": true, "shares": shares_json(&shares)}),
+    }
+}
+
+async fn sys_unseal(State(st): State<AppState>, StrictJson(r): StrictJson<ShareReq>) -> ApiResult {
+    ok(progress_json(st.sealing.submit_unseal_share(&r.share).await?))
+}
+
+async fn sys_seal(State(st): State<AppState>, c: Caller, StrictJson(_): StrictJson<Empty>) -> ApiResult {
+    allow(&st, &c, "admin", "sys/seal")?;
+    st.sealing.seal().await?;
+    ok(json!({"sealed": true}))
+}
+
+async fn rekey_status(State(st): State<AppState>, c: Caller) -> ApiResult {
+    allow(&st, &c, "admin", "sys/rekey")?;
+    match st.sealing.rekey_status().await {
+        Some((nonce, shares, threshold, progress)) => ok(json!({
+            "in_progress": true, "nonce": nonce, "shares": shares, "threshold": threshold, "progress": progress,
+        })),
+        None => ok(json!({"in_progress": false})),
+    }
+}
+
+async fn rekey_start(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<InitReq>) -> ApiResult {
+    allow(&st, &c, "admin", "sys/rekey")?;
+    let nonce = st.sealing.rekey_start(r.shares.unwrap_or(5), r.threshold.unwrap_or(3)).await?;
+    ok(json!({"nonce": nonce}))
+}
+
+async fn rekey_cancel(State(st): State<AppState>, c: Caller) -> ApiResult {
+    allow(&st, &c, "admin", "sys/rekey")?;
+    ok(json!({"cancelled": st.sealing.rekey_cancel().await}))
+}
+
+async fn rekey_update(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<RekeyShareReq>) -> ApiResult {
+    allow(&st, &c, "admin", "sys/rekey")?;
+    ok(progress_json(st.sealing.rekey_submit(&r.nonce, &r.share).await?))
+}
+
+async fn rotate_root(State(st): State<AppState>, c: Caller, StrictJson(_): StrictJson<Empty>) -> ApiResult {
+    allow(&st, &c, "admin", "sys/rotate-root")?;
+    let r = st.sealing.rotate_root().await?;
+    ok(json!({"rotated": true, "key_versions_rewrapped": r.key_versions, "service_keys_rewrapped": r.service_keys}))
+}
+
 async fn audit_info(State(st): State<AppState>, c: Caller) -> ApiResult {
     allow(&st, &c, "audit", "sys/audit")?;
-    match &st.audit {
+    match st.sealing.unsealed().and_then(|u| u.audit.clone()) {
         Some(a) => {
             let h = a.head();
             ok(json!({
@@ -260,10 +370,11 @@ fn token_json(t: &keyward_core::model::TokenRecord) -> Value {
 
 async fn whoami(State(st): State<AppState>, c: Caller) -> ApiResult {
     c.1.set_decision("whoami", "auth/self", true, "every token may see itself".into());
+    let kms = st.kms()?;
     let grants: Vec<Value> =
         c.0.policies
             .iter()
-            .map(|p| match st.kms.get_policy(p) {
+            .map(|p| match kms.get_policy(p) {
                 Ok(pol) => json!({"policy": p, "grants": pol.summary()}),
                 Err(_) if p == keyward_core::policy::ROOT_POLICY => json!({"policy": p, "grants": ["* on *"]}),
                 Err(_) => json!({"policy": p, "grants": [], "missing": true}),
@@ -284,7 +395,7 @@ async fn token_create(State(st): State<AppState>, c: Caller, StrictJson(r): Stri
         display_name: r.display_name.unwrap_or_default(),
         orphan: r.orphan,
     };
-    let (token, rec) = st.kms.create_token(&c.0, req).await?;
+    let (token, rec) = st.kms()?.create_token(&c.0, req).await?;
     let mut v = token_json(&rec);
     v["token"] = Value::String(String::from_utf8_lossy(token.expose()).into_owned());
     Ok((StatusCode::CREATED, Json(v)).into_response())
@@ -292,35 +403,35 @@ async fn token_create(State(st): State<AppState>, c: Caller, StrictJson(r): Stri
 
 async fn token_lookup(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<AccessorReq>) -> ApiResult {
     allow(&st, &c, "read", "auth/token")?;
-    let t = st.kms.lookup_token(&r.accessor)?;
+    let t = st.kms()?.lookup_token(&r.accessor)?;
     ok(token_json(&t))
 }
 
 async fn token_renew(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<AccessorReq>) -> ApiResult {
     allow(&st, &c, "write", "auth/token")?;
-    let t = st.kms.renew_token(&r.accessor).await?;
+    let t = st.kms()?.renew_token(&r.accessor).await?;
     ok(token_json(&t))
 }
 
 async fn token_renew_self(State(st): State<AppState>, c: Caller, StrictJson(_): StrictJson<Empty>) -> ApiResult {
     c.1.set_decision("renew", "auth/self", true, "every token may renew itself".into());
-    let t = st.kms.renew_token(&c.0.accessor).await?;
+    let t = st.kms()?.renew_token(&c.0.accessor).await?;
     ok(token_json(&t))
 }
 
 async fn token_revoke(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<AccessorReq>) -> ApiResult {
     allow(&st, &c, "write", "auth/token")?;
-    ok(json!({"revoked": st.kms.revoke_token(&r.accessor).await?}))
+    ok(json!({"revoked": st.kms()?.revoke_token(&r.accessor).await?}))
 }
 
 async fn token_revoke_self(State(st): State<AppState>, c: Caller, StrictJson(_): StrictJson<Empty>) -> ApiResult {
     c.1.set_decision("revoke", "auth/self", true, "every token may revoke itself".into());
-    ok(json!({"revoked": st.kms.revoke_token(&c.0.accessor).await?}))
+    ok(json!({"revoked": st.kms()?.revoke_token(&c.0.accessor).await?}))
 }
 
 async fn list_policies(State(st): State<AppState>, c: Caller) -> ApiResult {
     allow(&st, &c, "list", "policies/")?;
-    ok(json!({"policies": st.kms.list_policies()}))
+    ok(json!({"policies": st.kms()?.list_policies()}))
 }
 
 async fn get_policy(State(st): State<AppState>, c: Caller, Path(name): Path<String>) -> ApiResult {
@@ -330,7 +441,7 @@ async fn get_policy(State(st): State<AppState>, c: Caller, Path(name): Path<Stri
             json!({"name": "root", "description": "built in: every operation on every resource", "rules": [{"resources": ["*"], "operations": ["*"]}]}),
         );
     }
-    ok(serde_json::to_value(&*st.kms.get_policy(&name)?).unwrap_or_default())
+    ok(serde_json::to_value(&*st.kms()?.get_policy(&name)?).unwrap_or_default())
 }
 
 async fn put_policy(
@@ -341,13 +452,13 @@ async fn put_policy(
 ) -> ApiResult {
     allow(&st, &c, "admin", &format!("policies/{name}"))?;
     let p = keyward_core::policy::Policy { name: name.clone(), description: r.description, rules: r.rules };
-    st.kms.put_policy(p).await?;
-    ok(serde_json::to_value(&*st.kms.get_policy(&name)?).unwrap_or_default())
+    st.kms()?.put_policy(p).await?;
+    ok(serde_json::to_value(&*st.kms()?.get_policy(&name)?).unwrap_or_default())
 }
 
 async fn delete_policy(State(st): State<AppState>, c: Caller, Path(name): Path<String>) -> ApiResult {
     allow(&st, &c, "admin", &format!("policies/{name}"))?;
-    st.kms.delete_policy(&name).await?;
+    st.kms()?.delete_policy(&name).await?;
     ok(json!({"deleted": name}))
 }
 
@@ -355,11 +466,11 @@ async fn delete_policy(State(st): State<AppState>, c: Caller, Path(name): Path<S
 async fn dry_run(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<DryRunReq>) -> ApiResult {
     allow(&st, &c, "admin", "sys/authorize")?;
     let policies = match (&r.accessor, &r.policies) {
-        (Some(a), None) => st.kms.lookup_token(a)?.policies.clone(),
+        (Some(a), None) => st.kms()?.lookup_token(a)?.policies.clone(),
         (None, Some(p)) => p.clone(),
         _ => return Err(ApiError::invalid("give exactly one of accessor or policies")),
     };
-    ok(match st.kms.decide(&policies, &r.operation, &r.resource) {
+    ok(match st.kms()?.decide(&policies, &r.operation, &r.resource) {
         Ok(grant) => json!({"allowed": true, "grant": grant, "policies": policies}),
         Err(e) => json!({"allowed": false, "reason": e.to_string(), "policies": policies}),
     })
@@ -382,21 +493,23 @@ async fn create_key(State(st): State<AppState>, c: Caller, StrictJson(r): Strict
         ))
     })?;
     let rotate_every_secs = r.rotate_every.as_deref().map(|s| parse_period("rotate_every", s)).transpose()?;
-    let d =
-        st.kms.create_key(CreateKey { name: r.name, algorithm, description: r.description, rotate_every_secs }).await?;
+    let d = st
+        .kms()?
+        .create_key(CreateKey { name: r.name, algorithm, description: r.description, rotate_every_secs })
+        .await?;
     Ok((StatusCode::CREATED, Json(KeyOut::from_description(&d))).into_response())
 }
 
 async fn list_keys(State(st): State<AppState>, c: Caller, StrictQuery(q): StrictQuery<PageQuery>) -> ApiResult {
     allow(&st, &c, "list", "keys/")?;
-    let (page, next) = st.kms.list_keys(q.after.as_deref(), q.limit).await?;
+    let (page, next) = st.kms()?.list_keys(q.after.as_deref(), q.limit).await?;
     let keys: Vec<KeyOut> = page.iter().map(KeyOut::from_record).collect();
     ok(json!({"keys": keys, "next": next}))
 }
 
 async fn describe_key(State(st): State<AppState>, c: Caller, Path(name): Path<String>) -> ApiResult {
     allow(&st, &c, "read", &format!("keys/{name}"))?;
-    ok(serde_json::to_value(KeyOut::from_description(&st.kms.describe_key(&name).await?)).unwrap_or_default())
+    ok(serde_json::to_value(KeyOut::from_description(&st.kms()?.describe_key(&name).await?)).unwrap_or_default())
 }
 
 async fn key_admin(st: &AppState, c: &Caller, name: &str) -> Result<(), ApiError> {
@@ -414,7 +527,7 @@ async fn enable_key(
     StrictJson(_): StrictJson<Empty>,
 ) -> ApiResult {
     key_admin(&st, &c, &name).await?;
-    key_json(&st.kms.enable_key(&name).await?)
+    key_json(&st.kms()?.enable_key(&name).await?)
 }
 
 async fn disable_key(
@@ -424,7 +537,7 @@ async fn disable_key(
     StrictJson(_): StrictJson<Empty>,
 ) -> ApiResult {
     key_admin(&st, &c, &name).await?;
-    key_json(&st.kms.disable_key(&name).await?)
+    key_json(&st.kms()?.disable_key(&name).await?)
 }
 
 async fn rotate_key(
@@ -434,7 +547,7 @@ async fn rotate_key(
     StrictJson(_): StrictJson<Empty>,
 ) -> ApiResult {
     key_admin(&st, &c, &name).await?;
-    key_json(&st.kms.rotate_key(&name).await?)
+    key_json(&st.kms()?.rotate_key(&name).await?)
 }
 
 async fn rotation_policy(
@@ -445,7 +558,7 @@ async fn rotation_policy(
 ) -> ApiResult {
     key_admin(&st, &c, &name).await?;
     let secs = r.rotate_every.as_deref().map(|s| parse_period("rotate_every", s)).transpose()?;
-    key_json(&st.kms.set_rotation(&name, secs).await?)
+    key_json(&st.kms()?.set_rotation(&name, secs).await?)
 }
 
 async fn schedule_deletion(
@@ -455,7 +568,7 @@ async fn schedule_deletion(
     StrictJson(r): StrictJson<ScheduleDeletionReq>,
 ) -> ApiResult {
     key_admin(&st, &c, &name).await?;
-    key_json(&st.kms.schedule_deletion(&name, r.pending_days).await?)
+    key_json(&st.kms()?.schedule_deletion(&name, r.pending_days).await?)
 }
 
 async fn cancel_deletion(
@@ -465,7 +578,7 @@ async fn cancel_deletion(
     StrictJson(_): StrictJson<Empty>,
 ) -> ApiResult {
     key_admin(&st, &c, &name).await?;
-    key_json(&st.kms.cancel_deletion(&name).await?)
+    key_json(&st.kms()?.cancel_deletion(&name).await?)
 }
 
 // ----- cryptographic operations --------------------------------------------------------------
@@ -478,7 +591,7 @@ async fn encrypt(
 ) -> ApiResult {
     allow(&st, &c, "encrypt", &format!("keys/{name}"))?;
     let pt = zeroize::Zeroizing::new(unb64("plaintext", &r.plaintext)?);
-    let e = st.kms.encrypt(&name, &pt, &r.context).await?;
+    let e = st.kms()?.encrypt(&name, &pt, &r.context).await?;
     ok(json!({"ciphertext": b64(&e.ciphertext), "key": e.key_name, "key_version": e.key_version}))
 }
 
@@ -487,7 +600,7 @@ async fn decrypt(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJso
     // Authorization is by the key named in the ciphertext header; the service re-checks it.
     let resource = key_resource_of(&st, &ct).await?;
     allow(&st, &c, "decrypt", &resource)?;
-    let d = st.kms.decrypt(&ct, &r.context).await?;
+    let d = st.kms()?.decrypt(&ct, &r.context).await?;
     ok(json!({"plaintext": b64(d.plaintext.expose()), "key": d.key_name, "key_version": d.key_version}))
 }
 
@@ -495,7 +608,7 @@ async fn decrypt(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJso
 /// malformed header is `keys/?` (only a caller allowed to decrypt with every key gets past the
 /// check, to then learn "decryption failed").
 async fn key_resource_of(st: &AppState, ciphertext: &[u8]) -> Result<String, ApiError> {
-    Ok(match st.kms.key_name_of_ciphertext(ciphertext).await? {
+    Ok(match st.kms()?.key_name_of_ciphertext(ciphertext).await? {
         Some(name) => format!("keys/{name}"),
         None => "keys/?".to_string(),
     })
@@ -507,13 +620,13 @@ async fn reencrypt(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJ
     if let Some(dest) = &r.destination_key {
         allow(&st, &c, "encrypt", &format!("keys/{dest}"))?;
     }
-    let e = st.kms.reencrypt(&ct, &r.context, r.destination_key.as_deref(), &r.destination_context).await?;
+    let e = st.kms()?.reencrypt(&ct, &r.context, r.destination_key.as_deref(), &r.destination_context).await?;
     ok(json!({"ciphertext": b64(&e.ciphertext), "key": e.key_name, "key_version": e.key_version}))
 }
 
 async fn data_key_common(st: &AppState, c: &Caller, name: &str, r: DataKeyReq, with_plaintext: bool) -> ApiResult {
     allow(st, c, "generate-data-key", &format!("keys/{name}"))?;
-    let dk = st.kms.generate_data_key(name, r.bytes, &r.context, with_plaintext).await?;
+    let dk = st.kms()?.generate_data_key(name, r.bytes, &r.context, with_plaintext).await?;
     let mut v = json!({"ciphertext": b64(&dk.ciphertext), "key": name, "key_version": dk.key_version});
     if let Some(p) = &dk.plaintext {
         v["plaintext"] = Value::String(b64(p.expose()));
@@ -546,7 +659,7 @@ async fn sign(
     StrictJson(r): StrictJson<MessageReq>,
 ) -> ApiResult {
     allow(&st, &c, "sign", &format!("keys/{name}"))?;
-    let (sig, v) = st.kms.sign(&name, &unb64("message", &r.message)?).await?;
+    let (sig, v) = st.kms()?.sign(&name, &unb64("message", &r.message)?).await?;
     ok(json!({"signature": b64(&sig), "key": name, "key_version": v}))
 }
 
@@ -557,7 +670,7 @@ async fn verify(
     StrictJson(r): StrictJson<VerifyReq>,
 ) -> ApiResult {
     allow(&st, &c, "verify", &format!("keys/{name}"))?;
-    let valid = st.kms.verify(&name, &unb64("message", &r.message)?, &unb64("signature", &r.signature)?).await?;
+    let valid = st.kms()?.verify(&name, &unb64("message", &r.message)?, &unb64("signature", &r.signature)?).await?;
     ok(json!({"valid": valid}))
 }
 
@@ -568,7 +681,7 @@ async fn mac(
     StrictJson(r): StrictJson<MessageReq>,
 ) -> ApiResult {
     allow(&st, &c, "mac", &format!("keys/{name}"))?;
-    let (m, v) = st.kms.mac(&name, &unb64("message", &r.message)?).await?;
+    let (m, v) = st.kms()?.mac(&name, &unb64("message", &r.message)?).await?;
     ok(json!({"mac": b64(&m), "key": name, "key_version": v}))
 }
 
@@ -579,13 +692,13 @@ async fn verify_mac(
     StrictJson(r): StrictJson<VerifyMacReq>,
 ) -> ApiResult {
     allow(&st, &c, "verify-mac", &format!("keys/{name}"))?;
-    let valid = st.kms.verify_mac(&name, &unb64("message", &r.message)?, &unb64("mac", &r.mac)?).await?;
+    let valid = st.kms()?.verify_mac(&name, &unb64("message", &r.message)?, &unb64("mac", &r.mac)?).await?;
     ok(json!({"valid": valid}))
 }
 
 async fn random(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<RandomReq>) -> ApiResult {
     allow(&st, &c, "random", "sys/random")?;
-    let b = st.kms.random(r.bytes)?;
+    let b = st.kms()?.random(r.bytes)?;
     ok(json!({"bytes": b64(b.expose())}))
 }
 
@@ -597,7 +710,7 @@ async fn list_secrets(
     StrictQuery(q): StrictQuery<SecretListQuery>,
 ) -> ApiResult {
     allow(&st, &c, "list", &format!("secrets/{}", q.prefix))?;
-    let (paths, next) = st.kms.list_secrets(&q.prefix, q.after.as_deref(), q.limit).await?;
+    let (paths, next) = st.kms()?.list_secrets(&q.prefix, q.after.as_deref(), q.limit).await?;
     ok(json!({"paths": paths, "next": next}))
 }
 
@@ -608,7 +721,7 @@ async fn get_secret(
     StrictQuery(q): StrictQuery<VersionQuery>,
 ) -> ApiResult {
     allow(&st, &c, "read", &format!("secrets/{path}"))?;
-    let s = st.kms.get_secret(&path, q.version).await?;
+    let s = st.kms()?.get_secret(&path, q.version).await?;
     ok(json!({"path": path, "version": s.version, "created_at": time(s.created_at), "data": s.data.expose()}))
 }
 
@@ -620,13 +733,13 @@ async fn put_secret(
 ) -> ApiResult {
     allow(&st, &c, "write", &format!("secrets/{path}"))?;
     let data = SecretData::new(r.data)?;
-    let version = st.kms.put_secret(&path, data, r.cas).await?;
+    let version = st.kms()?.put_secret(&path, data, r.cas).await?;
     ok(json!({"path": path, "version": version}))
 }
 
 async fn secret_metadata(State(st): State<AppState>, c: Caller, Path(path): Path<String>) -> ApiResult {
     allow(&st, &c, "read", &format!("secrets/{path}"))?;
-    let (meta, versions) = st.kms.secret_versions(&path).await?;
+    let (meta, versions) = st.kms()?.secret_versions(&path).await?;
     let versions: Vec<SecretVersionOut> = versions.iter().map(SecretVersionOut::from).collect();
     ok(json!({
         "path": meta.path,
@@ -644,7 +757,7 @@ async fn delete_secret(
     StrictJson(r): StrictJson<VersionsReq>,
 ) -> ApiResult {
     allow(&st, &c, "write", &format!("secrets/{path}"))?;
-    ok(json!({"changed": st.kms.delete_secret(&path, &r.versions).await?}))
+    ok(json!({"changed": st.kms()?.delete_secret(&path, &r.versions).await?}))
 }
 
 async fn undelete_secret(
@@ -654,7 +767,7 @@ async fn undelete_secret(
     StrictJson(r): StrictJson<VersionsReq>,
 ) -> ApiResult {
     allow(&st, &c, "write", &format!("secrets/{path}"))?;
-    ok(json!({"changed": st.kms.undelete_secret(&path, &r.versions).await?}))
+    ok(json!({"changed": st.kms()?.undelete_secret(&path, &r.versions).await?}))
 }
 
 async fn destroy_secret(
@@ -664,5 +777,5 @@ async fn destroy_secret(
     StrictJson(r): StrictJson<VersionsReq>,
 ) -> ApiResult {
     allow(&st, &c, "destroy", &format!("secrets/{path}"))?;
-    ok(json!({"changed": st.kms.destroy_secret(&path, &r.versions).await?}))
+    ok(json!({"changed": st.kms()?.destroy_secret(&path, &r.versions).await?}))
 }

@@ -69,3 +69,30 @@ impl IntoResponse for ApiError {
         r
     }
 }
+
+/// Map a seal ceremony error.
+impl From<crate::sealing::SealingError> for ApiError {
+    fn from(e: crate::sealing::SealingError) -> Self {
+        use crate::sealing::SealingError as E;
+        match e {
+            E::Kms(k) => k.into(),
+            E::Invalid(m) => Self::invalid(m),
+            E::WrongShares => Self::new(StatusCode::BAD_REQUEST, "wrong_shares", e.to_string()),
+            E::NotInitialized => Self::new(StatusCode::CONFLICT, "not_initialized", e.to_string()),
+            E::AlreadyInitialized => Self::new(StatusCode::CONFLICT, "already_initialized", e.to_string()),
+            E::WrongState(_) => Self::new(StatusCode::CONFLICT, "wrong_state", e.to_string()),
+            E::Audit(a) => Self {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: "audit_unavailable",
+                message: "the audit log cannot be opened; the operator must fix the audit file".into(),
+                internal: Some(a.to_string()),
+            },
+            other => Self {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                code: "internal",
+                message: "internal error; the server log has details under this request id".into(),
+                internal: Some(other.to_string()),
+            },
+        }
+    }
+}

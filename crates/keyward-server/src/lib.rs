@@ -14,6 +14,7 @@ pub mod extract;
 pub mod harden;
 pub mod run;
 pub mod seal_file;
+pub mod sealing;
 pub mod tls;
 #[allow(missing_docs)]
 pub mod wire;

@@ -6,17 +6,18 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyward_core::seal::{Seal, SealError};
-use keyward_core::store::StoreError;
-use keyward_core::{Kms, KmsError};
+use keyward_core::KmsError;
+use keyward_core::seal::{SealError, SealKind};
+use keyward_core::store::{Store, StoreError};
 use keyward_crypto::SecretBytes;
 use keyward_store::SqliteStore;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::api::{AppState, router};
-use crate::audit::{AuditConfig, AuditError, AuditLog};
+use crate::audit::{AuditConfig, AuditError};
 use crate::seal_file::InsecureFileSeal;
+use crate::sealing::{Sealing, SealingError};
 use crate::tls::{TlsError, TlsFiles, TlsListener, server_config};
 
 /// Server configuration.
@@ -32,7 +33,7 @@ pub struct ServerConfig {
     pub scheduler_interval: Duration,
     /// HTTPS certificate and key; required outside dev mode.
     pub tls: Option<TlsFiles>,
-    /// Outside dev mode, accept the insecure file seal (the only seal until Shamir/HSM exist).
+    /// Outside dev mode, keep the unseal key in an unencrypted file instead of Shamir shares.
     pub insecure_file_seal: bool,
     /// Audit settings.
     pub audit: AuditSettings,
@@ -88,6 +89,9 @@ pub enum StartError {
     /// The audit log could not be opened.
     #[error("{0}")]
     Audit(#[from] AuditError),
+    /// The seal could not be opened.
+    #[error("{0}")]
+    Sealing(#[from] SealingError),
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
@@ -160,13 +164,6 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
                     .into(),
             ));
         }
-        if !cfg.insecure_file_seal {
-            return Err(StartError::Config(
-                "no production seal is available yet (Shamir and HSM sealing come with the trust layer); pass \
-                 --insecure-file-seal to keep the root key in an unencrypted file, or use `keyward dev`"
-                    .into(),
-            ));
-        }
     }
     let tls_config = cfg.tls.as_ref().map(server_config).transpose()?;
     std::fs::DirBuilder::new()
@@ -175,38 +172,44 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         .create(&cfg.data_dir)
         .map_err(io(format!("creating data directory {}", cfg.data_dir.display())))?;
 
-    let seal = InsecureFileSeal::new(cfg.data_dir.join("root-key.insecure"));
-    tracing::warn!(
-        seal = seal.kind(),
-        "INSECURE SEAL: the root key is stored UNENCRYPTED in {}; anyone who can read it has every key",
-        cfg.data_dir.join("root-key.insecure").display()
-    );
     if tls_config.is_none() {
         tracing::warn!("plain HTTP on loopback (dev mode)");
     }
-    let (root, created) = seal.load_or_create()?;
     let db = cfg.data_dir.join("keyward.db");
-    if created && db.exists() {
-        return Err(StartError::Config(format!(
-            "{} exists but its root key file was missing; a new root key cannot read it. Restore root-key.insecure or use another --data directory",
-            db.display()
-        )));
-    }
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db)?);
     let audit = if cfg.audit.insecure_disable {
         tracing::warn!("AUDIT DISABLED (--insecure-no-audit): requests leave no record");
         None
     } else {
-        let key = keyward_crypto::kdf::hkdf_sha256(root.expose(), b"", b"keyward/audit-key/v1", 32)
-            .map_err(|e| StartError::Config(format!("deriving the audit key: {e}")))?;
         let file = cfg.audit.file.clone().unwrap_or_else(|| cfg.data_dir.join("audit.log"));
-        let ac = AuditConfig { file, stdout: cfg.audit.stdout, max_file_bytes: cfg.audit.max_file_bytes };
-        let log = AuditLog::open(ac, key)?;
-        log.system_event(&format!("keyward {} starting (seal {})", env!("CARGO_PKG_VERSION"), seal.kind())).await?;
-        Some(Arc::new(log))
+        Some(AuditConfig { file, stdout: cfg.audit.stdout, max_file_bytes: cfg.audit.max_file_bytes })
     };
-    let store = SqliteStore::open(&db)?;
-    let (kms, new_root_token) = Kms::open(Arc::new(store), root).await?;
-    let kms = Arc::new(kms);
+    let kind = if cfg.dev || cfg.insecure_file_seal { SealKind::InsecureFile } else { SealKind::Shamir };
+    let sealing = Arc::new(Sealing::new(store, kind, audit));
+    let new_root_token = match kind {
+        SealKind::InsecureFile => {
+            let path = cfg.data_dir.join("root-key.insecure");
+            tracing::warn!(
+                seal = kind.as_str(),
+                "INSECURE SEAL: the unseal key is stored UNENCRYPTED in {}; anyone who can read it has every key",
+                path.display()
+            );
+            sealing.open_with_file_seal(&InsecureFileSeal::new(path)).await?
+        }
+        SealKind::Shamir => {
+            let st = sealing.status().await?;
+            if st.initialized {
+                tracing::warn!(
+                    threshold = st.threshold,
+                    "sealed: run `keyward operator unseal` with {} shares",
+                    st.threshold
+                );
+            } else {
+                tracing::warn!("not initialised: run `keyward operator init` once");
+            }
+            None
+        }
+    };
 
     let token_file = cfg.data_dir.join("root-token");
     if let (true, Some(t)) = (cfg.dev, &new_root_token) {
@@ -224,7 +227,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
 
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(io(format!("binding {}", cfg.listen)))?;
     let addr = listener.local_addr().map_err(io("reading bound address"))?;
-    let state = AppState { kms: kms.clone(), seal: seal.kind(), insecure_seal: seal.is_insecure(), audit };
+    let state = AppState { sealing: sealing.clone() };
     let app = router(state);
 
     let (tx, rx) = oneshot::channel::<()>();
@@ -238,26 +241,27 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         }
         None => tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stop).await }),
     };
-    let scheduler = tokio::spawn(scheduler(kms, cfg.scheduler_interval));
+    let scheduler = tokio::spawn(scheduler(sealing, cfg.scheduler_interval));
     tracing::info!(%addr, "keyward listening");
     Ok(Running {
         addr,
         new_root_token,
         root_token_file: cfg.dev.then_some(token_file),
         tls: cfg.tls.is_some(),
-        seal: seal.kind(),
+        seal: kind.as_str(),
         shutdown: Some(tx),
         task,
         scheduler,
     })
 }
 
-async fn scheduler(kms: Arc<Kms>, every: Duration) {
+async fn scheduler(sealing: Arc<Sealing>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match kms.run_scheduled(keyward_core::now_unix()).await {
+        let Some(u) = sealing.unsealed() else { continue };
+        match u.kms.run_scheduled(keyward_core::now_unix()).await {
             Ok(r) => {
                 for k in &r.rotated {
                     tracing::info!(key = %k, "rotated on schedule");

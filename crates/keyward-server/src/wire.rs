@@ -74,6 +74,29 @@ pub struct ScheduleDeletionReq {
 #[serde(deny_unknown_fields)]
 pub struct Empty {}
 
+/// `keyward operator init` and rekey parameters.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitReq {
+    pub shares: Option<u8>,
+    pub threshold: Option<u8>,
+}
+
+/// One unseal share (base64, as printed by init or rekey).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShareReq {
+    pub share: zeroize::Zeroizing<String>,
+}
+
+/// One current share toward a rekey.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RekeyShareReq {
+    pub nonce: String,
+    pub share: zeroize::Zeroizing<String>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PageQuery {
@@ -308,6 +331,9 @@ pub fn parse_all_request_types(data: &[u8]) -> usize {
         + ok::<AccessorReq>(data)
         + ok::<PolicyReq>(data)
         + ok::<DryRunReq>(data)
+        + ok::<InitReq>(data)
+        + ok::<ShareReq>(data)
+        + ok::<RekeyShareReq>(data)
         + usize::from(serde_urlencoded::from_bytes::<PageQuery>(data).is_ok())
         + usize::from(serde_urlencoded::from_bytes::<SecretListQuery>(data).is_ok())
         + usize::from(serde_urlencoded::from_bytes::<VersionQuery>(data).is_ok())

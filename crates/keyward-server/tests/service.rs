@@ -13,7 +13,7 @@ use keyward_store::SqliteStore;
 
 async fn open(dir: &std::path::Path, root: &[u8]) -> Result<(Kms, Option<SecretBytes>), KmsError> {
     let store = SqliteStore::open(&dir.join("kw.db")).unwrap();
-    Kms::open(Arc::new(store), SecretBytes::copy_from(root)).await
+    Kms::open(Arc::new(store), vec![SecretBytes::copy_from(root)]).await
 }
 
 #[tokio::test]
@@ -78,4 +78,61 @@ async fn wrong_root_key_is_refused_and_reopen_keeps_token() {
     let (kms, again) = open(dir.path(), &[7; 32]).await.unwrap();
     assert!(again.is_none(), "root token is created once");
     assert!(kms.authenticate(&token).await.is_ok());
+}
+
+async fn open_ring(dir: &std::path::Path, roots: &[&[u8]]) -> Result<Kms, KmsError> {
+    let store = SqliteStore::open(&dir.join("kw.db")).unwrap();
+    Kms::open(Arc::new(store), roots.iter().map(|r| SecretBytes::copy_from(r)).collect()).await.map(|k| k.0)
+}
+
+fn aes(name: &str) -> CreateKey {
+    CreateKey {
+        name: name.into(),
+        algorithm: KeyAlgorithm::Aes256Gcm,
+        description: String::new(),
+        rotate_every_secs: None,
+    }
+}
+
+/// Root rotation re-wraps every key version and service key; an interrupted rotation (both
+/// roots in the keyring, some records under each) resumes; afterwards only the new root opens
+/// the store, and tokens, ciphertexts and secrets all survive.
+#[tokio::test]
+async fn root_rotation_rewraps_everything_and_resumes_after_interruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = ([7u8; 32], [8u8; 32]);
+    let (kms, token) = open(dir.path(), &old).await.unwrap();
+    let token = String::from_utf8(token.unwrap().expose().to_vec()).unwrap();
+    kms.create_key(aes("a")).await.unwrap();
+    kms.rotate_key("a").await.unwrap();
+    let ctx = BTreeMap::new();
+    let ct = kms.encrypt("a", b"before", &ctx).await.unwrap().ciphertext;
+    let audit_key = kms.audit_key().expose().to_vec();
+    let data = keyward_core::secretdata::SecretData::new(BTreeMap::from([("k".into(), "v".into())])).unwrap();
+    kms.put_secret("s", data, None).await.unwrap();
+
+    // Interrupted: the new root is installed, one key created under it, nothing re-wrapped.
+    kms.begin_root_rotation(&SecretBytes::copy_from(&new)).await.unwrap();
+    kms.create_key(aes("b")).await.unwrap();
+    drop(kms);
+    assert!(open_ring(dir.path(), &[&new]).await.is_err(), "old records still need the old root");
+
+    // Resume with both roots, as the seal does after a crash.
+    let kms = open_ring(dir.path(), &[&new, &old]).await.unwrap();
+    assert_eq!(kms.root_keys(), 2);
+    let r = kms.rewrap_under_newest_root().await.unwrap();
+    assert_eq!((r.key_versions, r.service_keys), (2, 4), "a's two versions and the four service keys");
+    let again = kms.rewrap_under_newest_root().await.unwrap();
+    assert_eq!((again.key_versions, again.service_keys), (0, 0), "idempotent");
+    kms.finish_root_rotation().unwrap();
+    assert_eq!(kms.root_keys(), 1);
+    drop(kms);
+
+    let kms = open_ring(dir.path(), &[&new]).await.unwrap();
+    assert!(open_ring(dir.path(), &[&old]).await.is_err(), "the old root opens nothing any more");
+    assert_eq!(kms.decrypt(&ct, &ctx).await.unwrap().plaintext.expose(), b"before");
+    kms.encrypt("b", b"x", &ctx).await.unwrap();
+    assert!(kms.authenticate(&token).await.is_ok(), "tokens survive: the token key was re-wrapped, not changed");
+    assert_eq!(kms.audit_key().expose(), &audit_key[..], "the audit chain key is unchanged");
+    assert!(kms.get_secret("s", None).await.is_ok());
 }

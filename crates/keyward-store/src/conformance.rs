@@ -54,6 +54,11 @@ async fn meta(s: &dyn Store) {
     assert!(s.put_meta_if_absent("m", b"one").await.unwrap(), "first insert wins");
     assert!(!s.put_meta_if_absent("m", b"two").await.unwrap(), "second insert is refused");
     assert_eq!(s.get_meta("m").await.unwrap().as_deref(), Some(&b"one"[..]), "first value kept");
+    assert!(!s.replace_meta("m", b"two", b"three").await.unwrap(), "replace with a stale value is refused");
+    assert!(!s.replace_meta("absent", b"", b"x").await.unwrap(), "replace of an absent value is refused");
+    assert_eq!(s.get_meta("absent").await.unwrap(), None);
+    assert!(s.replace_meta("m", b"one", b"three").await.unwrap(), "replace with the current value works");
+    assert_eq!(s.get_meta("m").await.unwrap().as_deref(), Some(&b"three"[..]));
 }
 
 async fn keys(s: &dyn Store) {
@@ -111,6 +116,16 @@ async fn key_cas(s: &dyn Store) {
     );
     assert_eq!(s.get_key_versions(&k.id).await.unwrap().len(), 2, "failed rotation added no version");
     assert_eq!(s.get_key("alpha").await.unwrap().unwrap().current_version, 2);
+
+    // Root rotation re-wraps a version only if it still holds what the caller read.
+    let old = version(1, 1).wrapped_material;
+    assert!(!s.rewrap_key_version(&k.id, 1, b"stale", b"new").await.unwrap(), "stale rewrap refused");
+    assert!(!s.rewrap_key_version(&k.id, 9, &old, b"new").await.unwrap(), "rewrap of a missing version refused");
+    assert!(s.rewrap_key_version(&k.id, 1, &old, b"new").await.unwrap(), "rewrap applies");
+    let vs = s.get_key_versions(&k.id).await.unwrap();
+    assert_eq!(vs[0].wrapped_material, b"new", "rewrap persisted");
+    assert_eq!(vs[1], version(1, 2), "other versions untouched");
+    assert!(s.rewrap_key_version(&k.id, 1, b"new", &old).await.unwrap());
 }
 
 async fn due_and_delete(s: &dyn Store) {

@@ -319,6 +319,37 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn replace_meta(&self, key: &str, expected: &[u8], value: &[u8]) -> Result<bool, StoreError> {
+        let (key, expected, value) = (key.to_string(), expected.to_vec(), value.to_vec());
+        self.write(move |c| {
+            let n = c
+                .execute("UPDATE meta SET v=?3 WHERE k=?1 AND v=?2", params![key, expected, value])
+                .map_err(backend)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn rewrap_key_version(
+        &self,
+        id: &KeyId,
+        version: u32,
+        expected: &[u8],
+        wrapped: &[u8],
+    ) -> Result<bool, StoreError> {
+        let (id, expected, wrapped) = (id.0.to_vec(), expected.to_vec(), wrapped.to_vec());
+        self.write(move |c| {
+            let n = c
+                .execute(
+                    "UPDATE key_versions SET wrapped_material=?4 WHERE key_id=?1 AND version=?2 AND wrapped_material=?3",
+                    params![id, version, expected, wrapped],
+                )
+                .map_err(backend)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
     async fn create_key(&self, key: &KeyRecord, first: &KeyVersionRecord) -> Result<(), StoreError> {
         let (key, first) = (key.clone(), first.clone());
         self.write(move |c| {

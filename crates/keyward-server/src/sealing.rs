@@ -1,0 +1,489 @@
+//! The server's seal state: uninitialised, sealed (collecting unseal shares) or unsealed (a
+//! running [`Kms`] and its audit log), and the operator ceremonies that move between them:
+//! init, unseal, seal, rekey and root rotation.
+//!
+//! The root keyring lives in the store, wrapped under an *unseal key* that never rests in the
+//! clear outside dev mode: it is split into Shamir shares at init and exists in memory only
+//! while unsealed (in wiping types, in locked memory, excluded from core dumps).
+
+use std::sync::{Arc, RwLock};
+
+use base64::Engine;
+use keyward_core::seal::{META_SEAL, Seal, SealConfig, SealError, SealKind, UNSEAL_KEY_LEN};
+use keyward_core::service::RewrapReport;
+use keyward_core::store::Store;
+use keyward_core::{Kms, KmsError};
+use keyward_crypto::SecretBytes;
+use keyward_crypto::shamir::{self, Share};
+use tokio::sync::Mutex;
+
+use crate::audit::{AuditConfig, AuditLog};
+
+/// Errors of the seal ceremonies, each with a message saying what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SealingError {
+    /// The server has not been initialised.
+    #[error("keyward is not initialised: run `keyward operator init`")]
+    NotInitialized,
+    /// Init was called twice.
+    #[error("keyward is already initialised")]
+    AlreadyInitialized,
+    /// The operation needs the server sealed or unsealed.
+    #[error("{0}")]
+    WrongState(&'static str),
+    /// A submitted share or parameter is malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// The submitted shares do not reconstruct the unseal key.
+    #[error(
+        "unseal failed: the shares do not reconstruct the unseal key (one is wrong or forged); progress was reset, \
+         submit the shares again"
+    )]
+    WrongShares,
+    /// The seal or the service failed.
+    #[error("{0}")]
+    Kms(#[from] KmsError),
+    /// The audit log could not be opened.
+    #[error("audit: {0}")]
+    Audit(#[from] crate::audit::AuditError),
+    /// The stored seal is damaged.
+    #[error("{0}")]
+    Seal(#[from] SealError),
+}
+
+/// A running, unsealed service and its audit log.
+#[derive(Debug)]
+pub struct Unsealed {
+    /// The service.
+    pub kms: Arc<Kms>,
+    /// The audit log; `None` only when started with the insecure no-audit option.
+    pub audit: Option<Arc<AuditLog>>,
+}
+
+/// Seal status as shown by `keyward status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SealStatus {
+    /// Whether init has run.
+    pub initialized: bool,
+    /// Whether the service is sealed.
+    pub sealed: bool,
+    /// Seal kind ("shamir", "insecure-file").
+    pub seal: &'static str,
+    /// Whether the unseal key rests in the clear.
+    pub insecure_seal: bool,
+    /// Shares issued at init or the last rekey.
+    pub shares: u8,
+    /// Shares needed to unseal.
+    pub threshold: u8,
+    /// Distinct shares submitted so far while sealed.
+    pub progress: u8,
+    /// Whether a rekey is collecting shares.
+    pub rekey_in_progress: bool,
+}
+
+/// What init hands out, exactly once.
+#[derive(Debug)]
+pub struct InitResult {
+    /// The unseal key shares (base64).
+    pub shares: Vec<SecretBytes>,
+    /// The initial root token.
+    pub root_token: SecretBytes,
+}
+
+/// Progress of an unseal or rekey submission.
+#[derive(Debug)]
+pub enum Progress {
+    /// More shares are needed.
+    Need {
+        /// Distinct shares held.
+        have: u8,
+        /// Shares needed.
+        threshold: u8,
+    },
+    /// Unsealed.
+    Unsealed,
+    /// Rekey finished: the new shares (base64), replacing the old ones.
+    Rekeyed(Vec<SecretBytes>),
+}
+
+struct Rekey {
+    nonce: String,
+    shares: u8,
+    threshold: u8,
+    collected: Vec<Share>,
+}
+
+struct Ceremony {
+    /// The unseal key, only while unsealed.
+    unseal_key: Option<SecretBytes>,
+    /// Shares submitted toward unsealing.
+    collected: Vec<Share>,
+    rekey: Option<Rekey>,
+}
+
+/// The seal state machine around the store.
+pub struct Sealing {
+    store: Arc<dyn Store>,
+    kind: SealKind,
+    audit: Option<AuditConfig>,
+    current: RwLock<Option<Arc<Unsealed>>>,
+    ceremony: Mutex<Ceremony>,
+}
+
+impl std::fmt::Debug for Sealing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sealing").field("kind", &self.kind).finish_non_exhaustive()
+    }
+}
+
+fn b64(b: &[u8]) -> SecretBytes {
+    SecretBytes::from_vec(base64::engine::general_purpose::STANDARD.encode(b).into_bytes())
+}
+
+fn parse_share(text: &str) -> Result<Share, SealingError> {
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map(SecretBytes::from_vec)
+        .map_err(|_| SealingError::Invalid("the share is not valid base64; paste it exactly as printed".into()))?;
+    Share::from_bytes(raw.expose(), UNSEAL_KEY_LEN).map_err(|_| {
+        SealingError::Invalid(format!(
+            "the share must decode to {} bytes; paste it exactly as printed by init or rekey",
+            UNSEAL_KEY_LEN + 1
+        ))
+    })
+}
+
+fn check_params(shares: u8, threshold: u8) -> Result<(), SealingError> {
+    if threshold < 2 || threshold > shares {
+        return Err(SealingError::Invalid(format!(
+            "need 2 <= threshold <= shares <= 255 (got shares {shares}, threshold {threshold})"
+        )));
+    }
+    Ok(())
+}
+
+/// Add a share unless one with the same x is already held; true if added.
+fn add_share(held: &mut Vec<Share>, share: Share) -> bool {
+    if held.iter().any(|s| s.x() == share.x()) {
+        return false;
+    }
+    held.push(share);
+    true
+}
+
+impl Sealing {
+    /// A sealing state over `store`. `audit` is where the audit log is opened on unseal (`None`
+    /// only with the insecure no-audit option).
+    pub fn new(store: Arc<dyn Store>, kind: SealKind, audit: Option<AuditConfig>) -> Self {
+        Self {
+            store,
+            kind,
+            audit,
+            current: RwLock::new(None),
+            ceremony: Mutex::new(Ceremony { unseal_key: None, collected: Vec::new(), rekey: None }),
+        }
+    }
+
+    /// The seal kind this server runs with.
+    pub fn kind(&self) -> SealKind {
+        self.kind
+    }
+
+    /// The running service, or `None` while sealed.
+    pub fn unsealed(&self) -> Option<Arc<Unsealed>> {
+        self.current.read().ok().and_then(|c| c.clone())
+    }
+
+    async fn config(&self) -> Result<Option<(SealConfig, Vec<u8>)>, SealingError> {
+        match self.store.get_meta(META_SEAL).await.map_err(KmsError::from)? {
+            Some(raw) => Ok(Some((SealConfig::from_bytes(&raw)?, raw))),
+            None => Ok(None),
+        }
+    }
+
+    /// Current status.
+    pub async fn status(&self) -> Result<SealStatus, SealingError> {
+        let cfg = self.config().await?.map(|c| c.0);
+        let c = self.ceremony.lock().await;
+        Ok(SealStatus {
+            initialized: cfg.is_some(),
+            sealed: self.unsealed().is_none(),
+            seal: self.kind.as_str(),
+            insecure_seal: self.kind == SealKind::InsecureFile,
+            shares: cfg.as_ref().map_or(0, |c| c.shares),
+            threshold: cfg.as_ref().map_or(0, |c| c.threshold),
+            progress: u8::try_from(c.collected.len()).unwrap_or(u8::MAX),
+            rekey_in_progress: c.rekey.is_some(),
+        })
+    }
+
+    /// Initialise a Shamir-sealed server: a new root key, an unseal key split into `shares`
+    /// shares of which `threshold` unseal, and the initial root token. The server stays sealed.
+    pub async fn init(&self, shares: u8, threshold: u8) -> Result<InitResult, SealingError> {
+        if self.kind != SealKind::Shamir {
+            return Err(SealingError::WrongState("this server uses the insecure file seal and needs no init"));
+        }
+        check_params(shares, threshold)?;
+        let _c = self.ceremony.lock().await;
+        if self.config().await?.is_some() {
+            return Err(SealingError::AlreadyInitialized);
+        }
+        if self.store.get_meta("root_check").await.map_err(KmsError::from)?.is_some() {
+            return Err(SealingError::WrongState(
+                "this data directory holds data from an insecure-file-sealed server; start it with \
+                 --insecure-file-seal, or use an empty data directory",
+            ));
+        }
+        let unseal_key = SecretBytes::random(UNSEAL_KEY_LEN).map_err(KmsError::from)?;
+        let root = SecretBytes::random(32).map_err(KmsError::from)?;
+        let cfg = SealConfig::new(SealKind::Shamir, shares, threshold, &unseal_key, &[&root])?;
+        if !self.store.put_meta_if_absent(META_SEAL, &cfg.to_bytes()).await.map_err(KmsError::from)? {
+            return Err(SealingError::AlreadyInitialized);
+        }
+        let (_kms, token) = Kms::open(self.store.clone(), vec![root]).await?;
+        let root_token = token.ok_or(SealingError::WrongState("the store already had tokens"))?;
+        let split = shamir::split(unseal_key.expose(), shares, threshold).map_err(KmsError::from)?;
+        Ok(InitResult { shares: split.iter().map(|s| b64(s.to_bytes().expose())).collect(), root_token })
+    }
+
+    /// Start a server sealed by `seal` (the insecure file seal): unseal with the key it holds,
+    /// creating the seal configuration on first start. Returns the root token of a new store.
+    pub async fn open_with_file_seal(&self, seal: &dyn Seal) -> Result<Option<SecretBytes>, SealingError> {
+        let (file_key, _created) = seal.load_or_create()?;
+        let roots = match self.config().await? {
+            Some((cfg, _)) => cfg.open_keyring(&file_key).map_err(|_| {
+                SealingError::Seal(SealError::Invalid(
+                    "the root key file does not open this data directory's keyring; restore root-key.insecure".into(),
+                ))
+            })?,
+            None => {
+                let has_data = self.store.get_meta("root_check").await.map_err(KmsError::from)?.is_some();
+                // A store created before the keyring existed used the file key as its root key.
+                let root = if has_data {
+                    SecretBytes::copy_from(file_key.expose())
+                } else {
+                    SecretBytes::random(32).map_err(KmsError::from)?
+                };
+                let cfg = SealConfig::new(SealKind::InsecureFile, 0, 0, &file_key, &[&root])?;
+                self.store.put_meta_if_absent(META_SEAL, &cfg.to_bytes()).await.map_err(KmsError::from)?;
+                let (cfg, _) = self.config().await?.ok_or(SealingError::NotInitialized)?;
+                cfg.open_keyring(&file_key)?
+            }
+        };
+        let mut c = self.ceremony.lock().await;
+        self.finish_unseal(&mut c, file_key, roots).await
+    }
+
+    async fn finish_unseal(
+        &self,
+        c: &mut Ceremony,
+        unseal_key: SecretBytes,
+        roots: Vec<SecretBytes>,
+    ) -> Result<Option<SecretBytes>, SealingError> {
+        let rotating = roots.len() > 1;
+        let (kms, token) = Kms::open(self.store.clone(), roots).await?;
+        let audit = match &self.audit {
+            Some(ac) => {
+                let log = AuditLog::open(ac.clone(), SecretBytes::copy_from(kms.audit_key().expose()))?;
+                log.system_event(&format!(
+                    "keyward {} unsealed (seal {})",
+                    env!("CARGO_PKG_VERSION"),
+                    self.kind.as_str()
+                ))
+                .await?;
+                Some(Arc::new(log))
+            }
+            None => None,
+        };
+        let unsealed = Arc::new(Unsealed { kms: Arc::new(kms), audit });
+        c.unseal_key = Some(unseal_key);
+        c.collected.clear();
+        if let Ok(mut cur) = self.current.write() {
+            *cur = Some(unsealed);
+        }
+        if rotating {
+            tracing::warn!("a root key rotation was interrupted; finishing it now");
+            self.rotate_locked(c, None).await?;
+        }
+        Ok(token)
+    }
+
+    /// Submit one unseal share. The share is checked for form at once; the set is checked when
+    /// the threshold is reached, and a set that does not open the keyring resets the progress.
+    pub async fn submit_unseal_share(&self, text: &str) -> Result<Progress, SealingError> {
+        let share = parse_share(text)?;
+        let (cfg, _) = self.config().await?.ok_or(SealingError::NotInitialized)?;
+        if cfg.kind != SealKind::Shamir {
+            return Err(SealingError::WrongState("this server uses the insecure file seal; there are no shares"));
+        }
+        let mut c = self.ceremony.lock().await;
+        if self.unsealed().is_some() {
+            return Err(SealingError::WrongState("keyward is already unsealed"));
+        }
+        if !add_share(&mut c.collected, share) {
+            return Err(SealingError::Invalid(
+                "this share was already submitted; each of the threshold shares must be a different one".into(),
+            ));
+        }
+        if c.collected.len() < usize::from(cfg.threshold) {
+            return Ok(Progress::Need { have: u8::try_from(c.collected.len()).unwrap_or(0), threshold: cfg.threshold });
+        }
+        let collected = std::mem::take(&mut c.collected);
+        let unseal_key = shamir::combine(&collected).map_err(KmsError::from)?;
+        let roots = match cfg.open_keyring(&unseal_key) {
+            Ok(r) => r,
+            Err(SealError::WrongUnsealKey) => {
+                tracing::warn!("unseal attempt with a wrong or forged share; progress reset");
+                return Err(SealingError::WrongShares);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.finish_unseal(&mut c, unseal_key, roots).await?;
+        tracing::info!("unsealed");
+        Ok(Progress::Unsealed)
+    }
+
+    /// Seal: stop serving, drop the service (its keys are wiped once in-flight requests finish)
+    /// and forget the unseal key.
+    pub async fn seal(&self) -> Result<(), SealingError> {
+        if self.kind != SealKind::Shamir {
+            return Err(SealingError::WrongState(
+                "the insecure file seal cannot seal: its key is on disk. Stop the server instead",
+            ));
+        }
+        let mut c = self.ceremony.lock().await;
+        let prev = self.current.write().ok().and_then(|mut cur| cur.take());
+        if prev.is_none() {
+            return Err(SealingError::WrongState("keyward is already sealed"));
+        }
+        c.unseal_key = None;
+        c.collected.clear();
+        c.rekey = None;
+        tracing::info!("sealed");
+        Ok(())
+    }
+
+    /// Start a rekey: new shares for the same root keyring, once `threshold` current shares are
+    /// submitted. Returns the nonce every submission must quote.
+    pub async fn rekey_start(&self, shares: u8, threshold: u8) -> Result<String, SealingError> {
+        if self.kind != SealKind::Shamir {
+            return Err(SealingError::WrongState("only a Shamir seal can be rekeyed"));
+        }
+        check_params(shares, threshold)?;
+        let mut c = self.ceremony.lock().await;
+        if c.unseal_key.is_none() {
+            return Err(SealingError::WrongState("unseal keyward before rekeying"));
+        }
+        if c.rekey.is_some() {
+            return Err(SealingError::WrongState(
+                "a rekey is already in progress; finish it or cancel it with `keyward operator rekey --cancel`",
+            ));
+        }
+        let mut raw = [0u8; 16];
+        keyward_crypto::fill_random(&mut raw).map_err(KmsError::from)?;
+        let nonce = hex::encode(raw);
+        c.rekey = Some(Rekey { nonce: nonce.clone(), shares, threshold, collected: Vec::new() });
+        Ok(nonce)
+    }
+
+    /// Cancel a rekey in progress.
+    pub async fn rekey_cancel(&self) -> bool {
+        self.ceremony.lock().await.rekey.take().is_some()
+    }
+
+    /// The nonce and parameters of the rekey in progress.
+    pub async fn rekey_status(&self) -> Option<(String, u8, u8, u8)> {
+        let c = self.ceremony.lock().await;
+        c.rekey.as_ref().map(|r| (r.nonce.clone(), r.shares, r.threshold, u8::try_from(r.collected.len()).unwrap_or(0)))
+    }
+
+    /// Submit one current share toward the rekey `nonce`.
+    pub async fn rekey_submit(&self, nonce: &str, text: &str) -> Result<Progress, SealingError> {
+        let share = parse_share(text)?;
+        let (mut cfg, raw) = self.config().await?.ok_or(SealingError::NotInitialized)?;
+        let mut c = self.ceremony.lock().await;
+        let c = &mut *c;
+        let rk = c.rekey.as_mut().ok_or(SealingError::WrongState("no rekey is in progress; start one first"))?;
+        if !keyward_crypto::ct_eq(rk.nonce.as_bytes(), nonce.as_bytes()) {
+            return Err(SealingError::Invalid("the nonce does not match the rekey in progress".into()));
+        }
+        if !add_share(&mut rk.collected, share) {
+            return Err(SealingError::Invalid("this share was already submitted for this rekey".into()));
+        }
+        if rk.collected.len() < usize::from(cfg.threshold) {
+            return Ok(Progress::Need {
+                have: u8::try_from(rk.collected.len()).unwrap_or(0),
+                threshold: cfg.threshold,
+            });
+        }
+        let rk = c.rekey.take().ok_or(SealingError::WrongState("rekey vanished"))?;
+        let old_key = shamir::combine(&rk.collected).map_err(KmsError::from)?;
+        let current = c.unseal_key.as_ref().ok_or(SealingError::WrongState("keyward was sealed during the rekey"))?;
+        if !old_key.ct_eq(current.expose()) {
+            tracing::warn!("rekey attempt with a wrong or forged share; rekey cancelled");
+            return Err(SealingError::WrongShares);
+        }
+        let roots = cfg.open_keyring(&old_key)?;
+        let new_key = SecretBytes::random(UNSEAL_KEY_LEN).map_err(KmsError::from)?;
+        cfg.shares = rk.shares;
+        cfg.threshold = rk.threshold;
+        cfg.set_keyring(&new_key, &roots.iter().collect::<Vec<_>>())?;
+        let split = shamir::split(new_key.expose(), rk.shares, rk.threshold).map_err(KmsError::from)?;
+        if !self.store.replace_meta(META_SEAL, &raw, &cfg.to_bytes()).await.map_err(KmsError::from)? {
+            return Err(SealingError::WrongState("the seal changed concurrently; start the rekey again"));
+        }
+        c.unseal_key = Some(new_key);
+        tracing::info!(shares = rk.shares, threshold = rk.threshold, "rekeyed: the old shares no longer unseal");
+        Ok(Progress::Rekeyed(split.iter().map(|s| b64(s.to_bytes().expose())).collect()))
+    }
+
+    /// Move every stored key to a new root key while serving.
+    pub async fn rotate_root(&self) -> Result<RewrapReport, SealingError> {
+        let mut c = self.ceremony.lock().await;
+        let new = SecretBytes::random(32).map_err(KmsError::from)?;
+        self.rotate_locked(&mut c, Some(new)).await
+    }
+
+    /// With `new`, add it as the newest root; without, finish an interrupted rotation. The seal
+    /// records the new key before anything is wrapped under it, and forgets the old ones only
+    /// after everything has been re-wrapped, so a crash at any point loses nothing.
+    async fn rotate_locked(&self, c: &mut Ceremony, new: Option<SecretBytes>) -> Result<RewrapReport, SealingError> {
+        let u = self.unsealed().ok_or(SealingError::WrongState("keyward is sealed"))?;
+        let unseal_key = c.unseal_key.as_ref().ok_or(SealingError::WrongState("keyward is sealed"))?;
+        let (mut cfg, raw) = self.config().await?.ok_or(SealingError::NotInitialized)?;
+        let mut roots = cfg.open_keyring(unseal_key)?;
+        if let Some(new) = new {
+            if roots.len() > 1 {
+                return Err(SealingError::WrongState("a root rotation is already in progress"));
+            }
+            roots.insert(0, new);
+            cfg.set_keyring(unseal_key, &roots.iter().collect::<Vec<_>>())?;
+            let next = cfg.to_bytes();
+            if !self.store.replace_meta(META_SEAL, &raw, &next).await.map_err(KmsError::from)? {
+                return Err(SealingError::WrongState("the seal changed concurrently; run the rotation again"));
+            }
+            u.kms.begin_root_rotation(&roots[0]).await?;
+            return self.complete_rotation(&u, unseal_key, cfg, next, &roots).await;
+        }
+        self.complete_rotation(&u, unseal_key, cfg, raw, &roots).await
+    }
+
+    async fn complete_rotation(
+        &self,
+        u: &Unsealed,
+        unseal_key: &SecretBytes,
+        mut cfg: SealConfig,
+        raw: Vec<u8>,
+        roots: &[SecretBytes],
+    ) -> Result<RewrapReport, SealingError> {
+        let report = u.kms.rewrap_under_newest_root().await?;
+        cfg.set_keyring(unseal_key, &roots[..1].iter().collect::<Vec<_>>())?;
+        if !self.store.replace_meta(META_SEAL, &raw, &cfg.to_bytes()).await.map_err(KmsError::from)? {
+            return Err(SealingError::WrongState("the seal changed concurrently; run the rotation again"));
+        }
+        u.kms.finish_root_rotation()?;
+        tracing::info!(key_versions = report.key_versions, service_keys = report.service_keys, "root key rotated");
+        Ok(report)
+    }
+}
