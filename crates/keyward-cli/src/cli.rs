@@ -461,4 +461,78 @@ pub enum TokenCmd {
 pub enum AuthCmd {
     /// Show the caller's token and effective grants.
     Whoami,
+    /// Kubernetes ServiceAccount login.
+    #[command(subcommand)]
+    Kubernetes(K8sCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum K8sCmd {
+    /// Set the issuer, its signing keys and the audience Keyward requires.
+    Configure {
+        /// The cluster's ServiceAccount issuer (`--service-account-issuer`), an https URL.
+        #[arg(long)]
+        issuer: String,
+        /// The audience every token must include (the projected volume's `audience`).
+        #[arg(long, default_value = "keyward")]
+        audience: String,
+        /// A JWKS file (e.g. `kubectl get --raw /openid/v1/jwks > jwks.json`); static.
+        #[arg(long, conflicts_with_all = ["jwks_url", "discovery"])]
+        jwks_file: Option<PathBuf>,
+        /// An https URL serving the JWKS; refetched when keys rotate.
+        #[arg(long, conflicts_with = "discovery")]
+        jwks_url: Option<String>,
+        /// Find the JWKS by OIDC discovery from the issuer; refetched when keys rotate.
+        #[arg(long)]
+        discovery: bool,
+        /// PEM CA certificates to trust when fetching the JWKS.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// Clock skew tolerated on exp/nbf, seconds.
+        #[arg(long)]
+        leeway_secs: Option<u64>,
+    },
+    /// Show the configuration.
+    Show,
+    /// Roles: which ServiceAccounts may log in and what they get.
+    #[command(subcommand)]
+    Role(K8sRoleCmd),
+    /// Exchange a ServiceAccount token for a Keyward token.
+    Login {
+        /// Role to log in with.
+        #[arg(long)]
+        role: String,
+        /// File holding the projected ServiceAccount token.
+        #[arg(long, default_value = "/var/run/secrets/tokens/keyward")]
+        jwt_file: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum K8sRoleCmd {
+    /// Create or replace a role.
+    Put {
+        name: String,
+        /// Bound namespace (repeatable; `*` for any).
+        #[arg(long = "namespace", required = true)]
+        namespaces: Vec<String>,
+        /// Bound ServiceAccount name (repeatable; `*` for any).
+        #[arg(long = "service-account", required = true)]
+        service_accounts: Vec<String>,
+        /// Policy of the issued token (repeatable).
+        #[arg(long = "policy", required = true)]
+        policies: Vec<String>,
+        /// TTL of the issued token.
+        #[arg(long, default_value = "15m")]
+        ttl: String,
+        /// Accept tokens that are not bound to a pod.
+        #[arg(long)]
+        allow_unbound_tokens: bool,
+    },
+    /// List roles.
+    List,
+    /// Show a role.
+    Show { name: String },
+    /// Delete a role.
+    Delete { name: String },
 }

@@ -236,7 +236,58 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print_value(cli.output, &v)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Auth(AuthCmd::Kubernetes(k)) => kubernetes(&cli, k).await,
     }
+}
+
+async fn kubernetes(cli: &Cli, k: &K8sCmd) -> anyhow::Result<ExitCode> {
+    use keyward_client::Method;
+    let c = client(cli)?;
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    let v = match k {
+        K8sCmd::Configure { issuer, audience, jwks_file, jwks_url, discovery, ca_file, leeway_secs } => {
+            let mut body = json!({"issuer": issuer, "audience": audience, "discovery": discovery});
+            match (jwks_file, jwks_url, discovery) {
+                (Some(f), None, false) => body["jwks"] = json!(read(f)?),
+                (None, Some(u), false) => body["jwks_url"] = json!(u),
+                (None, None, true) => {}
+                _ => bail!("give exactly one of --jwks-file, --jwks-url or --discovery"),
+            }
+            if let Some(f) = ca_file {
+                body["ca_pem"] = json!(read(f)?);
+            }
+            if let Some(l) = leeway_secs {
+                body["leeway_secs"] = json!(l);
+            }
+            c.request(Method::PUT, "/v1/auth/kubernetes/config", Some(&body)).await?
+        }
+        K8sCmd::Show => c.request(Method::GET, "/v1/auth/kubernetes/config", None).await?,
+        K8sCmd::Role(K8sRoleCmd::Put { name, namespaces, service_accounts, policies, ttl, allow_unbound_tokens }) => {
+            let body = json!({
+                "bound_namespaces": namespaces,
+                "bound_service_accounts": service_accounts,
+                "policies": policies,
+                "ttl": ttl,
+                "allow_unbound_tokens": allow_unbound_tokens,
+            });
+            c.request(Method::PUT, &format!("/v1/auth/kubernetes/roles/{name}"), Some(&body)).await?
+        }
+        K8sCmd::Role(K8sRoleCmd::List) => c.request(Method::GET, "/v1/auth/kubernetes/roles", None).await?,
+        K8sCmd::Role(K8sRoleCmd::Show { name }) => {
+            c.request(Method::GET, &format!("/v1/auth/kubernetes/roles/{name}"), None).await?
+        }
+        K8sCmd::Role(K8sRoleCmd::Delete { name }) => {
+            c.request(Method::DELETE, &format!("/v1/auth/kubernetes/roles/{name}"), None).await?;
+            json!({"deleted": name})
+        }
+        K8sCmd::Login { role, jwt_file } => {
+            let jwt = zeroize::Zeroizing::new(read(jwt_file)?.trim().to_string());
+            let body = json!({"role": role, "jwt": &*jwt});
+            c.request(Method::POST, "/v1/auth/kubernetes/login", Some(&body)).await?
+        }
+    };
+    print_value(cli.output, &v)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn hex_encode(b: &[u8]) -> String {

@@ -539,6 +539,27 @@ impl Kms {
         self.insert_token(parent, req).await
     }
 
+    /// Issue an orphan token to an identity an auth method has verified (e.g. a Kubernetes
+    /// ServiceAccount). The method's configuration, set by an administrator, chose the policies;
+    /// they must exist.
+    pub async fn issue_login_token(&self, req: TokenRequest) -> Result<(SecretBytes, TokenRecord), KmsError> {
+        if req.policies.is_empty() || req.policies.len() > 64 || req.display_name.len() > 128 {
+            return Err(KmsError::invalid("a login token needs 1 to 64 policies and a short display name"));
+        }
+        if req.ttl_secs.is_none_or(|t| t == 0) {
+            return Err(KmsError::invalid("a login token needs a ttl"));
+        }
+        {
+            let known = self.policies.read().map_err(|_| KmsError::Internal("policy cache poisoned".into()))?;
+            if let Some(p) = req.policies.iter().find(|p| *p == ROOT_POLICY || !known.contains_key(*p)) {
+                return Err(KmsError::PermissionDenied(format!(
+                    "the login role names policy {p:?}, which does not exist or cannot be given by a login"
+                )));
+            }
+        }
+        self.insert_token(None, TokenRequest { orphan: true, ..req }).await
+    }
+
     /// Look a token up by accessor.
     pub fn lookup_token(&self, accessor: &str) -> Result<Arc<TokenRecord>, KmsError> {
         let t = self.token_by_accessor(accessor)?;

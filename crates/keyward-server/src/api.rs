@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use crate::audit::AuditCtx;
 use crate::error::ApiError;
 use crate::extract::{Caller, RequestId, StrictJson, StrictQuery};
+use crate::k8s_auth::K8sAuth;
 use crate::sealing::Sealing;
 use crate::wire::*;
 
@@ -28,6 +29,8 @@ pub const OPENAPI: &str = include_str!("../openapi.json");
 pub struct AppState {
     /// The seal state and, while unsealed, the service and its audit log.
     pub sealing: Arc<Sealing>,
+    /// The Kubernetes ServiceAccount auth method.
+    pub k8s: Arc<K8sAuth>,
 }
 
 impl AppState {
@@ -71,6 +74,13 @@ pub fn route_table() -> Vec<(&'static str, &'static str, bool, MethodRouter<AppS
         ("get", "/v1/sys/audit", false, get(audit_info)),
         ("post", "/v1/sys/authorize", false, post(dry_run)),
         ("get", "/v1/auth/whoami", false, get(whoami)),
+        ("post", "/v1/auth/kubernetes/login", true, post(k8s_login)),
+        ("get", "/v1/auth/kubernetes/config", false, get(k8s_get_config)),
+        ("put", "/v1/auth/kubernetes/config", false, put(k8s_configure)),
+        ("get", "/v1/auth/kubernetes/roles", false, get(k8s_list_roles)),
+        ("get", "/v1/auth/kubernetes/roles/{name}", false, get(k8s_get_role)),
+        ("put", "/v1/auth/kubernetes/roles/{name}", false, put(k8s_put_role)),
+        ("delete", "/v1/auth/kubernetes/roles/{name}", false, axum::routing::delete(k8s_delete_role)),
         ("post", "/v1/auth/token/create", false, post(token_create)),
         ("post", "/v1/auth/token/lookup", false, post(token_lookup)),
         ("post", "/v1/auth/token/renew", false, post(token_renew)),
@@ -225,7 +235,11 @@ async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) 
     };
     match kms.authenticate(token.trim()).await {
         Ok(rec) => {
-            ctx.set_identity(&rec.accessor);
+            if rec.display_name.starts_with("k8s:") {
+                ctx.set_identity(&format!("{} ({})", rec.accessor, rec.display_name));
+            } else {
+                ctx.set_identity(&rec.accessor);
+            }
             req.extensions_mut().insert(Caller(rec, ctx));
             next.run(req).await
         }
@@ -460,6 +474,154 @@ async fn delete_policy(State(st): State<AppState>, c: Caller, Path(name): Path<S
     allow(&st, &c, "admin", &format!("policies/{name}"))?;
     st.kms()?.delete_policy(&name).await?;
     ok(json!({"deleted": name}))
+}
+
+// ----- Kubernetes ServiceAccount auth ---------------------------------------------------------
+
+fn role_json(name: &str, r: &keyward_authn::kubernetes::Role) -> Value {
+    json!({
+        "name": name,
+        "bound_namespaces": r.bound_namespaces,
+        "bound_service_accounts": r.bound_service_accounts,
+        "policies": r.policies,
+        "ttl": format_period(r.ttl_secs),
+        "allow_unbound_tokens": r.allow_unbound_tokens,
+    })
+}
+
+fn check_role_name(name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !ok {
+        return Err(ApiError::invalid("a role name is 1 to 64 characters of A-Z a-z 0-9 - _ ."));
+    }
+    Ok(())
+}
+
+async fn k8s_configure(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<K8sConfigReq>) -> ApiResult {
+    use keyward_authn::kubernetes::{Config, DEFAULT_LEEWAY_SECS, JwksSource};
+    allow(&st, &c, "admin", "auth/kubernetes/config")?;
+    let jwks = match (r.jwks, r.jwks_url, r.discovery) {
+        (Some(doc), None, false) => JwksSource::Static(doc),
+        (None, Some(url), false) => JwksSource::Url(url),
+        (None, None, true) => JwksSource::Discovery,
+        _ => return Err(ApiError::invalid("give exactly one of jwks, jwks_url or discovery: true")),
+    };
+    let config = Config {
+        issuer: r.issuer,
+        audience: r.audience,
+        jwks,
+        ca_pem: r.ca_pem,
+        leeway_secs: r.leeway_secs.unwrap_or(DEFAULT_LEEWAY_SECS),
+    };
+    let keys = st.k8s.configure(config).await?;
+    ok(json!({"configured": true, "keys": keys}))
+}
+
+async fn k8s_get_config(State(st): State<AppState>, c: Caller) -> ApiResult {
+    use keyward_authn::kubernetes::JwksSource;
+    allow(&st, &c, "read", "auth/kubernetes/config")?;
+    let doc = st.k8s.doc().await?;
+    let cfg = doc.config.ok_or(crate::k8s_auth::K8sAuthError::NotConfigured)?;
+    let jwks = match &cfg.jwks {
+        JwksSource::Static(_) => json!("static"),
+        JwksSource::Url(u) => json!({"url": u}),
+        JwksSource::Discovery => json!("discovery"),
+    };
+    ok(
+        json!({"issuer": cfg.issuer, "audience": cfg.audience, "jwks": jwks, "leeway_secs": cfg.leeway_secs, "custom_ca": cfg.ca_pem.is_some()}),
+    )
+}
+
+async fn k8s_list_roles(State(st): State<AppState>, c: Caller) -> ApiResult {
+    allow(&st, &c, "list", "auth/kubernetes/roles/")?;
+    ok(json!({"roles": st.k8s.doc().await?.roles.keys().collect::<Vec<_>>()}))
+}
+
+async fn k8s_get_role(State(st): State<AppState>, c: Caller, Path(name): Path<String>) -> ApiResult {
+    allow(&st, &c, "read", &format!("auth/kubernetes/roles/{name}"))?;
+    let doc = st.k8s.doc().await?;
+    let r = doc.roles.get(&name).ok_or_else(|| crate::k8s_auth::K8sAuthError::NoRole(name.clone()))?;
+    ok(role_json(&name, r))
+}
+
+async fn k8s_put_role(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+    StrictJson(r): StrictJson<K8sRoleReq>,
+) -> ApiResult {
+    allow(&st, &c, "admin", &format!("auth/kubernetes/roles/{name}"))?;
+    check_role_name(&name)?;
+    let kms = st.kms()?;
+    for p in &r.policies {
+        if p == keyward_core::policy::ROOT_POLICY {
+            return Err(ApiError::invalid("a login role cannot give the root policy"));
+        }
+        kms.get_policy(p)?;
+    }
+    let role = keyward_authn::kubernetes::Role {
+        bound_namespaces: r.bound_namespaces,
+        bound_service_accounts: r.bound_service_accounts,
+        policies: r.policies,
+        ttl_secs: r.ttl.as_deref().map(|t| parse_period("ttl", t)).transpose()?.unwrap_or(15 * 60),
+        allow_unbound_tokens: r.allow_unbound_tokens,
+    };
+    st.k8s.put_role(&name, role.clone()).await?;
+    ok(role_json(&name, &role))
+}
+
+async fn k8s_delete_role(State(st): State<AppState>, c: Caller, Path(name): Path<String>) -> ApiResult {
+    allow(&st, &c, "admin", &format!("auth/kubernetes/roles/{name}"))?;
+    if !st.k8s.delete_role(&name).await? {
+        return Err(crate::k8s_auth::K8sAuthError::NoRole(name).into());
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Exchange a projected ServiceAccount token for a short-lived Keyward token (anonymous: the
+/// JWT is the credential). Every outcome is audited with the identity the token claimed to be
+/// (once verified) and the reason.
+async fn k8s_login(
+    State(st): State<AppState>,
+    axum::Extension(ctx): axum::Extension<Arc<AuditCtx>>,
+    StrictJson(r): StrictJson<K8sLoginReq>,
+) -> ApiResult {
+    let resource = format!("auth/kubernetes/roles/{}", r.role);
+    let (id, role) = match st.k8s.login(&r.role, &r.jwt).await {
+        Ok(v) => v,
+        Err(e) => {
+            ctx.set_decision("login", &resource, false, e.to_string());
+            return Err(e.into());
+        }
+    };
+    let sel: Vec<String> = id.selectors().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    ctx.set_identity(&format!("{} [{}]", id.display(), sel.join(" ")));
+    let req = keyward_core::service::TokenRequest {
+        policies: role.policies.clone(),
+        ttl_secs: Some(role.ttl_secs),
+        max_uses: None,
+        display_name: id.display(),
+        orphan: true,
+    };
+    let (token, rec) = match st.kms()?.issue_login_token(req).await {
+        Ok(v) => v,
+        Err(e) => {
+            ctx.set_decision("login", &resource, false, e.to_string());
+            return Err(e.into());
+        }
+    };
+    ctx.set_decision("login", &resource, true, format!("role {} (token {})", r.role, rec.accessor));
+    let mut v = token_json(&rec);
+    v["token"] = Value::String(String::from_utf8_lossy(token.expose()).into_owned());
+    v["identity"] = json!({
+        "namespace": id.namespace,
+        "service_account": id.service_account,
+        "pod": id.pod.as_ref().map(|p| &p.0),
+        "node": id.node,
+    });
+    ok(v)
 }
 
 /// Dry run: would a token (by accessor) or a set of policies be allowed `operation` on `resource`?

@@ -96,3 +96,26 @@ impl From<crate::sealing::SealingError> for ApiError {
         }
     }
 }
+
+/// Map a Kubernetes auth error: verification failures are 401 with the reason (never the
+/// token), role mismatches 403, an unreachable JWKS 503.
+impl From<crate::k8s_auth::K8sAuthError> for ApiError {
+    fn from(e: crate::k8s_auth::K8sAuthError) -> Self {
+        use crate::k8s_auth::K8sAuthError as E;
+        use keyward_authn::kubernetes::AuthnError as A;
+        match e {
+            E::Kms(k) => k.into(),
+            E::NotConfigured => Self::new(StatusCode::CONFLICT, "not_configured", e.to_string()),
+            E::NoRole(_) => Self::new(StatusCode::BAD_REQUEST, "no_such_role", e.to_string()),
+            E::Authn(a @ A::Config(_)) => Self::invalid(a.to_string()),
+            E::Authn(a @ A::RoleMismatch(_)) => Self::new(StatusCode::FORBIDDEN, "permission_denied", a.to_string()),
+            E::Authn(A::JwksUnavailable(detail)) => Self {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: "jwks_unavailable",
+                message: "the issuer's signing keys could not be fetched; retry shortly".into(),
+                internal: Some(detail),
+            },
+            E::Authn(a) => Self::new(StatusCode::UNAUTHORIZED, "invalid_identity", a.to_string()),
+        }
+    }
+}

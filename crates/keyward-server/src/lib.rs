@@ -12,6 +12,7 @@ pub mod audit;
 pub mod error;
 pub mod extract;
 pub mod harden;
+pub mod k8s_auth;
 pub mod run;
 pub mod seal_file;
 pub mod sealing;

@@ -185,7 +185,8 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         Some(AuditConfig { file, stdout: cfg.audit.stdout, max_file_bytes: cfg.audit.max_file_bytes })
     };
     let kind = if cfg.dev || cfg.insecure_file_seal { SealKind::InsecureFile } else { SealKind::Shamir };
-    let sealing = Arc::new(Sealing::new(store, kind, audit));
+    let sealing = Arc::new(Sealing::new(store.clone(), kind, audit));
+    let k8s = Arc::new(crate::k8s_auth::K8sAuth::new(store));
     let new_root_token = match kind {
         SealKind::InsecureFile => {
             let path = cfg.data_dir.join("root-key.insecure");
@@ -227,7 +228,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
 
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(io(format!("binding {}", cfg.listen)))?;
     let addr = listener.local_addr().map_err(io("reading bound address"))?;
-    let state = AppState { sealing: sealing.clone() };
+    let state = AppState { sealing: sealing.clone(), k8s };
     let app = router(state);
 
     let (tx, rx) = oneshot::channel::<()>();

@@ -89,6 +89,40 @@ pub struct ShareReq {
     pub share: zeroize::Zeroizing<String>,
 }
 
+/// Kubernetes auth configuration; exactly one of `jwks`, `jwks_url`, `discovery`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct K8sConfigReq {
+    pub issuer: String,
+    pub audience: String,
+    pub jwks: Option<String>,
+    pub jwks_url: Option<String>,
+    #[serde(default)]
+    pub discovery: bool,
+    pub ca_pem: Option<String>,
+    pub leeway_secs: Option<u64>,
+}
+
+/// A Kubernetes auth role.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct K8sRoleReq {
+    pub bound_namespaces: Vec<String>,
+    pub bound_service_accounts: Vec<String>,
+    pub policies: Vec<String>,
+    pub ttl: Option<String>,
+    #[serde(default)]
+    pub allow_unbound_tokens: bool,
+}
+
+/// Kubernetes login: a role and the projected ServiceAccount token.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct K8sLoginReq {
+    pub role: String,
+    pub jwt: zeroize::Zeroizing<String>,
+}
+
 /// One current share toward a rekey.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -334,6 +368,9 @@ pub fn parse_all_request_types(data: &[u8]) -> usize {
         + ok::<InitReq>(data)
         + ok::<ShareReq>(data)
         + ok::<RekeyShareReq>(data)
+        + ok::<K8sConfigReq>(data)
+        + ok::<K8sRoleReq>(data)
+        + ok::<K8sLoginReq>(data)
         + usize::from(serde_urlencoded::from_bytes::<PageQuery>(data).is_ok())
         + usize::from(serde_urlencoded::from_bytes::<SecretListQuery>(data).is_ok())
         + usize::from(serde_urlencoded::from_bytes::<VersionQuery>(data).is_ok())

@@ -1,0 +1,158 @@
+//! The Kubernetes auth method's stored state (configuration and roles, one document in the
+//! store) and the verifier built from it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use keyward_authn::kubernetes::{AuthnError, Config, Role, ServiceAccountIdentity, Verifier};
+use keyward_core::KmsError;
+use keyward_core::store::Store;
+use serde::{Deserialize, Serialize};
+use tokio::sync::RwLock;
+
+const META: &str = "auth_kubernetes";
+const MAX_ROLES: usize = 1000;
+
+/// The stored document.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Doc {
+    /// Configuration, once set.
+    pub config: Option<Config>,
+    /// Roles by name.
+    pub roles: BTreeMap<String, Role>,
+}
+
+/// Errors of the auth method.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum K8sAuthError {
+    /// Verification or configuration failure.
+    #[error(transparent)]
+    Authn(#[from] AuthnError),
+    /// Storage or service failure.
+    #[error(transparent)]
+    Kms(#[from] KmsError),
+    /// Not configured yet.
+    #[error("Kubernetes auth is not configured: run `keyward auth kubernetes configure`")]
+    NotConfigured,
+    /// No such role.
+    #[error("no Kubernetes auth role named {0:?}")]
+    NoRole(String),
+}
+
+/// The auth method: cached document and verifier, updated on every write.
+pub struct K8sAuth {
+    store: Arc<dyn Store>,
+    cached: RwLock<Option<(Doc, Option<Arc<Verifier>>)>>,
+}
+
+impl std::fmt::Debug for K8sAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("K8sAuth").finish_non_exhaustive()
+    }
+}
+
+fn corrupt(e: serde_json::Error) -> K8sAuthError {
+    K8sAuthError::Kms(KmsError::Internal(format!("stored Kubernetes auth document: {e}")))
+}
+
+impl K8sAuth {
+    /// The method over `store`.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store, cached: RwLock::new(None) }
+    }
+
+    async fn load(&self) -> Result<(Doc, Option<Arc<Verifier>>), K8sAuthError> {
+        if let Some(c) = self.cached.read().await.as_ref() {
+            return Ok(c.clone());
+        }
+        let doc: Doc = match self.store.get_meta(META).await.map_err(KmsError::from)? {
+            Some(raw) => serde_json::from_slice(&raw).map_err(corrupt)?,
+            None => Doc::default(),
+        };
+        let verifier = doc.config.clone().map(Verifier::new).transpose()?.map(Arc::new);
+        *self.cached.write().await = Some((doc.clone(), verifier.clone()));
+        Ok((doc, verifier))
+    }
+
+    /// The stored document.
+    pub async fn doc(&self) -> Result<Doc, K8sAuthError> {
+        Ok(self.load().await?.0)
+    }
+
+    /// Apply `change` to the stored document (compare-and-set, retried).
+    async fn update(&self, change: impl Fn(&mut Doc) -> Result<(), K8sAuthError>) -> Result<Doc, K8sAuthError> {
+        for _ in 0..8 {
+            let raw = self.store.get_meta(META).await.map_err(KmsError::from)?;
+            let mut doc: Doc = match &raw {
+                Some(r) => serde_json::from_slice(r).map_err(corrupt)?,
+                None => Doc::default(),
+            };
+            change(&mut doc)?;
+            let next = serde_json::to_vec(&doc).map_err(corrupt)?;
+            let stored = match &raw {
+                Some(r) => self.store.replace_meta(META, r, &next).await,
+                None => self.store.put_meta_if_absent(META, &next).await,
+            }
+            .map_err(KmsError::from)?;
+            if stored {
+                let verifier = doc.config.clone().map(Verifier::new).transpose()?.map(Arc::new);
+                *self.cached.write().await = Some((doc.clone(), verifier));
+                return Ok(doc);
+            }
+        }
+        Err(KmsError::Conflict("Kubernetes auth configuration is being changed concurrently; retry".into()).into())
+    }
+
+    /// Set the configuration. With a fetched JWKS, the keys are fetched now so that a wrong URL
+    /// or CA is reported at once.
+    pub async fn configure(&self, config: Config) -> Result<usize, K8sAuthError> {
+        let probe = Verifier::new(config.clone())?;
+        let keys = probe.refresh().await?;
+        let doc = self
+            .update(|d| {
+                d.config = Some(config.clone());
+                Ok(())
+            })
+            .await?;
+        // Keep the keys just fetched (the next unknown kid may still refetch at once).
+        *self.cached.write().await = Some((doc, Some(Arc::new(probe))));
+        Ok(keys)
+    }
+
+    /// Create or replace a role.
+    pub async fn put_role(&self, name: &str, role: Role) -> Result<(), K8sAuthError> {
+        role.validate()?;
+        self.update(|d| {
+            if !d.roles.contains_key(name) && d.roles.len() >= MAX_ROLES {
+                return Err(AuthnError::Config(format!("at most {MAX_ROLES} roles")).into());
+            }
+            d.roles.insert(name.to_string(), role.clone());
+            Ok(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Delete a role; whether it existed.
+    pub async fn delete_role(&self, name: &str) -> Result<bool, K8sAuthError> {
+        let existed = self.doc().await?.roles.contains_key(name);
+        self.update(|d| {
+            d.roles.remove(name);
+            Ok(())
+        })
+        .await?;
+        Ok(existed)
+    }
+
+    /// Verify `jwt` for `role`: the identity and the role it logs in with.
+    pub async fn login(&self, role: &str, jwt: &str) -> Result<(ServiceAccountIdentity, Role), K8sAuthError> {
+        let (doc, verifier) = self.load().await?;
+        let verifier = verifier.ok_or(K8sAuthError::NotConfigured)?;
+        let r = doc.roles.get(role).cloned().ok_or_else(|| K8sAuthError::NoRole(role.to_string()))?;
+        let id = verifier.verify(jwt).await?;
+        r.check(&id)?;
+        Ok((id, r))
+    }
+}
