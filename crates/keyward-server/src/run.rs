@@ -18,7 +18,7 @@ use crate::api::{AppState, router};
 use crate::audit::{AuditConfig, AuditError};
 use crate::seal_file::InsecureFileSeal;
 use crate::sealing::{Sealing, SealingError};
-use crate::tls::{TlsError, TlsFiles, TlsListener, server_config};
+use crate::tls::{TlsError, TlsFiles, TlsListener, reloading_server_config};
 
 /// Server configuration.
 #[derive(Debug, Clone)]
@@ -115,7 +115,11 @@ pub struct Running {
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
     scheduler: JoinHandle<()>,
+    cert_watcher: Option<JoinHandle<()>>,
 }
+
+/// How often the certificate files are checked for changes.
+pub const TLS_RELOAD_POLL: Duration = Duration::from_secs(2);
 
 impl Running {
     /// Stop accepting requests, finish in-flight ones and return.
@@ -124,6 +128,9 @@ impl Running {
             let _ = tx.send(());
         }
         self.scheduler.abort();
+        if let Some(w) = &self.cert_watcher {
+            w.abort();
+        }
         match (&mut self.task).await {
             Ok(r) => r,
             Err(e) => Err(std::io::Error::other(e)),
@@ -137,6 +144,9 @@ impl Running {
             let _ = tx.send(());
         }
         self.scheduler.abort();
+        if let Some(w) = &self.cert_watcher {
+            w.abort();
+        }
     }
 
     /// Wait until the server stops by itself (it normally runs until shut down).
@@ -165,7 +175,10 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
             ));
         }
     }
-    let tls_config = cfg.tls.as_ref().map(server_config).transpose()?;
+    let (tls_config, tls_cert) = match cfg.tls.as_ref().map(reloading_server_config).transpose()? {
+        Some((c, r)) => (Some(c), Some(r)),
+        None => (None, None),
+    };
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -243,6 +256,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         None => tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stop).await }),
     };
     let scheduler = tokio::spawn(scheduler(sealing, cfg.scheduler_interval));
+    let cert_watcher = tls_cert.map(|c| c.watch(TLS_RELOAD_POLL));
     tracing::info!(%addr, "keyward listening");
     Ok(Running {
         addr,
@@ -253,6 +267,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         shutdown: Some(tx),
         task,
         scheduler,
+        cert_watcher,
     })
 }
 

@@ -7,8 +7,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -43,8 +46,7 @@ pub enum TlsError {
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Build the rustls server configuration (TLS 1.2 and 1.3, AWS-LC provider, ALPN http/1.1).
-pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+fn load_certified_key(files: &TlsFiles, provider: &CryptoProvider) -> Result<Arc<CertifiedKey>, TlsError> {
     let pem = |path: &PathBuf, reason: String| TlsError::Pem { path: path.clone(), reason };
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .map_err(|e| pem(&files.cert, e.to_string()))?
@@ -54,13 +56,99 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
         return Err(pem(&files.cert, "no CERTIFICATE block found".into()));
     }
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| pem(&files.key, e.to_string()))?;
+    Ok(Arc::new(CertifiedKey::from_der(certs, key, provider)?))
+}
+
+/// What identifies a file's content cheaply: inode, size, modification time.
+type Stamp = Option<(u64, u64, std::time::SystemTime)>;
+
+fn stamp(files: &TlsFiles) -> [Stamp; 2] {
+    use std::os::unix::fs::MetadataExt;
+    let one = |p: &PathBuf| std::fs::metadata(p).ok().and_then(|m| Some((m.ino(), m.size(), m.modified().ok()?)));
+    [one(&files.cert), one(&files.key)]
+}
+
+/// The server certificate, reloaded from its files when they change (see
+/// [`ReloadingCert::reload_if_changed`]). A new pair that does not load, or whose key does not
+/// match the certificate, is refused and the current one kept.
+pub struct ReloadingCert {
+    files: TlsFiles,
+    provider: Arc<CryptoProvider>,
+    current: std::sync::RwLock<(Arc<CertifiedKey>, [Stamp; 2])>,
+}
+
+impl std::fmt::Debug for ReloadingCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReloadingCert").field("files", &self.files).finish_non_exhaustive()
+    }
+}
+
+impl ReloadingCert {
+    fn new(files: TlsFiles, provider: Arc<CryptoProvider>) -> Result<Self, TlsError> {
+        let st = stamp(&files);
+        let ck = load_certified_key(&files, &provider)?;
+        Ok(Self { files, provider, current: std::sync::RwLock::new((ck, st)) })
+    }
+
+    /// Reload if either file changed since the last load. `Ok(true)` when a new certificate is
+    /// now served; an error (the old certificate stays) when the new files are not usable.
+    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        let now = stamp(&self.files);
+        if self.current.read().map(|c| c.1 == now).unwrap_or(true) {
+            return Ok(false);
+        }
+        let loaded = load_certified_key(&self.files, &self.provider);
+        let mut cur = self
+            .current
+            .write()
+            .map_err(|_| TlsError::Pem { path: self.files.cert.clone(), reason: "certificate lock poisoned".into() })?;
+        // Remember the stamp even on failure, so a bad pair is reported once, not every poll.
+        cur.1 = now;
+        cur.0 = loaded?;
+        Ok(true)
+    }
+
+    /// Poll the files every `every` and reload on change, until the returned task is aborted.
+    pub fn watch(self: Arc<Self>, every: Duration) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match self.reload_if_changed() {
+                    Ok(true) => tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "new TLS certificate refused; still serving the previous one")
+                    }
+                }
+            }
+        })
+    }
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current.read().ok().map(|c| c.0.clone())
+    }
+}
+
+/// Build the rustls server configuration (TLS 1.2 and 1.3, AWS-LC provider, ALPN http/1.1)
+/// serving a certificate that can be reloaded.
+pub fn reloading_server_config(files: &TlsFiles) -> Result<(Arc<rustls::ServerConfig>, Arc<ReloadingCert>), TlsError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let cert = Arc::new(ReloadingCert::new(files.clone(), provider.clone())?);
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+        .with_cert_resolver(cert.clone());
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
+    Ok((Arc::new(cfg), cert))
+}
+
+/// Like [`reloading_server_config`], for a certificate that is never reloaded.
+pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    Ok(reloading_server_config(files)?.0)
 }
 
 /// A listener yielding established TLS streams.

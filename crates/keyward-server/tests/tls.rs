@@ -134,5 +134,80 @@ async fn server_mode_requires_tls_and_serves_https() {
         .unwrap();
     assert!(plain.health().await.is_err());
 
+    // Certificate reload: a new pair (signed by the same CA) is served without a restart; an
+    // unusable pair is refused and the current certificate kept.
+    assert!(served_subject(running.addr.port()).await.contains("localhost"));
+    let d = dir.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "new.key",
+            "-out",
+            "new.csr",
+            "-subj",
+            "/CN=reloaded",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "new.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "new.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    std::fs::rename(d.join("new.key"), d.join("server.key")).unwrap();
+    std::fs::rename(d.join("new.pem"), d.join("server.pem")).unwrap();
+    let mut waited = 0;
+    while !served_subject(running.addr.port()).await.contains("reloaded") {
+        assert!(waited < 100, "the new certificate was not picked up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += 1;
+    }
+    let c = keyward_client::Client::builder(&https).token(&token).ca_cert_pem(ca.clone()).build().unwrap();
+    assert_eq!(c.health().await.unwrap()["status"], "ok", "the reloaded certificate is trusted");
+    std::fs::write(d.join("server.key"), "garbage").unwrap();
+    tokio::time::sleep(keyward_server::run::TLS_RELOAD_POLL * 2).await;
+    assert!(
+        served_subject(running.addr.port()).await.contains("reloaded"),
+        "a bad pair is refused, the last good one kept"
+    );
+    assert_eq!(c.health().await.unwrap()["status"], "ok");
+
     running.shutdown().await.unwrap();
+}
+
+/// The subject of the certificate the server presents, as `openssl s_client` sees it.
+/// Runs on the blocking pool: the server under test shares this test's runtime.
+async fn served_subject(port: u16) -> String {
+    tokio::task::spawn_blocking(move || {
+        let o = Command::new("openssl")
+            .args(["s_client", "-connect", &format!("127.0.0.1:{port}"), "-servername", "localhost"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl s_client runs");
+        let out = String::from_utf8_lossy(&o.stdout);
+        out.lines().find(|l| l.starts_with("subject=")).unwrap_or("").to_string()
+    })
+    .await
+    .unwrap()
 }
