@@ -16,7 +16,6 @@
 //! Offline validation cannot see whether the pod or service account still exists (the API
 //! server's TokenReview can): keep the token TTLs Keyward issues short.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, JwkSet};
@@ -157,10 +156,14 @@ pub struct Role {
     pub bound_namespaces: Vec<String>,
     /// ServiceAccount names allowed (`*` for any).
     pub bound_service_accounts: Vec<String>,
-    /// Policies of the issued token.
+    /// Policies of the issued token (policies attached by identity apply as well).
     pub policies: Vec<String>,
     /// TTL of the issued token, seconds.
     pub ttl_secs: u64,
+    /// Renewals never extend the issued token beyond this many seconds after login
+    /// (default [`DEFAULT_ROLE_MAX_TTL_SECS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ttl_secs: Option<u64>,
     /// Accept tokens not bound to a pod (e.g. from the TokenRequest API without a pod).
     #[serde(default)]
     pub allow_unbound_tokens: bool,
@@ -168,6 +171,10 @@ pub struct Role {
 
 /// Longest TTL a role may give.
 pub const MAX_ROLE_TTL_SECS: u64 = 24 * 3600;
+/// Longest max TTL a role may give.
+pub const MAX_ROLE_MAX_TTL_SECS: u64 = 31 * 24 * 3600;
+/// Max TTL of a role that does not set one.
+pub const DEFAULT_ROLE_MAX_TTL_SECS: u64 = 24 * 3600;
 
 impl Role {
     /// Check the role's own fields.
@@ -180,10 +187,21 @@ impl Role {
         if self.ttl_secs == 0 || self.ttl_secs > MAX_ROLE_TTL_SECS {
             return Err(AuthnError::Config(format!("ttl must be between 1 second and {MAX_ROLE_TTL_SECS} seconds")));
         }
-        if self.policies.is_empty() {
-            return Err(AuthnError::Config("a role needs at least one policy".into()));
+        if self.policies.len() > 64 {
+            return Err(AuthnError::Config("a role gives at most 64 policies".into()));
+        }
+        let max = self.max_ttl();
+        if max < self.ttl_secs || max > MAX_ROLE_MAX_TTL_SECS {
+            return Err(AuthnError::Config(format!(
+                "max_ttl must be at least the ttl and at most {MAX_ROLE_MAX_TTL_SECS} seconds"
+            )));
         }
         Ok(())
+    }
+
+    /// The max TTL in force.
+    pub fn max_ttl(&self) -> u64 {
+        self.max_ttl_secs.unwrap_or(DEFAULT_ROLE_MAX_TTL_SECS.max(self.ttl_secs))
     }
 
     /// Whether `id` may log in with this role.
@@ -231,19 +249,19 @@ impl ServiceAccountIdentity {
         format!("k8s:{}/{}", self.namespace, self.service_account)
     }
 
-    /// Selectors in the `k8s:` notation used by policies and audit records.
-    pub fn selectors(&self) -> BTreeMap<String, String> {
-        let mut m = BTreeMap::new();
-        m.insert("k8s:ns".into(), self.namespace.clone());
-        m.insert("k8s:sa".into(), self.service_account.clone());
+    /// Selectors (`k8s:ns:NAMESPACE`, `k8s:sa:NAME`, `k8s:pod-name:`, `k8s:pod-uid:`,
+    /// `k8s:node-name:`), as policies and audit records use them; sorted.
+    pub fn selectors(&self) -> Vec<String> {
+        let mut v = vec![format!("k8s:ns:{}", self.namespace), format!("k8s:sa:{}", self.service_account)];
         if let Some((name, uid)) = &self.pod {
-            m.insert("k8s:pod-name".into(), name.clone());
-            m.insert("k8s:pod-uid".into(), uid.clone());
+            v.push(format!("k8s:pod-name:{name}"));
+            v.push(format!("k8s:pod-uid:{uid}"));
         }
         if let Some(n) = &self.node {
-            m.insert("k8s:node-name".into(), n.clone());
+            v.push(format!("k8s:node-name:{n}"));
         }
-        m
+        v.sort();
+        v
     }
 }
 
@@ -553,9 +571,13 @@ mod tests {
             bound_service_accounts: vec!["api".into(), "worker".into()],
             policies: vec!["p".into()],
             ttl_secs: 600,
+            max_ttl_secs: None,
             allow_unbound_tokens: false,
         };
         assert!(role.validate().is_ok());
+        assert_eq!(role.max_ttl(), DEFAULT_ROLE_MAX_TTL_SECS);
+        assert!(Role { max_ttl_secs: Some(599), ..role.clone() }.validate().is_err(), "max ttl below ttl");
+        assert!(Role { max_ttl_secs: Some(MAX_ROLE_MAX_TTL_SECS + 1), ..role.clone() }.validate().is_err());
         let id = ServiceAccountIdentity {
             namespace: "payments".into(),
             service_account: "api".into(),
@@ -573,6 +595,7 @@ mod tests {
         assert!(Role { ttl_secs: 0, ..role.clone() }.validate().is_err());
         assert!(Role { bound_namespaces: vec![], ..role.clone() }.validate().is_err());
         assert_eq!(id.display(), "k8s:payments/api");
+        assert_eq!(id.selectors(), ["k8s:ns:payments", "k8s:pod-name:api-0", "k8s:pod-uid:pu", "k8s:sa:api"]);
     }
 
     proptest::proptest! {

@@ -16,6 +16,12 @@ pub struct Cli {
     /// PEM CA certificate to trust for HTTPS.
     #[arg(long, global = true, env = "KEYWARD_CACERT")]
     pub cacert: Option<PathBuf>,
+    /// TLS client certificate (PEM) to present; without a token it is your identity.
+    #[arg(long, global = true, env = "KEYWARD_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --client-cert.
+    #[arg(long, global = true, env = "KEYWARD_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
     /// Output format for commands that print data.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -210,6 +216,10 @@ pub struct ServerArgs {
     /// PEM private key for HTTPS.
     #[arg(long)]
     pub tls_key: PathBuf,
+    /// PEM CA certificate(s) for client certificates (mTLS). Clients may then authenticate
+    /// with a certificate chaining to it; policies attach to its `cert:` selectors.
+    #[arg(long)]
+    pub tls_client_ca: Option<PathBuf>,
     /// Keep the unseal key in an unencrypted file in the data directory instead of Shamir
     /// shares. Anyone who can read that file has every key.
     #[arg(long)]
@@ -410,7 +420,9 @@ pub enum AuditCmd {
 #[derive(Subcommand, Debug)]
 pub enum PolicyCmd {
     /// Create or replace a policy from a JSON file ("-" for stdin):
-    /// {"description": "...", "rules": [{"resources": ["keys/app"], "operations": ["encrypt"]}]}
+    /// {"description": "...", "identities": [["k8s:ns:app", "k8s:sa:api"]],
+    ///  "rules": [{"resources": ["keys/app"], "operations": ["encrypt"], "require": ["k8s:ns:app"]}]}
+    /// (`identities` and `require` are optional; see docs/policies.md)
     Put { name: String, file: PathBuf },
     /// List policy names.
     List,
@@ -418,14 +430,18 @@ pub enum PolicyCmd {
     Show { name: String },
     /// Delete a policy.
     Delete { name: String },
-    /// Dry run: would this token (accessor) or these policies be allowed OPERATION on RESOURCE?
+    /// Dry run: would this token (accessor), or an identity with these policies and selectors,
+    /// be allowed OPERATION on RESOURCE, and by which grant?
     Check {
         /// Token accessor to check.
-        #[arg(long, conflicts_with = "policies")]
+        #[arg(long, conflicts_with_all = ["policies", "selectors"])]
         accessor: Option<String>,
         /// Policies to check (repeatable).
         #[arg(long = "policy")]
         policies: Vec<String>,
+        /// Identity selectors, e.g. k8s:ns:payments or cert:cn:billing (repeatable).
+        #[arg(long = "selector")]
+        selectors: Vec<String>,
         operation: String,
         resource: String,
     },
@@ -441,6 +457,9 @@ pub enum TokenCmd {
         /// Lifetime, renewable, e.g. 1h.
         #[arg(long)]
         ttl: Option<String>,
+        /// Renewals never extend the token beyond this long after creation, e.g. 24h.
+        #[arg(long)]
+        max_ttl: Option<String>,
         #[arg(long)]
         max_uses: Option<u32>,
         #[arg(long)]
@@ -519,12 +538,15 @@ pub enum K8sRoleCmd {
         /// Bound ServiceAccount name (repeatable; `*` for any).
         #[arg(long = "service-account", required = true)]
         service_accounts: Vec<String>,
-        /// Policy of the issued token (repeatable).
-        #[arg(long = "policy", required = true)]
+        /// Policy of the issued token (repeatable; policies attached by identity apply too).
+        #[arg(long = "policy")]
         policies: Vec<String>,
         /// TTL of the issued token.
         #[arg(long, default_value = "15m")]
         ttl: String,
+        /// Renewals never extend the issued token beyond this long after login (default 24h).
+        #[arg(long)]
+        max_ttl: Option<String>,
         /// Accept tokens that are not bound to a pod.
         #[arg(long)]
         allow_unbound_tokens: bool,

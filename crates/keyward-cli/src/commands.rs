@@ -22,6 +22,14 @@ fn client(cli: &Cli) -> anyhow::Result<Client> {
     if let Some(p) = &cli.cacert {
         b = b.ca_cert_pem(std::fs::read(p).with_context(|| format!("reading CA certificate {}", p.display()))?);
     }
+    if let (Some(cert), Some(key)) = (&cli.client_cert, &cli.client_key) {
+        let mut pem = zeroize::Zeroizing::new(
+            std::fs::read(key).with_context(|| format!("reading client key {}", key.display()))?,
+        );
+        pem.push(b'\n');
+        pem.extend(std::fs::read(cert).with_context(|| format!("reading client certificate {}", cert.display()))?);
+        b = b.client_identity_pem(pem.to_vec());
+    }
     Ok(b.build()?)
 }
 
@@ -262,12 +270,21 @@ async fn kubernetes(cli: &Cli, k: &K8sCmd) -> anyhow::Result<ExitCode> {
             c.request(Method::PUT, "/v1/auth/kubernetes/config", Some(&body)).await?
         }
         K8sCmd::Show => c.request(Method::GET, "/v1/auth/kubernetes/config", None).await?,
-        K8sCmd::Role(K8sRoleCmd::Put { name, namespaces, service_accounts, policies, ttl, allow_unbound_tokens }) => {
+        K8sCmd::Role(K8sRoleCmd::Put {
+            name,
+            namespaces,
+            service_accounts,
+            policies,
+            ttl,
+            max_ttl,
+            allow_unbound_tokens,
+        }) => {
             let body = json!({
                 "bound_namespaces": namespaces,
                 "bound_service_accounts": service_accounts,
                 "policies": policies,
                 "ttl": ttl,
+                "max_ttl": max_ttl,
                 "allow_unbound_tokens": allow_unbound_tokens,
             });
             c.request(Method::PUT, &format!("/v1/auth/kubernetes/roles/{name}"), Some(&body)).await?
@@ -610,7 +627,7 @@ async fn server(a: ServerArgs) -> anyhow::Result<ExitCode> {
         data_dir: a.data.clone(),
         dev: false,
         scheduler_interval: a.scheduler_interval,
-        tls: Some(keyward_server::tls::TlsFiles { cert: a.tls_cert, key: a.tls_key }),
+        tls: Some(keyward_server::tls::TlsFiles { cert: a.tls_cert, key: a.tls_key, client_ca: a.tls_client_ca }),
         insecure_file_seal: a.insecure_file_seal,
         audit: a.audit.settings(),
     };
@@ -757,11 +774,14 @@ async fn policy(cli: &Cli, p: &PolicyCmd) -> anyhow::Result<ExitCode> {
         PolicyCmd::List => c.request(Method::GET, "/v1/policies", None).await?,
         PolicyCmd::Show { name } => c.request(Method::GET, &format!("/v1/policies/{name}"), None).await?,
         PolicyCmd::Delete { name } => c.request(Method::DELETE, &format!("/v1/policies/{name}"), None).await?,
-        PolicyCmd::Check { accessor, policies, operation, resource } => {
+        PolicyCmd::Check { accessor, policies, selectors, operation, resource } => {
             let mut body = json!({"operation": operation, "resource": resource});
             match accessor {
                 Some(a) => body["accessor"] = json!(a),
-                None => body["policies"] = json!(policies),
+                None => {
+                    body["policies"] = json!(policies);
+                    body["selectors"] = json!(selectors);
+                }
             }
             let v = c.request(Method::POST, "/v1/sys/authorize", Some(&body)).await?;
             let allowed = v["allowed"].as_bool().unwrap_or(false);
@@ -781,11 +801,13 @@ async fn token(cli: &Cli, t: &TokenCmd) -> anyhow::Result<ExitCode> {
     use keyward_client::Method;
     let c = client(cli)?;
     let v = match t {
-        TokenCmd::Create { policies, ttl, max_uses, display_name, orphan } => {
+        TokenCmd::Create { policies, ttl, max_ttl, max_uses, display_name, orphan } => {
             c.request(
                 Method::POST,
                 "/v1/auth/token/create",
-                Some(&json!({"policies": policies, "ttl": ttl, "max_uses": max_uses, "display_name": display_name, "orphan": orphan})),
+                Some(
+                    &json!({"policies": policies, "ttl": ttl, "max_ttl": max_ttl, "max_uses": max_uses, "display_name": display_name, "orphan": orphan}),
+                ),
             )
             .await?
         }

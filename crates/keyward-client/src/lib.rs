@@ -93,6 +93,7 @@ pub struct ClientBuilder {
     addr: String,
     token: Option<Zeroizing<String>>,
     ca_pem: Option<Vec<u8>>,
+    identity_pem: Option<Zeroizing<Vec<u8>>>,
     timeout: Duration,
     pool_max_idle: usize,
 }
@@ -113,6 +114,13 @@ impl ClientBuilder {
     /// Trust this PEM CA certificate for HTTPS.
     pub fn ca_cert_pem(mut self, pem: Vec<u8>) -> Self {
         self.ca_pem = Some(pem);
+        self
+    }
+
+    /// Present this TLS client certificate (mTLS): PEM holding the certificate chain and its
+    /// private key. Without a token, the certificate is the caller's identity.
+    pub fn client_identity_pem(mut self, cert_and_key: Vec<u8>) -> Self {
+        self.identity_pem = Some(Zeroizing::new(cert_and_key));
         self
     }
 
@@ -142,6 +150,11 @@ impl ClientBuilder {
             let cert =
                 reqwest::Certificate::from_pem(pem).map_err(|e| Error::Config(format!("CA certificate: {e}")))?;
             b = b.tls_certs_only([cert]);
+        }
+        if let Some(pem) = &self.identity_pem {
+            let id = reqwest::Identity::from_pem(pem)
+                .map_err(|e| Error::Config(format!("client certificate and key: {e}")))?;
+            b = b.identity(id);
         }
         let http = b.build().map_err(|e| Error::Config(e.to_string()))?;
         Ok(Client { http, addr, token: self.token })
@@ -276,6 +289,7 @@ impl Client {
             addr: addr.into(),
             token: None,
             ca_pem: None,
+            identity_pem: None,
             timeout: Duration::from_secs(30),
             pool_max_idle: 64,
         }

@@ -167,11 +167,41 @@ pub struct TokenRecord {
     pub uses: u32,
     /// Free text naming the holder.
     pub display_name: String,
+    /// Identity selectors set by the auth method that issued the token (e.g. `k8s:ns:X`),
+    /// sorted; policies can be attached by them and rules can require them.
+    pub selectors: Vec<String>,
+    /// Hard limit on expiry: renewals never extend beyond it.
+    pub max_expires_at: Option<i64>,
 }
 
 impl TokenRecord {
     /// Whether this token carries the root policy.
     pub fn is_root(&self) -> bool {
         self.policies.iter().any(|p| p == "root")
+    }
+
+    /// An identity established per request (e.g. from a TLS client certificate) rather than a
+    /// stored token: no policies of its own, only `selectors`. Its `hash` is all zeros, which
+    /// no stored token has.
+    pub fn ephemeral(accessor: String, display_name: String, selectors: Vec<String>) -> Self {
+        Self {
+            hash: [0; 32],
+            accessor,
+            policies: vec![],
+            created_at: crate::now_unix(),
+            expires_at: None,
+            parent: None,
+            ttl_secs: None,
+            max_uses: None,
+            uses: 0,
+            display_name,
+            selectors,
+            max_expires_at: None,
+        }
+    }
+
+    /// Whether this is a stored token (as opposed to an [`TokenRecord::ephemeral`] identity).
+    pub fn is_stored(&self) -> bool {
+        self.hash != [0; 32]
     }
 }

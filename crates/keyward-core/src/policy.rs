@@ -9,6 +9,19 @@
 //!   and matches every resource starting with what precedes the `*` (`secrets/app/*`,
 //!   `keys/team-*`, `*`). `*` may appear only at the end.
 //! - an operation is one of [`OPERATIONS`], or `*` for all of them.
+//!
+//! Identities. A caller carries *selectors*, facts established by how it authenticated
+//! (`k8s:ns:payments`, `k8s:sa:api`, `cert:cn:billing`, `cert:uri:spiffe://bank/billing`, and
+//! with the node agent `unix:sha256:HEX`, ...). Selectors are set only by auth methods, never by
+//! the caller. They act in two places:
+//!
+//! - a policy's `identities` attaches it to callers without naming it on their token: the
+//!   policy applies when every selector of at least one of its sets matches the caller;
+//! - a rule's `require` narrows that rule: it grants only when every required selector matches
+//!   the caller, whichever way the policy reached the caller.
+//!
+//! A selector pattern is exact, or ends in `*` after at least `kind:name:` (`cert:dns:*.bank`
+//! is invalid, `cert:uri:spiffe://bank/*` is valid).
 
 use std::collections::BTreeSet;
 
@@ -45,6 +58,9 @@ pub struct Rule {
     pub resources: Vec<String>,
     /// Operations granted on them.
     pub operations: Vec<String>,
+    /// Selectors the caller must all have for this rule to grant anything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub require: Vec<String>,
 }
 
 /// A named policy.
@@ -56,8 +72,44 @@ pub struct Policy {
     /// Free text.
     #[serde(default)]
     pub description: String,
+    /// Selector sets attaching this policy to callers (any set, all of its selectors).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<Vec<String>>,
     /// Grants.
     pub rules: Vec<Rule>,
+}
+
+/// Longest selector accepted.
+pub const MAX_SELECTOR_LEN: usize = 512;
+
+/// Whether `s` is a well-formed concrete selector: `kind:name:value`, printable ASCII without
+/// spaces, `kind` and `name` lowercase `a-z 0-9 -`.
+pub fn selector_ok(s: &str) -> bool {
+    let mut parts = s.splitn(3, ':');
+    let (Some(kind), Some(name), Some(value)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    let ident = |x: &str| !x.is_empty() && x.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    s.len() <= MAX_SELECTOR_LEN
+        && ident(kind)
+        && ident(name)
+        && !value.is_empty()
+        && value.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Whether `p` is a well-formed selector pattern: a selector, possibly ending in `*` after
+/// `kind:name:`.
+pub fn selector_pattern_ok(p: &str) -> bool {
+    let body = p.strip_suffix('*').unwrap_or(p);
+    if body.contains('*') {
+        return false;
+    }
+    if p.ends_with('*') && body.ends_with(':') { selector_ok(&format!("{body}x")) } else { selector_ok(body) }
+}
+
+/// Whether any of the caller's `selectors` matches `pattern`.
+pub fn has_selector(pattern: &str, selectors: &[String]) -> bool {
+    selectors.iter().any(|s| matches(pattern, s))
 }
 
 fn pattern_ok(p: &str) -> bool {
@@ -90,21 +142,54 @@ impl Policy {
                     OPERATIONS.join(", ")
                 )));
             }
+            if r.require.len() > 32 {
+                return Err(KmsError::invalid(format!("rule {i}: at most 32 required selectors")));
+            }
+            if let Some(bad) = r.require.iter().find(|p| !selector_pattern_ok(p)) {
+                return Err(KmsError::invalid(format!(
+                    "rule {i}: required selector {bad:?} is invalid: use kind:name:value, e.g. k8s:ns:payments"
+                )));
+            }
+        }
+        if self.identities.len() > 64 {
+            return Err(KmsError::invalid("a policy has at most 64 identity sets"));
+        }
+        for (i, set) in self.identities.iter().enumerate() {
+            if set.is_empty() || set.len() > 32 {
+                return Err(KmsError::invalid(format!("identity set {i} needs 1 to 32 selectors")));
+            }
+            if let Some(bad) = set.iter().find(|p| !selector_pattern_ok(p)) {
+                return Err(KmsError::invalid(format!(
+                    "identity set {i}: selector {bad:?} is invalid: use kind:name:value, e.g. k8s:sa:api or cert:cn:billing"
+                )));
+            }
         }
         Ok(())
     }
 
-    /// The first rule granting `operation` on `resource`, if any.
-    pub fn grants(&self, operation: &str, resource: &str) -> Option<usize> {
+    /// The first identity set of this policy all of whose selectors the caller has.
+    pub fn attached_by(&self, selectors: &[String]) -> Option<usize> {
+        if selectors.is_empty() {
+            return None;
+        }
+        self.identities.iter().position(|set| set.iter().all(|p| has_selector(p, selectors)))
+    }
+
+    /// The first rule granting `operation` on `resource` to a caller with `selectors`, if any.
+    pub fn grants(&self, operation: &str, resource: &str, selectors: &[String]) -> Option<usize> {
         self.rules.iter().position(|r| {
-            r.operations.iter().any(|o| o == "*" || o == operation) && r.resources.iter().any(|p| matches(p, resource))
+            r.operations.iter().any(|o| o == "*" || o == operation)
+                && r.resources.iter().any(|p| matches(p, resource))
+                && r.require.iter().all(|p| has_selector(p, selectors))
         })
     }
 
-    /// Operations granted (for whoami).
-    pub fn summary(&self) -> BTreeSet<String> {
+    /// What this policy grants a caller with `selectors` (for whoami): rules whose requirements
+    /// the caller does not meet are left out.
+    pub fn summary(&self, selectors: &[String]) -> BTreeSet<String> {
         self.rules
             .iter()
+            .filter(|r| r.require.iter().all(|p| has_selector(p, selectors)))
             .flat_map(|r| r.resources.iter().map(move |p| format!("{} on {p}", r.operations.join(","))))
             .collect()
     }
@@ -131,24 +216,30 @@ mod tests {
                 .map(|(r, o)| Rule {
                     resources: r.iter().map(|s| s.to_string()).collect(),
                     operations: o.iter().map(|s| s.to_string()).collect(),
+                    require: vec![],
                 })
                 .collect(),
+            identities: vec![],
         }
+    }
+
+    fn sel(s: &[&str]) -> Vec<String> {
+        s.iter().map(|x| x.to_string()).collect()
     }
 
     #[test]
     fn matching() {
         let p = pol(&[(&["keys/payments"], &["encrypt", "decrypt"]), (&["secrets/app/*"], &["read"])]);
         p.validate().unwrap();
-        assert_eq!(p.grants("encrypt", "keys/payments"), Some(0));
-        assert_eq!(p.grants("sign", "keys/payments"), None, "operation not granted");
-        assert_eq!(p.grants("encrypt", "keys/payments2"), None, "exact match only");
-        assert_eq!(p.grants("read", "secrets/app/db"), Some(1));
-        assert_eq!(p.grants("read", "secrets/app/"), Some(1));
-        assert_eq!(p.grants("read", "secrets/apple"), None, "prefix is literal");
-        assert_eq!(p.grants("write", "secrets/app/db"), None);
+        assert_eq!(p.grants("encrypt", "keys/payments", &[]), Some(0));
+        assert_eq!(p.grants("sign", "keys/payments", &[]), None, "operation not granted");
+        assert_eq!(p.grants("encrypt", "keys/payments2", &[]), None, "exact match only");
+        assert_eq!(p.grants("read", "secrets/app/db", &[]), Some(1));
+        assert_eq!(p.grants("read", "secrets/app/", &[]), Some(1));
+        assert_eq!(p.grants("read", "secrets/apple", &[]), None, "prefix is literal");
+        assert_eq!(p.grants("write", "secrets/app/db", &[]), None);
         let all = pol(&[(&["*"], &["*"])]);
-        assert_eq!(all.grants("admin", "keys/x"), Some(0));
+        assert_eq!(all.grants("admin", "keys/x", &[]), Some(0));
     }
 
     #[test]
@@ -160,5 +251,41 @@ mod tests {
         let mut root = pol(&[(&["*"], &["*"])]);
         root.name = "root".into();
         assert!(root.validate().is_err(), "root is built in");
+        let mut p = pol(&[(&["keys/x"], &["read"])]);
+        for bad in ["k8s", "k8s:ns", "k8s:ns:", "K8S:ns:x", "k8s:ns:a b", "*", "k8s:*", "cert:dns:*.bank", "k8s:n*:x"] {
+            p.identities = vec![sel(&[bad])];
+            assert!(p.validate().is_err(), "identity selector {bad:?} must be refused");
+            p.identities = vec![];
+            p.rules[0].require = sel(&[bad]);
+            assert!(p.validate().is_err(), "required selector {bad:?} must be refused");
+            p.rules[0].require = vec![];
+        }
+        for good in ["k8s:ns:payments", "k8s:ns:*", "cert:uri:spiffe://bank/*", "unix:sha256:ab12", "k8s:label:app=x"] {
+            p.identities = vec![sel(&[good])];
+            p.validate().unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        p.identities = vec![vec![]];
+        assert!(p.validate().is_err(), "an empty identity set would match everyone");
+    }
+
+    #[test]
+    fn identities_and_requirements() {
+        let mut p = pol(&[(&["keys/pay"], &["encrypt"]), (&["keys/pay"], &["decrypt"])]);
+        p.identities = vec![sel(&["k8s:ns:payments", "k8s:sa:api"]), sel(&["cert:uri:spiffe://bank/*"])];
+        p.rules[1].require = sel(&["k8s:ns:payments"]);
+        p.validate().unwrap();
+        let api = sel(&["k8s:ns:payments", "k8s:sa:api"]);
+        assert_eq!(p.attached_by(&api), Some(0));
+        assert_eq!(p.attached_by(&sel(&["k8s:ns:payments"])), None, "all selectors of a set are needed");
+        assert_eq!(p.attached_by(&sel(&["k8s:ns:payments", "k8s:sa:web"])), None);
+        assert_eq!(p.attached_by(&sel(&["cert:uri:spiffe://bank/billing"])), Some(1), "prefix pattern");
+        assert_eq!(p.attached_by(&sel(&["cert:uri:spiffe://bankx/billing"])), None);
+        assert_eq!(p.attached_by(&[]), None, "no selectors, no identity match");
+        assert_eq!(p.grants("decrypt", "keys/pay", &api), Some(1));
+        let cert = sel(&["cert:uri:spiffe://bank/billing"]);
+        assert_eq!(p.grants("encrypt", "keys/pay", &cert), Some(0));
+        assert_eq!(p.grants("decrypt", "keys/pay", &cert), None, "the rule requires k8s:ns:payments");
+        assert!(!p.summary(&cert).iter().any(|g| g.starts_with("decrypt")));
+        assert!(p.summary(&api).iter().any(|g| g.starts_with("decrypt")));
     }
 }

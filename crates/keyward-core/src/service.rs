@@ -160,6 +160,10 @@ pub struct TokenRequest {
     pub display_name: String,
     /// Create without a parent, so revoking the creator does not revoke it (root tokens only).
     pub orphan: bool,
+    /// Identity selectors; only auth methods set them ([`Kms::issue_login_token`]).
+    pub selectors: Vec<String>,
+    /// Renewals never extend the token beyond this many seconds after its creation.
+    pub max_ttl_secs: Option<u64>,
 }
 
 /// What the scheduler did.
@@ -301,6 +305,8 @@ impl Kms {
                 max_uses: None,
                 display_name: "root".into(),
                 orphan: true,
+                selectors: vec![],
+                max_ttl_secs: None,
             };
             Some(kms.insert_token(None, req).await?.0)
         } else {
@@ -426,11 +432,19 @@ impl Kms {
         let mut acc = [0u8; 12];
         keyward_crypto::fill_random(&mut acc)?;
         let now = now_unix();
-        let mut expires_at = req.ttl_secs.map(|t| now.saturating_add(i64::try_from(t).unwrap_or(i64::MAX)));
+        let after = |t: u64| now.saturating_add(i64::try_from(t).unwrap_or(i64::MAX));
+        let mut expires_at = req.ttl_secs.map(after);
+        let max_expires_at = req.max_ttl_secs.map(after);
+        if let Some(m) = max_expires_at {
+            expires_at = Some(expires_at.map_or(m, |e| e.min(m)));
+        }
         // A child never outlives its parent.
         if let Some(pe) = parent.and_then(|p| p.expires_at) {
             expires_at = Some(expires_at.map_or(pe, |e| e.min(pe)));
         }
+        let mut selectors = req.selectors;
+        selectors.sort();
+        selectors.dedup();
         let rec = TokenRecord {
             hash: self.token_hash(token.expose()),
             accessor: format!("acc_{}", hex::encode(acc)),
@@ -442,6 +456,8 @@ impl Kms {
             max_uses: req.max_uses,
             uses: 0,
             display_name: req.display_name,
+            selectors,
+            max_expires_at,
         };
         self.store.put_token(&rec).await?;
         if let Ok(mut m) = self.tokens.write() {
@@ -519,6 +535,17 @@ impl Kms {
         if req.max_uses == Some(0) {
             return Err(KmsError::invalid("max_uses must be at least 1"));
         }
+        if req.max_ttl_secs.is_some_and(|t| t == 0 || t > MAX_ROTATION_PERIOD) {
+            return Err(KmsError::invalid("max_ttl must be between 1 second and 10 years"));
+        }
+        if !req.selectors.is_empty() {
+            return Err(KmsError::invalid("selectors are set by auth methods, not by token creation"));
+        }
+        if !parent.is_stored() {
+            return Err(KmsError::PermissionDenied(
+                "only token holders can create tokens; this identity (a client certificate) has no token".into(),
+            ));
+        }
         if req.orphan && !parent.is_root() {
             return Err(KmsError::PermissionDenied("only a root token can create orphan tokens".into()));
         }
@@ -543,11 +570,19 @@ impl Kms {
     /// ServiceAccount). The method's configuration, set by an administrator, chose the policies;
     /// they must exist.
     pub async fn issue_login_token(&self, req: TokenRequest) -> Result<(SecretBytes, TokenRecord), KmsError> {
-        if req.policies.is_empty() || req.policies.len() > 64 || req.display_name.len() > 128 {
-            return Err(KmsError::invalid("a login token needs 1 to 64 policies and a short display name"));
+        if (req.policies.is_empty() && req.selectors.is_empty())
+            || req.policies.len() > 64
+            || req.display_name.len() > 128
+        {
+            return Err(KmsError::invalid(
+                "a login token needs up to 64 policies (or identity selectors) and a short display name",
+            ));
         }
-        if req.ttl_secs.is_none_or(|t| t == 0) {
-            return Err(KmsError::invalid("a login token needs a ttl"));
+        if req.ttl_secs.is_none_or(|t| t == 0) || req.max_ttl_secs.is_none_or(|t| t == 0) {
+            return Err(KmsError::invalid("a login token needs a ttl and a max ttl"));
+        }
+        if req.selectors.len() > 64 || req.selectors.iter().any(|s| !crate::policy::selector_ok(s)) {
+            return Err(KmsError::Internal("auth method produced an invalid selector".into()));
         }
         {
             let known = self.policies.read().map_err(|_| KmsError::Internal("policy cache poisoned".into()))?;
@@ -569,7 +604,8 @@ impl Kms {
         Ok(t)
     }
 
-    /// Extend a token's expiry by its TTL from now (never beyond its parent's expiry).
+    /// Extend a token's expiry by its TTL from now (never beyond its parent's expiry or its own
+    /// max TTL).
     pub async fn renew_token(&self, accessor: &str) -> Result<Arc<TokenRecord>, KmsError> {
         let t = self.lookup_token(accessor)?;
         let Some(ttl) = t.ttl_secs else {
@@ -579,6 +615,9 @@ impl Kms {
         let mut exp = now_unix().saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX));
         if let Some(pe) = t.parent.as_deref().and_then(|p| self.token_by_accessor(p).ok()).and_then(|p| p.expires_at) {
             exp = exp.min(pe);
+        }
+        if let Some(m) = t.max_expires_at {
+            exp = exp.min(m);
         }
         next.expires_at = Some(exp);
         self.store.update_token(&next).await?;
@@ -675,22 +714,57 @@ impl Kms {
 
     /// Decide whether a holder of `policies` may do `operation` on `resource`. Returns the grant
     /// (`policy NAME rule N`) or [`KmsError::PermissionDenied`] with the reason. Deny by default.
-    pub fn decide(&self, policies: &[String], operation: &str, resource: &str) -> Result<String, KmsError> {
+    pub fn decide(
+        &self,
+        policies: &[String],
+        selectors: &[String],
+        operation: &str,
+        resource: &str,
+    ) -> Result<String, KmsError> {
         if policies.iter().any(|p| p == ROOT_POLICY) {
             return Ok("policy root".into());
         }
         let map = self.policies.read().map_err(|_| KmsError::Internal("policy cache poisoned".into()))?;
         for name in policies {
-            if let Some(i) = map.get(name).and_then(|p| p.grants(operation, resource)) {
+            if let Some(i) = map.get(name).and_then(|p| p.grants(operation, resource, selectors)) {
                 return Ok(format!("policy {name} rule {i}"));
             }
         }
-        Err(KmsError::PermissionDenied(format!("no policy of this token grants {operation} on {resource}")))
+        if !selectors.is_empty() {
+            // Policies attached by identity; sorted by name so the reported grant is stable.
+            let mut attached: Vec<(&String, &Arc<Policy>, usize)> = map
+                .iter()
+                .filter(|(n, _)| !policies.contains(n))
+                .filter_map(|(n, p)| p.attached_by(selectors).map(|set| (n, p, set)))
+                .collect();
+            attached.sort_by(|a, b| a.0.cmp(b.0));
+            for (name, p, set) in attached {
+                if let Some(i) = p.grants(operation, resource, selectors) {
+                    return Ok(format!("policy {name} (identity set {set}) rule {i}"));
+                }
+            }
+        }
+        Err(KmsError::PermissionDenied(format!("no policy of this identity grants {operation} on {resource}")))
     }
 
     /// Authorize `operation` on `resource` for `who`; see [`Kms::decide`].
     pub fn authorize(&self, who: &TokenRecord, operation: &str, resource: &str) -> Result<String, KmsError> {
-        self.decide(&who.policies, operation, resource)
+        self.decide(&who.policies, &who.selectors, operation, resource)
+    }
+
+    /// The policies that apply to a caller: those named on its token, then those attached by
+    /// its selectors (with the index of the identity set that matched).
+    pub fn effective_policies(&self, who: &TokenRecord) -> Result<Vec<(String, Option<usize>)>, KmsError> {
+        let map = self.policies.read().map_err(|_| KmsError::Internal("policy cache poisoned".into()))?;
+        let mut out: Vec<(String, Option<usize>)> = who.policies.iter().map(|p| (p.clone(), None)).collect();
+        let mut attached: Vec<(String, Option<usize>)> = map
+            .iter()
+            .filter(|(n, _)| !who.policies.contains(n))
+            .filter_map(|(n, p)| p.attached_by(&who.selectors).map(|set| (n.clone(), Some(set))))
+            .collect();
+        attached.sort();
+        out.extend(attached);
+        Ok(out)
     }
 
     /// The key name a ciphertext was made with (for authorizing decrypt), if the key exists.

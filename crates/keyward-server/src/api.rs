@@ -226,7 +226,25 @@ async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) 
         .or_else(|| h.get("x-keyward-token").and_then(|v| v.to_str().ok()));
     let ctx = req.extensions().get::<Arc<AuditCtx>>().cloned().unwrap_or_default();
     let Some(token) = token else {
-        ctx.set_reason("no token presented");
+        // No token: a verified TLS client certificate is the identity, if there is one.
+        let cert = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<crate::tls::PeerInfo>>()
+            .and_then(|c| c.0.client_cert.clone());
+        if let Some(cert) = cert {
+            if st.kms().is_err() {
+                return sealed_error().into_response();
+            }
+            ctx.set_identity(&format!("{} [{}]", cert.display(), cert.selectors.join(" ")));
+            let rec = keyward_core::model::TokenRecord::ephemeral(
+                format!("cert_{}", &cert.fingerprint[..24]),
+                cert.display(),
+                cert.selectors.clone(),
+            );
+            req.extensions_mut().insert(Caller(Arc::new(rec), ctx));
+            return next.run(req).await;
+        }
+        ctx.set_reason("no token or client certificate presented");
         return ApiError::from(keyward_core::KmsError::Unauthenticated).into_response();
     };
     let kms = match st.kms() {
@@ -379,21 +397,43 @@ fn token_json(t: &keyward_core::model::TokenRecord) -> Value {
         "max_uses": t.max_uses,
         "uses": t.uses,
         "parent": t.parent,
+        "selectors": t.selectors,
+        "max_expires_at": t.max_expires_at.map(time),
+        "kind": if t.is_stored() { "token" } else { "certificate" },
     })
 }
 
+/// Refuse token self-service to identities that have no token (client certificates).
+fn stored_token(c: &Caller) -> Result<(), ApiError> {
+    if c.0.is_stored() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            "this identity is a client certificate, not a token: there is nothing to renew or revoke",
+        ))
+    }
+}
+
 async fn whoami(State(st): State<AppState>, c: Caller) -> ApiResult {
-    c.1.set_decision("whoami", "auth/self", true, "every token may see itself".into());
+    c.1.set_decision("whoami", "auth/self", true, "every identity may see itself".into());
     let kms = st.kms()?;
-    let grants: Vec<Value> =
-        c.0.policies
-            .iter()
-            .map(|p| match kms.get_policy(p) {
-                Ok(pol) => json!({"policy": p, "grants": pol.summary()}),
-                Err(_) if p == keyward_core::policy::ROOT_POLICY => json!({"policy": p, "grants": ["* on *"]}),
-                Err(_) => json!({"policy": p, "grants": [], "missing": true}),
-            })
-            .collect();
+    let grants: Vec<Value> = kms
+        .effective_policies(&c.0)?
+        .into_iter()
+        .map(|(p, set)| {
+            let via = match set {
+                None => json!("token"),
+                Some(i) => json!({"identity_set": i}),
+            };
+            match kms.get_policy(&p) {
+                Ok(pol) => json!({"policy": p, "via": via, "grants": pol.summary(&c.0.selectors)}),
+                Err(_) if p == keyward_core::policy::ROOT_POLICY => {
+                    json!({"policy": p, "via": via, "grants": ["* on *"]})
+                }
+                Err(_) => json!({"policy": p, "via": via, "grants": [], "missing": true}),
+            }
+        })
+        .collect();
     let mut v = token_json(&c.0);
     v["effective"] = Value::Array(grants);
     ok(v)
@@ -402,12 +442,15 @@ async fn whoami(State(st): State<AppState>, c: Caller) -> ApiResult {
 async fn token_create(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<TokenCreateReq>) -> ApiResult {
     allow(&st, &c, "write", "auth/token")?;
     let ttl_secs = r.ttl.as_deref().map(|s| parse_period("ttl", s)).transpose()?;
+    let max_ttl_secs = r.max_ttl.as_deref().map(|s| parse_period("max_ttl", s)).transpose()?;
     let req = keyward_core::service::TokenRequest {
         policies: r.policies,
         ttl_secs,
         max_uses: r.max_uses,
         display_name: r.display_name.unwrap_or_default(),
         orphan: r.orphan,
+        selectors: vec![],
+        max_ttl_secs,
     };
     let (token, rec) = st.kms()?.create_token(&c.0, req).await?;
     let mut v = token_json(&rec);
@@ -428,6 +471,7 @@ async fn token_renew(State(st): State<AppState>, c: Caller, StrictJson(r): Stric
 }
 
 async fn token_renew_self(State(st): State<AppState>, c: Caller, StrictJson(_): StrictJson<Empty>) -> ApiResult {
+    stored_token(&c)?;
     c.1.set_decision("renew", "auth/self", true, "every token may renew itself".into());
     let t = st.kms()?.renew_token(&c.0.accessor).await?;
     ok(token_json(&t))
@@ -439,6 +483,7 @@ async fn token_revoke(State(st): State<AppState>, c: Caller, StrictJson(r): Stri
 }
 
 async fn token_revoke_self(State(st): State<AppState>, c: Caller, StrictJson(_): StrictJson<Empty>) -> ApiResult {
+    stored_token(&c)?;
     c.1.set_decision("revoke", "auth/self", true, "every token may revoke itself".into());
     ok(json!({"revoked": st.kms()?.revoke_token(&c.0.accessor).await?}))
 }
@@ -465,7 +510,12 @@ async fn put_policy(
     StrictJson(r): StrictJson<PolicyReq>,
 ) -> ApiResult {
     allow(&st, &c, "admin", &format!("policies/{name}"))?;
-    let p = keyward_core::policy::Policy { name: name.clone(), description: r.description, rules: r.rules };
+    let p = keyward_core::policy::Policy {
+        name: name.clone(),
+        description: r.description,
+        identities: r.identities,
+        rules: r.rules,
+    };
     st.kms()?.put_policy(p).await?;
     ok(serde_json::to_value(&*st.kms()?.get_policy(&name)?).unwrap_or_default())
 }
@@ -485,6 +535,7 @@ fn role_json(name: &str, r: &keyward_authn::kubernetes::Role) -> Value {
         "bound_service_accounts": r.bound_service_accounts,
         "policies": r.policies,
         "ttl": format_period(r.ttl_secs),
+        "max_ttl": format_period(r.max_ttl()),
         "allow_unbound_tokens": r.allow_unbound_tokens,
     })
 }
@@ -566,6 +617,7 @@ async fn k8s_put_role(
         bound_service_accounts: r.bound_service_accounts,
         policies: r.policies,
         ttl_secs: r.ttl.as_deref().map(|t| parse_period("ttl", t)).transpose()?.unwrap_or(15 * 60),
+        max_ttl_secs: r.max_ttl.as_deref().map(|t| parse_period("max_ttl", t)).transpose()?,
         allow_unbound_tokens: r.allow_unbound_tokens,
     };
     st.k8s.put_role(&name, role.clone()).await?;
@@ -596,14 +648,21 @@ async fn k8s_login(
             return Err(e.into());
         }
     };
-    let sel: Vec<String> = id.selectors().iter().map(|(k, v)| format!("{k}={v}")).collect();
-    ctx.set_identity(&format!("{} [{}]", id.display(), sel.join(" ")));
+    let selectors = id.selectors();
+    ctx.set_identity(&format!("{} [{}]", id.display(), selectors.join(" ")));
+    if let Some(bad) = selectors.iter().find(|s| !keyward_core::policy::selector_ok(s)) {
+        let reason = format!("the token's identity yields an unusable selector {bad:?}");
+        ctx.set_decision("login", &resource, false, reason.clone());
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", reason));
+    }
     let req = keyward_core::service::TokenRequest {
         policies: role.policies.clone(),
         ttl_secs: Some(role.ttl_secs),
         max_uses: None,
         display_name: id.display(),
         orphan: true,
+        selectors,
+        max_ttl_secs: Some(role.max_ttl()),
     };
     let (token, rec) = match st.kms()?.issue_login_token(req).await {
         Ok(v) => v,
@@ -627,14 +686,23 @@ async fn k8s_login(
 /// Dry run: would a token (by accessor) or a set of policies be allowed `operation` on `resource`?
 async fn dry_run(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<DryRunReq>) -> ApiResult {
     allow(&st, &c, "admin", "sys/authorize")?;
-    let policies = match (&r.accessor, &r.policies) {
-        (Some(a), None) => st.kms()?.lookup_token(a)?.policies.clone(),
-        (None, Some(p)) => p.clone(),
-        _ => return Err(ApiError::invalid("give exactly one of accessor or policies")),
+    let (policies, selectors) = match (&r.accessor, &r.policies, &r.selectors) {
+        (Some(a), None, None) => {
+            let t = st.kms()?.lookup_token(a)?;
+            (t.policies.clone(), t.selectors.clone())
+        }
+        (None, p, s) if p.is_some() || s.is_some() => {
+            let s = s.clone().unwrap_or_default();
+            if let Some(bad) = s.iter().find(|x| !keyward_core::policy::selector_ok(x)) {
+                return Err(ApiError::invalid(format!("selector {bad:?} is invalid: use kind:name:value")));
+            }
+            (p.clone().unwrap_or_default(), s)
+        }
+        _ => return Err(ApiError::invalid("give an accessor, or policies and/or selectors")),
     };
-    ok(match st.kms()?.decide(&policies, &r.operation, &r.resource) {
-        Ok(grant) => json!({"allowed": true, "grant": grant, "policies": policies}),
-        Err(e) => json!({"allowed": false, "reason": e.to_string(), "policies": policies}),
+    ok(match st.kms()?.decide(&policies, &selectors, &r.operation, &r.resource) {
+        Ok(grant) => json!({"allowed": true, "grant": grant, "policies": policies, "selectors": selectors}),
+        Err(e) => json!({"allowed": false, "reason": e.to_string(), "policies": policies, "selectors": selectors}),
     })
 }
 

@@ -251,6 +251,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
     let task = match tls_config {
         Some(tc) => {
             let listener = TlsListener::new(listener, tc).map_err(io("starting TLS listener"))?;
+            let app = app.into_make_service_with_connect_info::<crate::tls::PeerInfo>();
             tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stop).await })
         }
         None => tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stop).await }),

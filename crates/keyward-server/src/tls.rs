@@ -1,6 +1,10 @@
 //! HTTPS: a rustls (AWS-LC) listener for axum. Handshakes run in their own tasks so a slow or
 //! hostile client cannot stall the accept loop; failed handshakes are logged at debug level and
 //! dropped.
+//!
+//! With a client CA configured, clients may present a certificate (mTLS); one that does not
+//! chain to that CA fails the handshake. A verified certificate becomes the connection's
+//! [`ClientCert`] identity, available to handlers as `ConnectInfo<PeerInfo>`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,6 +29,9 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// Private key (PKCS#8, PKCS#1 or SEC1).
     pub key: PathBuf,
+    /// CA certificates (PEM) that client certificates must chain to; without it, client
+    /// certificates are not requested.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// Why TLS could not be configured.
@@ -42,6 +49,89 @@ pub enum TlsError {
     /// rustls refused the certificate/key pair.
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    /// The client CA could not be used.
+    #[error("client CA: {0}")]
+    ClientCa(String),
+}
+
+/// The identity a verified TLS client certificate establishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    /// SHA-256 of the leaf certificate (DER), hex.
+    pub fingerprint: String,
+    /// Subject common name, if any.
+    pub common_name: Option<String>,
+    /// `cert:sha256:FP`, `cert:cn:CN`, `cert:dns:NAME`, `cert:uri:URI`, `cert:email:ADDR`, sorted.
+    /// Bytes outside printable ASCII (and `%`) are percent-encoded: CN `Billing API` gives
+    /// `cert:cn:Billing%20API`.
+    pub selectors: Vec<String>,
+}
+
+/// Percent-encode what a selector value cannot hold.
+fn selector_value(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_graphic() && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Most names taken from one certificate.
+const MAX_CERT_NAMES: usize = 32;
+
+impl ClientCert {
+    /// Read the identity out of a certificate rustls has already verified.
+    pub fn from_der(der: &[u8]) -> Result<Self, String> {
+        use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+        let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("client certificate: {e}"))?;
+        let fingerprint = hex::encode(keyward_crypto::hash::sha256(der));
+        let mut selectors = vec![format!("cert:sha256:{fingerprint}")];
+        let common_name = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_string);
+        if let Some(cn) = &common_name {
+            selectors.push(format!("cert:cn:{}", selector_value(cn)));
+        }
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in san.value.general_names.iter().take(MAX_CERT_NAMES) {
+                match name {
+                    GeneralName::DNSName(d) => selectors.push(format!("cert:dns:{}", selector_value(d))),
+                    GeneralName::URI(u) => selectors.push(format!("cert:uri:{}", selector_value(u))),
+                    GeneralName::RFC822Name(m) => selectors.push(format!("cert:email:{}", selector_value(m))),
+                    _ => {}
+                }
+            }
+        }
+        selectors.retain(|s| s.len() <= 512);
+        selectors.sort();
+        selectors.dedup();
+        Ok(Self { fingerprint, common_name, selectors })
+    }
+
+    /// `cert:CN` (or `cert:sha256:PREFIX` without a CN), for display names and audit records.
+    pub fn display(&self) -> String {
+        match &self.common_name {
+            Some(cn) => format!("cert:{}", selector_value(cn)),
+            None => format!("cert:sha256:{}", &self.fingerprint[..16]),
+        }
+    }
+}
+
+/// Who is at the other end of an HTTPS connection.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// Remote address.
+    pub addr: SocketAddr,
+    /// The verified client certificate, when one was presented.
+    pub client_cert: Option<Arc<ClientCert>>,
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for PeerInfo {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        stream.remote_addr().clone()
+    }
 }
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -138,10 +228,29 @@ impl ResolvesServerCert for ReloadingCert {
 pub fn reloading_server_config(files: &TlsFiles) -> Result<(Arc<rustls::ServerConfig>, Arc<ReloadingCert>), TlsError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let cert = Arc::new(ReloadingCert::new(files.clone(), provider.clone())?);
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_cert_resolver(cert.clone());
+    let builder =
+        rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+    let builder = match &files.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            let pem = |reason: String| TlsError::Pem { path: path.clone(), reason };
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(path).map_err(|e| pem(e.to_string()))? {
+                roots.add(c.map_err(|e| pem(e.to_string()))?).map_err(|e| pem(e.to_string()))?;
+            }
+            if roots.is_empty() {
+                return Err(pem("no CERTIFICATE block found".into()));
+            }
+            // Optional: tokens keep working without a certificate; a certificate presented
+            // must chain to this CA.
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| TlsError::ClientCa(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut cfg = builder.with_cert_resolver(cert.clone());
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok((Arc::new(cfg), cert))
 }
@@ -154,7 +263,7 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
 /// A listener yielding established TLS streams.
 #[derive(Debug)]
 pub struct TlsListener {
-    rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    rx: mpsc::Receiver<(TlsStream<TcpStream>, PeerInfo)>,
     local: SocketAddr,
     task: JoinHandle<()>,
 }
@@ -183,7 +292,17 @@ impl TlsListener {
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
                         Ok(Ok(stream)) => {
-                            let _ = tx.send((stream, peer)).await;
+                            let client_cert = match stream.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+                                None => None,
+                                Some(der) => match ClientCert::from_der(der) {
+                                    Ok(c) => Some(Arc::new(c)),
+                                    Err(e) => {
+                                        tracing::debug!(%peer, error = %e, "client certificate unreadable; connection dropped");
+                                        return;
+                                    }
+                                },
+                            };
+                            let _ = tx.send((stream, PeerInfo { addr: peer, client_cert })).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -203,7 +322,7 @@ impl Drop for TlsListener {
 
 impl axum::serve::Listener for TlsListener {
     type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
+    type Addr = PeerInfo;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         match self.rx.recv().await {
@@ -213,6 +332,6 @@ impl axum::serve::Listener for TlsListener {
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
+        Ok(PeerInfo { addr: self.local, client_cert: None })
     }
 }

@@ -111,6 +111,7 @@ pub struct K8sRoleReq {
     pub bound_service_accounts: Vec<String>,
     pub policies: Vec<String>,
     pub ttl: Option<String>,
+    pub max_ttl: Option<String>,
     #[serde(default)]
     pub allow_unbound_tokens: bool,
 }
@@ -233,6 +234,7 @@ pub struct VersionsReq {
 pub struct TokenCreateReq {
     pub policies: Vec<String>,
     pub ttl: Option<String>,
+    pub max_ttl: Option<String>,
     pub max_uses: Option<u32>,
     pub display_name: Option<String>,
     #[serde(default)]
@@ -250,6 +252,8 @@ pub struct AccessorReq {
 pub struct PolicyReq {
     #[serde(default)]
     pub description: String,
+    #[serde(default)]
+    pub identities: Vec<Vec<String>>,
     pub rules: Vec<keyward_core::policy::Rule>,
 }
 
@@ -258,6 +262,7 @@ pub struct PolicyReq {
 pub struct DryRunReq {
     pub accessor: Option<String>,
     pub policies: Option<Vec<String>>,
+    pub selectors: Option<Vec<String>>,
     pub operation: String,
     pub resource: String,
 }

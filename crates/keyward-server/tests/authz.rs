@@ -141,7 +141,7 @@ async fn authorization_matrix_and_audited_denials() {
     assert_eq!(denials.len(), 8 + 11, "scoped 8 + signer 11 denials");
     for r in &denials {
         assert_eq!(r["status"], 403);
-        assert!(r["reason"].as_str().unwrap().contains("no policy of this token grants"), "{r}");
+        assert!(r["reason"].as_str().unwrap().contains("no policy of this identity grants"), "{r}");
         assert!(r["identity"].as_str().unwrap().starts_with("acc_"));
     }
     let unauth = recs.iter().filter(|r| r["status"] == 401).count();

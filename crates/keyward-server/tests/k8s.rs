@@ -138,7 +138,7 @@ async fn kubernetes_login_matrix() {
     // The issuer: discovery + JWKS over HTTPS.
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let iss = format!("https://127.0.0.1:{}", tcp.local_addr().unwrap().port());
-    let tls = server_config(&TlsFiles { cert: d.join("tls.pem"), key: d.join("tls.key") }).unwrap();
+    let tls = server_config(&TlsFiles { cert: d.join("tls.pem"), key: d.join("tls.key"), client_ca: None }).unwrap();
     let (iss2, keys2) = (iss.clone(), jwks.clone());
     let app = axum::Router::new()
         .route(
@@ -246,8 +246,48 @@ async fn kubernetes_login_matrix() {
     let (st, _, _) =
         call("POST", "/v1/keys/team-b/encrypt".into(), Some(worker.clone()), json!({"plaintext": "eA=="})).await;
     assert_eq!(st, 200);
-    let (st, _, _) = call("POST", "/v1/keys/payments/encrypt".into(), Some(worker), json!({"plaintext": "eA=="})).await;
+    let (st, _, _) =
+        call("POST", "/v1/keys/payments/encrypt".into(), Some(worker.clone()), json!({"plaintext": "eA=="})).await;
     assert_eq!(st, 403);
+
+    // Policies attached by identity: payments/api gets data keys without the role naming the
+    // policy; a rule requiring another pod grants it nothing.
+    let (st, v, _) = call(
+        "PUT",
+        "/v1/policies/payments-id".into(),
+        root.clone(),
+        json!({
+            "identities": [["k8s:ns:payments", "k8s:sa:api"]],
+            "rules": [
+                {"resources": ["keys/payments"], "operations": ["generate-data-key"]},
+                {"resources": ["keys/payments"], "operations": ["sign"], "require": ["k8s:pod-name:api-1"]}
+            ]
+        }),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v, _) = call("POST", "/v1/keys/payments/generate-data-key".into(), Some(api.clone()), json!({})).await;
+    assert_eq!(st, 200, "attached by k8s:ns and k8s:sa: {v}");
+    let (st, _, _) = call("POST", "/v1/keys/payments/generate-data-key".into(), Some(worker), json!({})).await;
+    assert_eq!(st, 403, "team-b/worker does not match the identity set");
+    let (st, v, _) = call("GET", "/v1/auth/whoami".into(), Some(api.clone()), Value::Null).await;
+    assert_eq!(st, 200);
+    assert!(v["selectors"].as_array().unwrap().contains(&json!("k8s:pod-name:api-0")), "{v}");
+    assert_eq!(v["effective"][1]["policy"], "payments-id", "{v}");
+    assert_eq!(
+        v["effective"][1]["grants"],
+        json!(["generate-data-key on keys/payments"]),
+        "the pod-pinned rule is not this pod's"
+    );
+    assert!(v["max_expires_at"].is_string(), "login tokens have a max TTL: {v}");
+    let (st, _, _) = call(
+        "PUT",
+        "/v1/auth/kubernetes/roles/short".into(),
+        root.clone(),
+        json!({"bound_namespaces": ["a"], "bound_service_accounts": ["b"], "policies": [], "ttl": "10m", "max_ttl": "5m"}),
+    )
+    .await;
+    assert_eq!(st, 400, "max_ttl below ttl");
 
     // Refused identities, each with a reason that says what is wrong.
     let cases: Vec<(&str, String, u16, &str)> = vec![
@@ -353,7 +393,7 @@ async fn kubernetes_login_matrix() {
     assert!(logins.iter().any(|r| r["decision"] == "deny" && r["reason"].as_str().unwrap().contains("expired")));
     let ok_rec = logins.iter().find(|r| r["decision"] == "allow").unwrap();
     assert!(
-        ok_rec["identity"].as_str().unwrap().starts_with("k8s:payments/api [k8s:node-name=node-1 k8s:ns=payments"),
+        ok_rec["identity"].as_str().unwrap().starts_with("k8s:payments/api [k8s:node-name:node-1 k8s:ns:payments"),
         "{ok_rec}"
     );
     assert!(

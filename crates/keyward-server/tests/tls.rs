@@ -87,7 +87,7 @@ fn cfg(dir: &Path, tls: bool, seal: bool) -> ServerConfig {
         data_dir: dir.join("data"),
         dev: false,
         scheduler_interval: Duration::from_secs(3600),
-        tls: tls.then(|| TlsFiles { cert: dir.join("server.pem"), key: dir.join("server.key") }),
+        tls: tls.then(|| TlsFiles { cert: dir.join("server.pem"), key: dir.join("server.key"), client_ca: None }),
         insecure_file_seal: seal,
         audit: Default::default(),
     }
@@ -106,7 +106,7 @@ async fn server_mode_requires_tls_and_serves_https() {
     assert!(sealed.new_root_token.is_none());
     sealed.shutdown().await.unwrap();
     let mut bad = cfg(dir.path(), true, true);
-    bad.tls = Some(TlsFiles { cert: dir.path().join("ca.key"), key: dir.path().join("server.key") });
+    bad.tls = Some(TlsFiles { cert: dir.path().join("ca.key"), key: dir.path().join("server.key"), client_ca: None });
     assert!(start(bad).await.is_err(), "a key file is not a certificate");
 
     let running = start(cfg(dir.path(), true, true)).await.unwrap();
@@ -193,6 +193,206 @@ async fn server_mode_requires_tls_and_serves_https() {
     );
     assert_eq!(c.health().await.unwrap()["status"], "ok");
 
+    running.shutdown().await.unwrap();
+}
+
+/// A client certificate `NAME.pem`/`NAME.key` with `subj` and `san`, signed by `ca`.
+fn client_cert(dir: &Path, ca: &str, name: &str, subj: &str, san: &str) {
+    let key = format!("{name}.key");
+    let csr = format!("{name}.csr");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            subj,
+        ],
+    );
+    let ext = format!("{name}.cnf");
+    std::fs::write(
+        dir.join(&ext),
+        format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n"),
+    )
+    .unwrap();
+    let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
+    let out = format!("{name}.pem");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &out,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ],
+    );
+}
+
+fn self_signed_ca(dir: &Path, name: &str) {
+    let (key, pem, subj) = (format!("{name}.key"), format!("{name}.pem"), format!("/CN={name}"));
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-subj",
+            &subj,
+        ],
+    );
+}
+
+#[tokio::test]
+async fn client_certificates_are_identities() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_certs(d);
+    self_signed_ca(d, "clientca");
+    self_signed_ca(d, "rogueca");
+    client_cert(d, "clientca", "billing", "/CN=billing/O=Bank", "URI:spiffe://bank/billing,DNS:billing.internal");
+    client_cert(d, "clientca", "reports", "/CN=Reports Service", "DNS:reports.internal");
+    client_cert(d, "rogueca", "rogue", "/CN=billing", "URI:spiffe://bank/billing");
+
+    let mut c = cfg(d, true, true);
+    c.tls.as_mut().unwrap().client_ca = Some(d.join("clientca.pem"));
+    let running = start(c).await.unwrap();
+    let https = format!("https://localhost:{}", running.addr.port());
+    let ca = std::fs::read(d.join("ca.pem")).unwrap();
+    let token = String::from_utf8(running.new_root_token.as_ref().unwrap().expose().to_vec()).unwrap();
+    let root = keyward_client::Client::builder(&https).token(&token).ca_cert_pem(ca.clone()).build().unwrap();
+    root.create_key("pay", "aes256-gcm", "", None).await.unwrap();
+    root.request(
+        reqwest::Method::PUT,
+        "/v1/policies/billing-cert",
+        Some(&serde_json::json!({
+            "identities": [["cert:uri:spiffe://bank/billing", "cert:cn:billing"]],
+            "rules": [
+                {"resources": ["keys/pay"], "operations": ["encrypt"]},
+                {"resources": ["keys/pay"], "operations": ["decrypt"], "require": ["cert:dns:payments.internal"]}
+            ]
+        })),
+    )
+    .await
+    .unwrap();
+    let as_cert = |name: &str| {
+        let mut pem = std::fs::read(d.join(format!("{name}.key"))).unwrap();
+        pem.extend(std::fs::read(d.join(format!("{name}.pem"))).unwrap());
+        keyward_client::Client::builder(&https).ca_cert_pem(ca.clone()).client_identity_pem(pem).build().unwrap()
+    };
+    let ctx = Default::default();
+
+    // The billing certificate gets the policy attached to its URI SAN and CN, nothing more.
+    let billing = as_cert("billing");
+    let ct = billing.encrypt("pay", b"card", &ctx).await.unwrap();
+    let e = billing.decrypt(&ct.ciphertext, &ctx).await.unwrap_err();
+    assert_eq!(e.status(), Some(403), "decrypt requires a DNS SAN this certificate lacks: {e}");
+    assert_eq!(root.decrypt(&ct.ciphertext, &ctx).await.unwrap().plaintext.as_slice(), b"card");
+    let me = billing.request(reqwest::Method::GET, "/v1/auth/whoami", None).await.unwrap();
+    assert_eq!(me["kind"], "certificate");
+    assert_eq!(me["display_name"], "cert:billing");
+    let sel: Vec<&str> = me["selectors"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    for want in ["cert:cn:billing", "cert:dns:billing.internal", "cert:uri:spiffe://bank/billing"] {
+        assert!(sel.contains(&want), "{want} in {sel:?}");
+    }
+    assert!(sel.iter().any(|s| s.starts_with("cert:sha256:")));
+    assert_eq!(me["effective"][0]["policy"], "billing-cert");
+    assert_eq!(me["effective"][0]["via"]["identity_set"], 0);
+    assert_eq!(me["effective"][0]["grants"], serde_json::json!(["encrypt on keys/pay"]));
+    let e = billing.request(reqwest::Method::POST, "/v1/auth/token/renew-self", Some(&serde_json::json!({}))).await;
+    assert_eq!(e.unwrap_err().status(), Some(400), "a certificate has no token to renew");
+    let e = billing
+        .request(
+            reqwest::Method::POST,
+            "/v1/auth/token/create",
+            Some(&serde_json::json!({"policies": ["billing-cert"]})),
+        )
+        .await;
+    assert_eq!(e.unwrap_err().status(), Some(403), "a certificate cannot mint tokens");
+
+    // Another valid certificate with no policy attached: denied. Its CN with a space is encoded.
+    let reports = as_cert("reports");
+    assert_eq!(reports.encrypt("pay", b"x", &ctx).await.unwrap_err().status(), Some(403));
+    let me = reports.request(reqwest::Method::GET, "/v1/auth/whoami", None).await.unwrap();
+    assert!(me["selectors"].as_array().unwrap().iter().any(|s| s == "cert:cn:Reports%20Service"), "{me}");
+    assert_eq!(me["effective"], serde_json::json!([]));
+
+    // Same names, signed by a CA the server does not trust: the handshake fails.
+    let e = as_cert("rogue").encrypt("pay", b"x", &ctx).await.unwrap_err();
+    assert!(matches!(e, keyward_client::Error::Transport { .. }), "{e}");
+    // Neither token nor certificate: 401. A token still wins over a certificate.
+    let anon = keyward_client::Client::builder(&https).ca_cert_pem(ca.clone()).build().unwrap();
+    assert_eq!(anon.encrypt("pay", b"x", &ctx).await.unwrap_err().status(), Some(401));
+    let mut pem = std::fs::read(d.join("billing.key")).unwrap();
+    pem.extend(std::fs::read(d.join("billing.pem")).unwrap());
+    let both = keyward_client::Client::builder(&https)
+        .token(&token)
+        .ca_cert_pem(ca.clone())
+        .client_identity_pem(pem)
+        .build()
+        .unwrap();
+    assert_eq!(
+        both.decrypt(&ct.ciphertext, &ctx).await.unwrap().plaintext.as_slice(),
+        b"card",
+        "the root token is used"
+    );
+
+    // The dry run answers for selectors too.
+    let v = root
+        .request(
+            reqwest::Method::POST,
+            "/v1/sys/authorize",
+            Some(&serde_json::json!({
+                "selectors": ["cert:cn:billing", "cert:uri:spiffe://bank/billing", "cert:dns:payments.internal"],
+                "operation": "decrypt", "resource": "keys/pay"
+            })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(v["allowed"], true, "{v}");
+    assert_eq!(v["grant"], "policy billing-cert (identity set 0) rule 1");
+
+    // Audit: the certificate identity and the denial reason are recorded.
+    let log = std::fs::read_to_string(d.join("data/audit.log")).unwrap();
+    let recs: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim_matches('\0').is_empty())
+        .map(|l| serde_json::from_str(l.trim_matches('\0')).unwrap())
+        .collect();
+    let denied = recs
+        .iter()
+        .find(|r| r["operation"] == "decrypt" && r["identity"].as_str().unwrap_or("").starts_with("cert:billing ["))
+        .expect("the certificate's denied decrypt is audited");
+    assert_eq!(denied["decision"], "deny", "{denied}");
+    assert!(denied["reason"].as_str().unwrap().contains("no policy"), "{denied}");
     running.shutdown().await.unwrap();
 }
 

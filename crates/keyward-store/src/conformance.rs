@@ -233,6 +233,8 @@ async fn tokens(s: &dyn Store) {
         max_uses: Some(3),
         uses: 0,
         display_name: "ops".into(),
+        selectors: vec!["cert:uri:spiffe://bank/ops".into(), "k8s:ns:payments".into()],
+        max_expires_at: Some(1000),
     };
     s.put_token(&t).await.unwrap();
     assert_eq!(s.list_tokens().await.unwrap(), vec![t.clone()]);
@@ -243,6 +245,8 @@ async fn tokens(s: &dyn Store) {
     child.parent = Some("acc_1".into());
     child.max_uses = None;
     child.ttl_secs = None;
+    child.selectors = vec![];
+    child.max_expires_at = None;
     s.put_token(&child).await.unwrap();
     let mut renewed = t.clone();
     renewed.expires_at = Some(500);

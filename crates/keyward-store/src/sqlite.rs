@@ -77,6 +77,10 @@ CREATE TABLE policies (
     updated_at INTEGER NOT NULL
 );
 "#,
+    r#"
+ALTER TABLE tokens ADD COLUMN selectors TEXT NOT NULL DEFAULT '';
+ALTER TABLE tokens ADD COLUMN max_expires_at INTEGER;
+"#,
 ];
 
 struct Inner {
@@ -642,8 +646,8 @@ impl Store for SqliteStore {
         let t = t.clone();
         self.write(move |c| {
             c.execute(
-                "INSERT INTO tokens (hash, accessor, policies, created_at, expires_at, parent, ttl_secs, max_uses, uses, display_name) \
-                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)",
+                "INSERT INTO tokens (hash, accessor, policies, created_at, expires_at, parent, ttl_secs, max_uses, uses, display_name, selectors, max_expires_at) \
+                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)",
                 params![
                     t.hash.to_vec(),
                     t.accessor,
@@ -654,7 +658,9 @@ impl Store for SqliteStore {
                     t.ttl_secs.map(i64_of).transpose()?,
                     t.max_uses,
                     t.uses,
-                    t.display_name
+                    t.display_name,
+                    t.selectors.join("\n"),
+                    t.max_expires_at
                 ],
             )
             .map_err(backend)?;
@@ -698,7 +704,7 @@ impl Store for SqliteStore {
         self.read(move |c| {
             let mut st = c
                 .prepare_cached(
-                    "SELECT hash, accessor, policies, created_at, expires_at, parent, ttl_secs, max_uses, uses, display_name \
+                    "SELECT hash, accessor, policies, created_at, expires_at, parent, ttl_secs, max_uses, uses, display_name, selectors, max_expires_at \
                      FROM tokens ORDER BY accessor",
                 )
                 .map_err(backend)?;
@@ -707,6 +713,7 @@ impl Store for SqliteStore {
                     let hash: Vec<u8> = r.get(0)?;
                     let policies: String = r.get(2)?;
                     let ttl: Option<i64> = r.get(6)?;
+                    let selectors: String = r.get(10)?;
                     Ok(match <[u8; 32]>::try_from(hash) {
                         Ok(hash) => Ok(TokenRecord {
                             hash,
@@ -719,6 +726,8 @@ impl Store for SqliteStore {
                             max_uses: r.get(7)?,
                             uses: r.get(8)?,
                             display_name: r.get(9)?,
+                            selectors: selectors.split('\n').filter(|s| !s.is_empty()).map(str::to_string).collect(),
+                            max_expires_at: r.get(11)?,
                         }),
                         Err(_) => Err(StoreError::Corrupt("token row".into())),
                     })
