@@ -406,6 +406,8 @@ pub struct BenchArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum AuditCmd {
+    /// Show the audit log's file, chain head and writer counters (group commits).
+    Info,
     /// Verify the hash chain of audit files; reports the first broken record.
     Verify {
         /// Audit files (default: the server's current file and its rotated predecessors).

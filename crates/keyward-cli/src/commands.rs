@@ -237,6 +237,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Secret(s) => secret(&cli, s).await,
         Command::Bench(b) => bench(&cli, b).await,
         Command::Audit(AuditCmd::Verify { files, key_file }) => audit_verify(&cli, files, key_file.as_deref()).await,
+        Command::Audit(AuditCmd::Info) => {
+            let mut v = client(&cli)?.request(keyward_client::Method::GET, "/v1/sys/audit", None).await?;
+            // The chain key is for `audit verify`; it is not printed.
+            if let Some(o) = v.as_object_mut() {
+                o.remove("key");
+            }
+            print_value(cli.output, &v)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Policy(p) => policy(&cli, p).await,
         Command::Token(t) => token(&cli, t).await,
         Command::Auth(AuthCmd::Whoami) => {

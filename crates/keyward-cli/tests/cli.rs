@@ -207,3 +207,69 @@ fn dev_refuses_non_loopback() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("loopback"));
 }
+
+/// `--audit-stdout`: every record also goes to stdout as a JSON line, identical to the file's,
+/// so a log collector gets a copy whose chain verifies on its own.
+#[test]
+fn audit_stdout_mirrors_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut child = Command::new(BIN)
+        .args(["dev", "--audit-stdout", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&data)
+        .env_remove("KEYWARD_ADDR")
+        .env_remove("KEYWARD_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn keyward dev");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let (mut addr, mut token, mut records) = (None, None, Vec::new());
+    while addr.is_none() || token.is_none() {
+        let line = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("dev printed its exports");
+        if let Some(a) = line.strip_prefix("export KEYWARD_ADDR=") {
+            addr = Some(a.to_string());
+        } else if let Some(t) = line.strip_prefix("export KEYWARD_TOKEN=") {
+            token = Some(t.to_string());
+        } else if line.starts_with('{') {
+            records.push(line);
+        }
+    }
+    let dev = Dev { child, addr: addr.unwrap(), token: token.unwrap() };
+    ok(&dev, &["key", "create", "mirrored"], b"");
+    let ct = ok(&dev, &["encrypt", "--key", "mirrored"], b"do not log me");
+    assert!(!kw(&dev, &["key", "show", "missing"], b"").status.success());
+    let info = json(&dev, &["audit", "info"]);
+    // The head as of before the info request; its own record follows it.
+    let want = info["head"]["seq"].as_u64().unwrap() + 1;
+    while records.len() < usize::try_from(want).unwrap() {
+        let line = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("every record reaches stdout");
+        if line.starts_with('{') {
+            records.push(line);
+        }
+    }
+    let file: Vec<String> = std::fs::read_to_string(data.join("audit.log"))
+        .unwrap()
+        .lines()
+        .map(|l| l.trim_matches('\0').to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(records, file[..records.len()], "stdout carries exactly the file's records, in order");
+    let all = records.join("\n");
+    assert!(all.contains("\"status\":404"), "failures are mirrored too");
+    assert!(!all.contains("do not log me") && !all.contains(&dev.token), "no plaintext or token");
+    assert!(!all.contains(&String::from_utf8_lossy(&ct).trim().to_string()), "no ciphertext");
+    let copy = dir.path().join("collected.log");
+    std::fs::write(&copy, format!("{all}\n")).unwrap();
+    let o = kw(&dev, &["audit", "verify", copy.to_str().unwrap()], b"");
+    assert!(o.status.success(), "the collected copy verifies: {}", String::from_utf8_lossy(&o.stderr));
+    drop(dev);
+    reader.join().unwrap();
+}

@@ -373,10 +373,19 @@ async fn audit_info(State(st): State<AppState>, c: Caller) -> ApiResult {
     match st.sealing.unsealed().and_then(|u| u.audit.clone()) {
         Some(a) => {
             let h = a.head();
+            let s = a.stats();
+            let load = |x: &std::sync::atomic::AtomicU64| x.load(std::sync::atomic::Ordering::Relaxed);
+            let (records, batches, micros) = (load(&s.records), load(&s.batches), load(&s.write_micros));
             ok(json!({
                 "enabled": true,
                 "file": a.file().display().to_string(),
                 "head": {"seq": h.seq, "hmac": h.hmac},
+                "stats": {
+                    "records": records,
+                    "batches": batches,
+                    "records_per_batch": if batches == 0 { 0.0 } else { records as f64 / batches as f64 },
+                    "write_and_sync_us_per_batch": micros.checked_div(batches).unwrap_or(0),
+                },
                 "key": b64(a.key().expose()),
             }))
         }

@@ -16,7 +16,7 @@ use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -152,8 +152,20 @@ pub struct Head {
     pub hmac: String,
 }
 
+/// Counters of the writer since the log was opened.
+#[derive(Debug, Default)]
+pub struct AuditStats {
+    /// Records made durable.
+    pub records: AtomicU64,
+    /// Group commits (one write and one `fdatasync` each).
+    pub batches: AtomicU64,
+    /// Time spent writing and syncing, microseconds.
+    pub write_micros: AtomicU64,
+}
+
 /// The audit log handle.
 pub struct AuditLog {
+    stats: Arc<AuditStats>,
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     healthy: Arc<AtomicBool>,
@@ -418,18 +430,28 @@ impl AuditLog {
             LogFile::open(&cfg.file).map_err(|e| AuditError::Unavailable(format!("{}: {e}", cfg.file.display())))?;
         let (tx, rx) = mpsc::channel::<Job>();
         let healthy = Arc::new(AtomicBool::new(true));
+        let stats = Arc::new(AuditStats::default());
         let writer = Writer {
             cfg: cfg.clone(),
             key: key.clone(),
             head: head.clone(),
             file: Some(file),
             healthy: healthy.clone(),
+            stats: stats.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("keyward-audit".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| AuditError::Unavailable(e.to_string()))?;
-        Ok(Self { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), healthy, head, key, file: cfg.file })
+        Ok(Self {
+            stats,
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            healthy,
+            head,
+            key,
+            file: cfg.file,
+        })
     }
 
     /// Whether the last write succeeded. While false, the server refuses requests *before*
@@ -483,6 +505,11 @@ impl AuditLog {
     pub fn file(&self) -> &Path {
         &self.file
     }
+
+    /// Writer counters.
+    pub fn stats(&self) -> &AuditStats {
+        &self.stats
+    }
 }
 
 impl Drop for AuditLog {
@@ -535,6 +562,7 @@ struct Writer {
     head: Arc<Mutex<Head>>,
     file: Option<LogFile>,
     healthy: Arc<AtomicBool>,
+    stats: Arc<AuditStats>,
 }
 
 impl Writer {
@@ -598,7 +626,12 @@ impl Writer {
             self.file = Some(LogFile::open(&self.cfg.file).map_err(unavailable)?);
         }
         let file = self.file.as_mut().ok_or_else(|| AuditError::Unavailable("no audit file".into()))?;
+        let started = std::time::Instant::now();
         file.append_durable(&buf).map_err(unavailable)?;
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.stats.write_micros.fetch_add(micros, Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.records.fetch_add(batch.len() as u64, Ordering::Relaxed);
         let written = file.pos;
         if let Ok(mut h) = self.head.lock() {
             *h = Head { seq, hmac: prev };
