@@ -97,6 +97,21 @@ pub fn selector_ok(s: &str) -> bool {
         && value.bytes().all(|b| b.is_ascii_graphic())
 }
 
+/// A selector value for arbitrary bytes: bytes outside printable ASCII, and `%`, are
+/// percent-encoded (`Billing API` gives `Billing%20API`), so the result is always a valid value.
+pub fn selector_value(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes.len());
+    for &b in bytes {
+        if b.is_ascii_graphic() && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
 /// Whether `p` is a well-formed selector pattern: a selector, possibly ending in `*` after
 /// `kind:name:`.
 pub fn selector_pattern_ok(p: &str) -> bool {

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use keyward_core::policy::selector_value;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -67,19 +68,6 @@ pub struct ClientCert {
     pub selectors: Vec<String>,
 }
 
-/// Percent-encode what a selector value cannot hold.
-fn selector_value(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_graphic() && b != b'%' {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// Most names taken from one certificate.
 const MAX_CERT_NAMES: usize = 32;
 
@@ -92,14 +80,16 @@ impl ClientCert {
         let mut selectors = vec![format!("cert:sha256:{fingerprint}")];
         let common_name = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_string);
         if let Some(cn) = &common_name {
-            selectors.push(format!("cert:cn:{}", selector_value(cn)));
+            selectors.push(format!("cert:cn:{}", selector_value(cn.as_bytes())));
         }
         if let Ok(Some(san)) = cert.subject_alternative_name() {
             for name in san.value.general_names.iter().take(MAX_CERT_NAMES) {
                 match name {
-                    GeneralName::DNSName(d) => selectors.push(format!("cert:dns:{}", selector_value(d))),
-                    GeneralName::URI(u) => selectors.push(format!("cert:uri:{}", selector_value(u))),
-                    GeneralName::RFC822Name(m) => selectors.push(format!("cert:email:{}", selector_value(m))),
+                    GeneralName::DNSName(d) => selectors.push(format!("cert:dns:{}", selector_value(d.as_bytes()))),
+                    GeneralName::URI(u) => selectors.push(format!("cert:uri:{}", selector_value(u.as_bytes()))),
+                    GeneralName::RFC822Name(m) => {
+                        selectors.push(format!("cert:email:{}", selector_value(m.as_bytes())))
+                    }
                     _ => {}
                 }
             }
@@ -113,7 +103,7 @@ impl ClientCert {
     /// `cert:CN` (or `cert:sha256:PREFIX` without a CN), for display names and audit records.
     pub fn display(&self) -> String {
         match &self.common_name {
-            Some(cn) => format!("cert:{}", selector_value(cn)),
+            Some(cn) => format!("cert:{}", selector_value(cn.as_bytes())),
             None => format!("cert:sha256:{}", &self.fingerprint[..16]),
         }
     }
