@@ -41,6 +41,8 @@ pub enum Command {
     Dev(DevArgs),
     /// Run a server: HTTPS only, sealed by Shamir shares (see `keyward operator init`).
     Server(ServerArgs),
+    /// Run the node agent: the Workload API on a Unix socket, callers identified by measurement.
+    Agent(AgentArgs),
     /// Show server health, seal state and unseal progress.
     Status,
     /// Seal ceremonies: init, unseal, seal, rekey, root key rotation.
@@ -200,6 +202,17 @@ pub struct DevArgs {
     pub scheduler_interval: std::time::Duration,
     #[command(flatten)]
     pub audit: AuditArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// Unix socket of the Workload API (created mode 0666: callers are authorized by
+    /// measurement, not by file mode).
+    #[arg(long, env = "KEYWARD_AGENT_SOCKET", default_value = keyward_agent::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Largest executable hashed for `unix:sha256` selectors, in bytes; larger ones get none.
+    #[arg(long, default_value_t = 512 * 1024 * 1024)]
+    pub hash_limit: u64,
 }
 
 #[derive(Args, Debug, Clone)]

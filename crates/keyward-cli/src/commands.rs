@@ -131,6 +131,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Dev(a) => dev(a.clone()).await,
         Command::Server(a) => server(a.clone()).await,
+        Command::Agent(a) => agent(a.clone()).await,
         Command::Status => {
             print_value(cli.output, &client(&cli)?.health().await?)?;
             Ok(ExitCode::SUCCESS)
@@ -700,6 +701,13 @@ async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
     }
     std::io::stdout().flush()?;
     serve_until_signal(&mut running).await
+}
+
+async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
+    let config = keyward_agent::AgentConfig { socket: a.socket, hash_limit: a.hash_limit };
+    let listener = keyward_agent::bind(&config.socket)?;
+    keyward_agent::serve(&config, listener, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn shutdown_signal() {

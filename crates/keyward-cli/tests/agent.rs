@@ -1,0 +1,167 @@
+//! `keyward agent` as a real process, called by independent clients (curl, a copy of curl,
+//! python3): each is told the selectors of what it really is.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_keyward");
+
+struct Agent {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_agent(socket: &Path) -> Agent {
+    let child = Command::new(BIN)
+        .args(["agent", "--socket"])
+        .arg(socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn keyward agent");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(socket).is_err() {
+        assert!(Instant::now() < deadline, "the agent did not open {}", socket.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Agent { child, socket: socket.to_path_buf() }
+}
+
+fn sha256_of(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().expect("sha256sum");
+    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+}
+
+/// `curl` (or a copy of it) asks the agent who it is.
+fn curl_whoami(curl: &Path, agent: &Agent, path: &str) -> (u16, Value) {
+    let out = Command::new(curl)
+        .args(["-sS", "-w", "\n%{http_code}", "--unix-socket"])
+        .arg(&agent.socket)
+        .arg(format!("http://agent{path}"))
+        .output()
+        .expect("curl is needed by this test");
+    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), serde_json::from_str(body).unwrap())
+}
+
+fn selectors(v: &Value) -> Vec<String> {
+    v["selectors"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect()
+}
+
+fn euid() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn workload_api_reports_what_the_caller_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(&dir.path().join("run/agent.sock"));
+
+    // curl as installed
+    let curl = std::fs::canonicalize(which("curl")).unwrap();
+    let (code, v) = curl_whoami(&curl, &agent, "/v1/whoami");
+    assert_eq!(code, 200, "{v}");
+    let sel = selectors(&v);
+    assert!(sel.contains(&format!("unix:sha256:{}", sha256_of(&curl))), "{sel:?}");
+    assert!(sel.contains(&format!("unix:path:{}", curl.display())), "{sel:?}");
+    assert!(sel.contains(&format!("unix:uid:{}", euid())), "{sel:?}");
+
+    // a copy of curl elsewhere: same bytes, same hash, another path
+    let copy = dir.path().join("tools/curl-copy");
+    std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+    std::fs::copy(&curl, &copy).unwrap();
+    let (_, v) = curl_whoami(&copy, &agent, "/v1/whoami");
+    let sel = selectors(&v);
+    assert!(sel.contains(&format!("unix:sha256:{}", sha256_of(&curl))), "{sel:?}");
+    assert!(sel.contains(&format!("unix:path:{}", copy.display())), "{sel:?}");
+
+    // a modified copy: another hash
+    let mut bytes = std::fs::read(&curl).unwrap();
+    bytes.extend_from_slice(b"\0patched");
+    let patched = dir.path().join("tools/curl-patched");
+    std::fs::write(&patched, &bytes).unwrap();
+    std::fs::set_permissions(&patched, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (_, v) = curl_whoami(&patched, &agent, "/v1/whoami");
+    let sel = selectors(&v);
+    assert!(sel.contains(&format!("unix:sha256:{}", sha256_of(&patched))), "{sel:?}");
+    assert!(!sel.contains(&format!("unix:sha256:{}", sha256_of(&curl))), "{sel:?}");
+
+    // python3 speaking HTTP on the socket itself
+    let py = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import socket,sys\n\
+             s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n\
+             s.sendall(b'GET /v1/whoami HTTP/1.1\\r\\nHost: agent\\r\\nConnection: close\\r\\n\\r\\n')\n\
+             d=b''\n\
+             while True:\n    c=s.recv(65536)\n    if not c: break\n    d+=c\n\
+             import os\n\
+             sys.stdout.write(os.readlink('/proc/self/exe')+'\\n'+d.split(b'\\r\\n\\r\\n',1)[1].decode())",
+        )
+        .arg(&agent.socket)
+        .output()
+        .expect("python3 is needed by this test");
+    assert!(py.status.success(), "{}", String::from_utf8_lossy(&py.stderr));
+    // (python3 may be a wrapper script; the process reports the interpreter it really is)
+    let text = String::from_utf8(py.stdout).unwrap();
+    let (python, body) = text.split_once('\n').unwrap();
+    let v: Value = serde_json::from_str(body).unwrap();
+    assert!(selectors(&v).contains(&format!("unix:path:{python}")), "{v}");
+    assert!(selectors(&v).contains(&format!("unix:sha256:{}", sha256_of(Path::new(python)))), "{v}");
+
+    // unknown operations are refused with a JSON error
+    let (code, v) = curl_whoami(&curl, &agent, "/v1/nope");
+    assert_eq!(code, 404);
+    assert_eq!(v["error"]["code"], "not_found");
+}
+
+#[test]
+fn a_second_agent_refuses_the_socket_and_a_stopped_one_removes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let mut agent = start_agent(&socket);
+    let second = Command::new(BIN).args(["agent", "--socket"]).arg(&socket).output().unwrap();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("already serving"), "{:?}", second);
+
+    // SIGTERM: graceful stop, socket removed
+    let pid = agent.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = agent.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!socket.exists());
+
+    // a file that is not a socket is never replaced
+    std::fs::write(&socket, b"keep me").unwrap();
+    let third = Command::new(BIN).args(["agent", "--socket"]).arg(&socket).output().unwrap();
+    assert!(!third.status.success());
+    assert_eq!(std::fs::read(&socket).unwrap(), b"keep me");
+}
+
+fn which(name: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|p| p.is_file()))
+        .unwrap_or_else(|| panic!("{name} is needed by this test"))
+}
