@@ -23,6 +23,7 @@
 pub mod aead;
 pub mod format;
 pub mod hash;
+pub mod hpke;
 pub mod kdf;
 pub mod keys;
 mod secret;
