@@ -86,9 +86,15 @@ pub fn seal(recipient: &[u8], info: &[u8], aad: &[u8], plaintext: &[u8]) -> Resu
     let pk = <Kem as hpke::Kem>::PublicKey::from_bytes(recipient)
         .map_err(|_| CryptoError::Malformed("recipient public key (32 bytes of X25519 expected)"))?;
     let mut rng = rand_core::UnwrapErr(rand_core::OsRng);
-    let (enc, ciphertext) =
-        hpke::single_shot_seal::<ChaCha20Poly1305, HkdfSha256, Kem, _>(&OpModeS::Base, &pk, info, plaintext, aad, &mut rng)
-            .map_err(|_| CryptoError::OutOfRange("HPKE seal"))?;
+    let (enc, ciphertext) = hpke::single_shot_seal::<ChaCha20Poly1305, HkdfSha256, Kem, _>(
+        &OpModeS::Base,
+        &pk,
+        info,
+        plaintext,
+        aad,
+        &mut rng,
+    )
+    .map_err(|_| CryptoError::OutOfRange("HPKE seal"))?;
     Ok(Sealed { enc: enc.to_bytes().to_vec(), ciphertext })
 }
 
@@ -105,7 +111,8 @@ mod tests {
     /// the first encryption of the sequence is a single-shot message.
     #[test]
     fn rfc9180_a2_base_vector() {
-        let r = RecipientKey::from_private(&h("8057991eef8f1f1af18f4a9491d16a1ce333f695d4db8e38da75975c4478e0fb")).unwrap();
+        let r =
+            RecipientKey::from_private(&h("8057991eef8f1f1af18f4a9491d16a1ce333f695d4db8e38da75975c4478e0fb")).unwrap();
         assert_eq!(r.public().to_vec(), h("4310ee97d88cc1f088a5576c77ab0cf5c3ac797f3d95139c6c84b5429c59662a"));
         let info = h("4f6465206f6e2061204772656369616e2055726e");
         let enc = h("1afa08d3dec047a643885163f1180476fa7ddb54c6a8029ea33f95796bf2ac4a");

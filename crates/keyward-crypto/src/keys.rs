@@ -125,6 +125,14 @@ impl LoadedKey {
         }
     }
 
+    /// The raw 32-byte public key of an Ed25519 key (RFC 8032 encoding).
+    pub fn ed25519_public_raw(&self) -> Option<[u8; 32]> {
+        match self {
+            Self::Ed25519(k) => <[u8; 32]>::try_from(k.public_key().as_ref()).ok(),
+            _ => None,
+        }
+    }
+
     /// Sign `message` (signing keys only).
     pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, CryptoError> {
         match self {

@@ -31,11 +31,13 @@ pub struct AppState {
     pub sealing: Arc<Sealing>,
     /// The Kubernetes ServiceAccount auth method.
     pub k8s: Arc<K8sAuth>,
+    /// Node agents' outstanding release nonces.
+    pub agents: Arc<crate::agent_api::Agents>,
 }
 
 impl AppState {
     /// The service, or 503 while sealed.
-    fn kms(&self) -> Result<Arc<Kms>, ApiError> {
+    pub(crate) fn kms(&self) -> Result<Arc<Kms>, ApiError> {
         self.sealing.unsealed().map(|u| u.kms.clone()).ok_or_else(sealed_error)
     }
 }
@@ -81,6 +83,10 @@ pub fn route_table() -> Vec<(&'static str, &'static str, bool, MethodRouter<AppS
         ("get", "/v1/auth/kubernetes/roles/{name}", false, get(k8s_get_role)),
         ("put", "/v1/auth/kubernetes/roles/{name}", false, put(k8s_put_role)),
         ("delete", "/v1/auth/kubernetes/roles/{name}", false, axum::routing::delete(k8s_delete_role)),
+        ("post", "/v1/auth/agent/join-token", false, post(crate::agent_api::join_token)),
+        ("post", "/v1/auth/agent/join", true, post(crate::agent_api::join)),
+        ("post", "/v1/agent/nonce", false, post(crate::agent_api::nonce)),
+        ("post", "/v1/agent/release", false, post(crate::agent_api::release)),
         ("post", "/v1/auth/token/create", false, post(token_create)),
         ("post", "/v1/auth/token/lookup", false, post(token_lookup)),
         ("post", "/v1/auth/token/renew", false, post(token_renew)),
@@ -218,6 +224,14 @@ fn error_response(err: &ApiError, request_id: &str) -> Response {
 
 /// Require a valid token (`Authorization: Bearer TOKEN` or `X-Keyward-Token: TOKEN`).
 async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    // A release running an operation as the workload its agent attested: the identity was
+    // established by `agent_api::release`, the only place this extension is created.
+    if let Some(w) = req.extensions_mut().remove::<crate::agent_api::InternalWorkload>() {
+        let ctx = req.extensions().get::<Arc<AuditCtx>>().cloned().unwrap_or_default();
+        ctx.set_identity(&format!("{} [{}]", w.0.display_name, w.0.selectors.join(" ")));
+        req.extensions_mut().insert(Caller(w.0, ctx));
+        return next.run(req).await;
+    }
     let h = req.headers();
     let token = h
         .get(axum::http::header::AUTHORIZATION)
@@ -268,7 +282,7 @@ async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) 
     }
 }
 
-fn allow(st: &AppState, c: &Caller, op: &str, resource: &str) -> Result<(), ApiError> {
+pub(crate) fn allow(st: &AppState, c: &Caller, op: &str, resource: &str) -> Result<(), ApiError> {
     match st.kms()?.authorize(&c.0, op, resource) {
         Ok(grant) => {
             c.1.set_decision(op, resource, true, grant);

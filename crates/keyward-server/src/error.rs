@@ -31,6 +31,16 @@ impl ApiError {
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_argument", message)
     }
+
+    /// 500 internal; `detail` goes to the server log only.
+    pub fn internal(detail: String) -> Self {
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "internal",
+            message: "internal error".into(),
+            internal: Some(detail),
+        }
+    }
 }
 
 /// Map a service error to status, code and safe message (the only such mapping).

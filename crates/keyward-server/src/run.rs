@@ -241,7 +241,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
 
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(io(format!("binding {}", cfg.listen)))?;
     let addr = listener.local_addr().map_err(io("reading bound address"))?;
-    let state = AppState { sealing: sealing.clone(), k8s };
+    let state = AppState { sealing: sealing.clone(), k8s, agents: Default::default() };
     let app = router(state);
 
     let (tx, rx) = oneshot::channel::<()>();

@@ -1,0 +1,429 @@
+//! Node agents: joining with a one-time token, single-use nonces, and attested release.
+//!
+//! - An operator creates a **join token** for a node (`admin` on `agents/NODE`): one use, short
+//!   TTL, carrying the selector `keyward:join:NODE`.
+//! - The agent **joins** with it and an Ed25519 public key it generated; it gets an agent token
+//!   whose selectors are `node:name:NODE` and `keyward:agent-key:SHA256(public key)`. The token
+//!   alone is not enough to release anything: every release is signed with the key.
+//! - A **release** carries a server nonce (single use, 10 s), the workload's measured selectors,
+//!   the workload's ephemeral X25519 public key, and one operation. The server runs that
+//!   operation through the normal API *as the workload* (selectors plus the node's, no token
+//!   policies: only policies attached by identity can grant it), audits it with the selectors,
+//!   and seals a successful response to the workload's key with HPKE, so neither the agent nor
+//!   the network sees the secret.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use keyward_core::model::TokenRecord;
+use keyward_core::policy::selector_ok;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use crate::api::AppState;
+use crate::audit::AuditCtx;
+use crate::error::ApiError;
+use crate::extract::{Caller, MAX_BODY, StrictJson};
+use crate::wire::{b64, parse_period, time, unb64};
+
+/// Selector on a join token naming the node it admits.
+pub const JOIN_SELECTOR: &str = "keyward:join:";
+/// Selector naming an agent's node (on its token, and added to every workload it attests).
+pub const NODE_SELECTOR: &str = "node:name:";
+/// Selector binding an agent token to the SHA-256 of its Ed25519 public key.
+pub const AGENT_KEY_SELECTOR: &str = "keyward:agent-key:";
+/// HTTP header carrying the agent's signature over the release body.
+pub const SIGNATURE_HEADER: &str = "keyward-agent-signature";
+/// What the agent signs: this prefix, then the exact request body.
+pub const PROOF_CONTEXT: &[u8] = b"keyward-agent-release-v1\0";
+/// HPKE `info` of sealed releases; the nonce is the associated data.
+pub const RELEASE_INFO: &[u8] = b"keyward release v1";
+
+const NONCE_TTL: Duration = Duration::from_secs(10);
+const MAX_NONCES: usize = 100_000;
+const DEFAULT_JOIN_TTL: u64 = 3600;
+const MAX_JOIN_TTL: u64 = 7 * 86400;
+const AGENT_TTL: u64 = 3600;
+const AGENT_MAX_TTL: u64 = 30 * 86400;
+const MAX_WORKLOAD_SELECTORS: usize = 128;
+/// Largest inner response sealed (a secret is at most 64 KiB of data, plus JSON).
+const MAX_RELEASE_RESPONSE: usize = 512 * 1024;
+
+/// Outstanding nonces, by value: (agent token accessor, issued at).
+#[derive(Debug, Default)]
+pub struct Agents {
+    nonces: Mutex<HashMap<[u8; 32], (String, Instant)>>,
+}
+
+impl Agents {
+    fn issue(&self, accessor: &str) -> Result<[u8; 32], ApiError> {
+        let mut n = [0u8; 32];
+        keyward_crypto::fill_random(&mut n).map_err(|e| ApiError::internal(e.to_string()))?;
+        let mut map = self.nonces.lock().map_err(|_| ApiError::internal("nonce table poisoned".into()))?;
+        if map.len() >= MAX_NONCES / 2 {
+            map.retain(|_, (_, at)| at.elapsed() < NONCE_TTL);
+        }
+        if map.len() >= MAX_NONCES {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "too many outstanding release nonces; retry shortly",
+            ));
+        }
+        map.insert(n, (accessor.to_string(), Instant::now()));
+        Ok(n)
+    }
+
+    /// Take a nonce: it must exist, belong to this agent and be fresh. Single use either way.
+    fn take(&self, nonce: &[u8], accessor: &str) -> bool {
+        let Ok(key) = <[u8; 32]>::try_from(nonce) else { return false };
+        let Ok(mut map) = self.nonces.lock() else { return false };
+        match map.remove(&key) {
+            Some((owner, at)) => owner == accessor && at.elapsed() < NONCE_TTL,
+            None => false,
+        }
+    }
+}
+
+/// A workload identity handed from a release to the inner request. Only this module creates
+/// it; nothing from the network can.
+#[derive(Debug, Clone)]
+pub(crate) struct InternalWorkload(pub Arc<TokenRecord>);
+
+fn node_name_ok(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 253
+        && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !n.starts_with(['-', '.'])
+}
+
+fn selector_value<'a>(rec: &'a TokenRecord, prefix: &str) -> Option<&'a str> {
+    rec.selectors.iter().find_map(|s| s.strip_prefix(prefix))
+}
+
+/// The node of a joined agent, or 403.
+fn agent_node(c: &Caller) -> Result<String, ApiError> {
+    match (selector_value(&c.0, NODE_SELECTOR), selector_value(&c.0, AGENT_KEY_SELECTOR)) {
+        (Some(node), Some(_)) => Ok(node.to_string()),
+        _ => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_denied",
+            "only a joined node agent can do this (see `keyward agent join-token`)",
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct JoinTokenReq {
+    node: String,
+    ttl: Option<String>,
+}
+
+pub(crate) async fn join_token(
+    State(st): State<AppState>,
+    c: Caller,
+    StrictJson(r): StrictJson<JoinTokenReq>,
+) -> Result<Response, ApiError> {
+    if !node_name_ok(&r.node) {
+        return Err(ApiError::invalid("node must be a DNS name: lowercase letters, digits, '-' and '.'"));
+    }
+    crate::api::allow(&st, &c, "admin", &format!("agents/{}", r.node))?;
+    let ttl = r.ttl.as_deref().map(|s| parse_period("ttl", s)).transpose()?.unwrap_or(DEFAULT_JOIN_TTL);
+    if ttl == 0 || ttl > MAX_JOIN_TTL {
+        return Err(ApiError::invalid("ttl of a join token must be between 1s and 7d"));
+    }
+    let req = keyward_core::service::TokenRequest {
+        policies: vec![],
+        ttl_secs: Some(ttl),
+        max_uses: Some(1),
+        display_name: format!("join:{}", r.node),
+        orphan: true,
+        selectors: vec![format!("{JOIN_SELECTOR}{}", r.node)],
+        max_ttl_secs: Some(ttl),
+    };
+    let (token, rec) = st.kms()?.issue_login_token(req).await?;
+    let body = json!({
+        "join_token": String::from_utf8_lossy(token.expose()),
+        "accessor": rec.accessor,
+        "node": r.node,
+        "expires_at": rec.expires_at.map(time),
+    });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct JoinReq {
+    join_token: String,
+    /// Raw Ed25519 public key, base64.
+    public_key: String,
+}
+
+pub(crate) async fn join(
+    State(st): State<AppState>,
+    Extension(ctx): Extension<Arc<AuditCtx>>,
+    StrictJson(r): StrictJson<JoinReq>,
+) -> Result<Response, ApiError> {
+    let kms = st.kms()?;
+    let deny = |reason: &str| {
+        ctx.set_decision("join", "agents", false, reason.to_string());
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "invalid, used or expired join token")
+    };
+    let rec = kms.authenticate(r.join_token.trim()).await.map_err(|_| deny("invalid, used or expired join token"))?;
+    let Some(node) = selector_value(&rec, JOIN_SELECTOR).map(str::to_string) else {
+        return Err(deny("the token presented is not a join token"));
+    };
+    ctx.set_identity(&format!("{} (join:{node})", rec.accessor));
+    let pk = unb64("public_key", &r.public_key)?;
+    if pk.len() != 32 {
+        return Err(ApiError::invalid("public_key must be a raw 32-byte Ed25519 public key, base64"));
+    }
+    let req = keyward_core::service::TokenRequest {
+        policies: vec![],
+        ttl_secs: Some(AGENT_TTL),
+        max_uses: None,
+        display_name: format!("agent:{node}"),
+        orphan: true,
+        selectors: vec![
+            format!("{AGENT_KEY_SELECTOR}{}", hex::encode(keyward_crypto::hash::sha256(&pk))),
+            format!("{NODE_SELECTOR}{node}"),
+        ],
+        max_ttl_secs: Some(AGENT_MAX_TTL),
+    };
+    let (token, agent) = kms.issue_login_token(req).await?;
+    ctx.set_decision(
+        "join",
+        &format!("agents/{node}"),
+        true,
+        format!("join token {} -> agent token {}", rec.accessor, agent.accessor),
+    );
+    let body = json!({
+        "token": String::from_utf8_lossy(token.expose()),
+        "accessor": agent.accessor,
+        "node": node,
+        "expires_at": agent.expires_at.map(time),
+        "ttl_secs": AGENT_TTL,
+    });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+pub(crate) async fn nonce(State(st): State<AppState>, c: Caller) -> Result<Response, ApiError> {
+    agent_node(&c)?;
+    let n = st.agents.issue(&c.0.accessor)?;
+    Ok(Json(json!({"nonce": b64(&n), "expires_in_secs": NONCE_TTL.as_secs()})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Workload {
+    selectors: Vec<String>,
+    #[serde(default)]
+    pid: Option<u32>,
+}
+
+/// The operations a workload can ask for through its agent.
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+enum ReleaseOp {
+    ReadSecret { path: String, version: Option<u32> },
+    GenerateDataKey { key: String, body: Value },
+    Decrypt { body: Value },
+    Sign { key: String, body: Value },
+}
+
+impl ReleaseOp {
+    /// Method, URI and body of the inner API request.
+    fn inner(&self) -> Result<(Method, String, Option<&Value>), ApiError> {
+        // Names go into a URI: allow only what secret paths and key names may contain.
+        let name_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 512
+                && !s.split('/').any(|p| p.is_empty() || p == "." || p == "..")
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/_-.".contains(&b))
+        };
+        let bad = |what: &str| ApiError::invalid(format!("{what} contains characters a name cannot have"));
+        Ok(match self {
+            Self::ReadSecret { path, version } => {
+                if !name_ok(path) {
+                    return Err(bad("path"));
+                }
+                let q = version.map(|v| format!("?version={v}")).unwrap_or_default();
+                (Method::GET, format!("/v1/secrets/data/{path}{q}"), None)
+            }
+            Self::GenerateDataKey { key, body } | Self::Sign { key, body } => {
+                if !name_ok(key) || key.contains('/') {
+                    return Err(bad("key"));
+                }
+                let action = if matches!(self, Self::Sign { .. }) { "sign" } else { "generate-data-key" };
+                (Method::POST, format!("/v1/keys/{key}/{action}"), Some(body))
+            }
+            Self::Decrypt { body } => (Method::POST, "/v1/decrypt".to_string(), Some(body)),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseReq {
+    nonce: String,
+    public_key: String,
+    workload: Workload,
+    /// The workload's ephemeral X25519 public key, base64.
+    recipient: String,
+    op: ReleaseOp,
+}
+
+fn unauthenticated(msg: &str) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", msg.to_string())
+}
+
+pub(crate) async fn release(
+    State(st): State<AppState>,
+    c: Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let node = agent_node(&c)?;
+    if body.len() > MAX_BODY {
+        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "release request too large"));
+    }
+    let r: ReleaseReq = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::invalid(format!("invalid release request: {}", e.to_string().split(" at line").next().unwrap_or("")))
+    })?;
+
+    // Proof of possession of the key this agent joined with.
+    let pk = unb64("public_key", &r.public_key)?;
+    let bound = selector_value(&c.0, AGENT_KEY_SELECTOR).unwrap_or_default();
+    if hex::encode(keyward_crypto::hash::sha256(&pk)) != bound {
+        c.1.set_decision("release", "agents", false, "public key is not the one this agent joined with".into());
+        return Err(unauthenticated("the agent key does not match the agent token"));
+    }
+    let sig = headers
+        .get(SIGNATURE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| unb64(SIGNATURE_HEADER, s))
+        .transpose()?
+        .ok_or_else(|| unauthenticated("a release must be signed (keyward-agent-signature header)"))?;
+    let mut signed = PROOF_CONTEXT.to_vec();
+    signed.extend_from_slice(&body);
+    if keyward_crypto::keys::verify_ed25519_raw(&pk, &signed, &sig).is_err() {
+        c.1.set_decision("release", "agents", false, "bad agent signature".into());
+        return Err(unauthenticated("the release signature does not verify"));
+    }
+    let nonce = unb64("nonce", &r.nonce)?;
+    if !st.agents.take(&nonce, &c.0.accessor) {
+        c.1.set_decision("release", "agents", false, "nonce unknown, used, expired or another agent's".into());
+        return Err(unauthenticated("the nonce is unknown, already used or expired; get a fresh one"));
+    }
+    let recipient = unb64("recipient", &r.recipient)?;
+    if recipient.len() != keyward_crypto::hpke::KEY_LEN {
+        return Err(ApiError::invalid("recipient must be a raw 32-byte X25519 public key, base64"));
+    }
+
+    // The workload's identity: what the agent measured (only `unix:` and `k8s:` selectors),
+    // plus the node this agent proved it is.
+    let w = &r.workload;
+    if w.selectors.len() > MAX_WORKLOAD_SELECTORS {
+        return Err(ApiError::invalid(format!("at most {MAX_WORKLOAD_SELECTORS} workload selectors")));
+    }
+    if let Some(bad) =
+        w.selectors.iter().find(|s| !selector_ok(s) || !(s.starts_with("unix:") || s.starts_with("k8s:")))
+    {
+        return Err(ApiError::invalid(format!(
+            "workload selector {bad:?} is not a well-formed unix: or k8s: selector"
+        )));
+    }
+    let mut selectors = w.selectors.clone();
+    selectors.push(format!("{NODE_SELECTOR}{node}"));
+    selectors.sort();
+    selectors.dedup();
+    let (method, uri, inner_body) = r.op.inner()?;
+    let pid = w.pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into());
+    let display = format!("workload pid {pid} on {node} via {}", c.0.accessor);
+    let record = TokenRecord::ephemeral(format!("workload_{node}_{pid}"), display, selectors);
+
+    let path_only = uri.split('?').next().unwrap_or_default().to_string();
+    let inner = Request::builder()
+        .method(method.clone())
+        .uri(&uri)
+        .header(axum::http::header::CONTENT_TYPE, "application/json")
+        .extension(InternalWorkload(Arc::new(record)))
+        .body(inner_body.map(|b| Body::from(b.to_string())).unwrap_or_else(Body::empty))
+        .map_err(|_| ApiError::invalid("the operation does not form a valid request"))?;
+    let resp = crate::api::router(st.clone()).oneshot(inner).await.unwrap_or_else(|e| match e {});
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), MAX_RELEASE_RESPONSE)
+        .await
+        .map_err(|_| ApiError::internal("the released response is too large to seal".into()))?;
+    c.1.set_decision(
+        "release",
+        &format!("{method} {path_only}"),
+        status.is_success(),
+        format!("as the workload (see its own audit record): status {}", status.as_u16()),
+    );
+    if !status.is_success() {
+        // Errors carry no secrets: pass them through as they are.
+        return Ok((status, [(axum::http::header::CONTENT_TYPE, "application/json")], bytes).into_response());
+    }
+    let sealed = keyward_crypto::hpke::seal(&recipient, RELEASE_INFO, &nonce, &bytes)
+        .map_err(|_| ApiError::invalid("recipient is not a usable X25519 public key"))?;
+    Ok(Json(json!({
+        "status": status.as_u16(),
+        "suite": keyward_crypto::hpke::SUITE,
+        "enc": b64(&sealed.enc),
+        "ciphertext": b64(&sealed.ciphertext),
+    }))
+    .into_response())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nonces_are_single_use_and_bound_to_their_agent() {
+        let a = Agents::default();
+        let n = a.issue("agent-1").unwrap();
+        assert!(!a.take(&n, "agent-2"));
+        assert!(!a.take(&n, "agent-1"), "a nonce presented by another agent is burnt");
+        let n = a.issue("agent-1").unwrap();
+        assert!(a.take(&n, "agent-1"));
+        assert!(!a.take(&n, "agent-1"));
+        assert!(!a.take(&n[..31], "agent-1"));
+    }
+
+    #[test]
+    fn release_ops_form_only_safe_uris() {
+        let op = |v: Value| {
+            serde_json::from_value::<ReleaseOp>(v)
+                .map_err(|e| e.to_string())
+                .and_then(|o| o.inner().map(|(m, u, _)| format!("{m} {u}")).map_err(|e| e.message))
+        };
+        assert_eq!(
+            op(json!({"kind": "read-secret", "path": "app/db", "version": 2})).unwrap(),
+            "GET /v1/secrets/data/app/db?version=2"
+        );
+        assert_eq!(op(json!({"kind": "sign", "key": "k1", "body": {}})).unwrap(), "POST /v1/keys/k1/sign");
+        assert_eq!(op(json!({"kind": "decrypt", "body": {}})).unwrap(), "POST /v1/decrypt");
+        for bad in [
+            json!({"kind": "read-secret", "path": "../sys/seal"}),
+            json!({"kind": "read-secret", "path": "a?b"}),
+            json!({"kind": "read-secret", "path": "a//b"}),
+            json!({"kind": "read-secret", "path": "a%2fb"}),
+            json!({"kind": "sign", "key": "a/b", "body": {}}),
+            json!({"kind": "delete-secret", "path": "x"}),
+            json!({"kind": "read-secret", "path": "x", "extra": 1}),
+        ] {
+            assert!(op(bad.clone()).is_err(), "{bad}");
+        }
+    }
+}

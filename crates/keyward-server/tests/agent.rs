@@ -1,0 +1,214 @@
+//! Agent join and attested release at the API level: join tokens are single use, releases need
+//! the agent's key, a fresh single-use nonce and only `unix:`/`k8s:` workload selectors; grants
+//! come only from policies attached by the workload's identity; the response is sealed to the
+//! workload's key, and the audit names the selectors.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use common::{TestServer, audit_records, raw};
+use keyward_crypto::hpke::RecipientKey;
+use keyward_crypto::keys::{KeyAlgorithm, LoadedKey};
+use keyward_server::agent_api::{PROOF_CONTEXT, RELEASE_INFO, SIGNATURE_HEADER};
+use serde_json::{Value, json};
+
+struct TestAgent {
+    key: LoadedKey,
+    token: String,
+}
+
+impl TestAgent {
+    fn public_b64(&self) -> String {
+        B64.encode(self.key.ed25519_public_raw().unwrap())
+    }
+}
+
+fn new_key() -> LoadedKey {
+    LoadedKey::load(KeyAlgorithm::Ed25519, &KeyAlgorithm::Ed25519.generate().unwrap()).unwrap()
+}
+
+async fn join_token(s: &TestServer, node: &str) -> String {
+    let (st, v, _) = raw(
+        &s.addr,
+        "POST",
+        "/v1/auth/agent/join-token",
+        Some(&s.token),
+        Some("application/json"),
+        json!({"node": node, "ttl": "10m"}).to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    v["join_token"].as_str().unwrap().to_string()
+}
+
+async fn join(s: &TestServer, join_token: &str, key: LoadedKey) -> Result<TestAgent, (u16, Value)> {
+    let pk = B64.encode(key.ed25519_public_raw().unwrap());
+    let (st, v, _) = raw(
+        &s.addr,
+        "POST",
+        "/v1/auth/agent/join",
+        None,
+        Some("application/json"),
+        json!({"join_token": join_token, "public_key": pk}).to_string().into_bytes(),
+    )
+    .await;
+    if st != 201 {
+        return Err((st, v));
+    }
+    Ok(TestAgent { key, token: v["token"].as_str().unwrap().to_string() })
+}
+
+async fn nonce(s: &TestServer, token: &str) -> (u16, Value) {
+    let (st, v, _) = raw(&s.addr, "POST", "/v1/agent/nonce", Some(token), None, vec![]).await;
+    (st, v)
+}
+
+/// Send a release body, signed by `signer` (or unsigned).
+async fn send_release(s: &TestServer, token: &str, signer: Option<&LoadedKey>, body: &[u8]) -> (u16, Value) {
+    let mut rb = reqwest::Client::new()
+        .post(format!("{}/v1/agent/release", s.addr))
+        .bearer_auth(token)
+        .header("content-type", "application/json");
+    if let Some(k) = signer {
+        let mut msg = PROOF_CONTEXT.to_vec();
+        msg.extend_from_slice(body);
+        rb = rb.header(SIGNATURE_HEADER, B64.encode(k.sign(&msg).unwrap()));
+    }
+    let resp = rb.body(body.to_vec()).send().await.unwrap();
+    let st = resp.status().as_u16();
+    (st, serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap_or(Value::Null))
+}
+
+fn release_body(agent: &TestAgent, nonce: &str, selectors: &[&str], recipient: &RecipientKey, op: Value) -> Vec<u8> {
+    json!({
+        "nonce": nonce,
+        "public_key": agent.public_b64(),
+        "workload": {"selectors": selectors, "pid": 4242},
+        "recipient": B64.encode(recipient.public()),
+        "op": op,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn open(recipient: &RecipientKey, nonce: &str, v: &Value) -> Value {
+    let enc = B64.decode(v["enc"].as_str().unwrap()).unwrap();
+    let ct = B64.decode(v["ciphertext"].as_str().unwrap()).unwrap();
+    let aad = B64.decode(nonce).unwrap();
+    let pt = recipient.open(&enc, &ct, RELEASE_INFO, &aad).unwrap();
+    serde_json::from_slice(pt.expose()).unwrap()
+}
+
+const APP_HASH: &str = "unix:sha256:1111111111111111111111111111111111111111111111111111111111111111";
+
+#[tokio::test]
+async fn join_nonce_and_sealed_release() {
+    let s = TestServer::start().await;
+    let root = s.client();
+    root.request(
+        reqwest::Method::PUT,
+        "/v1/policies/payments-db",
+        Some(&json!({
+            "identities": [[APP_HASH, "node:name:node-1"]],
+            "rules": [{"resources": ["secrets/payments/db"], "operations": ["read"]}]
+        })),
+    )
+    .await
+    .unwrap();
+    let data = std::collections::BTreeMap::from([("password".to_string(), "hunter2".to_string())]);
+    root.put_secret("payments/db", &data, None).await.unwrap();
+
+    // Join: the join token works once.
+    let jt = join_token(&s, "node-1").await;
+    let agent = join(&s, &jt, new_key()).await.unwrap();
+    let (st, v) = join(&s, &jt, new_key()).await.err().unwrap();
+    assert_eq!(st, 401, "{v}");
+    // A plain token is not an agent.
+    assert_eq!(nonce(&s, &s.token).await.0, 403);
+
+    // A good release: sealed, opens only with the workload's key.
+    let workload = RecipientKey::generate().unwrap();
+    let (st, v) = nonce(&s, &agent.token).await;
+    assert_eq!(st, 200, "{v}");
+    let n = v["nonce"].as_str().unwrap().to_string();
+    let body = release_body(
+        &agent,
+        &n,
+        &[APP_HASH, "unix:uid:1000"],
+        &workload,
+        json!({"kind": "read-secret", "path": "payments/db"}),
+    );
+    let (st, v) = send_release(&s, &agent.token, Some(&agent.key), &body).await;
+    assert_eq!(st, 200, "{v}");
+    assert!(!v.to_string().contains("hunter2"), "the agent must not see the secret");
+    let inner = open(&workload, &n, &v);
+    assert_eq!(inner["data"]["password"], "hunter2");
+    let other = RecipientKey::generate().unwrap();
+    let enc = B64.decode(v["enc"].as_str().unwrap()).unwrap();
+    let ct = B64.decode(v["ciphertext"].as_str().unwrap()).unwrap();
+    assert!(other.open(&enc, &ct, RELEASE_INFO, &B64.decode(&n).unwrap()).is_err());
+
+    // Replay of the same signed body: the nonce is spent.
+    let (st, v) = send_release(&s, &agent.token, Some(&agent.key), &body).await;
+    assert_eq!(st, 401, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("nonce"), "{v}");
+
+    // Unsigned, or signed by another key: refused (the token alone is not enough).
+    let n2 = nonce(&s, &agent.token).await.1["nonce"].as_str().unwrap().to_string();
+    let body = release_body(&agent, &n2, &[APP_HASH], &workload, json!({"kind": "read-secret", "path": "payments/db"}));
+    assert_eq!(send_release(&s, &agent.token, None, &body).await.0, 401);
+    assert_eq!(send_release(&s, &agent.token, Some(&new_key()), &body).await.0, 401);
+
+    // Another binary: no policy attaches, denied (and still nothing leaks).
+    let n3 = nonce(&s, &agent.token).await.1["nonce"].as_str().unwrap().to_string();
+    let body = release_body(
+        &agent,
+        &n3,
+        &["unix:sha256:2222222222222222222222222222222222222222222222222222222222222222"],
+        &workload,
+        json!({"kind": "read-secret", "path": "payments/db"}),
+    );
+    let (st, v) = send_release(&s, &agent.token, Some(&agent.key), &body).await;
+    assert_eq!(st, 403, "{v}");
+
+    // The agent cannot claim selectors outside unix:/k8s: (e.g. another node).
+    let n4 = nonce(&s, &agent.token).await.1["nonce"].as_str().unwrap().to_string();
+    let body = release_body(
+        &agent,
+        &n4,
+        &[APP_HASH, "node:name:node-2"],
+        &workload,
+        json!({"kind": "read-secret", "path": "payments/db"}),
+    );
+    let (st, v) = send_release(&s, &agent.token, Some(&agent.key), &body).await;
+    assert_eq!(st, 400, "{v}");
+
+    // The same binary on another node does not match the identity set.
+    let agent2 = join(&s, &join_token(&s, "node-2").await, new_key()).await.unwrap();
+    let n5 = nonce(&s, &agent2.token).await.1["nonce"].as_str().unwrap().to_string();
+    let body =
+        release_body(&agent2, &n5, &[APP_HASH], &workload, json!({"kind": "read-secret", "path": "payments/db"}));
+    assert_eq!(send_release(&s, &agent2.token, Some(&agent2.key), &body).await.0, 403);
+    // ...and node-2 cannot spend node-1's nonces.
+    let n6 = nonce(&s, &agent.token).await.1["nonce"].as_str().unwrap().to_string();
+    let body =
+        release_body(&agent2, &n6, &[APP_HASH], &workload, json!({"kind": "read-secret", "path": "payments/db"}));
+    assert_eq!(send_release(&s, &agent2.token, Some(&agent2.key), &body).await.0, 401);
+
+    // Malformed operations are refused before anything runs.
+    let n7 = nonce(&s, &agent.token).await.1["nonce"].as_str().unwrap().to_string();
+    let body = release_body(&agent, &n7, &[APP_HASH], &workload, json!({"kind": "read-secret", "path": "../sys/seal"}));
+    assert_eq!(send_release(&s, &agent.token, Some(&agent.key), &body).await.0, 400);
+
+    // The audit trail names the workload's selectors and the grant.
+    let log = audit_records(&s.dir.path().join("data/audit.log"));
+    let granted = log
+        .lines()
+        .find(|l| l.contains("payments-db (identity set 0)"))
+        .expect("an audit record of the workload's read");
+    assert!(granted.contains(APP_HASH) && granted.contains("node:name:node-1"), "{granted}");
+    assert!(log.lines().any(|l| l.contains("\"release\"") && l.contains("\"deny\"")), "denied releases are audited");
+    assert!(!log.contains("hunter2"));
+}
