@@ -10,26 +10,31 @@
 //! not by file mode.
 #![forbid(unsafe_code)]
 
+pub mod upstream;
+
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::extract::connect_info::Connected;
-use axum::extract::{ConnectInfo, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::serve::IncomingStream;
 use axum::{Json, Router};
 use keyward_attest::{AttestError, Measurement, Measurer, Pinned};
-use serde_json::json;
+use serde_json::{Map, Value, json};
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
+use upstream::Upstream;
 
 /// Default Workload API socket.
 pub const DEFAULT_SOCKET: &str = "/run/keyward/agent.sock";
 /// Measurements run at once (each may hash an executable on a cache miss).
 const MEASURE_CONCURRENCY: usize = 4;
+/// Largest Workload API request body.
+const MAX_REQUEST: usize = 256 * 1024;
 
 /// Agent settings.
 #[derive(Debug, Clone)]
@@ -103,6 +108,7 @@ impl IntoResponse for AgentError {
 struct Shared {
     measurer: Measurer,
     permits: Semaphore,
+    upstream: Option<Arc<Upstream>>,
 }
 
 impl Shared {
@@ -149,13 +155,142 @@ async fn whoami(
     Ok(Json(json!({"pid": m.pid, "selectors": m.selectors()})).into_response())
 }
 
+fn bad_request(message: impl Into<String>) -> AgentError {
+    AgentError { status: StatusCode::BAD_REQUEST, code: "invalid_argument", message: message.into() }
+}
+
+/// The operations the Workload API relays, and how each becomes a release operation.
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Secret,
+    DataKey,
+    Decrypt,
+    Sign,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Secret => "read-secret",
+            Self::DataKey => "generate-data-key",
+            Self::Decrypt => "decrypt",
+            Self::Sign => "sign",
+        }
+    }
+
+    /// Split a request into the recipient key and the server-side operation.
+    fn parse(self, body: Value) -> Result<(String, Value), AgentError> {
+        let Value::Object(mut m) = body else { return Err(bad_request("the request body must be a JSON object")) };
+        let take_str = |m: &mut Map<String, Value>, k: &str| match m.remove(k) {
+            Some(Value::String(s)) => Ok(s),
+            _ => Err(bad_request(format!("{k} (a string) is required"))),
+        };
+        let recipient = take_str(&mut m, "recipient")?;
+        let op = match self {
+            Self::Secret => {
+                let path = take_str(&mut m, "path")?;
+                let version = match m.remove("version") {
+                    None | Some(Value::Null) => None,
+                    Some(v) => Some(v.as_u64().ok_or_else(|| bad_request("version must be a positive integer"))?),
+                };
+                if let Some(k) = m.keys().next() {
+                    return Err(bad_request(format!("unknown field {k:?}")));
+                }
+                json!({"kind": self.name(), "path": path, "version": version})
+            }
+            Self::DataKey | Self::Sign => {
+                let key = take_str(&mut m, "key")?;
+                json!({"kind": self.name(), "key": key, "body": Value::Object(m)})
+            }
+            Self::Decrypt => json!({"kind": self.name(), "body": Value::Object(m)}),
+        };
+        Ok((recipient, op))
+    }
+}
+
+async fn relay(st: Arc<Shared>, caller: Caller, op: Op, body: Value) -> Result<Response, AgentError> {
+    let Some(up) = st.upstream.clone() else {
+        return Err(AgentError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "no_server",
+            message: "this agent is not joined to a Keyward server (start it with --server and --join-token-file)"
+                .into(),
+        });
+    };
+    let (recipient, release_op) = op.parse(body)?;
+    let m = st.attest(&caller).await?;
+    match up.release(&m, &recipient, release_op).await {
+        Ok((status, bytes)) => {
+            tracing::info!(pid = m.pid, op = op.name(), status, "release");
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            Ok((status, [(axum::http::header::CONTENT_TYPE, "application/json")], bytes).into_response())
+        }
+        Err(e) => {
+            tracing::warn!(pid = m.pid, op = op.name(), error = %e, "release failed");
+            let status = match &e {
+                upstream::UpstreamError::Client(c) => c.status().and_then(|s| StatusCode::from_u16(s).ok()),
+                _ => None,
+            };
+            Err(AgentError {
+                status: status.unwrap_or(StatusCode::BAD_GATEWAY),
+                code: "server_unavailable",
+                message: format!("the Keyward server could not be asked: {e}"),
+            })
+        }
+    }
+}
+
+async fn json_body(body: axum::body::Bytes) -> Result<Value, AgentError> {
+    serde_json::from_slice(&body).map_err(|_| bad_request("the request body is not valid JSON"))
+}
+
+async fn secret(
+    State(st): State<Arc<Shared>>,
+    ConnectInfo(c): ConnectInfo<Caller>,
+    body: axum::body::Bytes,
+) -> Result<Response, AgentError> {
+    relay(st, c, Op::Secret, json_body(body).await?).await
+}
+
+async fn data_key(
+    State(st): State<Arc<Shared>>,
+    ConnectInfo(c): ConnectInfo<Caller>,
+    body: axum::body::Bytes,
+) -> Result<Response, AgentError> {
+    relay(st, c, Op::DataKey, json_body(body).await?).await
+}
+
+async fn decrypt(
+    State(st): State<Arc<Shared>>,
+    ConnectInfo(c): ConnectInfo<Caller>,
+    body: axum::body::Bytes,
+) -> Result<Response, AgentError> {
+    relay(st, c, Op::Decrypt, json_body(body).await?).await
+}
+
+async fn sign(
+    State(st): State<Arc<Shared>>,
+    ConnectInfo(c): ConnectInfo<Caller>,
+    body: axum::body::Bytes,
+) -> Result<Response, AgentError> {
+    relay(st, c, Op::Sign, json_body(body).await?).await
+}
+
 async fn not_found() -> AgentError {
     AgentError { status: StatusCode::NOT_FOUND, code: "not_found", message: "no such Workload API operation".into() }
 }
 
 /// The Workload API routes.
 fn router(shared: Arc<Shared>) -> Router {
-    Router::new().route("/v1/whoami", get(whoami)).fallback(not_found).with_state(shared)
+    Router::new()
+        .route("/v1/whoami", get(whoami))
+        .route("/v1/secret", post(secret))
+        .route("/v1/data-key", post(data_key))
+        .route("/v1/decrypt", post(decrypt))
+        .route("/v1/sign", post(sign))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_REQUEST))
+        .with_state(shared)
 }
 
 /// Bind the socket: remove a stale one left by a dead agent, refuse to replace anything else.
@@ -181,16 +316,26 @@ pub fn bind(path: &Path) -> Result<UnixListener, StartError> {
 }
 
 /// Serve the Workload API on `listener` until `shutdown` completes; removes the socket after.
+/// `upstream` is the joined server connection (without one, only `whoami` works); its token
+/// is renewed in the background while serving.
 pub async fn serve(
     config: &AgentConfig,
     listener: UnixListener,
+    upstream: Option<Arc<Upstream>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let shared =
-        Arc::new(Shared { measurer: Measurer::new(config.hash_limit), permits: Semaphore::new(MEASURE_CONCURRENCY) });
+    let renew = upstream.clone().map(|u| tokio::spawn(async move { u.keep_renewed().await }));
+    let shared = Arc::new(Shared {
+        measurer: Measurer::new(config.hash_limit),
+        permits: Semaphore::new(MEASURE_CONCURRENCY),
+        upstream,
+    });
     tracing::info!(socket = %config.socket.display(), "Workload API listening");
     let app = router(shared).into_make_service_with_connect_info::<Caller>();
     let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    if let Some(r) = renew {
+        r.abort();
+    }
     let _ = std::fs::remove_file(&config.socket);
     result
 }

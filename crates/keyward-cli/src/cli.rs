@@ -148,6 +148,67 @@ pub enum Command {
     /// Who am I, and what may I do.
     #[command(subcommand)]
     Auth(AuthCmd),
+    /// Node agents: join tokens.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Workload side: ask the node agent for secrets and key operations (no token: the agent
+    /// identifies this process by what it runs).
+    Workload(WorkloadArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCmd {
+    /// Create a one-time join token for the agent of NODE (prints it once).
+    JoinToken {
+        /// Node name (DNS name).
+        node: String,
+        /// How long the token stays usable (default 1h, at most 7d).
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct WorkloadArgs {
+    /// The agent's Workload API socket.
+    #[arg(long, env = "KEYWARD_AGENT_SOCKET", default_value = keyward_agent::DEFAULT_SOCKET)]
+    pub agent_socket: PathBuf,
+    #[command(subcommand)]
+    pub command: WorkloadCmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WorkloadCmd {
+    /// The selectors the agent measures for this process.
+    Whoami,
+    /// Read a secret released to this workload; prints its fields (or one with --field).
+    Secret {
+        /// Secret path.
+        path: String,
+        /// Version (default: latest).
+        #[arg(long)]
+        version: Option<u32>,
+        /// Print only this field's value.
+        #[arg(long)]
+        field: Option<String>,
+    },
+    /// Sign stdin with KEY; prints the signature in base64.
+    Sign {
+        /// Key name.
+        key: String,
+    },
+    /// Generate a data key under KEY; prints its plaintext and ciphertext in base64.
+    DataKey {
+        /// Key name.
+        key: String,
+        #[command(flatten)]
+        ctx: ContextArgs,
+    },
+    /// Decrypt a base64 ciphertext from stdin; writes the plaintext to stdout.
+    Decrypt {
+        #[command(flatten)]
+        ctx: ContextArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -213,6 +274,10 @@ pub struct AgentArgs {
     /// Largest executable hashed for `unix:sha256` selectors, in bytes; larger ones get none.
     #[arg(long, default_value_t = 512 * 1024 * 1024)]
     pub hash_limit: u64,
+    /// File holding a one-time join token (`keyward node join-token`): the agent joins the
+    /// server at --addr with it. Without it only `whoami` is served.
+    #[arg(long)]
+    pub join_token_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]

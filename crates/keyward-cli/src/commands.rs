@@ -131,7 +131,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Dev(a) => dev(a.clone()).await,
         Command::Server(a) => server(a.clone()).await,
-        Command::Agent(a) => agent(a.clone()).await,
+        Command::Agent(a) => agent(&cli, a.clone()).await,
+        Command::Node(NodeCmd::JoinToken { node, ttl }) => {
+            let v = client(&cli)?
+                .request(
+                    keyward_client::Method::POST,
+                    "/v1/auth/agent/join-token",
+                    Some(&json!({"node": node, "ttl": ttl})),
+                )
+                .await?;
+            print_value(cli.output, &v)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Workload(w) => workload(cli.output, w).await,
         Command::Status => {
             print_value(cli.output, &client(&cli)?.health().await?)?;
             Ok(ExitCode::SUCCESS)
@@ -703,10 +715,77 @@ async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
     serve_until_signal(&mut running).await
 }
 
-async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
+async fn agent(cli: &Cli, a: AgentArgs) -> anyhow::Result<ExitCode> {
     let config = keyward_agent::AgentConfig { socket: a.socket, hash_limit: a.hash_limit };
+    let upstream = match &a.join_token_file {
+        Some(f) => {
+            let token = zeroize::Zeroizing::new(
+                std::fs::read_to_string(f).with_context(|| format!("reading the join token file {}", f.display()))?,
+            );
+            let ca_pem = match &cli.cacert {
+                Some(p) => Some(std::fs::read(p).with_context(|| format!("reading CA certificate {}", p.display()))?),
+                None => None,
+            };
+            let cfg = keyward_agent::upstream::UpstreamConfig {
+                addr: cli.addr.clone(),
+                ca_pem,
+                join_token: zeroize::Zeroizing::new(token.trim().to_string()),
+            };
+            let up = keyward_agent::upstream::Upstream::join(&cfg)
+                .await
+                .with_context(|| format!("joining the Keyward server at {}", cli.addr))?;
+            Some(std::sync::Arc::new(up))
+        }
+        None => None,
+    };
     let listener = keyward_agent::bind(&config.socket)?;
-    keyward_agent::serve(&config, listener, shutdown_signal()).await?;
+    keyward_agent::serve(&config, listener, upstream, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn workload(output: Output, w: &WorkloadArgs) -> anyhow::Result<ExitCode> {
+    let agent = keyward_client::workload::WorkloadClient::new(&w.agent_socket)?;
+    match &w.command {
+        WorkloadCmd::Whoami => {
+            print_value(output, &json!({"selectors": agent.whoami().await?}))?;
+        }
+        WorkloadCmd::Secret { path, version, field } => {
+            let s = agent.get_secret(path, *version).await?;
+            match field {
+                Some(f) => {
+                    let v = s.data.get(f).ok_or_else(|| anyhow!("secret {path} has no field {f:?}"))?;
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(v.as_bytes())?;
+                    out.write_all(b"\n")?;
+                }
+                None => {
+                    let data: serde_json::Map<String, Value> =
+                        s.data.iter().map(|(k, v)| (k.clone(), Value::String(v.to_string()))).collect();
+                    print_value(output, &json!({"version": s.version, "data": data}))?;
+                }
+            }
+        }
+        WorkloadCmd::Sign { key } => {
+            let mut msg = Vec::new();
+            std::io::stdin().read_to_end(&mut msg)?;
+            println!("{}", STANDARD.encode(agent.sign(key, &msg).await?));
+        }
+        WorkloadCmd::DataKey { key, ctx } => {
+            let dk = agent.generate_data_key(key, &ctx_map(&ctx.context), None).await?;
+            let plaintext = dk.plaintext.as_ref().map(|p| STANDARD.encode(p.as_slice()));
+            print_value(
+                output,
+                &json!({"plaintext": plaintext, "ciphertext": STANDARD.encode(&dk.ciphertext), "key_version": dk.key_version}),
+            )?;
+        }
+        WorkloadCmd::Decrypt { ctx } => {
+            let mut text = String::new();
+            std::io::stdin().read_to_string(&mut text)?;
+            let ct = STANDARD.decode(text.trim()).context("stdin must be a base64 ciphertext")?;
+            let d = agent.decrypt(&ct, &ctx_map(&ctx.context)).await?;
+            std::io::stdout().lock().write_all(&d.plaintext)?;
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

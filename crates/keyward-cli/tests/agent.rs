@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_keyward");
+mod common;
+
+use common::{BIN, json, ok, start_dev};
 
 struct Agent {
     child: Child,
@@ -24,9 +26,14 @@ impl Drop for Agent {
 }
 
 fn start_agent(socket: &Path) -> Agent {
-    let child = Command::new(BIN)
+    start_agent_with(socket, &[])
+}
+
+fn start_agent_with(socket: &Path, extra: &[&str]) -> Agent {
+    let mut child = Command::new(BIN)
         .args(["agent", "--socket"])
         .arg(socket)
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -34,6 +41,9 @@ fn start_agent(socket: &Path) -> Agent {
     let deadline = Instant::now() + Duration::from_secs(20);
     while UnixStream::connect(socket).is_err() {
         assert!(Instant::now() < deadline, "the agent did not open {}", socket.display());
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the agent exited: {status}");
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     Agent { child, socket: socket.to_path_buf() }
@@ -164,4 +174,108 @@ fn which(name: &str) -> PathBuf {
     std::env::var_os("PATH")
         .and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|p| p.is_file()))
         .unwrap_or_else(|| panic!("{name} is needed by this test"))
+}
+
+/// The attested release end to end: a real dev server, an agent joined with a one-time token,
+/// and a workload (a copy of the `keyward` binary, whose hash the policy names) that gets its
+/// secret, a data key, a decryption and a signature. A patched copy of the same program gets
+/// nothing.
+#[test]
+fn secrets_are_released_to_the_measured_binary_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = start_dev(&dir.path().join("dev"));
+    let app = dir.path().join("bin/payments-api");
+    std::fs::create_dir_all(app.parent().unwrap()).unwrap();
+    std::fs::copy(BIN, &app).unwrap();
+    let app_hash = sha256_of(&app);
+
+    ok(&dev, &["secret", "put", "payments/db", "password=-"], b"hunter2");
+    ok(&dev, &["key", "create", "payments"], b"");
+    ok(&dev, &["key", "create", "payments-signer", "--type", "ed25519"], b"");
+    let policy = dir.path().join("policy.json");
+    let body = serde_json::json!({
+        "identities": [[format!("unix:sha256:{app_hash}"), "node:name:node-a"]],
+        "rules": [
+            {"resources": ["secrets/payments/db"], "operations": ["read"]},
+            {"resources": ["keys/payments"], "operations": ["generate-data-key", "decrypt"]},
+            {"resources": ["keys/payments-signer"], "operations": ["sign"]}
+        ]
+    });
+    std::fs::write(&policy, body.to_string()).unwrap();
+    ok(&dev, &["policy", "put", "payments-api", policy.to_str().unwrap()], b"");
+
+    let jt = json(&dev, &["node", "join-token", "node-a", "--ttl", "5m"]);
+    let jt_file = dir.path().join("join-token");
+    std::fs::write(&jt_file, jt["join_token"].as_str().unwrap()).unwrap();
+    let socket = dir.path().join("agent.sock");
+    let _agent = start_agent_with(&socket, &["--join-token-file", jt_file.to_str().unwrap(), "--addr", &dev.addr]);
+
+    let workload = |exe: &Path, args: &[&str], stdin: &[u8]| {
+        let mut c = Command::new(exe)
+            .arg("workload")
+            .arg("--agent-socket")
+            .arg(&socket)
+            .args(args)
+            .env_remove("KEYWARD_TOKEN")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut c.stdin.take().unwrap(), stdin).unwrap();
+        c.wait_with_output().unwrap()
+    };
+
+    // The secret, opened inside the workload.
+    let out = workload(&app, &["secret", "payments/db", "--field", "password"], b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, b"hunter2\n");
+
+    // A data key, then its decryption, then a signature: all through the agent.
+    let out = workload(&app, &["data-key", "payments", "--context", "tenant=a", "--output", "json"], b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dk: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = workload(&app, &["decrypt", "--context", "tenant=a"], dk["ciphertext"].as_str().unwrap().as_bytes());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    assert_eq!(out.stdout, b64.decode(dk["plaintext"].as_str().unwrap()).unwrap());
+    let out = workload(&app, &["sign", "payments-signer"], b"pay 100 to bob");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let sig = String::from_utf8(out.stdout).unwrap();
+    let v = ok(&dev, &["verify", "--key", "payments-signer", "--signature", sig.trim()], b"pay 100 to bob");
+    assert!(String::from_utf8_lossy(&v).contains("valid"), "{}", String::from_utf8_lossy(&v));
+
+    // The same program, patched by one byte: another hash, nothing released.
+    let mut bytes = std::fs::read(&app).unwrap();
+    bytes.extend_from_slice(b"\0patched");
+    let patched = dir.path().join("bin/payments-api-patched");
+    std::fs::write(&patched, &bytes).unwrap();
+    std::fs::set_permissions(&patched, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = workload(&patched, &["secret", "payments/db"], b"");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("403") || err.contains("no policy"), "{err}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("hunter2"));
+
+    // The join token is spent: a second agent cannot join with it.
+    let second = Command::new(BIN)
+        .args(["agent", "--socket"])
+        .arg(dir.path().join("second.sock"))
+        .args(["--join-token-file", jt_file.to_str().unwrap(), "--addr", &dev.addr])
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("joining"), "{second:?}");
+
+    // The audit trail names the binary's hash for the granted read, and the denial.
+    let log = std::fs::read(dir.path().join("dev/audit.log")).unwrap();
+    let log = String::from_utf8_lossy(&log);
+    let read = log
+        .lines()
+        .find(|l| l.contains("secrets/payments/db") && l.contains("\"allow\"") && l.contains("workload pid"))
+        .expect("audit record of the workload's read");
+    assert!(read.contains(&app_hash) && read.contains("node:name:node-a"), "{read}");
+    assert!(log.lines().any(|l| l.contains("secrets/payments/db") && l.contains("\"deny\"")));
+    assert!(!log.contains("hunter2"));
 }

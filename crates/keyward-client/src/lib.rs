@@ -27,6 +27,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
+pub mod workload;
+
 /// Environment variable naming the server address.
 pub const ENV_ADDR: &str = "KEYWARD_ADDR";
 /// Environment variable holding the token.
@@ -241,26 +243,26 @@ struct DecryptBody<'a> {
 }
 
 #[derive(Deserialize)]
-struct CipherOut {
+pub(crate) struct CipherOut {
     ciphertext: String,
     key: String,
     key_version: u32,
 }
 
 #[derive(Deserialize)]
-struct PlainOut {
-    plaintext: String,
-    key: String,
-    key_version: u32,
+pub(crate) struct PlainOut {
+    pub(crate) plaintext: String,
+    pub(crate) key: String,
+    pub(crate) key_version: u32,
 }
 
-fn unb64(s: &str) -> Result<Vec<u8>, Error> {
+pub(crate) fn unb64(s: &str) -> Result<Vec<u8>, Error> {
     STANDARD.decode(s).map_err(|_| Error::Decode("invalid base64 in response".into()))
 }
 
 /// Refuse secret paths that URL normalisation would rewrite (`.`/`..`/empty segments), so the
 /// server always sees the path the caller meant.
-fn check_path(path: &str) -> Result<(), Error> {
+pub(crate) fn check_path(path: &str) -> Result<(), Error> {
     if path.is_empty() || path.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
         return Err(Error::InvalidArgument(format!("secret path {path:?} has an empty, '.' or '..' segment")));
     }
@@ -319,6 +321,29 @@ impl Client {
     /// Send a request and return the JSON response. `path` starts with `/v1/`.
     pub async fn request(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<Value, Error> {
         self.call(method, path, body).await
+    }
+
+    /// Send `body` as JSON with extra headers; return the status and the raw response body,
+    /// whatever the status (for relaying responses unchanged).
+    pub async fn request_raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Vec<u8>,
+        headers: &[(&str, String)],
+    ) -> Result<(u16, Vec<u8>), Error> {
+        let url = format!("{}{}", self.addr, path);
+        let mut rb = self.http.request(method, &url).header("content-type", "application/json").body(body);
+        if let Some(t) = &self.token {
+            rb = rb.bearer_auth(t.as_str());
+        }
+        for (k, v) in headers {
+            rb = rb.header(*k, v);
+        }
+        let resp = rb.send().await.map_err(|source| Error::Transport { addr: self.addr.clone(), source })?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(|source| Error::Transport { addr: self.addr.clone(), source })?;
+        Ok((status, bytes.to_vec()))
     }
 
     /// Send a request with a typed body and decode a typed response.
@@ -495,7 +520,7 @@ impl Client {
     }
 }
 
-struct ZeroOnDrop(PlainOut);
+pub(crate) struct ZeroOnDrop(pub(crate) PlainOut);
 
 impl Drop for ZeroOnDrop {
     fn drop(&mut self) {

@@ -15,6 +15,8 @@ use crate::{CryptoError, SecretBytes};
 
 /// Name of the suite, as written in API responses.
 pub const SUITE: &str = "DHKEM(X25519,HKDF-SHA256)/HKDF-SHA256/ChaCha20Poly1305";
+/// HPKE `info` of attested releases (the release nonce is the associated data).
+pub const RELEASE_INFO: &[u8] = b"keyward release v1";
 /// Length of a public key and of an encapsulated key.
 pub const KEY_LEN: usize = 32;
 

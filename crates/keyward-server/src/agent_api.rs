@@ -33,18 +33,9 @@ use crate::error::ApiError;
 use crate::extract::{Caller, MAX_BODY, StrictJson};
 use crate::wire::{b64, parse_period, time, unb64};
 
-/// Selector on a join token naming the node it admits.
-pub const JOIN_SELECTOR: &str = "keyward:join:";
-/// Selector naming an agent's node (on its token, and added to every workload it attests).
-pub const NODE_SELECTOR: &str = "node:name:";
-/// Selector binding an agent token to the SHA-256 of its Ed25519 public key.
-pub const AGENT_KEY_SELECTOR: &str = "keyward:agent-key:";
-/// HTTP header carrying the agent's signature over the release body.
-pub const SIGNATURE_HEADER: &str = "keyward-agent-signature";
-/// What the agent signs: this prefix, then the exact request body.
-pub const PROOF_CONTEXT: &[u8] = b"keyward-agent-release-v1\0";
+pub use keyward_core::release::{AGENT_KEY_SELECTOR, JOIN_SELECTOR, NODE_SELECTOR, PROOF_CONTEXT, SIGNATURE_HEADER};
 /// HPKE `info` of sealed releases; the nonce is the associated data.
-pub const RELEASE_INFO: &[u8] = b"keyward release v1";
+pub use keyward_crypto::hpke::RELEASE_INFO;
 
 const NONCE_TTL: Duration = Duration::from_secs(10);
 const MAX_NONCES: usize = 100_000;
@@ -378,6 +369,7 @@ pub(crate) async fn release(
     Ok(Json(json!({
         "status": status.as_u16(),
         "suite": keyward_crypto::hpke::SUITE,
+        "nonce": r.nonce,
         "enc": b64(&sealed.enc),
         "ciphertext": b64(&sealed.ciphertext),
     }))

@@ -1,0 +1,131 @@
+//! The agent's connection to the Keyward server: join with a one-time token and a key pair
+//! generated in memory, keep the agent token renewed, and send signed releases.
+
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use keyward_attest::Measurement;
+use keyward_client::{Client, Method};
+use keyward_core::release::{PROOF_CONTEXT, SIGNATURE_HEADER};
+use keyward_crypto::keys::{KeyAlgorithm, LoadedKey};
+use serde_json::{Value, json};
+use zeroize::Zeroizing;
+
+/// Where the server is and how to join it.
+#[derive(Clone)]
+pub struct UpstreamConfig {
+    /// Server address (`https://…`; `http://` only for a dev server on loopback).
+    pub addr: String,
+    /// PEM CA bundle to verify the server with (default: system roots).
+    pub ca_pem: Option<Vec<u8>>,
+    /// The one-time join token.
+    pub join_token: Zeroizing<String>,
+}
+
+impl std::fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamConfig").field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
+/// Why the agent could not talk to the server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpstreamError {
+    /// The server refused or could not be reached.
+    #[error(transparent)]
+    Client(#[from] keyward_client::Error),
+    /// Key generation or signing failed.
+    #[error("agent key: {0}")]
+    Crypto(#[from] keyward_crypto::CryptoError),
+    /// The server answered something unexpected.
+    #[error("unexpected answer from the server: {0}")]
+    Protocol(&'static str),
+}
+
+/// A joined agent.
+pub struct Upstream {
+    client: Client,
+    key: LoadedKey,
+    public_b64: String,
+    node: String,
+    accessor: String,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream").field("node", &self.node).field("accessor", &self.accessor).finish_non_exhaustive()
+    }
+}
+
+fn builder(cfg: &UpstreamConfig) -> keyward_client::ClientBuilder {
+    let b = Client::builder(cfg.addr.clone()).timeout(Duration::from_secs(15));
+    match &cfg.ca_pem {
+        Some(pem) => b.ca_cert_pem(pem.clone()),
+        None => b,
+    }
+}
+
+impl Upstream {
+    /// Join: generate the agent key (memory only) and trade the join token for an agent token
+    /// bound to it.
+    pub async fn join(cfg: &UpstreamConfig) -> Result<Self, UpstreamError> {
+        let key = LoadedKey::load(KeyAlgorithm::Ed25519, &KeyAlgorithm::Ed25519.generate()?)?;
+        let public = key.ed25519_public_raw().ok_or(UpstreamError::Protocol("agent key is not Ed25519"))?;
+        let public_b64 = STANDARD.encode(public);
+        let anon = builder(cfg).build()?;
+        let body = json!({"join_token": cfg.join_token.as_str(), "public_key": public_b64});
+        let v = anon.request(Method::POST, "/v1/auth/agent/join", Some(&body)).await?;
+        let token = Zeroizing::new(v["token"].as_str().ok_or(UpstreamError::Protocol("no token"))?.to_string());
+        let node = v["node"].as_str().ok_or(UpstreamError::Protocol("no node"))?.to_string();
+        let accessor = v["accessor"].as_str().unwrap_or_default().to_string();
+        let ttl = Duration::from_secs(v["ttl_secs"].as_u64().unwrap_or(3600).max(60));
+        let client = builder(cfg).token(token.as_str()).build()?;
+        tracing::info!(node = %node, accessor = %accessor, "joined the Keyward server");
+        Ok(Self { client, key, public_b64, node, accessor, ttl })
+    }
+
+    /// The node this agent proved it is.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Renew the agent token at half its TTL, forever; retries every 10 s after a failure.
+    pub async fn keep_renewed(&self) {
+        let mut wait = self.ttl / 2;
+        loop {
+            tokio::time::sleep(wait).await;
+            match self.client.request(Method::POST, "/v1/auth/token/renew-self", Some(&json!({}))).await {
+                Ok(_) => {
+                    tracing::debug!("agent token renewed");
+                    wait = self.ttl / 2;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "renewing the agent token failed; retrying");
+                    wait = Duration::from_secs(10);
+                }
+            }
+        }
+    }
+
+    /// Ask the server to run `op` as the measured workload and seal the answer to
+    /// `recipient`. Returns the server's status and body, unchanged (sealed on success).
+    pub async fn release(&self, m: &Measurement, recipient: &str, op: Value) -> Result<(u16, Vec<u8>), UpstreamError> {
+        let n = self.client.request(Method::POST, "/v1/agent/nonce", None).await?;
+        let nonce = n["nonce"].as_str().ok_or(UpstreamError::Protocol("no nonce"))?;
+        let body = serde_json::to_vec(&json!({
+            "nonce": nonce,
+            "public_key": self.public_b64,
+            "workload": {"selectors": m.selectors(), "pid": m.pid},
+            "recipient": recipient,
+            "op": op,
+        }))
+        .map_err(|_| UpstreamError::Protocol("request encoding"))?;
+        let mut signed = PROOF_CONTEXT.to_vec();
+        signed.extend_from_slice(&body);
+        let sig = STANDARD.encode(self.key.sign(&signed)?);
+        Ok(self.client.request_raw(Method::POST, "/v1/agent/release", body, &[(SIGNATURE_HEADER, sig)]).await?)
+    }
+}

@@ -1,0 +1,72 @@
+//! Shared by the CLI tests: a `keyward dev` server process and helpers to run the binary
+//! against it.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_keyward");
+
+pub struct Dev {
+    pub child: Child,
+    pub addr: String,
+    pub token: String,
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn start_dev(data: &Path) -> Dev {
+    let mut child = Command::new(BIN)
+        .args(["dev", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .env_remove("KEYWARD_ADDR")
+        .env_remove("KEYWARD_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn keyward dev");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut addr = None;
+    let mut token = None;
+    while addr.is_none() || token.is_none() {
+        let line = lines.next().expect("dev printed its exports").unwrap();
+        if let Some(a) = line.strip_prefix("export KEYWARD_ADDR=") {
+            addr = Some(a.to_string());
+        } else if let Some(t) = line.strip_prefix("export KEYWARD_TOKEN=") {
+            token = Some(t.to_string());
+        }
+    }
+    Dev { child, addr: addr.unwrap(), token: token.unwrap() }
+}
+
+pub fn kw(dev: &Dev, args: &[&str], stdin: &[u8]) -> Output {
+    let mut c = Command::new(BIN)
+        .args(args)
+        .env("KEYWARD_ADDR", &dev.addr)
+        .env("KEYWARD_TOKEN", &dev.token)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(stdin).unwrap();
+    c.wait_with_output().unwrap()
+}
+
+pub fn ok(dev: &Dev, args: &[&str], stdin: &[u8]) -> Vec<u8> {
+    let o = kw(dev, args, stdin);
+    assert!(o.status.success(), "keyward {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    o.stdout
+}
+
+pub fn json(dev: &Dev, args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.extend(["--output", "json"]);
+    serde_json::from_slice(&ok(dev, &a, b"")).unwrap()
+}

@@ -1,0 +1,166 @@
+//! The workload side of attested release: ask the node agent, over its Unix socket, for a
+//! secret or a key operation. No token is involved: the agent identifies this process by what
+//! it runs. Each request carries a fresh X25519 public key; the server seals the answer to it
+//! with HPKE and only this process, which holds the private half, can open it.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), keyward_client::Error> {
+//! let agent = keyward_client::workload::WorkloadClient::from_env()?;
+//! let db = agent.get_secret("payments/db", None).await?;
+//! let password = db.data.get("password");
+//! # Ok(()) }
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use keyward_crypto::hpke::{RELEASE_INFO, RecipientKey};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use zeroize::Zeroizing;
+
+use crate::{DataKey, Decrypted, Error, PlainOut, Secret, ZeroOnDrop, unb64};
+
+/// Environment variable naming the agent socket.
+pub const ENV_AGENT_SOCKET: &str = "KEYWARD_AGENT_SOCKET";
+/// The agent's default socket.
+pub const DEFAULT_AGENT_SOCKET: &str = "/run/keyward/agent.sock";
+/// Largest agent response read.
+const MAX_RESPONSE: usize = 1024 * 1024;
+
+/// A client of the node agent's Workload API.
+#[derive(Debug, Clone)]
+pub struct WorkloadClient {
+    http: reqwest::Client,
+    socket: PathBuf,
+}
+
+#[derive(Deserialize)]
+struct SealedOut {
+    enc: String,
+    ciphertext: String,
+    nonce: String,
+}
+
+#[derive(Deserialize)]
+struct SecretOut {
+    version: u32,
+    data: BTreeMap<String, Zeroizing<String>>,
+}
+
+#[derive(Deserialize)]
+struct DataKeyOut {
+    plaintext: Option<Zeroizing<String>>,
+    ciphertext: String,
+    key_version: u32,
+}
+
+impl WorkloadClient {
+    /// A client of the agent listening on `socket`.
+    pub fn new(socket: impl AsRef<Path>) -> Result<Self, Error> {
+        let socket = socket.as_ref().to_path_buf();
+        let http = reqwest::Client::builder()
+            .unix_socket(socket.clone())
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| Error::Config(format!("agent client: {e}")))?;
+        Ok(Self { http, socket })
+    }
+
+    /// The agent at `$KEYWARD_AGENT_SOCKET`, or the default socket.
+    pub fn from_env() -> Result<Self, Error> {
+        Self::new(std::env::var_os(ENV_AGENT_SOCKET).map(PathBuf::from).unwrap_or_else(|| DEFAULT_AGENT_SOCKET.into()))
+    }
+
+    async fn send(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<Vec<u8>, Error> {
+        let addr = format!("unix:{}", self.socket.display());
+        let mut rb = self.http.request(method, format!("http://agent{path}"));
+        if let Some(b) = body {
+            let bytes = Zeroizing::new(serde_json::to_vec(b).map_err(|e| Error::Decode(e.to_string()))?);
+            rb = rb.header("content-type", "application/json").body(bytes.to_vec());
+        }
+        let resp = rb.send().await.map_err(|source| Error::Transport { addr: addr.clone(), source })?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(|source| Error::Transport { addr, source })?;
+        if bytes.len() > MAX_RESPONSE {
+            return Err(Error::Decode("agent response too large".into()));
+        }
+        if (200..300).contains(&status) {
+            return Ok(bytes.to_vec());
+        }
+        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let e = &v["error"];
+        Err(Error::Api {
+            status,
+            code: e["code"].as_str().unwrap_or("unknown").to_string(),
+            message: e["message"].as_str().unwrap_or("no error message in response").to_string(),
+            request_id: e["request_id"].as_str().unwrap_or("-").to_string(),
+        })
+    }
+
+    /// The selectors the agent measures for this process (to write and debug policies).
+    pub async fn whoami(&self) -> Result<Vec<String>, Error> {
+        let v: Value = serde_json::from_slice(&self.send(reqwest::Method::GET, "/v1/whoami", None).await?)
+            .map_err(|e| Error::Decode(e.to_string()))?;
+        Ok(v["selectors"].as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_string)).collect())
+    }
+
+    /// Send `body` plus a fresh recipient key; open the sealed answer.
+    async fn release(&self, path: &str, mut body: Value) -> Result<Zeroizing<Vec<u8>>, Error> {
+        let key = RecipientKey::generate().map_err(|e| Error::Config(e.to_string()))?;
+        body["recipient"] = Value::String(STANDARD.encode(key.public()));
+        let bytes = self.send(reqwest::Method::POST, path, Some(&body)).await?;
+        let sealed: SealedOut = serde_json::from_slice(&bytes).map_err(|e| Error::Decode(e.to_string()))?;
+        let pt = key
+            .open(&unb64(&sealed.enc)?, &unb64(&sealed.ciphertext)?, RELEASE_INFO, &unb64(&sealed.nonce)?)
+            .map_err(|_| Error::Decode("the sealed response does not open with this request's key".into()))?;
+        Ok(Zeroizing::new(pt.expose().to_vec()))
+    }
+
+    /// Read a secret (latest version if `version` is `None`).
+    pub async fn get_secret(&self, path: &str, version: Option<u32>) -> Result<Secret, Error> {
+        crate::check_path(path)?;
+        let pt = self.release("/v1/secret", json!({"path": path, "version": version})).await?;
+        let o: SecretOut = serde_json::from_slice(&pt).map_err(|e| Error::Decode(e.to_string()))?;
+        Ok(Secret { version: o.version, data: o.data })
+    }
+
+    /// Generate a data key under `key`: its plaintext (only this process sees it) and its
+    /// ciphertext to store.
+    pub async fn generate_data_key(
+        &self,
+        key: &str,
+        context: &BTreeMap<String, String>,
+        bytes: Option<usize>,
+    ) -> Result<DataKey, Error> {
+        let pt = self.release("/v1/data-key", json!({"key": key, "context": context, "bytes": bytes})).await?;
+        let o: DataKeyOut = serde_json::from_slice(&pt).map_err(|e| Error::Decode(e.to_string()))?;
+        Ok(DataKey {
+            plaintext: o.plaintext.map(|p| unb64(&p).map(Zeroizing::new)).transpose()?,
+            ciphertext: unb64(&o.ciphertext)?,
+            key_version: o.key_version,
+        })
+    }
+
+    /// Decrypt a ciphertext.
+    pub async fn decrypt(&self, ciphertext: &[u8], context: &BTreeMap<String, String>) -> Result<Decrypted, Error> {
+        let pt =
+            self.release("/v1/decrypt", json!({"ciphertext": STANDARD.encode(ciphertext), "context": context})).await?;
+        let o = ZeroOnDrop(serde_json::from_slice::<PlainOut>(&pt).map_err(|e| Error::Decode(e.to_string()))?);
+        Ok(Decrypted {
+            plaintext: Zeroizing::new(unb64(&o.0.plaintext)?),
+            key: o.0.key.clone(),
+            key_version: o.0.key_version,
+        })
+    }
+
+    /// Sign `message` with `key`; returns the signature.
+    pub async fn sign(&self, key: &str, message: &[u8]) -> Result<Vec<u8>, Error> {
+        let pt = self.release("/v1/sign", json!({"key": key, "message": STANDARD.encode(message)})).await?;
+        let v: Value = serde_json::from_slice(&pt).map_err(|e| Error::Decode(e.to_string()))?;
+        unb64(v["signature"].as_str().ok_or_else(|| Error::Decode("no signature".into()))?)
+    }
+}
