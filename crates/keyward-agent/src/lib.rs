@@ -218,15 +218,22 @@ async fn relay(st: Arc<Shared>, caller: Caller, op: Op, body: Value) -> Result<R
         });
     };
     let (recipient, release_op) = op.parse(body)?;
-    let m = st.attest(&caller).await?;
-    match up.release(&m, &recipient, release_op).await {
-        Ok((status, bytes)) => {
-            tracing::info!(pid = m.pid, op = op.name(), status, "release");
+    // Nonce first, then measure: the evidence is newer than the nonce the server checks.
+    let result = match up.nonce().await {
+        Ok(nonce) => {
+            let m = st.attest(&caller).await?;
+            up.release(&nonce, &m, &recipient, release_op).await.map(|r| (m.pid, r))
+        }
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok((pid, (status, bytes))) => {
+            tracing::info!(pid, op = op.name(), status, "release");
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
             Ok((status, [(axum::http::header::CONTENT_TYPE, "application/json")], bytes).into_response())
         }
         Err(e) => {
-            tracing::warn!(pid = m.pid, op = op.name(), error = %e, "release failed");
+            tracing::warn!(op = op.name(), error = %e, "release failed");
             let status = match &e {
                 upstream::UpstreamError::Client(c) => c.status().and_then(|s| StatusCode::from_u16(s).ok()),
                 _ => None,

@@ -110,11 +110,22 @@ impl Upstream {
         }
     }
 
+    /// A fresh single-use nonce from the server. Get it *before* measuring the workload, so
+    /// the measurement is provably newer than the nonce, which the server accepts for 10 s.
+    pub async fn nonce(&self) -> Result<String, UpstreamError> {
+        let n = self.client.request(Method::POST, "/v1/agent/nonce", None).await?;
+        Ok(n["nonce"].as_str().ok_or(UpstreamError::Protocol("no nonce"))?.to_string())
+    }
+
     /// Ask the server to run `op` as the measured workload and seal the answer to
     /// `recipient`. Returns the server's status and body, unchanged (sealed on success).
-    pub async fn release(&self, m: &Measurement, recipient: &str, op: Value) -> Result<(u16, Vec<u8>), UpstreamError> {
-        let n = self.client.request(Method::POST, "/v1/agent/nonce", None).await?;
-        let nonce = n["nonce"].as_str().ok_or(UpstreamError::Protocol("no nonce"))?;
+    pub async fn release(
+        &self,
+        nonce: &str,
+        m: &Measurement,
+        recipient: &str,
+        op: Value,
+    ) -> Result<(u16, Vec<u8>), UpstreamError> {
         let body = serde_json::to_vec(&json!({
             "nonce": nonce,
             "public_key": self.public_b64,

@@ -180,21 +180,26 @@ fn which(name: &str) -> PathBuf {
 /// and a workload (a copy of the `keyward` binary, whose hash the policy names) that gets its
 /// secret, a data key, a decryption and a signature. A patched copy of the same program gets
 /// nothing.
-#[test]
-fn secrets_are_released_to_the_measured_binary_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let dev = start_dev(&dir.path().join("dev"));
-    let app = dir.path().join("bin/payments-api");
-    std::fs::create_dir_all(app.parent().unwrap()).unwrap();
-    std::fs::copy(BIN, &app).unwrap();
-    let app_hash = sha256_of(&app);
+/// A dev server with a secret, two keys and a policy attached to `identity` on node-a, and an
+/// agent joined as node-a.
+struct Fixture {
+    dir: tempfile::TempDir,
+    dev: common::Dev,
+    _agent: Agent,
+    socket: PathBuf,
+    join_token_file: PathBuf,
+}
 
+fn fixture(dir: tempfile::TempDir, identity: &[String]) -> Fixture {
+    let dev = start_dev(&dir.path().join("dev"));
     ok(&dev, &["secret", "put", "payments/db", "password=-"], b"hunter2");
     ok(&dev, &["key", "create", "payments"], b"");
     ok(&dev, &["key", "create", "payments-signer", "--type", "ed25519"], b"");
+    let mut set = identity.to_vec();
+    set.push("node:name:node-a".into());
     let policy = dir.path().join("policy.json");
     let body = serde_json::json!({
-        "identities": [[format!("unix:sha256:{app_hash}"), "node:name:node-a"]],
+        "identities": [set],
         "rules": [
             {"resources": ["secrets/payments/db"], "operations": ["read"]},
             {"resources": ["keys/payments"], "operations": ["generate-data-key", "decrypt"]},
@@ -205,10 +210,23 @@ fn secrets_are_released_to_the_measured_binary_only() {
     ok(&dev, &["policy", "put", "payments-api", policy.to_str().unwrap()], b"");
 
     let jt = json(&dev, &["node", "join-token", "node-a", "--ttl", "5m"]);
-    let jt_file = dir.path().join("join-token");
-    std::fs::write(&jt_file, jt["join_token"].as_str().unwrap()).unwrap();
+    let join_token_file = dir.path().join("join-token");
+    std::fs::write(&join_token_file, jt["join_token"].as_str().unwrap()).unwrap();
     let socket = dir.path().join("agent.sock");
-    let _agent = start_agent_with(&socket, &["--join-token-file", jt_file.to_str().unwrap(), "--addr", &dev.addr]);
+    let agent =
+        start_agent_with(&socket, &["--join-token-file", join_token_file.to_str().unwrap(), "--addr", &dev.addr]);
+    Fixture { dir, dev, _agent: agent, socket, join_token_file }
+}
+
+#[test]
+fn secrets_are_released_to_the_measured_binary_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let app = tmp.path().join("bin/payments-api");
+    std::fs::create_dir_all(app.parent().unwrap()).unwrap();
+    std::fs::copy(BIN, &app).unwrap();
+    let app_hash = sha256_of(&app);
+    let Fixture { dir, dev, _agent, socket, join_token_file: jt_file } =
+        fixture(tmp, &[format!("unix:sha256:{app_hash}")]);
 
     let workload = |exe: &Path, args: &[&str], stdin: &[u8]| {
         let mut c = Command::new(exe)
@@ -278,4 +296,64 @@ fn secrets_are_released_to_the_measured_binary_only() {
     assert!(read.contains(&app_hash) && read.contains("node:name:node-a"), "{read}");
     assert!(log.lines().any(|l| l.contains("secrets/payments/db") && l.contains("\"deny\"")));
     assert!(!log.contains("hunter2"));
+}
+
+/// An independent workload: python3 speaking HTTP to the agent and opening the sealed answer
+/// with pyhpke (an HPKE implementation unrelated to ours, on pyca/cryptography), with the
+/// policy bound to the python interpreter's hash.
+#[test]
+fn a_python_workload_opens_its_release_with_an_independent_hpke() {
+    let pylib = pyhpke_dir();
+    let exe = Command::new("python3")
+        .args(["-c", "import os; print(os.readlink('/proc/self/exe'))"])
+        .output()
+        .expect("python3 is needed by this test");
+    let python = PathBuf::from(String::from_utf8(exe.stdout).unwrap().trim());
+    let f = fixture(tempfile::tempdir().unwrap(), &[format!("unix:sha256:{}", sha256_of(&python))]);
+    let script = r#"
+import base64, json, os, socket, sys
+from pyhpke import AEADId, CipherSuite, KDFId, KEMId
+suite = CipherSuite.new(KEMId.DHKEM_X25519_HKDF_SHA256, KDFId.HKDF_SHA256, AEADId.CHACHA20_POLY1305)
+kp = suite.kem.derive_key_pair(os.urandom(32))
+body = json.dumps({"path": "payments/db", "recipient": base64.b64encode(kp.public_key.to_public_bytes()).decode()}).encode()
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+s.sendall(b"POST /v1/secret HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+data = b""
+while True:
+    c = s.recv(65536)
+    if not c: break
+    data += c
+head, payload = data.split(b"\r\n\r\n", 1)
+assert head.startswith(b"HTTP/1.1 200"), data
+r = json.loads(payload)
+ctx = suite.create_recipient_context(base64.b64decode(r["enc"]), kp.private_key, info=b"keyward release v1")
+inner = json.loads(ctx.open(base64.b64decode(r["ciphertext"]), aad=base64.b64decode(r["nonce"])))
+print(inner["data"]["password"])
+"#;
+    let out = Command::new(&python).arg("-c").arg(script).arg(&f.socket).env("PYTHONPATH", &pylib).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), "hunter2");
+    drop(f.dev);
+    drop(f.dir);
+}
+
+/// pyhpke installed from PyPI into a directory under target/ (once); fails loudly if pip
+/// cannot install it.
+fn pyhpke_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pyhpke-0.6.5");
+    if dir.join("pyhpke").is_dir() {
+        return dir;
+    }
+    let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
+    let out = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
+        .arg(&tmp)
+        .arg("pyhpke==0.6.5")
+        .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
+        .output()
+        .expect("python3 -m pip is needed by this test (apt-get install python3-pip)");
+    assert!(out.status.success(), "pip install pyhpke failed: {}", String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::rename(&tmp, &dir);
+    let _ = std::fs::remove_dir_all(&tmp);
+    dir
 }
