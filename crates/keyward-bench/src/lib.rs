@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keyward_client::Client;
+use keyward_client::workload::WorkloadClient;
 use serde::Serialize;
 
 /// The operation under load.
@@ -29,6 +30,9 @@ pub enum Op {
     SecretPut,
     /// `POST /v1/keys`: creates `{key}-{worker}-{n}` (durable write, key generation).
     KeyCreate,
+    /// Attested release of a secret of `size` bytes through the node agent at
+    /// `agent_socket`: nonce, measurement, signed release, HPKE seal and open.
+    WorkloadSecret,
 }
 
 impl Op {
@@ -41,6 +45,7 @@ impl Op {
             "secret-get" => Some(Self::SecretGet),
             "secret-put" => Some(Self::SecretPut),
             "key-create" => Some(Self::KeyCreate),
+            "workload-secret" => Some(Self::WorkloadSecret),
             _ => None,
         }
     }
@@ -65,6 +70,8 @@ pub struct BenchConfig {
     pub secret_path: String,
     /// Stop after this many operations in total (measured ones), if set.
     pub max_ops: Option<u64>,
+    /// The node agent's socket, for `workload-secret`.
+    pub agent_socket: Option<std::path::PathBuf>,
 }
 
 /// The result of a run.
@@ -137,6 +144,7 @@ enum Prepared {
     SecretGet,
     SecretPut(String),
     KeyCreate,
+    WorkloadSecret(WorkloadClient),
 }
 
 async fn prepare(client: &Client, cfg: &BenchConfig) -> Result<Prepared, BenchError> {
@@ -158,6 +166,26 @@ async fn prepare(client: &Client, cfg: &BenchConfig) -> Result<Prepared, BenchEr
             let value: String = "x".repeat(cfg.size.max(1));
             client.put_secret(&cfg.secret_path, &BTreeMap::from([("value".to_string(), value)]), None).await?;
             Prepared::SecretGet
+        }
+        Op::WorkloadSecret => {
+            let socket = cfg
+                .agent_socket
+                .as_ref()
+                .ok_or_else(|| BenchError::Config("workload-secret needs --agent-socket".into()))?;
+            let value: String = "x".repeat(cfg.size.max(1));
+            client.put_secret(&cfg.secret_path, &BTreeMap::from([("value".to_string(), value)]), None).await?;
+            // This very program is the workload: attach a policy to its executable's hash.
+            let exe = std::fs::read("/proc/self/exe")
+                .map_err(|e| BenchError::Config(format!("reading this program to hash it: {e}")))?;
+            let hash = keyward_crypto::hash::sha256(&exe);
+            let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+            let policy = serde_json::json!({
+                "description": "created by keyward bench: this benchmark binary may read its secret",
+                "identities": [[format!("unix:sha256:{hex}")]],
+                "rules": [{"resources": [format!("secrets/{}", cfg.secret_path)], "operations": ["read"]}],
+            });
+            client.request(keyward_client::Method::PUT, "/v1/policies/keyward-bench-workload", Some(&policy)).await?;
+            Prepared::WorkloadSecret(WorkloadClient::new(socket)?)
         }
         Op::SecretPut => Prepared::SecretPut("x".repeat(cfg.size.max(1))),
         Op::KeyCreate => Prepared::KeyCreate,
@@ -184,6 +212,7 @@ async fn one(
         Prepared::Decrypt(ct) => client.decrypt(ct, &ctx).await.map(|_| ()),
         Prepared::DataKey => client.generate_data_key(&cfg.key, &ctx, None, true).await.map(|_| ()),
         Prepared::SecretGet => client.get_secret(&cfg.secret_path, None).await.map(|_| ()),
+        Prepared::WorkloadSecret(w) => w.get_secret(&cfg.secret_path, None).await.map(|_| ()),
     }
 }
 

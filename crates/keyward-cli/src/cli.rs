@@ -456,7 +456,7 @@ pub enum SecretCmd {
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// encrypt, decrypt, generate-data-key, secret-get, secret-put or key-create.
+    /// encrypt, decrypt, generate-data-key, secret-get, secret-put, key-create or workload-secret.
     #[arg(long, default_value = "encrypt")]
     pub op: String,
     #[arg(long, short = 'c', default_value_t = 32)]
@@ -477,6 +477,9 @@ pub struct BenchArgs {
     /// Stop after this many measured operations.
     #[arg(long)]
     pub max_ops: Option<u64>,
+    /// The node agent's socket, for `--op workload-secret` (attested release of a secret).
+    #[arg(long, env = "KEYWARD_AGENT_SOCKET")]
+    pub agent_socket: Option<PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

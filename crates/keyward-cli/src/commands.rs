@@ -536,6 +536,7 @@ async fn bench(cli: &Cli, b: &BenchArgs) -> anyhow::Result<ExitCode> {
         key: b.key.clone(),
         secret_path: b.secret_path.clone(),
         max_ops: b.max_ops,
+        agent_socket: b.agent_socket.clone(),
     };
     let report = keyward_bench::run(client(cli)?, cfg).await?;
     if b.json || cli.output == Output::Json {
