@@ -10,6 +10,7 @@
 //! not by file mode.
 #![forbid(unsafe_code)]
 
+pub mod kubelet;
 pub mod upstream;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -23,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::IncomingStream;
 use axum::{Json, Router};
-use keyward_attest::{AttestError, Measurement, Measurer, Pinned};
+use keyward_attest::{AttestError, Measurer, Pinned};
 use serde_json::{Map, Value, json};
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
@@ -109,11 +110,20 @@ struct Shared {
     measurer: Measurer,
     permits: Semaphore,
     upstream: Option<Arc<Upstream>>,
+    kubelet: Option<Arc<kubelet::Kubelet>>,
+}
+
+/// A caller's identity: its pid and every selector measured for it.
+#[derive(Debug)]
+struct Attested {
+    pid: u32,
+    selectors: Vec<String>,
 }
 
 impl Shared {
-    /// Measure the connection's caller now, and check it is still the process that connected.
-    async fn attest(self: &Arc<Self>, caller: &Caller) -> Result<Measurement, AgentError> {
+    /// Measure the connection's caller now (and ask the kubelet about its container), and check
+    /// it is still the process that connected.
+    async fn attest(self: &Arc<Self>, caller: &Caller) -> Result<Attested, AgentError> {
         if let Err(e) = caller.0.as_ref() {
             return Err(AgentError::unattested(e));
         }
@@ -136,13 +146,34 @@ impl Shared {
             code: "internal",
             message: "measurement failed unexpectedly".into(),
         })?;
-        match result {
-            Ok(m) => Ok(m),
+        let m = match result {
+            Ok(m) => m,
             Err(e) => {
                 tracing::info!(error = %e, "workload attestation refused");
-                Err(AgentError::unattested(&e))
+                return Err(AgentError::unattested(&e));
+            }
+        };
+        let mut selectors = m.selectors();
+        if let (Some(k), Some(cid)) = (&self.kubelet, &m.cgroup.container_id) {
+            match k.selectors(cid, m.cgroup.pod_uid.as_deref()).await {
+                Ok(more) => selectors.extend(more),
+                Err(e) => {
+                    tracing::info!(pid = m.pid, error = %e, "workload attestation refused");
+                    return Err(AgentError {
+                        status: StatusCode::FORBIDDEN,
+                        code: "not_attested",
+                        message: format!("the caller could not be attested: {e}"),
+                    });
+                }
+            }
+            // The kubelet lookup may have taken a while: the process must still be there.
+            if let Err(e) = caller.0.as_ref().as_ref().map_err(|_| AttestError::Gone).and_then(Pinned::still_alive) {
+                return Err(AgentError::unattested(&e));
             }
         }
+        selectors.sort();
+        selectors.dedup();
+        Ok(Attested { pid: m.pid, selectors })
     }
 }
 
@@ -150,9 +181,9 @@ async fn whoami(
     State(st): State<Arc<Shared>>,
     ConnectInfo(caller): ConnectInfo<Caller>,
 ) -> Result<Response, AgentError> {
-    let m = st.attest(&caller).await?;
-    tracing::debug!(pid = m.pid, "whoami");
-    Ok(Json(json!({"pid": m.pid, "selectors": m.selectors()})).into_response())
+    let a = st.attest(&caller).await?;
+    tracing::debug!(pid = a.pid, "whoami");
+    Ok(Json(json!({"pid": a.pid, "selectors": a.selectors})).into_response())
 }
 
 fn bad_request(message: impl Into<String>) -> AgentError {
@@ -221,8 +252,8 @@ async fn relay(st: Arc<Shared>, caller: Caller, op: Op, body: Value) -> Result<R
     // Nonce first, then measure: the evidence is newer than the nonce the server checks.
     let result = match up.nonce().await {
         Ok(nonce) => {
-            let m = st.attest(&caller).await?;
-            up.release(&nonce, &m, &recipient, release_op).await.map(|r| (m.pid, r))
+            let a = st.attest(&caller).await?;
+            up.release(&nonce, a.pid, &a.selectors, &recipient, release_op).await.map(|r| (a.pid, r))
         }
         Err(e) => Err(e),
     };
@@ -324,11 +355,13 @@ pub fn bind(path: &Path) -> Result<UnixListener, StartError> {
 
 /// Serve the Workload API on `listener` until `shutdown` completes; removes the socket after.
 /// `upstream` is the joined server connection (without one, only `whoami` works); its token
-/// is renewed in the background while serving.
+/// is renewed in the background while serving. With `kubelet`, callers in containers also get
+/// the `k8s:` selectors of their pod and container.
 pub async fn serve(
     config: &AgentConfig,
     listener: UnixListener,
     upstream: Option<Arc<Upstream>>,
+    kubelet: Option<Arc<kubelet::Kubelet>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let renew = upstream.clone().map(|u| tokio::spawn(async move { u.keep_renewed().await }));
@@ -336,6 +369,7 @@ pub async fn serve(
         measurer: Measurer::new(config.hash_limit),
         permits: Semaphore::new(MEASURE_CONCURRENCY),
         upstream,
+        kubelet,
     });
     tracing::info!(socket = %config.socket.display(), "Workload API listening");
     let app = router(shared).into_make_service_with_connect_info::<Caller>();

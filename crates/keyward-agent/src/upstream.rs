@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use keyward_attest::Measurement;
 use keyward_client::{Client, Method};
 use keyward_core::release::{PROOF_CONTEXT, SIGNATURE_HEADER};
 use keyward_crypto::keys::{KeyAlgorithm, LoadedKey};
@@ -122,14 +121,15 @@ impl Upstream {
     pub async fn release(
         &self,
         nonce: &str,
-        m: &Measurement,
+        pid: u32,
+        selectors: &[String],
         recipient: &str,
         op: Value,
     ) -> Result<(u16, Vec<u8>), UpstreamError> {
         let body = serde_json::to_vec(&json!({
             "nonce": nonce,
             "public_key": self.public_b64,
-            "workload": {"selectors": m.selectors(), "pid": m.pid},
+            "workload": {"selectors": selectors, "pid": pid},
             "recipient": recipient,
             "op": op,
         }))

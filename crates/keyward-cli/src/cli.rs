@@ -278,6 +278,22 @@ pub struct AgentArgs {
     /// server at --addr with it. Without it only `whoami` is served.
     #[arg(long)]
     pub join_token_file: Option<PathBuf>,
+    /// The kubelet to ask which pod a caller's container belongs to, e.g.
+    /// https://NODE_IP:10250 (callers in containers then get k8s:ns, k8s:sa, labels, image...).
+    #[arg(long, env = "KEYWARD_KUBELET_URL")]
+    pub kubelet_url: Option<String>,
+    /// Bearer token for the kubelet (re-read on every fetch).
+    #[arg(long, default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token")]
+    pub kubelet_token_file: PathBuf,
+    /// CA that signed the kubelet's serving certificate.
+    #[arg(long, default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")]
+    pub kubelet_ca: PathBuf,
+    /// Lookups of a container the kubelet does not list yet, before refusing the caller.
+    #[arg(long, default_value_t = 60)]
+    pub kubelet_poll_attempts: u32,
+    /// Time between those lookups.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub kubelet_poll_interval: std::time::Duration,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -739,8 +739,23 @@ async fn agent(cli: &Cli, a: AgentArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
+    let kubelet = match &a.kubelet_url {
+        Some(url) => {
+            let ca_pem = std::fs::read(&a.kubelet_ca)
+                .with_context(|| format!("reading the kubelet CA {}", a.kubelet_ca.display()))?;
+            let cfg = keyward_agent::kubelet::KubeletConfig {
+                url: url.clone(),
+                token_file: a.kubelet_token_file.clone(),
+                ca_pem,
+                poll_attempts: a.kubelet_poll_attempts,
+                poll_interval: a.kubelet_poll_interval,
+            };
+            Some(std::sync::Arc::new(keyward_agent::kubelet::Kubelet::new(cfg)?))
+        }
+        None => None,
+    };
     let listener = keyward_agent::bind(&config.socket)?;
-    keyward_agent::serve(&config, listener, upstream, shutdown_signal()).await?;
+    keyward_agent::serve(&config, listener, upstream, kubelet, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 

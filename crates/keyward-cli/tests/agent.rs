@@ -191,6 +191,10 @@ struct Fixture {
 }
 
 fn fixture(dir: tempfile::TempDir, identity: &[String]) -> Fixture {
+    fixture_with(dir, identity, &[])
+}
+
+fn fixture_with(dir: tempfile::TempDir, identity: &[String], agent_args: &[&str]) -> Fixture {
     let dev = start_dev(&dir.path().join("dev"));
     ok(&dev, &["secret", "put", "payments/db", "password=-"], b"hunter2");
     ok(&dev, &["key", "create", "payments"], b"");
@@ -213,8 +217,9 @@ fn fixture(dir: tempfile::TempDir, identity: &[String]) -> Fixture {
     let join_token_file = dir.path().join("join-token");
     std::fs::write(&join_token_file, jt["join_token"].as_str().unwrap()).unwrap();
     let socket = dir.path().join("agent.sock");
-    let agent =
-        start_agent_with(&socket, &["--join-token-file", join_token_file.to_str().unwrap(), "--addr", &dev.addr]);
+    let mut args = vec!["--join-token-file", join_token_file.to_str().unwrap(), "--addr", &dev.addr];
+    args.extend_from_slice(agent_args);
+    let agent = start_agent_with(&socket, &args);
     Fixture { dir, dev, _agent: agent, socket, join_token_file }
 }
 
@@ -356,4 +361,248 @@ fn pyhpke_dir() -> PathBuf {
     let _ = std::fs::rename(&tmp, &dir);
     let _ = std::fs::remove_dir_all(&tmp);
     dir
+}
+
+/// A cgroup made for one test, shaped like the kubelet's (cgroupfs driver):
+/// `kubepods/burstable/pod<UID>/<CONTAINER ID>`, in the cgroup v1 `pids` hierarchy or in the v2
+/// tree, whichever this machine has. Removed on drop.
+struct TestCgroup {
+    dirs: Vec<PathBuf>,
+    leaf: PathBuf,
+}
+
+impl TestCgroup {
+    fn new(pod_uid: &str, container_id: &str) -> Self {
+        let root = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            PathBuf::from("/sys/fs/cgroup")
+        } else {
+            PathBuf::from("/sys/fs/cgroup/pids")
+        };
+        assert!(root.is_dir(), "this test needs a writable cgroup hierarchy at {} (run as root)", root.display());
+        let mut dirs = Vec::new();
+        let mut p = root;
+        for part in ["kubepods", "burstable", &format!("pod{pod_uid}"), container_id] {
+            p = p.join(part);
+            if !p.exists() {
+                std::fs::create_dir(&p).unwrap_or_else(|e| panic!("creating cgroup {}: {e}", p.display()));
+                dirs.push(p.clone());
+            }
+        }
+        Self { dirs, leaf: p }
+    }
+
+    /// `exe args...`, started inside this cgroup (a shell moves itself in, then execs).
+    fn command(&self, exe: &Path) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#).arg(&self.leaf).arg(exe);
+        c
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for d in self.dirs.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// A stand-in for the kubelet's `GET /pods`: python3's HTTPS server with an openssl-made
+/// certificate, demanding the agent's bearer token.
+struct FakeKubelet {
+    child: Child,
+    url: String,
+}
+
+impl Drop for FakeKubelet {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn fake_kubelet(dir: &Path, pod_list: &Value, token: &str) -> FakeKubelet {
+    // A CA, and a serving certificate for 127.0.0.1 signed by it.
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n").unwrap();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    for args in [
+        vec![
+            "req",
+            "-x509",
+            ec[0],
+            ec[1],
+            ec[2],
+            ec[3],
+            ec[4],
+            "-days",
+            "1",
+            "-subj",
+            "/CN=kubelet-ca",
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "kubelet-ca.pem",
+        ],
+        vec![
+            "req",
+            ec[0],
+            ec[1],
+            ec[2],
+            ec[3],
+            ec[4],
+            "-subj",
+            "/CN=kubelet",
+            "-keyout",
+            "kubelet-key.pem",
+            "-out",
+            "kubelet.csr",
+        ],
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            "kubelet.csr",
+            "-CA",
+            "kubelet-ca.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "kubelet-cert.pem",
+        ],
+    ] {
+        let o = Command::new("openssl").args(&args).current_dir(dir).output().expect("openssl is needed by this test");
+        assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    std::fs::write(dir.join("pods.json"), pod_list.to_string()).unwrap();
+    let script = r#"
+import http.server, ssl, sys
+token, pods = sys.argv[1], open("pods.json", "rb").read()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.headers.get("Authorization") != "Bearer " + token:
+            self.send_response(401); self.end_headers(); return
+        if self.path != "/pods":
+            self.send_response(404); self.end_headers(); return
+        self.send_response(200); self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(pods))); self.end_headers(); self.wfile.write(pods)
+    def log_message(self, *a): pass
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain("kubelet-cert.pem", "kubelet-key.pem")
+s.socket = ctx.wrap_socket(s.socket, server_side=True)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"#;
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(token)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 is needed by this test");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let port: u16 = line.trim().parse().expect("the kubelet stand-in printed its port");
+    FakeKubelet { child, url: format!("https://127.0.0.1:{port}") }
+}
+
+fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut b).unwrap();
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A workload in a container: its cgroup (a real one) gives the container id and pod UID, the
+/// kubelet's pod list gives namespace, ServiceAccount, labels and image; a policy that needs
+/// `k8s:ns`, `k8s:sa` *and* the binary's hash releases only to that container.
+#[test]
+fn a_container_gets_its_pod_selectors_from_the_kubelet() {
+    let tmp = tempfile::tempdir().unwrap();
+    let app = tmp.path().join("payments-api");
+    std::fs::copy(BIN, &app).unwrap();
+    let app_hash = sha256_of(&app);
+    let h = random_hex(16);
+    let pod_uid = format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32]);
+    let cid = random_hex(32);
+    let stranger = random_hex(32);
+    let pods = serde_json::json!({"kind": "PodList", "apiVersion": "v1", "items": [{
+        "metadata": {"name": "payments-api-7d9", "namespace": "payments", "uid": pod_uid, "labels": {"app": "payments"}},
+        "spec": {"serviceAccountName": "api", "nodeName": "node-a"},
+        "status": {"containerStatuses": [{"name": "api", "containerID": format!("containerd://{cid}"),
+            "image": "registry.example/payments/api:1.2",
+            "imageID": "registry.example/payments/api@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"}]}
+    }]});
+    let kubelet = fake_kubelet(tmp.path(), &pods, "kubelet-token");
+    std::fs::write(tmp.path().join("kubelet-token"), "kubelet-token\n").unwrap();
+    let token_file = tmp.path().join("kubelet-token");
+    let ca = tmp.path().join("kubelet-ca.pem");
+    let identity = [format!("unix:sha256:{app_hash}"), "k8s:ns:payments".to_string(), "k8s:sa:api".to_string()];
+    let f = fixture_with(
+        tempfile::tempdir().unwrap(),
+        &identity,
+        &[
+            "--kubelet-url",
+            &kubelet.url,
+            "--kubelet-token-file",
+            token_file.to_str().unwrap(),
+            "--kubelet-ca",
+            ca.to_str().unwrap(),
+            "--kubelet-poll-attempts",
+            "3",
+            "--kubelet-poll-interval",
+            "100ms",
+        ],
+    );
+    let container = TestCgroup::new(&pod_uid, &cid);
+    let run = |mut c: Command, args: &[&str]| {
+        let out = c
+            .arg("workload")
+            .arg("--agent-socket")
+            .arg(&f.socket)
+            .args(args)
+            .env_remove("KEYWARD_TOKEN")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    // Inside the container: the pod's selectors, and the secret.
+    let (ok_, out, err) = run(container.command(&app), &["whoami", "--output", "json"]);
+    assert!(ok_, "{err}");
+    for want in [
+        "k8s:ns:payments".to_string(),
+        "k8s:sa:api".to_string(),
+        "k8s:pod-name:payments-api-7d9".to_string(),
+        format!("k8s:pod-uid:{pod_uid}"),
+        format!("k8s:container-id:{cid}"),
+        "k8s:container-name:api".to_string(),
+        "k8s:pod-label:app:payments".to_string(),
+        "k8s:container-image:registry.example/payments/api@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".to_string(),
+        format!("unix:sha256:{app_hash}"),
+    ] {
+        assert!(out.contains(&want), "{want} missing from {out}");
+    }
+    let (ok_, out, err) = run(container.command(&app), &["secret", "payments/db", "--field", "password"]);
+    assert!(ok_, "{err}");
+    assert_eq!(out, "hunter2\n");
+
+    // The same binary outside any container: no k8s selectors, no secret.
+    let (ok_, out, err) = run(Command::new(&app), &["secret", "payments/db"]);
+    assert!(!ok_ && !out.contains("hunter2"), "{out}");
+    assert!(err.contains("403") || err.contains("no policy"), "{err}");
+
+    // A container the kubelet does not list: refused after polling, never guessed.
+    let unlisted = TestCgroup::new(&pod_uid, &stranger);
+    let (ok_, _, err) = run(unlisted.command(&app), &["whoami"]);
+    assert!(!ok_);
+    assert!(err.contains("not in the kubelet's pod list"), "{err}");
 }
