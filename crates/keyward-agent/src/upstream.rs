@@ -11,6 +11,32 @@ use keyward_crypto::keys::{KeyAlgorithm, LoadedKey};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
+/// How the agent proves which node it runs on.
+#[derive(Clone)]
+pub enum JoinCredential {
+    /// A one-time join token (`keyward node join-token`).
+    Token(Zeroizing<String>),
+    /// A projected ServiceAccount token bound to the agent's pod (and so to its node), checked
+    /// by the server's Kubernetes auth method with this role.
+    Kubernetes {
+        /// Kubernetes auth role.
+        role: String,
+        /// The token.
+        jwt: Zeroizing<String>,
+    },
+}
+
+impl std::fmt::Debug for JoinCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Token(_) => f.write_str("JoinCredential::Token([REDACTED])"),
+            Self::Kubernetes { role, .. } => {
+                write!(f, "JoinCredential::Kubernetes {{ role: {role:?}, jwt: [REDACTED] }}")
+            }
+        }
+    }
+}
+
 /// Where the server is and how to join it.
 #[derive(Clone)]
 pub struct UpstreamConfig {
@@ -18,8 +44,8 @@ pub struct UpstreamConfig {
     pub addr: String,
     /// PEM CA bundle to verify the server with (default: system roots).
     pub ca_pem: Option<Vec<u8>>,
-    /// The one-time join token.
-    pub join_token: Zeroizing<String>,
+    /// The node credential.
+    pub join: JoinCredential,
 }
 
 impl std::fmt::Debug for UpstreamConfig {
@@ -75,7 +101,12 @@ impl Upstream {
         let public = key.ed25519_public_raw().ok_or(UpstreamError::Protocol("agent key is not Ed25519"))?;
         let public_b64 = STANDARD.encode(public);
         let anon = builder(cfg).build()?;
-        let body = json!({"join_token": cfg.join_token.as_str(), "public_key": public_b64});
+        let body = match &cfg.join {
+            JoinCredential::Token(t) => json!({"join_token": t.as_str(), "public_key": public_b64}),
+            JoinCredential::Kubernetes { role, jwt } => {
+                json!({"kubernetes": {"role": role, "jwt": jwt.as_str()}, "public_key": public_b64})
+            }
+        };
         let v = anon.request(Method::POST, "/v1/auth/agent/join", Some(&body)).await?;
         let token = Zeroizing::new(v["token"].as_str().ok_or(UpstreamError::Protocol("no token"))?.to_string());
         let node = v["node"].as_str().ok_or(UpstreamError::Protocol("no node"))?.to_string();

@@ -276,8 +276,16 @@ pub struct AgentArgs {
     pub hash_limit: u64,
     /// File holding a one-time join token (`keyward node join-token`): the agent joins the
     /// server at --addr with it. Without it only `whoami` is served.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "k8s_join_role")]
     pub join_token_file: Option<PathBuf>,
+    /// Join with the agent's projected ServiceAccount token instead, on this Kubernetes auth
+    /// role (the token must be bound to the agent's pod; its ServiceAccount needs `join` on
+    /// `agents/NODE`).
+    #[arg(long)]
+    pub k8s_join_role: Option<String>,
+    /// The projected ServiceAccount token for --k8s-join-role (audience: Keyward's).
+    #[arg(long, default_value = "/var/run/secrets/tokens/keyward")]
+    pub k8s_token_file: PathBuf,
     /// The kubelet to ask which pod a caller's container belongs to, e.g.
     /// https://NODE_IP:10250 (callers in containers then get k8s:ns, k8s:sa, labels, image...).
     #[arg(long, env = "KEYWARD_KUBELET_URL")]

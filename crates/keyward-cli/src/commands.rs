@@ -718,20 +718,32 @@ async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
 
 async fn agent(cli: &Cli, a: AgentArgs) -> anyhow::Result<ExitCode> {
     let config = keyward_agent::AgentConfig { socket: a.socket, hash_limit: a.hash_limit };
-    let upstream = match &a.join_token_file {
-        Some(f) => {
+    let join = match (&a.join_token_file, &a.k8s_join_role) {
+        (Some(f), _) => {
             let token = zeroize::Zeroizing::new(
                 std::fs::read_to_string(f).with_context(|| format!("reading the join token file {}", f.display()))?,
             );
+            Some(keyward_agent::upstream::JoinCredential::Token(zeroize::Zeroizing::new(token.trim().to_string())))
+        }
+        (None, Some(role)) => {
+            let jwt = zeroize::Zeroizing::new(
+                std::fs::read_to_string(&a.k8s_token_file)
+                    .with_context(|| format!("reading the ServiceAccount token {}", a.k8s_token_file.display()))?,
+            );
+            Some(keyward_agent::upstream::JoinCredential::Kubernetes {
+                role: role.clone(),
+                jwt: zeroize::Zeroizing::new(jwt.trim().to_string()),
+            })
+        }
+        (None, None) => None,
+    };
+    let upstream = match join {
+        Some(join) => {
             let ca_pem = match &cli.cacert {
                 Some(p) => Some(std::fs::read(p).with_context(|| format!("reading CA certificate {}", p.display()))?),
                 None => None,
             };
-            let cfg = keyward_agent::upstream::UpstreamConfig {
-                addr: cli.addr.clone(),
-                ca_pem,
-                join_token: zeroize::Zeroizing::new(token.trim().to_string()),
-            };
+            let cfg = keyward_agent::upstream::UpstreamConfig { addr: cli.addr.clone(), ca_pem, join };
             let up = keyward_agent::upstream::Upstream::join(&cfg)
                 .await
                 .with_context(|| format!("joining the Keyward server at {}", cli.addr))?;

@@ -45,6 +45,7 @@ pub const OPERATIONS: &[&str] = &[
     "admin",
     "random",
     "audit",
+    "join",
 ];
 
 /// The name of the built-in policy that grants everything.

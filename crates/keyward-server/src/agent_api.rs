@@ -152,10 +152,67 @@ pub(crate) async fn join_token(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(crate) struct K8sJoin {
+    role: String,
+    jwt: String,
+}
+
+/// One of `join_token` or `kubernetes` (a projected ServiceAccount token bound to the agent's
+/// pod and node, checked by the Kubernetes auth method).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct JoinReq {
-    join_token: String,
+    join_token: Option<String>,
+    kubernetes: Option<K8sJoin>,
     /// Raw Ed25519 public key, base64.
     public_key: String,
+}
+
+/// The node a joining agent proves, from a one-time join token.
+async fn node_from_join_token(kms: &keyward_core::Kms, ctx: &AuditCtx, token: &str) -> Result<String, ApiError> {
+    let deny = |reason: &str| {
+        ctx.set_decision("join", "agents", false, reason.to_string());
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "invalid, used or expired join token")
+    };
+    let rec = kms.authenticate(token.trim()).await.map_err(|_| deny("invalid, used or expired join token"))?;
+    let Some(node) = selector_value(&rec, JOIN_SELECTOR).map(str::to_string) else {
+        return Err(deny("the token presented is not a join token"));
+    };
+    ctx.set_identity(&format!("{} (join:{node})", rec.accessor));
+    Ok(node)
+}
+
+/// The node a joining agent proves, from its ServiceAccount token: the token must name a node,
+/// and the ServiceAccount must be granted `join` on `agents/NODE`.
+async fn node_from_service_account(
+    st: &AppState,
+    kms: &keyward_core::Kms,
+    ctx: &AuditCtx,
+    k: &K8sJoin,
+) -> Result<String, ApiError> {
+    let (id, role) = match st.k8s.login(&k.role, &k.jwt).await {
+        Ok(v) => v,
+        Err(e) => {
+            ctx.set_decision("join", "agents", false, e.to_string());
+            return Err(e.into());
+        }
+    };
+    let selectors = id.selectors();
+    ctx.set_identity(&format!("{} [{}]", id.display(), selectors.join(" ")));
+    let Some(node) = id.node.clone().filter(|n| node_name_ok(n)) else {
+        let reason = "the ServiceAccount token names no node: use a projected token bound to the agent's pod \
+                      (Kubernetes adds the node to pod-bound tokens since 1.30)";
+        ctx.set_decision("join", "agents", false, reason.into());
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", reason));
+    };
+    let resource = format!("agents/{node}");
+    match kms.decide(&role.policies, &selectors, "join", &resource) {
+        Ok(_) => Ok(node),
+        Err(e) => {
+            ctx.set_decision("join", &resource, false, e.to_string());
+            Err(e.into())
+        }
+    }
 }
 
 pub(crate) async fn join(
@@ -164,15 +221,13 @@ pub(crate) async fn join(
     StrictJson(r): StrictJson<JoinReq>,
 ) -> Result<Response, ApiError> {
     let kms = st.kms()?;
-    let deny = |reason: &str| {
-        ctx.set_decision("join", "agents", false, reason.to_string());
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "invalid, used or expired join token")
+    let (node, how) = match (&r.join_token, &r.kubernetes) {
+        (Some(t), None) => (node_from_join_token(&kms, &ctx, t).await?, "join token".to_string()),
+        (None, Some(k)) => {
+            (node_from_service_account(&st, &kms, &ctx, k).await?, format!("kubernetes role {}", k.role))
+        }
+        _ => return Err(ApiError::invalid("give exactly one of join_token and kubernetes {role, jwt}")),
     };
-    let rec = kms.authenticate(r.join_token.trim()).await.map_err(|_| deny("invalid, used or expired join token"))?;
-    let Some(node) = selector_value(&rec, JOIN_SELECTOR).map(str::to_string) else {
-        return Err(deny("the token presented is not a join token"));
-    };
-    ctx.set_identity(&format!("{} (join:{node})", rec.accessor));
     let pk = unb64("public_key", &r.public_key)?;
     if pk.len() != 32 {
         return Err(ApiError::invalid("public_key must be a raw 32-byte Ed25519 public key, base64"));
@@ -190,12 +245,7 @@ pub(crate) async fn join(
         max_ttl_secs: Some(AGENT_MAX_TTL),
     };
     let (token, agent) = kms.issue_login_token(req).await?;
-    ctx.set_decision(
-        "join",
-        &format!("agents/{node}"),
-        true,
-        format!("join token {} -> agent token {}", rec.accessor, agent.accessor),
-    );
+    ctx.set_decision("join", &format!("agents/{node}"), true, format!("{how} -> agent token {}", agent.accessor));
     let body = json!({
         "token": String::from_utf8_lossy(token.expose()),
         "accessor": agent.accessor,

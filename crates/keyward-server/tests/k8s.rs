@@ -402,3 +402,90 @@ async fn kubernetes_login_matrix() {
     );
     assert!(!log.contains(&api_jwt) && !log.contains(&api), "no JWT or token in the audit log");
 }
+
+/// Node agents join with their projected ServiceAccount token instead of a join token: the node
+/// comes from the token's pod binding, and the ServiceAccount needs `join` on `agents/NODE`.
+#[tokio::test]
+async fn agents_join_with_service_account_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ec = make_key(d, "ec", true);
+    let iss = "https://kubernetes.default.svc.cluster.local";
+    let srv = TestServer::start().await;
+    let call = |m: &'static str, p: &str, t: Option<&str>, b: Value| {
+        let (addr, p, t) = (srv.addr.clone(), p.to_string(), t.map(str::to_string));
+        async move { raw(&addr, m, &p, t.as_deref(), Some("application/json"), serde_json::to_vec(&b).unwrap()).await }
+    };
+    let root = Some(srv.token.as_str());
+    let jwks = json!({"keys": [ec.jwk]}).to_string();
+    let (st, v, _) =
+        call("PUT", "/v1/auth/kubernetes/config", root, json!({"issuer": iss, "audience": "keyward", "jwks": jwks}))
+            .await;
+    assert_eq!(st, 200, "{v}");
+    let pol = json!({"rules": [{"resources": ["agents/*"], "operations": ["join"]}]});
+    assert_eq!(call("PUT", "/v1/policies/agents", root, pol).await.0, 200);
+    let role =
+        json!({"bound_namespaces": ["keyward"], "bound_service_accounts": ["*"], "policies": ["agents"], "ttl": "10m"});
+    assert_eq!(call("PUT", "/v1/auth/kubernetes/roles/agent", root, role).await.0, 200);
+    // The ServiceAccount `other` in `keyward` logs in on the same role but its grant is
+    // narrowed by a rule that requires the agent's ServiceAccount.
+    let pol = json!({"rules": [{"resources": ["agents/*"], "operations": ["join"], "require": ["k8s:sa:agent"]}]});
+    assert_eq!(call("PUT", "/v1/policies/agents", root, pol).await.0, 200);
+
+    let pk = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+    let hdr = json!({"alg": ec.alg, "kid": ec.kid, "typ": "JWT"});
+    let join = |jwt: String| {
+        call(
+            "POST",
+            "/v1/auth/agent/join",
+            None,
+            json!({"kubernetes": {"role": "agent", "jwt": jwt}, "public_key": pk}),
+        )
+    };
+
+    // The agent's pod-bound token on node-1: joined as node-1.
+    let good = sign_with(d, &ec, &hdr, &claims(iss, "keyward", "keyward", "agent", true, now() + 600));
+    let (st, v, _) = join(good.clone()).await;
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(v["node"], "node-1");
+    let (st, who, _) = call("GET", "/v1/auth/whoami", v["token"].as_str(), Value::Null).await;
+    assert_eq!(st, 200);
+    assert!(who.to_string().contains("node:name:node-1"), "{who}");
+    // Unlike a join token, the same ServiceAccount token can join again (an agent restart),
+    // here through the agent's own client.
+    use keyward_agent::upstream::{JoinCredential, Upstream, UpstreamConfig};
+    let cfg = UpstreamConfig {
+        addr: srv.addr.clone(),
+        ca_pem: None,
+        join: JoinCredential::Kubernetes { role: "agent".into(), jwt: good.clone().into() },
+    };
+    let up = Upstream::join(&cfg).await.unwrap();
+    assert_eq!(up.node(), "node-1");
+    assert_eq!(join(good).await.0, 201);
+
+    // Not bound to a pod, so no node: refused, even on a role that accepts unbound tokens.
+    let role = json!({"bound_namespaces": ["keyward"], "bound_service_accounts": ["agent"], "policies": ["agents"],
+                      "ttl": "10m", "allow_unbound_tokens": true});
+    assert_eq!(call("PUT", "/v1/auth/kubernetes/roles/agent-unbound", root, role).await.0, 200);
+    let unbound = sign_with(d, &ec, &hdr, &claims(iss, "keyward", "keyward", "agent", false, now() + 600));
+    let (st, v, _) = call(
+        "POST",
+        "/v1/auth/agent/join",
+        None,
+        json!({"kubernetes": {"role": "agent-unbound", "jwt": unbound.clone()}, "public_key": pk}),
+    )
+    .await;
+    assert_eq!(st, 401, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("names no node"), "{v}");
+    assert_eq!(join(unbound).await.0, 403, "the agent role wants pod-bound tokens");
+    // Another ServiceAccount without the grant: 403.
+    let other = sign_with(d, &ec, &hdr, &claims(iss, "keyward", "keyward", "other", true, now() + 600));
+    let (st, v, _) = join(other).await;
+    assert_eq!(st, 403, "{v}");
+    // Expired: 401.
+    let old = sign_with(d, &ec, &hdr, &claims(iss, "keyward", "keyward", "agent", true, now() - 600));
+    assert_eq!(join(old).await.0, 401);
+    // Both or neither credential: 400.
+    let (st, _, _) = call("POST", "/v1/auth/agent/join", None, json!({"public_key": pk})).await;
+    assert_eq!(st, 400);
+}
