@@ -256,6 +256,20 @@ impl Kubelet {
     }
 }
 
+/// Parse a pod list from untrusted bytes and look a container up in it (fuzzing and property
+/// tests): never a panic; every selector produced is well formed.
+#[doc(hidden)]
+pub fn parse_pod_list(data: &[u8], container_id: &str) -> usize {
+    let Ok(list) = serde_json::from_slice::<PodList>(data) else { return 0 };
+    match find(&list, container_id, None) {
+        Some(Ok(sel)) => {
+            assert!(sel.iter().all(|s| keyward_core::policy::selector_ok(s)));
+            sel.len()
+        }
+        _ => 0,
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -276,6 +290,23 @@ mod tests {
             }
         }]}))
         .unwrap()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn pod_lists_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = parse_pod_list(&bytes, "x");
+        }
+
+        #[test]
+        fn odd_names_give_valid_selectors(name in "\\PC{0,24}", label in "\\PC{0,24}", image in "\\PC{0,24}") {
+            let v = serde_json::json!({"items": [{
+                "metadata": {"name": name, "namespace": name, "uid": "u", "labels": {label.clone(): label}},
+                "spec": {"serviceAccountName": name},
+                "status": {"containerStatuses": [{"name": name, "containerID": "containerd://c", "image": image, "imageID": image}]}
+            }]});
+            let _ = parse_pod_list(v.to_string().as_bytes(), "c");
+        }
     }
 
     #[test]

@@ -314,6 +314,14 @@ async fn sign(
     relay(st, c, Op::Sign, json_body(body).await?).await
 }
 
+/// Parse a Workload API body from untrusted bytes as every operation would (fuzzing and
+/// property tests): never a panic.
+#[doc(hidden)]
+pub fn parse_workload_request(data: &[u8]) -> usize {
+    let Ok(v) = serde_json::from_slice::<Value>(data) else { return 0 };
+    [Op::Secret, Op::DataKey, Op::Decrypt, Op::Sign].into_iter().filter(|op| op.parse(v.clone()).is_ok()).count()
+}
+
 async fn not_found() -> AgentError {
     AgentError { status: StatusCode::NOT_FOUND, code: "not_found", message: "no such Workload API operation".into() }
 }
@@ -385,6 +393,39 @@ pub async fn serve(
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workload_requests_become_release_ops() {
+        let (r, op) = Op::Secret.parse(json!({"path": "a/b", "version": 2, "recipient": "AA=="})).unwrap();
+        assert_eq!(r, "AA==");
+        assert_eq!(op, json!({"kind": "read-secret", "path": "a/b", "version": 2}));
+        let (_, op) = Op::Sign.parse(json!({"key": "k", "message": "eA==", "recipient": "AA=="})).unwrap();
+        assert_eq!(op, json!({"kind": "sign", "key": "k", "body": {"message": "eA=="}}));
+        for bad in [
+            json!({"path": "a"}),
+            json!({"path": "a", "recipient": 1}),
+            json!({"path": "a", "recipient": "x", "extra": 1}),
+            json!({"path": "a", "recipient": "x", "version": -1}),
+            json!([1]),
+        ] {
+            assert!(Op::Secret.parse(bad.clone()).is_err(), "{bad}");
+        }
+        assert!(Op::Sign.parse(json!({"recipient": "x"})).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn workload_parsers_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = parse_workload_request(&bytes);
+        }
+
+        #[test]
+        fn json_shaped_workload_requests_never_panic(
+            s in r#"\{("(path|key|recipient|version|message|context|x)":(-?[0-9]{0,12}|"[ -~]{0,16}"|null|true|\[\]|\{\}),?){0,6}\}"#
+        ) {
+            let _ = parse_workload_request(s.as_bytes());
+        }
+    }
 
     #[test]
     fn bind_replaces_only_stale_sockets() {

@@ -322,6 +322,21 @@ struct ReleaseReq {
     op: ReleaseOp,
 }
 
+/// Parse the agent request bodies from untrusted bytes (fuzzing and property tests); for a
+/// release that parses, also form its inner request. Returns how many parsed.
+pub(crate) fn parse_agent_requests(data: &[u8]) -> usize {
+    let mut n = usize::from(serde_json::from_slice::<JoinTokenReq>(data).is_ok())
+        + usize::from(serde_json::from_slice::<JoinReq>(data).is_ok());
+    if let Ok(r) = serde_json::from_slice::<ReleaseReq>(data) {
+        n += 1;
+        if let Ok((_, uri, _)) = r.op.inner() {
+            // Whatever forms must be a URI axum accepts, under /v1/.
+            assert!(uri.starts_with("/v1/") && uri.parse::<axum::http::Uri>().is_ok(), "{uri}");
+        }
+    }
+    n
+}
+
 fn unauthenticated(msg: &str) -> ApiError {
     ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", msg.to_string())
 }
@@ -441,6 +456,30 @@ mod tests {
         assert!(a.take(&n, "agent-1"));
         assert!(!a.take(&n, "agent-1"));
         assert!(!a.take(&n[..31], "agent-1"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_name_forms_a_safe_uri_or_is_refused(name in "[ -~]{0,40}", version in proptest::option::of(0u32..5)) {
+            let read = ReleaseOp::ReadSecret { path: name.clone(), version };
+            if let Ok((m, uri, _)) = read.inner() {
+                proptest::prop_assert_eq!(m, Method::GET);
+                let (path, query) = uri.split_once('?').map_or((uri.as_str(), None), |(p, q)| (p, Some(q)));
+                proptest::prop_assert!(path.starts_with("/v1/secrets/data/") && !path.contains(".."));
+                proptest::prop_assert!(query.is_none_or(|q| q.starts_with("version=")));
+                proptest::prop_assert!(uri.parse::<axum::http::Uri>().is_ok());
+            }
+            let sign = ReleaseOp::Sign { key: name, body: json!({}) };
+            if let Ok((_, uri, _)) = sign.inner() {
+                proptest::prop_assert!(uri.starts_with("/v1/keys/") && uri.ends_with("/sign"));
+                proptest::prop_assert_eq!(uri.matches('/').count(), 4);
+            }
+        }
+
+        #[test]
+        fn agent_request_parsers_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = parse_agent_requests(&bytes);
+        }
     }
 
     #[test]

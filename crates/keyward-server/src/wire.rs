@@ -376,6 +376,7 @@ pub fn parse_all_request_types(data: &[u8]) -> usize {
         + ok::<K8sConfigReq>(data)
         + ok::<K8sRoleReq>(data)
         + ok::<K8sLoginReq>(data)
+        + crate::agent_api::parse_agent_requests(data)
         + usize::from(serde_urlencoded::from_bytes::<PageQuery>(data).is_ok())
         + usize::from(serde_urlencoded::from_bytes::<SecretListQuery>(data).is_ok())
         + usize::from(serde_urlencoded::from_bytes::<VersionQuery>(data).is_ok())
