@@ -1,7 +1,11 @@
 //! The agent's connection to the Keyward server: join with a one-time token and a key pair
 //! generated in memory, keep the agent token renewed, and send signed releases.
 
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -69,6 +73,12 @@ pub enum UpstreamError {
     Protocol(&'static str),
 }
 
+/// Nonces fetched in one call.
+const NONCE_BATCH: u32 = 16;
+/// A nonce is used only while younger than this (the server accepts it for 10 s; the rest is
+/// margin for measuring and sending).
+const NONCE_USABLE: Duration = Duration::from_secs(7);
+
 /// A joined agent.
 pub struct Upstream {
     client: Client,
@@ -77,6 +87,10 @@ pub struct Upstream {
     node: String,
     accessor: String,
     ttl: Duration,
+    /// Ready nonces, with the time their batch was *requested* (so their age is never
+    /// underestimated).
+    nonces: Mutex<VecDeque<(String, Instant)>>,
+    refilling: AtomicBool,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -114,7 +128,16 @@ impl Upstream {
         let ttl = Duration::from_secs(v["ttl_secs"].as_u64().unwrap_or(3600).max(60));
         let client = builder(cfg).token(token.as_str()).build()?;
         tracing::info!(node = %node, accessor = %accessor, "joined the Keyward server");
-        Ok(Self { client, key, public_b64, node, accessor, ttl })
+        Ok(Self {
+            client,
+            key,
+            public_b64,
+            node,
+            accessor,
+            ttl,
+            nonces: Mutex::new(VecDeque::new()),
+            refilling: AtomicBool::new(false),
+        })
     }
 
     /// The node this agent proved it is.
@@ -140,11 +163,47 @@ impl Upstream {
         }
     }
 
+    async fn fetch_nonces(&self) -> Result<(), UpstreamError> {
+        let asked = Instant::now();
+        let v = self.client.request(Method::POST, "/v1/agent/nonce", Some(&json!({"count": NONCE_BATCH}))).await?;
+        let batch = v["nonces"].as_array().ok_or(UpstreamError::Protocol("no nonces"))?;
+        if let Ok(mut pool) = self.nonces.lock() {
+            pool.extend(batch.iter().filter_map(|n| n.as_str()).map(|n| (n.to_string(), asked)));
+        }
+        Ok(())
+    }
+
+    fn take_nonce(&self) -> Option<(String, usize)> {
+        let mut pool = self.nonces.lock().ok()?;
+        while let Some((n, at)) = pool.pop_front() {
+            if at.elapsed() < NONCE_USABLE {
+                return Some((n, pool.len()));
+            }
+        }
+        None
+    }
+
     /// A fresh single-use nonce from the server. Get it *before* measuring the workload, so
     /// the measurement is provably newer than the nonce, which the server accepts for 10 s.
-    pub async fn nonce(&self) -> Result<String, UpstreamError> {
-        let n = self.client.request(Method::POST, "/v1/agent/nonce", None).await?;
-        Ok(n["nonce"].as_str().ok_or(UpstreamError::Protocol("no nonce"))?.to_string())
+    /// Nonces come in batches and are kept ready; the pool is refilled in the background when
+    /// it runs low, so a release normally costs one round trip to the server.
+    pub async fn nonce(self: &Arc<Self>) -> Result<String, UpstreamError> {
+        for _ in 0..2 {
+            if let Some((n, left)) = self.take_nonce() {
+                if left < (NONCE_BATCH / 2) as usize && !self.refilling.swap(true, Ordering::AcqRel) {
+                    let me = Arc::clone(self);
+                    tokio::spawn(async move {
+                        if let Err(e) = me.fetch_nonces().await {
+                            tracing::warn!(error = %e, "fetching release nonces failed");
+                        }
+                        me.refilling.store(false, Ordering::Release);
+                    });
+                }
+                return Ok(n);
+            }
+            self.fetch_nonces().await?;
+        }
+        Err(UpstreamError::Protocol("the server handed out no usable nonce"))
     }
 
     /// Ask the server to run `op` as the measured workload and seal the answer to

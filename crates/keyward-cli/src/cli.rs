@@ -42,6 +42,8 @@ pub enum Command {
     /// Run a server: HTTPS only, sealed by Shamir shares (see `keyward operator init`).
     Server(ServerArgs),
     /// Run the node agent: the Workload API on a Unix socket, callers identified by measurement.
+    /// With a subcommand, ask a running agent instead (`keyward agent whoami`).
+    #[command(args_conflicts_with_subcommands = true)]
     Agent(AgentArgs),
     /// Show server health, seal state and unseal progress.
     Status,
@@ -265,11 +267,31 @@ pub struct DevArgs {
     pub audit: AuditArgs,
 }
 
+#[derive(Subcommand, Debug, Clone)]
+pub enum AgentCmd {
+    /// The selectors the agent at --socket measures for this process.
+    Whoami,
+    /// Fetch a secret released to this process (for scripts); prints its fields, or one field's
+    /// value with --field.
+    FetchSecret {
+        /// Secret path.
+        path: String,
+        /// Version (default: latest).
+        #[arg(long)]
+        version: Option<u32>,
+        /// Print only this field's value.
+        #[arg(long)]
+        field: Option<String>,
+    },
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct AgentArgs {
+    #[command(subcommand)]
+    pub command: Option<AgentCmd>,
     /// Unix socket of the Workload API (created mode 0666: callers are authorized by
     /// measurement, not by file mode).
-    #[arg(long, env = "KEYWARD_AGENT_SOCKET", default_value = keyward_agent::DEFAULT_SOCKET)]
+    #[arg(long, global = true, env = "KEYWARD_AGENT_SOCKET", default_value = keyward_agent::DEFAULT_SOCKET)]
     pub socket: PathBuf,
     /// Largest executable hashed for `unix:sha256` selectors, in bytes; larger ones get none.
     #[arg(long, default_value_t = 512 * 1024 * 1024)]

@@ -131,6 +131,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Dev(a) => dev(a.clone()).await,
         Command::Server(a) => server(a.clone()).await,
+        Command::Agent(AgentArgs { command: Some(c), socket, .. }) => {
+            let cmd = match c {
+                AgentCmd::Whoami => WorkloadCmd::Whoami,
+                AgentCmd::FetchSecret { path, version, field } => {
+                    WorkloadCmd::Secret { path: path.clone(), version: *version, field: field.clone() }
+                }
+            };
+            workload(cli.output, &WorkloadArgs { agent_socket: socket.clone(), command: cmd }).await
+        }
         Command::Agent(a) => agent(&cli, a.clone()).await,
         Command::Node(NodeCmd::JoinToken { node, ttl }) => {
             let v = client(&cli)?
@@ -708,12 +717,59 @@ async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
         eprintln!("A new root token was created; it is also in {} (mode 0600).", data.join("root-token").display());
     }
     println!("export KEYWARD_ADDR=http://{}", running.addr);
-    match token {
+    match &token {
         Some(t) => println!("export KEYWARD_TOKEN={t}"),
         None => eprintln!("The root token file is missing; the root token cannot be shown again."),
     }
+    // A node agent in the same process, so attested release can be tried on one machine.
+    let mut dev_agent = None;
+    if let Some(t) = &token {
+        match start_dev_agent(running.addr, t, &data.join("agent.sock")).await {
+            Ok((socket, stop, task)) => {
+                println!("export KEYWARD_AGENT_SOCKET={}", socket.display());
+                dev_agent = Some((stop, task));
+            }
+            // A comment, so the output stays something a shell can `eval`.
+            Err(e) => println!("# the dev node agent did not start: {e:#}"),
+        }
+    }
     std::io::stdout().flush()?;
-    serve_until_signal(&mut running).await
+    let code = serve_until_signal(&mut running).await;
+    if let Some((stop, task)) = dev_agent {
+        let _ = stop.send(());
+        let _ = task.await;
+    }
+    code
+}
+
+type DevAgent = (std::path::PathBuf, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>);
+
+/// Join an agent for node `dev` to the dev server with a fresh join token, serving on `socket`.
+async fn start_dev_agent(addr: std::net::SocketAddr, root: &str, socket: &std::path::Path) -> anyhow::Result<DevAgent> {
+    let url = format!("http://{addr}");
+    let admin = Client::builder(url.clone()).token(root).build()?;
+    let v = admin
+        .request(keyward_client::Method::POST, "/v1/auth/agent/join-token", Some(&json!({"node": "dev", "ttl": "1m"})))
+        .await?;
+    let jt = v["join_token"].as_str().ok_or_else(|| anyhow!("no join token in the answer"))?;
+    let cfg = keyward_agent::upstream::UpstreamConfig {
+        addr: url,
+        ca_pem: None,
+        join: keyward_agent::upstream::JoinCredential::Token(zeroize::Zeroizing::new(jt.to_string())),
+    };
+    let up = std::sync::Arc::new(keyward_agent::upstream::Upstream::join(&cfg).await?);
+    let config = keyward_agent::AgentConfig { socket: socket.to_path_buf(), ..Default::default() };
+    let listener = keyward_agent::bind(&config.socket)?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        if let Err(e) = keyward_agent::serve(&config, listener, Some(up), None, shutdown).await {
+            tracing::error!(error = %e, "the dev node agent stopped");
+        }
+    });
+    Ok((socket.to_path_buf(), stop, task))
 }
 
 async fn agent(cli: &Cli, a: AgentArgs) -> anyhow::Result<ExitCode> {

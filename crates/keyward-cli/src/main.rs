@@ -8,7 +8,10 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
-    let daemon = matches!(cli.command, cli::Command::Dev(_) | cli::Command::Server(_) | cli::Command::Agent(_));
+    let daemon = matches!(
+        cli.command,
+        cli::Command::Dev(_) | cli::Command::Server(_) | cli::Command::Agent(cli::AgentArgs { command: None, .. })
+    );
     let default_filter = if daemon { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));

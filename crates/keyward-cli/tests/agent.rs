@@ -606,3 +606,67 @@ fn a_container_gets_its_pod_selectors_from_the_kubelet() {
     assert!(!ok_);
     assert!(err.contains("not in the kubelet's pod list"), "{err}");
 }
+
+/// `keyward dev` runs a node agent (node `dev`) and prints its socket; `keyward agent whoami`
+/// and `keyward agent fetch-secret` use it, with no token.
+#[test]
+fn dev_runs_an_agent_for_the_laptop_flow() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = start_dev(&dir.path().join("dev"));
+    let socket = dev.agent_socket.clone().expect("keyward dev printed KEYWARD_AGENT_SOCKET");
+    let bin = std::fs::canonicalize(BIN).unwrap();
+    ok(&dev, &["secret", "put", "app/db", "password=-"], b"s3cret");
+    let policy = dir.path().join("p.json");
+    let body = serde_json::json!({
+        "identities": [[format!("unix:sha256:{}", sha256_of(&bin)), "node:name:dev"]],
+        "rules": [{"resources": ["secrets/app/db"], "operations": ["read"]}]
+    });
+    std::fs::write(&policy, body.to_string()).unwrap();
+    ok(&dev, &["policy", "put", "app", policy.to_str().unwrap()], b"");
+    let agent = |args: &[&str]| {
+        Command::new(&bin)
+            .arg("agent")
+            .args(args)
+            .env("KEYWARD_AGENT_SOCKET", &socket)
+            .env_remove("KEYWARD_TOKEN")
+            .output()
+            .unwrap()
+    };
+    let out = agent(&["whoami", "--output", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("unix:path:{}", bin.display())));
+    let out = agent(&["fetch-secret", "app/db", "--field", "password"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, b"s3cret\n");
+}
+
+/// The same binary run as another uid is another identity when the policy requires the uid.
+#[test]
+fn the_same_binary_as_another_uid_is_denied_when_the_uid_is_required() {
+    assert_eq!(euid(), "0", "this test runs the workload as nobody, so it must run as root");
+    let tmp = tempfile::tempdir().unwrap();
+    let app = tmp.path().join("payments-api");
+    std::fs::copy(BIN, &app).unwrap();
+    let hash = sha256_of(&app);
+    let f = fixture(tmp, &[format!("unix:sha256:{hash}"), "unix:uid:0".to_string()]);
+    // Let nobody reach the binary and the socket (authorization is by measurement, not mode).
+    std::fs::set_permissions(f.dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let run = |as_nobody: bool| {
+        let mut c = if as_nobody {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(&app);
+            c
+        } else {
+            Command::new(&app)
+        };
+        c.args(["workload", "--agent-socket"]).arg(&f.socket).args(["secret", "payments/db", "--field", "password"]);
+        c.env_remove("KEYWARD_TOKEN").output().expect("setpriv (util-linux) is needed by this test")
+    };
+    let root = run(false);
+    assert!(root.status.success(), "{}", String::from_utf8_lossy(&root.stderr));
+    assert_eq!(root.stdout, b"hunter2\n");
+    let nobody = run(true);
+    assert!(!nobody.status.success());
+    let err = String::from_utf8_lossy(&nobody.stderr);
+    assert!(err.contains("403") || err.contains("no policy"), "{err}");
+}

@@ -88,6 +88,7 @@ fn readme_tour_and_restart() {
         child: Command::new("true").spawn().unwrap(),
         addr: dev.addr.clone(),
         token: t["token"].as_str().unwrap().into(),
+        agent_socket: None,
     };
     assert_eq!(ok(&scoped, &["decrypt", "--context", "tenant=acme"], &ct), secret, "scoped token may decrypt");
     let o = kw(&scoped, &["secret", "get", "app/db"], b"");
@@ -180,7 +181,7 @@ fn audit_stdout_mirrors_the_file() {
             records.push(line);
         }
     }
-    let dev = Dev { child, addr: addr.unwrap(), token: token.unwrap() };
+    let dev = Dev { child, addr: addr.unwrap(), token: token.unwrap(), agent_socket: None };
     ok(&dev, &["key", "create", "mirrored"], b"");
     let ct = ok(&dev, &["encrypt", "--key", "mirrored"], b"do not log me");
     assert!(!kw(&dev, &["key", "show", "missing"], b"").status.success());

@@ -256,10 +256,31 @@ pub(crate) async fn join(
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-pub(crate) async fn nonce(State(st): State<AppState>, c: Caller) -> Result<Response, ApiError> {
+/// Most nonces handed out in one call (an agent keeps a few ready).
+const MAX_NONCE_BATCH: u32 = 64;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NonceReq {
+    count: u32,
+}
+
+/// `{"nonce", "nonces": [...], "expires_in_secs"}`; an empty body asks for one, `{"count": N}`
+/// for up to 64 (one round trip and one audit record for a batch).
+pub(crate) async fn nonce(State(st): State<AppState>, c: Caller, body: Bytes) -> Result<Response, ApiError> {
     agent_node(&c)?;
-    let n = st.agents.issue(&c.0.accessor)?;
-    Ok(Json(json!({"nonce": b64(&n), "expires_in_secs": NONCE_TTL.as_secs()})).into_response())
+    let count = if body.iter().all(u8::is_ascii_whitespace) {
+        1
+    } else {
+        let r: NonceReq = serde_json::from_slice(&body)
+            .map_err(|_| ApiError::invalid("the body must be empty or {\"count\": N} with N from 1 to 64"))?;
+        if r.count == 0 || r.count > MAX_NONCE_BATCH {
+            return Err(ApiError::invalid("count must be from 1 to 64"));
+        }
+        r.count
+    };
+    let nonces = (0..count).map(|_| st.agents.issue(&c.0.accessor).map(|n| b64(&n))).collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(json!({"nonce": nonces[0], "nonces": nonces, "expires_in_secs": NONCE_TTL.as_secs()})).into_response())
 }
 
 #[derive(Deserialize)]
@@ -326,6 +347,7 @@ struct ReleaseReq {
 /// release that parses, also form its inner request. Returns how many parsed.
 pub(crate) fn parse_agent_requests(data: &[u8]) -> usize {
     let mut n = usize::from(serde_json::from_slice::<JoinTokenReq>(data).is_ok())
+        + usize::from(serde_json::from_slice::<NonceReq>(data).is_ok())
         + usize::from(serde_json::from_slice::<JoinReq>(data).is_ok());
     if let Ok(r) = serde_json::from_slice::<ReleaseReq>(data) {
         n += 1;
@@ -406,25 +428,26 @@ pub(crate) async fn release(
     let display = format!("workload pid {pid} on {node} via {}", c.0.accessor);
     let record = TokenRecord::ephemeral(format!("workload_{node}_{pid}"), display, selectors);
 
-    let path_only = uri.split('?').next().unwrap_or_default().to_string();
+    // The operation runs through the normal handler as the workload. Its authorization
+    // decision lands in this request's audit record (the same context), so one record says who
+    // the workload was, on which node, through which agent, and what was decided.
     let inner = Request::builder()
-        .method(method.clone())
+        .method(method)
         .uri(&uri)
         .header(axum::http::header::CONTENT_TYPE, "application/json")
         .extension(InternalWorkload(Arc::new(record)))
+        .extension(c.1.clone())
         .body(inner_body.map(|b| Body::from(b.to_string())).unwrap_or_else(Body::empty))
         .map_err(|_| ApiError::invalid("the operation does not form a valid request"))?;
-    let resp = crate::api::router(st.clone()).oneshot(inner).await.unwrap_or_else(|e| match e {});
+    let mut resp = crate::api::release_router(st.clone()).oneshot(inner).await.unwrap_or_else(|e| match e {});
+    // Errors carry no secret: hand them to this request's error rendering and audit as they are.
+    if let Some(e) = resp.extensions_mut().remove::<ApiError>() {
+        return Err(e);
+    }
     let status = resp.status();
     let bytes = axum::body::to_bytes(resp.into_body(), MAX_RELEASE_RESPONSE)
         .await
         .map_err(|_| ApiError::internal("the released response is too large to seal".into()))?;
-    c.1.set_decision(
-        "release",
-        &format!("{method} {path_only}"),
-        status.is_success(),
-        format!("as the workload (see its own audit record): status {}", status.as_u16()),
-    );
     if !status.is_success() {
         // Errors carry no secrets: pass them through as they are.
         return Ok((status, [(axum::http::header::CONTENT_TYPE, "application/json")], bytes).into_response());

@@ -126,6 +126,19 @@ pub fn route_table() -> Vec<(&'static str, &'static str, bool, MethodRouter<AppS
     ]
 }
 
+/// The routes an attested release may run, with authentication (which takes the workload
+/// identity the release established) but without the `finish` layer: the release's own request
+/// carries the one audit record, with the workload's identity, selectors and decision.
+pub(crate) fn release_router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/secrets/data/{*path}", get(get_secret))
+        .route("/v1/keys/{name}/generate-data-key", post(data_key))
+        .route("/v1/keys/{name}/sign", post(sign))
+        .route("/v1/decrypt", post(decrypt))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .with_state(state)
+}
+
 /// Build the router with its middleware.
 pub fn router(state: AppState) -> Router {
     let mut public = Router::new();

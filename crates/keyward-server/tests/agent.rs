@@ -212,3 +212,17 @@ async fn join_nonce_and_sealed_release() {
     assert!(log.lines().any(|l| l.contains("\"release\"") && l.contains("\"deny\"")), "denied releases are audited");
     assert!(!log.contains("hunter2"));
 }
+
+/// A nonce older than its 10 s lifetime is refused, even unused.
+#[tokio::test]
+async fn an_expired_nonce_is_refused() {
+    let s = TestServer::start().await;
+    let agent = join(&s, &join_token(&s, "node-1").await, new_key()).await.unwrap();
+    let n = nonce(&s, &agent.token).await.1["nonce"].as_str().unwrap().to_string();
+    tokio::time::sleep(std::time::Duration::from_secs(11)).await;
+    let workload = RecipientKey::generate().unwrap();
+    let body = release_body(&agent, &n, &[APP_HASH], &workload, json!({"kind": "read-secret", "path": "payments/db"}));
+    let (st, v) = send_release(&s, &agent.token, Some(&agent.key), &body).await;
+    assert_eq!(st, 401, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("expired"), "{v}");
+}

@@ -12,6 +12,8 @@ pub struct Dev {
     pub child: Child,
     pub addr: String,
     pub token: String,
+    /// The socket of the node agent `keyward dev` runs, if it started.
+    pub agent_socket: Option<String>,
 }
 
 impl Drop for Dev {
@@ -34,15 +36,20 @@ pub fn start_dev(data: &Path) -> Dev {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut addr = None;
     let mut token = None;
-    while addr.is_none() || token.is_none() {
+    let mut agent = None;
+    // Three lines: the address, the token, then the agent's socket (or a comment saying why
+    // the dev agent did not start).
+    for _ in 0..3 {
         let line = lines.next().expect("dev printed its exports").unwrap();
         if let Some(a) = line.strip_prefix("export KEYWARD_ADDR=") {
             addr = Some(a.to_string());
         } else if let Some(t) = line.strip_prefix("export KEYWARD_TOKEN=") {
             token = Some(t.to_string());
+        } else if let Some(s) = line.strip_prefix("export KEYWARD_AGENT_SOCKET=") {
+            agent = Some(s.to_string());
         }
     }
-    Dev { child, addr: addr.unwrap(), token: token.unwrap() }
+    Dev { child, addr: addr.expect("KEYWARD_ADDR"), token: token.expect("KEYWARD_TOKEN"), agent_socket: agent }
 }
 
 pub fn kw(dev: &Dev, args: &[&str], stdin: &[u8]) -> Output {
