@@ -773,6 +773,9 @@ async fn start_dev_agent(addr: std::net::SocketAddr, root: &str, socket: &std::p
 }
 
 async fn agent(cli: &Cli, a: AgentArgs) -> anyhow::Result<ExitCode> {
+    // The agent holds its Ed25519 key and token for as long as it runs.
+    let h = keyward_server::harden::harden_process(false)?;
+    tracing::info!(?h, "process hardened");
     let config = keyward_agent::AgentConfig { socket: a.socket, hash_limit: a.hash_limit };
     let join = match (&a.join_token_file, &a.k8s_join_role) {
         (Some(f), _) => {
