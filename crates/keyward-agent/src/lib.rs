@@ -44,11 +44,84 @@ pub struct AgentConfig {
     pub socket: PathBuf,
     /// Largest executable hashed for `unix:sha256` (bytes).
     pub hash_limit: u64,
+    /// While the server is unreachable, answer repeated requests from the cache of sealed
+    /// answers for this long after they were obtained (zero: never).
+    pub outage_window: std::time::Duration,
 }
 
 impl Default for AgentConfig {
     fn default() -> Self {
-        Self { socket: PathBuf::from(DEFAULT_SOCKET), hash_limit: keyward_attest::process::DEFAULT_HASH_LIMIT }
+        Self {
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            hash_limit: keyward_attest::process::DEFAULT_HASH_LIMIT,
+            outage_window: DEFAULT_OUTAGE_WINDOW,
+        }
+    }
+}
+
+/// Default outage window.
+pub const DEFAULT_OUTAGE_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+/// Most sealed answers kept for outages.
+const OUTAGE_CACHE_ENTRIES: usize = 4096;
+
+/// A sealed answer and when it was obtained, by cache key.
+type SealedAnswers = std::collections::HashMap<[u8; 32], (std::time::Instant, Vec<u8>)>;
+
+/// Sealed answers (never plaintext: they are sealed to the workload's key) kept in memory for
+/// outages, by (recipient key, operation, caller's selectors).
+#[derive(Debug, Default)]
+struct OutageCache {
+    entries: std::sync::Mutex<SealedAnswers>,
+    unreachable_since: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl OutageCache {
+    fn key(recipient: &str, op: &Value, selectors: &[String]) -> [u8; 32] {
+        let mut h = keyward_crypto::hash::Sha256Stream::default();
+        for part in [recipient, &op.to_string(), &selectors.join("\n")] {
+            h.update(&(part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+        h.finish()
+    }
+
+    fn put(&self, key: [u8; 32], sealed: &[u8], window: std::time::Duration) {
+        if window.is_zero() {
+            return;
+        }
+        if let Ok(mut m) = self.entries.lock() {
+            if m.len() >= OUTAGE_CACHE_ENTRIES {
+                m.retain(|_, (at, _)| at.elapsed() < window);
+                if m.len() >= OUTAGE_CACHE_ENTRIES
+                    && let Some(oldest) = m.iter().min_by_key(|(_, (at, _))| *at).map(|(k, _)| *k)
+                {
+                    m.remove(&oldest);
+                }
+            }
+            m.insert(key, (std::time::Instant::now(), sealed.to_vec()));
+        }
+    }
+
+    fn get(&self, key: &[u8; 32], window: std::time::Duration) -> Option<(u64, Vec<u8>)> {
+        let m = self.entries.lock().ok()?;
+        let (at, body) = m.get(key)?;
+        (at.elapsed() < window).then(|| (at.elapsed().as_secs(), body.clone()))
+    }
+
+    fn reachable(&self, yes: bool) {
+        if let Ok(mut u) = self.unreachable_since.lock() {
+            match (yes, u.is_some()) {
+                (true, true) => {
+                    tracing::info!("the Keyward server is reachable again");
+                    *u = None;
+                }
+                (false, false) => {
+                    tracing::warn!("the Keyward server is unreachable; answering from the outage cache");
+                    *u = Some(std::time::Instant::now());
+                }
+                _ => {}
+            }
+        }
     }
 }
 
@@ -109,6 +182,8 @@ impl IntoResponse for AgentError {
 struct Shared {
     measurer: Measurer,
     permits: Semaphore,
+    outage: OutageCache,
+    outage_window: std::time::Duration,
     upstream: Option<Arc<Upstream>>,
     kubelet: Option<Arc<kubelet::Kubelet>>,
 }
@@ -250,32 +325,77 @@ async fn relay(st: Arc<Shared>, caller: Caller, op: Op, body: Value) -> Result<R
     };
     let (recipient, release_op) = op.parse(body)?;
     // Nonce first, then measure: the evidence is newer than the nonce the server checks.
-    let result = match up.nonce().await {
-        Ok(nonce) => {
-            let a = st.attest(&caller).await?;
-            up.release(&nonce, a.pid, &a.selectors, &recipient, release_op).await.map(|r| (a.pid, r))
-        }
+    let nonce = up.nonce().await;
+    let a = st.attest(&caller).await?;
+    // Answers that are the same each time may be replayed during an outage; a data key must
+    // be new each time, so it is never cached.
+    let cacheable = !matches!(op, Op::DataKey);
+    let cache_key = OutageCache::key(&recipient, &release_op, &a.selectors);
+    let result = match nonce {
+        Ok(n) => up.release(&n, a.pid, &a.selectors, &recipient, release_op).await,
         Err(e) => Err(e),
     };
+    let json = (axum::http::header::CONTENT_TYPE, "application/json");
     match result {
-        Ok((pid, (status, bytes))) => {
-            tracing::info!(pid, op = op.name(), status, "release");
+        Ok((status, bytes)) => {
+            st.outage.reachable(true);
+            tracing::info!(pid = a.pid, op = op.name(), status, "release");
+            if cacheable && (200..300).contains(&status) {
+                st.outage.put(cache_key, &bytes, st.outage_window);
+            }
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-            Ok((status, [(axum::http::header::CONTENT_TYPE, "application/json")], bytes).into_response())
+            Ok((status, [json], bytes).into_response())
         }
         Err(e) => {
-            tracing::warn!(op = op.name(), error = %e, "release failed");
             let status = match &e {
-                upstream::UpstreamError::Client(c) => c.status().and_then(|s| StatusCode::from_u16(s).ok()),
+                upstream::UpstreamError::Client(c) => c.status(),
                 _ => None,
             };
+            // Unreachable (or sealed, 503): an outage.
+            if matches!(&e, upstream::UpstreamError::Client(keyward_client::Error::Transport { .. }))
+                || status == Some(503)
+            {
+                st.outage.reachable(false);
+                if cacheable && let Some((age, bytes)) = st.outage.get(&cache_key, st.outage_window) {
+                    tracing::info!(pid = a.pid, op = op.name(), age, "release answered from the outage cache");
+                    let age = axum::http::HeaderValue::from(age);
+                    return Ok((StatusCode::OK, [json], [("keyward-cached-age-secs", age)], bytes).into_response());
+                }
+                tracing::warn!(pid = a.pid, op = op.name(), error = %e, "release failed: server unreachable");
+                return Err(AgentError {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    code: "server_unavailable",
+                    message: format!(
+                        "the Keyward server cannot be reached and no earlier answer to this request is cached: {e}"
+                    ),
+                });
+            }
+            tracing::warn!(pid = a.pid, op = op.name(), error = %e, "release failed");
             Err(AgentError {
-                status: status.unwrap_or(StatusCode::BAD_GATEWAY),
+                status: status.and_then(|s| StatusCode::from_u16(s).ok()).unwrap_or(StatusCode::BAD_GATEWAY),
                 code: "server_unavailable",
                 message: format!("the Keyward server could not be asked: {e}"),
             })
         }
     }
+}
+
+/// `GET /v1/health`: whether the server is reachable, and what the outage cache holds.
+async fn health(State(st): State<Arc<Shared>>) -> Response {
+    let unreachable = st.outage.unreachable_since.lock().ok().and_then(|u| *u);
+    let cached = st.outage.entries.lock().map(|m| m.len()).unwrap_or(0);
+    let server = match (&st.upstream, unreachable) {
+        (None, _) => "not joined",
+        (Some(_), None) => "reachable",
+        (Some(_), Some(_)) => "unreachable",
+    };
+    Json(json!({
+        "server": server,
+        "unreachable_for_secs": unreachable.map(|u| u.elapsed().as_secs()),
+        "outage_window_secs": st.outage_window.as_secs(),
+        "cached_answers": cached,
+    }))
+    .into_response()
 }
 
 async fn json_body(body: axum::body::Bytes) -> Result<Value, AgentError> {
@@ -330,6 +450,7 @@ async fn not_found() -> AgentError {
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/whoami", get(whoami))
+        .route("/v1/health", get(health))
         .route("/v1/secret", post(secret))
         .route("/v1/data-key", post(data_key))
         .route("/v1/decrypt", post(decrypt))
@@ -376,6 +497,8 @@ pub async fn serve(
     let shared = Arc::new(Shared {
         measurer: Measurer::new(config.hash_limit),
         permits: Semaphore::new(MEASURE_CONCURRENCY),
+        outage: OutageCache::default(),
+        outage_window: config.outage_window,
         upstream,
         kubelet,
     });

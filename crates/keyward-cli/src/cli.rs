@@ -296,6 +296,11 @@ pub struct AgentArgs {
     /// Largest executable hashed for `unix:sha256` selectors, in bytes; larger ones get none.
     #[arg(long, default_value_t = 512 * 1024 * 1024)]
     pub hash_limit: u64,
+    /// While the server is unreachable, answer a repeated request of the same client from the
+    /// sealed answer it got earlier, for this long after it was obtained (0s: never). Never for
+    /// data keys.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub outage_window: std::time::Duration,
     /// File holding a one-time join token (`keyward node join-token`): the agent joins the
     /// server at --addr with it. Without it only `whoami` is served.
     #[arg(long, conflicts_with = "k8s_join_role")]

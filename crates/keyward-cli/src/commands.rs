@@ -776,7 +776,8 @@ async fn agent(cli: &Cli, a: AgentArgs) -> anyhow::Result<ExitCode> {
     // The agent holds its Ed25519 key and token for as long as it runs.
     let h = keyward_server::harden::harden_process(false)?;
     tracing::info!(?h, "process hardened");
-    let config = keyward_agent::AgentConfig { socket: a.socket, hash_limit: a.hash_limit };
+    let config =
+        keyward_agent::AgentConfig { socket: a.socket, hash_limit: a.hash_limit, outage_window: a.outage_window };
     let join = match (&a.join_token_file, &a.k8s_join_role) {
         (Some(f), _) => {
             let token = zeroize::Zeroizing::new(

@@ -1,7 +1,9 @@
 //! The workload side of attested release: ask the node agent, over its Unix socket, for a
 //! secret or a key operation. No token is involved: the agent identifies this process by what
-//! it runs. Each request carries a fresh X25519 public key; the server seals the answer to it
-//! with HPKE and only this process, which holds the private half, can open it.
+//! it runs. Requests carry the client's X25519 public key (generated when the client is made,
+//! kept only in this process's memory); the server seals each answer to it with HPKE, so only
+//! this process can open it. Keeping one key per client also lets the agent replay an earlier
+//! sealed answer to this same client while the server is unreachable (its outage window).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), keyward_client::Error> {
@@ -36,6 +38,7 @@ const MAX_RESPONSE: usize = 1024 * 1024;
 pub struct WorkloadClient {
     http: reqwest::Client,
     socket: PathBuf,
+    key: std::sync::Arc<RecipientKey>,
 }
 
 #[derive(Deserialize)]
@@ -67,7 +70,8 @@ impl WorkloadClient {
             .timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| Error::Config(format!("agent client: {e}")))?;
-        Ok(Self { http, socket })
+        let key = std::sync::Arc::new(RecipientKey::generate().map_err(|e| Error::Config(e.to_string()))?);
+        Ok(Self { http, socket, key })
     }
 
     /// The agent at `$KEYWARD_AGENT_SOCKET`, or the default socket.
@@ -108,9 +112,9 @@ impl WorkloadClient {
         Ok(v["selectors"].as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_string)).collect())
     }
 
-    /// Send `body` plus a fresh recipient key; open the sealed answer.
+    /// Send `body` plus this client's recipient key; open the sealed answer.
     async fn release(&self, path: &str, mut body: Value) -> Result<Zeroizing<Vec<u8>>, Error> {
-        let key = RecipientKey::generate().map_err(|e| Error::Config(e.to_string()))?;
+        let key = &self.key;
         body["recipient"] = Value::String(STANDARD.encode(key.public()));
         let bytes = self.send(reqwest::Method::POST, path, Some(&body)).await?;
         let sealed: SealedOut = serde_json::from_slice(&bytes).map_err(|e| Error::Decode(e.to_string()))?;
