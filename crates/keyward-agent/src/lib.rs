@@ -402,36 +402,13 @@ async fn json_body(body: axum::body::Bytes) -> Result<Value, AgentError> {
     serde_json::from_slice(&body).map_err(|_| bad_request("the request body is not valid JSON"))
 }
 
-async fn secret(
-    State(st): State<Arc<Shared>>,
-    ConnectInfo(c): ConnectInfo<Caller>,
-    body: axum::body::Bytes,
-) -> Result<Response, AgentError> {
-    relay(st, c, Op::Secret, json_body(body).await?).await
-}
-
-async fn data_key(
-    State(st): State<Arc<Shared>>,
-    ConnectInfo(c): ConnectInfo<Caller>,
-    body: axum::body::Bytes,
-) -> Result<Response, AgentError> {
-    relay(st, c, Op::DataKey, json_body(body).await?).await
-}
-
-async fn decrypt(
-    State(st): State<Arc<Shared>>,
-    ConnectInfo(c): ConnectInfo<Caller>,
-    body: axum::body::Bytes,
-) -> Result<Response, AgentError> {
-    relay(st, c, Op::Decrypt, json_body(body).await?).await
-}
-
-async fn sign(
-    State(st): State<Arc<Shared>>,
-    ConnectInfo(c): ConnectInfo<Caller>,
-    body: axum::body::Bytes,
-) -> Result<Response, AgentError> {
-    relay(st, c, Op::Sign, json_body(body).await?).await
+/// `POST` route relaying one operation.
+fn relay_route(op: Op) -> axum::routing::MethodRouter<Arc<Shared>> {
+    post(
+        move |State(st): State<Arc<Shared>>, ConnectInfo(c): ConnectInfo<Caller>, body: axum::body::Bytes| async move {
+            relay(st, c, op, json_body(body).await?).await
+        },
+    )
 }
 
 /// Parse a Workload API body from untrusted bytes as every operation would (fuzzing and
@@ -451,10 +428,10 @@ fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/whoami", get(whoami))
         .route("/v1/health", get(health))
-        .route("/v1/secret", post(secret))
-        .route("/v1/data-key", post(data_key))
-        .route("/v1/decrypt", post(decrypt))
-        .route("/v1/sign", post(sign))
+        .route("/v1/secret", relay_route(Op::Secret))
+        .route("/v1/data-key", relay_route(Op::DataKey))
+        .route("/v1/decrypt", relay_route(Op::Decrypt))
+        .route("/v1/sign", relay_route(Op::Sign))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_REQUEST))
         .with_state(shared)

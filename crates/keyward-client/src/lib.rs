@@ -256,6 +256,18 @@ pub(crate) struct PlainOut {
     pub(crate) key_version: u32,
 }
 
+/// The `{"error": {code, message, request_id}}` body of a failed response as an [`Error`].
+pub(crate) fn api_error(status: u16, body: &[u8]) -> Error {
+    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let e = &v["error"];
+    Error::Api {
+        status,
+        code: e["code"].as_str().unwrap_or("unknown").to_string(),
+        message: e["message"].as_str().unwrap_or("no error message in response").to_string(),
+        request_id: e["request_id"].as_str().unwrap_or("-").to_string(),
+    }
+}
+
 pub(crate) fn unb64(s: &str) -> Result<Vec<u8>, Error> {
     STANDARD.decode(s).map_err(|_| Error::Decode("invalid base64 in response".into()))
 }
@@ -368,14 +380,7 @@ impl Client {
         if (200..300).contains(&status) {
             return serde_json::from_slice(&bytes).map_err(|e| Error::Decode(e.to_string()));
         }
-        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        let e = &v["error"];
-        Err(Error::Api {
-            status,
-            code: e["code"].as_str().unwrap_or("unknown").to_string(),
-            message: e["message"].as_str().unwrap_or("no error message in response").to_string(),
-            request_id: e["request_id"].as_str().unwrap_or("-").to_string(),
-        })
+        Err(api_error(status, &bytes))
     }
 
     async fn post(&self, path: &str, body: Value) -> Result<Value, Error> {

@@ -95,14 +95,7 @@ impl WorkloadClient {
         if (200..300).contains(&status) {
             return Ok(bytes.to_vec());
         }
-        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        let e = &v["error"];
-        Err(Error::Api {
-            status,
-            code: e["code"].as_str().unwrap_or("unknown").to_string(),
-            message: e["message"].as_str().unwrap_or("no error message in response").to_string(),
-            request_id: e["request_id"].as_str().unwrap_or("-").to_string(),
-        })
+        Err(crate::api_error(status, &bytes))
     }
 
     /// The selectors the agent measures for this process (to write and debug policies).
