@@ -15,9 +15,15 @@ fn sha256_file(p: &Path) -> String {
     hex::encode(keyward_crypto::hash::sha256(&std::fs::read(p).unwrap()))
 }
 
+/// Install `bytes` as the executable `to`. The file that will be executed is written by a `cp`
+/// child process, never through a descriptor of this multi-threaded test process (one open for
+/// writing here could be inherited by a child another test forks at that moment, and exec'ing
+/// the file would then fail with ETXTBSY).
 fn install(bytes: &[u8], to: &Path) {
+    let staging = to.with_extension("staging");
+    std::fs::write(&staging, bytes).unwrap();
     let tmp = to.with_extension("tmp");
-    std::fs::write(&tmp, bytes).unwrap();
+    assert!(Command::new("cp").arg(&staging).arg(&tmp).status().expect("cp").success());
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
     // rename over the old file, as package managers do: the running inode stays intact
     std::fs::rename(&tmp, to).unwrap();

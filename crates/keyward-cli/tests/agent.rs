@@ -11,7 +11,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{BIN, json, ok, start_dev};
+use common::{BIN, install_exe, json, ok, start_dev};
 
 struct Agent {
     child: Child,
@@ -101,18 +101,15 @@ fn workload_api_reports_what_the_caller_runs() {
     // a copy of curl elsewhere: same bytes, same hash, another path
     let copy = dir.path().join("tools/curl-copy");
     std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
-    std::fs::copy(&curl, &copy).unwrap();
+    install_exe(&curl, &copy, b"");
     let (_, v) = curl_whoami(&copy, &agent, "/v1/whoami");
     let sel = selectors(&v);
     assert!(sel.contains(&format!("unix:sha256:{}", sha256_of(&curl))), "{sel:?}");
     assert!(sel.contains(&format!("unix:path:{}", copy.display())), "{sel:?}");
 
     // a modified copy: another hash
-    let mut bytes = std::fs::read(&curl).unwrap();
-    bytes.extend_from_slice(b"\0patched");
     let patched = dir.path().join("tools/curl-patched");
-    std::fs::write(&patched, &bytes).unwrap();
-    std::fs::set_permissions(&patched, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    install_exe(&curl, &patched, b"\0patched");
     let (_, v) = curl_whoami(&patched, &agent, "/v1/whoami");
     let sel = selectors(&v);
     assert!(sel.contains(&format!("unix:sha256:{}", sha256_of(&patched))), "{sel:?}");
@@ -228,7 +225,7 @@ fn secrets_are_released_to_the_measured_binary_only() {
     let tmp = tempfile::tempdir().unwrap();
     let app = tmp.path().join("bin/payments-api");
     std::fs::create_dir_all(app.parent().unwrap()).unwrap();
-    std::fs::copy(BIN, &app).unwrap();
+    install_exe(Path::new(BIN), &app, b"");
     let app_hash = sha256_of(&app);
     let Fixture { dir, dev, _agent, socket, join_token_file: jt_file } =
         fixture(tmp, &[format!("unix:sha256:{app_hash}")]);
@@ -270,11 +267,8 @@ fn secrets_are_released_to_the_measured_binary_only() {
     assert!(String::from_utf8_lossy(&v).contains("valid"), "{}", String::from_utf8_lossy(&v));
 
     // The same program, patched by one byte: another hash, nothing released.
-    let mut bytes = std::fs::read(&app).unwrap();
-    bytes.extend_from_slice(b"\0patched");
     let patched = dir.path().join("bin/payments-api-patched");
-    std::fs::write(&patched, &bytes).unwrap();
-    std::fs::set_permissions(&patched, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    install_exe(&app, &patched, b"\0patched");
     let out = workload(&patched, &["secret", "payments/db"], b"");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -524,7 +518,7 @@ fn random_hex(n: usize) -> String {
 fn a_container_gets_its_pod_selectors_from_the_kubelet() {
     let tmp = tempfile::tempdir().unwrap();
     let app = tmp.path().join("payments-api");
-    std::fs::copy(BIN, &app).unwrap();
+    install_exe(Path::new(BIN), &app, b"");
     let app_hash = sha256_of(&app);
     let h = random_hex(16);
     let pod_uid = format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32]);
@@ -646,7 +640,7 @@ fn the_same_binary_as_another_uid_is_denied_when_the_uid_is_required() {
     assert_eq!(euid(), "0", "this test runs the workload as nobody, so it must run as root");
     let tmp = tempfile::tempdir().unwrap();
     let app = tmp.path().join("payments-api");
-    std::fs::copy(BIN, &app).unwrap();
+    install_exe(Path::new(BIN), &app, b"");
     let hash = sha256_of(&app);
     let f = fixture(tmp, &[format!("unix:sha256:{hash}"), "unix:uid:0".to_string()]);
     // Let nobody reach the binary and the socket (authorization is by measurement, not mode).

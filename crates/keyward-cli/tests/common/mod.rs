@@ -77,3 +77,27 @@ pub fn json(dev: &Dev, args: &[&str]) -> serde_json::Value {
     a.extend(["--output", "json"]);
     serde_json::from_slice(&ok(dev, &a, b"")).unwrap()
 }
+
+/// Make `dst` an executable copy of `src` with `suffix` appended (still runnable: ELF ignores
+/// trailing bytes). The executable is written by a `cp` child process, never through a file
+/// descriptor of this multi-threaded test process: a descriptor open for writing here could be
+/// inherited by a child another test forks at that moment, and exec'ing the file would then
+/// fail with ETXTBSY ("Text file busy").
+pub fn install_exe(src: &Path, dst: &Path, suffix: &[u8]) {
+    let from = if suffix.is_empty() {
+        src.to_path_buf()
+    } else {
+        // The staging file is written here but never executed.
+        let staging = dst.with_extension("staging");
+        let mut bytes = std::fs::read(src).unwrap();
+        bytes.extend_from_slice(suffix);
+        std::fs::write(&staging, bytes).unwrap();
+        staging
+    };
+    let st = Command::new("cp").arg(&from).arg(dst).status().expect("cp");
+    assert!(st.success(), "cp {} {}", from.display(), dst.display());
+    if from != src {
+        let _ = std::fs::remove_file(&from);
+    }
+    std::fs::set_permissions(dst, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
