@@ -373,9 +373,7 @@ pub(crate) async fn release(
     if body.len() > MAX_BODY {
         return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "release request too large"));
     }
-    let r: ReleaseReq = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::invalid(format!("invalid release request: {}", e.to_string().split(" at line").next().unwrap_or("")))
-    })?;
+    let r: ReleaseReq = serde_json::from_slice(&body).map_err(|e| crate::extract::json_error(&e))?;
 
     // Proof of possession of the key this agent joined with.
     let pk = unb64("public_key", &r.public_key)?;

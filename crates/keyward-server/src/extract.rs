@@ -19,7 +19,7 @@ pub const MAX_BODY: usize = 256 * 1024;
 #[derive(Debug)]
 pub struct StrictJson<T>(pub T);
 
-fn json_error(e: &serde_json::Error) -> ApiError {
+pub(crate) fn json_error(e: &serde_json::Error) -> ApiError {
     use serde_json::error::Category;
     let msg = e.to_string();
     let detail = match e.classify() {
