@@ -10,6 +10,7 @@
 //! not by file mode.
 #![forbid(unsafe_code)]
 
+mod conn;
 pub mod kubelet;
 pub mod upstream;
 
@@ -145,13 +146,11 @@ pub enum StartError {
     },
 }
 
-/// The caller of one connection, pinned at accept.
-#[derive(Clone, Debug)]
-pub struct Caller(Arc<Result<Pinned, AttestError>>);
+pub use conn::{Caller, CredListener};
 
-impl Connected<IncomingStream<'_, UnixListener>> for Caller {
-    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
-        Self(Arc::new(Pinned::from_socket(stream.io())))
+impl Connected<IncomingStream<'_, CredListener>> for Caller {
+    fn connect_info(stream: IncomingStream<'_, CredListener>) -> Self {
+        stream.io().caller().clone()
     }
 }
 
@@ -199,7 +198,7 @@ impl Shared {
     /// Measure the connection's caller now (and ask the kubelet about its container), and check
     /// it is still the process that connected.
     async fn attest(self: &Arc<Self>, caller: &Caller) -> Result<Attested, AgentError> {
-        if let Err(e) = caller.0.as_ref() {
+        if let Err(e) = caller.pinned.as_ref() {
             return Err(AgentError::unattested(e));
         }
         let _permit = self.permits.acquire().await.map_err(|_| AgentError {
@@ -208,7 +207,7 @@ impl Shared {
             message: "the agent is shutting down".into(),
         })?;
         let me = Arc::clone(self);
-        let pinned = Arc::clone(&caller.0);
+        let pinned = Arc::clone(&caller.pinned);
         let result = tokio::task::spawn_blocking(move || {
             let p = pinned.as_ref().as_ref().map_err(|_| AttestError::Gone)?;
             let m = me.measurer.measure(p)?;
@@ -242,9 +241,20 @@ impl Shared {
                 }
             }
             // The kubelet lookup may have taken a while: the process must still be there.
-            if let Err(e) = caller.0.as_ref().as_ref().map_err(|_| AttestError::Gone).and_then(Pinned::still_alive) {
+            if let Err(e) = caller.pinned.as_ref().as_ref().map_err(|_| AttestError::Gone).and_then(Pinned::still_alive)
+            {
                 return Err(AgentError::unattested(&e));
             }
+        }
+        // Every byte of the request must have come from the process that was measured.
+        if caller.foreign_writer.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(AgentError {
+                status: StatusCode::FORBIDDEN,
+                code: "not_attested",
+                message: "the request was written by another process than the one that connected \
+                          (a passed or inherited socket); each process must open its own connection"
+                    .into(),
+            });
         }
         selectors.sort();
         selectors.dedup();
@@ -438,7 +448,7 @@ fn router(shared: Arc<Shared>) -> Router {
 }
 
 /// Bind the socket: remove a stale one left by a dead agent, refuse to replace anything else.
-pub fn bind(path: &Path) -> Result<UnixListener, StartError> {
+pub fn bind(path: &Path) -> Result<CredListener, StartError> {
     let io = |source| StartError::Io { path: path.to_path_buf(), source };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io)?;
@@ -455,8 +465,9 @@ pub fn bind(path: &Path) -> Result<UnixListener, StartError> {
         Err(e) => return Err(io(e)),
     }
     let listener = UnixListener::bind(path).map_err(io)?;
+    conn::pass_credentials(&listener).map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(io)?;
-    Ok(listener)
+    Ok(CredListener(listener))
 }
 
 /// Serve the Workload API on `listener` until `shutdown` completes; removes the socket after.
@@ -465,7 +476,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, StartError> {
 /// the `k8s:` selectors of their pod and container.
 pub async fn serve(
     config: &AgentConfig,
-    listener: UnixListener,
+    listener: CredListener,
     upstream: Option<Arc<Upstream>>,
     kubelet: Option<Arc<kubelet::Kubelet>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,

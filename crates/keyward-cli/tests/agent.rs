@@ -138,6 +138,27 @@ fn workload_api_reports_what_the_caller_runs() {
     assert!(selectors(&v).contains(&format!("unix:path:{python}")), "{v}");
     assert!(selectors(&v).contains(&format!("unix:sha256:{}", sha256_of(Path::new(python)))), "{v}");
 
+    // fd passing: python connects, then a forked child writes the request. The connecting
+    // process is measured, but the bytes are not its own: refused.
+    let forked = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import os,socket,sys\n\
+             s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n\
+             pid=os.fork()\n\
+             if pid==0:\n    s.sendall(b'GET /v1/whoami HTTP/1.1\\r\\nHost: agent\\r\\nConnection: close\\r\\n\\r\\n'); os._exit(0)\n\
+             os.waitpid(pid,0)\n\
+             d=b''\n\
+             while True:\n    c=s.recv(65536)\n    if not c: break\n    d+=c\n\
+             sys.stdout.write(d.decode())",
+        )
+        .arg(&agent.socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&forked.stdout);
+    assert!(text.starts_with("HTTP/1.1 403"), "{text}");
+    assert!(text.contains("another process than the one that connected"), "{text}");
+
     // unknown operations are refused with a JSON error
     let (code, v) = curl_whoami(&curl, &agent, "/v1/nope");
     assert_eq!(code, 404);
