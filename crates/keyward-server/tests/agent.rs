@@ -93,6 +93,16 @@ fn release_body(agent: &TestAgent, nonce: &str, selectors: &[&str], recipient: &
     .into_bytes()
 }
 
+/// A fresh nonce for `agent`.
+async fn fresh_nonce(s: &TestServer, agent: &TestAgent) -> String {
+    nonce(s, &agent.token).await.1["nonce"].as_str().unwrap().to_string()
+}
+
+/// A release body reading `payments/db` as a workload with `selectors`.
+fn read_db(agent: &TestAgent, nonce: &str, selectors: &[&str], recipient: &RecipientKey) -> Vec<u8> {
+    release_body(agent, nonce, selectors, recipient, json!({"kind": "read-secret", "path": "payments/db"}))
+}
+
 fn open(recipient: &RecipientKey, nonce: &str, v: &Value) -> Value {
     let enc = B64.decode(v["enc"].as_str().unwrap()).unwrap();
     let ct = B64.decode(v["ciphertext"].as_str().unwrap()).unwrap();
@@ -133,13 +143,7 @@ async fn join_nonce_and_sealed_release() {
     let (st, v) = nonce(&s, &agent.token).await;
     assert_eq!(st, 200, "{v}");
     let n = v["nonce"].as_str().unwrap().to_string();
-    let body = release_body(
-        &agent,
-        &n,
-        &[APP_HASH, "unix:uid:1000"],
-        &workload,
-        json!({"kind": "read-secret", "path": "payments/db"}),
-    );
+    let body = read_db(&agent, &n, &[APP_HASH, "unix:uid:1000"], &workload);
     let (st, v) = send_release(&s, &agent.token, Some(&agent.key), &body).await;
     assert_eq!(st, 200, "{v}");
     assert!(!v.to_string().contains("hunter2"), "the agent must not see the secret");
@@ -156,49 +160,40 @@ async fn join_nonce_and_sealed_release() {
     assert!(v["error"]["message"].as_str().unwrap().contains("nonce"), "{v}");
 
     // Unsigned, or signed by another key: refused (the token alone is not enough).
-    let n2 = nonce(&s, &agent.token).await.1["nonce"].as_str().unwrap().to_string();
-    let body = release_body(&agent, &n2, &[APP_HASH], &workload, json!({"kind": "read-secret", "path": "payments/db"}));
+    let n2 = fresh_nonce(&s, &agent).await;
+    let body = read_db(&agent, &n2, &[APP_HASH], &workload);
     assert_eq!(send_release(&s, &agent.token, None, &body).await.0, 401);
     assert_eq!(send_release(&s, &agent.token, Some(&new_key()), &body).await.0, 401);
 
     // Another binary: no policy attaches, denied (and still nothing leaks).
-    let n3 = nonce(&s, &agent.token).await.1["nonce"].as_str().unwrap().to_string();
-    let body = release_body(
+    let n3 = fresh_nonce(&s, &agent).await;
+    let body = read_db(
         &agent,
         &n3,
         &["unix:sha256:2222222222222222222222222222222222222222222222222222222222222222"],
         &workload,
-        json!({"kind": "read-secret", "path": "payments/db"}),
     );
     let (st, v) = send_release(&s, &agent.token, Some(&agent.key), &body).await;
     assert_eq!(st, 403, "{v}");
 
     // The agent cannot claim selectors outside unix:/k8s: (e.g. another node).
-    let n4 = nonce(&s, &agent.token).await.1["nonce"].as_str().unwrap().to_string();
-    let body = release_body(
-        &agent,
-        &n4,
-        &[APP_HASH, "node:name:node-2"],
-        &workload,
-        json!({"kind": "read-secret", "path": "payments/db"}),
-    );
+    let n4 = fresh_nonce(&s, &agent).await;
+    let body = read_db(&agent, &n4, &[APP_HASH, "node:name:node-2"], &workload);
     let (st, v) = send_release(&s, &agent.token, Some(&agent.key), &body).await;
     assert_eq!(st, 400, "{v}");
 
     // The same binary on another node does not match the identity set.
     let agent2 = join(&s, &join_token(&s, "node-2").await, new_key()).await.unwrap();
-    let n5 = nonce(&s, &agent2.token).await.1["nonce"].as_str().unwrap().to_string();
-    let body =
-        release_body(&agent2, &n5, &[APP_HASH], &workload, json!({"kind": "read-secret", "path": "payments/db"}));
+    let n5 = fresh_nonce(&s, &agent2).await;
+    let body = read_db(&agent2, &n5, &[APP_HASH], &workload);
     assert_eq!(send_release(&s, &agent2.token, Some(&agent2.key), &body).await.0, 403);
     // ...and node-2 cannot spend node-1's nonces.
-    let n6 = nonce(&s, &agent.token).await.1["nonce"].as_str().unwrap().to_string();
-    let body =
-        release_body(&agent2, &n6, &[APP_HASH], &workload, json!({"kind": "read-secret", "path": "payments/db"}));
+    let n6 = fresh_nonce(&s, &agent).await;
+    let body = read_db(&agent2, &n6, &[APP_HASH], &workload);
     assert_eq!(send_release(&s, &agent2.token, Some(&agent2.key), &body).await.0, 401);
 
     // Malformed operations are refused before anything runs.
-    let n7 = nonce(&s, &agent.token).await.1["nonce"].as_str().unwrap().to_string();
+    let n7 = fresh_nonce(&s, &agent).await;
     let body = release_body(&agent, &n7, &[APP_HASH], &workload, json!({"kind": "read-secret", "path": "../sys/seal"}));
     assert_eq!(send_release(&s, &agent.token, Some(&agent.key), &body).await.0, 400);
 
@@ -218,10 +213,10 @@ async fn join_nonce_and_sealed_release() {
 async fn an_expired_nonce_is_refused() {
     let s = TestServer::start().await;
     let agent = join(&s, &join_token(&s, "node-1").await, new_key()).await.unwrap();
-    let n = nonce(&s, &agent.token).await.1["nonce"].as_str().unwrap().to_string();
+    let n = fresh_nonce(&s, &agent).await;
     tokio::time::sleep(std::time::Duration::from_secs(11)).await;
     let workload = RecipientKey::generate().unwrap();
-    let body = release_body(&agent, &n, &[APP_HASH], &workload, json!({"kind": "read-secret", "path": "payments/db"}));
+    let body = read_db(&agent, &n, &[APP_HASH], &workload);
     let (st, v) = send_release(&s, &agent.token, Some(&agent.key), &body).await;
     assert_eq!(st, 401, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("expired"), "{v}");

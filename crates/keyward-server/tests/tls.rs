@@ -19,27 +19,18 @@ fn openssl(dir: &Path, args: &[&str]) {
 }
 
 /// A CA and a server certificate for 127.0.0.1 / localhost signed by it.
+/// A self-signed CA: `NAME.key`, `NAME.pem`, subject `CN`.
+fn self_signed_ca(dir: &Path, name: &str, cn: &str) {
+    let (key, pem, subj) = (format!("{name}.key"), format!("{name}.pem"), format!("/CN={cn}"));
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    let mut args = vec!["req", "-x509"];
+    args.extend(ec);
+    args.extend(["-keyout", &key, "-out", &pem, "-days", "2", "-subj", &subj]);
+    openssl(dir, &args);
+}
+
 fn make_certs(dir: &Path) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=keyward test CA",
-        ],
-    );
+    self_signed_ca(dir, "ca", "keyward test CA");
     openssl(
         dir,
         &[
@@ -247,37 +238,13 @@ fn client_cert(dir: &Path, ca: &str, name: &str, subj: &str, san: &str) {
     );
 }
 
-fn self_signed_ca(dir: &Path, name: &str) {
-    let (key, pem, subj) = (format!("{name}.key"), format!("{name}.pem"), format!("/CN={name}"));
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &pem,
-            "-days",
-            "2",
-            "-subj",
-            &subj,
-        ],
-    );
-}
-
 #[tokio::test]
 async fn client_certificates_are_identities() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     make_certs(d);
-    self_signed_ca(d, "clientca");
-    self_signed_ca(d, "rogueca");
+    self_signed_ca(d, "clientca", "clientca");
+    self_signed_ca(d, "rogueca", "rogueca");
     client_cert(d, "clientca", "billing", "/CN=billing/O=Bank", "URI:spiffe://bank/billing,DNS:billing.internal");
     client_cert(d, "clientca", "reports", "/CN=Reports Service", "DNS:reports.internal");
     client_cert(d, "rogueca", "rogue", "/CN=billing", "URI:spiffe://bank/billing");
