@@ -14,7 +14,6 @@ mod conn;
 pub mod kubelet;
 pub mod upstream;
 
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -447,26 +446,19 @@ fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// Bind the socket: remove a stale one left by a dead agent, refuse to replace anything else.
+/// Bind the socket (mode 0666: callers are authorized by measurement, not by file mode):
+/// remove a stale one left by a dead agent, refuse to replace anything else.
 pub fn bind(path: &Path) -> Result<CredListener, StartError> {
+    use keyward_attest::socket::BindError;
+    let listener = keyward_attest::socket::bind(path, 0o666).map_err(|e| match e {
+        BindError::InUse(p) => StartError::InUse(p),
+        BindError::NotASocket(p) => StartError::NotASocket(p),
+        BindError::Io { path, source } => StartError::Io { path, source },
+        other => StartError::Io { path: path.to_path_buf(), source: std::io::Error::other(other.to_string()) },
+    })?;
     let io = |source| StartError::Io { path: path.to_path_buf(), source };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io)?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(md) if md.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(StartError::InUse(path.to_path_buf()));
-            }
-            std::fs::remove_file(path).map_err(io)?;
-        }
-        Ok(_) => return Err(StartError::NotASocket(path.to_path_buf())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
-    }
-    let listener = UnixListener::bind(path).map_err(io)?;
+    let listener = UnixListener::from_std(listener).map_err(io)?;
     conn::pass_credentials(&listener).map_err(io)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(io)?;
     Ok(CredListener(listener))
 }
 
@@ -545,7 +537,8 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let live = bind(&path).unwrap();
-            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            let mode =
+                std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions()) & 0o777;
             assert_eq!(mode, 0o666);
             assert!(matches!(bind(&path), Err(StartError::InUse(_))));
             drop(live); // the socket file stays behind, nobody listens: stale

@@ -9,5 +9,6 @@
 
 pub mod cgroup;
 pub mod process;
+pub mod socket;
 
 pub use process::{AttestError, Measurement, Measurer, Pinned};

@@ -45,6 +45,11 @@ pub enum Command {
     /// With a subcommand, ask a running agent instead (`keyward agent whoami`).
     #[command(args_conflicts_with_subcommands = true)]
     Agent(AgentArgs),
+    /// Run the Kubernetes KMS v2 plugin for kube-apiserver (gRPC on a Unix socket): service mode
+    /// wraps through the Keyward server at --addr, --local keeps the key in --data-dir.
+    /// `keyward kms-plugin rotate --local` rotates the local key.
+    #[command(args_conflicts_with_subcommands = true)]
+    KmsPlugin(KmsPluginArgs),
     /// Show server health, seal state and unseal progress.
     Status,
     /// Seal ceremonies: init, unseal, seal, rekey, root key rotation.
@@ -265,6 +270,63 @@ pub struct DevArgs {
     pub scheduler_interval: std::time::Duration,
     #[command(flatten)]
     pub audit: AuditArgs,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum KmsPluginCmd {
+    /// Rotate the key of a local-mode plugin (the running plugin reports the new key_id at its
+    /// next status check). In service mode rotate on the server: `keyward key rotate NAME`.
+    Rotate,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal file mode such as 600"))
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct KmsPluginArgs {
+    #[command(subcommand)]
+    pub command: Option<KmsPluginCmd>,
+    /// The socket kube-apiserver's EncryptionConfiguration names as `endpoint`.
+    #[arg(long, default_value = "unix:///var/run/keyward/kms.sock")]
+    pub listen: String,
+    /// File mode of the socket. Callers are checked by uid (and executable) whatever the mode.
+    #[arg(long, default_value = "600", value_parser = parse_mode)]
+    pub socket_mode: u32,
+    /// The Keyward key that wraps the apiserver's seeds (AES-256-GCM). Local mode creates it.
+    #[arg(long, global = true, default_value = "kubernetes-kms")]
+    pub key: String,
+    /// State directory: the audit log (both modes) and, in local mode, the sealed key store.
+    #[arg(long, global = true, default_value = "/var/lib/keyward-kms")]
+    pub data_dir: PathBuf,
+    /// Local mode: the key lives in --data-dir, sealed with the insecure file seal (an HSM seal
+    /// is the way to protect it at rest), so the control plane starts without the network.
+    #[arg(long, global = true)]
+    pub local: bool,
+    /// Service mode: file holding the Keyward token the plugin authenticates with (or use
+    /// --client-cert/--client-key); it needs encrypt and decrypt on keys/KEY.
+    #[arg(long, conflicts_with = "local")]
+    pub token_file: Option<PathBuf>,
+    /// Uid allowed to call Encrypt and Decrypt (repeatable; default: the plugin's own uid).
+    #[arg(long = "allow-uid")]
+    pub allow_uids: Vec<u32>,
+    /// SHA-256 (hex) of an executable allowed to call Encrypt and Decrypt, e.g. kube-apiserver's
+    /// (repeatable; default: any executable of an allowed uid). Needs hostPID in Kubernetes.
+    #[arg(long = "allow-exe-sha256")]
+    pub allow_exe_sha256: Vec<String>,
+    /// How long a successful Status round trip is reused.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub status_cache: std::time::Duration,
+    /// Service mode: while Keyward is unreachable, answer Decrypt from memory for seeds unwrapped
+    /// within this window (0s: never).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub outage_window: std::time::Duration,
+    /// Local mode: rotate the key automatically this often (set when the key is created).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub rotate_every: Option<std::time::Duration>,
 }
 
 #[derive(Subcommand, Debug, Clone)]

@@ -15,6 +15,10 @@ use crate::cli::*;
 const STDIN_LIMIT: u64 = 1024 * 1024;
 
 fn client(cli: &Cli) -> anyhow::Result<Client> {
+    Ok(client_builder(cli)?.build()?)
+}
+
+fn client_builder(cli: &Cli) -> anyhow::Result<keyward_client::ClientBuilder> {
     let mut b = Client::builder(cli.addr.clone());
     if let Some(t) = &cli.token {
         b = b.token(t.clone());
@@ -30,7 +34,7 @@ fn client(cli: &Cli) -> anyhow::Result<Client> {
         pem.extend(std::fs::read(cert).with_context(|| format!("reading client certificate {}", cert.display()))?);
         b = b.client_identity_pem(pem.to_vec());
     }
-    Ok(b.build()?)
+    Ok(b)
 }
 
 fn read_stdin() -> anyhow::Result<Vec<u8>> {
@@ -141,6 +145,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             workload(cli.output, &WorkloadArgs { agent_socket: socket.clone(), command: cmd }).await
         }
         Command::Agent(a) => agent(&cli, a.clone()).await,
+        Command::KmsPlugin(KmsPluginArgs { command: Some(KmsPluginCmd::Rotate), key, data_dir, local, .. }) => {
+            if !local {
+                bail!(
+                    "`kms-plugin rotate` rotates a local-mode key (pass --local); in service mode run `keyward key rotate {key}` against the server"
+                );
+            }
+            let k = keyward_kms_plugin::kek::Local::rotate(data_dir, key).await?;
+            print_value(cli.output, &json!({"key": k.name, "version": k.version, "key_id": k.key_id()}))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::KmsPlugin(a) => kms_plugin(&cli, a.clone()).await,
         Command::Node(NodeCmd::JoinToken { node, ttl }) => {
             let v = client(&cli)?
                 .request(
@@ -828,6 +843,58 @@ async fn agent(cli: &Cli, a: AgentArgs) -> anyhow::Result<ExitCode> {
     };
     let listener = keyward_agent::bind(&config.socket)?;
     keyward_agent::serve(&config, listener, upstream, kubelet, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn kms_plugin(cli: &Cli, a: KmsPluginArgs) -> anyhow::Result<ExitCode> {
+    use keyward_kms_plugin::{CallerPolicy, Kek, Plugin, PluginSettings, kek};
+    let h = keyward_server::harden::harden_process(false)?;
+    tracing::info!(?h, "process hardened");
+    let path = keyward_kms_plugin::socket_path(&a.listen).map_err(|e| anyhow!(e))?.to_path_buf();
+    let mut uids: std::collections::BTreeSet<u32> = a.allow_uids.iter().copied().collect();
+    if uids.is_empty() {
+        use std::os::unix::fs::MetadataExt;
+        uids.insert(std::fs::metadata("/proc/self").context("reading the plugin's own uid")?.uid());
+    }
+    let exe_sha256 =
+        a.allow_exe_sha256
+            .iter()
+            .map(|h| {
+                hex::decode(h.trim()).ok().and_then(|v| <[u8; 32]>::try_from(v).ok()).ok_or_else(|| {
+                    anyhow!("--allow-exe-sha256 {h:?} is not 64 hex digits (use the output of sha256sum)")
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+    let (backend, audit) = if a.local {
+        tracing::warn!(
+            dir = %a.data_dir.display(),
+            "local mode: the key-encryption key is sealed with the INSECURE FILE SEAL in the data directory"
+        );
+        let (l, audit) = kek::Local::open(&a.data_dir, &a.key, a.rotate_every).await?;
+        (Kek::Local(l), audit)
+    } else {
+        let mut b = client_builder(cli)?;
+        if let Some(f) = &a.token_file {
+            let t = zeroize::Zeroizing::new(
+                std::fs::read_to_string(f).with_context(|| format!("reading the token file {}", f.display()))?,
+            );
+            b = b.token(t.trim().to_string());
+        }
+        let (s, audit) = kek::Service::open(b.build()?, &a.key, &a.data_dir)?;
+        (Kek::Service(s), audit)
+    };
+    let settings =
+        PluginSettings { status_cache: a.status_cache, outage_window: a.outage_window, ..PluginSettings::default() };
+    let plugin = std::sync::Arc::new(Plugin::new(backend, audit, settings));
+    match plugin.status().await {
+        Ok(k) => tracing::info!(key_id = %k.key_id(), "key-encryption key ready"),
+        Err(e) => tracing::warn!(reason = %e, "not healthy yet; Status reports it until it is"),
+    }
+    let listener = keyward_kms_plugin::bind(&path, a.socket_mode)?;
+    tracing::info!(socket = %path.display(), uids = ?uids, executables = exe_sha256.len(), "KMS v2 plugin listening");
+    let policy = CallerPolicy { uids, exe_sha256 };
+    keyward_kms_plugin::serve(listener, plugin, policy, shutdown_signal()).await?;
+    let _ = std::fs::remove_file(&path);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -10,7 +10,10 @@ fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     let daemon = matches!(
         cli.command,
-        cli::Command::Dev(_) | cli::Command::Server(_) | cli::Command::Agent(cli::AgentArgs { command: None, .. })
+        cli::Command::Dev(_)
+            | cli::Command::Server(_)
+            | cli::Command::Agent(cli::AgentArgs { command: None, .. })
+            | cli::Command::KmsPlugin(cli::KmsPluginArgs { command: None, .. })
     );
     let default_filter = if daemon { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

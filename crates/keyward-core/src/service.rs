@@ -826,6 +826,21 @@ impl Kms {
         self.load(rec).await
     }
 
+    /// Re-read a key's record from the store and reload it if another process changed it
+    /// (rotated, disabled, deleted and re-created) since it was cached. Costs one store read
+    /// when nothing changed. Returns the current version.
+    pub async fn refresh_key(&self, name: &str) -> Result<u32, KmsError> {
+        validate::key_name(name)?;
+        let rec = self.store.get_key(name).await?.ok_or_else(|| not_found("key", name))?;
+        if let Some(cached) = self.cached_by_name(name) {
+            if cached.record.id == rec.id && cached.record.revision == rec.revision {
+                return Ok(rec.current_version);
+            }
+            self.invalidate(&cached.record);
+        }
+        Ok(self.load(rec).await?.record.current_version)
+    }
+
     async fn key_by_id(&self, id: &KeyId) -> Result<Option<Arc<CachedKey>>, KmsError> {
         if let Some(k) = self.cached_by_id(id) {
             return Ok(Some(k));

@@ -24,6 +24,11 @@ use keyward_crypto::{SecretBytes, hash};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+/// The current time as audit records show it (RFC 3339, milliseconds, UTC).
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
 /// Audit configuration.
 #[derive(Debug, Clone)]
 pub struct AuditConfig {
@@ -123,7 +128,7 @@ impl AuditCtx {
     pub fn record(&self, request_id: &str, method: &str, path: &str, status: u16, error: Option<&str>) -> AuditRecord {
         let f = self.inner.lock().map(|f| f.clone()).unwrap_or_default();
         AuditRecord {
-            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            time: now_rfc3339(),
             request_id: request_id.to_string(),
             identity: f.identity.unwrap_or_else(|| "anonymous".into()),
             method: method.to_string(),
@@ -463,7 +468,7 @@ impl AuditLog {
     /// A record about the server itself (start-up), written and made durable now.
     pub async fn system_event(&self, what: &str) -> Result<(), AuditError> {
         self.append(AuditRecord {
-            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            time: now_rfc3339(),
             request_id: "-".into(),
             identity: "keyward".into(),
             method: "-".into(),

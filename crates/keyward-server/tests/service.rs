@@ -136,3 +136,27 @@ async fn root_rotation_rewraps_everything_and_resumes_after_interruption() {
     assert_eq!(kms.audit_key().expose(), &audit_key[..], "the audit chain key is unchanged");
     assert!(kms.get_secret("s", None).await.is_ok());
 }
+
+/// Two processes over one database (the KMS plugin and `keyward kms-plugin rotate` in local mode):
+/// a rotation by one is seen by the other after `refresh_key`, and a key deleted and created
+/// again under the same name is a different key.
+#[tokio::test]
+async fn refresh_key_sees_changes_made_by_another_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, _) = open(dir.path(), &[3; 32]).await.unwrap();
+    let (b, _) = open(dir.path(), &[3; 32]).await.unwrap();
+    a.create_key(aes("k")).await.unwrap();
+    let ctx = BTreeMap::new();
+    assert_eq!(b.encrypt("k", b"x", &ctx).await.unwrap().key_version, 1);
+    a.rotate_key("k").await.unwrap();
+    assert_eq!(b.encrypt("k", b"x", &ctx).await.unwrap().key_version, 1, "cached until refreshed");
+    assert_eq!(b.refresh_key("k").await.unwrap(), 2);
+    let ct = b.encrypt("k", b"x", &ctx).await.unwrap();
+    assert_eq!(ct.key_version, 2);
+    assert_eq!(b.refresh_key("k").await.unwrap(), 2, "no change, no reload");
+    assert_eq!(a.decrypt(&ct.ciphertext, &ctx).await.unwrap().plaintext.expose(), b"x");
+    a.disable_key("k").await.unwrap();
+    b.refresh_key("k").await.unwrap();
+    assert!(matches!(b.encrypt("k", b"x", &ctx).await, Err(KmsError::KeyDisabled(_))));
+    assert!(matches!(b.refresh_key("missing").await, Err(KmsError::NotFound { .. })));
+}

@@ -1,0 +1,354 @@
+//! Where the key-encryption key lives: in a Keyward server (service mode; the KEK never leaves
+//! it) or in a local store sealed like a server's (local mode).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keyward_core::seal::{Seal, SealKind};
+use keyward_core::service::CreateKey;
+use keyward_core::store::Store;
+use keyward_core::{Kms, KmsError};
+use keyward_crypto::keys::KeyAlgorithm;
+use keyward_server::audit::{AuditConfig, AuditLog};
+use keyward_server::seal_file::InsecureFileSeal;
+use keyward_server::sealing::Sealing;
+use zeroize::Zeroizing;
+
+use crate::keyid::KeyRef;
+
+/// The encryption context bound into every ciphertext the plugin makes, so a ciphertext made
+/// through the general API for other purposes is not accepted as a KMS v2 seed.
+pub const CONTEXT_KEY: &str = "purpose";
+/// Its value.
+pub const CONTEXT_VALUE: &str = "kubernetes-kms-v2";
+
+fn context() -> BTreeMap<String, String> {
+    BTreeMap::from([(CONTEXT_KEY.to_string(), CONTEXT_VALUE.to_string())])
+}
+
+/// Why a wrap or unwrap failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KekError {
+    /// The Keyward server could not be reached (or is sealed or overloaded).
+    #[error("Keyward is unavailable: {0}")]
+    Unavailable(String),
+    /// The ciphertext does not open. Says nothing more.
+    #[error("decryption failed")]
+    DecryptionFailed,
+    /// Keyward refused (key disabled or missing, permission denied, ...).
+    #[error("{0}")]
+    Refused(String),
+    /// Anything else.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<KmsError> for KekError {
+    fn from(e: KmsError) -> Self {
+        match e {
+            KmsError::DecryptionFailed => Self::DecryptionFailed,
+            KmsError::Unavailable(_) => Self::Unavailable(e.to_string()),
+            KmsError::Internal(m) => Self::Internal(m),
+            other => Self::Refused(other.to_string()),
+        }
+    }
+}
+
+impl From<keyward_client::Error> for KekError {
+    fn from(e: keyward_client::Error) -> Self {
+        use keyward_client::Error as E;
+        match &e {
+            E::Transport { .. } => Self::Unavailable(e.to_string()),
+            E::Api { status: 502..=504, .. } => Self::Unavailable(e.to_string()),
+            E::Api { code, .. } if code == "decryption_failed" => Self::DecryptionFailed,
+            E::Api { .. } => Self::Refused(e.to_string()),
+            _ => Self::Internal(e.to_string()),
+        }
+    }
+}
+
+/// A wrapped seed.
+#[derive(Debug)]
+pub struct Wrapped {
+    /// Keyward ciphertext (a few dozen bytes; the apiserver allows 1 KiB).
+    pub ciphertext: Vec<u8>,
+    /// The key version it was made with.
+    pub key: KeyRef,
+}
+
+/// An unwrapped seed.
+#[derive(Debug)]
+pub struct Unwrapped {
+    /// The plaintext, wiped on drop.
+    pub plaintext: Zeroizing<Vec<u8>>,
+    /// The key version it was made with.
+    pub key: KeyRef,
+}
+
+/// Local mode: an embedded Keyward service over SQLite in a data directory.
+#[derive(Debug)]
+pub struct Local {
+    kms: Arc<Kms>,
+    key: String,
+}
+
+/// Service mode: a Keyward server, through the HTTP API.
+#[derive(Debug)]
+pub struct Service {
+    client: keyward_client::Client,
+    key: String,
+}
+
+/// The KEK backend.
+#[derive(Debug)]
+pub enum Kek {
+    /// Local mode.
+    Local(Local),
+    /// Service mode.
+    Service(Service),
+}
+
+/// Data directory file names.
+const DB_FILE: &str = "keyward.db";
+const ROOT_KEY_FILE: &str = "root-key.insecure";
+const AUDIT_FILE: &str = "audit.log";
+const AUDIT_KEY_FILE: &str = "audit-key";
+
+fn create_dir(dir: &Path) -> Result<(), KekError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| KekError::Internal(format!("creating {}: {e}", dir.display())))
+}
+
+fn audit_config(dir: &Path) -> AuditConfig {
+    AuditConfig { file: dir.join(AUDIT_FILE), stdout: false, max_file_bytes: 256 * 1024 * 1024 }
+}
+
+async fn open_sealed(dir: &Path, audit: bool) -> Result<Arc<keyward_server::sealing::Unsealed>, KekError> {
+    create_dir(dir)?;
+    let store: Arc<dyn Store> =
+        Arc::new(keyward_store::SqliteStore::open(&dir.join(DB_FILE)).map_err(|e| KekError::Internal(e.to_string()))?);
+    let sealing = Sealing::new(store, SealKind::InsecureFile, audit.then(|| audit_config(dir)));
+    let seal = InsecureFileSeal::new(dir.join(ROOT_KEY_FILE));
+    // A new store's root token is of no use to the plugin; it is dropped (and wiped) here.
+    drop(sealing.open_with_file_seal(&seal).await.map_err(|e| KekError::Internal(e.to_string()))?);
+    sealing.unsealed().ok_or_else(|| KekError::Internal("the local store did not unseal".into()))
+}
+
+impl Local {
+    /// Open (creating on first start) the local store in `dir` and the key `key` in it
+    /// (AES-256-GCM, rotated every `rotate_every` if given). Returns the backend and the
+    /// store's audit log.
+    pub async fn open(
+        dir: &Path,
+        key: &str,
+        rotate_every: Option<Duration>,
+    ) -> Result<(Self, Arc<AuditLog>), KekError> {
+        let unsealed = open_sealed(dir, true).await?;
+        let kms = unsealed.kms.clone();
+        let audit = unsealed.audit.clone().ok_or_else(|| KekError::Internal("audit log not open".into()))?;
+        match kms.describe_key(key).await {
+            Ok(_) => {}
+            Err(KmsError::NotFound { .. }) => {
+                kms.create_key(CreateKey {
+                    name: key.to_string(),
+                    algorithm: KeyAlgorithm::Aes256Gcm,
+                    description: "Kubernetes KMS v2 key-encryption key".into(),
+                    rotate_every_secs: rotate_every.map(|d| d.as_secs()),
+                })
+                .await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok((Self { kms, key: key.to_string() }, audit))
+    }
+
+    /// Rotate `key` in the local store in `dir`, from another process than the running plugin
+    /// (which reports the new `key_id` at its next status check). Returns the new version.
+    pub async fn rotate(dir: &Path, key: &str) -> Result<KeyRef, KekError> {
+        if !dir.join(DB_FILE).exists() {
+            return Err(KekError::Refused(format!("{} holds no local KMS plugin store", dir.display())));
+        }
+        let unsealed = open_sealed(dir, false).await?;
+        let d = unsealed.kms.rotate_key(key).await?;
+        Ok(KeyRef { name: d.record.name, id: d.record.id.0, version: d.record.current_version })
+    }
+}
+
+impl Service {
+    /// A backend wrapping under `key` through `client`, and the plugin's own audit log in `dir`
+    /// (for what never reaches the server: refused callers and answers from the outage cache).
+    pub fn open(client: keyward_client::Client, key: &str, dir: &Path) -> Result<(Self, Arc<AuditLog>), KekError> {
+        create_dir(dir)?;
+        // The chain key of the plugin's own log, kept beside it (mode 0600).
+        let (audit_key, _) = InsecureFileSeal::new(dir.join(AUDIT_KEY_FILE))
+            .load_or_create()
+            .map_err(|e| KekError::Internal(format!("audit key: {e}")))?;
+        let audit = AuditLog::open(audit_config(dir), audit_key).map_err(|e| KekError::Internal(e.to_string()))?;
+        Ok((Self { client, key: key.to_string() }, Arc::new(audit)))
+    }
+}
+
+impl Kek {
+    /// The key new seeds are wrapped under.
+    pub fn key_name(&self) -> &str {
+        match self {
+            Self::Local(l) => &l.key,
+            Self::Service(s) => &s.key,
+        }
+    }
+
+    /// `local` or `service`.
+    pub fn mode(&self) -> &'static str {
+        match self {
+            Self::Local(_) => "local",
+            Self::Service(_) => "service",
+        }
+    }
+
+    /// Pick up changes made by others: in local mode, a rotation by `keyward kms-plugin rotate`
+    /// or a due scheduled rotation. (A server's own cache is always current.)
+    pub async fn refresh(&self) -> Result<(), KekError> {
+        if let Self::Local(l) = self {
+            l.kms.run_scheduled(keyward_core::now_unix()).await?;
+            l.kms.refresh_key(&l.key).await?;
+        }
+        Ok(())
+    }
+
+    /// Wrap a seed under the key's current version.
+    pub async fn wrap(&self, plaintext: &[u8]) -> Result<Wrapped, KekError> {
+        let ciphertext = match self {
+            Self::Local(l) => l.kms.encrypt(&l.key, plaintext, &context()).await?.ciphertext,
+            Self::Service(s) => s.client.encrypt(&s.key, plaintext, &context()).await?.ciphertext,
+        };
+        let key = KeyRef::of_ciphertext(self.key_name(), &ciphertext)
+            .ok_or_else(|| KekError::Internal("Keyward returned a ciphertext without a header".into()))?;
+        Ok(Wrapped { ciphertext, key })
+    }
+
+    /// Unwrap a ciphertext made by [`Kek::wrap`] with the key version `expected`.
+    pub async fn unwrap(&self, ciphertext: &[u8], expected: &KeyRef) -> Result<Unwrapped, KekError> {
+        let (plaintext, name, version) = match self {
+            Self::Local(l) => {
+                let d = l.kms.decrypt(ciphertext, &context()).await?;
+                (Zeroizing::new(d.plaintext.expose().to_vec()), d.key_name, d.key_version)
+            }
+            Self::Service(s) => {
+                let d = s.client.decrypt(ciphertext, &context()).await?;
+                (d.plaintext, d.key, d.key_version)
+            }
+        };
+        if name != expected.name || version != expected.version {
+            return Err(KekError::DecryptionFailed);
+        }
+        Ok(Unwrapped { plaintext, key: expected.clone() })
+    }
+}
+
+/// Service mode's memory of seeds it unwrapped, to keep answering `Decrypt` through a Keyward
+/// outage. In memory only; each entry lasts `window` after it was last obtained from the server,
+/// and is used only while the server is unavailable.
+#[derive(Debug)]
+pub struct OutageCache {
+    window: Duration,
+    max_entries: usize,
+    entries: Mutex<HashMap<Vec<u8>, Entry>>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    plaintext: Zeroizing<Vec<u8>>,
+    key: KeyRef,
+    obtained: Instant,
+}
+
+impl OutageCache {
+    /// A cache keeping entries for `window` (zero: nothing is kept), at most `max_entries`.
+    pub fn new(window: Duration, max_entries: usize) -> Self {
+        Self { window, max_entries, entries: Mutex::new(HashMap::new()) }
+    }
+
+    /// Remember what the server answered for `ciphertext`.
+    pub fn put(&self, ciphertext: &[u8], plaintext: &[u8], key: &KeyRef) {
+        if self.window.is_zero() || self.max_entries == 0 {
+            return;
+        }
+        let Ok(mut m) = self.entries.lock() else { return };
+        if m.len() >= self.max_entries && !m.contains_key(ciphertext) {
+            let window = self.window;
+            m.retain(|_, e| e.obtained.elapsed() < window);
+            if m.len() >= self.max_entries
+                && let Some(oldest) = m.iter().min_by_key(|(_, e)| e.obtained).map(|(k, _)| k.clone())
+            {
+                m.remove(&oldest);
+            }
+        }
+        let entry = Entry { plaintext: Zeroizing::new(plaintext.to_vec()), key: key.clone(), obtained: Instant::now() };
+        m.insert(ciphertext.to_vec(), entry);
+    }
+
+    /// The remembered answer for `ciphertext` made with `key`, if obtained within the window.
+    pub fn get(&self, ciphertext: &[u8], key: &KeyRef) -> Option<Unwrapped> {
+        let mut m = self.entries.lock().ok()?;
+        let e = m.get(ciphertext)?;
+        if e.obtained.elapsed() >= self.window {
+            m.remove(ciphertext);
+            return None;
+        }
+        (e.key == *key).then(|| Unwrapped { plaintext: e.plaintext.clone(), key: e.key.clone() })
+    }
+
+    /// Drop expired entries (wiping them).
+    pub fn prune(&self) {
+        if let Ok(mut m) = self.entries.lock() {
+            let window = self.window;
+            m.retain(|_, e| e.obtained.elapsed() < window);
+        }
+    }
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.entries.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn key(v: u32) -> KeyRef {
+        KeyRef { name: "k".into(), id: [1; 16], version: v }
+    }
+
+    #[test]
+    fn outage_cache_expires_matches_the_key_and_is_bounded() {
+        let c = OutageCache::new(Duration::from_millis(200), 2);
+        c.put(b"ct1", b"seed1", &key(1));
+        assert_eq!(c.get(b"ct1", &key(1)).unwrap().plaintext.as_slice(), b"seed1");
+        assert!(c.get(b"ct1", &key(2)).is_none(), "another key_id does not match");
+        c.put(b"ct2", b"seed2", &key(1));
+        c.put(b"ct3", b"seed3", &key(1));
+        assert_eq!(c.len(), 2, "bounded");
+        assert!(c.get(b"ct1", &key(1)).is_none(), "the oldest went first");
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(c.get(b"ct3", &key(1)).is_none(), "expired");
+        c.prune();
+        assert!(c.is_empty());
+        let off = OutageCache::new(Duration::ZERO, 10);
+        off.put(b"ct", b"seed", &key(1));
+        assert!(off.is_empty());
+    }
+}
