@@ -365,6 +365,35 @@ impl KeyManagementService for Plugin {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use prost::Message;
+
+    proptest! {
+        /// Any bytes as a Decrypt or Encrypt message: decoding and checking never panic, and
+        /// what is accepted is within the apiserver's limits.
+        #[test]
+        fn arbitrary_messages_are_checked_without_panics(data in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            if let Ok(r) = proto::DecryptRequest::decode(data.as_slice())
+                && let Ok(k) = check_decrypt(&r)
+            {
+                prop_assert_eq!(k.key_id(), r.key_id);
+                prop_assert!(r.ciphertext.len() <= MAX_CIPHERTEXT);
+            }
+            if let Ok(r) = proto::EncryptRequest::decode(data.as_slice()) {
+                prop_assert_eq!(check_encrypt(&r).is_ok(), r.plaintext.len() == SEED_LEN);
+            }
+        }
+
+        /// Well-formed requests with random fields: key ids that were never issued are NotFound
+        /// or InvalidArgument, never anything else.
+        #[test]
+        fn random_fields_get_typed_errors(ct in proptest::collection::vec(any::<u8>(), 0..1100), key_id in "\\PC{0,80}") {
+            let r = proto::DecryptRequest { ciphertext: ct, uid: String::new(), key_id, annotations: HashMap::new() };
+            if let Err(s) = check_decrypt(&r) {
+                prop_assert!(matches!(s.code(), tonic::Code::NotFound | tonic::Code::InvalidArgument));
+            }
+        }
+    }
 
     #[test]
     fn annotation_keys_must_be_fqdns_and_small() {
