@@ -1,0 +1,337 @@
+//! The `v1alpha1.CSIDriverProvider` service: each Mount logs in to Keyward *as the pod* (its own
+//! ServiceAccount token, Kubernetes auth role from the SecretProviderClass), fetches the objects
+//! with the pod's Keyward token and returns them as files. The provider holds no identity of its
+//! own that could read anything.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use keyward_client::{Client, Method};
+use keyward_server::audit::{AuditLog, AuditRecord};
+use serde_json::json;
+use tonic::{Code, Request, Response, Status};
+use zeroize::Zeroizing;
+
+use crate::params::{self, Invalid, MountSpec, Object, Source};
+use crate::proto;
+use crate::proto::csi_driver_provider_server::CsiDriverProvider;
+
+/// The provider's name (also its socket's name: `<dir>/keyward.sock`).
+pub const PROVIDER_NAME: &str = "keyward";
+/// The most file contents one Mount returns (the driver receives up to 4 MiB per message).
+pub const MAX_RESPONSE: usize = 3 * 1024 * 1024;
+/// A cached pod token is used until this long before it expires.
+const TOKEN_MARGIN: Duration = Duration::from_secs(30);
+/// Pods whose Keyward token is cached, at most.
+const MAX_CACHED_PODS: usize = 10_000;
+
+/// Provider settings.
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    /// The Keyward server.
+    pub addr: String,
+    /// Other addresses a SecretProviderClass may name with `keywardAddress`.
+    pub allowed_addresses: Vec<String>,
+    /// Default audience of the ServiceAccount token presented to Keyward.
+    pub audience: String,
+    /// CA for HTTPS to Keyward.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Per-request timeout to Keyward.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct LoginKey {
+    address: String,
+    role: String,
+    pod: params::Pod,
+}
+
+#[derive(Debug)]
+struct Cached {
+    client: Client,
+    usable_until: Instant,
+}
+
+/// The provider.
+#[derive(Debug)]
+pub struct Provider {
+    cfg: ProviderConfig,
+    audit: Arc<AuditLog>,
+    anonymous: Mutex<HashMap<String, Client>>,
+    logins: Mutex<HashMap<LoginKey, Cached>>,
+}
+
+/// A failed Mount: gRPC code, the stable error code, and what to fix.
+#[derive(Debug)]
+struct Failure {
+    grpc: Code,
+    code: &'static str,
+    message: String,
+    denied: bool,
+}
+
+impl From<Invalid> for Failure {
+    fn from(i: Invalid) -> Self {
+        let grpc = match i.code {
+            "MissingToken" | "MissingPodInfo" => Code::FailedPrecondition,
+            _ => Code::InvalidArgument,
+        };
+        Self { grpc, code: i.code, message: i.message, denied: false }
+    }
+}
+
+fn from_keyward(what: &str, e: keyward_client::Error) -> Failure {
+    use keyward_client::Error as E;
+    let (grpc, code, denied) = match &e {
+        E::Api { status: 401, .. } => (Code::Unauthenticated, "LoginFailed", true),
+        E::Api { status: 403, .. } => (Code::PermissionDenied, "PermissionDenied", true),
+        E::Api { status: 404, .. } => (Code::NotFound, "NotFound", false),
+        E::Api { status: 400, .. } => (Code::InvalidArgument, "InvalidObject", false),
+        E::Api { status: 500..=599, .. } | E::Transport { .. } => (Code::Unavailable, "KeywardUnavailable", false),
+        _ => (Code::Internal, "Internal", false),
+    };
+    Failure { grpc, code, message: format!("{what}: {e}"), denied }
+}
+
+fn rfc3339_to_instant(s: &str) -> Option<Instant> {
+    let at = humantime::parse_rfc3339_weak(s.trim_end_matches('Z')).ok()?;
+    let left = at.duration_since(SystemTime::now()).ok()?;
+    Instant::now().checked_add(left)
+}
+
+impl Provider {
+    /// A provider auditing to `audit`.
+    pub fn new(cfg: ProviderConfig, audit: Arc<AuditLog>) -> Self {
+        Self { cfg, audit, anonymous: Mutex::new(HashMap::new()), logins: Mutex::new(HashMap::new()) }
+    }
+
+    fn builder(&self, addr: &str) -> keyward_client::ClientBuilder {
+        let mut b = Client::builder(addr.to_string()).timeout(self.cfg.timeout);
+        if let Some(ca) = &self.cfg.ca_pem {
+            b = b.ca_cert_pem(ca.clone());
+        }
+        b
+    }
+
+    fn address(&self, spec: &MountSpec) -> Result<String, Failure> {
+        match &spec.address {
+            None => Ok(self.cfg.addr.clone()),
+            Some(a) if *a == self.cfg.addr || self.cfg.allowed_addresses.contains(a) => Ok(a.clone()),
+            Some(a) => Err(Failure {
+                grpc: Code::InvalidArgument,
+                code: "AddressNotAllowed",
+                message: format!(
+                    "keywardAddress {a:?} is not one this provider may send pod tokens to (start it with --allowed-address)"
+                ),
+                denied: true,
+            }),
+        }
+    }
+
+    /// The pod's Keyward client: cached until shortly before its token expires, else a login
+    /// with the pod's ServiceAccount token.
+    async fn pod_client(&self, key: &LoginKey, jwt: &str) -> Result<Client, Failure> {
+        if let Ok(m) = self.logins.lock()
+            && let Some(c) = m.get(key)
+            && c.usable_until > Instant::now()
+        {
+            return Ok(c.client.clone());
+        }
+        let anon = {
+            let mut m = self.anonymous.lock().map_err(|_| internal("client cache poisoned"))?;
+            match m.get(&key.address) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = self.builder(&key.address).build().map_err(|e| from_keyward("client", e))?;
+                    m.insert(key.address.clone(), c.clone());
+                    c
+                }
+            }
+        };
+        let body = json!({"role": key.role, "jwt": jwt});
+        let v = anon.request(Method::POST, "/v1/auth/kubernetes/login", Some(&body)).await.map_err(|e| {
+            from_keyward(
+                &format!("logging in as {}/{} with role {}", key.pod.namespace, key.pod.service_account, key.role),
+                e,
+            )
+        })?;
+        let token =
+            Zeroizing::new(v["token"].as_str().ok_or_else(|| internal("login answer without a token"))?.to_string());
+        let expires = v["expires_at"].as_str().and_then(rfc3339_to_instant).unwrap_or_else(Instant::now);
+        let client = self.builder(&key.address).token(token.as_str()).build().map_err(|e| from_keyward("client", e))?;
+        if let Ok(mut m) = self.logins.lock() {
+            let now = Instant::now();
+            if m.len() >= MAX_CACHED_PODS {
+                m.retain(|_, c| c.usable_until > now);
+            }
+            if m.len() < MAX_CACHED_PODS {
+                m.insert(
+                    key.clone(),
+                    Cached { client: client.clone(), usable_until: expires.checked_sub(TOKEN_MARGIN).unwrap_or(now) },
+                );
+            }
+        }
+        Ok(client)
+    }
+
+    fn forget(&self, key: &LoginKey) {
+        if let Ok(mut m) = self.logins.lock() {
+            m.remove(key);
+        }
+    }
+
+    async fn fetch(client: &Client, o: &Object) -> Result<(Zeroizing<Vec<u8>>, String), Failure> {
+        match &o.source {
+            Source::Secret { path, field, version } => {
+                let s =
+                    client.get_secret(path, *version).await.map_err(|e| from_keyward(&format!("secret {path}"), e))?;
+                let contents = match field {
+                    Some(f) => Zeroizing::new(
+                        s.data
+                            .get(f)
+                            .ok_or_else(|| Failure {
+                                grpc: Code::NotFound,
+                                code: "NotFound",
+                                message: format!("secret {path} version {} has no field {f:?}", s.version),
+                                denied: false,
+                            })?
+                            .as_bytes()
+                            .to_vec(),
+                    ),
+                    None => {
+                        let fields: BTreeMap<&str, &str> =
+                            s.data.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                        Zeroizing::new(serde_json::to_vec(&fields).map_err(|e| internal(&e.to_string()))?)
+                    }
+                };
+                Ok((contents, s.version.to_string()))
+            }
+            Source::DataKey { ciphertext, context } => {
+                let d = client
+                    .decrypt(ciphertext, context)
+                    .await
+                    .map_err(|e| from_keyward(&format!("data key {}", o.file_name), e))?;
+                Ok((Zeroizing::new(d.plaintext.to_vec()), format!("{}:v{}", d.key, d.key_version)))
+            }
+        }
+    }
+
+    async fn mount(
+        &self,
+        r: &proto::MountRequest,
+    ) -> Result<(MountSpec, proto::MountResponse), (Option<MountSpec>, Failure)> {
+        let spec = params::parse_mount(&r.attributes, &r.secrets, &r.permission, &self.cfg.audience)
+            .map_err(|e| (None, e.into()))?;
+        let address = match self.address(&spec) {
+            Ok(a) => a,
+            Err(f) => return Err((Some(spec), f)),
+        };
+        let key = LoginKey { address, role: spec.role.clone(), pod: spec.pod.clone() };
+        let mut retried = false;
+        'login: loop {
+            let client = match self.pod_client(&key, &spec.token).await {
+                Ok(c) => c,
+                Err(f) => return Err((Some(spec), f)),
+            };
+            let mut resp = proto::MountResponse::default();
+            let mut total = 0usize;
+            for o in &spec.objects {
+                let (contents, version) = match Self::fetch(&client, o).await {
+                    Ok(v) => v,
+                    // A cached token revoked or expired early: log in once more.
+                    Err(f) if f.code == "LoginFailed" && !retried => {
+                        self.forget(&key);
+                        retried = true;
+                        continue 'login;
+                    }
+                    Err(f) => return Err((Some(spec), f)),
+                };
+                total = total.saturating_add(contents.len());
+                if total > MAX_RESPONSE {
+                    let f = Failure {
+                        grpc: Code::ResourceExhausted,
+                        code: "ResponseTooLarge",
+                        message: format!(
+                            "the objects total more than {MAX_RESPONSE} bytes; split them over several volumes"
+                        ),
+                        denied: false,
+                    };
+                    return Err((Some(spec), f));
+                }
+                resp.object_version.push(proto::ObjectVersion { id: o.id(), version });
+                resp.files.push(proto::File {
+                    path: o.file_name.clone(),
+                    mode: o.mode as i32,
+                    contents: contents.to_vec(),
+                });
+            }
+            return Ok((spec, resp));
+        }
+    }
+
+    async fn audit(&self, spec: Option<&MountSpec>, outcome: Result<usize, &Failure>) -> Result<(), Status> {
+        let (identity, request_id, resource) = match spec {
+            Some(s) => (
+                format!("k8s:{}/{} pod {}", s.pod.namespace, s.pod.service_account, s.pod.name),
+                s.pod.uid.clone(),
+                format!("spc/{}/{} role {}", s.pod.namespace, s.class, s.role),
+            ),
+            None => ("driver".into(), "-".into(), "-".into()),
+        };
+        let (decision, reason, status, error) = match outcome {
+            Ok(n) => ("allow", format!("{n} objects"), 0u16, None),
+            Err(f) => {
+                (if f.denied { "deny" } else { "none" }, f.message.clone(), f.grpc as u16, Some(f.code.to_string()))
+            }
+        };
+        let record = AuditRecord {
+            time: keyward_server::audit::now_rfc3339(),
+            request_id,
+            identity,
+            method: "grpc".into(),
+            path: "/v1alpha1.CSIDriverProvider/Mount".into(),
+            operation: Some("mount".into()),
+            resource: Some(resource),
+            decision,
+            reason: Some(reason.chars().take(512).collect()),
+            status,
+            error,
+        };
+        self.audit.append(record).await.map_err(|e| {
+            tracing::error!(error = %e, "audit write failed; refusing the mount");
+            Status::unavailable("AuditUnavailable: the audit log cannot be written; the mount was refused")
+        })
+    }
+}
+
+fn internal(m: &str) -> Failure {
+    Failure { grpc: Code::Internal, code: "Internal", message: m.to_string(), denied: false }
+}
+
+#[tonic::async_trait]
+impl CsiDriverProvider for Provider {
+    async fn version(&self, _req: Request<proto::VersionRequest>) -> Result<Response<proto::VersionResponse>, Status> {
+        Ok(Response::new(proto::VersionResponse {
+            version: "v1alpha1".into(),
+            runtime_name: PROVIDER_NAME.into(),
+            runtime_version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+
+    async fn mount(&self, req: Request<proto::MountRequest>) -> Result<Response<proto::MountResponse>, Status> {
+        let r = req.into_inner();
+        match Provider::mount(self, &r).await {
+            Ok((spec, resp)) => {
+                self.audit(Some(&spec), Ok(resp.files.len())).await?;
+                Ok(Response::new(resp))
+            }
+            Err((spec, f)) => {
+                tracing::warn!(code = f.code, reason = %f.message, "mount refused");
+                self.audit(spec.as_ref(), Err(&f)).await?;
+                Err(Status::new(f.grpc, format!("{}: {}", f.code, f.message)))
+            }
+        }
+    }
+}
