@@ -50,6 +50,9 @@ pub enum Command {
     /// `keyward kms-plugin rotate --local` rotates the local key.
     #[command(args_conflicts_with_subcommands = true)]
     KmsPlugin(KmsPluginArgs),
+    /// Run the Secrets Store CSI driver provider: secrets mounted into pods, each Mount
+    /// authenticated as the pod with its ServiceAccount token (server at --addr).
+    CsiProvider(CsiProviderArgs),
     /// Show server health, seal state and unseal progress.
     Status,
     /// Seal ceremonies: init, unseal, seal, rekey, root key rotation.
@@ -270,6 +273,27 @@ pub struct DevArgs {
     pub scheduler_interval: std::time::Duration,
     #[command(flatten)]
     pub audit: AuditArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CsiProviderArgs {
+    /// Directory of provider sockets the driver searches; the socket is DIR/keyward.sock.
+    #[arg(long, default_value = keyward_csi::DEFAULT_PROVIDER_DIR)]
+    pub provider_dir: PathBuf,
+    /// Audience of the pod ServiceAccount tokens presented to Keyward (the CSIDriver's
+    /// tokenRequests must include it; a SecretProviderClass may choose another with `audience`).
+    #[arg(long, default_value = "keyward")]
+    pub audience: String,
+    /// Another Keyward address a SecretProviderClass may name with `keywardAddress`
+    /// (repeatable). Pod tokens are sent nowhere else.
+    #[arg(long = "allowed-address")]
+    pub allowed_addresses: Vec<String>,
+    /// Timeout of each call to Keyward.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+    /// State directory: the provider's audit log and its chain key.
+    #[arg(long, default_value = "/var/lib/keyward-csi")]
+    pub data_dir: PathBuf,
 }
 
 #[derive(Subcommand, Debug, Clone)]

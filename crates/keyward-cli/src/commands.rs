@@ -156,6 +156,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::KmsPlugin(a) => kms_plugin(&cli, a.clone()).await,
+        Command::CsiProvider(a) => csi_provider(&cli, a.clone()).await,
         Command::Node(NodeCmd::JoinToken { node, ttl }) => {
             let v = client(&cli)?
                 .request(
@@ -895,6 +896,31 @@ async fn kms_plugin(cli: &Cli, a: KmsPluginArgs) -> anyhow::Result<ExitCode> {
     let policy = CallerPolicy { uids, exe_sha256 };
     keyward_kms_plugin::serve(listener, plugin, policy, shutdown_signal()).await?;
     let _ = std::fs::remove_file(&path);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn csi_provider(cli: &Cli, a: CsiProviderArgs) -> anyhow::Result<ExitCode> {
+    // The provider holds pods' Keyward tokens in memory while they are valid.
+    let h = keyward_server::harden::harden_process(false)?;
+    tracing::info!(?h, "process hardened");
+    let ca_pem = match &cli.cacert {
+        Some(p) => Some(std::fs::read(p).with_context(|| format!("reading CA certificate {}", p.display()))?),
+        None => None,
+    };
+    let audit = keyward_server::audit::open_with_key_file(&a.data_dir)?;
+    let cfg = keyward_csi::ProviderConfig {
+        addr: cli.addr.clone(),
+        allowed_addresses: a.allowed_addresses.clone(),
+        audience: a.audience.clone(),
+        ca_pem,
+        timeout: a.timeout,
+    };
+    let provider = std::sync::Arc::new(keyward_csi::Provider::new(cfg, std::sync::Arc::new(audit)));
+    let listener = keyward_csi::bind(&a.provider_dir)?;
+    let socket = a.provider_dir.join(format!("{}.sock", keyward_csi::PROVIDER_NAME));
+    tracing::info!(socket = %socket.display(), server = %cli.addr, audience = %a.audience, "CSI provider listening");
+    keyward_csi::serve(listener, provider, shutdown_signal()).await?;
+    let _ = std::fs::remove_file(&socket);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -14,6 +14,7 @@ fn main() -> std::process::ExitCode {
             | cli::Command::Server(_)
             | cli::Command::Agent(cli::AgentArgs { command: None, .. })
             | cli::Command::KmsPlugin(cli::KmsPluginArgs { command: None, .. })
+            | cli::Command::CsiProvider(_)
     );
     let default_filter = if daemon { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

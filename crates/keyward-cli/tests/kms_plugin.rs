@@ -9,52 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::BIN;
+use common::{BIN, PYTHON, grpc_python, repo};
 use serde_json::Value;
-
-const GRPCIO_TOOLS: &str = "grpcio-tools==1.85.1";
-/// The system interpreter (Debian's python3): reachable by other uids, unlike a per-user one.
-const PYTHON: &str = "/usr/bin/python3";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// grpcio and grpcio-tools from PyPI under target/ (once), and the stubs generated from the
-/// plugin API proto into its `stubs/`. Fails loudly if pip or protoc cannot.
-fn grpc_python() -> PathBuf {
-    static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    ONCE.get_or_init(install_grpc_python).clone()
-}
-
-fn install_grpc_python() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("grpcio-tools-1.85.1");
-    if !dir.join("stubs/k8s/kms/v2/api_pb2_grpc.py").is_file() {
-        let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
-        let out = Command::new(PYTHON)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
-            .arg(&tmp)
-            .arg(GRPCIO_TOOLS)
-            .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
-            .output()
-            .expect("python3 -m pip is needed by this test (apt-get install python3-pip)");
-        assert!(out.status.success(), "pip install {GRPCIO_TOOLS} failed: {}", String::from_utf8_lossy(&out.stderr));
-        std::fs::create_dir_all(tmp.join("stubs")).unwrap();
-        let out = Command::new(PYTHON)
-            .args(["-m", "grpc_tools.protoc", "-I"])
-            .arg(repo().join("proto"))
-            .arg(format!("--python_out={}", tmp.join("stubs").display()))
-            .arg(format!("--grpc_python_out={}", tmp.join("stubs").display()))
-            .arg("k8s/kms/v2/api.proto")
-            .env("PYTHONPATH", &tmp)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "grpc_tools.protoc failed: {}", String::from_utf8_lossy(&out.stderr));
-        let _ = std::fs::rename(&tmp, &dir);
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    dir
-}
 
 /// Run the Python client, optionally as uid/gid 65534.
 fn py(socket: &Path, args: &[&str], as_nobody: bool) -> Value {

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keyward_core::seal::{Seal, SealKind};
+use keyward_core::seal::SealKind;
 use keyward_core::service::CreateKey;
 use keyward_core::store::Store;
 use keyward_core::{Kms, KmsError};
@@ -115,7 +115,6 @@ pub enum Kek {
 const DB_FILE: &str = "keyward.db";
 const ROOT_KEY_FILE: &str = "root-key.insecure";
 const AUDIT_FILE: &str = "audit.log";
-const AUDIT_KEY_FILE: &str = "audit-key";
 
 fn create_dir(dir: &Path) -> Result<(), KekError> {
     use std::os::unix::fs::DirBuilderExt;
@@ -185,12 +184,7 @@ impl Service {
     /// A backend wrapping under `key` through `client`, and the plugin's own audit log in `dir`
     /// (for what never reaches the server: refused callers and answers from the outage cache).
     pub fn open(client: keyward_client::Client, key: &str, dir: &Path) -> Result<(Self, Arc<AuditLog>), KekError> {
-        create_dir(dir)?;
-        // The chain key of the plugin's own log, kept beside it (mode 0600).
-        let (audit_key, _) = InsecureFileSeal::new(dir.join(AUDIT_KEY_FILE))
-            .load_or_create()
-            .map_err(|e| KekError::Internal(format!("audit key: {e}")))?;
-        let audit = AuditLog::open(audit_config(dir), audit_key).map_err(|e| KekError::Internal(e.to_string()))?;
+        let audit = keyward_server::audit::open_with_key_file(dir).map_err(|e| KekError::Internal(e.to_string()))?;
         Ok((Self { client, key: key.to_string() }, Arc::new(audit)))
     }
 }

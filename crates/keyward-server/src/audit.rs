@@ -29,6 +29,21 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
+/// Open (or continue) a component's own audit log, `DIR/audit.log`, whose chain key is kept
+/// beside it in `DIR/audit-key` (mode 0600, created on first use; the directory is created 0700).
+/// For components without a store of their own (the KMS plugin in service mode, the CSI
+/// provider): the chain shows tampering by anyone who cannot read that key.
+pub fn open_with_key_file(dir: &std::path::Path) -> Result<AuditLog, AuditError> {
+    use keyward_core::seal::Seal;
+    use std::os::unix::fs::DirBuilderExt;
+    let unavailable = |e: String| AuditError::Unavailable(format!("{}: {e}", dir.display()));
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| unavailable(e.to_string()))?;
+    let (key, _) = crate::seal_file::InsecureFileSeal::new(dir.join("audit-key"))
+        .load_or_create()
+        .map_err(|e| unavailable(format!("audit key: {e}")))?;
+    AuditLog::open(AuditConfig { file: dir.join("audit.log"), stdout: false, max_file_bytes: 256 * 1024 * 1024 }, key)
+}
+
 /// Audit configuration.
 #[derive(Debug, Clone)]
 pub struct AuditConfig {

@@ -3,7 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_keyward");
@@ -100,4 +100,49 @@ pub fn install_exe(src: &Path, dst: &Path, suffix: &[u8]) {
         let _ = std::fs::remove_file(&from);
     }
     std::fs::set_permissions(dst, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
+/// grpcio and grpcio-tools, for the independent gRPC clients.
+const GRPCIO_TOOLS: &str = "grpcio-tools==1.85.1";
+/// The system interpreter (Debian's python3): reachable by other uids, unlike a per-user one.
+pub const PYTHON: &str = "/usr/bin/python3";
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// grpcio and grpcio-tools from PyPI under target/ (once), and the stubs generated from the
+/// KMS v2 and CSI provider protos into its `stubs/`. Fails loudly if pip or protoc cannot.
+pub fn grpc_python() -> PathBuf {
+    static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ONCE.get_or_init(install_grpc_python).clone()
+}
+
+fn install_grpc_python() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("grpcio-tools-1.85.1-kms-csi");
+    if !dir.join("stubs/secrets_store/v1alpha1/service_pb2_grpc.py").is_file() {
+        let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
+        let out = Command::new(PYTHON)
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
+            .arg(&tmp)
+            .arg(GRPCIO_TOOLS)
+            .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
+            .output()
+            .expect("python3 -m pip is needed by this test (apt-get install python3-pip)");
+        assert!(out.status.success(), "pip install {GRPCIO_TOOLS} failed: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::create_dir_all(tmp.join("stubs")).unwrap();
+        let out = Command::new(PYTHON)
+            .args(["-m", "grpc_tools.protoc", "-I"])
+            .arg(repo().join("proto"))
+            .arg(format!("--python_out={}", tmp.join("stubs").display()))
+            .arg(format!("--grpc_python_out={}", tmp.join("stubs").display()))
+            .args(["k8s/kms/v2/api.proto", "secrets-store/v1alpha1/service.proto"])
+            .env("PYTHONPATH", &tmp)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "grpc_tools.protoc failed: {}", String::from_utf8_lossy(&out.stderr));
+        let _ = std::fs::rename(&tmp, &dir);
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    dir
 }
