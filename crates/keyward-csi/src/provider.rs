@@ -23,6 +23,11 @@ pub const PROVIDER_NAME: &str = "keyward";
 pub const MAX_RESPONSE: usize = 3 * 1024 * 1024;
 /// A cached pod token is used until this long before it expires.
 const TOKEN_MARGIN: Duration = Duration::from_secs(30);
+/// One object's contents and version, or why not.
+type Fetched = Result<(Zeroizing<Vec<u8>>, String), Failure>;
+
+/// Objects of one Mount fetched at once.
+const FETCH_CONCURRENCY: usize = 16;
 /// Pods whose Keyward token is cached, at most.
 const MAX_CACHED_PODS: usize = 10_000;
 
@@ -182,7 +187,29 @@ impl Provider {
         }
     }
 
-    async fn fetch(client: &Client, o: &Object) -> Result<(Zeroizing<Vec<u8>>, String), Failure> {
+    /// Fetch every object, up to [`FETCH_CONCURRENCY`] at a time; results in object order.
+    async fn fetch_all(client: &Client, objects: &[Object]) -> Vec<Fetched> {
+        let permits = Arc::new(tokio::sync::Semaphore::new(FETCH_CONCURRENCY));
+        let mut set = tokio::task::JoinSet::new();
+        for (i, o) in objects.iter().enumerate() {
+            let (client, o, permits) = (client.clone(), o.clone(), permits.clone());
+            set.spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                (i, Self::fetch(&client, &o).await)
+            });
+        }
+        let mut out: Vec<Option<Fetched>> = objects.iter().map(|_| None).collect();
+        while let Some(joined) = set.join_next().await {
+            if let Ok((i, r)) = joined
+                && let Some(slot) = out.get_mut(i)
+            {
+                *slot = Some(r);
+            }
+        }
+        out.into_iter().map(|r| r.unwrap_or_else(|| Err(internal("an object fetch was lost")))).collect()
+    }
+
+    async fn fetch(client: &Client, o: &Object) -> Fetched {
         match &o.source {
             Source::Secret { path, field, version } => {
                 let s =
@@ -237,8 +264,8 @@ impl Provider {
             };
             let mut resp = proto::MountResponse::default();
             let mut total = 0usize;
-            for o in &spec.objects {
-                let (contents, version) = match Self::fetch(&client, o).await {
+            for (o, fetched) in spec.objects.iter().zip(Self::fetch_all(&client, &spec.objects).await) {
+                let (contents, version) = match fetched {
                     Ok(v) => v,
                     // A cached token revoked or expired early: log in once more.
                     Err(f) if f.code == "LoginFailed" && !retried => {
