@@ -152,6 +152,9 @@ pub enum Command {
     /// Policies (deny by default).
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Randomized secrets: a generated value per workload identity, rotated at a TTL.
+    #[command(subcommand)]
+    Randomized(RandomizedCmd),
     /// Tokens.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -294,6 +297,37 @@ pub struct CsiProviderArgs {
     /// State directory: the provider's audit log and its chain key.
     #[arg(long, default_value = "/var/lib/keyward-csi")]
     pub data_dir: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RandomizedCmd {
+    /// Create or replace a definition (`write` on randomized/NAME).
+    Define {
+        name: String,
+        /// password, api-key or bytes.
+        #[arg(long, default_value = "password")]
+        kind: String,
+        /// Characters (password, api-key) or bytes (bytes).
+        #[arg(long)]
+        length: Option<u16>,
+        /// Characters to draw from (password, api-key).
+        #[arg(long)]
+        alphabet: Option<String>,
+        /// Rotation period, e.g. 24h.
+        #[arg(long)]
+        ttl: String,
+        /// How long the previous value is still returned after a rotation, e.g. 1h.
+        #[arg(long)]
+        grace: Option<String>,
+    },
+    /// Show a definition (no value).
+    Show { name: String },
+    /// Get your identity's value (`read` on randomized/NAME); with --value-only, just the value.
+    Get {
+        name: String,
+        #[arg(long)]
+        value_only: bool,
+    },
 }
 
 #[derive(Subcommand, Debug, Clone)]

@@ -285,6 +285,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy(p) => policy(&cli, p).await,
+        Command::Randomized(r) => randomized(&cli, r).await,
         Command::Token(t) => token(&cli, t).await,
         Command::Auth(AuthCmd::Whoami) => {
             let v = client(&cli)?.request(keyward_client::Method::GET, "/v1/auth/whoami", None).await?;
@@ -844,6 +845,35 @@ async fn agent(cli: &Cli, a: AgentArgs) -> anyhow::Result<ExitCode> {
     };
     let listener = keyward_agent::bind(&config.socket)?;
     keyward_agent::serve(&config, listener, upstream, kubelet, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn randomized(cli: &Cli, r: &RandomizedCmd) -> anyhow::Result<ExitCode> {
+    let c = client(cli)?;
+    let seg = |n: &str| n.replace('/', "%2F");
+    match r {
+        RandomizedCmd::Define { name, kind, length, alphabet, ttl, grace } => {
+            let body = json!({"kind": kind, "length": length, "alphabet": alphabet, "ttl": ttl, "grace": grace});
+            let v =
+                c.request(keyward_client::Method::PUT, &format!("/v1/randomized/{}", seg(name)), Some(&body)).await?;
+            print_value(cli.output, &v)?;
+        }
+        RandomizedCmd::Show { name } => {
+            let v = c
+                .request(keyward_client::Method::GET, &format!("/v1/randomized/{}/definition", seg(name)), None)
+                .await?;
+            print_value(cli.output, &v)?;
+        }
+        RandomizedCmd::Get { name, value_only } => {
+            let v = c.request(keyward_client::Method::GET, &format!("/v1/randomized/{}", seg(name)), None).await?;
+            if *value_only {
+                let value = v["value"].as_str().ok_or_else(|| anyhow!("the server answered without a value"))?;
+                write_out(format!("{value}\n").as_bytes())?;
+            } else {
+                print_value(cli.output, &v)?;
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

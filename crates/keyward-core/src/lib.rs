@@ -17,6 +17,7 @@ pub mod error;
 pub mod limits;
 pub mod model;
 pub mod policy;
+pub mod random;
 pub mod release;
 pub mod seal;
 pub mod secretdata;

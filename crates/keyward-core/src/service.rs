@@ -1205,6 +1205,11 @@ impl Kms {
     /// version is `cas` (0: the secret must not exist yet). Returns the new version.
     pub async fn put_secret(&self, path: &str, data: SecretData, cas: Option<u32>) -> Result<u32, KmsError> {
         validate::secret_path(path)?;
+        self.put_secret_at(path, data, cas, now_unix()).await
+    }
+
+    async fn put_secret_at(&self, path: &str, data: SecretData, cas: Option<u32>, now: i64) -> Result<u32, KmsError> {
+        validate::internal_secret_path(path)?;
         let encoded = data.encode();
         for _ in 0..CAS_RETRIES {
             let current = self.store.get_secret(path).await?.map_or(0, |s| s.current_version);
@@ -1221,7 +1226,7 @@ impl Kms {
                 path: path.to_string(),
                 version,
                 wrapped_value: Some(wrapped),
-                created_at: now_unix(),
+                created_at: now,
                 deleted_at: None,
             };
             match self.store.put_secret_version(&rec, current).await {
@@ -1236,9 +1241,105 @@ impl Kms {
         Err(KmsError::Conflict(format!("secret {path:?} is being written concurrently; retry")))
     }
 
+    // ----- randomized secrets ---------------------------------------------------------------
+
+    /// Create or replace the definition of randomized secret `name`. Existing values keep
+    /// their age; the new TTL and grace apply at the next read.
+    pub async fn define_random(&self, name: &str, spec: &crate::random::RandomSpec) -> Result<(), KmsError> {
+        validate::key_name(name)?;
+        spec.validate()?;
+        let key = format!("random-def/{name}");
+        let doc = serde_json::to_vec(spec).map_err(|e| KmsError::Internal(e.to_string()))?;
+        for _ in 0..CAS_RETRIES {
+            match self.store.get_meta(&key).await? {
+                None if self.store.put_meta_if_absent(&key, &doc).await? => return Ok(()),
+                Some(old) if self.store.replace_meta(&key, &old, &doc).await? => return Ok(()),
+                _ => continue,
+            }
+        }
+        Err(KmsError::Conflict(format!("randomized secret {name:?} is being changed concurrently; retry")))
+    }
+
+    /// The definition of randomized secret `name`.
+    pub async fn random_definition(&self, name: &str) -> Result<crate::random::RandomSpec, KmsError> {
+        validate::key_name(name)?;
+        let doc = self
+            .store
+            .get_meta(&format!("random-def/{name}"))
+            .await?
+            .ok_or_else(|| not_found("randomized secret", name))?;
+        serde_json::from_slice(&doc).map_err(|e| KmsError::Internal(format!("stored randomized secret {name}: {e}")))
+    }
+
+    /// The value of randomized secret `name` for `identity` (e.g. `k8s:payments/api`): created
+    /// on first use, replaced once older than the TTL (concurrent readers agree on one value),
+    /// with the previous value during the grace period.
+    pub async fn random_value(
+        &self,
+        name: &str,
+        identity: &str,
+        now: i64,
+    ) -> Result<crate::random::RandomValue, KmsError> {
+        let spec = self.random_definition(name).await?;
+        let path = format!(
+            "{}random/{name}/{}",
+            validate::RESERVED_SECRET_PREFIX,
+            hex::encode(keyward_crypto::hash::sha256(identity.as_bytes()))
+        );
+        let ttl = i64::try_from(spec.ttl_secs).unwrap_or(i64::MAX);
+        let grace = i64::try_from(spec.grace_secs).unwrap_or(i64::MAX);
+        for _ in 0..CAS_RETRIES {
+            let current = match self.get_secret_at(&path, None).await {
+                Ok(v) => Some(v),
+                Err(KmsError::NotFound { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            let due = current.as_ref().is_none_or(|c| now >= c.created_at.saturating_add(ttl));
+            if due {
+                let value = spec.generate()?;
+                let data = SecretData::new([("value".to_string(), value.to_string())].into())?;
+                let cas = current.as_ref().map_or(0, |c| c.version);
+                match self.put_secret_at(&path, data, Some(cas), now).await {
+                    Ok(_) | Err(KmsError::Conflict(_)) => continue, // re-read: ours, or a concurrent writer's
+                    Err(e) => return Err(e),
+                }
+            }
+            let Some(c) = current else { continue };
+            let field = |v: &SecretValue| {
+                v.data
+                    .expose()
+                    .get("value")
+                    .map(|s| zeroize::Zeroizing::new(s.clone()))
+                    .ok_or_else(|| KmsError::Internal("randomized value without a value".into()))
+            };
+            let previous = if c.version > 1 && now < c.created_at.saturating_add(grace) {
+                match self.get_secret_at(&path, Some(c.version - 1)).await {
+                    Ok(p) => Some((field(&p)?, c.created_at.saturating_add(grace))),
+                    Err(KmsError::NotFound { .. }) => None,
+                    Err(e) => return Err(e),
+                }
+            } else {
+                None
+            };
+            return Ok(crate::random::RandomValue {
+                value: field(&c)?,
+                version: c.version,
+                created_at: c.created_at,
+                rotates_at: c.created_at.saturating_add(ttl),
+                previous,
+            });
+        }
+        Err(KmsError::Conflict(format!("randomized secret {name:?} is being rotated concurrently; retry")))
+    }
+
     /// Read a secret version (latest if `version` is `None`).
     pub async fn get_secret(&self, path: &str, version: Option<u32>) -> Result<SecretValue, KmsError> {
         validate::secret_path(path)?;
+        self.get_secret_at(path, version).await
+    }
+
+    async fn get_secret_at(&self, path: &str, version: Option<u32>) -> Result<SecretValue, KmsError> {
+        validate::internal_secret_path(path)?;
         let meta = self.store.get_secret(path).await?.ok_or_else(|| not_found("secret", path))?;
         let v = version.unwrap_or(meta.current_version);
         let rec = self
@@ -1297,6 +1398,8 @@ impl Kms {
         }
         let page = self.store.list_secrets(prefix, after, limit).await?;
         let next = (page.len() == limit as usize).then(|| page.last().cloned()).flatten();
+        // Keyward's own secrets (randomized values) are never listed.
+        let page = page.into_iter().filter(|p| !p.starts_with(validate::RESERVED_SECRET_PREFIX)).collect();
         Ok((page, next))
     }
 

@@ -20,9 +20,23 @@ pub fn key_name(name: &str) -> Result<(), KmsError> {
     }
 }
 
+/// The first path segment reserved for Keyward's own secrets (randomized secret values).
+pub const RESERVED_SECRET_PREFIX: &str = "_keyward/";
+
+/// Secret paths as callers may name them: [`internal_secret_path`] rules, and not under
+/// [`RESERVED_SECRET_PREFIX`].
+pub fn secret_path(path: &str) -> Result<(), KmsError> {
+    if path.starts_with(RESERVED_SECRET_PREFIX) {
+        return Err(KmsError::invalid(format!(
+            "secret paths under {RESERVED_SECRET_PREFIX} are reserved for Keyward; choose another path"
+        )));
+    }
+    internal_secret_path(path)
+}
+
 /// Secret paths: `/`-separated segments of `A-Z a-z 0-9 _ - . @ +`, no empty, `.` or `..`
 /// segment, at most 512 bytes.
-pub fn secret_path(path: &str) -> Result<(), KmsError> {
+pub fn internal_secret_path(path: &str) -> Result<(), KmsError> {
     let ok = !path.is_empty()
         && path.len() <= MAX_SECRET_PATH
         && path.split('/').all(|seg| {

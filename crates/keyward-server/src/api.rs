@@ -116,6 +116,9 @@ pub fn route_table() -> Vec<(&'static str, &'static str, bool, MethodRouter<AppS
         ("post", "/v1/decrypt", false, post(decrypt)),
         ("post", "/v1/reencrypt", false, post(reencrypt)),
         ("post", "/v1/random", false, post(random)),
+        ("get", "/v1/randomized/{name}", false, get(randomized_value)),
+        ("put", "/v1/randomized/{name}", false, put(randomized_define)),
+        ("get", "/v1/randomized/{name}/definition", false, get(randomized_definition)),
         ("get", "/v1/secrets", false, get(list_secrets)),
         ("get", "/v1/secrets/data/{*path}", false, get(get_secret)),
         ("put", "/v1/secrets/data/{*path}", false, put(put_secret)),
@@ -978,6 +981,73 @@ async fn list_secrets(
     allow(&st, &c, "list", &format!("secrets/{}", q.prefix))?;
     let (paths, next) = st.kms()?.list_secrets(&q.prefix, q.after.as_deref(), q.limit).await?;
     ok(json!({"paths": paths, "next": next}))
+}
+
+/// The workload identity a randomized value belongs to: a Kubernetes ServiceAccount (all its pods
+/// share it), a client certificate, or else the token itself.
+fn randomized_identity(t: &keyward_core::model::TokenRecord) -> String {
+    let sel = |p: &str| t.selectors.iter().find_map(|s| s.strip_prefix(p));
+    if let (Some(ns), Some(sa)) = (sel("k8s:ns:"), sel("k8s:sa:")) {
+        return format!("k8s:{ns}/{sa}");
+    }
+    if let Some(fp) = sel("cert:sha256:") {
+        return format!("cert:{fp}");
+    }
+    format!("token:{}", t.accessor)
+}
+
+async fn randomized_define(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+    StrictJson(r): StrictJson<RandomizedReq>,
+) -> ApiResult {
+    use keyward_core::random::{RandomKind, RandomSpec};
+    allow(&st, &c, "write", &format!("randomized/{name}"))?;
+    let kind = match r.kind.as_str() {
+        "password" => RandomKind::Password,
+        "api-key" => RandomKind::ApiKey,
+        "bytes" => RandomKind::Bytes,
+        other => return Err(ApiError::invalid(format!("kind {other:?} is not password, api-key or bytes"))),
+    };
+    let spec = RandomSpec {
+        kind,
+        length: r.length.unwrap_or(32),
+        alphabet: r.alphabet,
+        ttl_secs: parse_period("ttl", &r.ttl)?,
+        grace_secs: r.grace.as_deref().map(|g| parse_period("grace", g)).transpose()?.unwrap_or(0),
+    };
+    st.kms()?.define_random(&name, &spec).await?;
+    ok(randomized_json(&name, &spec))
+}
+
+fn randomized_json(name: &str, spec: &keyward_core::random::RandomSpec) -> Value {
+    json!({"name": name, "kind": spec.kind, "length": spec.length, "alphabet": spec.alphabet,
+           "ttl": format_period(spec.ttl_secs), "grace": format_period(spec.grace_secs)})
+}
+
+async fn randomized_definition(State(st): State<AppState>, c: Caller, Path(name): Path<String>) -> ApiResult {
+    allow(&st, &c, "list", &format!("randomized/{name}"))?;
+    let spec = st.kms()?.random_definition(&name).await?;
+    ok(randomized_json(&name, &spec))
+}
+
+async fn randomized_value(State(st): State<AppState>, c: Caller, Path(name): Path<String>) -> ApiResult {
+    allow(&st, &c, "read", &format!("randomized/{name}"))?;
+    let identity = randomized_identity(&c.0);
+    let v = st.kms()?.random_value(&name, &identity, keyward_core::now_unix()).await?;
+    let mut out = json!({
+        "name": name,
+        "identity": identity,
+        "value": v.value.as_str(),
+        "version": v.version,
+        "created_at": time(v.created_at),
+        "rotates_at": time(v.rotates_at),
+    });
+    if let Some((prev, until)) = &v.previous {
+        out["previous"] = json!({"value": prev.as_str(), "valid_until": time(*until)});
+    }
+    ok(out)
 }
 
 async fn get_secret(

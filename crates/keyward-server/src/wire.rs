@@ -215,6 +215,22 @@ pub struct RandomReq {
     pub bytes: usize,
 }
 
+/// A randomized secret's definition.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RandomizedReq {
+    /// `password`, `api-key` or `bytes`.
+    pub kind: String,
+    /// Characters, or bytes for `bytes` (default 32).
+    pub length: Option<u16>,
+    /// Characters to draw from (password and api-key).
+    pub alphabet: Option<String>,
+    /// Rotation period, e.g. `24h`.
+    pub ttl: String,
+    /// How long the previous value is still returned after a rotation, e.g. `1h` (default 0s).
+    pub grace: Option<String>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PutSecretReq {

@@ -160,3 +160,28 @@ async fn refresh_key_sees_changes_made_by_another_service() {
     assert!(matches!(b.encrypt("k", b"x", &ctx).await, Err(KmsError::KeyDisabled(_))));
     assert!(matches!(b.refresh_key("missing").await, Err(KmsError::NotFound { .. })));
 }
+
+/// Randomized values belong to an identity string: the same identity (two replicas of one
+/// ServiceAccount) gets the same value, another identity a different one.
+#[tokio::test]
+async fn randomized_values_are_per_identity() {
+    use keyward_core::random::{RandomKind, RandomSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let (kms, _) = open(dir.path(), &[5; 32]).await.unwrap();
+    let spec = RandomSpec { kind: RandomKind::ApiKey, length: 40, alphabet: None, ttl_secs: 3600, grace_secs: 60 };
+    kms.define_random("api-key", &spec).await.unwrap();
+    let now = now_unix();
+    let a = kms.random_value("api-key", "k8s:payments/api", now).await.unwrap();
+    let a2 = kms.random_value("api-key", "k8s:payments/api", now + 10).await.unwrap();
+    let b = kms.random_value("api-key", "k8s:payments/worker", now).await.unwrap();
+    assert_eq!(*a.value, *a2.value);
+    assert_ne!(*a.value, *b.value);
+    // An hour later: rotated, the previous value for one more minute.
+    let r = kms.random_value("api-key", "k8s:payments/api", now + 3600).await.unwrap();
+    assert_eq!(r.version, 2);
+    let (prev, until) = r.previous.unwrap();
+    assert_eq!(*prev, *a.value);
+    assert!(until > now + 3600);
+    // The values are not readable through the secrets API.
+    assert!(matches!(kms.list_secrets("", None, None).await.unwrap().0.as_slice(), []));
+}
