@@ -47,6 +47,9 @@ pub struct AgentConfig {
     /// While the server is unreachable, answer repeated requests from the cache of sealed
     /// answers for this long after they were obtained (zero: never).
     pub outage_window: std::time::Duration,
+    /// SHA-256 digests of launchers trusted to claim the program they will exec
+    /// (`keyward run`), besides the agent's own executable (the same `keyward` binary).
+    pub launchers: Vec<[u8; 32]>,
 }
 
 impl Default for AgentConfig {
@@ -55,9 +58,13 @@ impl Default for AgentConfig {
             socket: PathBuf::from(DEFAULT_SOCKET),
             hash_limit: keyward_attest::process::DEFAULT_HASH_LIMIT,
             outage_window: DEFAULT_OUTAGE_WINDOW,
+            launchers: Vec::new(),
         }
     }
 }
+
+/// The selector a trusted launcher's requests carry for the program it will exec.
+pub const EXEC_SELECTOR: &str = "exec:sha256:";
 
 /// Default outage window.
 pub const DEFAULT_OUTAGE_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
@@ -184,6 +191,8 @@ struct Shared {
     outage_window: std::time::Duration,
     upstream: Option<Arc<Upstream>>,
     kubelet: Option<Arc<kubelet::Kubelet>>,
+    /// `unix:sha256:HEX` selectors of the trusted launchers.
+    launchers: Vec<String>,
 }
 
 /// A caller's identity: its pid and every selector measured for it.
@@ -259,6 +268,82 @@ impl Shared {
         selectors.dedup();
         Ok(Attested { pid: m.pid, selectors })
     }
+
+    /// Refuse unless the caller runs a trusted launcher (`keyward run`).
+    fn check_launcher(&self, a: &Attested) -> Result<(), AgentError> {
+        if a.selectors.iter().any(|s| self.launchers.contains(s)) {
+            return Ok(());
+        }
+        Err(AgentError {
+            status: StatusCode::FORBIDDEN,
+            code: "not_a_launcher",
+            message: "only a trusted launcher (`keyward run`, the same binary as this agent) may name the program \
+                      it will exec (exec_sha256)"
+                .into(),
+        })
+    }
+}
+
+/// Take the optional `exec_sha256` claim (64 lower-case hex digits) out of a request body.
+fn take_exec_claim(body: &mut Value) -> Result<Option<String>, AgentError> {
+    let Some(m) = body.as_object_mut() else { return Ok(None) };
+    match m.remove("exec_sha256") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(h))
+            if h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
+        {
+            Ok(Some(h))
+        }
+        Some(_) => Err(bad_request("exec_sha256 must be 64 lower-case hex digits")),
+    }
+}
+
+/// `POST /v1/verify-child` `{pid, exec_sha256}`: a launcher asks whether its child now runs the
+/// program it claimed. The child must be the caller's own child, alive, and its running
+/// executable (through `/proc/PID/exe`) must hash to the claim.
+async fn verify_child(
+    State(st): State<Arc<Shared>>,
+    ConnectInfo(caller): ConnectInfo<Caller>,
+    body: axum::body::Bytes,
+) -> Result<Response, AgentError> {
+    let mut v = json_body(body).await?;
+    let claim = take_exec_claim(&mut v)?.ok_or_else(|| bad_request("exec_sha256 is required"))?;
+    let pid = v.get("pid").and_then(Value::as_u64).and_then(|p| u32::try_from(p).ok()).filter(|p| *p > 0);
+    let pid = pid.ok_or_else(|| bad_request("pid (a positive integer) is required"))?;
+    let a = st.attest(&caller).await?;
+    st.check_launcher(&a)?;
+    let me = Arc::clone(&st);
+    let launcher = a.pid;
+    let measured = tokio::task::spawn_blocking(move || {
+        let child = Pinned::from_pid(pid)?;
+        // Only the launcher's own child, and before anything is read of it.
+        let parent = child.parent_pid()?;
+        if parent != launcher {
+            return Ok(Err(parent));
+        }
+        let m = me.measurer.measure(&child)?;
+        child.still_alive()?;
+        Ok::<_, AttestError>(Ok(m))
+    })
+    .await
+    .map_err(|_| AgentError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        code: "internal",
+        message: "measurement failed unexpectedly".into(),
+    })?;
+    let refuse = |message: String| AgentError { status: StatusCode::FORBIDDEN, code: "exec_mismatch", message };
+    let m = measured
+        .map_err(|e| refuse(format!("the child could not be measured: {e}")))?
+        .map_err(|_| refuse(format!("process {pid} is not the caller's child")))?;
+    let running = m.exe_sha256.map(hex::encode).unwrap_or_default();
+    if running != claim {
+        tracing::warn!(pid, launcher, claimed = %claim, running = %running, "launched program is not the one claimed");
+        return Err(refuse(format!(
+            "process {pid} runs an executable with SHA-256 {running}, not the claimed {claim}"
+        )));
+    }
+    tracing::info!(pid, launcher, "launched program verified");
+    Ok(Json(json!({"pid": pid, "selectors": m.selectors()})).into_response())
 }
 
 async fn whoami(
@@ -332,10 +417,17 @@ async fn relay(st: Arc<Shared>, caller: Caller, op: Op, body: Value) -> Result<R
                 .into(),
         });
     };
+    let mut body = body;
+    let exec = take_exec_claim(&mut body)?;
     let (recipient, release_op) = op.parse(body)?;
     // Nonce first, then measure: the evidence is newer than the nonce the server checks.
     let nonce = up.nonce().await;
-    let a = st.attest(&caller).await?;
+    let mut a = st.attest(&caller).await?;
+    if let Some(h) = exec {
+        st.check_launcher(&a)?;
+        a.selectors.push(format!("{EXEC_SELECTOR}{h}"));
+        a.selectors.sort();
+    }
     // Answers that are the same each time may be replayed during an outage; a data key must
     // be new each time, so it is never cached.
     let cacheable = !matches!(op, Op::DataKey);
@@ -441,6 +533,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/data-key", relay_route(Op::DataKey))
         .route("/v1/decrypt", relay_route(Op::Decrypt))
         .route("/v1/sign", relay_route(Op::Sign))
+        .route("/v1/verify-child", post(verify_child))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_REQUEST))
         .with_state(shared)
@@ -474,13 +567,22 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let renew = upstream.clone().map(|u| tokio::spawn(async move { u.keep_renewed().await }));
+    let measurer = Measurer::new(config.hash_limit);
+    // The agent's own executable is the trusted launcher (`keyward run` is the same binary).
+    let mut launchers: Vec<String> =
+        config.launchers.iter().map(|h| format!("unix:sha256:{}", hex::encode(h))).collect();
+    match Pinned::from_pid(std::process::id()).and_then(|me| measurer.measure(&me)) {
+        Ok(m) => launchers.extend(m.exe_sha256.map(|h| format!("unix:sha256:{}", hex::encode(h)))),
+        Err(e) => tracing::warn!(error = %e, "cannot measure the agent's own executable; `keyward run` is not trusted"),
+    }
     let shared = Arc::new(Shared {
-        measurer: Measurer::new(config.hash_limit),
+        measurer,
         permits: Semaphore::new(MEASURE_CONCURRENCY),
         outage: OutageCache::default(),
         outage_window: config.outage_window,
         upstream,
         kubelet,
+        launchers,
     });
     tracing::info!(socket = %config.socket.display(), "Workload API listening");
     let app = router(shared).into_make_service_with_connect_info::<Caller>();

@@ -148,6 +148,17 @@ impl Pinned {
         (self.peer_uid, self.peer_gid)
     }
 
+    /// The pinned process's parent pid (from `/proc/PID/status`, read through the pinned
+    /// directory). Check [`Pinned::still_alive`] afterwards before trusting it.
+    pub fn parent_pid(&self) -> Result<u32, AttestError> {
+        let status = read_text(&self.dir, "status", "reading /proc/PID/status")?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or(AttestError::Malformed("status lacks PPid"))
+    }
+
     /// Check, after measuring, that the pinned process is still the same live process.
     pub fn still_alive(&self) -> Result<(), AttestError> {
         ensure_running(&self.pidfd)?;

@@ -50,6 +50,9 @@ pub enum Command {
     /// `keyward kms-plugin rotate --local` rotates the local key.
     #[command(args_conflicts_with_subcommands = true)]
     KmsPlugin(KmsPluginArgs),
+    /// Run a program with secrets from the node agent, as its environment variables (--secret)
+    /// or memory-only files (--file), bound to the program's executable (`exec:sha256:`).
+    Run(RunArgs),
     /// Run the Secrets Store CSI driver provider: secrets mounted into pods, each Mount
     /// authenticated as the pod with its ServiceAccount token (server at --addr).
     CsiProvider(CsiProviderArgs),
@@ -276,6 +279,34 @@ pub struct DevArgs {
     pub scheduler_interval: std::time::Duration,
     #[command(flatten)]
     pub audit: AuditArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// The node agent's socket.
+    #[arg(long, env = "KEYWARD_AGENT_SOCKET", default_value = keyward_agent::DEFAULT_SOCKET)]
+    pub agent_socket: PathBuf,
+    /// ENV=PATH[#FIELD]: the program gets the secret (or one field) in variable ENV.
+    #[arg(long = "secret", value_parser = crate::run::parse_binding)]
+    pub secrets: Vec<crate::run::Binding>,
+    /// ENV=PATH[#FIELD]: the secret goes into a memory-only file; ENV names it (/dev/fd/N).
+    #[arg(long = "file", value_parser = crate::run::parse_binding)]
+    pub files: Vec<crate::run::Binding>,
+    /// Re-fetch the secrets this often; on a change, rewrite the files and signal the program
+    /// (0s: never).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub refresh: std::time::Duration,
+    /// Signal sent to the program when a secret changed.
+    #[arg(long, default_value = "SIGHUP", value_parser = parse_signal)]
+    pub signal: nix::sys::signal::Signal,
+    /// The program and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+fn parse_signal(s: &str) -> Result<nix::sys::signal::Signal, String> {
+    let name = if s.starts_with("SIG") { s.to_string() } else { format!("SIG{s}") };
+    name.parse().map_err(|_| format!("{s:?} is not a signal name such as SIGHUP or USR1"))
 }
 
 #[derive(Args, Debug, Clone)]

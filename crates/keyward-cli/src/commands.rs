@@ -157,6 +157,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::KmsPlugin(a) => kms_plugin(&cli, a.clone()).await,
         Command::CsiProvider(a) => csi_provider(&cli, a.clone()).await,
+        Command::Run(a) => {
+            crate::run::run(crate::run::RunSpec {
+                agent_socket: a.agent_socket.clone(),
+                secrets: a.secrets.clone(),
+                files: a.files.clone(),
+                refresh: a.refresh,
+                signal: a.signal,
+                command: a.command.clone(),
+            })
+            .await
+        }
         Command::Node(NodeCmd::JoinToken { node, ttl }) => {
             let v = client(&cli)?
                 .request(
@@ -793,8 +804,12 @@ async fn agent(cli: &Cli, a: AgentArgs) -> anyhow::Result<ExitCode> {
     // The agent holds its Ed25519 key and token for as long as it runs.
     let h = keyward_server::harden::harden_process(false)?;
     tracing::info!(?h, "process hardened");
-    let config =
-        keyward_agent::AgentConfig { socket: a.socket, hash_limit: a.hash_limit, outage_window: a.outage_window };
+    let config = keyward_agent::AgentConfig {
+        socket: a.socket,
+        hash_limit: a.hash_limit,
+        outage_window: a.outage_window,
+        ..Default::default()
+    };
     let join = match (&a.join_token_file, &a.k8s_join_role) {
         (Some(f), _) => {
             let token = zeroize::Zeroizing::new(

@@ -3,6 +3,7 @@
 
 mod cli;
 mod commands;
+mod run;
 
 use clap::Parser;
 

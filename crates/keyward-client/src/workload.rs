@@ -39,6 +39,8 @@ pub struct WorkloadClient {
     http: reqwest::Client,
     socket: PathBuf,
     key: std::sync::Arc<RecipientKey>,
+    /// For a launcher: the SHA-256 (hex) of the program it will exec, claimed on every request.
+    exec_sha256: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -71,7 +73,7 @@ impl WorkloadClient {
             .build()
             .map_err(|e| Error::Config(format!("agent client: {e}")))?;
         let key = std::sync::Arc::new(RecipientKey::generate().map_err(|e| Error::Config(e.to_string()))?);
-        Ok(Self { http, socket, key })
+        Ok(Self { http, socket, key, exec_sha256: None })
     }
 
     /// The agent at `$KEYWARD_AGENT_SOCKET`, or the default socket.
@@ -105,10 +107,34 @@ impl WorkloadClient {
         Ok(v["selectors"].as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_string)).collect())
     }
 
+    /// For a launcher (`keyward run`): claim on every request that the secrets are for the
+    /// program with this SHA-256 (hex), which the launcher will exec. The agent honours the claim
+    /// only from a trusted launcher and adds the selector `exec:sha256:HEX`; afterwards
+    /// [`WorkloadClient::verify_child`] checks the child really runs it.
+    pub fn for_exec(mut self, sha256_hex: &str) -> Self {
+        self.exec_sha256 = Some(sha256_hex.to_ascii_lowercase());
+        self
+    }
+
+    /// Ask the agent whether child process `pid` of this process runs the program claimed with
+    /// [`WorkloadClient::for_exec`]; returns the child's selectors.
+    pub async fn verify_child(&self, pid: u32) -> Result<Vec<String>, Error> {
+        let claim =
+            self.exec_sha256.as_deref().ok_or_else(|| Error::Config("no exec claim (for_exec) to verify".into()))?;
+        let body = json!({"pid": pid, "exec_sha256": claim});
+        let v: Value =
+            serde_json::from_slice(&self.send(reqwest::Method::POST, "/v1/verify-child", Some(&body)).await?)
+                .map_err(|e| Error::Decode(e.to_string()))?;
+        Ok(v["selectors"].as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_string)).collect())
+    }
+
     /// Send `body` plus this client's recipient key; open the sealed answer.
     async fn release(&self, path: &str, mut body: Value) -> Result<Zeroizing<Vec<u8>>, Error> {
         let key = &self.key;
         body["recipient"] = Value::String(STANDARD.encode(key.public()));
+        if let Some(h) = &self.exec_sha256 {
+            body["exec_sha256"] = Value::String(h.clone());
+        }
         let bytes = self.send(reqwest::Method::POST, path, Some(&body)).await?;
         let sealed: SealedOut = serde_json::from_slice(&bytes).map_err(|e| Error::Decode(e.to_string()))?;
         let pt = key

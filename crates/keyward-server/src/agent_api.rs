@@ -404,17 +404,17 @@ pub(crate) async fn release(
         return Err(ApiError::invalid("recipient must be a raw 32-byte X25519 public key, base64"));
     }
 
-    // The workload's identity: what the agent measured (only `unix:` and `k8s:` selectors),
-    // plus the node this agent proved it is.
+    // The workload's identity: what the agent measured (only `unix:` and `k8s:` selectors, and
+    // `exec:` for the program a trusted launcher will exec), plus the node this agent proved it is.
     let w = &r.workload;
     if w.selectors.len() > MAX_WORKLOAD_SELECTORS {
         return Err(ApiError::invalid(format!("at most {MAX_WORKLOAD_SELECTORS} workload selectors")));
     }
     if let Some(bad) =
-        w.selectors.iter().find(|s| !selector_ok(s) || !(s.starts_with("unix:") || s.starts_with("k8s:")))
+        w.selectors.iter().find(|s| !selector_ok(s) || !["unix:", "k8s:", "exec:"].iter().any(|p| s.starts_with(p)))
     {
         return Err(ApiError::invalid(format!(
-            "workload selector {bad:?} is not a well-formed unix: or k8s: selector"
+            "workload selector {bad:?} is not a well-formed unix:, k8s: or exec: selector"
         )));
     }
     let mut selectors = w.selectors.clone();

@@ -382,7 +382,9 @@ pub fn parse_all_request_types(data: &[u8]) -> usize {
         + ok::<RandomReq>(data)
         + ok::<PutSecretReq>(data)
         + ok::<RandomizedReq>(data)
-        + usize::from(serde_json::from_slice::<keyward_core::random::RandomSpec>(data).is_ok_and(|s| s.validate().is_ok()))
+        + usize::from(
+            serde_json::from_slice::<keyward_core::random::RandomSpec>(data).is_ok_and(|s| s.validate().is_ok()),
+        )
         + ok::<VersionsReq>(data)
         + ok::<TokenCreateReq>(data)
         + ok::<AccessorReq>(data)

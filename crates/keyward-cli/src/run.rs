@@ -1,0 +1,239 @@
+//! `keyward run`: start a program with secrets released by the node agent, delivered as
+//! environment variables of the program or as memory-only files (memfd), never on disk.
+//!
+//! The agent measures `keyward run`, not the program. To bind a release to the program that
+//! will really use it, `keyward run` opens the program's executable, hashes it through that open
+//! file, and claims the digest on every request. The agent honours the claim only from a trusted
+//! launcher: its own binary, the same `keyward` executable. It then adds the selector
+//! `exec:sha256:HEX`, which policies can require. `keyward run` execs the very file it hashed
+//! (`/proc/self/fd/N`, so the path cannot be swapped in between). Once the program runs, it asks
+//! the agent to verify that the child runs an executable with that digest. If not, it kills the
+//! child.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use keyward_client::workload::WorkloadClient;
+use zeroize::Zeroizing;
+
+/// One `ENV=PATH[#FIELD][@VERSION]` binding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    /// Environment variable the child gets.
+    pub env: String,
+    /// Secret path.
+    pub path: String,
+    /// Field (without: the secret's fields as a JSON object).
+    pub field: Option<String>,
+}
+
+/// Parse `ENV=PATH[#FIELD]`.
+pub fn parse_binding(s: &str) -> Result<Binding, String> {
+    let (env, rest) = s.split_once('=').ok_or_else(|| format!("{s:?} is not ENV=PATH[#FIELD]"))?;
+    let env_ok = !env.is_empty()
+        && env.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !env.as_bytes()[0].is_ascii_digit();
+    if !env_ok {
+        return Err(format!("{env:?} is not an environment variable name (letters, digits, _)"));
+    }
+    let (path, field) = match rest.split_once('#') {
+        Some((p, f)) if !f.is_empty() => (p, Some(f.to_string())),
+        Some(_) => return Err(format!("{s:?}: the field after # is empty")),
+        None => (rest, None),
+    };
+    if path.is_empty() {
+        return Err(format!("{s:?}: the secret path is empty"));
+    }
+    Ok(Binding { env: env.to_string(), path: path.to_string(), field })
+}
+
+/// What `keyward run` was asked to do.
+#[derive(Debug)]
+pub struct RunSpec {
+    /// The agent's socket.
+    pub agent_socket: PathBuf,
+    /// Secrets as environment variables.
+    pub secrets: Vec<Binding>,
+    /// Secrets as memory-only files; the variable names the file (`/dev/fd/N`).
+    pub files: Vec<Binding>,
+    /// Re-fetch period (zero: never).
+    pub refresh: Duration,
+    /// Signal sent to the child when a secret changed.
+    pub signal: nix::sys::signal::Signal,
+    /// The program and its arguments.
+    pub command: Vec<String>,
+}
+
+/// Find `name` as `execvp` would.
+fn resolve(name: &str) -> anyhow::Result<PathBuf> {
+    if name.contains('/') {
+        return Ok(PathBuf::from(name));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join(name);
+        if let Ok(md) = std::fs::metadata(&candidate)
+            && md.is_file()
+            && std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o111 != 0
+        {
+            return Ok(candidate);
+        }
+    }
+    bail!("{name:?} was not found in PATH")
+}
+
+/// Open the program and hash it through the open file; refuse scripts (the running executable
+/// would be their interpreter, which the claim would not describe).
+fn open_and_hash(path: &Path) -> anyhow::Result<(std::fs::File, String)> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut head = [0u8; 2];
+    let n = f.read(&mut head)?;
+    if n == 2 && head == *b"#!" {
+        bail!(
+            "{} is a script: its running executable would be the interpreter. Run the interpreter \
+             explicitly (keyward run ... -- /usr/bin/python3 script.py) and bind the policy to it",
+            path.display()
+        );
+    }
+    let mut h = keyward_crypto::hash::Sha256Stream::default();
+    h.update(&head[..n]);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok((f, hex::encode(h.finish())))
+}
+
+/// Every bound secret's value, by (path, field).
+async fn fetch(
+    client: &WorkloadClient,
+    bindings: &[&Binding],
+) -> anyhow::Result<BTreeMap<(String, Option<String>), Zeroizing<String>>> {
+    let mut secrets = BTreeMap::new();
+    let mut out = BTreeMap::new();
+    for b in bindings {
+        if !secrets.contains_key(&b.path) {
+            let s = client.get_secret(&b.path, None).await.with_context(|| format!("fetching secret {}", b.path))?;
+            secrets.insert(b.path.clone(), s);
+        }
+        let s = &secrets[&b.path];
+        let value = match &b.field {
+            Some(f) => s.data.get(f).cloned().ok_or_else(|| anyhow!("secret {} has no field {f:?}", b.path))?,
+            None => {
+                let m: BTreeMap<&str, &str> = s.data.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                Zeroizing::new(serde_json::to_string(&m)?)
+            }
+        };
+        out.insert((b.path.clone(), b.field.clone()), value);
+    }
+    Ok(out)
+}
+
+fn write_memfd(f: &std::fs::File, value: &str) -> anyhow::Result<()> {
+    f.set_len(0)?;
+    f.write_all_at(value.as_bytes(), 0)?;
+    Ok(())
+}
+
+/// Run the program; returns its exit status.
+pub async fn run(spec: RunSpec) -> anyhow::Result<ExitCode> {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    // Not dumpable: another process of the same uid cannot ptrace this launcher and change what
+    // it execs after the agent accepted its claim.
+    keyward_server::harden::harden_process(false)?;
+    let program = spec.command.first().ok_or_else(|| anyhow!("no command given after --"))?;
+    let path = resolve(program)?;
+    let (exe, digest) = open_and_hash(&path)?;
+    // The child execs this very file: no CLOEXEC on it.
+    nix::fcntl::fcntl(&exe, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
+    let client = WorkloadClient::new(&spec.agent_socket)?.for_exec(&digest);
+    let all: Vec<&Binding> = spec.secrets.iter().chain(&spec.files).collect();
+    let mut values = fetch(&client, &all).await?;
+
+    let mut cmd = tokio::process::Command::new(format!("/proc/self/fd/{}", exe.as_raw_fd()));
+    cmd.arg0(program).args(&spec.command[1..]);
+    for b in &spec.secrets {
+        cmd.env(&b.env, values[&(b.path.clone(), b.field.clone())].as_str());
+    }
+    let mut memfds = Vec::new();
+    for b in &spec.files {
+        // Not close-on-exec: the child inherits it and opens it as /dev/fd/N.
+        let fd = nix::sys::memfd::memfd_create(b.env.as_str(), nix::sys::memfd::MFdFlags::empty())?;
+        let f = std::fs::File::from(fd);
+        write_memfd(&f, &values[&(b.path.clone(), b.field.clone())])?;
+        cmd.env(&b.env, format!("/dev/fd/{}", f.as_raw_fd()));
+        memfds.push((b.clone(), f));
+    }
+    let mut child = cmd.spawn().with_context(|| format!("starting {}", path.display()))?;
+    drop(cmd); // the environment copy with the secrets
+    let pid = child.id().ok_or_else(|| anyhow!("the child exited at once"))?;
+    let child_pid = Pid::from_raw(i32::try_from(pid)?);
+    if let Err(e) = client.verify_child(pid).await {
+        let _ = kill(child_pid, Signal::SIGKILL);
+        let _ = child.wait().await;
+        bail!("the started program is not the one the secrets were released for; it was killed: {e}");
+    }
+    tracing::info!(pid, program = %path.display(), sha256 = %digest, "started and verified");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut tick =
+        tokio::time::interval(if spec.refresh.is_zero() { Duration::from_secs(86400 * 365) } else { spec.refresh });
+    tick.tick().await;
+    let status = loop {
+        tokio::select! {
+            s = child.wait() => break s?,
+            _ = term.recv() => { let _ = kill(child_pid, Signal::SIGTERM); }
+            _ = int.recv() => { let _ = kill(child_pid, Signal::SIGINT); }
+            _ = tick.tick(), if !spec.refresh.is_zero() => {
+                match fetch(&client, &all).await {
+                    Ok(fresh) if fresh != values => {
+                        for (b, f) in &memfds {
+                            write_memfd(f, &fresh[&(b.path.clone(), b.field.clone())])?;
+                        }
+                        values = fresh;
+                        tracing::info!(pid, signal = %spec.signal, "secrets changed; signalling the program");
+                        let _ = kill(child_pid, spec.signal);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "re-fetching secrets failed; the program keeps the current ones"),
+                }
+            }
+        }
+    };
+    drop(memfds);
+    Ok(match (status.code(), std::os::unix::process::ExitStatusExt::signal(&status)) {
+        (Some(c), _) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
+        (None, Some(sig)) => ExitCode::from(u8::try_from(128 + sig).unwrap_or(1)),
+        _ => ExitCode::FAILURE,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bindings() {
+        assert_eq!(
+            parse_binding("DB_PASSWORD=payments/db#password").unwrap(),
+            Binding { env: "DB_PASSWORD".into(), path: "payments/db".into(), field: Some("password".into()) }
+        );
+        assert_eq!(parse_binding("CFG=app/config").unwrap().field, None);
+        for bad in ["nopath", "=a/b", "1X=a/b", "A-B=a/b", "X=", "X=a/b#"] {
+            assert!(parse_binding(bad).is_err(), "{bad}");
+        }
+    }
+}
