@@ -366,6 +366,7 @@ enum Op {
     DataKey,
     Decrypt,
     Sign,
+    Randomized,
 }
 
 impl Op {
@@ -375,6 +376,7 @@ impl Op {
             Self::DataKey => "generate-data-key",
             Self::Decrypt => "decrypt",
             Self::Sign => "sign",
+            Self::Randomized => "randomized",
         }
     }
 
@@ -403,6 +405,13 @@ impl Op {
                 json!({"kind": self.name(), "key": key, "body": Value::Object(m)})
             }
             Self::Decrypt => json!({"kind": self.name(), "body": Value::Object(m)}),
+            Self::Randomized => {
+                let name = take_str(&mut m, "name")?;
+                if let Some(k) = m.keys().next() {
+                    return Err(bad_request(format!("unknown field {k:?}")));
+                }
+                json!({"kind": self.name(), "name": name})
+            }
         };
         Ok((recipient, op))
     }
@@ -517,7 +526,10 @@ fn relay_route(op: Op) -> axum::routing::MethodRouter<Arc<Shared>> {
 #[doc(hidden)]
 pub fn parse_workload_request(data: &[u8]) -> usize {
     let Ok(v) = serde_json::from_slice::<Value>(data) else { return 0 };
-    [Op::Secret, Op::DataKey, Op::Decrypt, Op::Sign].into_iter().filter(|op| op.parse(v.clone()).is_ok()).count()
+    [Op::Secret, Op::DataKey, Op::Decrypt, Op::Sign, Op::Randomized]
+        .into_iter()
+        .filter(|op| op.parse(v.clone()).is_ok())
+        .count()
 }
 
 async fn not_found() -> AgentError {
@@ -533,6 +545,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/data-key", relay_route(Op::DataKey))
         .route("/v1/decrypt", relay_route(Op::Decrypt))
         .route("/v1/sign", relay_route(Op::Sign))
+        .route("/v1/randomized", relay_route(Op::Randomized))
         .route("/v1/verify-child", post(verify_child))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_REQUEST))

@@ -208,6 +208,8 @@ pub enum WorkloadCmd {
         #[arg(long)]
         field: Option<String>,
     },
+    /// This workload's value of a randomized secret (prints the value).
+    Randomized { name: String },
     /// Sign stdin with KEY; prints the signature in base64.
     Sign {
         /// Key name.

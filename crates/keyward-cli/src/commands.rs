@@ -991,6 +991,10 @@ async fn workload(output: Output, w: &WorkloadArgs) -> anyhow::Result<ExitCode> 
                 }
             }
         }
+        WorkloadCmd::Randomized { name } => {
+            let r = agent.randomized(name).await?;
+            write_out(format!("{}\n", r.value.as_str()).as_bytes())?;
+        }
         WorkloadCmd::Sign { key } => {
             let mut msg = Vec::new();
             std::io::stdin().read_to_end(&mut msg)?;

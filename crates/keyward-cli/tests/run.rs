@@ -159,3 +159,30 @@ fn other_programs_are_refused() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+/// Randomized secrets reach attested workloads through the agent: the same program (same uid
+/// and executable) gets the same value each time, with no token.
+#[test]
+fn randomized_values_through_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = setup(dir.path());
+    ok(&dev, &["randomized", "define", "svc-password", "--ttl", "1h", "--length", "28"], b"");
+    let policy = serde_json::json!({
+        "identities": [[format!("unix:sha256:{}", sha256_file(BIN))]],
+        "rules": [{"resources": ["randomized/svc-password"], "operations": ["read"]}]
+    });
+    std::fs::write(dir.path().join("rnd.json"), policy.to_string()).unwrap();
+    ok(&dev, &["policy", "put", "svc", dir.path().join("rnd.json").to_str().unwrap()], b"");
+    let get = || {
+        let out = Command::new(BIN)
+            .args(["workload", "--agent-socket", dev.agent_socket.as_ref().unwrap(), "randomized", "svc-password"])
+            .env_remove("KEYWARD_TOKEN")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let (a, b) = (get(), get());
+    assert_eq!(a.len(), 28);
+    assert_eq!(a, b, "the same workload gets the same value");
+}

@@ -57,6 +57,34 @@ struct SecretOut {
 }
 
 #[derive(Deserialize)]
+struct RandomizedOut {
+    value: Zeroizing<String>,
+    version: u32,
+    previous: Option<PreviousOut>,
+}
+
+#[derive(Deserialize)]
+struct PreviousOut {
+    value: Zeroizing<String>,
+}
+
+/// A randomized secret's value for this workload.
+pub struct Randomized {
+    /// The current value.
+    pub value: Zeroizing<String>,
+    /// Its version.
+    pub version: u32,
+    /// The value it replaced, during the grace period.
+    pub previous: Option<Zeroizing<String>>,
+}
+
+impl std::fmt::Debug for Randomized {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Randomized").field("version", &self.version).finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
 struct DataKeyOut {
     plaintext: Option<Zeroizing<String>>,
     ciphertext: String,
@@ -141,6 +169,14 @@ impl WorkloadClient {
             .open(&unb64(&sealed.enc)?, &unb64(&sealed.ciphertext)?, RELEASE_INFO, &unb64(&sealed.nonce)?)
             .map_err(|_| Error::Decode("the sealed response does not open with this request's key".into()))?;
         Ok(Zeroizing::new(pt.expose().to_vec()))
+    }
+
+    /// This workload's value of randomized secret `name` (see the server's `/v1/randomized`):
+    /// the current value, its version, and the previous value during the grace period.
+    pub async fn randomized(&self, name: &str) -> Result<Randomized, Error> {
+        let pt = self.release("/v1/randomized", json!({"name": name})).await?;
+        let v: RandomizedOut = serde_json::from_slice(&pt).map_err(|e| Error::Decode(e.to_string()))?;
+        Ok(Randomized { value: v.value, version: v.version, previous: v.previous.map(|p| p.value) })
     }
 
     /// Read a secret (latest version if `version` is `None`).

@@ -299,6 +299,7 @@ enum ReleaseOp {
     GenerateDataKey { key: String, body: Value },
     Decrypt { body: Value },
     Sign { key: String, body: Value },
+    Randomized { name: String },
 }
 
 impl ReleaseOp {
@@ -328,6 +329,12 @@ impl ReleaseOp {
                 (Method::POST, format!("/v1/keys/{key}/{action}"), Some(body))
             }
             Self::Decrypt { body } => (Method::POST, "/v1/decrypt".to_string(), Some(body)),
+            Self::Randomized { name } => {
+                if !name_ok(name) || name.contains('/') {
+                    return Err(bad("name"));
+                }
+                (Method::GET, format!("/v1/randomized/{name}"), None)
+            }
         })
     }
 }
@@ -516,12 +523,14 @@ mod tests {
         );
         assert_eq!(op(json!({"kind": "sign", "key": "k1", "body": {}})).unwrap(), "POST /v1/keys/k1/sign");
         assert_eq!(op(json!({"kind": "decrypt", "body": {}})).unwrap(), "POST /v1/decrypt");
+        assert_eq!(op(json!({"kind": "randomized", "name": "db"})).unwrap(), "GET /v1/randomized/db");
         for bad in [
             json!({"kind": "read-secret", "path": "../sys/seal"}),
             json!({"kind": "read-secret", "path": "a?b"}),
             json!({"kind": "read-secret", "path": "a//b"}),
             json!({"kind": "read-secret", "path": "a%2fb"}),
             json!({"kind": "sign", "key": "a/b", "body": {}}),
+            json!({"kind": "randomized", "name": "a/b"}),
             json!({"kind": "delete-secret", "path": "x"}),
             json!({"kind": "read-secret", "path": "x", "extra": 1}),
         ] {

@@ -138,6 +138,7 @@ pub(crate) fn release_router(state: AppState) -> Router {
         .route("/v1/keys/{name}/generate-data-key", post(data_key))
         .route("/v1/keys/{name}/sign", post(sign))
         .route("/v1/decrypt", post(decrypt))
+        .route("/v1/randomized/{name}", get(randomized_value))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state)
 }
@@ -983,17 +984,34 @@ async fn list_secrets(
     ok(json!({"paths": paths, "next": next}))
 }
 
-/// The workload identity a randomized value belongs to: a Kubernetes ServiceAccount (all its pods
-/// share it), a client certificate, or else the token itself.
-fn randomized_identity(t: &keyward_core::model::TokenRecord) -> String {
+/// The workload identity a randomized value belongs to, most general first: a Kubernetes
+/// ServiceAccount (all its pods share it, however they authenticate), a client certificate, the
+/// program a launcher started (`exec:sha256`), an attested process (uid and executable digest),
+/// or else a stored token itself.
+fn randomized_identity(t: &keyward_core::model::TokenRecord) -> Result<String, ApiError> {
     let sel = |p: &str| t.selectors.iter().find_map(|s| s.strip_prefix(p));
     if let (Some(ns), Some(sa)) = (sel("k8s:ns:"), sel("k8s:sa:")) {
-        return format!("k8s:{ns}/{sa}");
+        return Ok(format!("k8s:{ns}/{sa}"));
     }
     if let Some(fp) = sel("cert:sha256:") {
-        return format!("cert:{fp}");
+        return Ok(format!("cert:{fp}"));
     }
-    format!("token:{}", t.accessor)
+    if let Some(h) = sel("exec:sha256:") {
+        return Ok(format!("exec:{h}"));
+    }
+    if t.selectors.iter().any(|s| s.starts_with("unix:")) {
+        return match (sel("unix:uid:"), sel("unix:sha256:")) {
+            (Some(uid), Some(h)) => Ok(format!("unix:{uid}:{h}")),
+            _ => Err(ApiError::invalid(
+                "this workload has no stable identity for a randomized secret (its executable was not hashed: \
+                 raise the agent's --hash-limit)",
+            )),
+        };
+    }
+    if t.is_stored() {
+        return Ok(format!("token:{}", t.accessor));
+    }
+    Err(ApiError::invalid("this caller has no stable identity for a randomized secret"))
 }
 
 async fn randomized_define(
@@ -1034,7 +1052,7 @@ async fn randomized_definition(State(st): State<AppState>, c: Caller, Path(name)
 
 async fn randomized_value(State(st): State<AppState>, c: Caller, Path(name): Path<String>) -> ApiResult {
     allow(&st, &c, "read", &format!("randomized/{name}"))?;
-    let identity = randomized_identity(&c.0);
+    let identity = randomized_identity(&c.0)?;
     let v = st.kms()?.random_value(&name, &identity, keyward_core::now_unix()).await?;
     let mut out = json!({
         "name": name,
