@@ -173,6 +173,8 @@ pub struct ScheduledReport {
     pub rotated: Vec<String>,
     /// Keys purged after their pending window.
     pub purged: Vec<String>,
+    /// Randomized secret values replaced because they reached their TTL.
+    pub randomized_rotated: u32,
 }
 
 #[derive(Default)]
@@ -1074,7 +1076,51 @@ impl Kms {
                 _ => {}
             }
         }
+        report.randomized_rotated = self.rotate_due_random_values(now).await?;
         Ok(report)
+    }
+
+    /// Replace every randomized value older than its TTL (so values rotate on schedule even
+    /// when nobody reads them). Returns how many were replaced.
+    async fn rotate_due_random_values(&self, now: i64) -> Result<u32, KmsError> {
+        let prefix = format!("{}random/", validate::RESERVED_SECRET_PREFIX);
+        let mut specs: HashMap<String, Option<crate::random::RandomSpec>> = HashMap::new();
+        let mut rotated = 0;
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.store.list_secrets(&prefix, after.as_deref(), MAX_PAGE).await?;
+            for path in &page {
+                let Some(name) = path.strip_prefix(&prefix).and_then(|r| r.split('/').next()) else { continue };
+                if !specs.contains_key(name) {
+                    let spec = match self.random_definition(name).await {
+                        Ok(s) => Some(s),
+                        Err(KmsError::NotFound { .. }) => None,
+                        Err(e) => return Err(e),
+                    };
+                    specs.insert(name.to_string(), spec);
+                }
+                let Some(Some(spec)) = specs.get(name) else { continue };
+                let current = match self.get_secret_at(path, None).await {
+                    Ok(c) => c,
+                    Err(KmsError::NotFound { .. }) => continue,
+                    Err(e) => return Err(e),
+                };
+                if now < current.created_at.saturating_add(i64::try_from(spec.ttl_secs).unwrap_or(i64::MAX)) {
+                    continue;
+                }
+                let value = spec.generate()?;
+                let data = SecretData::new([("value".to_string(), value.to_string())].into())?;
+                match self.put_secret_at(path, data, Some(current.version), now).await {
+                    Ok(_) => rotated += 1,
+                    Err(KmsError::Conflict(_)) => {} // a reader rotated it first
+                    Err(e) => return Err(e),
+                }
+            }
+            if page.len() < MAX_PAGE as usize {
+                return Ok(rotated);
+            }
+            after = page.last().cloned();
+        }
     }
 
     // ----- cryptographic operations ---------------------------------------------------------

@@ -286,6 +286,9 @@ async fn scheduler(sealing: Arc<Sealing>, every: Duration) {
                 for k in &r.purged {
                     tracing::info!(key = %k, "purged after pending deletion window");
                 }
+                if r.randomized_rotated > 0 {
+                    tracing::info!(count = r.randomized_rotated, "randomized secret values rotated on schedule");
+                }
             }
             Err(e) => tracing::error!(error = %e, "scheduled work failed; will retry"),
         }

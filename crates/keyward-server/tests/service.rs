@@ -176,9 +176,14 @@ async fn randomized_values_are_per_identity() {
     let b = kms.random_value("api-key", "k8s:payments/worker", now).await.unwrap();
     assert_eq!(*a.value, *a2.value);
     assert_ne!(*a.value, *b.value);
-    // An hour later: rotated, the previous value for one more minute.
+    // An hour later the scheduler replaces both values, read or not.
+    assert_eq!(kms.run_scheduled(now + 1800).await.unwrap().randomized_rotated, 0);
+    assert_eq!(kms.run_scheduled(now + 3600).await.unwrap().randomized_rotated, 2);
+    assert_eq!(kms.run_scheduled(now + 3601).await.unwrap().randomized_rotated, 0, "not twice");
+    // Read then: the new value, and the previous one for one more minute.
     let r = kms.random_value("api-key", "k8s:payments/api", now + 3600).await.unwrap();
     assert_eq!(r.version, 2);
+    assert_ne!(*r.value, *a.value);
     let (prev, until) = r.previous.unwrap();
     assert_eq!(*prev, *a.value);
     assert!(until > now + 3600);
