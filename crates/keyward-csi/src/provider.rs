@@ -357,7 +357,13 @@ impl CsiDriverProvider for Provider {
             Err((spec, f)) => {
                 tracing::warn!(code = f.code, reason = %f.message, "mount refused");
                 self.audit(spec.as_ref(), Err(&f)).await?;
-                Err(Status::new(f.grpc, format!("{}: {}", f.code, f.message)))
+                // The code leads the message (shown in the pod's events) and is also in the
+                // status details, as a MountResponse whose error.code is set.
+                let details = prost::Message::encode_to_vec(&proto::MountResponse {
+                    error: Some(proto::Error { code: f.code.to_string() }),
+                    ..Default::default()
+                });
+                Err(Status::with_details(f.grpc, format!("{}: {}", f.code, f.message), details.into()))
             }
         }
     }

@@ -132,6 +132,8 @@ async fn bad_requests_get_clear_codes() {
         let e = c.mount(req).await.unwrap_err();
         assert_eq!(e.code(), code, "{label}: {e:?}");
         assert!(e.message().starts_with(&format!("{label}: ")), "{}", e.message());
+        let details = <driver::MountResponse as prost::Message>::decode(e.details()).unwrap();
+        assert_eq!(details.error.unwrap().code, label, "the code is in the details too");
     }
     // No tokens: the CSIDriver lacks tokenRequests.
     let mut v: serde_json::Value = serde_json::from_str(&attrs(OBJECTS)).unwrap();
