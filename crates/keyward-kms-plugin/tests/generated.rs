@@ -1,5 +1,6 @@
-//! The committed generated code must be exactly what `protoc` + tonic-prost-build make of the
-//! proto files in `proto/`. Run with `KEYWARD_REGENERATE=1` to rewrite them after a proto change.
+//! All committed generated gRPC code in the workspace (this crate's and keyward-csi's) must be
+//! exactly what `protoc` + tonic-prost-build make of the proto files in `proto/`. Run with
+//! `KEYWARD_REGENERATE=1` to rewrite them after a proto change.
 //! Needs `protoc` (Debian: protobuf-compiler), which `.ci/run` installs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -22,8 +23,9 @@ fn generate(proto: &str, out: &Path, server: bool, client: bool) {
 fn check(proto: &str, committed: &str, server: bool, client: bool) {
     let tmp = tempfile::tempdir().expect("tempdir");
     generate(proto, tmp.path(), server, client);
-    let fresh = std::fs::read_to_string(tmp.path().join("v2.rs")).expect("generated v2.rs");
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(committed);
+    let package = if proto.contains("secrets-store") { "v1alpha1.rs" } else { "v2.rs" };
+    let fresh = std::fs::read_to_string(tmp.path().join(package)).expect("generated code");
+    let path = root().join(committed);
     if std::env::var_os("KEYWARD_REGENERATE").is_some() {
         std::fs::write(&path, &fresh).expect("write generated code");
         return;
@@ -38,17 +40,29 @@ fn check(proto: &str, committed: &str, server: bool, client: bool) {
 /// The plugin serves code generated with the server half only.
 #[test]
 fn plugin_api_code_matches_the_proto() {
-    check("proto/k8s/kms/v2/api.proto", "src/gen/v2.rs", true, false);
+    check("proto/k8s/kms/v2/api.proto", "crates/keyward-kms-plugin/src/gen/v2.rs", true, false);
 }
 
 /// The conformance tests call it through a client generated separately from the same proto,
 /// sharing no types with the plugin.
 #[test]
 fn test_client_code_matches_the_proto() {
-    check("proto/k8s/kms/v2/api.proto", "tests/gen/kms_v2_client.rs", false, true);
+    check("proto/k8s/kms/v2/api.proto", "crates/keyward-kms-plugin/tests/gen/kms_v2_client.rs", false, true);
 }
 
 #[test]
 fn storage_format_code_matches_the_proto() {
-    check("proto/k8s/apiserver/kmsv2/api.proto", "tests/gen/storage_v2.rs", false, false);
+    check("proto/k8s/apiserver/kmsv2/api.proto", "crates/keyward-kms-plugin/tests/gen/storage_v2.rs", false, false);
+}
+
+/// The CSI provider serves the server half of the Secrets Store provider API.
+#[test]
+fn csi_provider_code_matches_the_proto() {
+    check("proto/secrets-store/v1alpha1/service.proto", "crates/keyward-csi/src/gen/v1alpha1.rs", true, false);
+}
+
+/// Its tests call it through a separately generated client.
+#[test]
+fn csi_test_client_code_matches_the_proto() {
+    check("proto/secrets-store/v1alpha1/service.proto", "crates/keyward-csi/tests/gen/csi_client.rs", false, true);
 }
