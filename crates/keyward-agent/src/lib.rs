@@ -12,6 +12,7 @@
 
 mod conn;
 pub mod kubelet;
+pub mod launcher;
 pub mod upstream;
 
 use std::path::{Path, PathBuf};

@@ -289,11 +289,11 @@ pub struct RunArgs {
     #[arg(long, env = "KEYWARD_AGENT_SOCKET", default_value = keyward_agent::DEFAULT_SOCKET)]
     pub agent_socket: PathBuf,
     /// ENV=PATH[#FIELD]: the program gets the secret (or one field) in variable ENV.
-    #[arg(long = "secret", value_parser = crate::run::parse_binding)]
-    pub secrets: Vec<crate::run::Binding>,
+    #[arg(long = "secret", value_parser = keyward_agent::launcher::parse_binding)]
+    pub secrets: Vec<keyward_agent::launcher::Binding>,
     /// ENV=PATH[#FIELD]: the secret goes into a memory-only file; ENV names it (/dev/fd/N).
-    #[arg(long = "file", value_parser = crate::run::parse_binding)]
-    pub files: Vec<crate::run::Binding>,
+    #[arg(long = "file", value_parser = keyward_agent::launcher::parse_binding)]
+    pub files: Vec<keyward_agent::launcher::Binding>,
     /// Re-fetch the secrets this often; on a change, rewrite the files and signal the program
     /// (0s: never).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]

@@ -158,7 +158,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::KmsPlugin(a) => kms_plugin(&cli, a.clone()).await,
         Command::CsiProvider(a) => csi_provider(&cli, a.clone()).await,
         Command::Run(a) => {
-            crate::run::run(crate::run::RunSpec {
+            // Not dumpable: another process of the same uid cannot ptrace the launcher and
+            // change what it execs after the agent accepted its claim.
+            keyward_server::harden::harden_process(false)?;
+            Ok(keyward_agent::launcher::run(keyward_agent::launcher::RunSpec {
                 agent_socket: a.agent_socket.clone(),
                 secrets: a.secrets.clone(),
                 files: a.files.clone(),
@@ -166,7 +169,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 signal: a.signal,
                 command: a.command.clone(),
             })
-            .await
+            .await?)
         }
         Command::Node(NodeCmd::JoinToken { node, ttl }) => {
             let v = client(&cli)?

@@ -3,7 +3,6 @@
 
 mod cli;
 mod commands;
-mod run;
 
 use clap::Parser;
 

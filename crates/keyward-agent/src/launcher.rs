@@ -1,5 +1,7 @@
-//! `keyward run`: start a program with secrets released by the node agent, delivered as
-//! environment variables of the program or as memory-only files (memfd), never on disk.
+//! The launcher behind `keyward run`: start a program with secrets released by the node agent,
+//! delivered as environment variables of the program or as memory-only files (memfd), never on
+//! disk. The caller should first make its own process not dumpable (the binary does, with the
+//! server crate's hardening), so that no process of the same uid can ptrace it.
 //!
 //! The agent measures `keyward run`, not the program. To bind a release to the program that
 //! will really use it, `keyward run` opens the program's executable, hashes it through that open
@@ -18,9 +20,49 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, anyhow, bail};
 use keyward_client::workload::WorkloadClient;
 use zeroize::Zeroizing;
+
+/// Why the launcher failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LaunchError {
+    /// The program could not be found, opened, or is not acceptable.
+    #[error("{0}")]
+    Program(String),
+    /// The agent refused or could not be asked.
+    #[error("{what}: {source}")]
+    Agent {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: keyward_client::Error,
+    },
+    /// The started program is not the one the secrets were released for; it was killed.
+    #[error("the started program is not the one the secrets were released for; it was killed: {0}")]
+    Mismatch(keyward_client::Error),
+    /// A secret lacks a field, or cannot be encoded.
+    #[error("{0}")]
+    Secret(String),
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> LaunchError {
+    move |source| LaunchError::Io { what, source }
+}
+
+fn sys(what: &'static str) -> impl FnOnce(nix::errno::Errno) -> LaunchError {
+    move |e| LaunchError::Io { what, source: e.into() }
+}
 
 /// One `ENV=PATH[#FIELD][@VERSION]` binding.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +113,7 @@ pub struct RunSpec {
 }
 
 /// Find `name` as `execvp` would.
-fn resolve(name: &str) -> anyhow::Result<PathBuf> {
+fn resolve(name: &str) -> Result<PathBuf, LaunchError> {
     if name.contains('/') {
         return Ok(PathBuf::from(name));
     }
@@ -85,27 +127,28 @@ fn resolve(name: &str) -> anyhow::Result<PathBuf> {
             return Ok(candidate);
         }
     }
-    bail!("{name:?} was not found in PATH")
+    Err(LaunchError::Program(format!("{name:?} was not found in PATH")))
 }
 
 /// Open the program and hash it through the open file; refuse scripts (the running executable
 /// would be their interpreter, which the claim would not describe).
-fn open_and_hash(path: &Path) -> anyhow::Result<(std::fs::File, String)> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+fn open_and_hash(path: &Path) -> Result<(std::fs::File, String), LaunchError> {
+    let mut f =
+        std::fs::File::open(path).map_err(|e| LaunchError::Program(format!("opening {}: {e}", path.display())))?;
     let mut head = [0u8; 2];
-    let n = f.read(&mut head)?;
+    let n = f.read(&mut head).map_err(io("reading the program"))?;
     if n == 2 && head == *b"#!" {
-        bail!(
+        return Err(LaunchError::Program(format!(
             "{} is a script: its running executable would be the interpreter. Run the interpreter \
              explicitly (keyward run ... -- /usr/bin/python3 script.py) and bind the policy to it",
             path.display()
-        );
+        )));
     }
     let mut h = keyward_crypto::hash::Sha256Stream::default();
     h.update(&head[..n]);
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf)?;
+        let n = f.read(&mut buf).map_err(io("reading the program"))?;
         if n == 0 {
             break;
         }
@@ -114,24 +157,30 @@ fn open_and_hash(path: &Path) -> anyhow::Result<(std::fs::File, String)> {
     Ok((f, hex::encode(h.finish())))
 }
 
+type Values = BTreeMap<(String, Option<String>), Zeroizing<String>>;
+
 /// Every bound secret's value, by (path, field).
-async fn fetch(
-    client: &WorkloadClient,
-    bindings: &[&Binding],
-) -> anyhow::Result<BTreeMap<(String, Option<String>), Zeroizing<String>>> {
+async fn fetch(client: &WorkloadClient, bindings: &[&Binding]) -> Result<Values, LaunchError> {
     let mut secrets = BTreeMap::new();
     let mut out = BTreeMap::new();
     for b in bindings {
         if !secrets.contains_key(&b.path) {
-            let s = client.get_secret(&b.path, None).await.with_context(|| format!("fetching secret {}", b.path))?;
+            let s = client
+                .get_secret(&b.path, None)
+                .await
+                .map_err(|source| LaunchError::Agent { what: format!("fetching secret {}", b.path), source })?;
             secrets.insert(b.path.clone(), s);
         }
         let s = &secrets[&b.path];
         let value = match &b.field {
-            Some(f) => s.data.get(f).cloned().ok_or_else(|| anyhow!("secret {} has no field {f:?}", b.path))?,
+            Some(f) => s
+                .data
+                .get(f)
+                .cloned()
+                .ok_or_else(|| LaunchError::Secret(format!("secret {} has no field {f:?}", b.path)))?,
             None => {
                 let m: BTreeMap<&str, &str> = s.data.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-                Zeroizing::new(serde_json::to_string(&m)?)
+                Zeroizing::new(serde_json::to_string(&m).map_err(|e| LaunchError::Secret(e.to_string()))?)
             }
         };
         out.insert((b.path.clone(), b.field.clone()), value);
@@ -139,25 +188,24 @@ async fn fetch(
     Ok(out)
 }
 
-fn write_memfd(f: &std::fs::File, value: &str) -> anyhow::Result<()> {
-    f.set_len(0)?;
-    f.write_all_at(value.as_bytes(), 0)?;
-    Ok(())
+fn write_memfd(f: &std::fs::File, value: &str) -> Result<(), LaunchError> {
+    f.set_len(0).map_err(io("writing a memory file"))?;
+    f.write_all_at(value.as_bytes(), 0).map_err(io("writing a memory file"))
 }
 
 /// Run the program; returns its exit status.
-pub async fn run(spec: RunSpec) -> anyhow::Result<ExitCode> {
+pub async fn run(spec: RunSpec) -> Result<ExitCode, LaunchError> {
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
-    // Not dumpable: another process of the same uid cannot ptrace this launcher and change what
-    // it execs after the agent accepted its claim.
-    keyward_server::harden::harden_process(false)?;
-    let program = spec.command.first().ok_or_else(|| anyhow!("no command given after --"))?;
+    let program = spec.command.first().ok_or_else(|| LaunchError::Program("no command given after --".into()))?;
     let path = resolve(program)?;
     let (exe, digest) = open_and_hash(&path)?;
     // The child execs this very file: no CLOEXEC on it.
-    nix::fcntl::fcntl(&exe, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
-    let client = WorkloadClient::new(&spec.agent_socket)?.for_exec(&digest);
+    nix::fcntl::fcntl(&exe, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))
+        .map_err(sys("clearing close-on-exec"))?;
+    let client = WorkloadClient::new(&spec.agent_socket)
+        .map_err(|source| LaunchError::Agent { what: "connecting to the agent".into(), source })?
+        .for_exec(&digest);
     let all: Vec<&Binding> = spec.secrets.iter().chain(&spec.files).collect();
     let mut values = fetch(&client, &all).await?;
 
@@ -169,31 +217,34 @@ pub async fn run(spec: RunSpec) -> anyhow::Result<ExitCode> {
     let mut memfds = Vec::new();
     for b in &spec.files {
         // Not close-on-exec: the child inherits it and opens it as /dev/fd/N.
-        let fd = nix::sys::memfd::memfd_create(b.env.as_str(), nix::sys::memfd::MFdFlags::empty())?;
+        let fd = nix::sys::memfd::memfd_create(b.env.as_str(), nix::sys::memfd::MFdFlags::empty())
+            .map_err(sys("creating a memory file"))?;
         let f = std::fs::File::from(fd);
         write_memfd(&f, &values[&(b.path.clone(), b.field.clone())])?;
         cmd.env(&b.env, format!("/dev/fd/{}", f.as_raw_fd()));
         memfds.push((b.clone(), f));
     }
-    let mut child = cmd.spawn().with_context(|| format!("starting {}", path.display()))?;
+    let mut child = cmd.spawn().map_err(|e| LaunchError::Program(format!("starting {}: {e}", path.display())))?;
     drop(cmd); // the environment copy with the secrets
-    let pid = child.id().ok_or_else(|| anyhow!("the child exited at once"))?;
-    let child_pid = Pid::from_raw(i32::try_from(pid)?);
+    let pid = child.id().ok_or_else(|| LaunchError::Program("the program exited at once".into()))?;
+    let child_pid = Pid::from_raw(i32::try_from(pid).map_err(|_| LaunchError::Program("pid out of range".into()))?);
     if let Err(e) = client.verify_child(pid).await {
         let _ = kill(child_pid, Signal::SIGKILL);
         let _ = child.wait().await;
-        bail!("the started program is not the one the secrets were released for; it was killed: {e}");
+        return Err(LaunchError::Mismatch(e));
     }
     tracing::info!(pid, program = %path.display(), sha256 = %digest, "started and verified");
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(io("handling signals"))?;
+    let mut int =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(io("handling signals"))?;
     let mut tick =
         tokio::time::interval(if spec.refresh.is_zero() { Duration::from_secs(86400 * 365) } else { spec.refresh });
     tick.tick().await;
     let status = loop {
         tokio::select! {
-            s = child.wait() => break s?,
+            s = child.wait() => break s.map_err(io("waiting for the program"))?,
             _ = term.recv() => { let _ = kill(child_pid, Signal::SIGTERM); }
             _ = int.recv() => { let _ = kill(child_pid, Signal::SIGINT); }
             _ = tick.tick(), if !spec.refresh.is_zero() => {
