@@ -192,8 +192,11 @@ struct Shared {
     outage_window: std::time::Duration,
     upstream: Option<Arc<Upstream>>,
     kubelet: Option<Arc<kubelet::Kubelet>>,
-    /// `unix:sha256:HEX` selectors of the trusted launchers.
-    launchers: Vec<String>,
+    /// Configured launcher digests, as `unix:sha256:HEX` selectors.
+    extra_launchers: Vec<String>,
+    /// Those plus the agent's own executable, measured on first use (hashing a large binary
+    /// must not delay start-up or signal handling).
+    launchers: tokio::sync::OnceCell<Vec<String>>,
 }
 
 /// A caller's identity: its pid and every selector measured for it.
@@ -270,9 +273,31 @@ impl Shared {
         Ok(Attested { pid: m.pid, selectors })
     }
 
+    /// The trusted launchers: the configured ones and the agent's own executable (`keyward run`
+    /// is the same binary).
+    async fn launchers(self: &Arc<Self>) -> &[String] {
+        self.launchers
+            .get_or_init(|| async {
+                let mut all = self.extra_launchers.clone();
+                let me = Arc::clone(self);
+                let own = tokio::task::spawn_blocking(move || {
+                    Pinned::from_pid(std::process::id()).and_then(|p| me.measurer.measure(&p))
+                })
+                .await;
+                match own {
+                    Ok(Ok(m)) => all.extend(m.exe_sha256.map(|h| format!("unix:sha256:{}", hex::encode(h)))),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot measure the agent's own executable; `keyward run` is not trusted"),
+                    Err(e) => tracing::warn!(error = %e, "cannot measure the agent's own executable"),
+                }
+                all
+            })
+            .await
+    }
+
     /// Refuse unless the caller runs a trusted launcher (`keyward run`).
-    fn check_launcher(&self, a: &Attested) -> Result<(), AgentError> {
-        if a.selectors.iter().any(|s| self.launchers.contains(s)) {
+    async fn check_launcher(self: &Arc<Self>, a: &Attested) -> Result<(), AgentError> {
+        let launchers = self.launchers().await;
+        if a.selectors.iter().any(|s| launchers.contains(s)) {
             return Ok(());
         }
         Err(AgentError {
@@ -312,7 +337,7 @@ async fn verify_child(
     let pid = v.get("pid").and_then(Value::as_u64).and_then(|p| u32::try_from(p).ok()).filter(|p| *p > 0);
     let pid = pid.ok_or_else(|| bad_request("pid (a positive integer) is required"))?;
     let a = st.attest(&caller).await?;
-    st.check_launcher(&a)?;
+    st.check_launcher(&a).await?;
     let me = Arc::clone(&st);
     let launcher = a.pid;
     let measured = tokio::task::spawn_blocking(move || {
@@ -434,7 +459,7 @@ async fn relay(st: Arc<Shared>, caller: Caller, op: Op, body: Value) -> Result<R
     let nonce = up.nonce().await;
     let mut a = st.attest(&caller).await?;
     if let Some(h) = exec {
-        st.check_launcher(&a)?;
+        st.check_launcher(&a).await?;
         a.selectors.push(format!("{EXEC_SELECTOR}{h}"));
         a.selectors.sort();
     }
@@ -596,7 +621,8 @@ pub async fn serve(
         outage_window: config.outage_window,
         upstream,
         kubelet,
-        launchers,
+        extra_launchers: config.launchers.iter().map(|h| format!("unix:sha256:{}", hex::encode(h))).collect(),
+        launchers: tokio::sync::OnceCell::new(),
     });
     tracing::info!(socket = %config.socket.display(), "Workload API listening");
     let app = router(shared).into_make_service_with_connect_info::<Caller>();

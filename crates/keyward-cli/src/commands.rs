@@ -683,6 +683,7 @@ async fn operator(cli: &Cli, o: &OperatorCmd) -> anyhow::Result<ExitCode> {
 }
 
 async fn server(a: ServerArgs) -> anyhow::Result<ExitCode> {
+    let stop = shutdown_signal();
     let h = keyward_server::harden::harden_process(!a.insecure_no_mlock)?;
     tracing::info!(?h, "process hardened");
     let cfg = keyward_server::ServerConfig {
@@ -701,13 +702,16 @@ async fn server(a: ServerArgs) -> anyhow::Result<ExitCode> {
         println!("export KEYWARD_TOKEN={}", String::from_utf8_lossy(t.expose()));
         std::io::stdout().flush()?;
     }
-    serve_until_signal(&mut running).await
+    serve_until_signal(&mut running, stop).await
 }
 
-async fn serve_until_signal(running: &mut keyward_server::Running) -> anyhow::Result<ExitCode> {
+async fn serve_until_signal(
+    running: &mut keyward_server::Running,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<ExitCode> {
     tokio::select! {
         r = running.wait() => { r?; }
-        _ = shutdown_signal() => {
+        _ = stop => {
             eprintln!("shutting down");
             running.begin_shutdown();
             running.wait().await?;
@@ -717,6 +721,7 @@ async fn serve_until_signal(running: &mut keyward_server::Running) -> anyhow::Re
 }
 
 async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
+    let stop = shutdown_signal();
     let h = keyward_server::harden::harden_process(false)?;
     tracing::info!(?h, "process hardened");
     let data = match a.data {
@@ -765,7 +770,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
         }
     }
     std::io::stdout().flush()?;
-    let code = serve_until_signal(&mut running).await;
+    let code = serve_until_signal(&mut running, stop).await;
     if let Some((stop, task)) = dev_agent {
         let _ = stop.send(());
         let _ = task.await;
@@ -804,6 +809,7 @@ async fn start_dev_agent(addr: std::net::SocketAddr, root: &str, socket: &std::p
 }
 
 async fn agent(cli: &Cli, a: AgentArgs) -> anyhow::Result<ExitCode> {
+    let stop = shutdown_signal();
     // The agent holds its Ed25519 key and token for as long as it runs.
     let h = keyward_server::harden::harden_process(false)?;
     tracing::info!(?h, "process hardened");
@@ -862,7 +868,7 @@ async fn agent(cli: &Cli, a: AgentArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let listener = keyward_agent::bind(&config.socket)?;
-    keyward_agent::serve(&config, listener, upstream, kubelet, shutdown_signal()).await?;
+    keyward_agent::serve(&config, listener, upstream, kubelet, stop).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -897,6 +903,7 @@ async fn randomized(cli: &Cli, r: &RandomizedCmd) -> anyhow::Result<ExitCode> {
 
 async fn kms_plugin(cli: &Cli, a: KmsPluginArgs) -> anyhow::Result<ExitCode> {
     use keyward_kms_plugin::{CallerPolicy, Kek, Plugin, PluginSettings, kek};
+    let stop = shutdown_signal();
     let h = keyward_server::harden::harden_process(false)?;
     tracing::info!(?h, "process hardened");
     let path = keyward_kms_plugin::socket_path(&a.listen).map_err(|e| anyhow!(e))?.to_path_buf();
@@ -942,12 +949,13 @@ async fn kms_plugin(cli: &Cli, a: KmsPluginArgs) -> anyhow::Result<ExitCode> {
     let listener = keyward_kms_plugin::bind(&path, a.socket_mode)?;
     tracing::info!(socket = %path.display(), uids = ?uids, executables = exe_sha256.len(), "KMS v2 plugin listening");
     let policy = CallerPolicy { uids, exe_sha256 };
-    keyward_kms_plugin::serve(listener, plugin, policy, shutdown_signal()).await?;
+    keyward_kms_plugin::serve(listener, plugin, policy, stop).await?;
     let _ = std::fs::remove_file(&path);
     Ok(ExitCode::SUCCESS)
 }
 
 async fn csi_provider(cli: &Cli, a: CsiProviderArgs) -> anyhow::Result<ExitCode> {
+    let stop = shutdown_signal();
     // The provider holds pods' Keyward tokens in memory while they are valid.
     let h = keyward_server::harden::harden_process(false)?;
     tracing::info!(?h, "process hardened");
@@ -967,7 +975,7 @@ async fn csi_provider(cli: &Cli, a: CsiProviderArgs) -> anyhow::Result<ExitCode>
     let listener = keyward_csi::bind(&a.provider_dir)?;
     let socket = a.provider_dir.join(format!("{}.sock", keyward_csi::PROVIDER_NAME));
     tracing::info!(socket = %socket.display(), server = %cli.addr, audience = %a.audience, "CSI provider listening");
-    keyward_csi::serve(listener, provider, shutdown_signal()).await?;
+    keyward_csi::serve(listener, provider, stop).await?;
     let _ = std::fs::remove_file(&socket);
     Ok(ExitCode::SUCCESS)
 }
@@ -1022,19 +1030,25 @@ async fn workload(output: Output, w: &WorkloadArgs) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
+/// Completes on SIGTERM or SIGINT. The handlers are installed when this is called, not when the
+/// future is first polled, so call it before the socket a test or supervisor waits for exists.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
-            return;
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
-    let _ = ctrl_c.await;
 }
 
 async fn audit_verify(
