@@ -135,15 +135,7 @@ async fn main() {
     served.stop().await;
 
     // ---- service mode
-    let cfg = keyward_server::ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().join("server"),
-        dev: true,
-        scheduler_interval: Duration::from_secs(3600),
-        tls: None,
-        insecure_file_seal: false,
-        audit: Default::default(),
-    };
+    let cfg = keyward_server::ServerConfig::dev("127.0.0.1:0".parse().unwrap(), dir.path().join("server"));
     let running = keyward_server::start(cfg).await.unwrap();
     let addr = format!("http://{}", running.addr);
     let root = std::fs::read_to_string(running.root_token_file.as_ref().unwrap()).unwrap();

@@ -197,15 +197,7 @@ async fn an_allowed_executable_may_call() {
 }
 
 async fn dev_server(data: &std::path::Path, listen: &str) -> keyward_server::Running {
-    let cfg = keyward_server::ServerConfig {
-        listen: listen.parse().unwrap(),
-        data_dir: data.to_path_buf(),
-        dev: true,
-        scheduler_interval: Duration::from_secs(3600),
-        tls: None,
-        insecure_file_seal: false,
-        audit: Default::default(),
-    };
+    let cfg = keyward_server::ServerConfig::dev(listen.parse().unwrap(), data.to_path_buf());
     keyward_server::start(cfg).await.unwrap()
 }
 

@@ -39,6 +39,22 @@ pub struct ServerConfig {
     pub audit: AuditSettings,
 }
 
+impl ServerConfig {
+    /// Dev mode (insecure file seal, plain HTTP on loopback) listening on `listen` with its data
+    /// in `data_dir`, audit on, scheduler hourly: what tests, benchmarks and embedders start.
+    pub fn dev(listen: SocketAddr, data_dir: PathBuf) -> Self {
+        Self {
+            listen,
+            data_dir,
+            dev: true,
+            scheduler_interval: Duration::from_secs(3600),
+            tls: None,
+            insecure_file_seal: false,
+            audit: AuditSettings::default(),
+        }
+    }
+}
+
 /// Audit settings. Auditing is on unless explicitly switched off (for benchmarks only).
 #[derive(Debug, Clone)]
 pub struct AuditSettings {

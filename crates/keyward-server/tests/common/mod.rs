@@ -1,21 +1,11 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::time::Duration;
-
 use keyward_client::Client;
 use keyward_server::{Running, ServerConfig, start};
 
 /// A dev-mode configuration on a free loopback port with its data under `dir/data`.
 pub fn dev_config(dir: &std::path::Path) -> ServerConfig {
-    ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.join("data"),
-        dev: true,
-        scheduler_interval: Duration::from_secs(3600),
-        tls: None,
-        insecure_file_seal: false,
-        audit: Default::default(),
-    }
+    ServerConfig::dev("127.0.0.1:0".parse().unwrap(), dir.join("data"))
 }
 
 #[allow(missing_debug_implementations)]
