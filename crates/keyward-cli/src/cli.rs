@@ -56,6 +56,10 @@ pub enum Command {
     /// Run the Secrets Store CSI driver provider: secrets mounted into pods, each Mount
     /// authenticated as the pod with its ServiceAccount token (server at --addr).
     CsiProvider(CsiProviderArgs),
+    /// Encrypted container images (ocicrypt-compatible): encrypt, decrypt and inspect the
+    /// layers of an image in an OCI layout (`oci:DIR[:TAG]`).
+    #[command(subcommand)]
+    Image(ImageCmd),
     /// Show server health, seal state and unseal progress.
     Status,
     /// Seal ceremonies: init, unseal, seal, rekey, root key rotation.
@@ -330,6 +334,47 @@ pub struct CsiProviderArgs {
     /// State directory: the provider's audit log and its chain key.
     #[arg(long, default_value = "/var/lib/keyward-csi")]
     pub data_dir: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// Encrypt layers of SRC for the recipients, writing DST. Other ocicrypt implementations
+    /// (containerd imgcrypt, CRI-O, skopeo) decrypt the result.
+    Encrypt {
+        /// A recipient: `jwe:PUBLIC.pem` (RSA 2048+ or EC P-256/384/521, SubjectPublicKeyInfo PEM
+        /// or DER). Repeatable.
+        #[arg(long = "recipient", required = true)]
+        recipients: Vec<String>,
+        /// Encrypt only this layer (0-based; negative counts from the end). Repeatable; default all.
+        #[arg(long = "layer", allow_negative_numbers = true)]
+        layers: Vec<i64>,
+        /// Layers processed at once (default: one per core).
+        #[arg(long, default_value_t = 0)]
+        parallel: usize,
+        /// Source image, `oci:DIR[:TAG]`.
+        src: String,
+        /// Destination image, `oci:DIR[:TAG]`.
+        dst: String,
+    },
+    /// Decrypt every encrypted layer of SRC, writing DST. A plaintext layer is published only
+    /// after its HMAC and digest have been verified; on any error nothing is left behind.
+    Decrypt {
+        /// A private key (PKCS#8, PKCS#1 or SEC1; PEM or DER). Repeatable: each is parsed once.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// Layers processed at once (default: one per core).
+        #[arg(long, default_value_t = 0)]
+        parallel: usize,
+        /// Source image, `oci:DIR[:TAG]`.
+        src: String,
+        /// Destination image, `oci:DIR[:TAG]`.
+        dst: String,
+    },
+    /// Show which layers of SRC are encrypted and for which recipients; needs no key.
+    Inspect {
+        /// Image, `oci:DIR[:TAG]`.
+        src: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]

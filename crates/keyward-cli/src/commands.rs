@@ -63,6 +63,10 @@ fn decode_b64_input(input: &[u8]) -> anyhow::Result<Vec<u8>> {
     STANDARD.decode(compact).map_err(|_| anyhow!("input is not valid base64 (omit --base64 for raw bytes)"))
 }
 
+pub(crate) fn print_json_or_table(output: Output, v: &Value) -> anyhow::Result<()> {
+    print_value(output, v)
+}
+
 fn print_value(output: Output, v: &Value) -> anyhow::Result<()> {
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(v)?),
@@ -183,6 +187,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Workload(w) => workload(cli.output, w).await,
+        Command::Image(c) => crate::image::run(cli.output, c).await,
         Command::Status => {
             print_value(cli.output, &client(&cli)?.health().await?)?;
             Ok(ExitCode::SUCCESS)

@@ -9,7 +9,8 @@
 //! the recipient's `header`; `alg` one of `RSA-OAEP`, `RSA-OAEP-256`, `ECDH-ES+A128KW`,
 //! `ECDH-ES+A256KW`; `enc` one of `A128GCM`, `A192GCM`, `A256GCM`, `A128CBC-HS256`,
 //! `A192CBC-HS384`, `A256CBC-HS512`. go-jose quirks tolerated: base64url with or without padding,
-//! EC coordinates shorter than the field (left-padded), single recipients in flattened form.
+//! EC coordinates shorter than the field (left-padded), single recipients in flattened form, a
+//! stray top-level `encrypted_key` next to `recipients`.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -219,12 +220,9 @@ impl Jwe {
             aad.extend_from_slice(extra.as_bytes());
         }
         let raw_recipients = match raw.recipients {
-            Some(list) if !list.is_empty() => {
-                if raw.encrypted_key.is_some() {
-                    return Err(OcicryptError::jwe("both recipients and a top-level encrypted_key"));
-                }
-                list
-            }
+            // go-jose also writes the first recipient's key at the top level of a general
+            // serialization; like go-jose, ignore it when `recipients` is present.
+            Some(list) if !list.is_empty() => list,
             _ => vec![RawRecipient { header: raw.header, encrypted_key: raw.encrypted_key }],
         };
         if raw_recipients.len() > MAX_RECIPIENTS {

@@ -1,0 +1,153 @@
+//! `keyward image`: encrypt, decrypt and inspect container images in OCI layouts.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use keyward_ocicrypt::{DecryptOptions, EncryptOptions, ImageRef, PrivateKey, Progress, PublicKey};
+
+use crate::cli::{ImageCmd, Output};
+
+pub async fn run(output: Output, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ImageCmd::Encrypt { recipients, layers, parallel, src, dst } => {
+            let src = ImageRef::parse(src)?;
+            let dst = ImageRef::parse(dst)?;
+            let recipients = recipients.iter().map(|r| parse_recipient(r)).collect::<anyhow::Result<Vec<_>>>()?;
+            let (layers, parallel) = (layers.clone(), *parallel);
+            let report = with_progress("encrypting", move |progress| {
+                keyward_ocicrypt::encrypt_image(
+                    &src,
+                    &dst,
+                    &EncryptOptions { recipients: &recipients, layers: &layers, parallelism: parallel, progress: Some(progress) },
+                )
+            })
+            .await?;
+            crate::commands::print_json_or_table(output, &serde_json::to_value(report)?)?;
+        }
+        ImageCmd::Decrypt { keys, parallel, src, dst } => {
+            let src = ImageRef::parse(src)?;
+            let dst = ImageRef::parse(dst)?;
+            let keys = keys
+                .iter()
+                .map(|p| {
+                    let bytes = zeroize::Zeroizing::new(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?);
+                    Ok(PrivateKey::from_bytes(&bytes, &p.display().to_string())?)
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let parallel = *parallel;
+            let report = with_progress("decrypting", move |progress| {
+                keyward_ocicrypt::decrypt_image(
+                    &src,
+                    &dst,
+                    &DecryptOptions { keys: &keys, parallelism: parallel, progress: Some(progress) },
+                )
+            })
+            .await?;
+            crate::commands::print_json_or_table(output, &serde_json::to_value(report)?)?;
+        }
+        ImageCmd::Inspect { src } => {
+            let src = ImageRef::parse(src)?;
+            let layers = tokio::task::spawn_blocking(move || keyward_ocicrypt::inspect_image(&src)).await??;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&layers)?),
+                Output::Table => print_inspect(&layers),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_recipient(spec: &str) -> anyhow::Result<PublicKey> {
+    let Some(path) = spec.strip_prefix("jwe:") else {
+        anyhow::bail!("recipient {spec:?}: expected jwe:PUBLIC_KEY_FILE");
+    };
+    let bytes = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+    Ok(PublicKey::from_bytes(&bytes, path)?)
+}
+
+/// Run a blocking image operation; on a terminal, show its progress on stderr meanwhile.
+async fn with_progress<T: Send + 'static>(
+    verb: &'static str,
+    f: impl FnOnce(&Progress) -> keyward_ocicrypt::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let progress = Arc::new(Progress::default());
+    let done = Arc::new(AtomicBool::new(false));
+    let display = std::io::stderr().is_terminal().then(|| {
+        let (progress, done) = (progress.clone(), done.clone());
+        std::thread::spawn(move || show_progress(verb, &progress, &done))
+    });
+    let worker = progress.clone();
+    let result = tokio::task::spawn_blocking(move || f(&worker)).await;
+    done.store(true, Ordering::Relaxed);
+    if let Some(d) = display {
+        let _ = d.join();
+    }
+    Ok(result??)
+}
+
+fn show_progress(verb: &str, p: &Progress, done: &AtomicBool) {
+    let start = Instant::now();
+    let mut stderr = std::io::stderr();
+    let mut shown = false;
+    loop {
+        let finished = done.load(Ordering::Relaxed);
+        let bytes = p.bytes_done.load(Ordering::Relaxed);
+        let total = p.bytes_total.load(Ordering::Relaxed);
+        let secs = start.elapsed().as_secs_f64().max(0.001);
+        if total > 0 {
+            let _ = write!(
+                stderr,
+                "\r{verb}: {}/{} layers, {:.1}/{:.1} MiB, {:.0} MB/s   ",
+                p.layers_done.load(Ordering::Relaxed),
+                p.layers_total.load(Ordering::Relaxed),
+                bytes as f64 / 1048576.0,
+                total as f64 / 1048576.0,
+                bytes as f64 / 1e6 / secs
+            );
+            shown = true;
+        }
+        if finished {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if shown {
+        let _ = writeln!(stderr);
+    }
+}
+
+fn print_inspect(layers: &[keyward_ocicrypt::LayerInfo]) {
+    for l in layers {
+        println!(
+            "layer {}  {}  {} bytes  {}",
+            l.index,
+            l.digest,
+            l.size,
+            if l.encrypted { "encrypted" } else { "not encrypted" }
+        );
+        println!("  media type: {}", l.media_type);
+        if let Some(c) = &l.cipher {
+            println!("  cipher: {c}");
+        }
+        for r in &l.jwe_recipients {
+            let mut line = format!("  jwe recipient: {}", r.alg);
+            if let Some(c) = &r.curve {
+                line.push_str(&format!(" ({c})"));
+            }
+            if let Some(k) = &r.kid {
+                line.push_str(&format!("  kid {k}"));
+            }
+            println!("{line}");
+        }
+        for (scheme, n) in &l.other_schemes {
+            println!("  {scheme}: {n} wrapped key(s)");
+        }
+        for p in &l.problems {
+            println!("  problem: {p}");
+        }
+    }
+}
