@@ -6,7 +6,8 @@
 //! Chunks are transformed in place: AES-CTR is seekable, so each chunk is processed with the
 //! counter for its offset and no chunk is ever copied.
 //!
-//! - Decrypt: [read, HMAC(ciphertext)] -> [AES-CTR in place, SHA-256(plaintext), write].
+//! - Decrypt: [read, HMAC(ciphertext)] -> [AES-CTR in place, SHA-256(plaintext), write]; the
+//!   plaintext's digest names the output blob.
 //! - Encrypt: [read, SHA-256(plaintext)] -> [AES-CTR in place, HMAC(ciphertext)] ->
 //!   [SHA-256(ciphertext), write].
 //!
@@ -59,7 +60,7 @@ pub struct Encrypted {
 /// The result of decrypting a layer.
 #[derive(Debug)]
 pub struct Decrypted {
-    /// Digest of the plaintext, checked against the private options.
+    /// Digest of the plaintext, as computed while writing it.
     pub digest: Digest,
     /// Size of the plaintext.
     pub size: u64,
@@ -248,7 +249,7 @@ pub(crate) fn encrypt_stream(
 }
 
 /// Decrypt a layer: read the ciphertext from `src`, write the plaintext to `dst`, then check the
-/// HMAC, the size and the plaintext digest. On any error the output must be discarded.
+/// HMAC and the size. On any error the output must be discarded.
 pub(crate) fn decrypt_stream(
     src: &mut dyn Read,
     dst: &mut (dyn Write + Send),
@@ -282,10 +283,11 @@ pub(crate) fn decrypt_stream(
     if !keyward_crypto::ct_eq(tag.as_ref(), &public.hmac) {
         return Err(StreamError::Integrity);
     }
+    // The output is named by what it really is. The `digest` of the private options is not
+    // checked: Go ocicrypt records the *source* descriptor's digest there, which differs from
+    // the plaintext when the writer compressed the layer on the fly (skopeo does, for
+    // uncompressed layers). The HMAC, checked above, is what authenticates the content.
     let digest = Digest::from_sha256(&digest_bytes(plain_sha.finish()));
-    if digest != private.digest {
-        return Err(StreamError::Integrity);
-    }
     Ok(Decrypted { digest, size })
 }
 
