@@ -13,22 +13,28 @@ use crate::cli::{ImageCmd, Output};
 
 pub async fn run(output: Output, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        ImageCmd::Encrypt { recipients, layers, parallel, src, dst } => {
+        ImageCmd::Encrypt { recipients, layers, parallel, sync, src, dst } => {
             let src = ImageRef::parse(src)?;
             let dst = ImageRef::parse(dst)?;
             let recipients = recipients.iter().map(|r| parse_recipient(r)).collect::<anyhow::Result<Vec<_>>>()?;
-            let (layers, parallel) = (layers.clone(), *parallel);
+            let (layers, parallel, durable) = (layers.clone(), *parallel, *sync);
             let report = with_progress("encrypting", move |progress| {
                 keyward_ocicrypt::encrypt_image(
                     &src,
                     &dst,
-                    &EncryptOptions { recipients: &recipients, layers: &layers, parallelism: parallel, progress: Some(progress) },
+                    &EncryptOptions {
+                        recipients: &recipients,
+                        layers: &layers,
+                        parallelism: parallel,
+                        durable,
+                        progress: Some(progress),
+                    },
                 )
             })
             .await?;
             crate::commands::print_json_or_table(output, &serde_json::to_value(report)?)?;
         }
-        ImageCmd::Decrypt { keys, parallel, src, dst } => {
+        ImageCmd::Decrypt { keys, parallel, sync, src, dst } => {
             let src = ImageRef::parse(src)?;
             let dst = ImageRef::parse(dst)?;
             let keys = keys
@@ -38,12 +44,12 @@ pub async fn run(output: Output, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
                     Ok(PrivateKey::from_bytes(&bytes, &p.display().to_string())?)
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let parallel = *parallel;
+            let (parallel, durable) = (*parallel, *sync);
             let report = with_progress("decrypting", move |progress| {
                 keyward_ocicrypt::decrypt_image(
                     &src,
                     &dst,
-                    &DecryptOptions { keys: &keys, parallelism: parallel, progress: Some(progress) },
+                    &DecryptOptions { keys: &keys, parallelism: parallel, durable, progress: Some(progress) },
                 )
             })
             .await?;

@@ -76,6 +76,8 @@ pub struct EncryptOptions<'a> {
     pub layers: &'a [i64],
     /// Layers processed at once (0: one per core).
     pub parallelism: usize,
+    /// Sync every blob written to disk before naming it (default: leave it to the page cache).
+    pub durable: bool,
     /// Optional progress counters.
     pub progress: Option<&'a Progress>,
 }
@@ -87,6 +89,8 @@ pub struct DecryptOptions<'a> {
     pub keys: &'a [PrivateKey],
     /// Layers processed at once (0: one per core).
     pub parallelism: usize,
+    /// Sync every blob written to disk before naming it (default: leave it to the page cache).
+    pub durable: bool,
     /// Optional progress counters.
     pub progress: Option<&'a Progress>,
 }
@@ -130,7 +134,7 @@ pub fn encrypt_image(src: &ImageRef, dst: &ImageRef, opts: &EncryptOptions<'_>) 
     if jobs.is_empty() {
         return Err(OcicryptError::Usage("no layer to encrypt".into()));
     }
-    let dest = DestLayout::create(dst)?;
+    let dest = DestLayout::create(dst, opts.durable)?;
     let recipients: Vec<&PublicKey> = opts.recipients.iter().collect();
     start_progress(opts.progress, jobs.iter().map(|(i, _)| &image.layers[*i]));
     let results = run_parallel(&jobs, opts.parallelism, |(i, media)| {
@@ -167,7 +171,7 @@ pub fn decrypt_image(src: &ImageRef, dst: &ImageRef, opts: &DecryptOptions<'_>) 
     if jobs.is_empty() {
         return Err(OcicryptError::Usage(format!("{src} has no encrypted layer")));
     }
-    let dest = DestLayout::create(dst)?;
+    let dest = DestLayout::create(dst, opts.durable)?;
     let hint = MatchHint::default();
     start_progress(opts.progress, jobs.iter().map(|(i, _)| &image.layers[*i]));
     let results = run_parallel(&jobs, opts.parallelism, |(i, media)| {

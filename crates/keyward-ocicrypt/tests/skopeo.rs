@@ -29,7 +29,7 @@ fn decrypt_with(src: &str, dst: &str, keys: &[PrivateKey]) -> keyward_ocicrypt::
     decrypt_image(
         &ImageRef::parse(src).unwrap(),
         &ImageRef::parse(dst).unwrap(),
-        &DecryptOptions { keys, parallelism: 0, progress: None },
+        &DecryptOptions { keys, parallelism: 0, durable: false, progress: None },
     )
 }
 
@@ -125,7 +125,7 @@ fn keyward_encrypts_skopeo_decrypts() {
     encrypt_image(
         &ImageRef::parse(&oci(&src, "v1")).unwrap(),
         &ImageRef::parse(&oci(&enc, "v1")).unwrap(),
-        &EncryptOptions { recipients: &recipients, layers: &[0, -1], parallelism: 0, progress: None },
+        &EncryptOptions { recipients: &recipients, layers: &[0, -1], parallelism: 0, durable: false, progress: None },
     )
     .unwrap();
     let m = manifest(&enc, "v1");
@@ -175,7 +175,7 @@ fn failures_leave_no_plaintext() {
     encrypt_image(
         &ImageRef::parse(&oci(&src, "v1")).unwrap(),
         &ImageRef::parse(&oci(&enc, "v1")).unwrap(),
-        &EncryptOptions { recipients: &[public(&public_path)], layers: &[], parallelism: 0, progress: None },
+        &EncryptOptions { recipients: &[public(&public_path)], layers: &[], parallelism: 0, durable: false, progress: None },
     )
     .unwrap();
     let key = private(&private_path);
