@@ -40,7 +40,8 @@ pub async fn run(output: Output, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
             let keys = keys
                 .iter()
                 .map(|p| {
-                    let bytes = zeroize::Zeroizing::new(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?);
+                    let bytes =
+                        zeroize::Zeroizing::new(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?);
                     Ok(PrivateKey::from_bytes(&bytes, &p.display().to_string())?)
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;

@@ -49,7 +49,10 @@ fn big_image(dir: &Path, layer_sizes: &[u64]) {
         descs.push(json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": format!("sha256:{hex}"), "size": size}));
     }
     let diff_ids: Vec<_> = descs.iter().map(|d| d["digest"].clone()).collect();
-    let config = serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}})).unwrap();
+    let config = serde_json::to_vec(
+        &json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}}),
+    )
+    .unwrap();
     let config_digest = put_blob(dir, &config);
     let manifest = serde_json::to_vec(&json!({
         "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -106,7 +109,10 @@ fn main() {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         layer_mib
     );
-    println!("{:<11} {:>10} {:>14} {:>14} {:>8} {:>16}", "image", "recipients", "skopeo MB/s", "keyward MB/s", "ratio", "keyward unwraps");
+    println!(
+        "{:<11} {:>10} {:>14} {:>14} {:>8} {:>16}",
+        "image", "recipients", "skopeo MB/s", "keyward MB/s", "ratio", "keyward unwraps"
+    );
     for (name, sizes) in &images {
         let src = t.join(format!("src-{}", sizes.len()));
         big_image(&src, sizes);
@@ -147,7 +153,7 @@ fn main() {
                 )
                 .unwrap();
                 kw.push(t0.elapsed());
-                unwraps = report.unwrap_attempts;
+                unwraps = report.unwrap_attempts.unwrap_or(0);
                 std::fs::remove_dir_all(&out).unwrap();
             }
             let mbs = |d: Duration| bytes as f64 / 1e6 / d.as_secs_f64();

@@ -140,11 +140,7 @@ enum Output {
     Pool(SyncSender<Vec<u8>>),
 }
 
-fn run_stage(
-    input: Receiver<Chunk>,
-    stage: &mut StageFn<'_>,
-    out: Output,
-) -> std::result::Result<(), StreamError> {
+fn run_stage(input: Receiver<Chunk>, stage: &mut StageFn<'_>, out: Output) -> std::result::Result<(), StreamError> {
     for mut chunk in input {
         stage(&mut chunk.buf, chunk.offset)?;
         let sent = match &out {
@@ -371,7 +367,8 @@ mod tests {
                 assert_ne!(ct, plain);
             }
             let mut out = Vec::new();
-            let dec = decrypt_stream(&mut ct.as_slice(), &mut out, &enc.private, &enc.public, Some(size as u64)).unwrap();
+            let dec =
+                decrypt_stream(&mut ct.as_slice(), &mut out, &enc.private, &enc.public, Some(size as u64)).unwrap();
             assert_eq!(out, plain);
             assert_eq!(dec.digest, enc.private.digest);
         }
@@ -386,7 +383,8 @@ mod tests {
         flipped[CHUNK + 3] ^= 1;
         let r = decrypt_stream(&mut flipped.as_slice(), &mut Vec::new(), &enc.private, &enc.public, None);
         assert!(matches!(r, Err(StreamError::Integrity)));
-        let r = decrypt_stream(&mut &ct[..ct.len() - 1], &mut Vec::new(), &enc.private, &enc.public, Some(ct.len() as u64));
+        let r =
+            decrypt_stream(&mut &ct[..ct.len() - 1], &mut Vec::new(), &enc.private, &enc.public, Some(ct.len() as u64));
         assert!(matches!(r, Err(StreamError::Size { .. })));
         let r = decrypt_stream(&mut &ct[..ct.len() - 1], &mut Vec::new(), &enc.private, &enc.public, None);
         assert!(matches!(r, Err(StreamError::Integrity)));

@@ -44,9 +44,7 @@ pub enum OcicryptError {
         reason: String,
     },
     /// No recipient of the layer could be unwrapped with the keys given.
-    #[error(
-        "layer {layer}: none of the {keys} private key(s) given matches any of its {recipients} recipient(s)"
-    )]
+    #[error("layer {layer}: none of the {keys} private key(s) given matches any of its {recipients} recipient(s)")]
     NoMatchingKey {
         /// Digest of the layer.
         layer: String,

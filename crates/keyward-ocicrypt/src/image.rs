@@ -105,7 +105,8 @@ pub struct Report {
     /// Layers copied unchanged.
     pub layers_unchanged: usize,
     /// Asymmetric key-unwrap attempts made (decryption only).
-    pub unwrap_attempts: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unwrap_attempts: Option<usize>,
 }
 
 /// Encrypt the selected layers of `src` for `recipients`, writing `dst`.
@@ -151,7 +152,7 @@ pub fn encrypt_image(src: &ImageRef, dst: &ImageRef, opts: &EncryptOptions<'_>) 
         let mut d = layer.clone();
         d.rewrite(media, &enc.digest, enc.size, annotations);
         finish_layer(opts.progress);
-        Ok((d, 0))
+        Ok((d, None))
     })?;
     write_result(image, dest, results, &jobs)
 }
@@ -190,7 +191,7 @@ pub fn decrypt_image(src: &ImageRef, dst: &ImageRef, opts: &DecryptOptions<'_>) 
         let mut d = layer.clone();
         d.rewrite(media, &dec.digest, dec.size, annotations);
         finish_layer(opts.progress);
-        Ok((d, attempts))
+        Ok((d, Some(attempts)))
     })?;
     write_result(image, dest, results, &jobs)
 }
@@ -198,14 +199,16 @@ pub fn decrypt_image(src: &ImageRef, dst: &ImageRef, opts: &DecryptOptions<'_>) 
 fn write_result(
     image: SourceImage,
     dest: DestLayout,
-    results: Vec<(Descriptor, usize)>,
+    results: Vec<(Descriptor, Option<usize>)>,
     jobs: &[(usize, String)],
 ) -> Result<Report> {
     let mut layers = image.layers.clone();
-    let mut attempts = 0;
+    let mut attempts = None;
     for ((i, _), (d, a)) in jobs.iter().zip(results) {
         layers[*i] = d;
-        attempts += a;
+        if let Some(a) = a {
+            *attempts.get_or_insert(0) += a;
+        }
     }
     dest.copy_blob(&image, &image.config.digest)?;
     for (i, l) in layers.iter().enumerate() {
@@ -252,7 +255,11 @@ fn stream_error(layer: &Descriptor, e: StreamError) -> OcicryptError {
 }
 
 fn bad_annotation(layer: &Descriptor, annotation: &str, reason: impl Into<String>) -> OcicryptError {
-    OcicryptError::BadAnnotation { layer: layer.digest.to_string(), annotation: annotation.into(), reason: reason.into() }
+    OcicryptError::BadAnnotation {
+        layer: layer.digest.to_string(),
+        annotation: annotation.into(),
+        reason: reason.into(),
+    }
 }
 
 fn public_options(layer: &Descriptor) -> Result<PublicOptions> {
@@ -271,7 +278,11 @@ fn key_blobs(layer: &Descriptor, annotation: &str) -> Result<Vec<Vec<u8>>> {
         return Err(bad_annotation(layer, annotation, "too large"));
     }
     raw.split(',')
-        .map(|b| STANDARD.decode(b.trim()).map_err(|_| bad_annotation(layer, annotation, "not a comma-separated list of base64 values")))
+        .map(|b| {
+            STANDARD
+                .decode(b.trim())
+                .map_err(|_| bad_annotation(layer, annotation, "not a comma-separated list of base64 values"))
+        })
         .collect()
 }
 

@@ -23,8 +23,8 @@ use aws_lc_rs::iv::FixedLength;
 use aws_lc_rs::key_wrap::{self, KeyEncryptionKey, KeyWrap};
 use aws_lc_rs::rsa::{OAEP_SHA1_MGF1SHA1, OAEP_SHA256_MGF1SHA256};
 use base64::Engine as _;
-use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, URL_SAFE_NO_PAD};
 use base64::engine::DecodePaddingMode;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, URL_SAFE_NO_PAD};
 use keyward_crypto::SecretBytes;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -66,7 +66,9 @@ pub fn encrypt(plaintext: &[u8], recipients: &[&PublicKey]) -> Result<Vec<u8>> {
     let protected = b64u(br#"{"enc":"A256GCM"}"#);
     let mut iv = [0u8; 12];
     keyward_crypto::fill_random(&mut iv).map_err(|_| OcicryptError::Crypto("random generator"))?;
-    let key = LessSafeKey::new(UnboundKey::new(&aead::AES_256_GCM, cek.expose()).map_err(|_| OcicryptError::Crypto("AES-GCM"))?);
+    let key = LessSafeKey::new(
+        UnboundKey::new(&aead::AES_256_GCM, cek.expose()).map_err(|_| OcicryptError::Crypto("AES-GCM"))?,
+    );
     let mut body = plaintext.to_vec();
     let tag = key
         .seal_in_place_separate_tag(Nonce::assume_unique_for_key(iv), Aad::from(protected.as_bytes()), &mut body)
@@ -207,8 +209,8 @@ impl Jwe {
         let mut shared = Map::new();
         if let Some(p) = &raw.protected {
             let decoded = unb64u("protected", p)?;
-            let header: Map<String, Value> =
-                serde_json::from_slice(&decoded).map_err(|_| OcicryptError::jwe("protected header is not a JSON object"))?;
+            let header: Map<String, Value> = serde_json::from_slice(&decoded)
+                .map_err(|_| OcicryptError::jwe("protected header is not a JSON object"))?;
             merge(&mut shared, header)?;
         }
         if let Some(u) = raw.unprotected {
@@ -284,10 +286,11 @@ impl Jwe {
         for (ri, r) in self.recipients.iter().enumerate() {
             let Some(kid) = &r.kid else { continue };
             for (ki, k) in keys.iter().enumerate() {
-                if k.kid() == kid && tried.insert((ri, ki)) {
-                    if let Some(p) = self.try_pair(r, k) {
-                        return (Some(p), tried.len());
-                    }
+                if k.kid() == kid
+                    && tried.insert((ri, ki))
+                    && let Some(p) = self.try_pair(r, k)
+                {
+                    return (Some(p), tried.len());
                 }
             }
         }
@@ -491,8 +494,8 @@ mod tests {
     #[test]
     fn concat_kdf_matches_rfc7518_appendix_c() {
         let z = [
-            158, 86, 217, 29, 129, 113, 53, 211, 114, 131, 66, 131, 191, 132, 38, 156, 251, 49, 110, 163, 218, 128, 106,
-            72, 246, 218, 167, 121, 140, 254, 144, 196,
+            158, 86, 217, 29, 129, 113, 53, 211, 114, 131, 66, 131, 191, 132, 38, 156, 251, 49, 110, 163, 218, 128,
+            106, 72, 246, 218, 167, 121, 140, 254, 144, 196,
         ];
         let key = concat_kdf(&z, "A128GCM", b"Alice", b"Bob", 16);
         assert_eq!(b64u(&key), "VqqN6vgjbSBcIijNcacQGg");
@@ -505,8 +508,8 @@ mod tests {
         // A.3: CEK and the A128CBC-HS256 content encryption (the key wrap is A128KW, which ocicrypt
         // does not use, so the CEK is taken as given).
         let cek: [u8; 32] = [
-            4, 211, 31, 197, 84, 157, 252, 254, 11, 100, 157, 250, 63, 170, 106, 206, 107, 124, 212, 45, 111, 107, 9, 219,
-            200, 177, 0, 240, 143, 156, 44, 207,
+            4, 211, 31, 197, 84, 157, 252, 254, 11, 100, 157, 250, 63, 170, 106, 206, 107, 124, 212, 45, 111, 107, 9,
+            219, 200, 177, 0, 240, 143, 156, 44, 207,
         ];
         let protected = "eyJhbGciOiJBMTI4S1ciLCJlbmMiOiJBMTI4Q0JDLUhTMjU2In0";
         let iv = unb64u("iv", "AxY8DCtDaGlsbGljb3RoZQ").unwrap();
@@ -519,7 +522,12 @@ mod tests {
         assert_eq!(plain.expose(), b"Live long and prosper.");
         let mut bad = tag.clone();
         bad[0] ^= 1;
-        assert!(Enc::from_name("A128CBC-HS256").unwrap().open(&SecretBytes::copy_from(&cek), &iv, protected.as_bytes(), &ct, &bad).is_none());
+        assert!(
+            Enc::from_name("A128CBC-HS256")
+                .unwrap()
+                .open(&SecretBytes::copy_from(&cek), &iv, protected.as_bytes(), &ct, &bad)
+                .is_none()
+        );
     }
 
     #[test]

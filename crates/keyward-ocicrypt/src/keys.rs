@@ -130,7 +130,8 @@ impl PublicKey {
                     .ok_or_else(|| bad("EC key on an unsupported curve (use P-256, P-384 or P-521)".into()))?;
                 let point = point.data().to_vec();
                 // Reject points not on the curve now rather than at encryption time.
-                let check = agreement::PrivateKey::generate(curve.agreement()).map_err(|_| OcicryptError::Crypto("EC key generation"))?;
+                let check = agreement::PrivateKey::generate(curve.agreement())
+                    .map_err(|_| OcicryptError::Crypto("EC key generation"))?;
                 agreement::agree(&check, agreement::UnparsedPublicKey::new(curve.agreement(), &point), (), |_| Ok(()))
                     .map_err(|_| bad("EC public key is not a valid point".into()))?;
                 let kid = ec_thumbprint(curve, &point).ok_or_else(|| bad("EC point is not uncompressed".into()))?;
@@ -271,11 +272,7 @@ fn strip_zeros(mut b: &[u8]) -> &[u8] {
 
 /// RFC 7638 section 3.2: the members `e`, `kty`, `n`, in that order, no white space.
 fn rsa_thumbprint(modulus: &[u8], exponent: &[u8]) -> String {
-    let jwk = format!(
-        r#"{{"e":"{}","kty":"RSA","n":"{}"}}"#,
-        b64u(strip_zeros(exponent)),
-        b64u(strip_zeros(modulus))
-    );
+    let jwk = format!(r#"{{"e":"{}","kty":"RSA","n":"{}"}}"#, b64u(strip_zeros(exponent)), b64u(strip_zeros(modulus)));
     b64u(&keyward_crypto::hash::sha256(jwk.as_bytes()))
 }
 
@@ -333,8 +330,11 @@ mod tests {
             assert!(matches!(PublicKey::from_bytes(bytes, "k"), Err(OcicryptError::BadKey { .. })));
             assert!(matches!(PrivateKey::from_bytes(bytes, "k"), Err(OcicryptError::BadKey { .. })));
         }
-        let e = PrivateKey::from_bytes(b"-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n", "k")
-            .unwrap_err();
+        let e = PrivateKey::from_bytes(
+            b"-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
+            "k",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("encrypted private keys"), "{e}");
     }
 }

@@ -83,7 +83,9 @@ impl Descriptor {
             .ok_or_else(|| OcicryptError::image(format!("{what} has no mediaType")))?
             .to_owned();
         let digest = Digest::parse(
-            json.get("digest").and_then(Value::as_str).ok_or_else(|| OcicryptError::image(format!("{what} has no digest")))?,
+            json.get("digest")
+                .and_then(Value::as_str)
+                .ok_or_else(|| OcicryptError::image(format!("{what} has no digest")))?,
         )?;
         let size = json
             .get("size")
@@ -138,7 +140,10 @@ impl SourceImage {
     pub fn open(r: &ImageRef) -> Result<Self> {
         let layout: Value = read_json(&r.dir.join("oci-layout"))?;
         if layout.get("imageLayoutVersion").and_then(Value::as_str).is_none() {
-            return Err(OcicryptError::image(format!("{}: not an OCI image layout (oci-layout has no imageLayoutVersion)", r.dir.display())));
+            return Err(OcicryptError::image(format!(
+                "{}: not an OCI image layout (oci-layout has no imageLayoutVersion)",
+                r.dir.display()
+            )));
         }
         let index: Value = read_json(&r.dir.join("index.json"))?;
         let entries = index
@@ -146,7 +151,12 @@ impl SourceImage {
             .and_then(Value::as_array)
             .ok_or_else(|| OcicryptError::image("index.json has no manifests"))?;
         let chosen: Vec<&Value> = match &r.tag {
-            Some(tag) => entries.iter().filter(|m| m.pointer("/annotations/org.opencontainers.image.ref.name").and_then(Value::as_str) == Some(tag)).collect(),
+            Some(tag) => entries
+                .iter()
+                .filter(|m| {
+                    m.pointer("/annotations/org.opencontainers.image.ref.name").and_then(Value::as_str) == Some(tag)
+                })
+                .collect(),
             None => entries.iter().collect(),
         };
         let entry = match chosen.as_slice() {
@@ -175,8 +185,8 @@ impl SourceImage {
         if Digest::from_sha256(&keyward_crypto::hash::sha256(&bytes)) != d.digest || bytes.len() as u64 != d.size {
             return Err(OcicryptError::image(format!("{r}: manifest blob does not match its digest or size")));
         }
-        let manifest: Map<String, Value> =
-            serde_json::from_slice(&bytes).map_err(|e| OcicryptError::image(format!("manifest is not a JSON object: {e}")))?;
+        let manifest: Map<String, Value> = serde_json::from_slice(&bytes)
+            .map_err(|e| OcicryptError::image(format!("manifest is not a JSON object: {e}")))?;
         let config = Descriptor::from_json(manifest.get("config").unwrap_or(&Value::Null), "manifest config")?;
         let layers = manifest
             .get("layers")
@@ -329,17 +339,16 @@ impl DestLayout {
         }
 
         let index_path = self.dir.join("index.json");
-        let mut index = if index_path.exists() {
-            read_json(&index_path)?
-        } else {
-            json!({"schemaVersion": 2, "manifests": []})
-        };
+        let mut index =
+            if index_path.exists() { read_json(&index_path)? } else { json!({"schemaVersion": 2, "manifests": []}) };
         let manifests = index
             .get_mut("manifests")
             .and_then(Value::as_array_mut)
             .ok_or_else(|| OcicryptError::image("destination index.json has no manifests"))?;
         let tag = self.tag.clone();
-        manifests.retain(|m| m.pointer("/annotations/org.opencontainers.image.ref.name").and_then(Value::as_str) != tag.as_deref());
+        manifests.retain(|m| {
+            m.pointer("/annotations/org.opencontainers.image.ref.name").and_then(Value::as_str) != tag.as_deref()
+        });
         manifests.push(Value::Object(descriptor));
         let bytes = serde_json::to_vec(&index).map_err(|e| OcicryptError::image(e.to_string()))?;
         write_atomic(&self.dir, &index_path, &bytes)?;

@@ -28,9 +28,9 @@ pub struct Digest(String);
 impl Digest {
     /// Parse and validate. Only SHA-256 digests are accepted.
     pub fn parse(s: &str) -> Result<Self> {
-        let hex = s
-            .strip_prefix("sha256:")
-            .ok_or_else(|| OcicryptError::image(format!("unsupported digest {s:?}: only sha256 digests are accepted")))?;
+        let hex = s.strip_prefix("sha256:").ok_or_else(|| {
+            OcicryptError::image(format!("unsupported digest {s:?}: only sha256 digests are accepted"))
+        })?;
         if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
             return Err(OcicryptError::image(format!("malformed digest {s:?}")));
         }
@@ -115,10 +115,12 @@ impl PrivateOptions {
         if json.len() > MAX_OPTIONS_JSON {
             return Err(OcicryptError::jwe("private options larger than 16 KiB"));
         }
-        let raw: RawPrivate =
-            serde_json::from_slice(json).map_err(|_| OcicryptError::jwe("private options are not the expected JSON"))?;
+        let raw: RawPrivate = serde_json::from_slice(json)
+            .map_err(|_| OcicryptError::jwe("private options are not the expected JSON"))?;
         let mut key = Zeroizing::new(
-            STANDARD.decode(raw.symkey.as_bytes()).map_err(|_| OcicryptError::jwe("private options: symkey is not base64"))?,
+            STANDARD
+                .decode(raw.symkey.as_bytes())
+                .map_err(|_| OcicryptError::jwe("private options: symkey is not base64"))?,
         );
         if key.len() != 32 {
             return Err(OcicryptError::jwe("private options: symkey is not 32 bytes"));
