@@ -336,6 +336,22 @@ pub struct CsiProviderArgs {
     pub data_dir: PathBuf,
 }
 
+/// Source, destination and how to write, shared by `image encrypt` and `image decrypt`.
+#[derive(Args, Debug, Clone)]
+pub struct ImageCopyArgs {
+    /// Layers processed at once (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub parallel: usize,
+    /// fsync every blob before naming it (skopeo does not; costs about half the speed on
+    /// a plain disk). index.json is always replaced atomically.
+    #[arg(long)]
+    pub sync: bool,
+    /// Source image, `oci:DIR[:TAG]`.
+    pub src: String,
+    /// Destination image, `oci:DIR[:TAG]`.
+    pub dst: String,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum ImageCmd {
     /// Encrypt layers of SRC for the recipients, writing DST. Other ocicrypt implementations
@@ -348,35 +364,17 @@ pub enum ImageCmd {
         /// Encrypt only this layer (0-based; negative counts from the end). Repeatable; default all.
         #[arg(long = "layer", allow_negative_numbers = true)]
         layers: Vec<i64>,
-        /// Layers processed at once (default: one per core).
-        #[arg(long, default_value_t = 0)]
-        parallel: usize,
-        /// fsync every blob before naming it (skopeo does not; costs about half the speed on
-        /// a plain disk). index.json is always replaced atomically.
-        #[arg(long)]
-        sync: bool,
-        /// Source image, `oci:DIR[:TAG]`.
-        src: String,
-        /// Destination image, `oci:DIR[:TAG]`.
-        dst: String,
+        #[command(flatten)]
+        io: ImageCopyArgs,
     },
     /// Decrypt every encrypted layer of SRC, writing DST. A plaintext layer is published only
-    /// after its HMAC and digest have been verified; on any error nothing is left behind.
+    /// after its HMAC has been verified; on any error nothing is left behind.
     Decrypt {
         /// A private key (PKCS#8, PKCS#1 or SEC1; PEM or DER). Repeatable: each is parsed once.
         #[arg(long = "key", required = true)]
         keys: Vec<PathBuf>,
-        /// Layers processed at once (default: one per core).
-        #[arg(long, default_value_t = 0)]
-        parallel: usize,
-        /// fsync every blob before naming it (skopeo does not; costs about half the speed on
-        /// a plain disk). index.json is always replaced atomically.
-        #[arg(long)]
-        sync: bool,
-        /// Source image, `oci:DIR[:TAG]`.
-        src: String,
-        /// Destination image, `oci:DIR[:TAG]`.
-        dst: String,
+        #[command(flatten)]
+        io: ImageCopyArgs,
     },
     /// Show which layers of SRC are encrypted and for which recipients; needs no key.
     Inspect {

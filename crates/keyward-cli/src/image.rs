@@ -13,11 +13,10 @@ use crate::cli::{ImageCmd, Output};
 
 pub async fn run(output: Output, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        ImageCmd::Encrypt { recipients, layers, parallel, sync, src, dst } => {
-            let src = ImageRef::parse(src)?;
-            let dst = ImageRef::parse(dst)?;
+        ImageCmd::Encrypt { recipients, layers, io } => {
+            let (src, dst) = (ImageRef::parse(&io.src)?, ImageRef::parse(&io.dst)?);
             let recipients = recipients.iter().map(|r| parse_recipient(r)).collect::<anyhow::Result<Vec<_>>>()?;
-            let (layers, parallel, durable) = (layers.clone(), *parallel, *sync);
+            let (layers, parallel, durable) = (layers.clone(), io.parallel, io.sync);
             let report = with_progress("encrypting", move |progress| {
                 keyward_ocicrypt::encrypt_image(
                     &src,
@@ -34,9 +33,8 @@ pub async fn run(output: Output, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
             .await?;
             crate::commands::print_json_or_table(output, &serde_json::to_value(report)?)?;
         }
-        ImageCmd::Decrypt { keys, parallel, sync, src, dst } => {
-            let src = ImageRef::parse(src)?;
-            let dst = ImageRef::parse(dst)?;
+        ImageCmd::Decrypt { keys, io } => {
+            let (src, dst) = (ImageRef::parse(&io.src)?, ImageRef::parse(&io.dst)?);
             let keys = keys
                 .iter()
                 .map(|p| {
@@ -45,7 +43,7 @@ pub async fn run(output: Output, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
                     Ok(PrivateKey::from_bytes(&bytes, &p.display().to_string())?)
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let (parallel, durable) = (*parallel, *sync);
+            let (parallel, durable) = (io.parallel, io.sync);
             let report = with_progress("decrypting", move |progress| {
                 keyward_ocicrypt::decrypt_image(
                     &src,

@@ -384,6 +384,29 @@ fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
 mod tests {
     use super::*;
 
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn descriptors_and_references_never_panic(
+                media in ".{0,20}",
+                digest in "(sha256:)?[0-9a-f./]{0,70}",
+                size in proptest::option::of(any::<i64>()),
+                reference in ".{0,40}",
+            ) {
+                let v = json!({"mediaType": media, "digest": digest, "size": size});
+                if let Ok(d) = Descriptor::from_json(&v, "t") {
+                    // Accepted digests name a file directly under blobs/sha256.
+                    prop_assert!(!d.digest.hex().contains('/') && !d.digest.hex().contains('.'));
+                    prop_assert!(size.is_some_and(|s| s >= 0));
+                }
+                let _ = ImageRef::parse(&reference);
+            }
+        }
+    }
+
     #[test]
     fn references() {
         assert_eq!(ImageRef::parse("oci:/tmp/x").unwrap(), ImageRef { dir: "/tmp/x".into(), tag: None });

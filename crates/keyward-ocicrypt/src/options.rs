@@ -217,6 +217,39 @@ mod tests {
         assert!(PublicOptions::from_json(br#"{"cipher":"ROT13","hmac":""}"#).unwrap_err().contains("unsupported"));
     }
 
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+                let _ = PrivateOptions::from_json(&bytes);
+                let _ = PublicOptions::from_json(&bytes);
+                if let Ok(s) = std::str::from_utf8(&bytes) {
+                    if let Ok(d) = Digest::parse(s) {
+                        prop_assert_eq!(d.hex().len(), 64);
+                    }
+                }
+            }
+
+            #[test]
+            fn json_shaped_private_options(
+                key in "[A-Za-z0-9+/=]{0,60}",
+                nonce in "[A-Za-z0-9+/=]{0,30}",
+                digest in "(sha256:)?[0-9a-f]{0,70}",
+            ) {
+                let json = format!(r#"{{"symkey":"{key}","digest":"{digest}","cipheroptions":{{"nonce":"{nonce}"}}}}"#);
+                if let Ok(p) = PrivateOptions::from_json(json.as_bytes()) {
+                    prop_assert_eq!(p.symkey.len(), 32);
+                    let back = PrivateOptions::from_json(p.to_json().expose()).unwrap();
+                    prop_assert!(back.symkey.ct_eq(p.symkey.expose()));
+                    prop_assert_eq!(back.nonce, p.nonce);
+                }
+            }
+        }
+    }
+
     #[test]
     fn digests_are_validated() {
         assert!(Digest::parse(&format!("sha256:{}", "a".repeat(64))).is_ok());
