@@ -226,10 +226,10 @@ mod tests {
             fn parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
                 let _ = PrivateOptions::from_json(&bytes);
                 let _ = PublicOptions::from_json(&bytes);
-                if let Ok(s) = std::str::from_utf8(&bytes) {
-                    if let Ok(d) = Digest::parse(s) {
-                        prop_assert_eq!(d.hex().len(), 64);
-                    }
+                if let Ok(s) = std::str::from_utf8(&bytes)
+                    && let Ok(d) = Digest::parse(s)
+                {
+                    prop_assert_eq!(d.hex().len(), 64);
                 }
             }
 
