@@ -14,7 +14,7 @@ use crate::error::{OcicryptError, Result};
 use crate::jwe::{self, Jwe, MatchHint};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::layout::{Descriptor, DestLayout, ImageRef, SourceImage};
-use crate::options::{Digest, PrivateOptions, PublicOptions};
+use crate::options::{PrivateOptions, PublicOptions};
 
 /// Prefix of every encryption annotation; all of them are removed on decryption.
 pub const ANNOTATION_PREFIX: &str = "org.opencontainers.image.enc.";
@@ -479,9 +479,4 @@ pub fn inspect_image(src: &ImageRef) -> Result<Vec<LayerInfo>> {
         out.push(info);
     }
     Ok(out)
-}
-
-/// Digest helper re-exported for callers that name blobs.
-pub fn digest_of(bytes: &[u8]) -> Digest {
-    Digest::from_sha256(&keyward_crypto::hash::sha256(bytes))
 }

@@ -158,7 +158,6 @@ struct RawRecipient {
 
 /// A parsed JWE, ready for unwrapping.
 pub struct Jwe {
-    shared: Map<String, Value>,
     aad: Vec<u8>,
     iv: Vec<u8>,
     ciphertext: Vec<u8>,
@@ -258,7 +257,6 @@ impl Jwe {
             .ok_or_else(|| OcicryptError::jwe("no enc header"))?;
         Enc::from_name(enc).ok_or_else(|| OcicryptError::jwe(format!("unsupported enc {enc:?}")))?;
         Ok(Self {
-            shared,
             aad,
             iv: unb64u("iv", raw.iv.as_deref().unwrap_or(""))?,
             ciphertext: unb64u("ciphertext", &raw.ciphertext)?,
@@ -325,16 +323,11 @@ impl Jwe {
 
     fn try_pair(&self, r: &Recipient, key: &PrivateKey) -> Option<SecretBytes> {
         let enc = Enc::from_name(r.header.get("enc")?.as_str()?)?;
-        let cek = unwrap_cek(r, key, enc.key_len())?;
+        let cek = unwrap_cek(r, key)?;
         if cek.len() != enc.key_len() {
             return None;
         }
         enc.open(&cek, &self.iv, &self.aad, &self.ciphertext, &self.tag)
-    }
-
-    /// Header parameters shared by all recipients (for inspection).
-    pub fn shared_header(&self) -> &Map<String, Value> {
-        &self.shared
     }
 }
 
@@ -357,7 +350,7 @@ fn merge(into: &mut Map<String, Value>, from: Map<String, Value>) -> Result<()> 
     Ok(())
 }
 
-fn unwrap_cek(r: &Recipient, key: &PrivateKey, _cek_len: usize) -> Option<SecretBytes> {
+fn unwrap_cek(r: &Recipient, key: &PrivateKey) -> Option<SecretBytes> {
     match (&key.kind, r.alg.as_str()) {
         (PrivateKind::Rsa(k), "RSA-OAEP" | "RSA-OAEP-256") => {
             let alg = if r.alg == "RSA-OAEP" { &OAEP_SHA1_MGF1SHA1 } else { &OAEP_SHA256_MGF1SHA256 };
