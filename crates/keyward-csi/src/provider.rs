@@ -325,6 +325,7 @@ impl Provider {
             reason: Some(reason.chars().take(512).collect()),
             status,
             error,
+            context: None,
         };
         self.audit.append(record).await.map_err(|e| {
             tracing::error!(error = %e, "audit write failed; refusing the mount");

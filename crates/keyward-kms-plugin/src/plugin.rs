@@ -255,6 +255,7 @@ impl Plugin {
             reason,
             status: status as u16,
             error,
+            context: None,
         };
         self.audit.append(record).await.map_err(|e| {
             tracing::error!(error = %e, "audit write failed; refusing the call");

@@ -859,6 +859,7 @@ async fn encrypt(
     Path(name): Path<String>,
     StrictJson(r): StrictJson<EncryptReq>,
 ) -> ApiResult {
+    c.1.set_context(&r.context);
     allow(&st, &c, "encrypt", &format!("keys/{name}"))?;
     let pt = zeroize::Zeroizing::new(unb64("plaintext", &r.plaintext)?);
     let e = st.kms()?.encrypt(&name, &pt, &r.context).await?;
@@ -866,6 +867,7 @@ async fn encrypt(
 }
 
 async fn decrypt(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<DecryptReq>) -> ApiResult {
+    c.1.set_context(&r.context);
     let ct = unb64("ciphertext", &r.ciphertext)?;
     // Authorization is by the key named in the ciphertext header; the service re-checks it.
     let resource = key_resource_of(&st, &ct).await?;
@@ -885,6 +887,7 @@ async fn key_resource_of(st: &AppState, ciphertext: &[u8]) -> Result<String, Api
 }
 
 async fn reencrypt(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<ReencryptReq>) -> ApiResult {
+    c.1.set_context(&r.context);
     let ct = unb64("ciphertext", &r.ciphertext)?;
     allow(&st, &c, "decrypt", &key_resource_of(&st, &ct).await?)?;
     if let Some(dest) = &r.destination_key {
@@ -895,6 +898,7 @@ async fn reencrypt(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJ
 }
 
 async fn data_key_common(st: &AppState, c: &Caller, name: &str, r: DataKeyReq, with_plaintext: bool) -> ApiResult {
+    c.1.set_context(&r.context);
     allow(st, c, "generate-data-key", &format!("keys/{name}"))?;
     let dk = st.kms()?.generate_data_key(name, r.bytes, &r.context, with_plaintext).await?;
     let mut v = json!({"ciphertext": b64(&dk.ciphertext), "key": name, "key_version": dk.key_version});

@@ -97,6 +97,10 @@ pub struct AuditRecord {
     pub status: u16,
     /// Error code of the response, if it failed.
     pub error: Option<String>,
+    /// The encryption context of a cryptographic operation (not secret, and what says which
+    /// object a key was used for, as AWS KMS logs it); absent for other requests.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// Per-request audit facts, filled in by authentication and authorization.
@@ -112,6 +116,7 @@ struct CtxFields {
     resource: Option<String>,
     decision: Option<&'static str>,
     reason: Option<String>,
+    context: Option<std::collections::BTreeMap<String, String>>,
 }
 
 impl AuditCtx {
@@ -129,6 +134,13 @@ impl AuditCtx {
             f.resource = Some(resource.to_string());
             f.decision = Some(if allowed { "allow" } else { "deny" });
             f.reason = Some(reason);
+        }
+    }
+
+    /// Record the encryption context of a cryptographic operation.
+    pub fn set_context(&self, context: &std::collections::BTreeMap<String, String>) {
+        if let Ok(mut f) = self.inner.lock() {
+            f.context = (!context.is_empty()).then(|| context.clone());
         }
     }
 
@@ -154,6 +166,7 @@ impl AuditCtx {
             reason: f.reason,
             status,
             error: error.map(str::to_string),
+            context: f.context,
         }
     }
 }
@@ -494,6 +507,7 @@ impl AuditLog {
             reason: Some(what.to_string()),
             status: 0,
             error: None,
+            context: None,
         })
         .await
     }
@@ -698,6 +712,7 @@ mod tests {
             reason: None,
             status: 200,
             error: None,
+            context: None,
         }
     }
 

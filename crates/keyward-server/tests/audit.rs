@@ -16,7 +16,8 @@ async fn every_request_is_audited_without_secrets_and_the_chain_verifies() {
     let s = TestServer::start().await;
     let c = s.client();
     c.create_key("k", "aes256-gcm", "", None).await.unwrap();
-    let ct = c.encrypt("k", b"PLAINTEXT-MARKER-91", &BTreeMap::new()).await.unwrap();
+    let ctx = BTreeMap::from([("layer".to_string(), "sha256:abc".to_string())]);
+    let ct = c.encrypt("k", b"PLAINTEXT-MARKER-91", &ctx).await.unwrap();
     c.put_secret("a/b", &BTreeMap::from([("v".to_string(), "SECRET-MARKER-77".to_string())]), None).await.unwrap();
     let (st, _, rid_denied) = raw(&s.addr, "GET", "/v1/keys", Some("kwt_forged"), None, vec![]).await;
     assert_eq!(st, 401);
@@ -45,6 +46,8 @@ async fn every_request_is_audited_without_secrets_and_the_chain_verifies() {
         (Some("encrypt"), Some("keys/k"), Some("allow"))
     );
     assert!(enc["identity"].as_str().unwrap().starts_with("acc_"));
+    assert_eq!(enc["context"], serde_json::json!({"layer": "sha256:abc"}), "the encryption context is recorded");
+    assert!(recs[2].get("context").is_none(), "no context field on other requests");
     assert_eq!(recs[4]["error"], "decryption_failed");
 
     // The chain verifies with the key and head the server reports, and the report's own request
