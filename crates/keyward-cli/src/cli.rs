@@ -60,6 +60,12 @@ pub enum Command {
     /// layers of an image in an OCI layout (`oci:DIR[:TAG]`).
     #[command(subcommand)]
     Image(ImageCmd),
+    /// The ocicrypt key provider: with no subcommand, answer one key-provider request (JSON on
+    /// stdin, JSON on stdout), as containerd, CRI-O and skopeo run a `cmd` provider; `serve`
+    /// answers them over gRPC. Wrapping uses the server at --addr; unwrapping goes through the
+    /// node agent, so a layer key reaches only nodes and programs a policy allows.
+    #[command(args_conflicts_with_subcommands = true)]
+    Keyprovider(KeyproviderArgs),
     /// Show server health, seal state and unseal progress.
     Status,
     /// Seal ceremonies: init, unseal, seal, rekey, root key rotation.
@@ -336,6 +342,42 @@ pub struct CsiProviderArgs {
     pub data_dir: PathBuf,
 }
 
+#[derive(Args, Debug, Clone)]
+pub struct KeyproviderArgs {
+    #[command(flatten)]
+    pub provider: ProviderArgs,
+    #[command(subcommand)]
+    pub command: Option<KeyproviderCmd>,
+}
+
+/// How the key provider is set up.
+#[derive(Args, Debug, Clone)]
+pub struct ProviderArgs {
+    /// The provider's name in OCICRYPT_KEYPROVIDER_CONFIG (its annotation is
+    /// org.opencontainers.image.enc.keys.provider.NAME).
+    #[arg(long, default_value = keyward_keyprovider::PROVIDER_NAME)]
+    pub name: String,
+    /// Key used when `--encryption-key provider:NAME` gives no key.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// The node agent's Workload API socket (for unwrapping).
+    #[arg(long, env = "KEYWARD_AGENT_SOCKET", default_value = keyward_agent::DEFAULT_SOCKET)]
+    pub agent_socket: PathBuf,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum KeyproviderCmd {
+    /// Serve `keyprovider.KeyProviderService` over gRPC (`"grpc": "unix:///PATH"` in the
+    /// ocicrypt configuration).
+    Serve {
+        #[command(flatten)]
+        provider: ProviderArgs,
+        /// Where to listen: unix:///PATH.
+        #[arg(long, default_value = "unix:///run/keyward/keyprovider.sock")]
+        listen: String,
+    },
+}
+
 /// Source, destination and how to write, shared by `image encrypt` and `image decrypt`.
 #[derive(Args, Debug, Clone)]
 pub struct ImageCopyArgs {
@@ -358,7 +400,8 @@ pub enum ImageCmd {
     /// (containerd imgcrypt, CRI-O, skopeo) decrypt the result.
     Encrypt {
         /// A recipient: `jwe:PUBLIC.pem` (RSA 2048+ or EC P-256/384/521, SubjectPublicKeyInfo PEM
-        /// or DER). Repeatable.
+        /// or DER), or `keyward:KEY[::image=NAME]` (the layer key encrypted under a Keyward key on
+        /// the server at --addr, unwrapped later only through a node agent). Repeatable.
         #[arg(long = "recipient", required = true)]
         recipients: Vec<String>,
         /// Encrypt only this layer (0-based; negative counts from the end). Repeatable; default all.
@@ -371,8 +414,14 @@ pub enum ImageCmd {
     /// after its HMAC has been verified; on any error nothing is left behind.
     Decrypt {
         /// A private key (PKCS#8, PKCS#1 or SEC1; PEM or DER). Repeatable: each is parsed once.
-        #[arg(long = "key", required = true)]
+        #[arg(long = "key", required_unless_present = "keyward")]
         keys: Vec<PathBuf>,
+        /// Also unwrap `keyward` key-provider recipients, through the node agent.
+        #[arg(long)]
+        keyward: bool,
+        /// The node agent's socket, for --keyward.
+        #[arg(long, env = "KEYWARD_AGENT_SOCKET", default_value = keyward_agent::DEFAULT_SOCKET)]
+        agent_socket: PathBuf,
         #[command(flatten)]
         io: ImageCopyArgs,
     },

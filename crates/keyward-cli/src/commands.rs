@@ -14,7 +14,7 @@ use crate::cli::*;
 
 const STDIN_LIMIT: u64 = 1024 * 1024;
 
-fn client(cli: &Cli) -> anyhow::Result<Client> {
+pub(crate) fn client(cli: &Cli) -> anyhow::Result<Client> {
     Ok(client_builder(cli)?.build()?)
 }
 
@@ -187,7 +187,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Workload(w) => workload(cli.output, w).await,
-        Command::Image(c) => crate::image::run(cli.output, c).await,
+        Command::Image(c) => crate::image::run(&cli, c).await,
+        Command::Keyprovider(a) => crate::image::keyprovider(&cli, a).await,
         Command::Status => {
             print_value(cli.output, &client(&cli)?.health().await?)?;
             Ok(ExitCode::SUCCESS)
@@ -1037,7 +1038,7 @@ async fn workload(output: Output, w: &WorkloadArgs) -> anyhow::Result<ExitCode> 
 
 /// Completes on SIGTERM or SIGINT. The handlers are installed when this is called, not when the
 /// future is first polled, so call it before the socket a test or supervisor waits for exists.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());

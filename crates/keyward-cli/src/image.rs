@@ -7,22 +7,46 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use keyward_ocicrypt::{DecryptOptions, EncryptOptions, ImageRef, PrivateKey, Progress, PublicKey};
+use keyward_keyprovider::{BlockingProvider, Provider, WrapSpec};
+use keyward_ocicrypt::{DecryptOptions, EncryptOptions, ImageRef, KeyProvider, PrivateKey, Progress, PublicKey};
 
-use crate::cli::{ImageCmd, Output};
+use crate::cli::{Cli, ImageCmd, KeyproviderArgs, KeyproviderCmd, Output, ProviderArgs};
 
-pub async fn run(output: Output, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
+pub async fn run(cli: &Cli, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
+    let output = cli.output;
     match cmd {
         ImageCmd::Encrypt { recipients, layers, io } => {
             let (src, dst) = (ImageRef::parse(&io.src)?, ImageRef::parse(&io.dst)?);
-            let recipients = recipients.iter().map(|r| parse_recipient(r)).collect::<anyhow::Result<Vec<_>>>()?;
+            let mut jwe = Vec::new();
+            let mut providers: Vec<BlockingProvider> = Vec::new();
+            for r in recipients {
+                if let Some(spec) = r.strip_prefix("keyward:") {
+                    let spec = WrapSpec::parse(spec.as_bytes(), None)?;
+                    let provider = Provider::new(
+                        keyward_keyprovider::PROVIDER_NAME,
+                        Some(crate::commands::client(cli)?),
+                        None,
+                        None,
+                    );
+                    providers.push(BlockingProvider::new(
+                        Arc::new(provider),
+                        Some(spec),
+                        tokio::runtime::Handle::current(),
+                    ));
+                } else {
+                    jwe.push(parse_recipient(r)?);
+                }
+            }
+            let recipients = jwe;
             let (layers, parallel, durable) = (layers.clone(), io.parallel, io.sync);
             let report = with_progress("encrypting", move |progress| {
+                let providers: Vec<&dyn KeyProvider> = providers.iter().map(|p| p as &dyn KeyProvider).collect();
                 keyward_ocicrypt::encrypt_image(
                     &src,
                     &dst,
                     &EncryptOptions {
                         recipients: &recipients,
+                        providers: &providers,
                         layers: &layers,
                         parallelism: parallel,
                         durable,
@@ -33,7 +57,7 @@ pub async fn run(output: Output, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
             .await?;
             crate::commands::print_json_or_table(output, &serde_json::to_value(report)?)?;
         }
-        ImageCmd::Decrypt { keys, io } => {
+        ImageCmd::Decrypt { keys, keyward, agent_socket, io } => {
             let (src, dst) = (ImageRef::parse(&io.src)?, ImageRef::parse(&io.dst)?);
             let keys = keys
                 .iter()
@@ -44,11 +68,26 @@ pub async fn run(output: Output, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let (parallel, durable) = (io.parallel, io.sync);
+            let provider = match keyward {
+                true => {
+                    let agent = keyward_client::workload::WorkloadClient::new(agent_socket)?;
+                    let provider = Provider::new(keyward_keyprovider::PROVIDER_NAME, None, Some(agent), None);
+                    Some(BlockingProvider::new(Arc::new(provider), None, tokio::runtime::Handle::current()))
+                }
+                false => None,
+            };
             let report = with_progress("decrypting", move |progress| {
+                let providers: Vec<&dyn KeyProvider> = provider.iter().map(|p| p as &dyn KeyProvider).collect();
                 keyward_ocicrypt::decrypt_image(
                     &src,
                     &dst,
-                    &DecryptOptions { keys: &keys, parallelism: parallel, durable, progress: Some(progress) },
+                    &DecryptOptions {
+                        keys: &keys,
+                        providers: &providers,
+                        parallelism: parallel,
+                        durable,
+                        progress: Some(progress),
+                    },
                 )
             })
             .await?;
@@ -66,9 +105,47 @@ pub async fn run(output: Output, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `keyward keyprovider`: one request on stdin (a `cmd` provider), or `serve` over gRPC.
+pub async fn keyprovider(cli: &Cli, a: &KeyproviderArgs) -> anyhow::Result<ExitCode> {
+    let build = |p: &ProviderArgs| -> anyhow::Result<Provider> {
+        // Wrapping needs the server; unwrapping only the agent. Build what can be built.
+        let server =
+            if cli.token.is_some() || cli.client_cert.is_some() { Some(crate::commands::client(cli)?) } else { None };
+        let agent = keyward_client::workload::WorkloadClient::new(&p.agent_socket).ok();
+        Ok(Provider::new(&p.name, server, agent, p.key.clone()))
+    };
+    match &a.command {
+        None => {
+            use tokio::io::AsyncReadExt as _;
+            let provider = build(&a.provider)?;
+            let mut input = zeroize::Zeroizing::new(Vec::new());
+            tokio::io::stdin()
+                .take(keyward_keyprovider::protocol::MAX_INPUT as u64 + 1)
+                .read_to_end(&mut input)
+                .await
+                .context("reading the key-provider request on stdin")?;
+            let out = provider.handle(&input).await?;
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(&out)?;
+            stdout.flush()?;
+        }
+        Some(KeyproviderCmd::Serve { provider, listen }) => {
+            let stop = crate::commands::shutdown_signal();
+            let path = keyward_kms_plugin::socket_path(listen).map_err(|e| anyhow::anyhow!(e))?.to_path_buf();
+            let provider = Arc::new(build(provider)?);
+            // Owner-only: the callers are the container runtime and image tools on this node.
+            let listener = keyward_kms_plugin::bind(&path, 0o600)?;
+            tracing::info!(socket = %path.display(), name = provider.name(), "ocicrypt key provider listening");
+            keyward_keyprovider::serve_unix(listener, provider, stop).await?;
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn parse_recipient(spec: &str) -> anyhow::Result<PublicKey> {
     let Some(path) = spec.strip_prefix("jwe:") else {
-        anyhow::bail!("recipient {spec:?}: expected jwe:PUBLIC_KEY_FILE");
+        anyhow::bail!("recipient {spec:?}: expected jwe:PUBLIC_KEY_FILE or keyward:KEY");
     };
     let bytes = std::fs::read(path).with_context(|| format!("reading {path}"))?;
     Ok(PublicKey::from_bytes(&bytes, path)?)

@@ -16,6 +16,7 @@ fn main() -> std::process::ExitCode {
             | cli::Command::Agent(cli::AgentArgs { command: None, .. })
             | cli::Command::KmsPlugin(cli::KmsPluginArgs { command: None, .. })
             | cli::Command::CsiProvider(_)
+            | cli::Command::Keyprovider(cli::KeyproviderArgs { command: Some(_), .. })
     );
     let default_filter = if daemon { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -1,4 +1,5 @@
-//! All committed generated gRPC code in the workspace (this crate's and keyward-csi's) must be
+//! All committed generated gRPC code in the workspace (this crate's, keyward-csi's and
+//! keyward-keyprovider's) must be
 //! exactly what `protoc` + tonic-prost-build make of the proto files in `proto/`. Run with
 //! `KEYWARD_REGENERATE=1` to rewrite them after a proto change.
 //! Needs `protoc` (Debian: protobuf-compiler), which `.ci/run` installs.
@@ -23,7 +24,13 @@ fn generate(proto: &str, out: &Path, server: bool, client: bool) {
 fn check(proto: &str, committed: &str, server: bool, client: bool) {
     let tmp = tempfile::tempdir().expect("tempdir");
     generate(proto, tmp.path(), server, client);
-    let package = if proto.contains("secrets-store") { "v1alpha1.rs" } else { "v2.rs" };
+    let package = if proto.contains("secrets-store") {
+        "v1alpha1.rs"
+    } else if proto.contains("ocicrypt") {
+        "keyprovider.rs"
+    } else {
+        "v2.rs"
+    };
     let fresh = std::fs::read_to_string(tmp.path().join(package)).expect("generated code");
     let path = root().join(committed);
     if std::env::var_os("KEYWARD_REGENERATE").is_some() {
@@ -65,4 +72,11 @@ fn csi_provider_code_matches_the_proto() {
 #[test]
 fn csi_test_client_code_matches_the_proto() {
     check("proto/secrets-store/v1alpha1/service.proto", "crates/keyward-csi/tests/gen/csi_client.rs", false, true);
+}
+
+/// The ocicrypt key provider serves the server half of `keyprovider.KeyProviderService`; its
+/// interoperability tests use skopeo as the client.
+#[test]
+fn key_provider_code_matches_the_proto() {
+    check("proto/ocicrypt/keyprovider.proto", "crates/keyward-keyprovider/src/gen/keyprovider.rs", true, false);
 }

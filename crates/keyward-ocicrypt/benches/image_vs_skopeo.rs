@@ -125,7 +125,14 @@ fn main() {
             encrypt_image(
                 &ImageRef::parse(&oci(&src)).unwrap(),
                 &ImageRef::parse(&oci(&enc)).unwrap(),
-                &EncryptOptions { recipients: chosen, layers: &[], parallelism: 0, durable: false, progress: None },
+                &EncryptOptions {
+                    recipients: chosen,
+                    providers: &[],
+                    layers: &[],
+                    parallelism: 0,
+                    durable: false,
+                    progress: None,
+                },
             )
             .unwrap();
             let enc_time = t0.elapsed();
@@ -149,7 +156,7 @@ fn main() {
                 let report = decrypt_image(
                     &ImageRef::parse(&oci(&enc)).unwrap(),
                     &ImageRef::parse(&oci(&out)).unwrap(),
-                    &DecryptOptions { keys: &[key], parallelism: 0, durable: false, progress: None },
+                    &DecryptOptions { keys: &[key], providers: &[], parallelism: 0, durable: false, progress: None },
                 )
                 .unwrap();
                 kw.push(t0.elapsed());

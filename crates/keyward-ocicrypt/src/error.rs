@@ -53,6 +53,16 @@ pub enum OcicryptError {
         /// Number of JWE recipients found.
         recipients: usize,
     },
+    /// A key provider could not wrap or unwrap a layer's key.
+    #[error("layer {layer}: key provider {provider}: {reason}")]
+    Provider {
+        /// Digest of the layer.
+        layer: String,
+        /// The provider's name.
+        provider: String,
+        /// What the provider said.
+        reason: String,
+    },
     /// Decryption of a layer failed: wrong key, modified or truncated ciphertext, bad MAC.
     #[error("layer {layer}: decryption failed")]
     DecryptionFailed {

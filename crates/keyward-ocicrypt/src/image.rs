@@ -15,6 +15,7 @@ use crate::jwe::{self, Jwe, MatchHint};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::layout::{Descriptor, DestLayout, ImageRef, SourceImage};
 use crate::options::{PrivateOptions, PublicOptions};
+use crate::provider::{ANNOTATION_PROVIDER_PREFIX, KeyProvider};
 
 /// Prefix of every encryption annotation; all of them are removed on decryption.
 pub const ANNOTATION_PREFIX: &str = "org.opencontainers.image.enc.";
@@ -72,6 +73,8 @@ pub struct Progress {
 pub struct EncryptOptions<'a> {
     /// JWE recipients.
     pub recipients: &'a [PublicKey],
+    /// Key-provider recipients (several of one name share its annotation).
+    pub providers: &'a [&'a dyn KeyProvider],
     /// Layers to encrypt, by index (negative counts from the end); empty means all.
     pub layers: &'a [i64],
     /// Layers processed at once (0: one per core).
@@ -87,6 +90,8 @@ pub struct EncryptOptions<'a> {
 pub struct DecryptOptions<'a> {
     /// Private keys, parsed once.
     pub keys: &'a [PrivateKey],
+    /// Key providers, tried on the layers that carry their annotation.
+    pub providers: &'a [&'a dyn KeyProvider],
     /// Layers processed at once (0: one per core).
     pub parallelism: usize,
     /// Sync every blob written to disk before naming it (default: leave it to the page cache).
@@ -111,7 +116,7 @@ pub struct Report {
 
 /// Encrypt the selected layers of `src` for `recipients`, writing `dst`.
 pub fn encrypt_image(src: &ImageRef, dst: &ImageRef, opts: &EncryptOptions<'_>) -> Result<Report> {
-    if opts.recipients.is_empty() {
+    if opts.recipients.is_empty() && opts.providers.is_empty() {
         return Err(OcicryptError::Usage("give at least one recipient".into()));
     }
     let image = SourceImage::open(src)?;
@@ -145,9 +150,25 @@ pub fn encrypt_image(src: &ImageRef, dst: &ImageRef, opts: &EncryptOptions<'_>) 
         let mut sink = ProgressWriter { inner: tmp.as_file_mut(), progress: opts.progress };
         let enc = cipher::encrypt_stream(&mut src, &mut sink, Some(layer.size)).map_err(|e| stream_error(layer, e))?;
         dest.publish(tmp, &enc.digest)?;
-        let wrapped = jwe::encrypt(enc.private.to_json().expose(), &recipients)?;
+        let private_json = enc.private.to_json();
         let mut annotations = layer.annotations();
-        annotations.insert(ANNOTATION_JWE.into(), Value::String(STANDARD.encode(&wrapped)));
+        if !recipients.is_empty() {
+            let wrapped = jwe::encrypt(private_json.expose(), &recipients)?;
+            annotations.insert(ANNOTATION_JWE.into(), Value::String(STANDARD.encode(&wrapped)));
+        }
+        for p in opts.providers {
+            let wrapped = p.wrap(private_json.expose()).map_err(|reason| OcicryptError::Provider {
+                layer: layer.digest.to_string(),
+                provider: p.name().to_owned(),
+                reason,
+            })?;
+            let key = format!("{ANNOTATION_PROVIDER_PREFIX}{}", p.name());
+            let value = match annotations.get(&key).and_then(Value::as_str) {
+                Some(prev) => format!("{prev},{}", STANDARD.encode(&wrapped)),
+                None => STANDARD.encode(&wrapped),
+            };
+            annotations.insert(key, Value::String(value));
+        }
         annotations.insert(ANNOTATION_PUBOPTS.into(), Value::String(STANDARD.encode(enc.public.to_json())));
         let mut d = layer.clone();
         d.rewrite(media, &enc.digest, enc.size, annotations);
@@ -159,8 +180,8 @@ pub fn encrypt_image(src: &ImageRef, dst: &ImageRef, opts: &EncryptOptions<'_>) 
 
 /// Decrypt every encrypted layer of `src` with `keys`, writing `dst`.
 pub fn decrypt_image(src: &ImageRef, dst: &ImageRef, opts: &DecryptOptions<'_>) -> Result<Report> {
-    if opts.keys.is_empty() {
-        return Err(OcicryptError::Usage("give at least one private key".into()));
+    if opts.keys.is_empty() && opts.providers.is_empty() {
+        return Err(OcicryptError::Usage("give at least one private key or key provider".into()));
     }
     let image = SourceImage::open(src)?;
     let jobs: Vec<(usize, String)> = image
@@ -178,7 +199,7 @@ pub fn decrypt_image(src: &ImageRef, dst: &ImageRef, opts: &DecryptOptions<'_>) 
     let results = run_parallel(&jobs, opts.parallelism, |(i, media)| {
         let layer = &image.layers[*i];
         let public = public_options(layer)?;
-        let (private, attempts) = unwrap_layer(layer, opts.keys, &hint)?;
+        let (private, attempts) = unwrap_layer(layer, opts.keys, opts.providers, &hint)?;
         let mut src = image.open_blob(layer)?;
         let mut tmp = dest.temp_blob()?;
         let mut sink = ProgressWriter { inner: tmp.as_file_mut(), progress: opts.progress };
@@ -286,20 +307,13 @@ fn key_blobs(layer: &Descriptor, annotation: &str) -> Result<Vec<Vec<u8>>> {
         .collect()
 }
 
-fn unwrap_layer(layer: &Descriptor, keys: &[PrivateKey], hint: &MatchHint) -> Result<(PrivateOptions, usize)> {
-    let blobs = key_blobs(layer, ANNOTATION_JWE)?;
-    if blobs.is_empty() {
-        let schemes: Vec<String> = layer
-            .annotations()
-            .keys()
-            .filter_map(|k| k.strip_prefix(ANNOTATION_KEYS_PREFIX).map(str::to_owned))
-            .collect();
-        return Err(OcicryptError::Usage(format!(
-            "layer {} has no JWE recipients (key schemes present: {}); only JWE is supported here",
-            layer.digest,
-            if schemes.is_empty() { "none".into() } else { schemes.join(", ") }
-        )));
-    }
+fn unwrap_layer(
+    layer: &Descriptor,
+    keys: &[PrivateKey],
+    providers: &[&dyn KeyProvider],
+    hint: &MatchHint,
+) -> Result<(PrivateOptions, usize)> {
+    let blobs = if keys.is_empty() { Vec::new() } else { key_blobs(layer, ANNOTATION_JWE)? };
     let mut recipients = 0;
     let mut attempts = 0;
     for blob in blobs {
@@ -311,6 +325,39 @@ fn unwrap_layer(layer: &Descriptor, keys: &[PrivateKey], hint: &MatchHint) -> Re
             let private = PrivateOptions::from_json(plain.expose())?;
             return Ok((private, attempts));
         }
+    }
+    let mut provider_error = None;
+    for p in providers {
+        let annotation = format!("{ANNOTATION_PROVIDER_PREFIX}{}", p.name());
+        for wrapped in key_blobs(layer, &annotation)? {
+            recipients += 1;
+            attempts += 1;
+            match p.unwrap(&wrapped) {
+                Ok(plain) => return Ok((PrivateOptions::from_json(plain.expose())?, attempts)),
+                Err(reason) => {
+                    provider_error = Some(OcicryptError::Provider {
+                        layer: layer.digest.to_string(),
+                        provider: p.name().to_owned(),
+                        reason,
+                    })
+                }
+            }
+        }
+    }
+    if let Some(e) = provider_error {
+        return Err(e);
+    }
+    if recipients == 0 {
+        let schemes: Vec<String> = layer
+            .annotations()
+            .keys()
+            .filter_map(|k| k.strip_prefix(ANNOTATION_KEYS_PREFIX).map(str::to_owned))
+            .collect();
+        return Err(OcicryptError::Usage(format!(
+            "layer {} has no recipient for the keys or providers given (key schemes present: {})",
+            layer.digest,
+            if schemes.is_empty() { "none".into() } else { schemes.join(", ") }
+        )));
     }
     Err(OcicryptError::NoMatchingKey { layer: layer.digest.to_string(), keys: keys.len(), recipients })
 }

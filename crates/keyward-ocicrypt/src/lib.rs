@@ -23,6 +23,7 @@ pub mod jwe;
 pub mod keys;
 pub mod layout;
 pub mod options;
+pub mod provider;
 
 pub use error::{OcicryptError, Result};
 pub use image::{
@@ -31,3 +32,4 @@ pub use image::{
 };
 pub use keys::{PrivateKey, PublicKey};
 pub use layout::ImageRef;
+pub use provider::KeyProvider;

@@ -29,7 +29,7 @@ fn decrypt_with(src: &str, dst: &str, keys: &[PrivateKey]) -> keyward_ocicrypt::
     decrypt_image(
         &ImageRef::parse(src).unwrap(),
         &ImageRef::parse(dst).unwrap(),
-        &DecryptOptions { keys, parallelism: 0, durable: false, progress: None },
+        &DecryptOptions { keys, providers: &[], parallelism: 0, durable: false, progress: None },
     )
 }
 
@@ -123,7 +123,14 @@ fn keyward_encrypts_skopeo_decrypts() {
     encrypt_image(
         &ImageRef::parse(&oci(&src, "v1")).unwrap(),
         &ImageRef::parse(&oci(&enc, "v1")).unwrap(),
-        &EncryptOptions { recipients: &recipients, layers: &[0, -1], parallelism: 0, durable: false, progress: None },
+        &EncryptOptions {
+            recipients: &recipients,
+            providers: &[],
+            layers: &[0, -1],
+            parallelism: 0,
+            durable: false,
+            progress: None,
+        },
     )
     .unwrap();
     let m = manifest(&enc, "v1");
@@ -175,6 +182,7 @@ fn failures_leave_no_plaintext() {
         &ImageRef::parse(&oci(&enc, "v1")).unwrap(),
         &EncryptOptions {
             recipients: &[public(&public_path)],
+            providers: &[],
             layers: &[],
             parallelism: 0,
             durable: false,
@@ -221,7 +229,7 @@ fn failures_leave_no_plaintext() {
         ("org.opencontainers.image.enc.pubopts", "%%%", "not base64"),
         ("org.opencontainers.image.enc.pubopts", "e30=", "no cipher type"),
         ("org.opencontainers.image.enc.keys.jwe", "bm90IGEgandl", "invalid JWE"),
-        ("org.opencontainers.image.enc.keys.jwe", "", "no JWE recipients"),
+        ("org.opencontainers.image.enc.keys.jwe", "", "has no recipient for the keys"),
     ];
     for (i, (annotation, value, expected)) in cases.iter().enumerate() {
         let bad = t.join(format!("bad{i}"));
