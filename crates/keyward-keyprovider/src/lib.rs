@@ -195,6 +195,25 @@ impl Provider {
     }
 }
 
+/// What a Keyward annotation says (nothing in it is secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnnotationInfo {
+    /// The Keyward key.
+    pub key: String,
+    /// The key version that wrapped it.
+    pub key_version: u32,
+    /// The plaintext layer's digest, bound into the encryption context.
+    pub layer: String,
+    /// The image name given at wrap time, bound into the encryption context.
+    pub image: Option<String>,
+}
+
+/// Parse a Keyward key-provider annotation (the raw bytes, after ocicrypt's base64).
+pub fn parse_annotation(annotation: &[u8]) -> Result<AnnotationInfo, ProviderError> {
+    let p = parse_packet(annotation)?;
+    Ok(AnnotationInfo { key: p.key, key_version: p.key_version, layer: p.layer, image: p.image })
+}
+
 fn parse_packet(annotation: &[u8]) -> Result<Packet, ProviderError> {
     if annotation.len() > MAX_ANNOTATION {
         return Err(ProviderError::Usage("annotation larger than 64 KiB".into()));
