@@ -204,6 +204,9 @@ fn show_progress(verb: &str, p: &Progress, done: &AtomicBool) {
 
 fn print_inspect(layers: &[keyward_ocicrypt::LayerInfo]) {
     for l in layers {
+        if let Some(p) = &l.platform {
+            print!("{p}  ");
+        }
         println!(
             "layer {}  {}  {} bytes  {}",
             l.index,

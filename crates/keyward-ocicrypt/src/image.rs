@@ -13,8 +13,8 @@ use crate::cipher::{self, StreamError};
 use crate::error::{OcicryptError, Result};
 use crate::jwe::{self, Jwe, MatchHint};
 use crate::keys::{PrivateKey, PublicKey};
-use crate::layout::{Descriptor, DestLayout, ImageRef, SourceImage};
-use crate::options::{PrivateOptions, PublicOptions};
+use crate::layout::{Descriptor, DestLayout, ImageRef, Node, SourceImage};
+use crate::options::{Digest, PrivateOptions, PublicOptions};
 use crate::provider::{ANNOTATION_PROVIDER_PREFIX, KeyProvider};
 
 /// Prefix of every encryption annotation; all of them are removed on decryption.
@@ -103,9 +103,9 @@ pub struct DecryptOptions<'a> {
 /// What an operation did.
 #[derive(Debug, Serialize)]
 pub struct Report {
-    /// Digest of the manifest written.
+    /// Digest of the manifest (or image index) written.
     pub manifest: String,
-    /// Layers encrypted or decrypted.
+    /// Layers encrypted or decrypted (each once, however many platforms share it).
     pub layers_changed: usize,
     /// Layers copied unchanged.
     pub layers_unchanged: usize,
@@ -114,47 +114,75 @@ pub struct Report {
     pub unwrap_attempts: Option<usize>,
 }
 
-/// Encrypt the selected layers of `src` for `recipients`, writing `dst`.
+/// How a processed layer's descriptor changes, in every manifest that lists it.
+struct LayerChange {
+    media: String,
+    digest: Digest,
+    size: u64,
+    /// Encryption annotations to set (none when decrypting).
+    add: Map<String, Value>,
+}
+
+impl LayerChange {
+    fn apply(&self, d: &mut Descriptor) {
+        let mut annotations = d.annotations();
+        annotations.retain(|k, _| !k.starts_with(ANNOTATION_PREFIX));
+        annotations.extend(self.add.clone());
+        d.rewrite(&self.media, &self.digest, self.size, annotations);
+    }
+}
+
+/// A layer to process (once, however many manifests list it) and its new media type.
+struct Job<'a> {
+    layer: &'a Descriptor,
+    media: String,
+}
+
+/// Encrypt the selected layers of `src` for `recipients`, writing `dst`. In a multi-platform
+/// image every platform's manifest is processed (`layers` then counts within each manifest);
+/// build attestations are copied unchanged.
 pub fn encrypt_image(src: &ImageRef, dst: &ImageRef, opts: &EncryptOptions<'_>) -> Result<Report> {
     if opts.recipients.is_empty() && opts.providers.is_empty() {
         return Err(OcicryptError::Usage("give at least one recipient".into()));
     }
     let image = SourceImage::open(src)?;
-    let selected = select_layers(image.layers.len(), opts.layers)?;
-    let mut jobs = Vec::new();
-    for (i, layer) in image.layers.iter().enumerate() {
-        if !selected[i] {
-            continue;
-        }
-        if layer.media_type.ends_with(ENCRYPTED_SUFFIX) {
-            if opts.layers.is_empty() {
+    let mut jobs: Vec<Job<'_>> = Vec::new();
+    for m in image.manifests().into_iter().filter(|m| !m.attestation) {
+        let selected = select_layers(m.layers.len(), opts.layers)?;
+        for (i, layer) in m.layers.iter().enumerate() {
+            if !selected[i] || jobs.iter().any(|j| j.layer.digest == layer.digest) {
                 continue;
             }
-            return Err(OcicryptError::Usage(format!("layer {i} ({}) is already encrypted", layer.digest)));
+            if layer.media_type.ends_with(ENCRYPTED_SUFFIX) {
+                if opts.layers.is_empty() {
+                    continue;
+                }
+                return Err(OcicryptError::Usage(format!("layer {i} ({}) is already encrypted", layer.digest)));
+            }
+            let media = encrypted_media_type(&layer.media_type).ok_or_else(|| {
+                OcicryptError::Usage(format!("layer {i}: media type {:?} cannot be encrypted", layer.media_type))
+            })?;
+            jobs.push(Job { layer, media });
         }
-        let media = encrypted_media_type(&layer.media_type).ok_or_else(|| {
-            OcicryptError::Usage(format!("layer {i}: media type {:?} cannot be encrypted", layer.media_type))
-        })?;
-        jobs.push((i, media));
     }
     if jobs.is_empty() {
         return Err(OcicryptError::Usage("no layer to encrypt".into()));
     }
     let dest = DestLayout::create(dst, opts.durable)?;
     let recipients: Vec<&PublicKey> = opts.recipients.iter().collect();
-    start_progress(opts.progress, jobs.iter().map(|(i, _)| &image.layers[*i]));
-    let results = run_parallel(&jobs, opts.parallelism, |(i, media)| {
-        let layer = &image.layers[*i];
+    start_progress(opts.progress, jobs.iter().map(|j| j.layer));
+    let results = run_parallel(&jobs, opts.parallelism, |job| {
+        let layer = job.layer;
         let mut src = image.open_blob(layer)?;
         let mut tmp = dest.temp_blob()?;
         let mut sink = ProgressWriter { inner: tmp.as_file_mut(), progress: opts.progress };
         let enc = cipher::encrypt_stream(&mut src, &mut sink, Some(layer.size)).map_err(|e| stream_error(layer, e))?;
         dest.publish(tmp, &enc.digest)?;
         let private_json = enc.private.to_json();
-        let mut annotations = layer.annotations();
+        let mut add = Map::new();
         if !recipients.is_empty() {
             let wrapped = jwe::encrypt(private_json.expose(), &recipients)?;
-            annotations.insert(ANNOTATION_JWE.into(), Value::String(STANDARD.encode(&wrapped)));
+            add.insert(ANNOTATION_JWE.into(), Value::String(STANDARD.encode(&wrapped)));
         }
         for p in opts.providers {
             let wrapped = p.wrap(private_json.expose()).map_err(|reason| OcicryptError::Provider {
@@ -163,41 +191,44 @@ pub fn encrypt_image(src: &ImageRef, dst: &ImageRef, opts: &EncryptOptions<'_>) 
                 reason,
             })?;
             let key = format!("{ANNOTATION_PROVIDER_PREFIX}{}", p.name());
-            let value = match annotations.get(&key).and_then(Value::as_str) {
+            let value = match add.get(&key).and_then(Value::as_str) {
                 Some(prev) => format!("{prev},{}", STANDARD.encode(&wrapped)),
                 None => STANDARD.encode(&wrapped),
             };
-            annotations.insert(key, Value::String(value));
+            add.insert(key, Value::String(value));
         }
-        annotations.insert(ANNOTATION_PUBOPTS.into(), Value::String(STANDARD.encode(enc.public.to_json())));
-        let mut d = layer.clone();
-        d.rewrite(media, &enc.digest, enc.size, annotations);
+        add.insert(ANNOTATION_PUBOPTS.into(), Value::String(STANDARD.encode(enc.public.to_json())));
         finish_layer(opts.progress);
-        Ok((d, None))
+        Ok((LayerChange { media: job.media.clone(), digest: enc.digest, size: enc.size, add }, None))
     })?;
-    write_result(image, dest, results, &jobs)
+    write_result(&image, dest, &jobs, results)
 }
 
-/// Decrypt every encrypted layer of `src` with `keys`, writing `dst`.
+/// Decrypt every encrypted layer of `src` (of every platform, in a multi-platform image) with
+/// `keys` and `providers`, writing `dst`.
 pub fn decrypt_image(src: &ImageRef, dst: &ImageRef, opts: &DecryptOptions<'_>) -> Result<Report> {
     if opts.keys.is_empty() && opts.providers.is_empty() {
         return Err(OcicryptError::Usage("give at least one private key or key provider".into()));
     }
     let image = SourceImage::open(src)?;
-    let jobs: Vec<(usize, String)> = image
-        .layers
-        .iter()
-        .enumerate()
-        .filter_map(|(i, l)| l.media_type.strip_suffix(ENCRYPTED_SUFFIX).map(|m| (i, m.to_owned())))
-        .collect();
+    let mut jobs: Vec<Job<'_>> = Vec::new();
+    for m in image.manifests() {
+        for layer in &m.layers {
+            if let Some(media) = layer.media_type.strip_suffix(ENCRYPTED_SUFFIX)
+                && !jobs.iter().any(|j| j.layer.digest == layer.digest)
+            {
+                jobs.push(Job { layer, media: media.to_owned() });
+            }
+        }
+    }
     if jobs.is_empty() {
         return Err(OcicryptError::Usage(format!("{src} has no encrypted layer")));
     }
     let dest = DestLayout::create(dst, opts.durable)?;
     let hint = MatchHint::default();
-    start_progress(opts.progress, jobs.iter().map(|(i, _)| &image.layers[*i]));
-    let results = run_parallel(&jobs, opts.parallelism, |(i, media)| {
-        let layer = &image.layers[*i];
+    start_progress(opts.progress, jobs.iter().map(|j| j.layer));
+    let results = run_parallel(&jobs, opts.parallelism, |job| {
+        let layer = job.layer;
         let public = public_options(layer)?;
         let (private, attempts) = unwrap_layer(layer, opts.keys, opts.providers, &hint)?;
         let mut src = image.open_blob(layer)?;
@@ -205,47 +236,85 @@ pub fn decrypt_image(src: &ImageRef, dst: &ImageRef, opts: &DecryptOptions<'_>) 
         let mut sink = ProgressWriter { inner: tmp.as_file_mut(), progress: opts.progress };
         let dec = cipher::decrypt_stream(&mut src, &mut sink, &private, &public, Some(layer.size))
             .map_err(|e| stream_error(layer, e))?;
-        // Only now, with the MAC and the digest verified, does the plaintext get its name.
+        // Only now, with the MAC verified, does the plaintext get its name.
         dest.publish(tmp, &dec.digest)?;
-        let annotations: Map<String, Value> =
-            layer.annotations().into_iter().filter(|(k, _)| !k.starts_with(ANNOTATION_PREFIX)).collect();
-        let mut d = layer.clone();
-        d.rewrite(media, &dec.digest, dec.size, annotations);
         finish_layer(opts.progress);
-        Ok((d, Some(attempts)))
+        Ok((
+            LayerChange { media: job.media.clone(), digest: dec.digest, size: dec.size, add: Map::new() },
+            Some(attempts),
+        ))
     })?;
-    write_result(image, dest, results, &jobs)
+    write_result(&image, dest, &jobs, results)
 }
 
 fn write_result(
-    image: SourceImage,
+    image: &SourceImage,
     dest: DestLayout,
-    results: Vec<(Descriptor, Option<usize>)>,
-    jobs: &[(usize, String)],
+    jobs: &[Job<'_>],
+    results: Vec<(LayerChange, Option<usize>)>,
 ) -> Result<Report> {
-    let mut layers = image.layers.clone();
     let mut attempts = None;
-    for ((i, _), (d, a)) in jobs.iter().zip(results) {
-        layers[*i] = d;
+    let mut changes = BTreeMap::new();
+    for (job, (change, a)) in jobs.iter().zip(results) {
         if let Some(a) = a {
             *attempts.get_or_insert(0) += a;
         }
+        changes.insert(job.layer.digest.clone(), change);
     }
-    dest.copy_blob(&image, &image.config.digest)?;
-    for (i, l) in layers.iter().enumerate() {
-        if !jobs.iter().any(|(j, _)| *j == i) {
-            dest.copy_blob(&image, &l.digest)?;
-        }
-    }
-    let mut manifest = image.manifest.clone();
-    manifest.insert("layers".into(), Value::Array(layers.into_iter().map(|d| Value::Object(d.json)).collect()));
-    let digest = dest.commit_image(&manifest, image.manifest_descriptor.clone())?;
+    let mut unchanged = std::collections::BTreeSet::new();
+    let root = write_node(&image.root, image, &dest, &changes, &mut unchanged)?;
+    let digest = root.get("digest").and_then(Value::as_str).unwrap_or_default().to_owned();
+    dest.commit_root(root)?;
     Ok(Report {
-        manifest: digest.to_string(),
-        layers_changed: jobs.len(),
-        layers_unchanged: image.layers.len() - jobs.len(),
+        manifest: digest,
+        layers_changed: changes.len(),
+        layers_unchanged: unchanged.len(),
         unwrap_attempts: attempts,
     })
+}
+
+/// Write a manifest (its config and unchanged layers copied, changed layers' descriptors
+/// rewritten) or an index (its entries first), returning the descriptor that names it.
+fn write_node(
+    node: &Node,
+    image: &SourceImage,
+    dest: &DestLayout,
+    changes: &BTreeMap<Digest, LayerChange>,
+    unchanged: &mut std::collections::BTreeSet<Digest>,
+) -> Result<Map<String, Value>> {
+    let (mut descriptor, doc) = match node {
+        Node::Manifest(m) => {
+            dest.copy_blob(image, &m.config.digest)?;
+            let mut layers = Vec::with_capacity(m.layers.len());
+            for l in &m.layers {
+                let mut d = l.clone();
+                match changes.get(&l.digest) {
+                    Some(c) if !m.attestation => c.apply(&mut d),
+                    _ => {
+                        dest.copy_blob(image, &l.digest)?;
+                        unchanged.insert(l.digest.clone());
+                    }
+                }
+                layers.push(Value::Object(d.json));
+            }
+            let mut manifest = m.manifest.clone();
+            manifest.insert("layers".into(), Value::Array(layers));
+            (m.descriptor.clone(), manifest)
+        }
+        Node::Index { descriptor, index, children } => {
+            let entries = children
+                .iter()
+                .map(|c| write_node(c, image, dest, changes, unchanged).map(Value::Object))
+                .collect::<Result<Vec<_>>>()?;
+            let mut index = index.clone();
+            index.insert("manifests".into(), Value::Array(entries));
+            (descriptor.clone(), index)
+        }
+    };
+    let (digest, size) = dest.put_json(&doc)?;
+    descriptor.insert("digest".into(), Value::String(digest.to_string()));
+    descriptor.insert("size".into(), Value::from(size));
+    Ok(descriptor)
 }
 
 fn select_layers(count: usize, wanted: &[i64]) -> Result<Vec<bool>> {
@@ -442,8 +511,11 @@ fn run_parallel<J: Sync, R: Send>(
 /// What `inspect` reports about one layer.
 #[derive(Debug, Serialize)]
 pub struct LayerInfo {
-    /// Position in the manifest.
+    /// Position in its manifest.
     pub index: usize,
+    /// The manifest's platform, in a multi-platform image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
     /// Layer digest.
     pub digest: String,
     /// Layer size.
@@ -477,53 +549,62 @@ pub struct RecipientInfo {
     pub curve: Option<String>,
 }
 
-/// Which layers of `src` are encrypted and for whom; needs no key.
+/// Which layers of `src` are encrypted and for whom (every platform of a multi-platform
+/// image); needs no key.
 pub fn inspect_image(src: &ImageRef) -> Result<Vec<LayerInfo>> {
     let image = SourceImage::open(src)?;
     let mut out = Vec::new();
-    for (index, layer) in image.layers.iter().enumerate() {
-        let encrypted = layer.media_type.ends_with(ENCRYPTED_SUFFIX);
-        let mut info = LayerInfo {
-            index,
-            digest: layer.digest.to_string(),
-            size: layer.size,
-            media_type: layer.media_type.clone(),
-            encrypted,
-            cipher: None,
-            jwe_recipients: Vec::new(),
-            other_schemes: BTreeMap::new(),
-            problems: Vec::new(),
-        };
-        if encrypted {
-            match public_options(layer) {
-                Ok(_) => info.cipher = Some(crate::options::CIPHER_AES_256_CTR_HMAC_SHA256.into()),
-                Err(e) => info.problems.push(e.to_string()),
-            }
-            match key_blobs(layer, ANNOTATION_JWE) {
-                Ok(blobs) => {
-                    for blob in blobs {
-                        match Jwe::parse(&blob) {
-                            Ok(jwe) => info.jwe_recipients.extend(jwe.recipients().iter().map(|r| RecipientInfo {
-                                alg: r.alg.clone(),
-                                kid: r.kid.clone(),
-                                curve: r.epk_curve(),
-                            })),
-                            Err(e) => info.problems.push(e.to_string()),
-                        }
-                    }
-                }
-                Err(e) => info.problems.push(e.to_string()),
-            }
-            for key in layer.annotations().keys() {
-                if let Some(scheme) = key.strip_prefix(ANNOTATION_KEYS_PREFIX)
-                    && scheme != "jwe"
-                {
-                    let n = key_blobs(layer, key).map(|b| b.len()).unwrap_or(0);
-                    info.other_schemes.insert(scheme.to_owned(), n);
+    for m in image.manifests() {
+        for (index, layer) in m.layers.iter().enumerate() {
+            out.push(layer_info(index, layer, m.platform.clone()));
+        }
+    }
+    Ok(out)
+}
+
+fn layer_info(index: usize, layer: &Descriptor, platform: Option<String>) -> LayerInfo {
+    let encrypted = layer.media_type.ends_with(ENCRYPTED_SUFFIX);
+    let mut info = LayerInfo {
+        index,
+        platform,
+        digest: layer.digest.to_string(),
+        size: layer.size,
+        media_type: layer.media_type.clone(),
+        encrypted,
+        cipher: None,
+        jwe_recipients: Vec::new(),
+        other_schemes: BTreeMap::new(),
+        problems: Vec::new(),
+    };
+    if !encrypted {
+        return info;
+    }
+    match public_options(layer) {
+        Ok(_) => info.cipher = Some(crate::options::CIPHER_AES_256_CTR_HMAC_SHA256.into()),
+        Err(e) => info.problems.push(e.to_string()),
+    }
+    match key_blobs(layer, ANNOTATION_JWE) {
+        Ok(blobs) => {
+            for blob in blobs {
+                match Jwe::parse(&blob) {
+                    Ok(jwe) => info.jwe_recipients.extend(jwe.recipients().iter().map(|r| RecipientInfo {
+                        alg: r.alg.clone(),
+                        kid: r.kid.clone(),
+                        curve: r.epk_curve(),
+                    })),
+                    Err(e) => info.problems.push(e.to_string()),
                 }
             }
         }
-        out.push(info);
+        Err(e) => info.problems.push(e.to_string()),
     }
-    Ok(out)
+    for key in layer.annotations().keys() {
+        if let Some(scheme) = key.strip_prefix(ANNOTATION_KEYS_PREFIX)
+            && scheme != "jwe"
+        {
+            let n = key_blobs(layer, key).map(|b| b.len()).unwrap_or(0);
+            info.other_schemes.insert(scheme.to_owned(), n);
+        }
+    }
+    info
 }

@@ -120,19 +120,52 @@ impl Descriptor {
     }
 }
 
-/// A source image: its layout, the manifest descriptor from `index.json` and the manifest.
+/// One image manifest of a source image, with the descriptor that names it.
 #[derive(Debug)]
-pub struct SourceImage {
-    /// Layout directory.
-    pub dir: PathBuf,
-    /// The entry of `index.json` naming the manifest.
-    pub manifest_descriptor: Map<String, Value>,
+pub struct ManifestImage {
+    /// The descriptor naming the manifest (in `index.json` or in an image index).
+    pub descriptor: Map<String, Value>,
     /// The manifest JSON.
     pub manifest: Map<String, Value>,
     /// Its config descriptor.
     pub config: Descriptor,
     /// Its layer descriptors, in order.
     pub layers: Vec<Descriptor>,
+    /// `os/architecture[/variant]` from the descriptor's `platform`, inside an index.
+    pub platform: Option<String>,
+    /// A build attestation (BuildKit's `vnd.docker.reference.type: attestation-manifest`):
+    /// copied unchanged, never encrypted.
+    pub attestation: bool,
+}
+
+/// A node of a source image: a manifest, or an image index of further nodes.
+#[derive(Debug)]
+pub enum Node {
+    /// An image manifest.
+    Manifest(ManifestImage),
+    /// An image index (multi-platform image).
+    Index {
+        /// The descriptor naming the index.
+        descriptor: Map<String, Value>,
+        /// The index JSON.
+        index: Map<String, Value>,
+        /// Its entries, in order.
+        children: Vec<Node>,
+    },
+}
+
+/// Deepest nesting of image indexes followed.
+const MAX_DEPTH: usize = 4;
+/// Most manifests in one image.
+const MAX_MANIFESTS: usize = 256;
+
+/// A source image: its layout and the manifest or index `index.json` names.
+#[derive(Debug)]
+pub struct SourceImage {
+    /// Layout directory.
+    pub dir: PathBuf,
+    /// The image.
+    pub root: Node,
 }
 
 impl SourceImage {
@@ -169,34 +202,22 @@ impl SourceImage {
                 )));
             }
         };
-        let d = Descriptor::from_json(entry, "index.json manifest entry")?;
-        if d.media_type == MEDIA_INDEX {
-            return Err(OcicryptError::image(format!(
-                "{r} is a multi-platform image index; copy one platform first (skopeo copy --override-arch ARCH)"
-            )));
+        let mut count = 0;
+        let root = load_node(&r.dir, entry, 0, &mut count)?;
+        Ok(Self { dir: r.dir.clone(), root })
+    }
+
+    /// Every manifest of the image, depth first.
+    pub fn manifests(&self) -> Vec<&ManifestImage> {
+        fn walk<'a>(n: &'a Node, out: &mut Vec<&'a ManifestImage>) {
+            match n {
+                Node::Manifest(m) => out.push(m),
+                Node::Index { children, .. } => children.iter().for_each(|c| walk(c, out)),
+            }
         }
-        if d.media_type != MEDIA_MANIFEST {
-            return Err(OcicryptError::image(format!(
-                "{r}: manifest media type {:?} is not an OCI image manifest",
-                d.media_type
-            )));
-        }
-        let bytes = read_blob_bounded(&r.dir, &d.digest, MAX_JSON)?;
-        if Digest::from_sha256(&keyward_crypto::hash::sha256(&bytes)) != d.digest || bytes.len() as u64 != d.size {
-            return Err(OcicryptError::image(format!("{r}: manifest blob does not match its digest or size")));
-        }
-        let manifest: Map<String, Value> = serde_json::from_slice(&bytes)
-            .map_err(|e| OcicryptError::image(format!("manifest is not a JSON object: {e}")))?;
-        let config = Descriptor::from_json(manifest.get("config").unwrap_or(&Value::Null), "manifest config")?;
-        let layers = manifest
-            .get("layers")
-            .and_then(Value::as_array)
-            .ok_or_else(|| OcicryptError::image("manifest has no layers"))?
-            .iter()
-            .enumerate()
-            .map(|(i, l)| Descriptor::from_json(l, &format!("layer {i}")))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self { dir: r.dir.clone(), manifest_descriptor: d.json, manifest, config, layers })
+        let mut out = Vec::new();
+        walk(&self.root, &mut out);
+        out
     }
 
     /// Path of a blob of this layout.
@@ -216,6 +237,65 @@ impl SourceImage {
             )));
         }
         Ok(f)
+    }
+}
+
+/// Read the blob a descriptor names, bounded, and check it against the descriptor.
+fn read_verified_json(dir: &Path, d: &Descriptor, what: &str) -> Result<Map<String, Value>> {
+    let bytes = read_blob_bounded(dir, &d.digest, MAX_JSON)?;
+    if Digest::from_sha256(&keyward_crypto::hash::sha256(&bytes)) != d.digest || bytes.len() as u64 != d.size {
+        return Err(OcicryptError::image(format!("{what} {} does not match its digest or size", d.digest)));
+    }
+    serde_json::from_slice(&bytes)
+        .map_err(|e| OcicryptError::image(format!("{what} {} is not a JSON object: {e}", d.digest)))
+}
+
+fn load_node(dir: &Path, entry: &Value, depth: usize, count: &mut usize) -> Result<Node> {
+    let d = Descriptor::from_json(entry, "manifest entry")?;
+    *count += 1;
+    if *count > MAX_MANIFESTS {
+        return Err(OcicryptError::image(format!("more than {MAX_MANIFESTS} manifests in one image")));
+    }
+    match d.media_type.as_str() {
+        MEDIA_INDEX => {
+            if depth >= MAX_DEPTH {
+                return Err(OcicryptError::image(format!("image indexes nested deeper than {MAX_DEPTH}")));
+            }
+            let index = read_verified_json(dir, &d, "image index")?;
+            let children = index
+                .get("manifests")
+                .and_then(Value::as_array)
+                .ok_or_else(|| OcicryptError::image(format!("image index {} has no manifests", d.digest)))?
+                .iter()
+                .map(|c| load_node(dir, c, depth + 1, count))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Node::Index { descriptor: d.json, index, children })
+        }
+        MEDIA_MANIFEST => {
+            let manifest = read_verified_json(dir, &d, "manifest")?;
+            let config = Descriptor::from_json(manifest.get("config").unwrap_or(&Value::Null), "manifest config")?;
+            let layers = manifest
+                .get("layers")
+                .and_then(Value::as_array)
+                .ok_or_else(|| OcicryptError::image("manifest has no layers"))?
+                .iter()
+                .enumerate()
+                .map(|(i, l)| Descriptor::from_json(l, &format!("layer {i}")))
+                .collect::<Result<Vec<_>>>()?;
+            let platform = d.json.get("platform").and_then(|p| {
+                let os = p.get("os")?.as_str()?;
+                let arch = p.get("architecture")?.as_str()?;
+                Some(match p.get("variant").and_then(Value::as_str) {
+                    Some(v) => format!("{os}/{arch}/{v}"),
+                    None => format!("{os}/{arch}"),
+                })
+            });
+            let attestation = d.annotation("vnd.docker.reference.type") == Some("attestation-manifest");
+            Ok(Node::Manifest(ManifestImage { descriptor: d.json, manifest, config, layers, platform, attestation }))
+        }
+        other => Err(OcicryptError::image(format!(
+            "manifest media type {other:?} is neither an OCI image manifest nor an OCI image index"
+        ))),
     }
 }
 
@@ -320,13 +400,14 @@ impl DestLayout {
         Ok(digest)
     }
 
-    /// Write the manifest and point `index.json` at it (replacing an entry with the same tag).
-    pub fn commit_image(mut self, manifest: &Map<String, Value>, mut descriptor: Map<String, Value>) -> Result<Digest> {
-        let bytes = serde_json::to_vec(manifest).map_err(|e| OcicryptError::image(e.to_string()))?;
-        let digest = self.put_bytes(&bytes)?;
-        descriptor.insert("mediaType".into(), Value::String(MEDIA_MANIFEST.into()));
-        descriptor.insert("digest".into(), Value::String(digest.to_string()));
-        descriptor.insert("size".into(), json!(bytes.len()));
+    /// Write a manifest or index and return its digest and size.
+    pub fn put_json(&self, doc: &Map<String, Value>) -> Result<(Digest, usize)> {
+        let bytes = serde_json::to_vec(doc).map_err(|e| OcicryptError::image(e.to_string()))?;
+        Ok((self.put_bytes(&bytes)?, bytes.len()))
+    }
+
+    /// Point `index.json` at the image `descriptor` names (replacing an entry with the same tag).
+    pub fn commit_root(mut self, mut descriptor: Map<String, Value>) -> Result<()> {
         let mut annotations = descriptor.get("annotations").and_then(Value::as_object).cloned().unwrap_or_default();
         annotations.remove(REF_NAME);
         if let Some(tag) = &self.tag {
@@ -353,7 +434,7 @@ impl DestLayout {
         let bytes = serde_json::to_vec(&index).map_err(|e| OcicryptError::image(e.to_string()))?;
         write_atomic(&self.dir, &index_path, &bytes)?;
         self.committed = true;
-        Ok(digest)
+        Ok(())
     }
 
     /// Remove every blob this run created.

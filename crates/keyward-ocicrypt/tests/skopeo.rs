@@ -266,3 +266,67 @@ fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(e.path(), to.join("blobs/sha256").join(e.file_name())).unwrap();
     }
 }
+
+/// A multi-platform image (an index of two platforms sharing a layer, plus a build
+/// attestation): Keyward encrypts every platform and skopeo (`--all`) decrypts them; skopeo
+/// encrypts every platform and Keyward decrypts them.
+#[test]
+fn multi_platform_images_both_ways() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let skopeo = Skopeo::new(t);
+    let (amd, arm) = make_index(&t.join("src"), "v1", true);
+    let (private_path, public_path) = openssl_key(t, "k", "p384");
+
+    let r = encrypt_image(
+        &ImageRef::parse(&oci(&t.join("src"), "v1")).unwrap(),
+        &ImageRef::parse(&oci(&t.join("enc"), "v1")).unwrap(),
+        &EncryptOptions {
+            recipients: &[public(&public_path)],
+            providers: &[],
+            layers: &[],
+            parallelism: 0,
+            durable: false,
+            progress: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(r.layers_changed, 3, "the shared layer is encrypted once");
+    assert_eq!(r.layers_unchanged, 1, "the attestation's statement is copied");
+    let info = inspect_image(&ImageRef::parse(&oci(&t.join("enc"), "v1")).unwrap()).unwrap();
+    let platforms: Vec<_> = info.iter().map(|l| (l.platform.clone().unwrap(), l.encrypted)).collect();
+    assert_eq!(
+        platforms,
+        [
+            ("linux/amd64", true),
+            ("linux/amd64", true),
+            ("linux/arm64", true),
+            ("linux/arm64", true),
+            ("unknown/unknown", false)
+        ]
+        .map(|(p, e)| (p.to_string(), e))
+    );
+    assert_eq!(info[0].digest, info[2].digest, "both platforms point at the one encrypted shared layer");
+
+    let (ok, err) = skopeo.copy(
+        &["--all".into(), "--decryption-key".into(), private_path.display().to_string()],
+        &oci(&t.join("enc"), "v1"),
+        &oci(&t.join("skdec"), "v1"),
+    );
+    assert!(ok, "skopeo decrypt --all: {err}");
+    let layers = platform_layers(&t.join("skdec"), "v1");
+    assert!(layers["linux/amd64"] == amd && layers["linux/arm64"] == arm, "platform layers differ");
+
+    // skopeo cannot encrypt an index holding an attestation ("no counterpart for mediatype
+    // application/vnd.in-toto+json"), so it gets one without.
+    make_index(&t.join("src-plain"), "v1", false);
+    let (ok, err) = skopeo.copy(
+        &["--all".into(), "--encryption-key".into(), format!("jwe:{}", public_path.display())],
+        &oci(&t.join("src-plain"), "v1"),
+        &oci(&t.join("skenc"), "v1"),
+    );
+    assert!(ok, "skopeo encrypt --all: {err}");
+    decrypt_with(&oci(&t.join("skenc"), "v1"), &oci(&t.join("kdec"), "v1"), &[private(&private_path)]).unwrap();
+    let layers = platform_layers(&t.join("kdec"), "v1");
+    assert!(layers["linux/amd64"] == amd && layers["linux/arm64"] == arm, "platform layers differ");
+}

@@ -176,3 +176,83 @@ impl Skopeo {
         (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
+
+/// Build a multi-platform image tagged `tag` at `dir`: an image index of an amd64 and an arm64
+/// manifest that share their first layer, and (if `attestation`) a BuildKit attestation
+/// manifest. Returns the layer blobs of amd64 and of arm64.
+pub fn make_index(dir: &Path, tag: &str, attestation: bool) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let shared = gzip(&noise(200_000, 11));
+    let amd = gzip(&noise(300_000, 12));
+    let arm = gzip(&noise(250_000, 13));
+    let mut entries = Vec::new();
+    for (arch, layers) in [("amd64", vec![shared.clone(), amd.clone()]), ("arm64", vec![shared.clone(), arm.clone()])] {
+        let descs: Vec<Value> = layers
+            .iter()
+            .map(|l| json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": put_blob(dir, l), "size": l.len()}))
+            .collect();
+        let config = serde_json::to_vec(
+            &json!({"architecture": arch, "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}),
+        )
+        .unwrap();
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put_blob(dir, &config), "size": config.len()},
+            "layers": descs,
+        }))
+        .unwrap();
+        entries.push(
+            json!({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": put_blob(dir, &manifest),
+            "size": manifest.len(), "platform": {"architecture": arch, "os": "linux"}}),
+        );
+    }
+    let statement = br#"{"_type":"https://in-toto.io/Statement/v0.1"}"#;
+    let config = b"{}";
+    let attestation_manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put_blob(dir, config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.in-toto+json", "digest": put_blob(dir, statement), "size": statement.len()}],
+    }))
+    .unwrap();
+    if attestation {
+        entries.push(json!({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": put_blob(dir, &attestation_manifest),
+            "size": attestation_manifest.len(), "platform": {"architecture": "unknown", "os": "unknown"},
+            "annotations": {"vnd.docker.reference.type": "attestation-manifest", "vnd.docker.reference.digest": entries[0]["digest"].clone()}}));
+    }
+    let index = serde_json::to_vec(
+        &json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries}),
+    )
+    .unwrap();
+    let top = json!({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.index.v1+json",
+        "digest": put_blob(dir, &index), "size": index.len(), "annotations": {"org.opencontainers.image.ref.name": tag}}]});
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    (vec![shared.clone(), amd], vec![shared, arm])
+}
+
+/// The layer blobs of each platform manifest (`os/arch`) of the image index tagged `tag`.
+pub fn platform_layers(dir: &Path, tag: &str) -> std::collections::BTreeMap<String, Vec<Vec<u8>>> {
+    let index: Value = serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let entry = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .unwrap();
+    let inner: Value =
+        serde_json::from_slice(&std::fs::read(blob_path(dir, entry["digest"].as_str().unwrap())).unwrap()).unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for m in inner["manifests"].as_array().unwrap() {
+        let p =
+            format!("{}/{}", m["platform"]["os"].as_str().unwrap(), m["platform"]["architecture"].as_str().unwrap());
+        let manifest: Value =
+            serde_json::from_slice(&std::fs::read(blob_path(dir, m["digest"].as_str().unwrap())).unwrap()).unwrap();
+        let layers = manifest["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| std::fs::read(blob_path(dir, l["digest"].as_str().unwrap())).unwrap())
+            .collect();
+        out.insert(p, layers);
+    }
+    out
+}
