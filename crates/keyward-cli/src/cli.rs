@@ -612,6 +612,11 @@ pub struct ServerArgs {
     /// How often the scheduler checks for due rotations and deletions.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub scheduler_interval: std::time::Duration,
+    /// Store in PostgreSQL instead of SQLite in the data directory: a connection string or URL
+    /// (`postgresql://keyward@db:5432/keyward`). Prefer the variable to the flag: a password in
+    /// it would show in `ps`.
+    #[arg(long, env = "KEYWARD_POSTGRES_URL", hide_env_values = true)]
+    pub postgres_url: Option<String>,
     #[command(flatten)]
     pub audit: AuditArgs,
 }

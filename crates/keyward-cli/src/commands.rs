@@ -700,6 +700,10 @@ async fn server(a: ServerArgs) -> anyhow::Result<ExitCode> {
         tls: Some(keyward_server::tls::TlsFiles { cert: a.tls_cert, key: a.tls_key, client_ca: a.tls_client_ca }),
         insecure_file_seal: a.insecure_file_seal,
         audit: a.audit.settings(),
+        storage: match &a.postgres_url {
+            Some(url) => keyward_server::Storage::Postgres(keyward_store::PostgresConfig::new(url.clone())),
+            None => keyward_server::Storage::Sqlite,
+        },
     };
     let mut running = keyward_server::start(cfg).await?;
     eprintln!("Keyward server on https://{} (data in {})", running.addr, a.data.display());
@@ -745,6 +749,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
         tls: None,
         insecure_file_seal: true,
         audit: a.audit.settings(),
+        storage: keyward_server::Storage::Sqlite,
     };
     let mut running = keyward_server::start(cfg).await?;
     let token = match &running.new_root_token {

@@ -324,7 +324,7 @@ async fn health(State(st): State<AppState>) -> ApiResult {
         "threshold": s.threshold,
         "progress": s.progress,
         "rekey_in_progress": s.rekey_in_progress,
-        "storage": "sqlite",
+        "storage": st.sealing.storage_backend(),
         "version": env!("CARGO_PKG_VERSION"),
     }))
 }

@@ -21,4 +21,4 @@ pub mod tls;
 #[allow(missing_docs)]
 pub mod wire;
 
-pub use run::{AuditSettings, Running, ServerConfig, start};
+pub use run::{AuditSettings, Running, ServerConfig, Storage, start};

@@ -37,6 +37,18 @@ pub struct ServerConfig {
     pub insecure_file_seal: bool,
     /// Audit settings.
     pub audit: AuditSettings,
+    /// Where keys, secrets, tokens and policies are stored.
+    pub storage: Storage,
+}
+
+/// The storage backend.
+#[derive(Debug, Clone, Default)]
+pub enum Storage {
+    /// SQLite in the data directory (`keyward.db`): the embedded default.
+    #[default]
+    Sqlite,
+    /// PostgreSQL, which several servers can share.
+    Postgres(keyward_store::PostgresConfig),
 }
 
 impl ServerConfig {
@@ -51,6 +63,7 @@ impl ServerConfig {
             tls: None,
             insecure_file_seal: false,
             audit: AuditSettings::default(),
+            storage: Storage::Sqlite,
         }
     }
 }
@@ -204,8 +217,11 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
     if tls_config.is_none() {
         tracing::warn!("plain HTTP on loopback (dev mode)");
     }
-    let db = cfg.data_dir.join("keyward.db");
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db)?);
+    let store: Arc<dyn Store> = match &cfg.storage {
+        Storage::Sqlite => Arc::new(SqliteStore::open(&cfg.data_dir.join("keyward.db"))?),
+        Storage::Postgres(pg) => Arc::new(keyward_store::PostgresStore::connect(pg).await?),
+    };
+    tracing::info!(backend = store.backend_name(), "storage ready");
     let audit = if cfg.audit.insecure_disable {
         tracing::warn!("AUDIT DISABLED (--insecure-no-audit): requests leave no record");
         None

@@ -173,6 +173,11 @@ fn add_share(held: &mut Vec<Share>, share: Share) -> bool {
 }
 
 impl Sealing {
+    /// The storage backend's name ("sqlite", "postgres").
+    pub fn storage_backend(&self) -> &'static str {
+        self.store.backend_name()
+    }
+
     /// A sealing state over `store`. `audit` is where the audit log is opened on unseal (`None`
     /// only with the insecure no-audit option).
     pub fn new(store: Arc<dyn Store>, kind: SealKind, audit: Option<AuditConfig>) -> Self {

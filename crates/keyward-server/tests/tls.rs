@@ -81,6 +81,7 @@ fn cfg(dir: &Path, tls: bool, seal: bool) -> ServerConfig {
         tls: tls.then(|| TlsFiles { cert: dir.join("server.pem"), key: dir.join("server.key"), client_ca: None }),
         insecure_file_seal: seal,
         audit: Default::default(),
+        storage: Default::default(),
     }
 }
 

@@ -5,10 +5,14 @@
 //!
 //! - [`sqlite::SqliteStore`]: the embedded default (bundled SQLite, WAL, `synchronous=FULL`,
 //!   versioned schema migrations, one writer connection and a small pool of readers).
+//! - [`postgres::PostgresStore`]: PostgreSQL, shared by several servers (pooled connections,
+//!   single-statement compare-and-set, migrations under an advisory lock).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod conformance;
+pub mod postgres;
 pub mod sqlite;
 
+pub use postgres::{PostgresConfig, PostgresStore};
 pub use sqlite::SqliteStore;

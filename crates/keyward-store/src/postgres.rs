@@ -1,0 +1,738 @@
+//! PostgreSQL backend: one database shared by several Keyward servers.
+//!
+//! - Connections come from a pool (deadpool-postgres); a connection that fails is replaced, and a
+//!   request that finds the database unreachable gets [`StoreError::Unavailable`] (503), never a
+//!   hang: connecting and every statement are bounded by timeouts.
+//! - Compare-and-set operations are single conditional statements (`UPDATE … WHERE revision = $n`)
+//!   or unique constraints, so they hold across servers under READ COMMITTED.
+//! - Migrations run in one transaction holding a transaction-scoped advisory lock, so servers
+//!   starting together apply each migration exactly once; a schema newer than this build is
+//!   refused.
+//! - Text columns that are ordered or compared (`keys.name`, `secrets.path`) use the `C`
+//!   collation: byte order, the same as SQLite, whatever the database's locale.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use keyward_core::model::*;
+use keyward_core::store::{Store, StoreError};
+use tokio_postgres::{NoTls, Row};
+
+/// Advisory lock id that serialises migrations ("keyward" in ASCII, as a number).
+const MIGRATION_LOCK: i64 = 0x006b_6579_7761_7264;
+
+/// Schema migrations, applied in order; `keyward_schema.version` records how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE meta (k TEXT COLLATE "C" PRIMARY KEY, v BYTEA NOT NULL);
+CREATE TABLE keys (
+    id BYTEA PRIMARY KEY,
+    name TEXT COLLATE "C" NOT NULL UNIQUE,
+    algorithm TEXT NOT NULL,
+    state TEXT NOT NULL,
+    description TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    current_version BIGINT NOT NULL,
+    rotate_every_secs BIGINT,
+    next_rotation_at BIGINT,
+    deletion_at BIGINT,
+    revision BIGINT NOT NULL
+);
+CREATE INDEX keys_next_rotation ON keys(next_rotation_at) WHERE next_rotation_at IS NOT NULL;
+CREATE INDEX keys_deletion ON keys(deletion_at) WHERE deletion_at IS NOT NULL;
+CREATE TABLE key_versions (
+    key_id BYTEA NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+    version BIGINT NOT NULL,
+    wrapped_material BYTEA NOT NULL,
+    public_key BYTEA,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (key_id, version)
+);
+CREATE TABLE secrets (
+    path TEXT COLLATE "C" PRIMARY KEY,
+    current_version BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+CREATE TABLE secret_versions (
+    path TEXT COLLATE "C" NOT NULL REFERENCES secrets(path) ON DELETE CASCADE,
+    version BIGINT NOT NULL,
+    wrapped_value BYTEA,
+    created_at BIGINT NOT NULL,
+    deleted_at BIGINT,
+    PRIMARY KEY (path, version)
+);
+CREATE TABLE tokens (
+    hash BYTEA PRIMARY KEY,
+    accessor TEXT COLLATE "C" NOT NULL UNIQUE,
+    policies TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT,
+    parent TEXT,
+    ttl_secs BIGINT,
+    max_uses BIGINT,
+    uses BIGINT NOT NULL DEFAULT 0,
+    display_name TEXT NOT NULL DEFAULT '',
+    selectors TEXT NOT NULL DEFAULT '',
+    max_expires_at BIGINT
+);
+CREATE TABLE policies (
+    name TEXT COLLATE "C" PRIMARY KEY,
+    document TEXT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+"#];
+
+/// Connection settings.
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// A libpq-style connection string or URL (`postgresql://user@host:port/db`, or
+    /// `host=/run/postgresql user=keyward dbname=keyward`). A password in it stays in memory only.
+    pub url: String,
+    /// Most connections this server opens.
+    pub max_connections: usize,
+    /// How long to wait to connect, or for a free pooled connection.
+    pub connect_timeout: Duration,
+    /// Upper bound on any one statement (`statement_timeout`).
+    pub statement_timeout: Duration,
+}
+
+impl PostgresConfig {
+    /// Defaults for `url`: 16 connections, 5 s to connect, 10 s per statement.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            max_connections: 16,
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The PostgreSQL store.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").finish_non_exhaustive()
+    }
+}
+
+fn db(e: tokio_postgres::Error) -> StoreError {
+    use tokio_postgres::error::SqlState;
+    match e.code() {
+        Some(c) if *c == SqlState::UNIQUE_VIOLATION => StoreError::AlreadyExists,
+        Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED => {
+            StoreError::Conflict
+        }
+        Some(c) if *c == SqlState::QUERY_CANCELED || c.code().starts_with("08") || c.code().starts_with("57") => {
+            StoreError::Unavailable(e.to_string())
+        }
+        Some(_) => StoreError::Backend(e.to_string()),
+        // No SQLSTATE: the connection itself failed (closed, refused, timed out).
+        None => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => db(e),
+        other => StoreError::Unavailable(format!("database connection: {other}")),
+    }
+}
+
+fn to_i64(v: u64) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Backend("value out of range".into()))
+}
+
+fn to_u32(v: i64, what: &str) -> Result<u32, StoreError> {
+    u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} out of range")))
+}
+
+impl PostgresStore {
+    /// Connect, and apply pending migrations (safely, if several servers start at once).
+    pub async fn connect(cfg: &PostgresConfig) -> Result<Self, StoreError> {
+        let mut pg: tokio_postgres::Config =
+            cfg.url.parse().map_err(|e| StoreError::Backend(format!("bad PostgreSQL connection string: {e}")))?;
+        pg.connect_timeout(cfg.connect_timeout);
+        pg.options(format!("-c statement_timeout={}", cfg.statement_timeout.as_millis()));
+        pg.application_name("keyward");
+        let mgr = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(mgr)
+            .max_size(cfg.max_connections.max(1))
+            .runtime(Runtime::Tokio1)
+            .timeouts(Timeouts {
+                wait: Some(cfg.connect_timeout),
+                create: Some(cfg.connect_timeout),
+                recycle: Some(cfg.connect_timeout),
+            })
+            .build()
+            .map_err(|e| StoreError::Backend(format!("database pool: {e}")))?;
+        let store = Self { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(pool_err)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(db)?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS keyward_schema (version BIGINT NOT NULL)").await.map_err(db)?;
+        let current: Option<i64> =
+            tx.query_opt("SELECT version FROM keyward_schema", &[]).await.map_err(db)?.map(|r| r.get(0));
+        let current = match current {
+            Some(v) => usize::try_from(v).map_err(|_| StoreError::Corrupt("negative schema version".into()))?,
+            None => {
+                tx.execute("INSERT INTO keyward_schema (version) VALUES (0)", &[]).await.map_err(db)?;
+                0
+            }
+        };
+        if current > MIGRATIONS.len() {
+            return Err(StoreError::Corrupt(format!(
+                "database schema version {current} is newer than this Keyward ({}); upgrade Keyward",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(current) {
+            tx.batch_execute(m).await.map_err(db)?;
+            tx.execute("UPDATE keyward_schema SET version=$1", &[&((i + 1) as i64)]).await.map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+}
+
+const KEY_COLS: &str = "id, name, algorithm, state, description, created_at, updated_at, current_version, \
+                        rotate_every_secs, next_rotation_at, deletion_at, revision";
+
+fn key_from_row(r: &Row) -> Result<KeyRecord, StoreError> {
+    let bad = || StoreError::Corrupt("key row".into());
+    let id: Vec<u8> = r.try_get(0).map_err(|_| bad())?;
+    let alg: String = r.try_get(2).map_err(|_| bad())?;
+    let state: String = r.try_get(3).map_err(|_| bad())?;
+    let rotate: Option<i64> = r.try_get(8).map_err(|_| bad())?;
+    Ok(KeyRecord {
+        id: KeyId(id.try_into().map_err(|_| bad())?),
+        name: r.try_get(1).map_err(|_| bad())?,
+        algorithm: KeyAlgorithm::parse(&alg).ok_or_else(bad)?,
+        state: KeyState::parse(&state).ok_or_else(bad)?,
+        description: r.try_get(4).map_err(|_| bad())?,
+        created_at: r.try_get(5).map_err(|_| bad())?,
+        updated_at: r.try_get(6).map_err(|_| bad())?,
+        current_version: to_u32(r.try_get(7).map_err(|_| bad())?, "key version")?,
+        rotate_every_secs: rotate.map(|v| u64::try_from(v).map_err(|_| bad())).transpose()?,
+        next_rotation_at: r.try_get(9).map_err(|_| bad())?,
+        deletion_at: r.try_get(10).map_err(|_| bad())?,
+        revision: u64::try_from(r.try_get::<_, i64>(11).map_err(|_| bad())?).map_err(|_| bad())?,
+    })
+}
+
+fn version_from_row(r: &Row) -> Result<KeyVersionRecord, StoreError> {
+    let bad = || StoreError::Corrupt("key version row".into());
+    let id: Vec<u8> = r.try_get(0).map_err(|_| bad())?;
+    Ok(KeyVersionRecord {
+        key_id: KeyId(id.try_into().map_err(|_| bad())?),
+        version: to_u32(r.try_get(1).map_err(|_| bad())?, "key version")?,
+        wrapped_material: r.try_get(2).map_err(|_| bad())?,
+        public_key: r.try_get(3).map_err(|_| bad())?,
+        created_at: r.try_get(4).map_err(|_| bad())?,
+    })
+}
+
+fn secret_version_from_row(r: &Row) -> Result<SecretVersionRecord, StoreError> {
+    let bad = || StoreError::Corrupt("secret version row".into());
+    Ok(SecretVersionRecord {
+        path: r.try_get(0).map_err(|_| bad())?,
+        version: to_u32(r.try_get(1).map_err(|_| bad())?, "secret version")?,
+        wrapped_value: r.try_get(2).map_err(|_| bad())?,
+        created_at: r.try_get(3).map_err(|_| bad())?,
+        deleted_at: r.try_get(4).map_err(|_| bad())?,
+    })
+}
+
+/// The key columns as statement parameters, in `KEY_COLS` order.
+struct KeyParams {
+    id: Vec<u8>,
+    name: String,
+    algorithm: &'static str,
+    state: &'static str,
+    description: String,
+    created_at: i64,
+    updated_at: i64,
+    current_version: i64,
+    rotate: Option<i64>,
+    next_rotation_at: Option<i64>,
+    deletion_at: Option<i64>,
+    revision: i64,
+}
+
+impl KeyParams {
+    fn of(k: &KeyRecord) -> Result<Self, StoreError> {
+        Ok(Self {
+            id: k.id.0.to_vec(),
+            name: k.name.clone(),
+            algorithm: k.algorithm.as_str(),
+            state: k.state.as_str(),
+            description: k.description.clone(),
+            created_at: k.created_at,
+            updated_at: k.updated_at,
+            current_version: i64::from(k.current_version),
+            rotate: k.rotate_every_secs.map(to_i64).transpose()?,
+            next_rotation_at: k.next_rotation_at,
+            deletion_at: k.deletion_at,
+            revision: to_i64(k.revision)?,
+        })
+    }
+
+    fn refs(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 12] {
+        [
+            &self.id,
+            &self.name,
+            &self.algorithm,
+            &self.state,
+            &self.description,
+            &self.created_at,
+            &self.updated_at,
+            &self.current_version,
+            &self.rotate,
+            &self.next_rotation_at,
+            &self.deletion_at,
+            &self.revision,
+        ]
+    }
+}
+
+async fn update_key_tx(
+    tx: &deadpool_postgres::Transaction<'_>,
+    k: &KeyRecord,
+    expected: u64,
+) -> Result<(), StoreError> {
+    let p = KeyParams::of(k)?;
+    let expected = to_i64(expected)?;
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = p.refs().to_vec();
+    params.push(&expected);
+    let n = tx
+        .execute(
+            "UPDATE keys SET name=$2, algorithm=$3, state=$4, description=$5, created_at=$6, updated_at=$7, \
+             current_version=$8, rotate_every_secs=$9, next_rotation_at=$10, deletion_at=$11, revision=$12 \
+             WHERE id=$1 AND revision=$13",
+            &params,
+        )
+        .await
+        .map_err(db)?;
+    if n == 1 {
+        return Ok(());
+    }
+    let exists = tx.query_opt("SELECT 1 FROM keys WHERE id=$1", &[&p.id]).await.map_err(db)?;
+    Err(if exists.is_some() { StoreError::Conflict } else { StoreError::NotFound })
+}
+
+const INSERT_VERSION: &str =
+    "INSERT INTO key_versions (key_id, version, wrapped_material, public_key, created_at) VALUES ($1,$2,$3,$4,$5)";
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn backend_name(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let c = self.client().await?;
+        Ok(c.query_opt("SELECT v FROM meta WHERE k=$1", &[&key]).await.map_err(db)?.map(|r| r.get(0)))
+    }
+
+    async fn put_meta_if_absent(&self, key: &str, value: &[u8]) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        let n = c
+            .execute("INSERT INTO meta (k, v) VALUES ($1, $2) ON CONFLICT (k) DO NOTHING", &[&key, &value])
+            .await
+            .map_err(db)?;
+        Ok(n == 1)
+    }
+
+    async fn replace_meta(&self, key: &str, expected: &[u8], value: &[u8]) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        let n = c.execute("UPDATE meta SET v=$3 WHERE k=$1 AND v=$2", &[&key, &expected, &value]).await.map_err(db)?;
+        Ok(n == 1)
+    }
+
+    async fn create_key(&self, key: &KeyRecord, first: &KeyVersionRecord) -> Result<(), StoreError> {
+        let p = KeyParams::of(key)?;
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db)?;
+        tx.execute(
+            &format!("INSERT INTO keys ({KEY_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)"),
+            &p.refs(),
+        )
+        .await
+        .map_err(db)?;
+        tx.execute(
+            INSERT_VERSION,
+            &[
+                &first.key_id.0.to_vec(),
+                &i64::from(first.version),
+                &first.wrapped_material,
+                &first.public_key,
+                &first.created_at,
+            ],
+        )
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn get_key(&self, name: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let c = self.client().await?;
+        c.query_opt(&format!("SELECT {KEY_COLS} FROM keys WHERE name=$1"), &[&name])
+            .await
+            .map_err(db)?
+            .map(|r| key_from_row(&r))
+            .transpose()
+    }
+
+    async fn get_key_by_id(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        let c = self.client().await?;
+        c.query_opt(&format!("SELECT {KEY_COLS} FROM keys WHERE id=$1"), &[&id.0.to_vec()])
+            .await
+            .map_err(db)?
+            .map(|r| key_from_row(&r))
+            .transpose()
+    }
+
+    async fn list_keys(&self, after: Option<&str>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                &format!("SELECT {KEY_COLS} FROM keys WHERE name > $1 ORDER BY name LIMIT $2"),
+                &[&after.unwrap_or(""), &i64::from(limit)],
+            )
+            .await
+            .map_err(db)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn update_key(&self, key: &KeyRecord, expected_revision: u64) -> Result<(), StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db)?;
+        update_key_tx(&tx, key, expected_revision).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn add_key_version(
+        &self,
+        key: &KeyRecord,
+        version: &KeyVersionRecord,
+        expected_revision: u64,
+    ) -> Result<(), StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db)?;
+        update_key_tx(&tx, key, expected_revision).await?;
+        tx.execute(
+            INSERT_VERSION,
+            &[
+                &version.key_id.0.to_vec(),
+                &i64::from(version.version),
+                &version.wrapped_material,
+                &version.public_key,
+                &version.created_at,
+            ],
+        )
+        .await
+        .map_err(|e| match db(e) {
+            StoreError::AlreadyExists => StoreError::Conflict,
+            other => other,
+        })?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn get_key_versions(&self, id: &KeyId) -> Result<Vec<KeyVersionRecord>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT key_id, version, wrapped_material, public_key, created_at FROM key_versions \
+                 WHERE key_id=$1 ORDER BY version",
+                &[&id.0.to_vec()],
+            )
+            .await
+            .map_err(db)?;
+        rows.iter().map(version_from_row).collect()
+    }
+
+    async fn rewrap_key_version(
+        &self,
+        id: &KeyId,
+        version: u32,
+        expected: &[u8],
+        wrapped: &[u8],
+    ) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        let n = c
+            .execute(
+                "UPDATE key_versions SET wrapped_material=$4 WHERE key_id=$1 AND version=$2 AND wrapped_material=$3",
+                &[&id.0.to_vec(), &i64::from(version), &expected, &wrapped],
+            )
+            .await
+            .map_err(db)?;
+        Ok(n == 1)
+    }
+
+    async fn keys_due(&self, now: i64, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT {KEY_COLS} FROM keys WHERE (state='enabled' AND next_rotation_at <= $1) \
+                     OR (state='pending_deletion' AND deletion_at <= $1) ORDER BY name LIMIT $2"
+                ),
+                &[&now, &i64::from(limit)],
+            )
+            .await
+            .map_err(db)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn delete_key(&self, id: &KeyId, expected_revision: u64) -> Result<(), StoreError> {
+        let (id, rev) = (id.0.to_vec(), to_i64(expected_revision)?);
+        let c = self.client().await?;
+        let n = c.execute("DELETE FROM keys WHERE id=$1 AND revision=$2", &[&id, &rev]).await.map_err(db)?;
+        if n == 1 {
+            return Ok(());
+        }
+        let exists = c.query_opt("SELECT 1 FROM keys WHERE id=$1", &[&id]).await.map_err(db)?;
+        Err(if exists.is_some() { StoreError::Conflict } else { StoreError::NotFound })
+    }
+
+    async fn put_secret_version(&self, v: &SecretVersionRecord, expected_current: u32) -> Result<(), StoreError> {
+        if v.version != expected_current.wrapping_add(1) {
+            return Err(StoreError::Conflict);
+        }
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db)?;
+        let version = i64::from(v.version);
+        // One conditional statement each way, so two writers racing on the same path cannot both
+        // succeed: the loser of an insert hits the primary key, the loser of an update changes no row.
+        let n = if expected_current == 0 {
+            tx.execute(
+                "INSERT INTO secrets (path, current_version, created_at, updated_at) VALUES ($1, $2, $3, $3) \
+                 ON CONFLICT (path) DO NOTHING",
+                &[&v.path, &version, &v.created_at],
+            )
+            .await
+            .map_err(db)?
+        } else {
+            tx.execute(
+                "UPDATE secrets SET current_version=$2, updated_at=$3 WHERE path=$1 AND current_version=$4",
+                &[&v.path, &version, &v.created_at, &i64::from(expected_current)],
+            )
+            .await
+            .map_err(db)?
+        };
+        if n != 1 {
+            return Err(StoreError::Conflict);
+        }
+        tx.execute(
+            "INSERT INTO secret_versions (path, version, wrapped_value, created_at, deleted_at) VALUES ($1,$2,$3,$4,$5)",
+            &[&v.path, &version, &v.wrapped_value, &v.created_at, &v.deleted_at],
+        )
+        .await
+        .map_err(|e| match db(e) {
+            StoreError::AlreadyExists => StoreError::Conflict,
+            other => other,
+        })?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn get_secret(&self, path: &str) -> Result<Option<SecretRecord>, StoreError> {
+        let c = self.client().await?;
+        c.query_opt("SELECT path, current_version, created_at, updated_at FROM secrets WHERE path=$1", &[&path])
+            .await
+            .map_err(db)?
+            .map(|r| {
+                Ok(SecretRecord {
+                    path: r.get(0),
+                    current_version: to_u32(r.get(1), "secret version")?,
+                    created_at: r.get(2),
+                    updated_at: r.get(3),
+                })
+            })
+            .transpose()
+    }
+
+    async fn get_secret_version(&self, path: &str, version: u32) -> Result<Option<SecretVersionRecord>, StoreError> {
+        let c = self.client().await?;
+        c.query_opt(
+            "SELECT path, version, wrapped_value, created_at, deleted_at FROM secret_versions WHERE path=$1 AND version=$2",
+            &[&path, &i64::from(version)],
+        )
+        .await
+        .map_err(db)?
+        .map(|r| secret_version_from_row(&r))
+        .transpose()
+    }
+
+    async fn list_secret_versions(&self, path: &str) -> Result<Vec<SecretVersionRecord>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT path, version, CASE WHEN wrapped_value IS NULL THEN NULL ELSE ''::bytea END, created_at, deleted_at \
+                 FROM secret_versions WHERE path=$1 ORDER BY version",
+                &[&path],
+            )
+            .await
+            .map_err(db)?;
+        rows.iter().map(secret_version_from_row).collect()
+    }
+
+    async fn list_secrets(&self, prefix: &str, after: Option<&str>, limit: u32) -> Result<Vec<String>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT path FROM secrets WHERE starts_with(path, $1) AND path > $2 ORDER BY path LIMIT $3",
+                &[&prefix, &after.unwrap_or(""), &i64::from(limit)],
+            )
+            .await
+            .map_err(db)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn set_secret_versions_deleted(
+        &self,
+        path: &str,
+        versions: &[u32],
+        deleted_at: Option<i64>,
+    ) -> Result<u32, StoreError> {
+        let versions: Vec<i64> = versions.iter().map(|v| i64::from(*v)).collect();
+        let c = self.client().await?;
+        let n = c
+            .execute(
+                "UPDATE secret_versions SET deleted_at=$3 WHERE path=$1 AND version = ANY($2) \
+                 AND wrapped_value IS NOT NULL AND deleted_at IS DISTINCT FROM $3",
+                &[&path, &versions, &deleted_at],
+            )
+            .await
+            .map_err(db)?;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    async fn destroy_secret_versions(&self, path: &str, versions: &[u32]) -> Result<u32, StoreError> {
+        let versions: Vec<i64> = versions.iter().map(|v| i64::from(*v)).collect();
+        let c = self.client().await?;
+        let n = c
+            .execute(
+                "UPDATE secret_versions SET wrapped_value=NULL WHERE path=$1 AND version = ANY($2) AND wrapped_value IS NOT NULL",
+                &[&path, &versions],
+            )
+            .await
+            .map_err(db)?;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    async fn put_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO tokens (hash, accessor, policies, created_at, expires_at, parent, ttl_secs, max_uses, uses, \
+             display_name, selectors, max_expires_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)",
+            &[
+                &t.hash.to_vec(),
+                &t.accessor,
+                &t.policies.join(","),
+                &t.created_at,
+                &t.expires_at,
+                &t.parent,
+                &t.ttl_secs.map(to_i64).transpose()?,
+                &t.max_uses.map(i64::from),
+                &i64::from(t.uses),
+                &t.display_name,
+                &t.selectors.join("\n"),
+                &t.max_expires_at,
+            ],
+        )
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn update_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        let n = c
+            .execute(
+                "UPDATE tokens SET expires_at=$2, uses=$3 WHERE accessor=$1",
+                &[&t.accessor, &t.expires_at, &i64::from(t.uses)],
+            )
+            .await
+            .map_err(db)?;
+        if n == 1 { Ok(()) } else { Err(StoreError::NotFound) }
+    }
+
+    async fn delete_tokens(&self, accessors: &[String]) -> Result<u32, StoreError> {
+        let c = self.client().await?;
+        let n = c.execute("DELETE FROM tokens WHERE accessor = ANY($1)", &[&accessors]).await.map_err(db)?;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT hash, accessor, policies, created_at, expires_at, parent, ttl_secs, max_uses, uses, display_name, \
+                 selectors, max_expires_at FROM tokens ORDER BY accessor",
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                let bad = || StoreError::Corrupt("token row".into());
+                let hash: Vec<u8> = r.get(0);
+                let policies: String = r.get(2);
+                let selectors: String = r.get(10);
+                let ttl: Option<i64> = r.get(6);
+                let max_uses: Option<i64> = r.get(7);
+                Ok(TokenRecord {
+                    hash: hash.try_into().map_err(|_| bad())?,
+                    accessor: r.get(1),
+                    policies: policies.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect(),
+                    created_at: r.get(3),
+                    expires_at: r.get(4),
+                    parent: r.get(5),
+                    ttl_secs: ttl.and_then(|t| u64::try_from(t).ok()),
+                    max_uses: max_uses.map(|m| to_u32(m, "max uses")).transpose()?,
+                    uses: to_u32(r.get(8), "uses")?,
+                    display_name: r.get(9),
+                    selectors: selectors.split('\n').filter(|s| !s.is_empty()).map(str::to_string).collect(),
+                    max_expires_at: r.get(11),
+                })
+            })
+            .collect()
+    }
+
+    async fn put_policy(&self, name: &str, document: &str, now: i64) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO policies (name, document, updated_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET document=excluded.document, updated_at=excluded.updated_at",
+            &[&name, &document, &now],
+        )
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn delete_policy(&self, name: &str) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        Ok(c.execute("DELETE FROM policies WHERE name=$1", &[&name]).await.map_err(db)? == 1)
+    }
+
+    async fn list_policies(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let c = self.client().await?;
+        let rows = c.query("SELECT name, document FROM policies ORDER BY name", &[]).await.map_err(db)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+}

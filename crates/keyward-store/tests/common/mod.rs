@@ -1,0 +1,118 @@
+//! A throwaway PostgreSQL cluster for tests: Debian's `postgresql` binaries (`.ci/run` installs
+//! them), `initdb` and `pg_ctl` run as the `postgres` user when the tests run as root (initdb
+//! refuses root), data and socket in a temporary directory, a free loopback port. Stopped on drop.
+//! Fails loudly when PostgreSQL is not installed.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+pub struct Cluster {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    bin: PathBuf,
+    pub port: u16,
+    pub socket_dir: PathBuf,
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .is_some_and(|l| l.split_whitespace().nth(1) == Some("0"))
+}
+
+/// The newest `/usr/lib/postgresql/N/bin`.
+fn bindir() -> PathBuf {
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is required by this test: apt-get install -y postgresql")
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let v: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").is_file().then_some((v, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().expect("no /usr/lib/postgresql/N/bin/initdb: apt-get install -y postgresql").1
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Cluster {
+    fn run(&self, tool: &str, args: &[&str]) {
+        let exe = self.bin.join(tool);
+        let mut cmd = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        let out = cmd.args(args).output().unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
+        assert!(
+            out.status.success(),
+            "{tool} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let socket_dir = dir.path().join("sock");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::create_dir(&socket_dir).unwrap();
+        if is_root() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+            let status =
+                Command::new("chown").args(["-R", "postgres:postgres"]).arg(&data).arg(&socket_dir).status().unwrap();
+            assert!(status.success(), "chown to postgres failed");
+        }
+        let cluster = Self { bin: bindir(), data, port: free_port(), socket_dir, _dir: dir };
+        let data = cluster.data.to_str().unwrap().to_owned();
+        cluster.run("initdb", &["-D", &data, "-A", "trust", "-U", "keyward", "--no-sync", "-E", "UTF8"]);
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
+            cluster.port,
+            cluster.socket_dir.display()
+        );
+        let log = cluster.data.join("log");
+        cluster.run("pg_ctl", &["-D", &data, "-o", &opts, "-l", log.to_str().unwrap(), "-w", "-t", "60", "start"]);
+        cluster
+    }
+
+    /// A connection string for database `db` (created by [`Cluster::create_db`]).
+    pub fn url(&self, db: &str) -> String {
+        format!("postgresql://keyward@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Create an empty database.
+    pub fn create_db(&self, name: &str) {
+        self.run("createdb", &["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "keyward", name]);
+    }
+
+    pub fn stop(&self) {
+        let data = self.data.to_str().unwrap().to_owned();
+        let exe = self.bin.join("pg_ctl");
+        let mut cmd = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        let _ = cmd.args(["-D", &data, "-m", "immediate", "-w", "stop"]).output();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
