@@ -84,8 +84,8 @@ CREATE TABLE policies (
 );
 "#];
 
-/// Connection settings.
-#[derive(Debug, Clone)]
+/// Connection settings. `Debug` does not show the connection string (it may hold a password).
+#[derive(Clone)]
 pub struct PostgresConfig {
     /// A libpq-style connection string or URL (`postgresql://user@host:port/db`, or
     /// `host=/run/postgresql user=keyward dbname=keyward`). A password in it stays in memory only.
@@ -96,6 +96,16 @@ pub struct PostgresConfig {
     pub connect_timeout: Duration,
     /// Upper bound on any one statement (`statement_timeout`).
     pub statement_timeout: Duration,
+}
+
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("max_connections", &self.max_connections)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PostgresConfig {
@@ -734,5 +744,16 @@ impl Store for PostgresStore {
         let c = self.client().await?;
         let rows = c.query("SELECT name, document FROM policies ORDER BY name", &[]).await.map_err(db)?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_the_connection_string() {
+        let cfg = PostgresConfig::new("postgresql://keyward:s3cret@db/keyward");
+        assert!(!format!("{cfg:?}").contains("s3cret"));
     }
 }
