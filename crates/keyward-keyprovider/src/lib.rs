@@ -152,7 +152,12 @@ impl Provider {
 
     /// Serve one protocol document; the answer is the output document.
     pub async fn handle(&self, input: &[u8]) -> Result<Zeroizing<Vec<u8>>, ProviderError> {
-        match protocol::parse_request(input, &self.name)? {
+        self.serve(protocol::parse_request(input, &self.name)?).await
+    }
+
+    /// Serve one parsed request; the answer is the output document.
+    pub async fn serve(&self, request: Request) -> Result<Zeroizing<Vec<u8>>, ProviderError> {
+        match request {
             Request::Wrap { params, optsdata } => {
                 let spec = WrapSpec::parse(params.first().map_or(&[][..], |p| p), self.default_key.as_deref())?;
                 Ok(Zeroizing::new(protocol::wrap_output(&self.wrap(&spec, &optsdata).await?)))
@@ -279,16 +284,15 @@ impl GrpcProvider {
     async fn call(
         &self,
         req: tonic::Request<proto::KeyProviderKeyWrapProtocolInput>,
-        op: &str,
+        wrap: bool,
     ) -> Result<tonic::Response<proto::KeyProviderKeyWrapProtocolOutput>, tonic::Status> {
         let input = req.into_inner().key_provider_key_wrap_protocol_input;
-        let parsed_op = serde_json::from_slice::<serde_json::Value>(&input)
-            .ok()
-            .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_owned));
-        if parsed_op.as_deref() != Some(op) {
+        let request = protocol::parse_request(&input, self.0.name()).map_err(|e| status_of(e.into()))?;
+        if matches!(request, Request::Wrap { .. }) != wrap {
+            let op = if wrap { "keywrap" } else { "keyunwrap" };
             return Err(tonic::Status::invalid_argument(format!("this method takes op {op:?}")));
         }
-        let out = self.0.handle(&input).await.map_err(status_of)?;
+        let out = self.0.serve(request).await.map_err(status_of)?;
         Ok(tonic::Response::new(proto::KeyProviderKeyWrapProtocolOutput {
             key_provider_key_wrap_protocol_output: out.to_vec(),
         }))
@@ -301,14 +305,14 @@ impl proto::key_provider_service_server::KeyProviderService for GrpcProvider {
         &self,
         request: tonic::Request<proto::KeyProviderKeyWrapProtocolInput>,
     ) -> Result<tonic::Response<proto::KeyProviderKeyWrapProtocolOutput>, tonic::Status> {
-        self.call(request, "keywrap").await
+        self.call(request, true).await
     }
 
     async fn un_wrap_key(
         &self,
         request: tonic::Request<proto::KeyProviderKeyWrapProtocolInput>,
     ) -> Result<tonic::Response<proto::KeyProviderKeyWrapProtocolOutput>, tonic::Status> {
-        self.call(request, "keyunwrap").await
+        self.call(request, false).await
     }
 }
 

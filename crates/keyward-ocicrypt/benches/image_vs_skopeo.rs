@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
-use keyward_ocicrypt::{DecryptOptions, EncryptOptions, ImageRef, PrivateKey, PublicKey, decrypt_image, encrypt_image};
+use keyward_ocicrypt::{DecryptOptions, ImageRef, PrivateKey, PublicKey, decrypt_image};
 use serde_json::json;
 
 /// Write a layout with uncompressed layers of noise, streamed to disk 1 MiB at a time.
@@ -122,19 +122,7 @@ fn main() {
             let chosen = &publics[10 - recipients..];
             let enc = t.join(format!("enc-{}-{recipients}", sizes.len()));
             let t0 = Instant::now();
-            encrypt_image(
-                &ImageRef::parse(&oci(&src)).unwrap(),
-                &ImageRef::parse(&oci(&enc)).unwrap(),
-                &EncryptOptions {
-                    recipients: chosen,
-                    providers: &[],
-                    layers: &[],
-                    parallelism: 0,
-                    durable: false,
-                    progress: None,
-                },
-            )
-            .unwrap();
+            encrypt_to(&oci(&src), &oci(&enc), chosen, &[]).unwrap();
             let enc_time = t0.elapsed();
             let (key_path, _) = &keys[9];
             let mut sk = Vec::new();

@@ -8,10 +8,7 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use keyward_ocicrypt::{
-    DecryptOptions, EncryptOptions, ImageRef, OcicryptError, PrivateKey, PublicKey, decrypt_image, encrypt_image,
-    inspect_image,
-};
+use keyward_ocicrypt::{DecryptOptions, ImageRef, OcicryptError, PrivateKey, PublicKey, decrypt_image, inspect_image};
 
 fn private(path: &Path) -> PrivateKey {
     PrivateKey::from_bytes(&std::fs::read(path).unwrap(), &path.display().to_string()).unwrap()
@@ -120,19 +117,7 @@ fn keyward_encrypts_skopeo_decrypts() {
     let keys: Vec<_> = ["rsa2048", "p256", "p384", "p521"].iter().map(|k| openssl_key(t, k, k)).collect();
     let recipients: Vec<PublicKey> = keys.iter().map(|(_, p)| public(p)).collect();
     let enc = t.join("enc");
-    encrypt_image(
-        &ImageRef::parse(&oci(&src, "v1")).unwrap(),
-        &ImageRef::parse(&oci(&enc, "v1")).unwrap(),
-        &EncryptOptions {
-            recipients: &recipients,
-            providers: &[],
-            layers: &[0, -1],
-            parallelism: 0,
-            durable: false,
-            progress: None,
-        },
-    )
-    .unwrap();
+    encrypt_to(&oci(&src, "v1"), &oci(&enc, "v1"), &recipients, &[0, -1]).unwrap();
     let m = manifest(&enc, "v1");
     let layers = m["layers"].as_array().unwrap();
     assert_eq!(layers[0]["mediaType"], "application/vnd.oci.image.layer.v1.tar+gzip+encrypted");
@@ -177,19 +162,7 @@ fn failures_leave_no_plaintext() {
     make_image(&src, "v1", &[3 * (1 << 20), 4096]);
     let (private_path, public_path) = openssl_key(t, "k", "p256");
     let enc = t.join("enc");
-    encrypt_image(
-        &ImageRef::parse(&oci(&src, "v1")).unwrap(),
-        &ImageRef::parse(&oci(&enc, "v1")).unwrap(),
-        &EncryptOptions {
-            recipients: &[public(&public_path)],
-            providers: &[],
-            layers: &[],
-            parallelism: 0,
-            durable: false,
-            progress: None,
-        },
-    )
-    .unwrap();
+    encrypt_to(&oci(&src, "v1"), &oci(&enc, "v1"), &[public(&public_path)], &[]).unwrap();
     let key = private(&private_path);
     let m = manifest(&enc, "v1");
     let layer0 = blob_path(&enc, m["layers"][0]["digest"].as_str().unwrap());
@@ -278,19 +251,7 @@ fn multi_platform_images_both_ways() {
     let (amd, arm) = make_index(&t.join("src"), "v1", true);
     let (private_path, public_path) = openssl_key(t, "k", "p384");
 
-    let r = encrypt_image(
-        &ImageRef::parse(&oci(&t.join("src"), "v1")).unwrap(),
-        &ImageRef::parse(&oci(&t.join("enc"), "v1")).unwrap(),
-        &EncryptOptions {
-            recipients: &[public(&public_path)],
-            providers: &[],
-            layers: &[],
-            parallelism: 0,
-            durable: false,
-            progress: None,
-        },
-    )
-    .unwrap();
+    let r = encrypt_to(&oci(&t.join("src"), "v1"), &oci(&t.join("enc"), "v1"), &[public(&public_path)], &[]).unwrap();
     assert_eq!(r.layers_changed, 3, "the shared layer is encrypted once");
     assert_eq!(r.layers_unchanged, 1, "the attestation's statement is copied");
     let info = inspect_image(&ImageRef::parse(&oci(&t.join("enc"), "v1")).unwrap()).unwrap();

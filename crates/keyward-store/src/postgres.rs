@@ -159,6 +159,16 @@ fn to_i64(v: u64) -> Result<i64, StoreError> {
     i64::try_from(v).map_err(|_| StoreError::Backend("value out of range".into()))
 }
 
+/// Version numbers as a PostgreSQL `BIGINT[]` parameter.
+fn versions_param(versions: &[u32]) -> Vec<i64> {
+    versions.iter().map(|v| i64::from(*v)).collect()
+}
+
+/// A row count as the trait reports it.
+fn count(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 fn to_u32(v: i64, what: &str) -> Result<u32, StoreError> {
     u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} out of range")))
 }
@@ -618,7 +628,7 @@ impl Store for PostgresStore {
         versions: &[u32],
         deleted_at: Option<i64>,
     ) -> Result<u32, StoreError> {
-        let versions: Vec<i64> = versions.iter().map(|v| i64::from(*v)).collect();
+        let versions = versions_param(versions);
         let c = self.client().await?;
         let n = c
             .execute(
@@ -628,11 +638,11 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(db)?;
-        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+        Ok(count(n))
     }
 
     async fn destroy_secret_versions(&self, path: &str, versions: &[u32]) -> Result<u32, StoreError> {
-        let versions: Vec<i64> = versions.iter().map(|v| i64::from(*v)).collect();
+        let versions = versions_param(versions);
         let c = self.client().await?;
         let n = c
             .execute(
@@ -641,7 +651,7 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(db)?;
-        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+        Ok(count(n))
     }
 
     async fn put_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
@@ -684,7 +694,7 @@ impl Store for PostgresStore {
     async fn delete_tokens(&self, accessors: &[String]) -> Result<u32, StoreError> {
         let c = self.client().await?;
         let n = c.execute("DELETE FROM tokens WHERE accessor = ANY($1)", &[&accessors]).await.map_err(db)?;
-        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+        Ok(count(n))
     }
 
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {

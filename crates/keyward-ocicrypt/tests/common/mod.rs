@@ -90,15 +90,21 @@ pub fn make_image(dir: &Path, tag: &str, sizes: &[i64]) -> Vec<Vec<u8>> {
     layers
 }
 
-/// The manifest of the image tagged `tag` in `dir`.
-pub fn manifest(dir: &Path, tag: &str) -> Value {
+/// The `index.json` entry of the image tagged `tag` in `dir`.
+pub fn index_entry(dir: &Path, tag: &str) -> Value {
     let index: Value = serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
-    let entry = index["manifests"]
+    index["manifests"]
         .as_array()
         .unwrap()
         .iter()
         .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
-        .unwrap_or_else(|| panic!("no image {tag} in {}", dir.display()));
+        .unwrap_or_else(|| panic!("no image {tag} in {}", dir.display()))
+        .clone()
+}
+
+/// The manifest of the image tagged `tag` in `dir`.
+pub fn manifest(dir: &Path, tag: &str) -> Value {
+    let entry = index_entry(dir, tag);
     let digest = entry["digest"].as_str().unwrap();
     serde_json::from_slice(&std::fs::read(blob_path(dir, digest)).unwrap()).unwrap()
 }
@@ -231,13 +237,7 @@ pub fn make_index(dir: &Path, tag: &str, attestation: bool) -> (Vec<Vec<u8>>, Ve
 
 /// The layer blobs of each platform manifest (`os/arch`) of the image index tagged `tag`.
 pub fn platform_layers(dir: &Path, tag: &str) -> std::collections::BTreeMap<String, Vec<Vec<u8>>> {
-    let index: Value = serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
-    let entry = index["manifests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
-        .unwrap();
+    let entry = index_entry(dir, tag);
     let inner: Value =
         serde_json::from_slice(&std::fs::read(blob_path(dir, entry["digest"].as_str().unwrap())).unwrap()).unwrap();
     let mut out = std::collections::BTreeMap::new();
@@ -255,4 +255,26 @@ pub fn platform_layers(dir: &Path, tag: &str) -> std::collections::BTreeMap<Stri
         out.insert(p, layers);
     }
     out
+}
+
+/// Encrypt `src` into `dst` (`oci:…` references) for `recipients`, the selected layers (all
+/// when empty), with default parallelism, no fsync and no progress display.
+pub fn encrypt_to(
+    src: &str,
+    dst: &str,
+    recipients: &[keyward_ocicrypt::PublicKey],
+    layers: &[i64],
+) -> keyward_ocicrypt::Result<keyward_ocicrypt::Report> {
+    keyward_ocicrypt::encrypt_image(
+        &keyward_ocicrypt::ImageRef::parse(src).unwrap(),
+        &keyward_ocicrypt::ImageRef::parse(dst).unwrap(),
+        &keyward_ocicrypt::EncryptOptions {
+            recipients,
+            providers: &[],
+            layers,
+            parallelism: 0,
+            durable: false,
+            progress: None,
+        },
+    )
 }
