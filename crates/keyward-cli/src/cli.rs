@@ -617,6 +617,14 @@ pub struct ServerArgs {
     /// it would show in `ps`.
     #[arg(long, env = "KEYWARD_POSTGRES_URL", hide_env_values = true)]
     pub postgres_url: Option<String>,
+    /// With PostgreSQL: refuse requests (503) when changes made by other servers may not have
+    /// been seen for this long (a revoked token or disabled key is never honoured after it).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub max_staleness: std::time::Duration,
+    /// With PostgreSQL: lifetime of the lease that elects the one server running scheduled
+    /// work; another server takes over this long after the holder dies.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub scheduler_lease: std::time::Duration,
     #[command(flatten)]
     pub audit: AuditArgs,
 }

@@ -704,6 +704,11 @@ async fn server(a: ServerArgs) -> anyhow::Result<ExitCode> {
             Some(url) => keyward_server::Storage::Postgres(keyward_store::PostgresConfig::new(url.clone())),
             None => keyward_server::Storage::Sqlite,
         },
+        cluster: keyward_server::ClusterConfig {
+            max_staleness: a.max_staleness,
+            lease_ttl: a.scheduler_lease,
+            ..Default::default()
+        },
     };
     let mut running = keyward_server::start(cfg).await?;
     eprintln!("Keyward server on https://{} (data in {})", running.addr, a.data.display());
@@ -725,6 +730,7 @@ async fn serve_until_signal(
             eprintln!("shutting down");
             running.begin_shutdown();
             running.wait().await?;
+            running.leave().await;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -750,6 +756,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
         insecure_file_seal: true,
         audit: a.audit.settings(),
         storage: keyward_server::Storage::Sqlite,
+        cluster: Default::default(),
     };
     let mut running = keyward_server::start(cfg).await?;
     let token = match &running.new_root_token {

@@ -1,7 +1,9 @@
 //! The KMS service: key lifecycle, cryptographic operations, secrets and tokens.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use keyward_crypto::aead::AeadKey;
 use keyward_crypto::format::{self, EnvelopeKind};
@@ -12,7 +14,7 @@ use crate::limits::*;
 use crate::model::*;
 use crate::policy::{Policy, ROOT_POLICY};
 use crate::secretdata::SecretData;
-use crate::store::{Store, StoreError};
+use crate::store::{Change, Store, StoreError};
 use crate::{KmsError, now_unix, validate};
 
 const META_ROOT_CHECK: &str = "root_check";
@@ -197,7 +199,35 @@ pub struct Kms {
     tokens: RwLock<HashMap<[u8; 32], Arc<TokenRecord>>>,
     token_key: SecretBytes,
     policies: RwLock<HashMap<String, Arc<Policy>>>,
+    /// Following a shared store's change feed.
+    feed: Feed,
 }
+
+/// Where this server is in a shared store's change feed, and when it last caught up.
+struct Feed {
+    cursor: tokio::sync::Mutex<u64>,
+    /// Reference point for `synced_at_ms`.
+    epoch: Instant,
+    /// When the last successful catch-up *started* (ms after `epoch`): every change committed
+    /// before then is applied.
+    synced_at_ms: AtomicU64,
+    /// Cached keys, tokens and policies are refused once the last catch-up is older than this.
+    max_staleness_ms: AtomicU64,
+}
+
+/// What one catch-up with the change feed did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Entries applied.
+    pub applied: usize,
+    /// The feed had lost entries, so every cache was reloaded.
+    pub reloaded: bool,
+    /// Metadata entries that changed (e.g. `seal` after another server rotated the root key).
+    pub meta: Vec<String>,
+}
+
+/// Default bound on how stale cached records may be when the store is shared.
+pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for Kms {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -288,7 +318,16 @@ impl Kms {
         let token_key = stored_key(META_TOKEN_KEY, AAD_TOKEN_KEY, legacy_token_key).await?;
         let audit_key = stored_key(META_AUDIT_KEY, AAD_AUDIT_KEY, legacy_audit_key).await?;
 
+        // Take the feed position before loading anything, so nothing committed meanwhile is missed.
+        let cursor = store.changes_since(None, 1).await?.cursor;
+        let epoch = Instant::now();
         let kms = Self {
+            feed: Feed {
+                cursor: tokio::sync::Mutex::new(cursor),
+                epoch,
+                synced_at_ms: AtomicU64::new(0),
+                max_staleness_ms: AtomicU64::new(DEFAULT_MAX_STALENESS.as_millis() as u64),
+            },
             store,
             roots: RwLock::new(roots),
             wrap_guard: tokio::sync::RwLock::new(()),
@@ -316,6 +355,7 @@ impl Kms {
         };
         kms.reload_tokens().await?;
         kms.reload_policies().await?;
+        kms.sync_changes().await?;
         Ok((kms, root_token))
     }
 
@@ -350,6 +390,34 @@ impl Kms {
         let mut roots = self.roots.write().map_err(|_| KmsError::Internal("root keyring lock poisoned".into()))?;
         roots.insert(0, key);
         Ok(())
+    }
+
+    /// Make `keyring` (newest first, as stored in the seal by another server) the root keys in
+    /// use. Returns whether anything changed.
+    pub async fn adopt_roots(&self, keyring: Vec<SecretBytes>) -> Result<bool, KmsError> {
+        let keys = keyring.iter().map(|k| AeadKey::new(k).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
+        if keys.is_empty() {
+            return Err(KmsError::Internal("empty root keyring".into()));
+        }
+        let same = {
+            let roots = self.roots.read().map_err(|_| KmsError::Internal("root keyring lock poisoned".into()))?;
+            // Same key if what one seals the other opens.
+            let same_key = |a: &AeadKey, b: &AeadKey| {
+                b.seal(b"keyward/root-probe", b"probe").is_ok_and(|s| a.open(b"keyward/root-probe", &s).is_ok())
+            };
+            roots.len() == keys.len() && roots.iter().zip(&keys).all(|(a, b)| same_key(a, b))
+        };
+        if same {
+            return Ok(false);
+        }
+        let _exclusive = self.wrap_guard.write().await;
+        *self.roots.write().map_err(|_| KmsError::Internal("root keyring lock poisoned".into()))? = keys;
+        Ok(true)
+    }
+
+    /// The bound set by [`Kms::set_max_staleness`].
+    pub fn max_staleness(&self) -> Duration {
+        Duration::from_millis(self.feed.max_staleness_ms.load(Ordering::Relaxed))
     }
 
     /// Re-wrap every root-wrapped record (service keys and all key versions) under the newest
@@ -418,6 +486,131 @@ impl Kms {
         self.store.backend_name()
     }
 
+    // ----- following other servers ----------------------------------------------------------
+
+    /// Whether other servers share this store (so [`Kms::sync_changes`] must run).
+    pub fn is_shared(&self) -> bool {
+        self.store.is_shared()
+    }
+
+    /// Set how stale cached keys, tokens and policies may get, on a shared store, before this
+    /// server refuses requests (503) rather than risk honouring a revoked token or a disabled key.
+    pub fn set_max_staleness(&self, d: Duration) {
+        self.feed.max_staleness_ms.store(u64::try_from(d.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    fn require_fresh(&self) -> Result<(), KmsError> {
+        if !self.store.is_shared() {
+            return Ok(());
+        }
+        let now = u64::try_from(self.feed.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let synced = self.feed.synced_at_ms.load(Ordering::Acquire);
+        let max = self.feed.max_staleness_ms.load(Ordering::Relaxed);
+        // `synced_at_ms` is 0 until the first catch-up (at the end of `Kms::open`).
+        if synced == 0 || now.saturating_sub(synced) > max {
+            return Err(KmsError::Unavailable(StoreError::Unavailable(format!(
+                "this server has not caught up with changes from other servers for over {max} ms (is the \
+                 database reachable?); it refuses to use cached keys, tokens and policies until it has"
+            ))));
+        }
+        Ok(())
+    }
+
+    /// Wait until the store may have changed, or at most `max`.
+    pub async fn wait_for_changes(&self, max: Duration) {
+        self.store.wait_for_changes(max).await;
+    }
+
+    /// Apply every change other servers committed since the last call: changed keys are dropped
+    /// from the cache (and reloaded on next use), tokens and policies are re-read. Marks this
+    /// server fresh on success. A no-op on a store that is not shared.
+    pub async fn sync_changes(&self) -> Result<SyncReport, KmsError> {
+        let mut report = SyncReport::default();
+        if !self.store.is_shared() {
+            return Ok(report);
+        }
+        let started = u64::try_from(self.feed.epoch.elapsed().as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut cursor = self.feed.cursor.lock().await;
+        loop {
+            let page = self.store.changes_since(Some(*cursor), 1000).await?;
+            if page.lost {
+                self.reload_all().await?;
+                report.reloaded = true;
+            } else {
+                for c in &page.changes {
+                    self.apply_change(c, &mut report).await?;
+                }
+            }
+            report.applied += page.changes.len();
+            *cursor = page.cursor;
+            if !page.more {
+                break;
+            }
+        }
+        self.feed.synced_at_ms.fetch_max(started, Ordering::AcqRel);
+        Ok(report)
+    }
+
+    async fn apply_change(&self, change: &Change, report: &mut SyncReport) -> Result<(), KmsError> {
+        match change {
+            Change::Key(id) => {
+                if let Ok(mut c) = self.keys.write()
+                    && let Some(old) = c.by_id.remove(id)
+                    && c.by_name.get(&old.record.name).is_some_and(|k| k.record.id == *id)
+                {
+                    c.by_name.remove(&old.record.name);
+                }
+            }
+            Change::Token(hash) => {
+                let fresh = self.store.get_token(hash).await?;
+                let mut m = self.tokens.write().map_err(|_| KmsError::Internal("token cache poisoned".into()))?;
+                match fresh {
+                    Some(t) => m.insert(*hash, Arc::new(t)),
+                    None => m.remove(hash),
+                };
+            }
+            Change::Policy(name) => {
+                let fresh = match self.store.get_policy(name).await? {
+                    Some(doc) => Some(Arc::new(
+                        serde_json::from_str::<Policy>(&doc)
+                            .map_err(|e| KmsError::Internal(format!("stored policy {name}: {e}")))?,
+                    )),
+                    None => None,
+                };
+                let mut m = self.policies.write().map_err(|_| KmsError::Internal("policy cache poisoned".into()))?;
+                match fresh {
+                    Some(p) => m.insert(name.clone(), p),
+                    None => m.remove(name),
+                };
+            }
+            Change::Meta(name) => report.meta.push(name.clone()),
+        }
+        Ok(())
+    }
+
+    async fn reload_all(&self) -> Result<(), KmsError> {
+        if let Ok(mut c) = self.keys.write() {
+            *c = KeyCache::default();
+        }
+        self.reload_tokens().await?;
+        self.reload_policies().await
+    }
+
+    /// Take or renew the store lease `name` for `holder` (see [`Store::acquire_lease`]).
+    pub async fn acquire_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, KmsError> {
+        Ok(self.store.acquire_lease(name, holder, ttl).await?)
+    }
+
+    /// Give up the store lease `name` if `holder` holds it.
+    pub async fn release_lease(&self, name: &str, holder: &str) -> Result<(), KmsError> {
+        Ok(self.store.release_lease(name, holder).await?)
+    }
+
+    /// Forget change-feed entries older than `age` (run by one server, under a lease).
+    pub async fn prune_changes(&self, age: Duration) -> Result<u64, KmsError> {
+        Ok(self.store.prune_changes(age).await?)
+    }
+
     // ----- tokens ---------------------------------------------------------------------------
 
     fn token_hash(&self, token: &[u8]) -> [u8; 32] {
@@ -475,9 +668,22 @@ impl Kms {
         Ok(())
     }
 
-    fn token_by_accessor(&self, accessor: &str) -> Result<Arc<TokenRecord>, KmsError> {
-        let map = self.tokens.read().map_err(|_| KmsError::Internal("token cache poisoned".into()))?;
-        map.values().find(|t| t.accessor == accessor).cloned().ok_or_else(|| not_found("token", accessor))
+    /// Every token: from the store when it is shared (other servers create tokens this one has
+    /// not seen), else from the cache.
+    async fn all_tokens(&self) -> Result<Vec<Arc<TokenRecord>>, KmsError> {
+        if self.store.is_shared() {
+            return Ok(self.store.list_tokens().await?.into_iter().map(Arc::new).collect());
+        }
+        let m = self.tokens.read().map_err(|_| KmsError::Internal("token cache poisoned".into()))?;
+        Ok(m.values().cloned().collect())
+    }
+
+    async fn token_by_accessor(&self, accessor: &str) -> Result<Arc<TokenRecord>, KmsError> {
+        self.all_tokens()
+            .await?
+            .into_iter()
+            .find(|t| t.accessor == accessor)
+            .ok_or_else(|| not_found("token", accessor))
     }
 
     /// Authenticate a bearer token. Counts a use for tokens with a use limit (and revokes the
@@ -486,10 +692,23 @@ impl Kms {
         if token.is_empty() || token.len() > 256 {
             return Err(KmsError::Unauthenticated);
         }
+        self.require_fresh()?;
         let h = self.token_hash(token.as_bytes());
-        let rec = {
+        let cached = {
             let map = self.tokens.read().map_err(|_| KmsError::Internal("token cache poisoned".into()))?;
-            map.get(&h).cloned().ok_or(KmsError::Unauthenticated)?
+            map.get(&h).cloned()
+        };
+        let rec = match cached {
+            Some(r) => r,
+            // Created by another server since this one last caught up with the feed.
+            None if self.store.is_shared() => {
+                let rec = Arc::new(self.store.get_token(&h).await?.ok_or(KmsError::Unauthenticated)?);
+                if let Ok(mut m) = self.tokens.write() {
+                    m.insert(h, rec.clone());
+                }
+                rec
+            }
+            None => return Err(KmsError::Unauthenticated),
         };
         if !keyward_crypto::ct_eq(&rec.hash, &h) {
             return Err(KmsError::Unauthenticated);
@@ -497,17 +716,14 @@ impl Kms {
         if rec.expires_at.is_some_and(|e| e <= now_unix()) {
             return Err(KmsError::Unauthenticated);
         }
-        if let Some(max) = rec.max_uses {
-            let mut next = (*rec).clone();
-            next.uses = rec.uses.saturating_add(1);
-            if next.uses > max {
+        if rec.max_uses.is_some() {
+            // Counted in the store, atomically, before use: neither a restart nor several
+            // servers can grant extra uses.
+            let Some(uses) = self.store.use_token(&h).await? else {
                 return Err(KmsError::Unauthenticated);
-            }
-            // Durable before use, so a restart cannot grant extra uses.
-            self.store.update_token(&next).await.map_err(|e| match e {
-                StoreError::NotFound => KmsError::Unauthenticated,
-                other => other.into(),
-            })?;
+            };
+            let mut next = (*rec).clone();
+            next.uses = uses;
             let next = Arc::new(next);
             if let Ok(mut m) = self.tokens.write() {
                 m.insert(h, next.clone());
@@ -598,8 +814,8 @@ impl Kms {
     }
 
     /// Look a token up by accessor.
-    pub fn lookup_token(&self, accessor: &str) -> Result<Arc<TokenRecord>, KmsError> {
-        let t = self.token_by_accessor(accessor)?;
+    pub async fn lookup_token(&self, accessor: &str) -> Result<Arc<TokenRecord>, KmsError> {
+        let t = self.token_by_accessor(accessor).await?;
         if t.expires_at.is_some_and(|e| e <= now_unix()) {
             return Err(not_found("token (expired)", accessor));
         }
@@ -609,20 +825,22 @@ impl Kms {
     /// Extend a token's expiry by its TTL from now (never beyond its parent's expiry or its own
     /// max TTL).
     pub async fn renew_token(&self, accessor: &str) -> Result<Arc<TokenRecord>, KmsError> {
-        let t = self.lookup_token(accessor)?;
+        let t = self.lookup_token(accessor).await?;
         let Some(ttl) = t.ttl_secs else {
             return Err(KmsError::invalid("this token has no TTL and does not expire; nothing to renew"));
         };
         let mut next = (*t).clone();
         let mut exp = now_unix().saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX));
-        if let Some(pe) = t.parent.as_deref().and_then(|p| self.token_by_accessor(p).ok()).and_then(|p| p.expires_at) {
+        if let Some(p) = t.parent.as_deref()
+            && let Some(pe) = self.token_by_accessor(p).await.ok().and_then(|p| p.expires_at)
+        {
             exp = exp.min(pe);
         }
         if let Some(m) = t.max_expires_at {
             exp = exp.min(m);
         }
         next.expires_at = Some(exp);
-        self.store.update_token(&next).await?;
+        self.store.set_token_expiry(&next.accessor, next.expires_at).await?;
         let next = Arc::new(next);
         if let Ok(mut m) = self.tokens.write() {
             m.insert(next.hash, next.clone());
@@ -633,10 +851,7 @@ impl Kms {
     /// Revoke a token and every token created from it; returns the accessors revoked. The last
     /// token holding the root policy cannot be revoked.
     pub async fn revoke_token(&self, accessor: &str) -> Result<Vec<String>, KmsError> {
-        let all: Vec<Arc<TokenRecord>> = {
-            let m = self.tokens.read().map_err(|_| KmsError::Internal("token cache poisoned".into()))?;
-            m.values().cloned().collect()
-        };
+        let all = self.all_tokens().await?;
         if !all.iter().any(|t| t.accessor == accessor) {
             return Err(not_found("token", accessor));
         }
@@ -723,6 +938,7 @@ impl Kms {
         operation: &str,
         resource: &str,
     ) -> Result<String, KmsError> {
+        self.require_fresh()?;
         if policies.iter().any(|p| p == ROOT_POLICY) {
             return Ok("policy root".into());
         }
@@ -820,6 +1036,7 @@ impl Kms {
     }
 
     async fn key(&self, name: &str) -> Result<Arc<CachedKey>, KmsError> {
+        self.require_fresh()?;
         if let Some(k) = self.cached_by_name(name) {
             return Ok(k);
         }
@@ -844,6 +1061,7 @@ impl Kms {
     }
 
     async fn key_by_id(&self, id: &KeyId) -> Result<Option<Arc<CachedKey>>, KmsError> {
+        self.require_fresh()?;
         if let Some(k) = self.cached_by_id(id) {
             return Ok(Some(k));
         }
@@ -869,6 +1087,7 @@ impl Kms {
     // ----- key lifecycle --------------------------------------------------------------------
 
     fn new_version(&self, id: &KeyId, alg: KeyAlgorithm, version: u32, now: i64) -> Result<KeyVersionRecord, KmsError> {
+        self.require_fresh()?;
         let material = alg.generate()?;
         let public_key = LoadedKey::load(alg, &material)?.public_key_der();
         let wrapped_material = self.current_root()?.seal(&version_aad(id, version), material.expose())?;

@@ -4,6 +4,8 @@
 //! concurrency (unique names, compare-and-set on revisions and version numbers), so that several
 //! servers can share one backend. It never sees key material or secret values in the clear.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 use crate::model::{KeyId, KeyRecord, KeyVersionRecord, SecretRecord, SecretVersionRecord, TokenRecord};
@@ -104,8 +106,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Store a new token record (by hash); [`StoreError::AlreadyExists`] if the hash is known.
     async fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
-    /// Replace a token's mutable fields (expiry, uses); [`StoreError::NotFound`] if revoked.
-    async fn update_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+    /// One token by hash.
+    async fn get_token(&self, hash: &[u8; 32]) -> Result<Option<TokenRecord>, StoreError>;
+    /// Set a token's expiry (renewal); [`StoreError::NotFound`] if revoked.
+    async fn set_token_expiry(&self, accessor: &str, expires_at: Option<i64>) -> Result<(), StoreError>;
+    /// Count one use of a token atomically: returns its new use count, or `None` if the token
+    /// is gone or its `max_uses` are used up (then nothing changes). Several servers counting
+    /// uses of one token never grant more than `max_uses` together.
+    async fn use_token(&self, hash: &[u8; 32]) -> Result<Option<u32>, StoreError>;
     /// Delete tokens by accessor; returns how many existed.
     async fn delete_tokens(&self, accessors: &[String]) -> Result<u32, StoreError>;
     /// All token records.
@@ -117,4 +125,62 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_policy(&self, name: &str) -> Result<bool, StoreError>;
     /// All policies as (name, document), by name.
     async fn list_policies(&self) -> Result<Vec<(String, String)>, StoreError>;
+    /// One policy document.
+    async fn get_policy(&self, name: &str) -> Result<Option<String>, StoreError>;
+
+    /// Take the lease `name` for `holder` for `ttl` (measured by the backend's clock) if it is
+    /// free, expired or already held by `holder` (then it is renewed). Returns whether `holder`
+    /// holds it now. Work that must run on one server at a time runs under a lease.
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError>;
+    /// Give up the lease `name` if `holder` holds it.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
+
+    /// Whether other processes may change this store (so cached records can go stale and
+    /// [`Store::changes_since`] must be followed). `false` for an embedded database.
+    fn is_shared(&self) -> bool {
+        false
+    }
+    /// Changes to keys, tokens and policies committed after `cursor` (any server's), oldest
+    /// first, at most `limit`. `None` asks for the current position only. Backends that are not
+    /// shared report nothing.
+    async fn changes_since(&self, cursor: Option<u64>, limit: u32) -> Result<Changes, StoreError> {
+        let _ = (cursor, limit);
+        Ok(Changes::default())
+    }
+    /// Wait until a change may have been committed, or at most `max`.
+    async fn wait_for_changes(&self, max: Duration) {
+        tokio::time::sleep(max).await;
+    }
+    /// Forget change entries older than `age`; returns how many were removed.
+    async fn prune_changes(&self, age: Duration) -> Result<u64, StoreError> {
+        let _ = age;
+        Ok(0)
+    }
+}
+
+/// A record that changed in a shared store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A key's record (state, versions, rotation, deletion) by id.
+    Key(KeyId),
+    /// A token (created, renewed, revoked) by hash.
+    Token([u8; 32]),
+    /// A policy (created, replaced, deleted) by name.
+    Policy(String),
+    /// A metadata entry (the seal configuration, service keys) by name.
+    Meta(String),
+}
+
+/// A page of the change feed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Position after the last change returned; pass it to the next call.
+    pub cursor: u64,
+    /// The changes, oldest first.
+    pub changes: Vec<Change>,
+    /// Entries between the given cursor and these were already pruned: everything cached
+    /// must be reloaded.
+    pub lost: bool,
+    /// More changes follow this page.
+    pub more: bool,
 }

@@ -33,6 +33,8 @@ pub struct AppState {
     pub k8s: Arc<K8sAuth>,
     /// Node agents' outstanding release nonces.
     pub agents: Arc<crate::agent_api::Agents>,
+    /// This server among those sharing the store.
+    pub member: Arc<crate::cluster::Member>,
 }
 
 impl AppState {
@@ -325,6 +327,8 @@ async fn health(State(st): State<AppState>) -> ApiResult {
         "progress": s.progress,
         "rekey_in_progress": s.rekey_in_progress,
         "storage": st.sealing.storage_backend(),
+        "server_id": st.member.id,
+        "scheduler": st.member.runs_scheduler(),
         "version": env!("CARGO_PKG_VERSION"),
     }))
 }
@@ -500,7 +504,7 @@ async fn token_create(State(st): State<AppState>, c: Caller, StrictJson(r): Stri
 
 async fn token_lookup(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<AccessorReq>) -> ApiResult {
     allow(&st, &c, "read", "auth/token")?;
-    let t = st.kms()?.lookup_token(&r.accessor)?;
+    let t = st.kms()?.lookup_token(&r.accessor).await?;
     ok(token_json(&t))
 }
 
@@ -728,7 +732,7 @@ async fn dry_run(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJso
     allow(&st, &c, "admin", "sys/authorize")?;
     let (policies, selectors) = match (&r.accessor, &r.policies, &r.selectors) {
         (Some(a), None, None) => {
-            let t = st.kms()?.lookup_token(a)?;
+            let t = st.kms()?.lookup_token(a).await?;
             (t.policies.clone(), t.selectors.clone())
         }
         (None, p, s) if p.is_some() || s.is_some() => {

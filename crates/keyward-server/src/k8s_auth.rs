@@ -10,7 +10,8 @@ use keyward_core::store::Store;
 use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
 
-const META: &str = "auth_kubernetes";
+/// The metadata entry holding the method's document.
+pub const META: &str = "auth_kubernetes";
 const MAX_ROLES: usize = 1000;
 
 /// The stored document.
@@ -61,6 +62,11 @@ impl K8sAuth {
     /// The method over `store`.
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self { store, cached: RwLock::new(None) }
+    }
+
+    /// Forget the cached document (another server changed it).
+    pub async fn invalidate(&self) {
+        *self.cached.write().await = None;
     }
 
     async fn load(&self) -> Result<(Doc, Option<Arc<Verifier>>), K8sAuthError> {

@@ -10,6 +10,7 @@
 pub mod agent_api;
 pub mod api;
 pub mod audit;
+pub mod cluster;
 pub mod error;
 pub mod extract;
 pub mod harden;
@@ -21,4 +22,5 @@ pub mod tls;
 #[allow(missing_docs)]
 pub mod wire;
 
+pub use cluster::ClusterConfig;
 pub use run::{AuditSettings, Running, ServerConfig, Storage, start};

@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::{AppState, router};
 use crate::audit::{AuditConfig, AuditError};
+use crate::cluster::Member;
 use crate::seal_file::InsecureFileSeal;
 use crate::sealing::{Sealing, SealingError};
 use crate::tls::{TlsError, TlsFiles, TlsListener, reloading_server_config};
@@ -39,6 +40,8 @@ pub struct ServerConfig {
     pub audit: AuditSettings,
     /// Where keys, secrets, tokens and policies are stored.
     pub storage: Storage,
+    /// Following other servers on a shared store, and the scheduler lease.
+    pub cluster: crate::cluster::ClusterConfig,
 }
 
 /// The storage backend.
@@ -64,6 +67,7 @@ impl ServerConfig {
             insecure_file_seal: false,
             audit: AuditSettings::default(),
             storage: Storage::Sqlite,
+            cluster: crate::cluster::ClusterConfig::default(),
         }
     }
 }
@@ -141,9 +145,13 @@ pub struct Running {
     pub seal: &'static str,
     /// Whether the API is served over HTTPS.
     pub tls: bool,
+    /// This server's identity among the servers sharing its store.
+    pub member: Arc<Member>,
+    sealing: Arc<Sealing>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
     scheduler: JoinHandle<()>,
+    follower: JoinHandle<()>,
     cert_watcher: Option<JoinHandle<()>>,
 }
 
@@ -153,17 +161,15 @@ pub const TLS_RELOAD_POLL: Duration = Duration::from_secs(2);
 impl Running {
     /// Stop accepting requests, finish in-flight ones and return.
     pub async fn shutdown(mut self) -> std::io::Result<()> {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        self.scheduler.abort();
-        if let Some(w) = &self.cert_watcher {
-            w.abort();
-        }
-        match (&mut self.task).await {
-            Ok(r) => r,
-            Err(e) => Err(std::io::Error::other(e)),
-        }
+        self.begin_shutdown();
+        let r = self.wait().await;
+        self.leave().await;
+        r
+    }
+
+    /// Give up this server's leases (after it stopped serving), so another takes over at once.
+    pub async fn leave(&self) {
+        crate::cluster::release(&self.sealing, &self.member).await;
     }
 
     /// Ask the server to stop accepting requests; [`Running::wait`] returns once in-flight
@@ -173,6 +179,7 @@ impl Running {
             let _ = tx.send(());
         }
         self.scheduler.abort();
+        self.follower.abort();
         if let Some(w) = &self.cert_watcher {
             w.abort();
         }
@@ -232,6 +239,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
     let kind = if cfg.dev || cfg.insecure_file_seal { SealKind::InsecureFile } else { SealKind::Shamir };
     let sealing = Arc::new(Sealing::new(store.clone(), kind, audit));
     let k8s = Arc::new(crate::k8s_auth::K8sAuth::new(store));
+    let member = Arc::new(Member::new());
     let new_root_token = match kind {
         SealKind::InsecureFile => {
             let path = cfg.data_dir.join("root-key.insecure");
@@ -273,7 +281,8 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
 
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(io(format!("binding {}", cfg.listen)))?;
     let addr = listener.local_addr().map_err(io("reading bound address"))?;
-    let state = AppState { sealing: sealing.clone(), k8s, agents: Default::default() };
+    let state =
+        AppState { sealing: sealing.clone(), k8s: k8s.clone(), agents: Default::default(), member: member.clone() };
     let app = router(state);
 
     let (tx, rx) = oneshot::channel::<()>();
@@ -288,7 +297,13 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         }
         None => tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stop).await }),
     };
-    let scheduler = tokio::spawn(scheduler(sealing, cfg.scheduler_interval));
+    let scheduler = tokio::spawn(crate::cluster::scheduler(
+        sealing.clone(),
+        member.clone(),
+        cfg.scheduler_interval,
+        cfg.cluster.clone(),
+    ));
+    let follower = tokio::spawn(crate::cluster::follow_changes(sealing.clone(), k8s, cfg.cluster.clone()));
     let cert_watcher = tls_cert.map(|c| c.watch(TLS_RELOAD_POLL));
     tracing::info!(%addr, "keyward listening");
     Ok(Running {
@@ -297,32 +312,12 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         root_token_file: cfg.dev.then_some(token_file),
         tls: cfg.tls.is_some(),
         seal: kind.as_str(),
+        member,
+        sealing,
         shutdown: Some(tx),
         task,
         scheduler,
+        follower,
         cert_watcher,
     })
-}
-
-async fn scheduler(sealing: Arc<Sealing>, every: Duration) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(u) = sealing.unsealed() else { continue };
-        match u.kms.run_scheduled(keyward_core::now_unix()).await {
-            Ok(r) => {
-                for k in &r.rotated {
-                    tracing::info!(key = %k, "rotated on schedule");
-                }
-                for k in &r.purged {
-                    tracing::info!(key = %k, "purged after pending deletion window");
-                }
-                if r.randomized_rotated > 0 {
-                    tracing::info!(count = r.randomized_rotated, "randomized secret values rotated on schedule");
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "scheduled work failed; will retry"),
-        }
-    }
 }

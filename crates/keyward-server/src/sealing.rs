@@ -443,6 +443,32 @@ impl Sealing {
         Ok(Progress::Rekeyed(split.iter().map(|s| b64(s.to_bytes().expose())).collect()))
     }
 
+    /// Another server changed the stored seal: adopt its root keyring (a root rotation started
+    /// or finished there), so keys wrapped there can be unwrapped here and nothing new is wrapped
+    /// here under a root key being retired. After a rekey elsewhere this server's unseal key no
+    /// longer opens the keyring; it keeps serving with the keys it has, and is told so.
+    pub async fn follow_seal_change(&self) -> Result<(), SealingError> {
+        let c = self.ceremony.lock().await;
+        let (Some(u), Some(unseal_key)) = (self.unsealed(), c.unseal_key.as_ref()) else { return Ok(()) };
+        let (cfg, _) = self.config().await?.ok_or(SealingError::NotInitialized)?;
+        match cfg.open_keyring(unseal_key) {
+            Ok(roots) => {
+                if u.kms.adopt_roots(roots).await? {
+                    tracing::info!(generation = cfg.generation, "adopted the root keyring changed by another server");
+                }
+                Ok(())
+            }
+            Err(SealError::WrongUnsealKey) => {
+                tracing::warn!(
+                    "another server rekeyed the seal: this server keeps serving, but seal ceremonies here need a \
+                     restart and an unseal with the new shares"
+                );
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Move every stored key to a new root key while serving.
     pub async fn rotate_root(&self) -> Result<RewrapReport, SealingError> {
         let mut c = self.ceremony.lock().await;
@@ -469,6 +495,11 @@ impl Sealing {
                 return Err(SealingError::WrongState("the seal changed concurrently; run the rotation again"));
             }
             u.kms.begin_root_rotation(&roots[0]).await?;
+            if u.kms.is_shared() {
+                // Other servers adopt the new root within their staleness bound (or stop
+                // serving); wait that long so nothing they wrap under the old root is missed.
+                tokio::time::sleep(u.kms.max_staleness() * 2).await;
+            }
             return self.complete_rotation(&u, unseal_key, cfg, next, &roots).await;
         }
         self.complete_rotation(&u, unseal_key, cfg, raw, &roots).await

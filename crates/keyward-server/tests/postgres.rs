@@ -7,10 +7,12 @@
 mod pg;
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
-use keyward_client::Client;
+use keyward_client::{Client, Method};
 use keyward_server::{ServerConfig, Storage, start};
 use keyward_store::PostgresConfig;
+use serde_json::json;
 
 fn config(dir: &std::path::Path, url: &str) -> ServerConfig {
     let mut cfg = ServerConfig::dev("127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
@@ -53,4 +55,181 @@ async fn a_server_on_postgres_keeps_everything_in_the_database() {
     let status = cc.health().await.unwrap();
     assert_eq!(status["storage"], "postgres", "{status}");
     c.shutdown().await.unwrap();
+}
+
+async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let t = Instant::now();
+    loop {
+        if check().await {
+            return t.elapsed();
+        }
+        assert!(t.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn status(r: Result<impl Sized, keyward_client::Error>) -> u16 {
+    match r {
+        Ok(_) => 200,
+        Err(e) => e.status().unwrap_or(0),
+    }
+}
+
+/// Changes made through one server take effect on the other within a second: a token created
+/// on A works on B at once, and a revoked token, a disabled key, a rotated key and a changed
+/// policy are honoured by B within the bound. Scheduled work runs on exactly one server and
+/// moves when that server stops. When the database goes away, requests fail cleanly (503) once
+/// the bound passes, and the servers recover by themselves when it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_follow_each_others_changes_within_a_second() {
+    let cluster = pg::Cluster::start();
+    cluster.create_db("keyward");
+    let url = cluster.url("keyward");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut cfg = config(&data, &url);
+    cfg.cluster.lease_ttl = Duration::from_secs(2);
+    cfg.scheduler_interval = Duration::from_millis(200);
+    let mut cfg_b = cfg.clone();
+    cfg_b.audit.file = Some(dir.path().join("audit-b.log"));
+    let a = start(cfg.clone()).await.unwrap();
+    let b = start(cfg_b).await.unwrap();
+    let root = std::fs::read_to_string(a.root_token_file.as_ref().unwrap()).unwrap().trim().to_string();
+    let ra = Client::builder(format!("http://{}", a.addr)).token(root.clone()).build().unwrap();
+    let rb = Client::builder(format!("http://{}", b.addr)).token(root.clone()).build().unwrap();
+    let ctx = BTreeMap::new();
+    let bound = Duration::from_millis(1500); // 1 s, plus the test's own polling and scheduling
+
+    // A policy and a token made on A are usable on B at once.
+    ra.create_key("payments", "aes256-gcm", "", None).await.unwrap();
+    ra.request(
+        Method::PUT,
+        "/v1/policies/payments",
+        Some(&json!({"rules": [{"resources": ["keys/payments"], "operations": ["encrypt", "decrypt"]}]})),
+    )
+    .await
+    .unwrap();
+    let v = ra.request(Method::POST, "/v1/auth/token/create", Some(&json!({"policies": ["payments"]}))).await.unwrap();
+    let (app_token, accessor) = (v["token"].as_str().unwrap().to_string(), v["accessor"].as_str().unwrap().to_string());
+    let app_b = Client::builder(format!("http://{}", b.addr)).token(app_token.clone()).build().unwrap();
+    let ct = app_b.encrypt("payments", b"x", &ctx).await.expect("a token created on A works on B at once");
+    assert_eq!(ct.key_version, 1);
+    // A use-limited token: uses are counted in the database, not per server.
+    let v = ra
+        .request(Method::POST, "/v1/auth/token/create", Some(&json!({"policies": ["payments"], "max_uses": 2})))
+        .await
+        .unwrap();
+    let limited = v["token"].as_str().unwrap().to_string();
+    let la = Client::builder(format!("http://{}", a.addr)).token(limited.clone()).build().unwrap();
+    let lb = Client::builder(format!("http://{}", b.addr)).token(limited).build().unwrap();
+    la.encrypt("payments", b"1", &ctx).await.unwrap();
+    lb.encrypt("payments", b"2", &ctx).await.unwrap();
+    assert_eq!(status(la.encrypt("payments", b"3", &ctx).await), 401, "two uses in all, across servers");
+    assert_eq!(status(lb.encrypt("payments", b"3", &ctx).await), 401);
+
+    // Rotated on A: B encrypts under the new version within the bound.
+    ra.key_action("payments", "rotate").await.unwrap();
+    let took = wait_until("B uses the rotated version", bound, || async {
+        app_b.encrypt("payments", b"x", &ctx).await.unwrap().key_version == 2
+    })
+    .await;
+    println!("rotation seen by B after {took:?}");
+    assert_eq!(app_b.decrypt(&ct.ciphertext, &ctx).await.unwrap().plaintext.as_slice(), b"x");
+
+    // Disabled on A: B refuses within the bound; enabled again: B serves again.
+    ra.key_action("payments", "disable").await.unwrap();
+    let took = wait_until("B refuses the disabled key", bound, || async {
+        status(app_b.encrypt("payments", b"x", &ctx).await) == 409
+    })
+    .await;
+    println!("disable seen by B after {took:?}");
+    ra.key_action("payments", "enable").await.unwrap();
+    wait_until("B serves the enabled key", bound, || async { app_b.encrypt("payments", b"x", &ctx).await.is_ok() })
+        .await;
+
+    // Policy narrowed on A: B denies within the bound.
+    ra.request(
+        Method::PUT,
+        "/v1/policies/payments",
+        Some(&json!({"rules": [{"resources": ["keys/payments"], "operations": ["decrypt"]}]})),
+    )
+    .await
+    .unwrap();
+    let took = wait_until("B applies the narrowed policy", bound, || async {
+        status(app_b.encrypt("payments", b"x", &ctx).await) == 403
+    })
+    .await;
+    println!("policy change seen by B after {took:?}");
+    assert!(app_b.decrypt(&ct.ciphertext, &ctx).await.is_ok());
+
+    // Revoked on A: B refuses within the bound.
+    ra.request(Method::POST, "/v1/auth/token/revoke", Some(&json!({"accessor": accessor}))).await.unwrap();
+    let took = wait_until("B refuses the revoked token", bound, || async {
+        status(app_b.decrypt(&ct.ciphertext, &ctx).await) == 401
+    })
+    .await;
+    println!("revocation seen by B after {took:?}");
+
+    // Exactly one server runs scheduled work; it moves when that server stops without handing
+    // the lease over (as if killed).
+    let leader = wait_until("one server takes the scheduler lease", Duration::from_secs(5), || async {
+        let (ha, hb) = (ra.health().await.unwrap(), rb.health().await.unwrap());
+        ha["scheduler"].as_bool().unwrap() ^ hb["scheduler"].as_bool().unwrap()
+    })
+    .await;
+    println!("scheduler lease taken after {leader:?}");
+    let a_leads = ra.health().await.unwrap()["scheduler"].as_bool().unwrap();
+    let (mut gone, stays, stays_client) = if a_leads { (a, b, rb.clone()) } else { (b, a, ra.clone()) };
+    gone.begin_shutdown();
+    gone.wait().await.unwrap();
+    let took = wait_until("the other server takes the lease over", Duration::from_secs(6), || async {
+        stays_client.health().await.unwrap()["scheduler"].as_bool().unwrap()
+    })
+    .await;
+    println!("scheduler lease moved after {took:?}");
+    // ... and runs the work: a key whose deletion is due is purged by the survivor.
+    stays_client.create_key("short-lived", "aes256-gcm", "", None).await.unwrap();
+    tokio_postgres_exec(
+        &url,
+        "UPDATE keys SET state='pending_deletion', deletion_at=1, revision=revision+1 WHERE name='short-lived'",
+    )
+    .await;
+    wait_until("the survivor purges the due key", Duration::from_secs(5), || async {
+        status(stays_client.describe_key("short-lived").await) == 404
+    })
+    .await;
+
+    // The database goes away: requests fail with 503 (none hangs), and succeed again once it is
+    // back, without restarting the server.
+    cluster.stop();
+    let t = Instant::now();
+    let took = wait_until("503 while the database is down", Duration::from_secs(15), || async {
+        let r = tokio::time::timeout(Duration::from_secs(12), stays_client.describe_key("payments")).await;
+        status(r.expect("a request hung while the database was down")) == 503
+    })
+    .await;
+    println!("503 after {took:?} of outage");
+    let r = tokio::time::timeout(Duration::from_secs(12), stays_client.encrypt("payments", b"x", &ctx)).await;
+    assert_eq!(status(r.expect("encrypt hung")), 503, "cached keys are not used once the cache may be stale");
+    assert!(t.elapsed() < Duration::from_secs(30));
+    cluster.start_again();
+    let took = wait_until("recovered after the database returned", Duration::from_secs(20), || async {
+        stays_client.encrypt("payments", b"x", &ctx).await.is_ok()
+    })
+    .await;
+    println!("recovered {took:?} after the database returned");
+    stays.shutdown().await.unwrap();
+}
+
+async fn tokio_postgres_exec(url: &str, sql: &str) -> u64 {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    let task = tokio::spawn(conn);
+    let n = client.execute(sql, &[]).await.unwrap();
+    drop(client);
+    let _ = task.await;
+    n
 }

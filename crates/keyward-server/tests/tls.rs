@@ -82,6 +82,7 @@ fn cfg(dir: &Path, tls: bool, seal: bool) -> ServerConfig {
         insecure_file_seal: seal,
         audit: Default::default(),
         storage: Default::default(),
+        cluster: Default::default(),
     }
 }
 

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use keyward_core::model::*;
-use keyward_core::store::{Store, StoreError};
+use keyward_core::store::{Change, Store, StoreError};
 
 /// Run every check against `store`, which must be empty.
 pub async fn run_all(store: Arc<dyn Store>) {
@@ -19,7 +19,119 @@ pub async fn run_all(store: Arc<dyn Store>) {
     secrets(&*store).await;
     secret_concurrency(store.clone()).await;
     tokens(&*store).await;
+    token_use_race(store.clone()).await;
     policies(&*store).await;
+    leases(&*store).await;
+}
+
+/// The change feed of a shared backend, seen from a second handle on the same database
+/// (`other`, as another server would): every change to keys, policies, revoked or renewed tokens
+/// and metadata appears, in commit order, and a cursor past pruned entries is reported lost.
+pub async fn change_feed(store: Arc<dyn Store>, other: Arc<dyn Store>) {
+    assert!(store.is_shared() && other.is_shared());
+    let start = other.changes_since(None, 100).await.unwrap();
+    assert!(start.changes.is_empty());
+    let k = key("feed", 0xfe);
+    store.create_key(&k, &version(0xfe, 1)).await.unwrap();
+    let mut k2 = k.clone();
+    k2.revision = 2;
+    k2.state = KeyState::Disabled;
+    store.update_key(&k2, 1).await.unwrap();
+    assert!(matches!(store.update_key(&k2, 1).await, Err(StoreError::Conflict)));
+    store.put_policy("feed-policy", "{}", 1).await.unwrap();
+    let t = token("acc_feed", [0xfe; 32], None);
+    store.put_token(&t).await.unwrap();
+    assert_eq!(store.use_token(&t.hash).await.unwrap(), Some(1));
+    store.set_token_expiry("acc_feed", Some(1234)).await.unwrap();
+    store.delete_tokens(&["acc_feed".into()]).await.unwrap();
+    assert!(store.delete_policy("feed-policy").await.unwrap());
+    store.put_meta_if_absent("feed-meta", b"x").await.unwrap();
+
+    let got = other.changes_since(Some(start.cursor), 100).await.unwrap();
+    assert!(!got.lost && !got.more, "{got:?}");
+    assert_eq!(
+        got.changes,
+        vec![
+            Change::Key(k.id),
+            Change::Key(k.id),
+            Change::Policy("feed-policy".into()),
+            Change::Token(t.hash),
+            Change::Token(t.hash),
+            Change::Policy("feed-policy".into()),
+            Change::Meta("feed-meta".into()),
+        ],
+        "creations, updates, renewals, revocations and deletions, in order; failed CAS, token creation and \
+         use counting leave no entry"
+    );
+    assert_eq!(got.cursor, start.cursor + 7);
+    let again = other.changes_since(Some(got.cursor), 100).await.unwrap();
+    assert!(again.changes.is_empty() && !again.lost);
+    // Paging.
+    let page = other.changes_since(Some(start.cursor), 3).await.unwrap();
+    assert_eq!(page.changes.len(), 3);
+    assert!(page.more);
+    // Pruned entries: a reader behind them must reload everything.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert!(store.prune_changes(std::time::Duration::ZERO).await.unwrap() >= 7);
+    let lost = other.changes_since(Some(start.cursor), 100).await.unwrap();
+    assert!(lost.lost, "{lost:?}");
+    assert_eq!(lost.cursor, got.cursor);
+    let _ = store.delete_key(&k.id, 2).await;
+}
+
+fn token(accessor: &str, hash: [u8; 32], max_uses: Option<u32>) -> TokenRecord {
+    TokenRecord {
+        hash,
+        accessor: accessor.into(),
+        policies: vec!["p".into()],
+        created_at: 1,
+        expires_at: None,
+        parent: None,
+        ttl_secs: None,
+        max_uses,
+        uses: 0,
+        display_name: String::new(),
+        selectors: vec![],
+        max_expires_at: None,
+    }
+}
+
+async fn token_use_race(s: Arc<dyn Store>) {
+    let t = token("acc_race", [0x77; 32], Some(5));
+    s.put_token(&t).await.unwrap();
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.use_token(&[0x77; 32]).await.unwrap() })
+        })
+        .collect();
+    let mut granted = Vec::new();
+    for t in tasks {
+        if let Some(n) = t.await.unwrap() {
+            granted.push(n);
+        }
+    }
+    granted.sort_unstable();
+    assert_eq!(granted, vec![1, 2, 3, 4, 5], "concurrent uses never exceed max_uses");
+    assert_eq!(s.get_token(&[0x77; 32]).await.unwrap().unwrap().uses, 5);
+    s.delete_tokens(&["acc_race".into()]).await.unwrap();
+}
+
+async fn leases(s: &dyn Store) {
+    use std::time::Duration;
+    let long = Duration::from_secs(30);
+    assert!(s.acquire_lease("scheduler", "a", long).await.unwrap());
+    assert!(!s.acquire_lease("scheduler", "b", long).await.unwrap(), "held by a");
+    assert!(s.acquire_lease("scheduler", "a", long).await.unwrap(), "a renews");
+    assert!(s.acquire_lease("other", "b", long).await.unwrap(), "leases are independent");
+    s.release_lease("scheduler", "b").await.unwrap();
+    assert!(!s.acquire_lease("scheduler", "b", long).await.unwrap(), "only the holder releases");
+    s.release_lease("scheduler", "a").await.unwrap();
+    assert!(s.acquire_lease("scheduler", "b", Duration::from_millis(200)).await.unwrap(), "released");
+    assert!(!s.acquire_lease("scheduler", "a", long).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(s.acquire_lease("scheduler", "a", long).await.unwrap(), "an expired lease is taken over");
+    assert!(!s.acquire_lease("scheduler", "b", long).await.unwrap());
 }
 
 fn key(name: &str, id: u8) -> KeyRecord {
@@ -248,10 +360,18 @@ async fn tokens(s: &dyn Store) {
     child.selectors = vec![];
     child.max_expires_at = None;
     s.put_token(&child).await.unwrap();
+    assert_eq!(s.get_token(&[9; 32]).await.unwrap(), Some(t.clone()));
+    assert_eq!(s.get_token(&[7; 32]).await.unwrap(), None);
     let mut renewed = t.clone();
     renewed.expires_at = Some(500);
-    renewed.uses = 2;
-    s.update_token(&renewed).await.unwrap();
+    renewed.uses = 3;
+    s.set_token_expiry("acc_1", Some(500)).await.unwrap();
+    assert_eq!(s.use_token(&[9; 32]).await.unwrap(), Some(1));
+    assert_eq!(s.use_token(&[9; 32]).await.unwrap(), Some(2));
+    assert_eq!(s.use_token(&[9; 32]).await.unwrap(), Some(3));
+    assert_eq!(s.use_token(&[9; 32]).await.unwrap(), None, "max_uses (3) used up");
+    assert_eq!(s.use_token(&[8; 32]).await.unwrap(), Some(1), "no limit");
+    child.uses = 1;
     assert_eq!(
         s.list_tokens().await.unwrap(),
         vec![renewed.clone(), child.clone()],
@@ -259,7 +379,11 @@ async fn tokens(s: &dyn Store) {
     );
     assert_eq!(s.delete_tokens(&["acc_1".into(), "acc_2".into(), "acc_9".into()]).await.unwrap(), 2);
     assert!(s.list_tokens().await.unwrap().is_empty());
-    assert!(matches!(s.update_token(&renewed).await, Err(StoreError::NotFound)), "revoked tokens stay revoked");
+    assert!(
+        matches!(s.set_token_expiry("acc_1", None).await, Err(StoreError::NotFound)),
+        "revoked tokens stay revoked"
+    );
+    assert_eq!(s.use_token(&[9; 32]).await.unwrap(), None);
 }
 
 async fn policies(s: &dyn Store) {
@@ -275,4 +399,6 @@ async fn policies(s: &dyn Store) {
     assert!(s.delete_policy("a").await.unwrap());
     assert!(!s.delete_policy("a").await.unwrap());
     assert_eq!(s.list_policies().await.unwrap().len(), 1);
+    assert_eq!(s.get_policy("b").await.unwrap().as_deref(), Some("{doc b2}"));
+    assert_eq!(s.get_policy("a").await.unwrap(), None);
 }

@@ -11,19 +11,22 @@
 //! - Text columns that are ordered or compared (`keys.name`, `secrets.path`) use the `C`
 //!   collation: byte order, the same as SQLite, whatever the database's locale.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
 use keyward_core::model::*;
-use keyward_core::store::{Store, StoreError};
-use tokio_postgres::{NoTls, Row};
+use keyward_core::store::{Change, Changes, Store, StoreError};
+use tokio::sync::Notify;
+use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 /// Advisory lock id that serialises migrations ("keyward" in ASCII, as a number).
 const MIGRATION_LOCK: i64 = 0x006b_6579_7761_7264;
 
 /// Schema migrations, applied in order; `keyward_schema.version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (k TEXT COLLATE "C" PRIMARY KEY, v BYTEA NOT NULL);
 CREATE TABLE keys (
     id BYTEA PRIMARY KEY,
@@ -82,7 +85,108 @@ CREATE TABLE policies (
     document TEXT NOT NULL,
     updated_at BIGINT NOT NULL
 );
-"#];
+"#,
+    CHANGE_FEED,
+];
+
+/// Leases, and the change feed: statement-level triggers record which keys, policies and metadata
+/// entries a statement changed (and which tokens were revoked or renewed) under one sequence
+/// number. The number comes from a one-row counter whose row lock is held until commit, so
+/// numbers become visible in order and without gaps: a reader that has seen `n` has seen every
+/// change up to `n`. Each change also sends a NOTIFY so servers look at once.
+const CHANGE_FEED: &str = r#"
+CREATE TABLE keyward_leases (
+    name TEXT COLLATE "C" PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE keyward_change_seq (
+    only_row BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (only_row),
+    n BIGINT NOT NULL
+);
+INSERT INTO keyward_change_seq (n) VALUES (0);
+CREATE TABLE keyward_changes (
+    seq BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    ref BYTEA NOT NULL,
+    at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX keyward_changes_seq ON keyward_changes (seq);
+CREATE INDEX keyward_changes_at ON keyward_changes (at);
+
+CREATE FUNCTION keyward_next_change() RETURNS BIGINT LANGUAGE plpgsql AS $fn$
+DECLARE s BIGINT;
+BEGIN
+    UPDATE keyward_change_seq SET n = n + 1 RETURNING n INTO s;
+    PERFORM pg_notify('keyward_changes', s::text);
+    RETURN s;
+END
+$fn$;
+CREATE FUNCTION keyward_keys_changed() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF EXISTS (SELECT 1 FROM changed) THEN
+        WITH s AS (SELECT keyward_next_change() AS n)
+        INSERT INTO keyward_changes (seq, kind, ref) SELECT s.n, 'key', c.id FROM s, changed c;
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+CREATE FUNCTION keyward_tokens_changed() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF EXISTS (SELECT 1 FROM changed) THEN
+        WITH s AS (SELECT keyward_next_change() AS n)
+        INSERT INTO keyward_changes (seq, kind, ref) SELECT s.n, 'token', c.hash FROM s, changed c;
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+CREATE FUNCTION keyward_token_renewed() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    INSERT INTO keyward_changes (seq, kind, ref) VALUES (keyward_next_change(), 'token', NEW.hash);
+    RETURN NULL;
+END
+$fn$;
+CREATE FUNCTION keyward_policies_changed() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF EXISTS (SELECT 1 FROM changed) THEN
+        WITH s AS (SELECT keyward_next_change() AS n)
+        INSERT INTO keyward_changes (seq, kind, ref)
+            SELECT s.n, 'policy', convert_to(c.name, 'UTF8') FROM s, changed c;
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+CREATE FUNCTION keyward_meta_changed() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF EXISTS (SELECT 1 FROM changed) THEN
+        WITH s AS (SELECT keyward_next_change() AS n)
+        INSERT INTO keyward_changes (seq, kind, ref) SELECT s.n, 'meta', convert_to(c.k, 'UTF8') FROM s, changed c;
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+
+CREATE TRIGGER keys_inserted AFTER INSERT ON keys REFERENCING NEW TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION keyward_keys_changed();
+CREATE TRIGGER keys_updated AFTER UPDATE ON keys REFERENCING NEW TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION keyward_keys_changed();
+CREATE TRIGGER keys_deleted AFTER DELETE ON keys REFERENCING OLD TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION keyward_keys_changed();
+CREATE TRIGGER tokens_deleted AFTER DELETE ON tokens REFERENCING OLD TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION keyward_tokens_changed();
+CREATE TRIGGER tokens_renewed AFTER UPDATE ON tokens FOR EACH ROW
+    WHEN (OLD.expires_at IS DISTINCT FROM NEW.expires_at) EXECUTE FUNCTION keyward_token_renewed();
+CREATE TRIGGER policies_inserted AFTER INSERT ON policies REFERENCING NEW TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION keyward_policies_changed();
+CREATE TRIGGER policies_updated AFTER UPDATE ON policies REFERENCING NEW TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION keyward_policies_changed();
+CREATE TRIGGER policies_deleted AFTER DELETE ON policies REFERENCING OLD TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION keyward_policies_changed();
+CREATE TRIGGER meta_inserted AFTER INSERT ON meta REFERENCING NEW TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION keyward_meta_changed();
+CREATE TRIGGER meta_updated AFTER UPDATE ON meta REFERENCING NEW TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION keyward_meta_changed();
+"#;
 
 /// Connection settings. `Debug` does not show the connection string (it may hold a password).
 #[derive(Clone)]
@@ -124,6 +228,53 @@ impl PostgresConfig {
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    /// Woken by the listener task on every NOTIFY of the change feed.
+    changed: Arc<Notify>,
+    _listener: Arc<Listener>,
+}
+
+/// The task that LISTENs for change notifications; stopped when the last store handle goes.
+struct Listener(tokio::task::JoinHandle<()>);
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Keep one connection LISTENing on the change channel, reconnecting after failures. Every
+/// notification (and every reconnection, since notifications may have been missed) wakes the
+/// waiter in [`Store::wait_for_changes`]; the feed itself is read from the table.
+async fn listen(pg: tokio_postgres::Config, changed: Arc<Notify>) {
+    loop {
+        match pg.connect(NoTls).await {
+            Ok((client, mut conn)) => {
+                let wake = changed.clone();
+                let driver = tokio::spawn(async move {
+                    while let Some(m) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                        match m {
+                            Ok(AsyncMessage::Notification(_)) => wake.notify_one(),
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
+                    }
+                });
+                match client.batch_execute("LISTEN keyward_changes").await {
+                    Ok(()) => {
+                        changed.notify_one();
+                        let _ = driver.await;
+                        tracing::warn!("lost the PostgreSQL change listener; reconnecting");
+                    }
+                    Err(e) => {
+                        driver.abort();
+                        tracing::warn!(error = %e, "cannot LISTEN for changes; retrying");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot connect the PostgreSQL change listener; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -181,7 +332,7 @@ impl PostgresStore {
         pg.connect_timeout(cfg.connect_timeout);
         pg.options(format!("-c statement_timeout={}", cfg.statement_timeout.as_millis()));
         pg.application_name("keyward");
-        let mgr = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let mgr = Manager::from_config(pg.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(mgr)
             .max_size(cfg.max_connections.max(1))
             .runtime(Runtime::Tokio1)
@@ -192,7 +343,9 @@ impl PostgresStore {
             })
             .build()
             .map_err(|e| StoreError::Backend(format!("database pool: {e}")))?;
-        let store = Self { pool };
+        let changed = Arc::new(Notify::new());
+        let store =
+            Self { pool, changed: changed.clone(), _listener: Arc::new(Listener(tokio::spawn(listen(pg, changed)))) };
         store.migrate().await?;
         Ok(store)
     }
@@ -227,6 +380,43 @@ impl PostgresStore {
         }
         tx.commit().await.map_err(db)
     }
+}
+
+const TOKEN_COLS: &str = "hash, accessor, policies, created_at, expires_at, parent, ttl_secs, max_uses, uses, \
+                          display_name, selectors, max_expires_at";
+
+fn token_from_row(r: &Row) -> Result<TokenRecord, StoreError> {
+    let bad = || StoreError::Corrupt("token row".into());
+    let hash: Vec<u8> = r.try_get(0).map_err(|_| bad())?;
+    let policies: String = r.try_get(2).map_err(|_| bad())?;
+    let selectors: String = r.try_get(10).map_err(|_| bad())?;
+    let ttl: Option<i64> = r.try_get(6).map_err(|_| bad())?;
+    let max_uses: Option<i64> = r.try_get(7).map_err(|_| bad())?;
+    Ok(TokenRecord {
+        hash: hash.try_into().map_err(|_| bad())?,
+        accessor: r.try_get(1).map_err(|_| bad())?,
+        policies: policies.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect(),
+        created_at: r.try_get(3).map_err(|_| bad())?,
+        expires_at: r.try_get(4).map_err(|_| bad())?,
+        parent: r.try_get(5).map_err(|_| bad())?,
+        ttl_secs: ttl.and_then(|t| u64::try_from(t).ok()),
+        max_uses: max_uses.map(|m| to_u32(m, "max uses")).transpose()?,
+        uses: to_u32(r.try_get(8).map_err(|_| bad())?, "uses")?,
+        display_name: r.try_get(9).map_err(|_| bad())?,
+        selectors: selectors.split('\n').filter(|s| !s.is_empty()).map(str::to_string).collect(),
+        max_expires_at: r.try_get(11).map_err(|_| bad())?,
+    })
+}
+
+fn change_from_row(kind: &str, r: Vec<u8>) -> Result<Change, StoreError> {
+    let bad = || StoreError::Corrupt(format!("change feed entry of kind {kind:?}"));
+    Ok(match kind {
+        "key" => Change::Key(KeyId(r.try_into().map_err(|_| bad())?)),
+        "token" => Change::Token(r.try_into().map_err(|_| bad())?),
+        "policy" => Change::Policy(String::from_utf8(r).map_err(|_| bad())?),
+        "meta" => Change::Meta(String::from_utf8(r).map_err(|_| bad())?),
+        _ => return Err(bad()),
+    })
 }
 
 const KEY_COLS: &str = "id, name, algorithm, state, description, created_at, updated_at, current_version, \
@@ -679,16 +869,34 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    async fn update_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+    async fn get_token(&self, hash: &[u8; 32]) -> Result<Option<TokenRecord>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt(&format!("SELECT {TOKEN_COLS} FROM tokens WHERE hash=$1"), &[&hash.as_slice()])
+            .await
+            .map_err(db)?;
+        row.as_ref().map(token_from_row).transpose()
+    }
+
+    async fn set_token_expiry(&self, accessor: &str, expires_at: Option<i64>) -> Result<(), StoreError> {
         let c = self.client().await?;
         let n = c
-            .execute(
-                "UPDATE tokens SET expires_at=$2, uses=$3 WHERE accessor=$1",
-                &[&t.accessor, &t.expires_at, &i64::from(t.uses)],
-            )
+            .execute("UPDATE tokens SET expires_at=$2 WHERE accessor=$1", &[&accessor, &expires_at])
             .await
             .map_err(db)?;
         if n == 1 { Ok(()) } else { Err(StoreError::NotFound) }
+    }
+
+    async fn use_token(&self, hash: &[u8; 32]) -> Result<Option<u32>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt(
+                "UPDATE tokens SET uses = uses + 1 WHERE hash=$1 AND (max_uses IS NULL OR uses < max_uses) RETURNING uses",
+                &[&hash.as_slice()],
+            )
+            .await
+            .map_err(db)?;
+        row.map(|r| to_u32(r.get(0), "uses")).transpose()
     }
 
     async fn delete_tokens(&self, accessors: &[String]) -> Result<u32, StoreError> {
@@ -699,38 +907,8 @@ impl Store for PostgresStore {
 
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         let c = self.client().await?;
-        let rows = c
-            .query(
-                "SELECT hash, accessor, policies, created_at, expires_at, parent, ttl_secs, max_uses, uses, display_name, \
-                 selectors, max_expires_at FROM tokens ORDER BY accessor",
-                &[],
-            )
-            .await
-            .map_err(db)?;
-        rows.iter()
-            .map(|r| {
-                let bad = || StoreError::Corrupt("token row".into());
-                let hash: Vec<u8> = r.get(0);
-                let policies: String = r.get(2);
-                let selectors: String = r.get(10);
-                let ttl: Option<i64> = r.get(6);
-                let max_uses: Option<i64> = r.get(7);
-                Ok(TokenRecord {
-                    hash: hash.try_into().map_err(|_| bad())?,
-                    accessor: r.get(1),
-                    policies: policies.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect(),
-                    created_at: r.get(3),
-                    expires_at: r.get(4),
-                    parent: r.get(5),
-                    ttl_secs: ttl.and_then(|t| u64::try_from(t).ok()),
-                    max_uses: max_uses.map(|m| to_u32(m, "max uses")).transpose()?,
-                    uses: to_u32(r.get(8), "uses")?,
-                    display_name: r.get(9),
-                    selectors: selectors.split('\n').filter(|s| !s.is_empty()).map(str::to_string).collect(),
-                    max_expires_at: r.get(11),
-                })
-            })
-            .collect()
+        let rows = c.query(&format!("SELECT {TOKEN_COLS} FROM tokens ORDER BY accessor"), &[]).await.map_err(db)?;
+        rows.iter().map(token_from_row).collect()
     }
 
     async fn put_policy(&self, name: &str, document: &str, now: i64) -> Result<(), StoreError> {
@@ -754,6 +932,90 @@ impl Store for PostgresStore {
         let c = self.client().await?;
         let rows = c.query("SELECT name, document FROM policies ORDER BY name", &[]).await.map_err(db)?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn get_policy(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let c = self.client().await?;
+        Ok(c.query_opt("SELECT document FROM policies WHERE name=$1", &[&name]).await.map_err(db)?.map(|r| r.get(0)))
+    }
+
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        // The database's clock decides expiry, so servers' clocks need not agree.
+        let n = c
+            .execute(
+                "INSERT INTO keyward_leases (name, holder, expires_at) \
+                 VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3)) \
+                 ON CONFLICT (name) DO UPDATE SET holder=excluded.holder, expires_at=excluded.expires_at \
+                 WHERE keyward_leases.holder=excluded.holder OR keyward_leases.expires_at <= clock_timestamp()",
+                &[&name, &holder, &ttl.as_secs_f64()],
+            )
+            .await
+            .map_err(db)?;
+        Ok(n == 1)
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute("DELETE FROM keyward_leases WHERE name=$1 AND holder=$2", &[&name, &holder]).await.map_err(db)?;
+        Ok(())
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    async fn changes_since(&self, cursor: Option<u64>, limit: u32) -> Result<Changes, StoreError> {
+        let c = self.client().await?;
+        let Some(from) = cursor else {
+            let n: i64 = c.query_one("SELECT n FROM keyward_change_seq", &[]).await.map_err(db)?.get(0);
+            return Ok(Changes { cursor: u64::try_from(n).unwrap_or(0), ..Changes::default() });
+        };
+        let from_i = to_i64(from)?;
+        // One statement, one snapshot: the counter and the entries after `from` agree.
+        let rows = c
+            .query(
+                "SELECT s.n, c.seq, c.kind, c.ref FROM keyward_change_seq s \
+                 LEFT JOIN keyward_changes c ON c.seq > $1 AND c.seq <= $1 + $2 ORDER BY c.seq",
+                &[&from_i, &i64::from(limit.max(1))],
+            )
+            .await
+            .map_err(db)?;
+        let n = rows.first().map_or(0, |r| r.get::<_, i64>(0));
+        let n = u64::try_from(n).unwrap_or(0);
+        let mut out = Changes { cursor: from, ..Changes::default() };
+        if n < from {
+            // The counter went backwards: a different (restored or recreated) database.
+            out.lost = true;
+            out.cursor = n;
+            return Ok(out);
+        }
+        for r in &rows {
+            let Some(seq) = r.get::<_, Option<i64>>(1) else { continue };
+            let seq = u64::try_from(seq).unwrap_or(0);
+            if seq > out.cursor + 1 {
+                out.lost = true; // entries in between were pruned
+            }
+            out.cursor = out.cursor.max(seq);
+            out.changes.push(change_from_row(r.get(2), r.get(3))?);
+        }
+        if out.cursor < n && out.changes.is_empty() {
+            out.lost = true;
+            out.cursor = n;
+        }
+        out.more = out.cursor < n;
+        Ok(out)
+    }
+
+    async fn wait_for_changes(&self, max: Duration) {
+        let _ = tokio::time::timeout(max, self.changed.notified()).await;
+    }
+
+    async fn prune_changes(&self, age: Duration) -> Result<u64, StoreError> {
+        let c = self.client().await?;
+        c.execute("DELETE FROM keyward_changes WHERE at < now() - make_interval(secs => $1)", &[&age.as_secs_f64()])
+            .await
+            .map_err(db)
     }
 }
 

@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use keyward_core::model::*;
@@ -80,6 +81,9 @@ CREATE TABLE policies (
     r#"
 ALTER TABLE tokens ADD COLUMN selectors TEXT NOT NULL DEFAULT '';
 ALTER TABLE tokens ADD COLUMN max_expires_at INTEGER;
+"#,
+    r#"
+CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_ms INTEGER NOT NULL);
 "#,
 ];
 
@@ -293,6 +297,38 @@ fn secret_version_from_row(r: &Row<'_>) -> rusqlite::Result<Result<SecretVersion
         }),
         Err(_) => Err(StoreError::Corrupt("secret version row".into())),
     })
+}
+
+const TOKEN_COLUMNS: &str = "hash, accessor, policies, created_at, expires_at, parent, ttl_secs, max_uses, uses, display_name, selectors, max_expires_at";
+
+fn token_from_row(r: &Row<'_>) -> rusqlite::Result<Result<TokenRecord, StoreError>> {
+    let hash: Vec<u8> = r.get(0)?;
+    let policies: String = r.get(2)?;
+    let ttl: Option<i64> = r.get(6)?;
+    let selectors: String = r.get(10)?;
+    Ok(match <[u8; 32]>::try_from(hash) {
+        Ok(hash) => Ok(TokenRecord {
+            hash,
+            accessor: r.get(1)?,
+            policies: policies.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect(),
+            created_at: r.get(3)?,
+            expires_at: r.get(4)?,
+            parent: r.get(5)?,
+            ttl_secs: ttl.and_then(|t| u64::try_from(t).ok()),
+            max_uses: r.get(7)?,
+            uses: r.get(8)?,
+            display_name: r.get(9)?,
+            selectors: selectors.split('\n').filter(|s| !s.is_empty()).map(str::to_string).collect(),
+            max_expires_at: r.get(11)?,
+        }),
+        Err(_) => Err(StoreError::Corrupt("token row".into())),
+    })
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn collect<T>(rows: impl Iterator<Item = rusqlite::Result<Result<T, StoreError>>>) -> Result<Vec<T>, StoreError> {
@@ -669,16 +705,37 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn update_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
-        let t = t.clone();
+    async fn get_token(&self, hash: &[u8; 32]) -> Result<Option<TokenRecord>, StoreError> {
+        let hash = hash.to_vec();
+        self.read(move |c| {
+            let mut st =
+                c.prepare_cached(&format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash=?1")).map_err(backend)?;
+            st.query_row([hash], token_from_row).optional().map_err(backend)?.transpose()
+        })
+        .await
+    }
+
+    async fn set_token_expiry(&self, accessor: &str, expires_at: Option<i64>) -> Result<(), StoreError> {
+        let accessor = accessor.to_string();
         self.write(move |c| {
             let n = c
-                .execute(
-                    "UPDATE tokens SET expires_at=?2, uses=?3 WHERE accessor=?1",
-                    params![t.accessor, t.expires_at, t.uses],
-                )
+                .execute("UPDATE tokens SET expires_at=?2 WHERE accessor=?1", params![accessor, expires_at])
                 .map_err(backend)?;
             if n == 1 { Ok(()) } else { Err(StoreError::NotFound) }
+        })
+        .await
+    }
+
+    async fn use_token(&self, hash: &[u8; 32]) -> Result<Option<u32>, StoreError> {
+        let hash = hash.to_vec();
+        self.write(move |c| {
+            c.query_row(
+                "UPDATE tokens SET uses = uses + 1 WHERE hash=?1 AND (max_uses IS NULL OR uses < max_uses) RETURNING uses",
+                [hash],
+                |r| r.get::<_, u32>(0),
+            )
+            .optional()
+            .map_err(backend)
         })
         .await
     }
@@ -702,37 +759,9 @@ impl Store for SqliteStore {
 
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         self.read(move |c| {
-            let mut st = c
-                .prepare_cached(
-                    "SELECT hash, accessor, policies, created_at, expires_at, parent, ttl_secs, max_uses, uses, display_name, selectors, max_expires_at \
-                     FROM tokens ORDER BY accessor",
-                )
-                .map_err(backend)?;
-            let rows = st
-                .query_map([], |r| {
-                    let hash: Vec<u8> = r.get(0)?;
-                    let policies: String = r.get(2)?;
-                    let ttl: Option<i64> = r.get(6)?;
-                    let selectors: String = r.get(10)?;
-                    Ok(match <[u8; 32]>::try_from(hash) {
-                        Ok(hash) => Ok(TokenRecord {
-                            hash,
-                            accessor: r.get(1)?,
-                            policies: policies.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect(),
-                            created_at: r.get(3)?,
-                            expires_at: r.get(4)?,
-                            parent: r.get(5)?,
-                            ttl_secs: ttl.and_then(|t| u64::try_from(t).ok()),
-                            max_uses: r.get(7)?,
-                            uses: r.get(8)?,
-                            display_name: r.get(9)?,
-                            selectors: selectors.split('\n').filter(|s| !s.is_empty()).map(str::to_string).collect(),
-                            max_expires_at: r.get(11)?,
-                        }),
-                        Err(_) => Err(StoreError::Corrupt("token row".into())),
-                    })
-                })
-                .map_err(backend)?;
+            let mut st =
+                c.prepare_cached(&format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY accessor")).map_err(backend)?;
+            let rows = st.query_map([], token_from_row).map_err(backend)?;
             collect(rows)
         })
         .await
@@ -762,6 +791,41 @@ impl Store for SqliteStore {
             let mut st = c.prepare_cached("SELECT name, document FROM policies ORDER BY name").map_err(backend)?;
             let rows = st.query_map([], |r| Ok(Ok((r.get(0)?, r.get(1)?)))).map_err(backend)?;
             collect(rows)
+        })
+        .await
+    }
+
+    async fn get_policy(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let name = name.to_string();
+        self.read(move |c| {
+            c.query_row("SELECT document FROM policies WHERE name=?1", [name], |r| r.get(0)).optional().map_err(backend)
+        })
+        .await
+    }
+
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let (name, holder) = (name.to_string(), holder.to_string());
+        let ttl = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        self.write(move |c| {
+            let now = now_ms();
+            let n = c
+                .execute(
+                    "INSERT INTO leases (name, holder, expires_ms) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT(name) DO UPDATE SET holder=excluded.holder, expires_ms=excluded.expires_ms \
+                     WHERE leases.holder=excluded.holder OR leases.expires_ms <= ?4",
+                    params![name, holder, now.saturating_add(ttl), now],
+                )
+                .map_err(backend)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let (name, holder) = (name.to_string(), holder.to_string());
+        self.write(move |c| {
+            c.execute("DELETE FROM leases WHERE name=?1 AND holder=?2", params![name, holder]).map_err(backend)?;
+            Ok(())
         })
         .await
     }

@@ -20,6 +20,29 @@ async fn postgres_passes_conformance_and_migrates_safely() {
     assert_eq!(store.backend_name(), "postgres");
     keyward_store::conformance::run_all(Arc::new(store)).await;
 
+    // The change feed, written through one handle and read through another (two servers).
+    pg.create_db("feed");
+    let a = PostgresStore::connect(&PostgresConfig::new(pg.url("feed"))).await.unwrap();
+    let b = PostgresStore::connect(&PostgresConfig::new(pg.url("feed"))).await.unwrap();
+    // A NOTIFY wakes the other handle's waiter well before its timeout.
+    b.wait_for_changes(Duration::from_millis(1)).await; // consume the listener's start-up wake-up
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.wait_for_changes(Duration::from_millis(1)).await;
+    let waiter = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            let t = Instant::now();
+            b.wait_for_changes(Duration::from_secs(20)).await;
+            t.elapsed()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    a.put_policy("wake", "{}", 1).await.unwrap();
+    let waited = waiter.await.unwrap();
+    assert!(waited < Duration::from_secs(5), "NOTIFY woke the other server after {waited:?}");
+    assert!(a.delete_policy("wake").await.unwrap());
+    keyward_store::conformance::change_feed(Arc::new(a), Arc::new(b)).await;
+
     // Eight servers starting at once on an empty database: each migration runs once.
     pg.create_db("racing");
     let url = pg.url("racing");

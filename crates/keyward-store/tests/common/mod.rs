@@ -81,14 +81,20 @@ impl Cluster {
         let cluster = Self { bin: bindir(), data, port: free_port(), socket_dir, _dir: dir };
         let data = cluster.data.to_str().unwrap().to_owned();
         cluster.run("initdb", &["-D", &data, "-A", "trust", "-U", "keyward", "--no-sync", "-E", "UTF8"]);
+        cluster.start_again();
+        cluster
+    }
+
+    /// Start the (stopped) server again on the same port and data.
+    pub fn start_again(&self) {
+        let data = self.data.to_str().unwrap().to_owned();
         let opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
-            cluster.port,
-            cluster.socket_dir.display()
+            self.port,
+            self.socket_dir.display()
         );
-        let log = cluster.data.join("log");
-        cluster.run("pg_ctl", &["-D", &data, "-o", &opts, "-l", log.to_str().unwrap(), "-w", "-t", "60", "start"]);
-        cluster
+        let log = self.data.join("log");
+        self.run("pg_ctl", &["-D", &data, "-o", &opts, "-l", log.to_str().unwrap(), "-w", "-t", "60", "start"]);
     }
 
     /// A connection string for database `db` (created by [`Cluster::create_db`]).
