@@ -2,7 +2,12 @@
 //!
 //! The load generator behind `keyward bench`: N concurrent clients run one operation against a
 //! server for a fixed time after a warm-up, and the report gives throughput, latency percentiles
-//! (p50/p90/p99/p99.9/max) and the error count.
+//! (p50/p90/p99/p99.9/max) and the errors by kind.
+//!
+//! With `verify`, every acknowledged `encrypt` or `secret-put` carries a unique payload and is
+//! remembered; after the run each one is read back (decrypted, or the written secret version
+//! fetched) and compared, so the report says whether any acknowledged write was lost or any
+//! answer was wrong (used by the fail-over tests, where servers are killed under load).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -72,7 +77,12 @@ pub struct BenchConfig {
     pub max_ops: Option<u64>,
     /// The node agent's socket, for `workload-secret`.
     pub agent_socket: Option<std::path::PathBuf>,
+    /// Remember acknowledged encryptions and secret writes and check them all after the run.
+    pub verify: bool,
 }
+
+/// At most this many acknowledged operations are remembered for verification.
+pub const MAX_VERIFIED: usize = 1_000_000;
 
 /// The result of a run.
 #[derive(Debug, Clone, Serialize)]
@@ -91,6 +101,15 @@ pub struct BenchReport {
     pub errors: u64,
     /// The first error seen, if any.
     pub first_error: Option<String>,
+    /// Failed operations by kind (`http 503`, `transport`, ...).
+    pub error_kinds: BTreeMap<String, u64>,
+    /// With `verify`: acknowledged operations read back and found correct.
+    pub verified: u64,
+    /// With `verify`: acknowledged operations whose read-back was missing or different (lost
+    /// writes, wrong answers). Anything but 0 is a failure.
+    pub wrong: u64,
+    /// With `verify`: acknowledged operations that could not be read back (an error).
+    pub unverifiable: u64,
     /// Operations per second.
     pub ops_per_sec: f64,
     /// Latency percentiles in microseconds.
@@ -118,8 +137,19 @@ impl std::fmt::Display for BenchReport {
             "latency us: p50={} p90={} p99={} p99.9={} max={}",
             self.p50_us, self.p90_us, self.p99_us, self.p999_us, self.max_us
         )?;
+        if !self.error_kinds.is_empty() {
+            let kinds: Vec<String> = self.error_kinds.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+            write!(f, "\nerrors: {}", kinds.join(", "))?;
+        }
         if let Some(e) = &self.first_error {
             write!(f, "\nfirst error: {e}")?;
+        }
+        if self.verified + self.wrong + self.unverifiable > 0 {
+            write!(
+                f,
+                "\nverified: {} correct, {} lost or wrong, {} unreadable",
+                self.verified, self.wrong, self.unverifiable
+            )?;
         }
         Ok(())
     }
@@ -192,14 +222,50 @@ async fn prepare(client: &Client, cfg: &BenchConfig) -> Result<Prepared, BenchEr
     })
 }
 
+/// An acknowledged operation to check after the run.
+enum Acked {
+    /// A ciphertext and the plaintext it must decrypt to.
+    Ciphertext(Vec<u8>, Vec<u8>),
+    /// A secret version and the value it must hold.
+    SecretVersion(String, u32, String),
+}
+
+/// `base` with its start replaced by a marker unique to this operation.
+fn unique(base: &[u8], worker: usize, n: u64) -> Vec<u8> {
+    let tag = format!("w{worker}n{n}.");
+    let mut v = base.to_vec();
+    if v.len() < tag.len() {
+        v.resize(tag.len(), b'.');
+    }
+    v[..tag.len()].copy_from_slice(tag.as_bytes());
+    v
+}
+
 async fn one(
     client: &Client,
     cfg: &BenchConfig,
     p: &Prepared,
     worker: usize,
     n: u64,
-) -> Result<(), keyward_client::Error> {
+) -> Result<Option<Acked>, keyward_client::Error> {
     let ctx = BTreeMap::new();
+    if cfg.verify {
+        match p {
+            Prepared::Encrypt(pt) => {
+                let pt = unique(pt, worker, n);
+                let ct = client.encrypt(&cfg.key, &pt, &ctx).await?;
+                return Ok(Some(Acked::Ciphertext(ct.ciphertext, pt)));
+            }
+            Prepared::SecretPut(v) => {
+                let v = String::from_utf8_lossy(&unique(v.as_bytes(), worker, n)).into_owned();
+                let path = format!("{}/w{worker}", cfg.secret_path);
+                let data = BTreeMap::from([("value".to_string(), v.clone())]);
+                let version = client.put_secret(&path, &data, None).await?;
+                return Ok(Some(Acked::SecretVersion(path, version, v)));
+            }
+            _ => {}
+        }
+    }
     match p {
         Prepared::SecretPut(v) => {
             let data = BTreeMap::from([("value".to_string(), v.clone())]);
@@ -214,6 +280,40 @@ async fn one(
         Prepared::SecretGet => client.get_secret(&cfg.secret_path, None).await.map(|_| ()),
         Prepared::WorkloadSecret(w) => w.get_secret(&cfg.secret_path, None).await.map(|_| ()),
     }
+    .map(|()| None)
+}
+
+fn error_kind(e: &keyward_client::Error) -> String {
+    match e {
+        keyward_client::Error::Api { status, .. } => format!("http {status}"),
+        keyward_client::Error::Transport { .. } => "transport".into(),
+        _ => "other".into(),
+    }
+}
+
+/// Read every acknowledged operation back: (correct, lost or wrong, unreadable).
+async fn verify(client: &Client, acked: &[Acked]) -> (u64, u64, u64) {
+    let (mut ok, mut wrong, mut unreadable) = (0, 0, 0);
+    let ctx = BTreeMap::new();
+    for a in acked {
+        let verdict = match a {
+            Acked::Ciphertext(ct, pt) => {
+                client.decrypt(ct, &ctx).await.map(|d| d.plaintext.as_slice() == pt.as_slice())
+            }
+            Acked::SecretVersion(path, version, value) => client
+                .get_secret(path, Some(*version))
+                .await
+                .map(|s| s.version == *version && s.data.get("value").is_some_and(|v| v.as_str() == value)),
+            // A version that is not there was lost.
+        };
+        match verdict {
+            Ok(true) => ok += 1,
+            Ok(false) => wrong += 1,
+            Err(e) if e.status() == Some(404) => wrong += 1,
+            Err(_) => unreadable += 1,
+        }
+    }
+    (ok, wrong, unreadable)
 }
 
 fn percentile(sorted: &[u32], p: f64) -> u64 {
@@ -245,6 +345,8 @@ pub async fn run(client: Client, cfg: BenchConfig) -> Result<BenchReport, BenchE
             let mut lat: Vec<u32> = Vec::with_capacity(1 << 16);
             let mut errors = 0u64;
             let mut first_error = None;
+            let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
+            let mut acked: Vec<Acked> = Vec::new();
             let mut n = 0u64;
             loop {
                 let t0 = Instant::now();
@@ -260,6 +362,17 @@ pub async fn run(client: Client, cfg: BenchConfig) -> Result<BenchReport, BenchE
                 n += 1;
                 let r = one(&client, &cfg, &prepared, worker, n).await;
                 let t1 = Instant::now();
+                // Warm-up writes are remembered too: every acknowledged write must survive.
+                let r = match r {
+                    Ok(Some(a)) => {
+                        if acked.len() < MAX_VERIFIED / cfg.concurrency {
+                            acked.push(a);
+                        }
+                        Ok(())
+                    }
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e),
+                };
                 if t0 < start {
                     continue;
                 }
@@ -267,30 +380,38 @@ pub async fn run(client: Client, cfg: BenchConfig) -> Result<BenchReport, BenchE
                     Ok(()) => lat.push(u32::try_from((t1 - t0).as_micros()).unwrap_or(u32::MAX)),
                     Err(e) => {
                         errors += 1;
+                        *kinds.entry(error_kind(&e)).or_default() += 1;
                         if first_error.is_none() {
                             first_error = Some(e.to_string());
                         }
                     }
                 }
             }
-            (lat, errors, first_error)
+            (lat, errors, first_error, kinds, acked)
         }));
     }
     let mut all = Vec::new();
     let mut errors = 0;
     let mut first_error = None;
+    let mut error_kinds: BTreeMap<String, u64> = BTreeMap::new();
+    let mut acked = Vec::new();
     for t in tasks {
-        if let Ok((lat, e, fe)) = t.await {
+        if let Ok((lat, e, fe, kinds, a)) = t.await {
             all.extend(lat);
             errors += e;
             if first_error.is_none() {
                 first_error = fe;
             }
+            for (k, n) in kinds {
+                *error_kinds.entry(k).or_default() += n;
+            }
+            acked.extend(a);
         }
     }
     all.sort_unstable();
     let elapsed = started.elapsed().saturating_sub(cfg.warmup);
     let seconds = elapsed.as_secs_f64().min(cfg.duration.as_secs_f64()).max(1e-9);
+    let (verified, wrong, unverifiable) = verify(&client, &acked).await;
     Ok(BenchReport {
         op: cfg.op,
         concurrency: cfg.concurrency,
@@ -299,6 +420,10 @@ pub async fn run(client: Client, cfg: BenchConfig) -> Result<BenchReport, BenchE
         ops: all.len() as u64,
         errors,
         first_error,
+        error_kinds,
+        verified,
+        wrong,
+        unverifiable,
         ops_per_sec: all.len() as f64 / seconds,
         p50_us: percentile(&all, 50.0),
         p90_us: percentile(&all, 90.0),

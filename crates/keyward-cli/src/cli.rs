@@ -800,6 +800,11 @@ pub struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// (encrypt, secret-put) Give every operation a unique payload, remember what was
+    /// acknowledged, and read it all back after the run: reports lost writes and wrong answers.
+    /// KEYWARD_ADDR may list several servers (comma-separated) to fail over between.
+    #[arg(long)]
+    pub verify: bool,
 }
 
 #[derive(Subcommand, Debug)]

@@ -583,6 +583,7 @@ async fn bench(cli: &Cli, b: &BenchArgs) -> anyhow::Result<ExitCode> {
         secret_path: b.secret_path.clone(),
         max_ops: b.max_ops,
         agent_socket: b.agent_socket.clone(),
+        verify: b.verify,
     };
     let report = keyward_bench::run(client(cli)?, cfg).await?;
     if b.json || cli.output == Output::Json {
@@ -590,7 +591,10 @@ async fn bench(cli: &Cli, b: &BenchArgs) -> anyhow::Result<ExitCode> {
     } else {
         println!("{report}");
     }
-    Ok(if report.ops == 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    if report.wrong > 0 {
+        eprintln!("FAILED: {} acknowledged operations were lost or answered wrongly", report.wrong);
+    }
+    Ok(if report.ops == 0 || report.wrong > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 /// Read one share from a no-echo prompt on a terminal, else one line of stdin.

@@ -15,10 +15,19 @@
 //!
 //! Plaintexts and secret values come back in [`zeroize::Zeroizing`] buffers, wiped on drop.
 //! The token is held in a wiping buffer and never printed by `Debug`.
+//!
+//! **Several servers.** The address may list several servers separated by commas
+//! (`https://kw-0:8270,https://kw-1:8270`). Requests go to the server that last answered; when
+//! it cannot be reached or answers 503 (sealed, or cut off from its database) the request moves
+//! on to the next. A request that may have reached a server before the connection failed is
+//! retried elsewhere only if repeating it is harmless (reads and cryptographic operations, which
+//! change nothing); a write is then reported as failed, since it may or may not have happened.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
@@ -140,8 +149,19 @@ impl ClientBuilder {
 
     /// Build the client.
     pub fn build(self) -> Result<Client, Error> {
-        let addr = self.addr.trim_end_matches('/').to_string();
-        if !(addr.starts_with("http://") || addr.starts_with("https://")) {
+        let addrs: Vec<String> = self
+            .addr
+            .split(',')
+            .map(|a| a.trim().trim_end_matches('/').to_string())
+            .filter(|a| !a.is_empty())
+            .collect();
+        if addrs.is_empty() {
+            return Err(Error::Config("no server address given".into()));
+        }
+        if addrs.len() > 32 {
+            return Err(Error::Config(format!("{} server addresses given; at most 32", addrs.len())));
+        }
+        if let Some(addr) = addrs.iter().find(|a| !(a.starts_with("http://") || a.starts_with("https://"))) {
             return Err(Error::Config(format!("server address {addr:?} must start with http:// or https://")));
         }
         let mut b = reqwest::Client::builder()
@@ -159,22 +179,45 @@ impl ClientBuilder {
             b = b.identity(id);
         }
         let http = b.build().map_err(|e| Error::Config(e.to_string()))?;
-        Ok(Client { http, addr, token: self.token })
+        Ok(Client { http, addrs: addrs.into(), current: Arc::new(AtomicUsize::new(0)), token: self.token })
     }
+}
+
+/// Whether repeating a request on another server is harmless even if the first server may have
+/// carried it out: reads, and operations that change no state.
+fn repeatable(method: &reqwest::Method, path: &str) -> bool {
+    if *method == reqwest::Method::GET {
+        return true;
+    }
+    const STATELESS: &[&str] = &[
+        "/encrypt",
+        "/generate-data-key",
+        "/generate-data-key-without-plaintext",
+        "/sign",
+        "/verify",
+        "/mac",
+        "/verify-mac",
+    ];
+    *method == reqwest::Method::POST
+        && (matches!(path, "/v1/decrypt" | "/v1/reencrypt" | "/v1/random" | "/v1/health" | "/v1/sys/authorize")
+            || (path.starts_with("/v1/keys/") && STATELESS.iter().any(|s| path.ends_with(s))))
 }
 
 /// A Keyward API client. Cheap to clone (connections are pooled and shared).
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
-    addr: String,
+    /// Every server, in the order given.
+    addrs: Arc<[String]>,
+    /// Index of the server that answered last (shared by clones).
+    current: Arc<AtomicUsize>,
     token: Option<Zeroizing<String>>,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("addr", &self.addr)
+            .field("addrs", &self.addrs)
             .field("token", &self.token.as_ref().map(|_| "[REDACTED]"))
             .finish()
     }
@@ -325,9 +368,63 @@ impl Client {
         b.build()
     }
 
-    /// The server address.
+    /// The address of the server requests go to now (the one that answered last).
     pub fn addr(&self) -> &str {
-        &self.addr
+        &self.addrs[self.current.load(Ordering::Relaxed) % self.addrs.len()]
+    }
+
+    /// Every server address, in the order given.
+    pub fn addrs(&self) -> &[String] {
+        &self.addrs
+    }
+
+    /// Send a request to the current server, failing over to the others (see the crate docs).
+    /// Returns the status and body of the first answer that is not a 503, or the last failure.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&[u8]>,
+        headers: &[(&str, String)],
+    ) -> Result<(u16, Vec<u8>), Error> {
+        let n = self.addrs.len();
+        let first = self.current.load(Ordering::Relaxed) % n;
+        let mut last: Option<Result<(u16, Vec<u8>), Error>> = None;
+        for k in 0..n {
+            let i = (first + k) % n;
+            let addr = &self.addrs[i];
+            let mut rb = self.http.request(method.clone(), format!("{addr}{path}"));
+            if let Some(t) = &self.token {
+                rb = rb.bearer_auth(t.as_str());
+            }
+            for (k, v) in headers {
+                rb = rb.header(*k, v);
+            }
+            if let Some(b) = body {
+                rb = rb.header("content-type", "application/json").body(b.to_vec());
+            }
+            let outcome = match rb.send().await {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    match resp.bytes().await {
+                        Ok(bytes) => Ok((status, bytes.to_vec())),
+                        Err(source) => Err((true, Error::Transport { addr: addr.clone(), source })),
+                    }
+                }
+                Err(source) => Err((!source.is_connect(), Error::Transport { addr: addr.clone(), source })),
+            };
+            match outcome {
+                Ok((503, bytes)) => last = Some(Ok((503, bytes))),
+                Ok(answer) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok(answer);
+                }
+                // The request may have been carried out: only repeat what is harmless to repeat.
+                Err((true, e)) if !repeatable(&method, path) => return Err(e),
+                Err((_, e)) => last = Some(Err(e)),
+            }
+        }
+        last.unwrap_or_else(|| Err(Error::Config("no server address".into())))
     }
 
     /// Send a request and return the JSON response. `path` starts with `/v1/`.
@@ -344,18 +441,8 @@ impl Client {
         body: Vec<u8>,
         headers: &[(&str, String)],
     ) -> Result<(u16, Vec<u8>), Error> {
-        let url = format!("{}{}", self.addr, path);
-        let mut rb = self.http.request(method, &url).header("content-type", "application/json").body(body);
-        if let Some(t) = &self.token {
-            rb = rb.bearer_auth(t.as_str());
-        }
-        for (k, v) in headers {
-            rb = rb.header(*k, v);
-        }
-        let resp = rb.send().await.map_err(|source| Error::Transport { addr: self.addr.clone(), source })?;
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.map_err(|source| Error::Transport { addr: self.addr.clone(), source })?;
-        Ok((status, bytes.to_vec()))
+        let body = Zeroizing::new(body);
+        self.send(method, path, Some(&body), headers).await
     }
 
     /// Send a request with a typed body and decode a typed response.
@@ -365,18 +452,11 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> Result<R, Error> {
-        let url = format!("{}{}", self.addr, path);
-        let mut rb = self.http.request(method, &url);
-        if let Some(t) = &self.token {
-            rb = rb.bearer_auth(t.as_str());
-        }
-        if let Some(b) = body {
-            let bytes = Zeroizing::new(serde_json::to_vec(b).map_err(|e| Error::Decode(e.to_string()))?);
-            rb = rb.header("content-type", "application/json").body(bytes.to_vec());
-        }
-        let resp = rb.send().await.map_err(|source| Error::Transport { addr: self.addr.clone(), source })?;
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.map_err(|source| Error::Transport { addr: self.addr.clone(), source })?;
+        let bytes = body
+            .map(|b| serde_json::to_vec(b).map(Zeroizing::new).map_err(|e| Error::Decode(e.to_string())))
+            .transpose()?;
+        let (status, bytes) = self.send(method, path, bytes.as_deref().map(Vec::as_slice), &[]).await?;
+        let bytes = Zeroizing::new(bytes);
         if (200..300).contains(&status) {
             return serde_json::from_slice(&bytes).map_err(|e| Error::Decode(e.to_string()));
         }
@@ -535,3 +615,45 @@ impl Drop for ZeroOnDrop {
 
 /// HTTP method type used by [`Client::request`].
 pub use reqwest::Method;
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn several_addresses_are_parsed_and_checked() {
+        let c = Client::builder(" https://a:1/, https://b:2 ,").build().unwrap();
+        assert_eq!(c.addrs(), ["https://a:1", "https://b:2"]);
+        assert_eq!(c.addr(), "https://a:1");
+        assert!(Client::builder("https://a:1,b:2").build().is_err(), "every address needs a scheme");
+        assert!(Client::builder(" , ").build().is_err());
+        let many = vec!["http://x:1"; 33].join(",");
+        assert!(Client::builder(many).build().is_err());
+    }
+
+    #[test]
+    fn only_harmless_requests_are_repeated_after_an_ambiguous_failure() {
+        use reqwest::Method;
+        for (m, p) in [
+            (Method::GET, "/v1/secrets/data/a"),
+            (Method::POST, "/v1/keys/k/encrypt"),
+            (Method::POST, "/v1/keys/k/generate-data-key-without-plaintext"),
+            (Method::POST, "/v1/keys/k/verify-mac"),
+            (Method::POST, "/v1/decrypt"),
+            (Method::POST, "/v1/reencrypt"),
+        ] {
+            assert!(repeatable(&m, p), "{m} {p}");
+        }
+        for (m, p) in [
+            (Method::PUT, "/v1/secrets/data/a"),
+            (Method::POST, "/v1/keys"),
+            (Method::POST, "/v1/keys/k/rotate"),
+            (Method::POST, "/v1/auth/token/create"),
+            (Method::DELETE, "/v1/policies/p"),
+            (Method::POST, "/v1/secrets/data/encrypt"),
+        ] {
+            assert!(!repeatable(&m, p), "{m} {p}");
+        }
+    }
+}
