@@ -617,6 +617,10 @@ pub struct ServerArgs {
     /// it would show in `ps`.
     #[arg(long, env = "KEYWARD_POSTGRES_URL", hide_env_values = true)]
     pub postgres_url: Option<String>,
+    /// PEM CA certificate(s) that sign the PostgreSQL server's certificate: connections then
+    /// always use TLS and verify the server (no fall-back to plain text).
+    #[arg(long, env = "KEYWARD_POSTGRES_CA")]
+    pub postgres_ca: Option<PathBuf>,
     /// With PostgreSQL: refuse requests (503) when changes made by other servers may not have
     /// been seen for this long (a revoked token or disabled key is never honoured after it).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]

@@ -705,7 +705,10 @@ async fn server(a: ServerArgs) -> anyhow::Result<ExitCode> {
         insecure_file_seal: a.insecure_file_seal,
         audit: a.audit.settings(),
         storage: match &a.postgres_url {
-            Some(url) => keyward_server::Storage::Postgres(keyward_store::PostgresConfig::new(url.clone())),
+            Some(url) => keyward_server::Storage::Postgres(keyward_store::PostgresConfig {
+                ca_file: a.postgres_ca.clone(),
+                ..keyward_store::PostgresConfig::new(url.clone())
+            }),
             None => keyward_server::Storage::Sqlite,
         },
         cluster: keyward_server::ClusterConfig {

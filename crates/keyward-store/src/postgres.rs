@@ -10,6 +10,11 @@
 //!   refused.
 //! - Text columns that are ordered or compared (`keys.name`, `secrets.path`) use the `C`
 //!   collation: byte order, the same as SQLite, whatever the database's locale.
+//! - With a CA file configured, every connection uses TLS (rustls on aws-lc-rs) and verifies the
+//!   database server's certificate and name; without one, connections follow `sslmode` without
+//!   TLS, and `sslmode=require` is refused as a configuration error rather than left unverified.
+//! - A change feed (triggers into `keyward_changes`, plus NOTIFY) tells every server which keys,
+//!   tokens, policies and metadata entries others changed; see [`Store::changes_since`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -200,6 +205,10 @@ pub struct PostgresConfig {
     pub connect_timeout: Duration,
     /// Upper bound on any one statement (`statement_timeout`).
     pub statement_timeout: Duration,
+    /// PEM file of the CA certificate(s) that sign the database server's certificate. When set,
+    /// every connection uses TLS (whatever `sslmode` says) and the server's certificate must
+    /// chain to one of them and name the host connected to; there is no fall-back to plain text.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for PostgresConfig {
@@ -208,6 +217,7 @@ impl std::fmt::Debug for PostgresConfig {
             .field("max_connections", &self.max_connections)
             .field("connect_timeout", &self.connect_timeout)
             .field("statement_timeout", &self.statement_timeout)
+            .field("ca_file", &self.ca_file)
             .finish_non_exhaustive()
     }
 }
@@ -220,8 +230,49 @@ impl PostgresConfig {
             max_connections: 16,
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(10),
+            ca_file: None,
         }
     }
+}
+
+/// TLS to the database, or not.
+#[derive(Clone)]
+enum Tls {
+    Off(NoTls),
+    On(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+fn tls_config(cfg: &PostgresConfig, pg: &mut tokio_postgres::Config) -> Result<Tls, StoreError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    use tokio_postgres::config::SslMode;
+    let Some(path) = &cfg.ca_file else {
+        if pg.get_ssl_mode() == SslMode::Require {
+            return Err(StoreError::Backend(
+                "sslmode=require needs the CA certificate that signs the database's certificate \
+                 (--postgres-ca FILE)"
+                    .into(),
+            ));
+        }
+        return Ok(Tls::Off(NoTls));
+    };
+    let bad = |e: String| StoreError::Backend(format!("PostgreSQL CA file {}: {e}", path.display()));
+    let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&pem) {
+        roots.add(c.map_err(|e| bad(e.to_string()))?).map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("no certificate in it".into()));
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    pg.ssl_mode(SslMode::Require);
+    Ok(Tls::On(tokio_postgres_rustls::MakeRustlsConnect::new(config)))
 }
 
 /// The PostgreSQL store.
@@ -242,12 +293,37 @@ impl Drop for Listener {
     }
 }
 
+/// A connection's stream of asynchronous messages, whatever its transport.
+trait Messages: Send {
+    fn poll_message(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<AsyncMessage, tokio_postgres::Error>>>;
+}
+
+impl<S, T> Messages for tokio_postgres::Connection<S, T>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
+    fn poll_message(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<AsyncMessage, tokio_postgres::Error>>> {
+        tokio_postgres::Connection::poll_message(self, cx)
+    }
+}
+
 /// Keep one connection LISTENing on the change channel, reconnecting after failures. Every
 /// notification (and every reconnection, since notifications may have been missed) wakes the
 /// waiter in [`Store::wait_for_changes`]; the feed itself is read from the table.
-async fn listen(pg: tokio_postgres::Config, changed: Arc<Notify>) {
+async fn listen(pg: tokio_postgres::Config, tls: Tls, changed: Arc<Notify>) {
     loop {
-        match pg.connect(NoTls).await {
+        let connected = match &tls {
+            Tls::Off(t) => pg.connect(*t).await.map(|(c, conn)| (c, Box::new(conn) as Box<dyn Messages>)),
+            Tls::On(t) => pg.connect(t.clone()).await.map(|(c, conn)| (c, Box::new(conn) as Box<dyn Messages>)),
+        };
+        match connected {
             Ok((client, mut conn)) => {
                 let wake = changed.clone();
                 let driver = tokio::spawn(async move {
@@ -294,8 +370,18 @@ fn db(e: tokio_postgres::Error) -> StoreError {
             StoreError::Unavailable(e.to_string())
         }
         Some(_) => StoreError::Backend(e.to_string()),
-        // No SQLSTATE: the connection itself failed (closed, refused, timed out).
-        None => StoreError::Unavailable(e.to_string()),
+        // No SQLSTATE: the connection itself failed (closed, refused, timed out, TLS refused);
+        // the causes say which (e.g. the certificate problem).
+        None => {
+            let mut msg = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                msg.push_str(": ");
+                msg.push_str(&c.to_string());
+                cause = c.source();
+            }
+            StoreError::Unavailable(msg)
+        }
     }
 }
 
@@ -332,7 +418,12 @@ impl PostgresStore {
         pg.connect_timeout(cfg.connect_timeout);
         pg.options(format!("-c statement_timeout={}", cfg.statement_timeout.as_millis()));
         pg.application_name("keyward");
-        let mgr = Manager::from_config(pg.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let tls = tls_config(cfg, &mut pg)?;
+        let mc = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let mgr = match &tls {
+            Tls::Off(t) => Manager::from_config(pg.clone(), *t, mc),
+            Tls::On(t) => Manager::from_config(pg.clone(), t.clone(), mc),
+        };
         let pool = Pool::builder(mgr)
             .max_size(cfg.max_connections.max(1))
             .runtime(Runtime::Tokio1)
@@ -344,10 +435,20 @@ impl PostgresStore {
             .build()
             .map_err(|e| StoreError::Backend(format!("database pool: {e}")))?;
         let changed = Arc::new(Notify::new());
-        let store =
-            Self { pool, changed: changed.clone(), _listener: Arc::new(Listener(tokio::spawn(listen(pg, changed)))) };
+        let store = Self {
+            pool,
+            changed: changed.clone(),
+            _listener: Arc::new(Listener(tokio::spawn(listen(pg, tls, changed)))),
+        };
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// Whether this server's database sessions are encrypted (TLS), as the database reports it.
+    pub async fn ssl_in_use(&self) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        let r = c.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await.map_err(db)?;
+        Ok(r.get(0))
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {

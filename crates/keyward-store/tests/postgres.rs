@@ -85,3 +85,42 @@ async fn tokio_postgres_exec(url: &str, sql: &str) -> u64 {
     tokio::spawn(conn);
     client.execute(sql, &[]).await.unwrap()
 }
+
+/// TLS to the database: with the CA configured, connections are encrypted and the server's
+/// certificate is checked (a different CA is refused); `sslmode=require` without a CA is a
+/// configuration error rather than an unverified connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_database_is_verified() {
+    let pg = common::Cluster::start_tls();
+    pg.create_db("tls");
+    let mut cfg = PostgresConfig::new(pg.url("tls"));
+    cfg.ca_file = pg.ca_file.clone();
+    let store = PostgresStore::connect(&cfg).await.expect("TLS connection with the right CA");
+    assert!(store.put_meta_if_absent("m", b"1").await.unwrap());
+    assert!(store.ssl_in_use().await.unwrap(), "the session is encrypted");
+
+    // A CA that did not sign the server's certificate: refused, not downgraded.
+    let other = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
+        .args(["-keyout", "k.pem", "-out", "ca.pem", "-days", "1", "-subj", "/CN=other CA"])
+        .current_dir(other.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let mut wrong = cfg.clone();
+    wrong.ca_file = Some(other.path().join("ca.pem"));
+    wrong.connect_timeout = Duration::from_secs(3);
+    let err = PostgresStore::connect(&wrong).await.unwrap_err();
+    assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
+
+    let mut no_ca = PostgresConfig::new(format!("{}?sslmode=require", pg.url("tls")));
+    no_ca.ca_file = None;
+    let err = PostgresStore::connect(&no_ca).await.unwrap_err();
+    assert!(err.to_string().contains("--postgres-ca"), "{err}");
+
+    // Without a CA and without sslmode=require the connection is plain, as configured.
+    let plain =
+        PostgresStore::connect(&PostgresConfig::new(format!("{}?sslmode=disable", pg.url("tls")))).await.unwrap();
+    assert!(!plain.ssl_in_use().await.unwrap());
+}

@@ -13,6 +13,8 @@ pub struct Cluster {
     bin: PathBuf,
     pub port: u16,
     pub socket_dir: PathBuf,
+    /// With TLS: the CA certificate that signed the server's certificate.
+    pub ca_file: Option<PathBuf>,
 }
 
 fn is_root() -> bool {
@@ -66,6 +68,16 @@ impl Cluster {
     }
 
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// A cluster that also accepts TLS, with a certificate for 127.0.0.1 signed by a fresh CA
+    /// (made with the `openssl` command); [`Cluster::ca_file`] names the CA.
+    pub fn start_tls() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let socket_dir = dir.path().join("sock");
@@ -78,9 +90,22 @@ impl Cluster {
                 Command::new("chown").args(["-R", "postgres:postgres"]).arg(&data).arg(&socket_dir).status().unwrap();
             assert!(status.success(), "chown to postgres failed");
         }
-        let cluster = Self { bin: bindir(), data, port: free_port(), socket_dir, _dir: dir };
+        let ca_file = tls.then(|| make_certs(&dir.path().join("tls")));
+        let cluster = Self { bin: bindir(), data, port: free_port(), socket_dir, _dir: dir, ca_file };
         let data = cluster.data.to_str().unwrap().to_owned();
         cluster.run("initdb", &["-D", &data, "-A", "trust", "-U", "keyward", "--no-sync", "-E", "UTF8"]);
+        if let Some(ca) = &cluster.ca_file {
+            let tls = ca.parent().unwrap();
+            let conf = format!(
+                "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+                tls.join("server.pem").display(),
+                tls.join("server.key").display()
+            );
+            let path = cluster.data.join("postgresql.conf");
+            let mut all = std::fs::read_to_string(&path).unwrap();
+            all.push_str(&conf);
+            std::fs::write(&path, all).unwrap();
+        }
         cluster.start_again();
         cluster
     }
@@ -111,6 +136,51 @@ impl Cluster {
         let data = self.data.to_str().unwrap().to_owned();
         let _ = self.command("pg_ctl").args(["-D", &data, "-m", "immediate", "-w", "stop"]).output();
     }
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, in `dir`; returns the CA file.
+fn make_certs(dir: &std::path::Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let openssl = |args: &[&str]| {
+        let o = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("the openssl command is required for this test (apt-get install openssl)");
+        assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    openssl(
+        &[&["req", "-x509"], &ec[..], &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=db CA"]]
+            .concat(),
+    );
+    openssl(&[&["req"], &ec[..], &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]].concat());
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.join("server.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    if is_root() {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir).status().unwrap().success();
+        assert!(ok, "chown to postgres failed");
+    }
+    dir.join("ca.pem")
 }
 
 impl Drop for Cluster {
