@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_keyward");
+mod common;
+
+use common::{BIN, is_root, self_signed};
 
 struct Server {
     child: Child,
@@ -28,27 +30,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .is_some_and(|l| l.split_whitespace().nth(1) == Some("0"))
-}
-
-fn self_signed(dir: &Path) -> PathBuf {
-    let o = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
-        .args(["-keyout", "server.key", "-out", "server.pem", "-days", "2", "-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .current_dir(dir)
-        .output()
-        .expect("the openssl command is required for this test (apt-get install openssl)");
-    assert!(o.status.success(), "openssl: {}", String::from_utf8_lossy(&o.stderr));
-    dir.join("server.pem")
 }
 
 /// Start `keyward server` on PostgreSQL; returns it and, on a new store, the root token.
