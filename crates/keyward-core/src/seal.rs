@@ -16,6 +16,12 @@ pub enum SealError {
     /// installation's key).
     #[error("the unseal key does not open the root keyring")]
     WrongUnsealKey,
+    /// The seal device (an HSM) failed or refused; the message says what to check.
+    #[error("seal device: {0}")]
+    Device(String),
+    /// The seal device could not open the wrapped unseal key (wrong HSM key or tampered data).
+    #[error("decryption failed")]
+    DecryptionFailed,
 }
 
 /// Provides a 256-bit key kept outside the store. The insecure file seal of `keyward dev` (in
@@ -29,6 +35,22 @@ pub trait Seal: Send + Sync + std::fmt::Debug {
     /// Return the root key, creating and sealing a new one if none exists yet.
     /// The boolean is true when a new root key was created.
     fn load_or_create(&self) -> Result<(SecretBytes, bool), SealError>;
+}
+
+/// Wraps the unseal key under a key that never leaves a device (an HSM through PKCS#11), so a
+/// server can unseal itself at start. Implementations block (device I/O): call them from a
+/// blocking context.
+pub trait KeyWrapper: Send + Sync + std::fmt::Debug {
+    /// Where the wrapping key lives, for status and logs (no secrets), e.g. `token "t" key "k"`.
+    fn describe(&self) -> String;
+    /// Make sure the wrapping key exists and is fit for the job (non-extractable, sensitive),
+    /// creating it if it does not exist. Returns true when it was created.
+    fn prepare(&self) -> Result<bool, SealError>;
+    /// Wrap `key` (authenticated encryption inside the device).
+    fn wrap(&self, key: &SecretBytes) -> Result<Vec<u8>, SealError>;
+    /// Unwrap what [`KeyWrapper::wrap`] returned; [`SealError::DecryptionFailed`] if it does not
+    /// open.
+    fn unwrap(&self, wrapped: &[u8]) -> Result<SecretBytes, SealError>;
 }
 
 /// Meta entry holding the [`SealConfig`].
@@ -45,6 +67,9 @@ pub enum SealKind {
     Shamir,
     /// The unseal key rests in a local file in the clear (`keyward dev`).
     InsecureFile,
+    /// The unseal key is wrapped by a non-extractable key in an HSM (PKCS#11): the server
+    /// unseals itself; the Shamir shares of the same unseal key are recovery shares.
+    Pkcs11,
 }
 
 impl SealKind {
@@ -53,6 +78,7 @@ impl SealKind {
         match self {
             Self::Shamir => "shamir",
             Self::InsecureFile => "insecure-file",
+            Self::Pkcs11 => "pkcs11",
         }
     }
 }
@@ -70,8 +96,35 @@ pub struct SealConfig {
     pub threshold: u8,
     /// Root keys, newest first, each AES-256-GCM sealed under the unseal key (hex).
     pub keyring: Vec<String>,
-    /// Incremented on every change (rekey, root rotation).
+    /// Incremented on every change (rekey, root rotation, seal migration).
     pub generation: u64,
+    /// With the PKCS#11 seal: the unseal key wrapped by the HSM key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hsm: Option<HsmWrapped>,
+}
+
+/// The unseal key as wrapped by an HSM.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HsmWrapped {
+    /// Which HSM key wrapped it ([`KeyWrapper::describe`]), for messages.
+    pub key: String,
+    /// The wrapped unseal key (hex).
+    pub wrapped: String,
+}
+
+impl HsmWrapped {
+    /// Wrap `unseal_key` with `wrapper`.
+    pub fn wrap(wrapper: &dyn KeyWrapper, unseal_key: &SecretBytes) -> Result<Self, SealError> {
+        Ok(Self { key: wrapper.describe(), wrapped: hex::encode(wrapper.wrap(unseal_key)?) })
+    }
+
+    /// Unwrap the unseal key with `wrapper`.
+    pub fn unwrap(&self, wrapper: &dyn KeyWrapper) -> Result<SecretBytes, SealError> {
+        let raw =
+            hex::decode(&self.wrapped).map_err(|_| SealError::Invalid("stored HSM-wrapped key is not hex".into()))?;
+        wrapper.unwrap(&raw)
+    }
 }
 
 impl SealConfig {
@@ -83,7 +136,7 @@ impl SealConfig {
         unseal_key: &SecretBytes,
         roots: &[&SecretBytes],
     ) -> Result<Self, SealError> {
-        let mut c = Self { kind, shares, threshold, keyring: Vec::new(), generation: 0 };
+        let mut c = Self { kind, shares, threshold, keyring: Vec::new(), generation: 0, hsm: None };
         c.set_keyring(unseal_key, roots)?;
         Ok(c)
     }
