@@ -241,7 +241,8 @@ pub enum WorkloadCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum OperatorCmd {
-    /// Initialise a new server: prints the unseal key shares and the root token, once.
+    /// Initialise a new server: prints the unseal key shares (recovery shares with the PKCS#11
+    /// seal) and the root token, once.
     Init {
         /// Number of shares to issue.
         #[arg(long, default_value_t = 5)]
@@ -250,8 +251,14 @@ pub enum OperatorCmd {
         #[arg(long, default_value_t = 3)]
         threshold: u8,
     },
-    /// Submit one unseal share, read from a prompt (not echoed) or from stdin, never from argv.
-    Unseal,
+    /// Submit one unseal share (or recovery share), read from a prompt (not echoed) or from
+    /// stdin, never from argv.
+    Unseal {
+        /// Move the keyring from the seal it is stored with to the server's (Shamir to PKCS#11
+        /// or back) once the shares open it. Nothing stored is re-encrypted; the shares stay valid.
+        #[arg(long)]
+        migrate: bool,
+    },
     /// Seal the server: it stops serving and forgets its keys until unsealed again.
     Seal,
     /// Replace the unseal shares (the root key is unchanged; old shares stop working). Each
@@ -606,6 +613,21 @@ pub struct ServerArgs {
     /// shares. Anyone who can read that file has every key.
     #[arg(long)]
     pub insecure_file_seal: bool,
+    /// Seal with a key in an HSM: the vendor's PKCS#11 library (e.g.
+    /// /usr/lib/softhsm/libsofthsm2.so). The server then unseals itself at start and the Shamir
+    /// shares become recovery shares.
+    #[arg(long, env = "KEYWARD_PKCS11_LIB")]
+    pub pkcs11_lib: Option<PathBuf>,
+    /// Label of the HSM token holding the seal key.
+    #[arg(long, env = "KEYWARD_PKCS11_TOKEN", requires = "pkcs11_lib")]
+    pub pkcs11_token: Option<String>,
+    /// Label of the seal key (AES-256, generated non-extractable in the token at init or
+    /// migration if absent).
+    #[arg(long, env = "KEYWARD_PKCS11_KEY", default_value = "keyward-seal")]
+    pub pkcs11_key: String,
+    /// File holding the token's user PIN (one line).
+    #[arg(long, env = "KEYWARD_PKCS11_PIN_FILE", requires = "pkcs11_lib")]
+    pub pkcs11_pin_file: Option<PathBuf>,
     /// Start even if memory cannot be locked (key material could be swapped to disk).
     #[arg(long)]
     pub insecure_no_mlock: bool,

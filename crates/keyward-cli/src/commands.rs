@@ -641,13 +641,25 @@ async fn operator(cli: &Cli, o: &OperatorCmd) -> anyhow::Result<ExitCode> {
         OperatorCmd::Init { shares, threshold } => {
             let v = c.request(POST, "/v1/sys/init", Some(&json!({"shares": shares, "threshold": threshold}))).await?;
             print_shares(cli.output, &v, v["root_token"].as_str())?;
-            eprintln!("The server is sealed: run `keyward operator unseal` {threshold} times with different shares.");
+            if v["sealed"] == false {
+                eprintln!(
+                    "The server unsealed itself with its HSM ({}). The shares are recovery shares: {threshold} of \
+                     them unseal it when the HSM cannot, and move it to another seal.",
+                    v["seal"].as_str().unwrap_or("")
+                );
+            } else {
+                eprintln!(
+                    "The server is sealed: run `keyward operator unseal` {threshold} times with different shares."
+                );
+            }
         }
-        OperatorCmd::Unseal => {
+        OperatorCmd::Unseal { migrate } => {
             let share = read_share("Unseal share: ")?;
-            let v = c.request(POST, "/v1/sys/unseal", Some(&json!({"share": &*share}))).await?;
+            let v = c.request(POST, "/v1/sys/unseal", Some(&json!({"share": &*share, "migrate": migrate}))).await?;
             if cli.output == Output::Json {
                 print_value(cli.output, &v)?;
+            } else if v["complete"] == true && *migrate {
+                println!("Unsealed; the seal was migrated to this server's seal.");
             } else if v["complete"] == true {
                 println!("Unsealed.");
             } else {
@@ -692,10 +704,35 @@ async fn operator(cli: &Cli, o: &OperatorCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The PKCS#11 seal settings, with the PIN read from its file.
+fn pkcs11_config(a: &ServerArgs) -> anyhow::Result<Option<keyward_hsm::Pkcs11Config>> {
+    let Some(library) = a.pkcs11_lib.clone() else { return Ok(None) };
+    let token_label = a.pkcs11_token.clone().ok_or_else(|| anyhow!("--pkcs11-lib needs --pkcs11-token LABEL"))?;
+    let pin_file = a
+        .pkcs11_pin_file
+        .as_ref()
+        .ok_or_else(|| anyhow!("--pkcs11-lib needs --pkcs11-pin-file FILE (the user PIN)"))?;
+    let raw = zeroize::Zeroizing::new(
+        std::fs::read(pin_file).with_context(|| format!("reading the PKCS#11 PIN from {}", pin_file.display()))?,
+    );
+    let pin = raw.strip_suffix(b"\n").unwrap_or(&raw);
+    let pin = pin.strip_suffix(b"\r").unwrap_or(pin);
+    if pin.is_empty() {
+        bail!("{} is empty: it must hold the token's user PIN", pin_file.display());
+    }
+    Ok(Some(keyward_hsm::Pkcs11Config {
+        library,
+        token_label,
+        key_label: a.pkcs11_key.clone(),
+        pin: keyward_crypto::SecretBytes::copy_from(pin),
+    }))
+}
+
 async fn server(a: ServerArgs) -> anyhow::Result<ExitCode> {
     let stop = shutdown_signal();
     let h = keyward_server::harden::harden_process(!a.insecure_no_mlock)?;
     tracing::info!(?h, "process hardened");
+    let pkcs11 = pkcs11_config(&a)?;
     let cfg = keyward_server::ServerConfig {
         listen: a.listen,
         data_dir: a.data.clone(),
@@ -703,6 +740,7 @@ async fn server(a: ServerArgs) -> anyhow::Result<ExitCode> {
         scheduler_interval: a.scheduler_interval,
         tls: Some(keyward_server::tls::TlsFiles { cert: a.tls_cert, key: a.tls_key, client_ca: a.tls_client_ca }),
         insecure_file_seal: a.insecure_file_seal,
+        pkcs11,
         audit: a.audit.settings(),
         storage: match &a.postgres_url {
             Some(url) => keyward_server::Storage::Postgres(keyward_store::PostgresConfig {
@@ -761,6 +799,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
         scheduler_interval: a.scheduler_interval,
         tls: None,
         insecure_file_seal: true,
+        pkcs11: None,
         audit: a.audit.settings(),
         storage: keyward_server::Storage::Sqlite,
         cluster: Default::default(),

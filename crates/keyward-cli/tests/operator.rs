@@ -1,7 +1,8 @@
 //! The seal ceremonies on a real `keyward server` process over HTTPS: init, unseal with 3 of 5
 //! shares (and failure with 2, a repeated share or a forged one), seal/unseal, rekey, root
 //! rotation with existing data still readable, restart, and the audit chain across all of it.
-//! Certificates come from the `openssl` command (Debian `openssl`).
+//! Certificates come from the `openssl` command (Debian `openssl`). The PKCS#11 seal runs against
+//! a real SoftHSM2 token (Debian `softhsm2`) made by the test in a temporary directory.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -13,7 +14,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{BIN, is_root, self_signed};
+use common::{BIN, SOFTHSM_LIB, is_root, self_signed, softhsm_token};
 
 struct Server {
     child: Child,
@@ -30,19 +31,32 @@ impl Drop for Server {
 }
 
 fn start(dir: &Path) -> Server {
+    start_with(dir, &[], None)
+}
+
+/// `keyward server` on `dir` with more arguments, and SoftHSM2's configuration if given.
+fn server_command(dir: &Path, extra: &[&str], softhsm_conf: Option<&Path>) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.args(["server", "--listen", "127.0.0.1:0", "--data"])
         .arg(dir.join("data"))
         .arg("--tls-cert")
         .arg(dir.join("server.pem"))
         .arg("--tls-key")
-        .arg(dir.join("server.key"));
+        .arg(dir.join("server.key"))
+        .args(extra);
+    if let Some(conf) = softhsm_conf {
+        cmd.env("SOFTHSM2_CONF", conf);
+    }
     if !is_root() {
         // Locking all memory needs CAP_IPC_LOCK or a large RLIMIT_MEMLOCK; as root (CI) the
         // real check runs below.
         cmd.arg("--insecure-no-mlock");
     }
-    let mut child = cmd
+    cmd
+}
+
+fn start_with(dir: &Path, extra: &[&str], softhsm_conf: Option<&Path>) -> Server {
+    let mut child = server_command(dir, extra, softhsm_conf)
         .env_remove("KEYWARD_ADDR")
         .env_remove("KEYWARD_TOKEN")
         .stdout(Stdio::null())
@@ -214,4 +228,172 @@ fn init_unseal_seal_rekey_rotate_root_on_a_real_server() {
     for secret in shares.iter().chain(&new_shares) {
         assert!(!log.contains(secret.as_str()), "no share in the audit log");
     }
+}
+
+/// What a seal migration must leave alone: every wrapped key version and secret version, and
+/// (unless rekeyed) the wrapped root keyring.
+fn stored_material(dir: &Path) -> (Vec<Vec<u8>>, Vec<String>) {
+    let db =
+        rusqlite::Connection::open_with_flags(dir.join("data/keyward.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let mut wrapped: Vec<Vec<u8>> = Vec::new();
+    for q in [
+        "SELECT wrapped_material FROM key_versions ORDER BY key_id, version",
+        "SELECT wrapped_value FROM secret_versions WHERE wrapped_value IS NOT NULL ORDER BY path, version",
+    ] {
+        let mut st = db.prepare(q).unwrap();
+        wrapped.extend(st.query_map([], |r| r.get::<_, Vec<u8>>(0)).unwrap().map(Result::unwrap));
+    }
+    let seal: Vec<u8> = db.query_row("SELECT v FROM meta WHERE k = 'seal'", [], |r| r.get(0)).unwrap();
+    let seal: Value = serde_json::from_slice(&seal).unwrap();
+    (wrapped, strings(&seal["keyring"]))
+}
+
+fn seal_record(dir: &Path) -> Value {
+    let db =
+        rusqlite::Connection::open_with_flags(dir.join("data/keyward.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let seal: Vec<u8> = db.query_row("SELECT v FROM meta WHERE k = 'seal'", [], |r| r.get(0)).unwrap();
+    serde_json::from_slice(&seal).unwrap()
+}
+
+#[test]
+fn hsm_seal_unseals_itself_and_migrates_from_and_back_to_shamir() {
+    let dir = tempfile::tempdir().unwrap();
+    self_signed(dir.path());
+    let hsm_dir = dir.path().join("hsm");
+    let conf = softhsm_token(&hsm_dir, "keyward", "246810");
+    let pin_file = dir.path().join("pin");
+    std::fs::write(&pin_file, "246810\n").unwrap();
+    let pin_arg = pin_file.to_str().unwrap();
+    let hsm = ["--pkcs11-lib", SOFTHSM_LIB, "--pkcs11-token", "keyward", "--pkcs11-pin-file", pin_arg];
+
+    // A Shamir-sealed server with data.
+    let mut s = start(dir.path());
+    let init = json(&s, &["operator", "init", "--shares", "3", "--threshold", "2"], b"");
+    let shares = strings(&init["shares"]);
+    s.token = init["root_token"].as_str().unwrap().to_string();
+    unseal(&s, &shares[0]);
+    assert_eq!(unseal(&s, &shares[1])["complete"], true);
+    ok(&s, &["key", "create", "payments"], b"");
+    let ct = ok(&s, &["encrypt", "--key", "payments"], b"card data");
+    ok(&s, &["secret", "put", "app/db", "password=hunter2"], b"");
+    let token = s.token.clone();
+    drop(s);
+    let before = stored_material(dir.path());
+
+    // Shamir -> HSM: the server with the PKCS#11 seal says a migration is needed, refuses a
+    // plain unseal, and migrates with the shares and --migrate.
+    let mut s = start_with(dir.path(), &hsm, Some(&conf));
+    s.token = token.clone();
+    let st = json(&s, &["status"], b"");
+    assert_eq!(st["sealed"], true, "{st}");
+    assert_eq!((st["seal"].as_str(), st["stored_seal"].as_str()), (Some("pkcs11"), Some("shamir")));
+    assert_eq!(st["migration_required"], true);
+    fails(&s, &["operator", "unseal"], format!("{}\n", shares[0]).as_bytes(), "--migrate");
+    assert_eq!(json(&s, &["operator", "unseal", "--migrate"], format!("{}\n", shares[0]).as_bytes())["progress"], 1);
+    let done = json(&s, &["operator", "unseal", "--migrate"], format!("{}\n", shares[2]).as_bytes());
+    assert_eq!(done["complete"], true);
+    let st = json(&s, &["status"], b"");
+    assert_eq!((st["sealed"].as_bool(), st["stored_seal"].as_str()), (Some(false), Some("pkcs11")), "{st}");
+    assert_eq!(st["migration_required"], false);
+    assert!(st["hsm_key"].as_str().unwrap().contains("keyward-seal"), "{st}");
+    assert_eq!(ok(&s, &["decrypt"], &ct), b"card data");
+    assert_eq!(ok(&s, &["secret", "get", "app/db", "--field", "password"], b""), b"hunter2\n");
+    drop(s);
+    assert_eq!(stored_material(dir.path()), before, "nothing was re-encrypted, not even the root keyring");
+    let rec = seal_record(dir.path());
+    assert_eq!(rec["kind"], "pkcs11");
+    assert!(rec["hsm"]["wrapped"].as_str().unwrap().len() == 2 * (1 + 12 + 32 + 16), "{rec}");
+
+    // Restarted with the HSM: unsealed at start with no operator at all.
+    let mut s = start_with(dir.path(), &hsm, Some(&conf));
+    s.token = token.clone();
+    assert_eq!(json(&s, &["status"], b"")["sealed"], false);
+    assert_eq!(ok(&s, &["decrypt"], &ct), b"card data");
+    // Sealed by an operator, the recovery shares unseal it (no migration involved).
+    ok(&s, &["operator", "seal"], b"");
+    fails(&s, &["decrypt"], &ct, "sealed");
+    fails(&s, &["operator", "unseal", "--migrate"], format!("{}\n", shares[1]).as_bytes(), "nothing to migrate");
+    unseal(&s, &shares[1]);
+    assert_eq!(unseal(&s, &shares[2])["complete"], true);
+    // Rekey the recovery shares: the HSM wraps the new unseal key, the old shares stop working.
+    json(&s, &["operator", "rekey", "--shares", "2", "--threshold", "2"], format!("{}\n", shares[0]).as_bytes());
+    let rekeyed = json(&s, &["operator", "rekey"], format!("{}\n", shares[2]).as_bytes());
+    let recovery = strings(&rekeyed["shares"]);
+    assert_eq!(recovery.len(), 2);
+    drop(s);
+    let mut s = start_with(dir.path(), &hsm, Some(&conf));
+    s.token = token.clone();
+    assert_eq!(json(&s, &["status"], b"")["sealed"], false, "the HSM unwraps the rekeyed unseal key");
+    ok(&s, &["operator", "seal"], b"");
+    unseal(&s, &shares[0]);
+    fails(&s, &["operator", "unseal"], format!("{}\n", shares[1]).as_bytes(), "forged");
+    unseal(&s, &recovery[0]);
+    assert_eq!(unseal(&s, &recovery[1])["complete"], true);
+    let ct2 = ok(&s, &["encrypt", "--key", "payments"], b"sealed by the HSM");
+    drop(s);
+
+    // A wrong PIN stops the server at start with a message naming the problem (and no PIN).
+    let bad_pin = dir.path().join("bad-pin");
+    std::fs::write(&bad_pin, "000000\n").unwrap();
+    let bad =
+        ["--pkcs11-lib", SOFTHSM_LIB, "--pkcs11-token", "keyward", "--pkcs11-pin-file", bad_pin.to_str().unwrap()];
+    let out = server_command(dir.path(), &bad, Some(&conf)).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a wrong PIN must stop the server");
+    assert!(err.contains("login") && err.contains("PIN"), "{err}");
+    assert!(!err.contains("246810") && !err.contains("000000"), "no PIN in the output: {err}");
+    // An unknown token is named too.
+    let nope = ["--pkcs11-lib", SOFTHSM_LIB, "--pkcs11-token", "nope", "--pkcs11-pin-file", pin_arg];
+    let out = server_command(dir.path(), &nope, Some(&conf)).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no PKCS#11 token labelled \"nope\""));
+
+    // The HSM key lost (a new token with the same label and PIN): the server stays sealed and
+    // says so; the recovery shares still unseal it.
+    let other_conf = softhsm_token(&dir.path().join("hsm2"), "keyward", "246810");
+    let mut s = start_with(dir.path(), &hsm, Some(&other_conf));
+    s.token = token.clone();
+    let st = json(&s, &["status"], b"");
+    assert_eq!((st["sealed"].as_bool(), st["migration_required"].as_bool()), (Some(true), Some(false)), "{st}");
+    fails(&s, &["decrypt"], &ct, "sealed");
+    unseal(&s, &recovery[1]);
+    assert_eq!(unseal(&s, &recovery[0])["complete"], true);
+    assert_eq!(ok(&s, &["decrypt"], &ct2), b"sealed by the HSM");
+    drop(s);
+
+    // HSM -> Shamir: a server without the HSM migrates back with the recovery shares, which
+    // are the unseal shares from then on. Stored keys and secrets are still not re-encrypted.
+    let before = stored_material(dir.path());
+    let mut s = start(dir.path());
+    s.token = token.clone();
+    let st = json(&s, &["status"], b"");
+    assert_eq!((st["seal"].as_str(), st["stored_seal"].as_str()), (Some("shamir"), Some("pkcs11")), "{st}");
+    fails(&s, &["operator", "unseal"], format!("{}\n", recovery[0]).as_bytes(), "--migrate");
+    json(&s, &["operator", "unseal", "--migrate"], format!("{}\n", recovery[0]).as_bytes());
+    assert_eq!(
+        json(&s, &["operator", "unseal", "--migrate"], format!("{}\n", recovery[1]).as_bytes())["complete"],
+        true
+    );
+    let st = json(&s, &["status"], b"");
+    assert_eq!((st["sealed"].as_bool(), st["stored_seal"].as_str()), (Some(false), Some("shamir")), "{st}");
+    assert!(st["hsm_key"].is_null());
+    assert_eq!(ok(&s, &["decrypt"], &ct), b"card data");
+    assert_eq!(ok(&s, &["decrypt"], &ct2), b"sealed by the HSM");
+    drop(s);
+    assert_eq!(stored_material(dir.path()), before);
+    assert!(seal_record(dir.path()).get("hsm").is_none(), "the HSM-wrapped unseal key is gone");
+
+    // Shamir again: sealed at start until the shares are given; the audit chain held throughout.
+    let mut s = start(dir.path());
+    s.token = token;
+    assert_eq!(json(&s, &["status"], b"")["sealed"], true);
+    unseal(&s, &recovery[0]);
+    unseal(&s, &recovery[1]);
+    assert_eq!(ok(&s, &["secret", "get", "app/db", "--field", "password"], b""), b"hunter2\n");
+    let out = String::from_utf8(ok(&s, &["audit", "verify"], b"")).unwrap();
+    assert!(out.starts_with("ok: "), "{out}");
+    let log = std::fs::read_to_string(dir.path().join("data/audit.log")).unwrap();
+    assert!(log.contains("unsealed (seal pkcs11)") && log.contains("unsealed (seal shamir)"));
+    assert!(!log.contains("246810"), "no PIN in the audit log");
 }

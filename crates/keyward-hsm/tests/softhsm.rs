@@ -3,7 +3,6 @@
 //! library loads, so the test runs its body in a child process of this test binary that has
 //! the variable set (the parent sets nothing in its own environment).
 
-
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use std::path::{Path, PathBuf};
 use std::process::Command;

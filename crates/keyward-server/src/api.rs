@@ -321,6 +321,9 @@ async fn health(State(st): State<AppState>) -> ApiResult {
         "initialized": s.initialized,
         "sealed": s.sealed,
         "seal": s.seal,
+        "stored_seal": s.stored_seal,
+        "migration_required": s.migration_required,
+        "hsm_key": s.hsm_key,
         "insecure_seal": s.insecure_seal,
         "shares": s.shares,
         "threshold": s.threshold,
@@ -341,12 +344,14 @@ fn shares_json(shares: &[keyward_crypto::SecretBytes]) -> Value {
 
 async fn sys_init(State(st): State<AppState>, StrictJson(r): StrictJson<InitReq>) -> ApiResult {
     let res = st.sealing.init(r.shares.unwrap_or(5), r.threshold.unwrap_or(3)).await?;
-    tracing::warn!("initialised: the unseal shares and root token were returned once to the caller");
+    tracing::warn!("initialised: the unseal (or recovery) shares and root token were returned once to the caller");
     Ok((
         StatusCode::CREATED,
         Json(json!({
             "shares": shares_json(&res.shares),
             "root_token": String::from_utf8_lossy(res.root_token.expose()),
+            "seal": st.sealing.kind().as_str(),
+            "sealed": st.sealing.unsealed().is_none(),
         })),
     )
         .into_response())
@@ -362,7 +367,7 @@ fn progress_json(p: crate::sealing::Progress) -> Value {
 }
 
 async fn sys_unseal(State(st): State<AppState>, StrictJson(r): StrictJson<ShareReq>) -> ApiResult {
-    ok(progress_json(st.sealing.submit_unseal_share(&r.share).await?))
+    ok(progress_json(st.sealing.submit_unseal_share(&r.share, r.migrate).await?))
 }
 
 async fn sys_seal(State(st): State<AppState>, c: Caller, StrictJson(_): StrictJson<Empty>) -> ApiResult {

@@ -91,6 +91,8 @@ impl From<crate::sealing::SealingError> for ApiError {
             E::NotInitialized => Self::new(StatusCode::CONFLICT, "not_initialized", e.to_string()),
             E::AlreadyInitialized => Self::new(StatusCode::CONFLICT, "already_initialized", e.to_string()),
             E::WrongState(_) => Self::new(StatusCode::CONFLICT, "wrong_state", e.to_string()),
+            E::MigrationRequired(m) => Self::new(StatusCode::CONFLICT, "seal_migration_required", m),
+            E::Device(m) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "seal_device_unavailable", m),
             E::Audit(a) => Self {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 code: "audit_unavailable",

@@ -36,6 +36,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     /// Outside dev mode, keep the unseal key in an unencrypted file instead of Shamir shares.
     pub insecure_file_seal: bool,
+    /// Seal with a key in an HSM (PKCS#11) instead of Shamir shares: the server unseals itself.
+    pub pkcs11: Option<keyward_hsm::Pkcs11Config>,
     /// Audit settings.
     pub audit: AuditSettings,
     /// Where keys, secrets, tokens and policies are stored.
@@ -65,6 +67,7 @@ impl ServerConfig {
             scheduler_interval: Duration::from_secs(3600),
             tls: None,
             insecure_file_seal: false,
+            pkcs11: None,
             audit: AuditSettings::default(),
             storage: Storage::Sqlite,
             cluster: crate::cluster::ClusterConfig::default(),
@@ -89,6 +92,44 @@ impl Default for AuditSettings {
     fn default() -> Self {
         Self { file: None, stdout: false, max_file_bytes: 256 * 1024 * 1024, insecure_disable: false }
     }
+}
+
+/// Unseal with the HSM; while the HSM cannot be used, keep trying in the background (backing
+/// off to a minute) until this or an operator with recovery shares unseals the server.
+async fn auto_unseal_at_start(sealing: &Arc<Sealing>) {
+    match sealing.auto_unseal().await {
+        Ok(true) => return,
+        Ok(false) => {
+            match sealing.status().await {
+                Ok(st) if st.migration_required => tracing::warn!(
+                    "the keyring is sealed with {}: run `keyward operator unseal --migrate` with {} shares to move it \
+                     to the HSM",
+                    st.stored_seal.unwrap_or("?"),
+                    st.threshold
+                ),
+                Ok(st) if !st.initialized => tracing::warn!("not initialised: run `keyward operator init` once"),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "reading the seal"),
+            }
+            return;
+        }
+        Err(e) => tracing::error!(error = %e, "the HSM could not unseal; retrying (recovery shares also unseal)"),
+    }
+    let sealing = sealing.clone();
+    tokio::spawn(async move {
+        let mut wait = Duration::from_secs(2);
+        loop {
+            tokio::time::sleep(wait).await;
+            if sealing.unsealed().is_some() {
+                return;
+            }
+            match sealing.auto_unseal().await {
+                Ok(_) => return,
+                Err(e) => tracing::error!(error = %e, "the HSM could not unseal; retrying"),
+            }
+            wait = (wait * 2).min(Duration::from_secs(60));
+        }
+    });
 }
 
 /// Why the server could not start.
@@ -236,8 +277,28 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         let file = cfg.audit.file.clone().unwrap_or_else(|| cfg.data_dir.join("audit.log"));
         Some(AuditConfig { file, stdout: cfg.audit.stdout, max_file_bytes: cfg.audit.max_file_bytes })
     };
-    let kind = if cfg.dev || cfg.insecure_file_seal { SealKind::InsecureFile } else { SealKind::Shamir };
-    let sealing = Arc::new(Sealing::new(store.clone(), kind, audit));
+    let kind = match (&cfg.pkcs11, cfg.dev || cfg.insecure_file_seal) {
+        (Some(_), true) => {
+            return Err(StartError::Config(
+                "the PKCS#11 seal cannot be combined with dev mode or --insecure-file-seal".into(),
+            ));
+        }
+        (Some(_), false) => SealKind::Pkcs11,
+        (None, true) => SealKind::InsecureFile,
+        (None, false) => SealKind::Shamir,
+    };
+    let sealing = match &cfg.pkcs11 {
+        Some(p) => {
+            let p = p.clone();
+            let hsm = tokio::task::spawn_blocking(move || keyward_hsm::Pkcs11Seal::open(&p))
+                .await
+                .map_err(|e| StartError::Config(format!("opening the PKCS#11 library: {e}")))?
+                .map_err(SealError::from)?;
+            tracing::info!(hsm = ?hsm, "PKCS#11 seal ready (logged in)");
+            Arc::new(Sealing::with_hsm(store.clone(), Arc::new(hsm), audit))
+        }
+        None => Arc::new(Sealing::new(store.clone(), kind, audit)),
+    };
     let k8s = Arc::new(crate::k8s_auth::K8sAuth::new(store));
     let member = Arc::new(Member::new());
     let new_root_token = match kind {
@@ -250,9 +311,20 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
             );
             sealing.open_with_file_seal(&InsecureFileSeal::new(path)).await?
         }
+        SealKind::Pkcs11 => {
+            auto_unseal_at_start(&sealing).await;
+            None
+        }
         SealKind::Shamir => {
             let st = sealing.status().await?;
-            if st.initialized {
+            if st.migration_required {
+                tracing::warn!(
+                    "the keyring is sealed with {}: run `keyward operator unseal --migrate` with {} shares to move it \
+                     to the Shamir seal",
+                    st.stored_seal.unwrap_or("?"),
+                    st.threshold
+                );
+            } else if st.initialized {
                 tracing::warn!(
                     threshold = st.threshold,
                     "sealed: run `keyward operator unseal` with {} shares",

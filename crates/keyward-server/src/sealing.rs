@@ -9,7 +9,7 @@
 use std::sync::{Arc, RwLock};
 
 use base64::Engine;
-use keyward_core::seal::{META_SEAL, Seal, SealConfig, SealError, SealKind, UNSEAL_KEY_LEN};
+use keyward_core::seal::{HsmWrapped, KeyWrapper, META_SEAL, Seal, SealConfig, SealError, SealKind, UNSEAL_KEY_LEN};
 use keyward_core::service::RewrapReport;
 use keyward_core::store::Store;
 use keyward_core::{Kms, KmsError};
@@ -50,6 +50,12 @@ pub enum SealingError {
     /// The stored seal is damaged.
     #[error("{0}")]
     Seal(#[from] SealError),
+    /// The stored seal is of another kind than this server's: submit shares with `migrate`.
+    #[error("{0}")]
+    MigrationRequired(String),
+    /// The HSM could not be reached or refused (the root keyring stays sealed).
+    #[error("{0}")]
+    Device(String),
 }
 
 /// A running, unsealed service and its audit log.
@@ -68,11 +74,17 @@ pub struct SealStatus {
     pub initialized: bool,
     /// Whether the service is sealed.
     pub sealed: bool,
-    /// Seal kind ("shamir", "insecure-file").
+    /// This server's seal kind ("shamir", "pkcs11", "insecure-file").
     pub seal: &'static str,
+    /// The kind the stored keyring is sealed with; differs from `seal` until a migration.
+    pub stored_seal: Option<&'static str>,
+    /// The stored seal is of another kind: unseal with `migrate` to convert it.
+    pub migration_required: bool,
+    /// The HSM key wrapping the unseal key (PKCS#11 seal).
+    pub hsm_key: Option<String>,
     /// Whether the unseal key rests in the clear.
     pub insecure_seal: bool,
-    /// Shares issued at init or the last rekey.
+    /// Shares issued at init or the last rekey (recovery shares with the PKCS#11 seal).
     pub shares: u8,
     /// Shares needed to unseal.
     pub threshold: u8,
@@ -126,6 +138,7 @@ struct Ceremony {
 pub struct Sealing {
     store: Arc<dyn Store>,
     kind: SealKind,
+    hsm: Option<Arc<dyn KeyWrapper>>,
     audit: Option<AuditConfig>,
     current: RwLock<Option<Arc<Unsealed>>>,
     ceremony: Mutex<Ceremony>,
@@ -184,10 +197,40 @@ impl Sealing {
         Self {
             store,
             kind,
+            hsm: None,
             audit,
             current: RwLock::new(None),
             ceremony: Mutex::new(Ceremony { unseal_key: None, collected: Vec::new(), rekey: None }),
         }
+    }
+
+    /// A PKCS#11-sealed state: the unseal key is wrapped by `hsm`.
+    pub fn with_hsm(store: Arc<dyn Store>, hsm: Arc<dyn KeyWrapper>, audit: Option<AuditConfig>) -> Self {
+        Self { hsm: Some(hsm), ..Self::new(store, SealKind::Pkcs11, audit) }
+    }
+
+    /// Run `f` on the HSM in a blocking thread.
+    async fn on_hsm<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn KeyWrapper) -> Result<T, SealError> + Send + 'static,
+    ) -> Result<T, SealingError> {
+        let hsm = self.hsm.clone().ok_or(SealingError::WrongState("this server has no HSM configured"))?;
+        match tokio::task::spawn_blocking(move || f(hsm.as_ref())).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(SealError::Device(m))) => Err(SealingError::Device(m)),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(SealingError::Device("the HSM call panicked".into())),
+        }
+    }
+
+    /// Wrap `unseal_key` with the HSM.
+    async fn hsm_wrap(&self, unseal_key: &SecretBytes) -> Result<HsmWrapped, SealingError> {
+        let k = SecretBytes::copy_from(unseal_key.expose());
+        self.on_hsm(move |h| {
+            h.prepare()?;
+            HsmWrapped::wrap(h, &k)
+        })
+        .await
     }
 
     /// The seal kind this server runs with.
@@ -215,6 +258,9 @@ impl Sealing {
             initialized: cfg.is_some(),
             sealed: self.unsealed().is_none(),
             seal: self.kind.as_str(),
+            stored_seal: cfg.as_ref().map(|c| c.kind.as_str()),
+            migration_required: cfg.as_ref().is_some_and(|c| c.kind != self.kind),
+            hsm_key: cfg.as_ref().and_then(|c| c.hsm.as_ref()).map(|h| h.key.clone()),
             insecure_seal: self.kind == SealKind::InsecureFile,
             shares: cfg.as_ref().map_or(0, |c| c.shares),
             threshold: cfg.as_ref().map_or(0, |c| c.threshold),
@@ -223,14 +269,16 @@ impl Sealing {
         })
     }
 
-    /// Initialise a Shamir-sealed server: a new root key, an unseal key split into `shares`
-    /// shares of which `threshold` unseal, and the initial root token. The server stays sealed.
+    /// Initialise: a new root key, an unseal key split into `shares` shares of which
+    /// `threshold` unseal, and the initial root token. A Shamir-sealed server stays sealed; a
+    /// PKCS#11-sealed one also has the HSM wrap the unseal key (creating its key if needed),
+    /// unseals itself, and the shares are recovery shares.
     pub async fn init(&self, shares: u8, threshold: u8) -> Result<InitResult, SealingError> {
-        if self.kind != SealKind::Shamir {
+        if self.kind == SealKind::InsecureFile {
             return Err(SealingError::WrongState("this server uses the insecure file seal and needs no init"));
         }
         check_params(shares, threshold)?;
-        let _c = self.ceremony.lock().await;
+        let mut c = self.ceremony.lock().await;
         if self.config().await?.is_some() {
             return Err(SealingError::AlreadyInitialized);
         }
@@ -242,13 +290,21 @@ impl Sealing {
         }
         let unseal_key = SecretBytes::random(UNSEAL_KEY_LEN).map_err(KmsError::from)?;
         let root = SecretBytes::random(32).map_err(KmsError::from)?;
-        let cfg = SealConfig::new(SealKind::Shamir, shares, threshold, &unseal_key, &[&root])?;
+        let mut cfg = SealConfig::new(self.kind, shares, threshold, &unseal_key, &[&root])?;
+        if self.kind == SealKind::Pkcs11 {
+            cfg.hsm = Some(self.hsm_wrap(&unseal_key).await?);
+        }
+        let split = shamir::split(unseal_key.expose(), shares, threshold).map_err(KmsError::from)?;
         if !self.store.put_meta_if_absent(META_SEAL, &cfg.to_bytes()).await.map_err(KmsError::from)? {
             return Err(SealingError::AlreadyInitialized);
         }
-        let (_kms, token) = Kms::open(self.store.clone(), vec![root]).await?;
+        let (kms, token) = Kms::open(self.store.clone(), vec![SecretBytes::copy_from(root.expose())]).await?;
+        drop(kms);
         let root_token = token.ok_or(SealingError::WrongState("the store already had tokens"))?;
-        let split = shamir::split(unseal_key.expose(), shares, threshold).map_err(KmsError::from)?;
+        if self.kind == SealKind::Pkcs11 {
+            self.finish_unseal(&mut c, unseal_key, vec![root]).await?;
+            tracing::info!("initialised and unsealed by the HSM; the shares are recovery shares");
+        }
         Ok(InitResult { shares: split.iter().map(|s| b64(s.to_bytes().expose())).collect(), root_token })
     }
 
@@ -314,13 +370,86 @@ impl Sealing {
         Ok(token)
     }
 
-    /// Submit one unseal share. The share is checked for form at once; the set is checked when
-    /// the threshold is reached, and a set that does not open the keyring resets the progress.
-    pub async fn submit_unseal_share(&self, text: &str) -> Result<Progress, SealingError> {
+    /// PKCS#11 seal: have the HSM unwrap the unseal key and unseal. `Ok(false)` when there is
+    /// nothing to do here (another seal kind, not initialised yet, a migration pending, or
+    /// already unsealed); an error when the HSM cannot be used or its key does not fit.
+    pub async fn auto_unseal(&self) -> Result<bool, SealingError> {
+        if self.kind != SealKind::Pkcs11 {
+            return Ok(false);
+        }
+        let Some((cfg, _)) = self.config().await? else { return Ok(false) };
+        let Some(wrapped) = cfg.hsm.clone().filter(|_| cfg.kind == SealKind::Pkcs11) else { return Ok(false) };
+        let mut c = self.ceremony.lock().await;
+        if self.unsealed().is_some() {
+            return Ok(false);
+        }
+        let unseal_key = self.on_hsm(move |h| wrapped.unwrap(h)).await.map_err(|e| match e {
+            SealingError::Seal(SealError::DecryptionFailed) => SealingError::Device(format!(
+                "the HSM key ({}) does not open the stored unseal key (decryption failed): check the token and key \
+                 labels, or unseal with the recovery shares",
+                cfg.hsm.as_ref().map_or("", |h| h.key.as_str())
+            )),
+            other => other,
+        })?;
+        let roots = cfg.open_keyring(&unseal_key).map_err(|e| match e {
+            SealError::WrongUnsealKey => {
+                SealingError::Device("the key the HSM unwrapped does not open the root keyring".into())
+            }
+            other => other.into(),
+        })?;
+        self.finish_unseal(&mut c, unseal_key, roots).await?;
+        tracing::info!("unsealed by the HSM");
+        Ok(true)
+    }
+
+    /// Convert `cfg` (opened by `unseal_key`) to this server's seal kind. The keyring itself
+    /// is untouched: no stored key is re-encrypted, only how the unseal key is protected
+    /// changes (the shares stay valid: unseal shares for Shamir, recovery shares for PKCS#11).
+    async fn migrate(&self, mut cfg: SealConfig, raw: &[u8], unseal_key: &SecretBytes) -> Result<(), SealingError> {
+        let from = cfg.kind;
+        cfg.hsm = match self.kind {
+            SealKind::Pkcs11 => Some(self.hsm_wrap(unseal_key).await?),
+            SealKind::Shamir => None,
+            SealKind::InsecureFile => return Err(SealingError::WrongState("cannot migrate to the insecure file seal")),
+        };
+        cfg.kind = self.kind;
+        cfg.generation += 1;
+        if !self.store.replace_meta(META_SEAL, raw, &cfg.to_bytes()).await.map_err(KmsError::from)? {
+            return Err(SealingError::WrongState("the seal changed concurrently; submit the shares again"));
+        }
+        tracing::warn!(
+            from = from.as_str(),
+            to = self.kind.as_str(),
+            "seal migrated; the root keyring and stored keys were not re-encrypted"
+        );
+        Ok(())
+    }
+
+    /// Submit one unseal share (a recovery share with the PKCS#11 seal). The share is checked
+    /// for form at once; the set is checked when the threshold is reached, and a set that does
+    /// not open the keyring resets the progress. With `migrate`, a keyring stored under another
+    /// seal kind is converted to this server's kind once the shares open it.
+    pub async fn submit_unseal_share(&self, text: &str, migrate: bool) -> Result<Progress, SealingError> {
         let share = parse_share(text)?;
-        let (cfg, _) = self.config().await?.ok_or(SealingError::NotInitialized)?;
-        if cfg.kind != SealKind::Shamir {
+        let (cfg, raw) = self.config().await?.ok_or(SealingError::NotInitialized)?;
+        if cfg.kind == SealKind::InsecureFile || self.kind == SealKind::InsecureFile {
             return Err(SealingError::WrongState("this server uses the insecure file seal; there are no shares"));
+        }
+        let mismatch = cfg.kind != self.kind;
+        if mismatch && !migrate {
+            return Err(SealingError::MigrationRequired(format!(
+                "the keyring is sealed with {} but this server runs the {} seal: to convert it, submit the shares \
+                 with `keyward operator unseal --migrate` (or restart with the {} seal)",
+                cfg.kind.as_str(),
+                self.kind.as_str(),
+                cfg.kind.as_str()
+            )));
+        }
+        if !mismatch && migrate {
+            return Err(SealingError::Invalid(format!(
+                "nothing to migrate: the keyring is already sealed with {}; unseal without --migrate",
+                cfg.kind.as_str()
+            )));
         }
         let mut c = self.ceremony.lock().await;
         if self.unsealed().is_some() {
@@ -344,6 +473,9 @@ impl Sealing {
             }
             Err(e) => return Err(e.into()),
         };
+        if mismatch {
+            self.migrate(cfg, &raw, &unseal_key).await?;
+        }
         self.finish_unseal(&mut c, unseal_key, roots).await?;
         tracing::info!("unsealed");
         Ok(Progress::Unsealed)
@@ -352,7 +484,7 @@ impl Sealing {
     /// Seal: stop serving, drop the service (its keys are wiped once in-flight requests finish)
     /// and forget the unseal key.
     pub async fn seal(&self) -> Result<(), SealingError> {
-        if self.kind != SealKind::Shamir {
+        if self.kind == SealKind::InsecureFile {
             return Err(SealingError::WrongState(
                 "the insecure file seal cannot seal: its key is on disk. Stop the server instead",
             ));
@@ -372,8 +504,8 @@ impl Sealing {
     /// Start a rekey: new shares for the same root keyring, once `threshold` current shares are
     /// submitted. Returns the nonce every submission must quote.
     pub async fn rekey_start(&self, shares: u8, threshold: u8) -> Result<String, SealingError> {
-        if self.kind != SealKind::Shamir {
-            return Err(SealingError::WrongState("only a Shamir seal can be rekeyed"));
+        if self.kind == SealKind::InsecureFile {
+            return Err(SealingError::WrongState("the insecure file seal has no shares to rekey"));
         }
         check_params(shares, threshold)?;
         let mut c = self.ceremony.lock().await;
@@ -434,6 +566,9 @@ impl Sealing {
         cfg.shares = rk.shares;
         cfg.threshold = rk.threshold;
         cfg.set_keyring(&new_key, &roots.iter().collect::<Vec<_>>())?;
+        if cfg.hsm.is_some() {
+            cfg.hsm = Some(self.hsm_wrap(&new_key).await?);
+        }
         let split = shamir::split(new_key.expose(), rk.shares, rk.threshold).map_err(KmsError::from)?;
         if !self.store.replace_meta(META_SEAL, &raw, &cfg.to_bytes()).await.map_err(KmsError::from)? {
             return Err(SealingError::WrongState("the seal changed concurrently; start the rekey again"));

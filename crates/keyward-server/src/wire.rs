@@ -87,6 +87,9 @@ pub struct InitReq {
 #[serde(deny_unknown_fields)]
 pub struct ShareReq {
     pub share: zeroize::Zeroizing<String>,
+    /// Convert a keyring sealed with another seal kind to this server's.
+    #[serde(default)]
+    pub migrate: bool,
 }
 
 /// Kubernetes auth configuration; exactly one of `jwks`, `jwks_url`, `discovery`.

@@ -80,6 +80,7 @@ fn cfg(dir: &Path, tls: bool, seal: bool) -> ServerConfig {
         scheduler_interval: Duration::from_secs(3600),
         tls: tls.then(|| TlsFiles { cert: dir.join("server.pem"), key: dir.join("server.key"), client_ca: None }),
         insecure_file_seal: seal,
+        pkcs11: None,
         audit: Default::default(),
         storage: Default::default(),
         cluster: Default::default(),
