@@ -499,7 +499,9 @@ impl Kms {
         self.feed.max_staleness_ms.store(u64::try_from(d.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
-    fn require_fresh(&self) -> Result<(), KmsError> {
+    /// Fail (503) when this server may have missed other servers' changes for longer than its
+    /// staleness bound; always fine on a store no other server shares.
+    pub fn require_fresh(&self) -> Result<(), KmsError> {
         if !self.store.is_shared() {
             return Ok(());
         }

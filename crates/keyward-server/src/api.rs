@@ -314,26 +314,51 @@ pub(crate) fn allow(st: &AppState, c: &Caller, op: &str, resource: &str) -> Resu
     }
 }
 
-async fn health(State(st): State<AppState>) -> ApiResult {
-    let s = st.sealing.status().await?;
-    ok(json!({
-        "status": if s.sealed { "sealed" } else { "ok" },
-        "initialized": s.initialized,
-        "sealed": s.sealed,
-        "seal": s.seal,
-        "stored_seal": s.stored_seal,
-        "migration_required": s.migration_required,
-        "hsm_key": s.hsm_key,
-        "insecure_seal": s.insecure_seal,
-        "shares": s.shares,
-        "threshold": s.threshold,
-        "progress": s.progress,
-        "rekey_in_progress": s.rekey_in_progress,
+/// `GET /v1/health`: always 200 (liveness) unless `?ready=true` is asked, which answers 503
+/// while this server cannot serve: sealed, or behind other servers' changes for longer than its
+/// staleness bound (a readiness probe then takes it out of the Service).
+async fn health(State(st): State<AppState>, StrictQuery(q): StrictQuery<HealthQuery>) -> ApiResult {
+    let ready = st.sealing.unsealed().is_some_and(|u| u.kms.require_fresh().is_ok());
+    let sealed = st.sealing.unsealed().is_none();
+    let mut body = json!({
+        "status": if sealed { "sealed" } else if ready { "ok" } else { "stale" },
+        "ready": ready,
+        "sealed": sealed,
+        "seal": st.sealing.kind().as_str(),
         "storage": st.sealing.storage_backend(),
         "server_id": st.member.id,
         "scheduler": st.member.runs_scheduler(),
         "version": env!("CARGO_PKG_VERSION"),
-    }))
+    });
+    // The seal details come from the store; while it is unreachable the process is still alive
+    // (a restart would not help), so liveness stays 200 and only those details are missing.
+    match st.sealing.status().await {
+        Ok(s) => {
+            let details = json!({
+                "storage_available": true,
+                "initialized": s.initialized,
+                "stored_seal": s.stored_seal,
+                "migration_required": s.migration_required,
+                "hsm_key": s.hsm_key,
+                "insecure_seal": s.insecure_seal,
+                "shares": s.shares,
+                "threshold": s.threshold,
+                "progress": s.progress,
+                "rekey_in_progress": s.rekey_in_progress,
+            });
+            if let (Some(b), Some(d)) = (body.as_object_mut(), details.as_object()) {
+                b.extend(d.clone());
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "health: the seal state cannot be read from the store");
+            body["storage_available"] = Value::Bool(false);
+        }
+    }
+    if q.ready && !ready {
+        return Ok((StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response());
+    }
+    ok(body)
 }
 
 // ----- seal ceremonies -----------------------------------------------------------------------

@@ -151,6 +151,15 @@ pub struct SecretListQuery {
     pub after: Option<String>,
 }
 
+/// `GET /v1/health` options.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthQuery {
+    /// Answer 503 unless this server can serve (unsealed and caught up).
+    #[serde(default)]
+    pub ready: bool,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VersionQuery {
@@ -403,6 +412,7 @@ pub fn parse_all_request_types(data: &[u8]) -> usize {
         + usize::from(serde_urlencoded::from_bytes::<PageQuery>(data).is_ok())
         + usize::from(serde_urlencoded::from_bytes::<SecretListQuery>(data).is_ok())
         + usize::from(serde_urlencoded::from_bytes::<VersionQuery>(data).is_ok())
+        + usize::from(serde_urlencoded::from_bytes::<HealthQuery>(data).is_ok())
 }
 
 #[cfg(test)]

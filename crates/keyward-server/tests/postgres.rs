@@ -213,6 +213,12 @@ async fn servers_follow_each_others_changes_within_a_second() {
     })
     .await;
     println!("503 after {took:?} of outage");
+    let ready = |q: &'static str| {
+        let c = stays_client.clone();
+        async move { status(c.request(reqwest::Method::GET, &format!("/v1/health{q}"), None).await) }
+    };
+    assert_eq!(ready("?ready=true").await, 503, "a stale server is not ready (its readiness probe fails)");
+    assert_eq!(ready("").await, 200, "but it is alive");
     let r = tokio::time::timeout(Duration::from_secs(12), stays_client.encrypt("payments", b"x", &ctx)).await;
     assert_eq!(status(r.expect("encrypt hung")), 503, "cached keys are not used once the cache may be stale");
     assert!(t.elapsed() < Duration::from_secs(30));
@@ -222,6 +228,7 @@ async fn servers_follow_each_others_changes_within_a_second() {
     })
     .await;
     println!("recovered {took:?} after the database returned");
+    assert_eq!(ready("?ready=true").await, 200);
     stays.shutdown().await.unwrap();
 }
 

@@ -98,6 +98,18 @@ async fn server_mode_requires_tls_and_serves_https() {
     let sealed = start(cfg(dir.path(), true, false)).await.unwrap();
     assert_eq!(sealed.seal, "shamir");
     assert!(sealed.new_root_token.is_none());
+    // Liveness stays 200 while sealed; readiness (`?ready=true`) is 503 so a Service skips it.
+    let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+    let probe = keyward_client::Client::builder(format!("https://127.0.0.1:{}", sealed.addr.port()))
+        .ca_cert_pem(ca.clone())
+        .build()
+        .unwrap();
+    let h = probe.health().await.unwrap();
+    assert_eq!((h["status"].as_str(), h["ready"].as_bool()), (Some("sealed"), Some(false)), "{h}");
+    let e = probe.request(reqwest::Method::GET, "/v1/health?ready=true", None).await.unwrap_err();
+    assert_eq!(e.status(), Some(503), "{e}");
+    let e = probe.request(reqwest::Method::GET, "/v1/health?readyy=true", None).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "unknown parameters are refused: {e}");
     sealed.shutdown().await.unwrap();
     let mut bad = cfg(dir.path(), true, true);
     bad.tls = Some(TlsFiles { cert: dir.path().join("ca.key"), key: dir.path().join("server.key"), client_ca: None });
@@ -108,11 +120,11 @@ async fn server_mode_requires_tls_and_serves_https() {
     assert!(running.root_token_file.is_none(), "outside dev mode the root token is not written to disk");
     assert!(!dir.path().join("data/root-token").exists());
     let token = String::from_utf8(running.new_root_token.as_ref().unwrap().expose().to_vec()).unwrap();
-    let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
     for host in ["127.0.0.1", "localhost"] {
         let addr = format!("https://{host}:{}", running.addr.port());
         let c = keyward_client::Client::builder(&addr).token(&token).ca_cert_pem(ca.clone()).build().unwrap();
         assert_eq!(c.health().await.unwrap()["status"], "ok");
+        assert_eq!(c.request(reqwest::Method::GET, "/v1/health?ready=true", None).await.unwrap()["ready"], true);
         c.create_key(&format!("tls-{}", host.replace('.', "-")), "aes256-gcm", "", None).await.unwrap();
     }
     let https = format!("https://127.0.0.1:{}", running.addr.port());
