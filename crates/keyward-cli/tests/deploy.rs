@@ -1,5 +1,6 @@
 //! The Kubernetes manifests in `deploy/`: schema-valid (`kubernetes-validate --strict`, from
-//! PyPI), rendered by the real `kubectl kustomize`, and consistent with the binary and with
+//! PyPI), decoded by the real kubectl (`kubectl annotate --local --dry-run=client`, which needs
+//! no API server) and rendered by `kubectl kustomize`, and consistent with the binary and with
 //! each other (`deploy_check.py`: flags, mounted paths, selectors, ports, references). Broken
 //! copies must fail the same checks, so the checks are known to bite.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -59,6 +60,26 @@ fn validate(deploy: &Path) -> Output {
         .unwrap()
 }
 
+/// kubectl decodes every manifest file offline (client-side dry run of an annotation); returns
+/// the objects it names, or its error.
+fn kubectl_dry_run(deploy: &Path, work: &Path) -> Result<Vec<String>, String> {
+    let mut names = Vec::new();
+    for f in yaml_files(deploy) {
+        let out = Command::new("kubectl")
+            .args(["annotate", "--local", "--dry-run=client", "-o", "name", "-f"])
+            .arg(&f)
+            .arg("keyward.dev/checked=true")
+            .env("KUBECONFIG", work.join("no-kubeconfig"))
+            .output()
+            .expect("kubectl is needed by this test (apt-get install kubernetes-client)");
+        if !out.status.success() {
+            return Err(format!("{}: {}", f.display(), String::from_utf8_lossy(&out.stderr)));
+        }
+        names.extend(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned));
+    }
+    Ok(names)
+}
+
 /// `kubectl kustomize`, then the consistency checker. Returns its output and success.
 fn render_and_check(deploy: &Path, work: &Path) -> (bool, String) {
     let out = Command::new("kubectl")
@@ -116,6 +137,19 @@ fn manifests_are_valid_and_consistent_with_the_binary() {
     assert!(passed >= 17, "every object validated ({passed}): {report}");
     assert!(!report.contains("ERROR"), "{report}");
 
+    let names = kubectl_dry_run(&deploy, work.path()).unwrap();
+    for want in [
+        "deployment.apps/keyward-server",
+        "poddisruptionbudget.policy/keyward-server",
+        "statefulset.apps/keyward-postgres",
+        "daemonset.apps/keyward-agent",
+        "daemonset.apps/keyward-csi-provider",
+        "pod/keyward-kms",
+    ] {
+        assert!(names.iter().any(|n| n == want), "kubectl decoded {want}: {names:?}");
+    }
+    assert_eq!(names.len(), passed, "kubectl and the schema validator saw the same objects");
+
     let (ok, text) = render_and_check(&deploy, work.path());
     assert!(ok, "deploy_check.py: {text}");
     println!("{text}");
@@ -146,6 +180,9 @@ fn manifests_are_valid_and_consistent_with_the_binary() {
         let (ok, text) = render_and_check(&dir, work.path());
         assert!(!ok && text.contains(expect), "{name}: expected a failure with {expect:?}, got: {text}");
     }
+    let dir = broken(work.path(), "yaml", "agent/rbac.yaml", "verbs: [get]", "verbs: [get");
+    let e = kubectl_dry_run(&dir, work.path()).unwrap_err();
+    assert!(e.contains("rbac.yaml"), "kubectl refuses malformed YAML: {e}");
     let dir = broken(work.path(), "field", "csi/daemonset.yaml", "readOnlyRootFilesystem", "readOnlyRootFileSystem");
     let out = validate(&dir);
     assert!(!out.status.success(), "an unknown field fails strict validation");
