@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{BIN, PYTHON, repo};
+use common::{BIN, PYTHON, pip_install, repo};
 
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 const KUBERNETES_VERSION: &str = "1.31";
@@ -20,14 +20,7 @@ fn python_path() -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kubernetes-validate-1.37.0");
     if !dir.join("kubernetes_validate").is_dir() {
         let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
-        let out = Command::new(PYTHON)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
-            .arg(&tmp)
-            .arg(KUBERNETES_VALIDATE)
-            .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
-            .output()
-            .expect("python3 -m pip is needed by this test (apt-get install python3-pip)");
-        assert!(out.status.success(), "pip install {KUBERNETES_VALIDATE}: {}", String::from_utf8_lossy(&out.stderr));
+        pip_install(&tmp, KUBERNETES_VALIDATE);
         let _ = std::fs::rename(&tmp, &dir);
         let _ = std::fs::remove_dir_all(&tmp);
     }

@@ -13,8 +13,11 @@ use base64::Engine;
 use serde_json::Value;
 
 mod common;
+#[path = "../../keyward-hsm/tests/common/mod.rs"]
+mod softhsm;
 
-use common::{BIN, SOFTHSM_LIB, is_root, self_signed, softhsm_token};
+use common::{BIN, is_root, self_signed};
+use softhsm::{SOFTHSM_LIB, softhsm_token};
 
 struct Server {
     child: Child,

@@ -4,7 +4,6 @@
 //! the variable set (the parent sets nothing in its own environment).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use cryptoki::context::{CInitializeArgs, Pkcs11};
@@ -15,30 +14,12 @@ use keyward_crypto::SecretBytes;
 use keyward_crypto::aead::AeadKey;
 use keyward_hsm::{AAD, HsmError, Pkcs11Config, Pkcs11Seal};
 
-const LIB: &str = "/usr/lib/softhsm/libsofthsm2.so";
+mod common;
+
+const LIB: &str = common::SOFTHSM_LIB;
 const TOKEN: &str = "keyward-test";
 const PIN: &str = "5678";
 const CHILD: &str = "KEYWARD_HSM_TEST_CHILD";
-
-/// A SoftHSM2 configuration with one initialised token, in `dir`.
-fn softhsm_token(dir: &Path) -> PathBuf {
-    let tokens = dir.join("tokens");
-    std::fs::create_dir_all(&tokens).unwrap();
-    let conf = dir.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", tokens.display()),
-    )
-    .unwrap();
-    let out = Command::new("softhsm2-util")
-        .args(["--init-token", "--free", "--label", TOKEN, "--so-pin", "1234", "--pin", PIN])
-        .env("SOFTHSM2_CONF", &conf)
-        .output()
-        .expect("softhsm2-util must be installed (Debian package softhsm2)");
-    assert!(out.status.success(), "softhsm2-util --init-token failed: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(Path::new(LIB).exists(), "{LIB} is missing: install the Debian package softhsm2");
-    conf
-}
 
 /// In the parent: make a token and run `name` again in a child that sees it. True in the child.
 fn in_child_with_token(name: &str) -> bool {
@@ -46,7 +27,7 @@ fn in_child_with_token(name: &str) -> bool {
         return true;
     }
     let dir = tempfile::tempdir().unwrap();
-    let conf = softhsm_token(dir.path());
+    let conf = common::softhsm_token(dir.path(), TOKEN, PIN);
     let out = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", name, "--nocapture", "--test-threads=1"])
         .env("SOFTHSM2_CONF", &conf)

@@ -102,6 +102,18 @@ pub fn install_exe(src: &Path, dst: &Path, suffix: &[u8]) {
     std::fs::set_permissions(dst, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 }
 
+/// `pip install --target DIR REQUIREMENT` with Debian's python3; fails loudly.
+pub fn pip_install(dir: &Path, requirement: &str) {
+    let out = Command::new(PYTHON)
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
+        .arg(dir)
+        .arg(requirement)
+        .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
+        .output()
+        .expect("python3 -m pip is needed by this test (apt-get install python3-pip)");
+    assert!(out.status.success(), "pip install {requirement} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// grpcio and grpcio-tools, for the independent gRPC clients.
 const GRPCIO_TOOLS: &str = "grpcio-tools==1.85.1";
 /// The system interpreter (Debian's python3): reachable by other uids, unlike a per-user one.
@@ -122,14 +134,7 @@ fn install_grpc_python() -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("grpcio-tools-1.85.1-kms-csi");
     if !dir.join("stubs/secrets_store/v1alpha1/service_pb2_grpc.py").is_file() {
         let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
-        let out = Command::new(PYTHON)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
-            .arg(&tmp)
-            .arg(GRPCIO_TOOLS)
-            .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
-            .output()
-            .expect("python3 -m pip is needed by this test (apt-get install python3-pip)");
-        assert!(out.status.success(), "pip install {GRPCIO_TOOLS} failed: {}", String::from_utf8_lossy(&out.stderr));
+        pip_install(&tmp, GRPCIO_TOOLS);
         std::fs::create_dir_all(tmp.join("stubs")).unwrap();
         let out = Command::new(PYTHON)
             .args(["-m", "grpc_tools.protoc", "-I"])
@@ -168,28 +173,4 @@ pub fn self_signed(dir: &Path) -> PathBuf {
         .expect("the openssl command is required for this test (apt-get install openssl)");
     assert!(o.status.success(), "openssl: {}", String::from_utf8_lossy(&o.stderr));
     dir.join("server.pem")
-}
-
-/// SoftHSM2's PKCS#11 library (Debian `softhsm2`).
-pub const SOFTHSM_LIB: &str = "/usr/lib/softhsm/libsofthsm2.so";
-
-/// A SoftHSM2 configuration in `dir` with one token labelled `label` (user PIN `pin`),
-/// initialised by `softhsm2-util`. Returns the configuration file for `SOFTHSM2_CONF`.
-pub fn softhsm_token(dir: &Path, label: &str, pin: &str) -> PathBuf {
-    let tokens = dir.join("tokens");
-    std::fs::create_dir_all(&tokens).unwrap();
-    let conf = dir.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", tokens.display()),
-    )
-    .unwrap();
-    let out = Command::new("softhsm2-util")
-        .args(["--init-token", "--free", "--label", label, "--so-pin", "12345678", "--pin", pin])
-        .env("SOFTHSM2_CONF", &conf)
-        .output()
-        .expect("softhsm2-util is required for this test (apt-get install softhsm2)");
-    assert!(out.status.success(), "softhsm2-util --init-token: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(Path::new(SOFTHSM_LIB).exists(), "{SOFTHSM_LIB} is missing (apt-get install softhsm2)");
-    conf
 }
