@@ -1,10 +1,13 @@
-//! The agent's connection to the Keyward server: join with a one-time token and a key pair
-//! generated in memory, keep the agent token renewed, and send signed releases.
+//! The agent's connection to the Keyward server: join with a one-time token or a projected
+//! ServiceAccount token and a key pair generated in memory, keep the agent token renewed (and
+//! join again, with a new key, before the token reaches its maximum lifetime or after it was
+//! revoked, when the credential allows it), and send signed releases.
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -28,6 +31,21 @@ pub enum JoinCredential {
         /// The token.
         jwt: Zeroizing<String>,
     },
+    /// As `Kubernetes`, with the token read from this file at every join (the kubelet
+    /// refreshes a projected token in place), so the agent can join again on its own.
+    KubernetesFile {
+        /// Kubernetes auth role.
+        role: String,
+        /// The projected token's file.
+        path: PathBuf,
+    },
+}
+
+impl JoinCredential {
+    /// Whether the credential can be presented again (a join token is single-use).
+    pub fn reusable(&self) -> bool {
+        !matches!(self, Self::Token(_))
+    }
 }
 
 impl std::fmt::Debug for JoinCredential {
@@ -36,6 +54,9 @@ impl std::fmt::Debug for JoinCredential {
             Self::Token(_) => f.write_str("JoinCredential::Token([REDACTED])"),
             Self::Kubernetes { role, .. } => {
                 write!(f, "JoinCredential::Kubernetes {{ role: {role:?}, jwt: [REDACTED] }}")
+            }
+            Self::KubernetesFile { role, path } => {
+                write!(f, "JoinCredential::KubernetesFile {{ role: {role:?}, path: {path:?} }}")
             }
         }
     }
@@ -71,6 +92,35 @@ pub enum UpstreamError {
     /// The server answered something unexpected.
     #[error("unexpected answer from the server: {0}")]
     Protocol(&'static str),
+    /// The join credential could not be read.
+    #[error("join credential: {0}")]
+    Credential(String),
+}
+
+impl UpstreamError {
+    /// The server's HTTP status, when it answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Client(c) => c.status(),
+            _ => None,
+        }
+    }
+}
+
+/// What one renewal round did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// The agent token was renewed.
+    Renewed,
+    /// The agent joined again: a new key and token (the old token had been revoked, had
+    /// expired, or was close to its maximum lifetime).
+    Rejoined,
+}
+
+/// Whether the token, `elapsed` into a life of at most `max_ttl`, can no longer be renewed for
+/// a whole `ttl`: then join again now, while the old token still works.
+pub fn due_for_rejoin(elapsed: Duration, ttl: Duration, max_ttl: Duration) -> bool {
+    elapsed + ttl > max_ttl
 }
 
 /// Nonces fetched in one call.
@@ -79,23 +129,31 @@ const NONCE_BATCH: u32 = 16;
 /// margin for measuring and sending).
 const NONCE_USABLE: Duration = Duration::from_secs(7);
 
-/// A joined agent.
-pub struct Upstream {
+/// One join: the agent key, the token bound to it, and its lifetime.
+struct Session {
     client: Client,
     key: LoadedKey,
     public_b64: String,
-    node: String,
     accessor: String,
     ttl: Duration,
+    max_ttl: Duration,
+    joined: Instant,
+}
+
+/// A joined agent.
+pub struct Upstream {
+    cfg: UpstreamConfig,
+    node: String,
+    session: RwLock<Arc<Session>>,
     /// Ready nonces, with the time their batch was *requested* (so their age is never
-    /// underestimated).
-    nonces: Mutex<VecDeque<(String, Instant)>>,
+    /// underestimated) and the session (accessor) they were issued to.
+    nonces: Mutex<VecDeque<(String, Instant, String)>>,
     refilling: AtomicBool,
 }
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Upstream").field("node", &self.node).field("accessor", &self.accessor).finish_non_exhaustive()
+        f.debug_struct("Upstream").field("node", &self.node).field("accessor", &self.accessor()).finish_non_exhaustive()
     }
 }
 
@@ -107,37 +165,51 @@ fn builder(cfg: &UpstreamConfig) -> keyward_client::ClientBuilder {
     }
 }
 
+/// Generate a key (memory only) and trade the credential for an agent token bound to it.
+async fn open_session(cfg: &UpstreamConfig) -> Result<(Session, String), UpstreamError> {
+    let key = LoadedKey::load(KeyAlgorithm::Ed25519, &KeyAlgorithm::Ed25519.generate()?)?;
+    let public = key.ed25519_public_raw().ok_or(UpstreamError::Protocol("agent key is not Ed25519"))?;
+    let public_b64 = STANDARD.encode(public);
+    let anon = builder(cfg).build()?;
+    let body = match &cfg.join {
+        JoinCredential::Token(t) => json!({"join_token": t.as_str(), "public_key": public_b64}),
+        JoinCredential::Kubernetes { role, jwt } => {
+            json!({"kubernetes": {"role": role, "jwt": jwt.as_str()}, "public_key": public_b64})
+        }
+        JoinCredential::KubernetesFile { role, path } => {
+            let jwt = Zeroizing::new(tokio::fs::read_to_string(path).await.map_err(|e| {
+                UpstreamError::Credential(format!("reading the ServiceAccount token {}: {e}", path.display()))
+            })?);
+            json!({"kubernetes": {"role": role, "jwt": jwt.trim()}, "public_key": public_b64})
+        }
+    };
+    let v = anon.request(Method::POST, "/v1/auth/agent/join", Some(&body)).await?;
+    let token = Zeroizing::new(v["token"].as_str().ok_or(UpstreamError::Protocol("no token"))?.to_string());
+    let node = v["node"].as_str().ok_or(UpstreamError::Protocol("no node"))?.to_string();
+    let accessor = v["accessor"].as_str().unwrap_or_default().to_string();
+    let ttl = Duration::from_secs(v["ttl_secs"].as_u64().unwrap_or(3600).max(60));
+    let max_ttl = Duration::from_secs(v["max_ttl_secs"].as_u64().unwrap_or(30 * 86400)).max(ttl);
+    let client = builder(cfg).token(token.as_str()).build()?;
+    tracing::info!(node = %node, accessor = %accessor, "joined the Keyward server");
+    Ok((Session { client, key, public_b64, accessor, ttl, max_ttl, joined: Instant::now() }, node))
+}
+
 impl Upstream {
-    /// Join: generate the agent key (memory only) and trade the join token for an agent token
-    /// bound to it.
+    /// Join: generate the agent key (memory only) and trade the join credential for an agent
+    /// token bound to it.
     pub async fn join(cfg: &UpstreamConfig) -> Result<Self, UpstreamError> {
-        let key = LoadedKey::load(KeyAlgorithm::Ed25519, &KeyAlgorithm::Ed25519.generate()?)?;
-        let public = key.ed25519_public_raw().ok_or(UpstreamError::Protocol("agent key is not Ed25519"))?;
-        let public_b64 = STANDARD.encode(public);
-        let anon = builder(cfg).build()?;
-        let body = match &cfg.join {
-            JoinCredential::Token(t) => json!({"join_token": t.as_str(), "public_key": public_b64}),
-            JoinCredential::Kubernetes { role, jwt } => {
-                json!({"kubernetes": {"role": role, "jwt": jwt.as_str()}, "public_key": public_b64})
-            }
-        };
-        let v = anon.request(Method::POST, "/v1/auth/agent/join", Some(&body)).await?;
-        let token = Zeroizing::new(v["token"].as_str().ok_or(UpstreamError::Protocol("no token"))?.to_string());
-        let node = v["node"].as_str().ok_or(UpstreamError::Protocol("no node"))?.to_string();
-        let accessor = v["accessor"].as_str().unwrap_or_default().to_string();
-        let ttl = Duration::from_secs(v["ttl_secs"].as_u64().unwrap_or(3600).max(60));
-        let client = builder(cfg).token(token.as_str()).build()?;
-        tracing::info!(node = %node, accessor = %accessor, "joined the Keyward server");
+        let (session, node) = open_session(cfg).await?;
         Ok(Self {
-            client,
-            key,
-            public_b64,
+            cfg: cfg.clone(),
             node,
-            accessor,
-            ttl,
+            session: RwLock::new(Arc::new(session)),
             nonces: Mutex::new(VecDeque::new()),
             refilling: AtomicBool::new(false),
         })
+    }
+
+    fn session(&self) -> Arc<Session> {
+        self.session.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// The node this agent proved it is.
@@ -145,18 +217,69 @@ impl Upstream {
         &self.node
     }
 
-    /// Renew the agent token at half its TTL, forever; retries every 10 s after a failure.
+    /// The accessor of the current agent token.
+    pub fn accessor(&self) -> String {
+        self.session().accessor.clone()
+    }
+
+    /// Join again with a new key; the node must be the same.
+    async fn rejoin(&self) -> Result<Renewal, UpstreamError> {
+        let (session, node) = open_session(&self.cfg).await?;
+        if node != self.node {
+            return Err(UpstreamError::Protocol("joining again named another node"));
+        }
+        let old = std::mem::replace(
+            &mut *self.session.write().unwrap_or_else(std::sync::PoisonError::into_inner),
+            Arc::new(session),
+        );
+        if let Ok(mut pool) = self.nonces.lock() {
+            pool.clear();
+        }
+        tracing::info!(node = %self.node, previous = %old.accessor, accessor = %self.accessor(), "joined again");
+        // Best effort: the old token is of no further use.
+        let _ = old.client.request(Method::POST, "/v1/auth/token/revoke-self", Some(&json!({}))).await;
+        Ok(Renewal::Rejoined)
+    }
+
+    /// One renewal round: renew the agent token, or join again when it can no longer be
+    /// renewed for a whole TTL (its maximum lifetime is near) or the server refuses it
+    /// (revoked, expired) and the credential can be presented again.
+    pub async fn renew_once(&self) -> Result<Renewal, UpstreamError> {
+        let s = self.session();
+        if self.cfg.join.reusable() && due_for_rejoin(s.joined.elapsed(), s.ttl, s.max_ttl) {
+            return self.rejoin().await;
+        }
+        match s.client.request(Method::POST, "/v1/auth/token/renew-self", Some(&json!({}))).await {
+            Ok(_) => Ok(Renewal::Renewed),
+            Err(e) if matches!(e.status(), Some(401 | 403)) && self.cfg.join.reusable() => {
+                tracing::warn!(error = %e, "the server refused the agent token; joining again");
+                self.rejoin().await
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Renew at half the TTL, forever (joining again when needed); retries every 10 s after a
+    /// failure. With a single-use join token the agent cannot join again by itself: it says so.
     pub async fn keep_renewed(&self) {
-        let mut wait = self.ttl / 2;
+        let mut wait = self.session().ttl / 2;
         loop {
             tokio::time::sleep(wait).await;
-            match self.client.request(Method::POST, "/v1/auth/token/renew-self", Some(&json!({}))).await {
-                Ok(_) => {
-                    tracing::debug!("agent token renewed");
-                    wait = self.ttl / 2;
+            match self.renew_once().await {
+                Ok(r) => {
+                    tracing::debug!(?r, "agent token renewed");
+                    wait = self.session().ttl / 2;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "renewing the agent token failed; retrying");
+                    if !self.cfg.join.reusable() && matches!(e.status(), Some(401 | 403)) {
+                        tracing::error!(
+                            error = %e,
+                            "the server refused the agent token and a join token cannot be used again: give the \
+                             agent a new join token (or join with --k8s-join-role) and restart it"
+                        );
+                    } else {
+                        tracing::warn!(error = %e, "renewing the agent token failed; retrying");
+                    }
                     wait = Duration::from_secs(10);
                 }
             }
@@ -165,18 +288,20 @@ impl Upstream {
 
     async fn fetch_nonces(&self) -> Result<(), UpstreamError> {
         let asked = Instant::now();
-        let v = self.client.request(Method::POST, "/v1/agent/nonce", Some(&json!({"count": NONCE_BATCH}))).await?;
+        let s = self.session();
+        let v = s.client.request(Method::POST, "/v1/agent/nonce", Some(&json!({"count": NONCE_BATCH}))).await?;
         let batch = v["nonces"].as_array().ok_or(UpstreamError::Protocol("no nonces"))?;
         if let Ok(mut pool) = self.nonces.lock() {
-            pool.extend(batch.iter().filter_map(|n| n.as_str()).map(|n| (n.to_string(), asked)));
+            pool.extend(batch.iter().filter_map(|n| n.as_str()).map(|n| (n.to_string(), asked, s.accessor.clone())));
         }
         Ok(())
     }
 
     fn take_nonce(&self) -> Option<(String, usize)> {
+        let current = self.session().accessor.clone();
         let mut pool = self.nonces.lock().ok()?;
-        while let Some((n, at)) = pool.pop_front() {
-            if at.elapsed() < NONCE_USABLE {
+        while let Some((n, at, issued_to)) = pool.pop_front() {
+            if at.elapsed() < NONCE_USABLE && issued_to == current {
                 return Some((n, pool.len()));
             }
         }
@@ -216,9 +341,10 @@ impl Upstream {
         recipient: &str,
         op: Value,
     ) -> Result<(u16, Vec<u8>), UpstreamError> {
+        let s = self.session();
         let body = serde_json::to_vec(&json!({
             "nonce": nonce,
-            "public_key": self.public_b64,
+            "public_key": s.public_b64,
             "workload": {"selectors": selectors, "pid": pid},
             "recipient": recipient,
             "op": op,
@@ -226,7 +352,29 @@ impl Upstream {
         .map_err(|_| UpstreamError::Protocol("request encoding"))?;
         let mut signed = PROOF_CONTEXT.to_vec();
         signed.extend_from_slice(&body);
-        let sig = STANDARD.encode(self.key.sign(&signed)?);
-        Ok(self.client.request_raw(Method::POST, "/v1/agent/release", body, &[(SIGNATURE_HEADER, sig)]).await?)
+        let sig = STANDARD.encode(s.key.sign(&signed)?);
+        Ok(s.client.request_raw(Method::POST, "/v1/agent/release", body, &[(SIGNATURE_HEADER, sig)]).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joins_again_before_the_maximum_lifetime() {
+        let (ttl, max) = (Duration::from_secs(3600), Duration::from_secs(30 * 86400));
+        assert!(!due_for_rejoin(Duration::ZERO, ttl, max));
+        assert!(!due_for_rejoin(max - ttl, ttl, max), "a renewal can still give a whole TTL");
+        assert!(due_for_rejoin(max - ttl + Duration::from_secs(1), ttl, max));
+        // Renewals come every ttl/2, so the last one before the maximum always joins again
+        // while the token is still valid.
+        let mut t = Duration::ZERO;
+        while !due_for_rejoin(t, ttl, max) {
+            t += ttl / 2;
+        }
+        assert!(t < max, "joined again at {t:?}, before the token's end at {max:?}");
+        assert!(!JoinCredential::Token(Zeroizing::new("t".into())).reusable());
+        assert!(JoinCredential::KubernetesFile { role: "r".into(), path: "/p".into() }.reusable());
     }
 }

@@ -890,16 +890,12 @@ async fn agent(cli: &Cli, a: AgentArgs) -> anyhow::Result<ExitCode> {
             );
             Some(keyward_agent::upstream::JoinCredential::Token(zeroize::Zeroizing::new(token.trim().to_string())))
         }
-        (None, Some(role)) => {
-            let jwt = zeroize::Zeroizing::new(
-                std::fs::read_to_string(&a.k8s_token_file)
-                    .with_context(|| format!("reading the ServiceAccount token {}", a.k8s_token_file.display()))?,
-            );
-            Some(keyward_agent::upstream::JoinCredential::Kubernetes {
-                role: role.clone(),
-                jwt: zeroize::Zeroizing::new(jwt.trim().to_string()),
-            })
-        }
+        // Read at every join: the kubelet refreshes the projected token in place, and the
+        // agent joins again by itself before its token's maximum lifetime.
+        (None, Some(role)) => Some(keyward_agent::upstream::JoinCredential::KubernetesFile {
+            role: role.clone(),
+            path: a.k8s_token_file.clone(),
+        }),
         (None, None) => None,
     };
     let upstream = match join {

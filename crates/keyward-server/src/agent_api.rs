@@ -252,6 +252,7 @@ pub(crate) async fn join(
         "node": node,
         "expires_at": agent.expires_at.map(time),
         "ttl_secs": AGENT_TTL,
+        "max_ttl_secs": AGENT_MAX_TTL,
     });
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }

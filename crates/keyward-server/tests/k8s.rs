@@ -461,7 +461,49 @@ async fn agents_join_with_service_account_tokens() {
     };
     let up = Upstream::join(&cfg).await.unwrap();
     assert_eq!(up.node(), "node-1");
-    assert_eq!(join(good).await.0, 201);
+    assert_eq!(join(good.clone()).await.0, 201);
+
+    // Joining again by itself: the token is read from its file at every join. A renewal
+    // renews; once the agent token is revoked, the next round joins again with a new key (the
+    // kubelet has meanwhile refreshed the projected token in the file), and it works.
+    use keyward_agent::upstream::Renewal;
+    let token_dir = tempfile::tempdir().unwrap();
+    let token_file = token_dir.path().join("keyward");
+    std::fs::write(&token_file, &good).unwrap();
+    let cfg = UpstreamConfig {
+        addr: srv.addr.clone(),
+        ca_pem: None,
+        join: JoinCredential::KubernetesFile { role: "agent".into(), path: token_file.clone() },
+    };
+    let up = std::sync::Arc::new(Upstream::join(&cfg).await.unwrap());
+    let first = up.accessor();
+    assert_eq!(up.renew_once().await.unwrap(), Renewal::Renewed);
+    up.nonce().await.unwrap();
+    let refreshed = sign_with(d, &ec, &hdr, &claims(iss, "keyward", "keyward", "agent", true, now() + 900));
+    std::fs::write(&token_file, &refreshed).unwrap();
+    assert_eq!(call("POST", "/v1/auth/token/revoke", root, json!({"accessor": first})).await.0, 200);
+    assert_eq!(up.renew_once().await.unwrap(), Renewal::Rejoined);
+    assert_ne!(up.accessor(), first);
+    assert_eq!(up.node(), "node-1");
+    up.nonce().await.expect("the new agent token gets nonces");
+    assert_eq!(up.renew_once().await.unwrap(), Renewal::Renewed);
+    // An unreadable token file is named, and the agent keeps its working token.
+    std::fs::remove_file(&token_file).unwrap();
+    let second = up.accessor();
+    assert_eq!(call("POST", "/v1/auth/token/revoke", root, json!({"accessor": second})).await.0, 200);
+    let e = up.renew_once().await.unwrap_err();
+    assert!(e.to_string().contains("reading the ServiceAccount token"), "{e}");
+    // A single-use join token cannot be presented again: the refusal is reported as is.
+    let jt = call("POST", "/v1/auth/agent/join-token", root, json!({"node": "node-9"})).await.1;
+    let once = Upstream::join(&UpstreamConfig {
+        addr: srv.addr.clone(),
+        ca_pem: None,
+        join: JoinCredential::Token(jt["join_token"].as_str().unwrap().to_string().into()),
+    })
+    .await
+    .unwrap();
+    assert_eq!(call("POST", "/v1/auth/token/revoke", root, json!({"accessor": once.accessor()})).await.0, 200);
+    assert_eq!(once.renew_once().await.unwrap_err().status(), Some(401));
 
     // Not bound to a pod, so no node: refused, even on a role that accepts unbound tokens.
     let role = json!({"bound_namespaces": ["keyward"], "bound_service_accounts": ["agent"], "policies": ["agents"],
