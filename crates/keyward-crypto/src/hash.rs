@@ -42,11 +42,31 @@ impl Sha256Stream {
 
 /// HMAC-SHA256 of `data` under `key`.
 pub fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
-    let k = hmac::Key::new(hmac::HMAC_SHA256, key);
-    let t = hmac::sign(&k, data);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(t.as_ref());
-    out
+    HmacKey::new(key).sign(data)
+}
+
+/// An HMAC-SHA256 key prepared once, for many messages (the audit chain).
+pub struct HmacKey(hmac::Key);
+
+impl std::fmt::Debug for HmacKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HmacKey([REDACTED])")
+    }
+}
+
+impl HmacKey {
+    /// Prepare `key`.
+    pub fn new(key: &[u8]) -> Self {
+        Self(hmac::Key::new(hmac::HMAC_SHA256, key))
+    }
+
+    /// HMAC-SHA256 of `data`.
+    pub fn sign(&self, data: &[u8]) -> [u8; 32] {
+        let t = hmac::sign(&self.0, data);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(t.as_ref());
+        out
+    }
 }
 
 #[cfg(test)]
