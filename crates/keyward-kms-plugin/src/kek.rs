@@ -126,7 +126,7 @@ fn create_dir(dir: &Path) -> Result<(), KekError> {
 }
 
 fn audit_config(dir: &Path) -> AuditConfig {
-    AuditConfig { file: dir.join(AUDIT_FILE), stdout: false, max_file_bytes: 256 * 1024 * 1024 }
+    AuditConfig { file: dir.join(AUDIT_FILE), stdout: false, max_file_bytes: 256 * 1024 * 1024, server: None }
 }
 
 async fn open_sealed(dir: &Path, audit: bool) -> Result<Arc<keyward_server::sealing::Unsealed>, KekError> {

@@ -40,7 +40,10 @@ pub fn open_with_key_file(dir: &std::path::Path) -> Result<AuditLog, AuditError>
     let (key, _) = crate::seal_file::InsecureFileSeal::new(dir.join("audit-key"))
         .load_or_create()
         .map_err(|e| unavailable(format!("audit key: {e}")))?;
-    AuditLog::open(AuditConfig { file: dir.join("audit.log"), stdout: false, max_file_bytes: 256 * 1024 * 1024 }, key)
+    AuditLog::open(
+        AuditConfig { file: dir.join("audit.log"), stdout: false, max_file_bytes: 256 * 1024 * 1024, server: None },
+        key,
+    )
 }
 
 /// Audit configuration.
@@ -52,6 +55,9 @@ pub struct AuditConfig {
     pub stdout: bool,
     /// Rotate when the file reaches this size.
     pub max_file_bytes: u64,
+    /// This server's id, written into every record (as `server`) when several servers share
+    /// one store, so records shipped together (`--audit-stdout`) say which chain they are in.
+    pub server: Option<String>,
 }
 
 /// Audit failures.
@@ -220,10 +226,15 @@ fn chain_line(
     record: &AuditRecord,
     seq: u64,
     prev: &str,
+    server: Option<&str>,
 ) -> Result<(Vec<u8>, String), AuditError> {
     let mut body = serde_json::to_vec(record).map_err(|e| AuditError::Unavailable(e.to_string()))?;
-    // `{...}` -> `{...,"seq":N,"prev":"HEX"}`
+    // `{...}` -> `{...[,"server":"ID"],"seq":N,"prev":"HEX"}` (`server` already JSON-encoded)
     body.pop();
+    if let Some(id) = server {
+        body.extend_from_slice(br#","server":"#);
+        body.extend_from_slice(id.as_bytes());
+    }
     body.extend_from_slice(format!(r#","seq":{seq},"prev":"{prev}"}}"#).as_bytes());
     let mac = hex::encode(key.sign(&body));
     body.pop();
@@ -497,6 +508,7 @@ impl AuditLog {
         let writer = Writer {
             cfg: cfg.clone(),
             mac_key: hash::HmacKey::new(key.expose()),
+            server: cfg.server.as_deref().map(|s| serde_json::Value::from(s).to_string()),
             head: head.clone(),
             file: Some(file),
             healthy: healthy.clone(),
@@ -623,6 +635,8 @@ pub fn log_files(current: &Path) -> Vec<PathBuf> {
 struct Writer {
     cfg: AuditConfig,
     mac_key: hash::HmacKey,
+    /// `cfg.server` as a JSON string.
+    server: Option<String>,
     head: Arc<Mutex<Head>>,
     file: Option<LogFile>,
     healthy: Arc<AtomicBool>,
@@ -672,7 +686,7 @@ impl Writer {
         let mut buf = Vec::with_capacity(batch.len() * 400);
         for j in batch {
             seq += 1;
-            let (line, mac) = chain_line(&self.mac_key, &j.record, seq, &prev)?;
+            let (line, mac) = chain_line(&self.mac_key, &j.record, seq, &prev, self.server.as_deref())?;
             buf.extend_from_slice(&line);
             prev = mac;
         }
@@ -745,7 +759,7 @@ mod tests {
     fn write_log(dir: &Path, n: u32, max: u64) -> (AuditLog, PathBuf) {
         let file = dir.join("audit.log");
         let log = AuditLog::open(
-            AuditConfig { file: file.clone(), stdout: false, max_file_bytes: max },
+            AuditConfig { file: file.clone(), stdout: false, max_file_bytes: max, server: None },
             SecretBytes::copy_from(&[5; 32]),
         )
         .unwrap();
@@ -835,14 +849,14 @@ mod tests {
         s.truncate(s.len() - 5);
         std::fs::write(&file, s).unwrap();
         let e = AuditLog::open(
-            AuditConfig { file: file.clone(), stdout: false, max_file_bytes: u64::MAX },
+            AuditConfig { file: file.clone(), stdout: false, max_file_bytes: u64::MAX, server: None },
             SecretBytes::copy_from(&[5; 32]),
         )
         .unwrap_err();
         assert!(matches!(e, AuditError::DamagedTail { .. }), "{e}");
 
         let full = AuditLog::open(
-            AuditConfig { file: PathBuf::from("/dev/full"), stdout: false, max_file_bytes: u64::MAX },
+            AuditConfig { file: PathBuf::from("/dev/full"), stdout: false, max_file_bytes: u64::MAX, server: None },
             SecretBytes::copy_from(&[5; 32]),
         )
         .unwrap();
@@ -852,7 +866,7 @@ mod tests {
 
     #[test]
     fn records_hold_no_values() {
-        let (line, _) = chain_line(&hash::HmacKey::new(&[1; 32]), &rec(1), 1, ZERO_MAC).unwrap();
+        let (line, _) = chain_line(&hash::HmacKey::new(&[1; 32]), &rec(1), 1, ZERO_MAC, None).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         for k in keys {

@@ -200,6 +200,11 @@ pub struct Running {
 pub const TLS_RELOAD_POLL: Duration = Duration::from_secs(2);
 
 impl Running {
+    /// The seal state (and, while unsealed, the service and its audit log).
+    pub fn sealing(&self) -> &Arc<Sealing> {
+        &self.sealing
+    }
+
     /// Stop accepting requests, finish in-flight ones and return.
     pub async fn shutdown(mut self) -> std::io::Result<()> {
         self.begin_shutdown();
@@ -270,12 +275,18 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         Storage::Postgres(pg) => Arc::new(keyward_store::PostgresStore::connect(pg).await?),
     };
     tracing::info!(backend = store.backend_name(), "storage ready");
+    let member = Arc::new(Member::new());
     let audit = if cfg.audit.insecure_disable {
         tracing::warn!("AUDIT DISABLED (--insecure-no-audit): requests leave no record");
         None
     } else {
         let file = cfg.audit.file.clone().unwrap_or_else(|| cfg.data_dir.join("audit.log"));
-        Some(AuditConfig { file, stdout: cfg.audit.stdout, max_file_bytes: cfg.audit.max_file_bytes })
+        Some(AuditConfig {
+            file,
+            stdout: cfg.audit.stdout,
+            max_file_bytes: cfg.audit.max_file_bytes,
+            server: store.is_shared().then(|| member.id.clone()),
+        })
     };
     let kind = match (&cfg.pkcs11, cfg.dev || cfg.insecure_file_seal) {
         (Some(_), true) => {
@@ -300,7 +311,6 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         None => Arc::new(Sealing::new(store.clone(), kind, audit)),
     };
     let k8s = Arc::new(crate::k8s_auth::K8sAuth::new(store));
-    let member = Arc::new(Member::new());
     let new_root_token = match kind {
         SealKind::InsecureFile => {
             let path = cfg.data_dir.join("root-key.insecure");

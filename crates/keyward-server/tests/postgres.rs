@@ -118,6 +118,22 @@ async fn servers_follow_each_others_changes_within_a_second() {
     let app_b = Client::builder(format!("http://{}", b.addr)).token(app_token.clone()).build().unwrap();
     let ct = app_b.encrypt("payments", b"x", &ctx).await.expect("a token created on A works on B at once");
     assert_eq!(ct.key_version, 1);
+    // Each server keeps its own audit chain, and every record names the server it is from.
+    let audit_key = |r: &keyward_server::Running| {
+        let u = r.sealing().unsealed().unwrap();
+        keyward_crypto::SecretBytes::copy_from(u.audit.as_ref().unwrap().key().expose())
+    };
+    for (server, file) in [(&a, data.join("audit.log")), (&b, dir.path().join("audit-b.log"))] {
+        // (The file is preallocated: zeros follow the last record.)
+        let text = std::fs::read_to_string(&file).unwrap().trim_end_matches('\0').to_string();
+        let tag = format!("\"server\":{}", serde_json::Value::from(server.member.id.as_str()));
+        assert!(
+            text.lines().count() > 1 && text.lines().all(|l| l.contains(&tag)),
+            "{tag} in every record of {file:?}"
+        );
+        let report = keyward_server::audit::verify_files(audit_key(server).expose(), &[file], None).unwrap();
+        assert!(report.records > 1);
+    }
     // A use-limited token: uses are counted in the database, not per server.
     let v = ra
         .request(Method::POST, "/v1/auth/token/create", Some(&json!({"policies": ["payments"], "max_uses": 2})))

@@ -138,7 +138,12 @@ pub async fn provider(dir: &Path, addr: &str) -> (Arc<Provider>, tokio::task::Jo
     std::fs::create_dir_all(dir).unwrap();
     let key = keyward_crypto::SecretBytes::random(32).unwrap();
     let audit = keyward_server::audit::AuditLog::open(
-        keyward_server::audit::AuditConfig { file: dir.join("audit.log"), stdout: false, max_file_bytes: 1 << 30 },
+        keyward_server::audit::AuditConfig {
+            file: dir.join("audit.log"),
+            stdout: false,
+            max_file_bytes: 1 << 30,
+            server: None,
+        },
         key,
     )
     .unwrap();
