@@ -18,7 +18,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{BIN, is_root, self_signed};
+use common::{BIN, is_root, self_signed, server_address};
 
 struct Server {
     child: Child,
@@ -52,14 +52,7 @@ fn start(dir: &Path, data: &Path, url: &str) -> (Server, Option<String>) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn keyward server");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("server printed its address").unwrap();
-        if let Some(rest) = line.strip_prefix("Keyward server on ") {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let addr = server_address(&mut child);
     // A new store prints its root token at once; an existing one prints nothing.
     let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
     let (tx, rx) = std::sync::mpsc::channel();

@@ -5,7 +5,7 @@
 //! a real SoftHSM2 token (Debian `softhsm2`) made by the test in a temporary directory.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
@@ -16,7 +16,7 @@ mod common;
 #[path = "../../keyward-hsm/tests/common/mod.rs"]
 mod softhsm;
 
-use common::{BIN, is_root, self_signed};
+use common::{BIN, is_root, self_signed, server_address};
 use softhsm::{SOFTHSM_LIB, softhsm_token};
 
 struct Server {
@@ -66,14 +66,7 @@ fn start_with(dir: &Path, extra: &[&str], softhsm_conf: Option<&Path>) -> Server
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn keyward server");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("server printed its address").unwrap();
-        if let Some(rest) = line.strip_prefix("Keyward server on ") {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let addr = server_address(&mut child);
     Server { child, addr, cacert: dir.join("server.pem"), token: String::new() }
 }
 

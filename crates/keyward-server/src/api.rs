@@ -318,8 +318,9 @@ pub(crate) fn allow(st: &AppState, c: &Caller, op: &str, resource: &str) -> Resu
 /// while this server cannot serve: sealed, or behind other servers' changes for longer than its
 /// staleness bound (a readiness probe then takes it out of the Service).
 async fn health(State(st): State<AppState>, StrictQuery(q): StrictQuery<HealthQuery>) -> ApiResult {
-    let ready = st.sealing.unsealed().is_some_and(|u| u.kms.require_fresh().is_ok());
-    let sealed = st.sealing.unsealed().is_none();
+    let unsealed = st.sealing.unsealed();
+    let ready = unsealed.as_ref().is_some_and(|u| u.kms.require_fresh().is_ok());
+    let sealed = unsealed.is_none();
     let mut body = json!({
         "status": if sealed { "sealed" } else if ready { "ok" } else { "stale" },
         "ready": ready,

@@ -174,3 +174,17 @@ pub fn self_signed(dir: &Path) -> PathBuf {
     assert!(o.status.success(), "openssl: {}", String::from_utf8_lossy(&o.stderr));
     dir.join("server.pem")
 }
+
+/// The address a `keyward server` child prints on stderr (`Keyward server on ADDR ...`); the
+/// rest of its stderr is drained in the background so the child never blocks on it.
+pub fn server_address(child: &mut Child) -> String {
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("server printed its address").unwrap();
+        if let Some(rest) = line.strip_prefix("Keyward server on ") {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    addr
+}
