@@ -445,7 +445,7 @@ pub(crate) async fn release(
         .extension(c.1.clone())
         .body(inner_body.map(|b| Body::from(b.to_string())).unwrap_or_else(Body::empty))
         .map_err(|_| ApiError::invalid("the operation does not form a valid request"))?;
-    let mut resp = crate::api::release_router(st.clone()).oneshot(inner).await.unwrap_or_else(|e| match e {});
+    let mut resp = crate::api::release_router(&st).oneshot(inner).await.unwrap_or_else(|e| match e {});
     // Errors carry no secret: hand them to this request's error rendering and audit as they are.
     if let Some(e) = resp.extensions_mut().remove::<ApiError>() {
         return Err(e);

@@ -35,6 +35,9 @@ pub struct AppState {
     pub agents: Arc<crate::agent_api::Agents>,
     /// This server among those sharing the store.
     pub member: Arc<crate::cluster::Member>,
+    /// The router a release's inner operation runs through, built on first use
+    /// ([`release_router`]).
+    pub(crate) release: Arc<std::sync::OnceLock<Router>>,
 }
 
 impl AppState {
@@ -134,7 +137,20 @@ pub fn route_table() -> Vec<(&'static str, &'static str, bool, MethodRouter<AppS
 /// The routes an attested release may run, with authentication (which takes the workload
 /// identity the release established) but without the `finish` layer: the release's own request
 /// carries the one audit record, with the workload's identity, selectors and decision.
-pub(crate) fn release_router(state: AppState) -> Router {
+pub(crate) fn release_router(state: &AppState) -> Router {
+    // Built once per server, not per release. The router holds a copy of the state whose own
+    // cache is a fresh, never-filled cell, so the cached router does not keep itself alive.
+    state
+        .release
+        .get_or_init(|| {
+            let mut copy = state.clone();
+            copy.release = Arc::default();
+            build_release_router(copy)
+        })
+        .clone()
+}
+
+fn build_release_router(state: AppState) -> Router {
     Router::new()
         .route("/v1/secrets/data/{*path}", get(get_secret))
         .route("/v1/keys/{name}/generate-data-key", post(data_key))

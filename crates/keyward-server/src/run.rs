@@ -363,8 +363,13 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
 
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(io(format!("binding {}", cfg.listen)))?;
     let addr = listener.local_addr().map_err(io("reading bound address"))?;
-    let state =
-        AppState { sealing: sealing.clone(), k8s: k8s.clone(), agents: Default::default(), member: member.clone() };
+    let state = AppState {
+        sealing: sealing.clone(),
+        k8s: k8s.clone(),
+        agents: Default::default(),
+        member: member.clone(),
+        release: Default::default(),
+    };
     let app = router(state);
 
     let (tx, rx) = oneshot::channel::<()>();

@@ -105,6 +105,17 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
+/// `query_row` through the connection's statement cache: the hot reads (secrets, keys, meta,
+/// policies) are parsed and planned once per connection instead of on every call.
+fn cached_row<T, P: rusqlite::Params>(
+    c: &Connection,
+    sql: &str,
+    params: P,
+    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    c.prepare_cached(sql)?.query_row(params, f)
+}
+
 fn backend(e: rusqlite::Error) -> StoreError {
     match e {
         rusqlite::Error::SqliteFailure(ref f, _)
@@ -344,7 +355,7 @@ impl Store for SqliteStore {
     async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let key = key.to_string();
         self.read(move |c| {
-            c.query_row("SELECT v FROM meta WHERE k=?1", [key], |r| r.get(0)).optional().map_err(backend)
+            cached_row(c, "SELECT v FROM meta WHERE k=?1", [key], |r| r.get(0)).optional().map_err(backend)
         })
         .await
     }
@@ -413,7 +424,7 @@ impl Store for SqliteStore {
     async fn get_key(&self, name: &str) -> Result<Option<KeyRecord>, StoreError> {
         let name = name.to_string();
         self.read(move |c| {
-            c.query_row(&format!("SELECT {KEY_COLS} FROM keys WHERE name=?1"), [name], key_from_row)
+            cached_row(c, &format!("SELECT {KEY_COLS} FROM keys WHERE name=?1"), [name], key_from_row)
                 .optional()
                 .map_err(backend)?
                 .transpose()
@@ -424,7 +435,7 @@ impl Store for SqliteStore {
     async fn get_key_by_id(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
         let id = id.0.to_vec();
         self.read(move |c| {
-            c.query_row(&format!("SELECT {KEY_COLS} FROM keys WHERE id=?1"), [id], key_from_row)
+            cached_row(c, &format!("SELECT {KEY_COLS} FROM keys WHERE id=?1"), [id], key_from_row)
                 .optional()
                 .map_err(backend)?
                 .transpose()
@@ -563,7 +574,8 @@ impl Store for SqliteStore {
     async fn get_secret(&self, path: &str) -> Result<Option<SecretRecord>, StoreError> {
         let path = path.to_string();
         self.read(move |c| {
-            c.query_row(
+            cached_row(
+                c,
                 "SELECT path, current_version, created_at, updated_at FROM secrets WHERE path=?1",
                 [path],
                 |r| {
@@ -587,7 +599,7 @@ impl Store for SqliteStore {
     async fn get_secret_version(&self, path: &str, version: u32) -> Result<Option<SecretVersionRecord>, StoreError> {
         let path = path.to_string();
         self.read(move |c| {
-            c.query_row(
+            cached_row(c,
                 "SELECT path, version, wrapped_value, created_at, deleted_at FROM secret_versions WHERE path=?1 AND version=?2",
                 params![path, version],
                 secret_version_from_row,
@@ -798,7 +810,9 @@ impl Store for SqliteStore {
     async fn get_policy(&self, name: &str) -> Result<Option<String>, StoreError> {
         let name = name.to_string();
         self.read(move |c| {
-            c.query_row("SELECT document FROM policies WHERE name=?1", [name], |r| r.get(0)).optional().map_err(backend)
+            cached_row(c, "SELECT document FROM policies WHERE name=?1", [name], |r| r.get(0))
+                .optional()
+                .map_err(backend)
         })
         .await
     }
