@@ -62,7 +62,28 @@ pub struct Rule {
     /// Selectors the caller must all have for this rule to grant anything.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub require: Vec<String>,
+    /// At most this many distinct live instances (pods, by `k8s:pod-uid`) may use this rule on
+    /// one resource at once. An instance holds its place for [`Rule::instance_hold_secs`] after
+    /// each use; a caller without a pod UID is refused. Only for operations that change nothing
+    /// stored ([`CAPPABLE_OPERATIONS`]), since the place is taken after the operation has run
+    /// and before its answer leaves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_instances: Option<u32>,
+    /// How long an instance keeps its place after its last use (default
+    /// [`DEFAULT_INSTANCE_HOLD_SECS`]); a pod that is gone frees its place when this runs out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_hold_secs: Option<u64>,
 }
+
+/// Operations a rule with `max_instances` may grant: those that change nothing stored.
+pub const CAPPABLE_OPERATIONS: &[&str] =
+    &["encrypt", "decrypt", "generate-data-key", "sign", "verify", "mac", "verify-mac", "read", "random"];
+
+/// How long an instance holds its place under `max_instances` after its last use.
+pub const DEFAULT_INSTANCE_HOLD_SECS: u64 = 600;
+
+/// The selector that names an instance for `max_instances`.
+pub const INSTANCE_SELECTOR: &str = "k8s:pod-uid:";
 
 /// A named policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,6 +179,27 @@ impl Policy {
                     OPERATIONS.join(", ")
                 )));
             }
+            if let Some(max) = r.max_instances {
+                if max == 0 || max > 100_000 {
+                    return Err(KmsError::invalid(format!("rule {i}: max_instances is 1 to 100000")));
+                }
+                if let Some(bad) = r.operations.iter().find(|o| !CAPPABLE_OPERATIONS.contains(&o.as_str())) {
+                    return Err(KmsError::invalid(format!(
+                        "rule {i}: a rule with max_instances may grant only operations that change nothing stored \
+                         ({}); {bad:?} is not one of them",
+                        CAPPABLE_OPERATIONS.join(", ")
+                    )));
+                }
+            }
+            match r.instance_hold_secs {
+                Some(_) if r.max_instances.is_none() => {
+                    return Err(KmsError::invalid(format!("rule {i}: instance_hold_secs needs max_instances")));
+                }
+                Some(h) if h == 0 || h > 86_400 => {
+                    return Err(KmsError::invalid(format!("rule {i}: instance_hold_secs is 1 to 86400")));
+                }
+                _ => {}
+            }
             if r.require.len() > 32 {
                 return Err(KmsError::invalid(format!("rule {i}: at most 32 required selectors")));
             }
@@ -233,9 +275,36 @@ mod tests {
                     resources: r.iter().map(|s| s.to_string()).collect(),
                     operations: o.iter().map(|s| s.to_string()).collect(),
                     require: vec![],
+                    max_instances: None,
+                    instance_hold_secs: None,
                 })
                 .collect(),
             identities: vec![],
+        }
+    }
+
+    #[test]
+    fn instance_caps_are_validated() {
+        let doc = |rule: &str| format!(r#"{{"name": "p", "rules": [{rule}]}}"#);
+        let parse = |rule: &str| serde_json::from_str::<Policy>(&doc(rule)).unwrap().validate();
+        parse(r#"{"resources": ["secrets/db"], "operations": ["read"], "max_instances": 2}"#).unwrap();
+        parse(r#"{"resources": ["keys/k"], "operations": ["decrypt", "sign"], "max_instances": 1, "instance_hold_secs": 30}"#)
+            .unwrap();
+        for (rule, want) in [
+            (r#"{"resources": ["secrets/db"], "operations": ["read"], "max_instances": 0}"#, "1 to 100000"),
+            (r#"{"resources": ["secrets/db"], "operations": ["write"], "max_instances": 2}"#, "change nothing stored"),
+            (r#"{"resources": ["secrets/db"], "operations": ["*"], "max_instances": 2}"#, "change nothing stored"),
+            (
+                r#"{"resources": ["secrets/db"], "operations": ["read"], "instance_hold_secs": 5}"#,
+                "needs max_instances",
+            ),
+            (
+                r#"{"resources": ["secrets/db"], "operations": ["read"], "max_instances": 1, "instance_hold_secs": 0}"#,
+                "1 to 86400",
+            ),
+        ] {
+            let e = parse(rule).unwrap_err().to_string();
+            assert!(e.contains(want), "{rule}: {e}");
         }
     }
 

@@ -12,9 +12,9 @@ use keyward_crypto::{SecretBytes, hash};
 
 use crate::limits::*;
 use crate::model::*;
-use crate::policy::{Policy, ROOT_POLICY};
+use crate::policy::{DEFAULT_INSTANCE_HOLD_SECS, Policy, ROOT_POLICY};
 use crate::secretdata::SecretData;
-use crate::store::{Change, Store, StoreError};
+use crate::store::{Change, InstanceHold, Store, StoreError};
 use crate::{KmsError, now_unix, validate};
 
 const META_ROOT_CHECK: &str = "root_check";
@@ -183,6 +183,26 @@ pub struct ScheduledReport {
 struct KeyCache {
     by_name: HashMap<String, Arc<CachedKey>>,
     by_id: HashMap<KeyId, Arc<CachedKey>>,
+}
+
+/// What an authorization decision granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// Which grant allowed it (`policy NAME rule N`), for the audit record.
+    pub reason: String,
+    /// The granting rule's live-instance cap, if it has one.
+    pub cap: Option<InstanceCap>,
+}
+
+/// A rule's `max_instances` as it applies to one resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceCap {
+    /// What places are counted in: `POLICY#RULE:RESOURCE`.
+    pub scope: String,
+    /// Most live instances at once.
+    pub max: u32,
+    /// How long a place lasts after its instance's last use.
+    pub hold: Duration,
 }
 
 /// The KMS service. Cheap to share behind an `Arc`.
@@ -940,14 +960,35 @@ impl Kms {
         operation: &str,
         resource: &str,
     ) -> Result<String, KmsError> {
+        self.decide_grant(policies, selectors, operation, resource).map(|g| g.reason)
+    }
+
+    /// [`Kms::decide`], with the granting rule's live-instance cap if it has one: the caller
+    /// must then take a place with [`Kms::hold_instance`] before the answer leaves.
+    pub fn decide_grant(
+        &self,
+        policies: &[String],
+        selectors: &[String],
+        operation: &str,
+        resource: &str,
+    ) -> Result<Grant, KmsError> {
         self.require_fresh()?;
         if policies.iter().any(|p| p == ROOT_POLICY) {
-            return Ok("policy root".into());
+            return Ok(Grant { reason: "policy root".into(), cap: None });
         }
         let map = self.policies.read().map_err(|_| KmsError::Internal("policy cache poisoned".into()))?;
+        let grant = |name: &str, p: &Policy, i: usize, reason: String| {
+            let rule = &p.rules[i];
+            let cap = rule.max_instances.map(|max| InstanceCap {
+                scope: format!("{name}#{i}:{resource}"),
+                max,
+                hold: Duration::from_secs(rule.instance_hold_secs.unwrap_or(DEFAULT_INSTANCE_HOLD_SECS)),
+            });
+            Grant { reason, cap }
+        };
         for name in policies {
-            if let Some(i) = map.get(name).and_then(|p| p.grants(operation, resource, selectors)) {
-                return Ok(format!("policy {name} rule {i}"));
+            if let Some((p, i)) = map.get(name).and_then(|p| p.grants(operation, resource, selectors).map(|i| (p, i))) {
+                return Ok(grant(name, p, i, format!("policy {name} rule {i}")));
             }
         }
         if !selectors.is_empty() {
@@ -960,7 +1001,7 @@ impl Kms {
             attached.sort_by(|a, b| a.0.cmp(b.0));
             for (name, p, set) in attached {
                 if let Some(i) = p.grants(operation, resource, selectors) {
-                    return Ok(format!("policy {name} (identity set {set}) rule {i}"));
+                    return Ok(grant(name, p, i, format!("policy {name} (identity set {set}) rule {i}")));
                 }
             }
         }
@@ -970,6 +1011,26 @@ impl Kms {
     /// Authorize `operation` on `resource` for `who`; see [`Kms::decide`].
     pub fn authorize(&self, who: &TokenRecord, operation: &str, resource: &str) -> Result<String, KmsError> {
         self.decide(&who.policies, &who.selectors, operation, resource)
+    }
+
+    /// Authorize like [`Kms::authorize`], keeping the grant's live-instance cap.
+    pub fn authorize_grant(&self, who: &TokenRecord, operation: &str, resource: &str) -> Result<Grant, KmsError> {
+        self.decide_grant(&who.policies, &who.selectors, operation, resource)
+    }
+
+    /// Take (or renew) `instance`'s place under `cap`. Refused when `cap.max` other live
+    /// instances hold places; several servers sharing a store never admit more together.
+    pub async fn hold_instance(&self, cap: &InstanceCap, instance: &str) -> Result<(), KmsError> {
+        match self.store.hold_instance(&cap.scope, instance, cap.max, cap.hold).await? {
+            InstanceHold::Held => Ok(()),
+            InstanceHold::Full { holders } => Err(KmsError::PermissionDenied(format!(
+                "{holders} live instances already use this grant ({}, at most {}); a place frees up when one \
+                 has not used it for {} s",
+                cap.scope,
+                cap.max,
+                cap.hold.as_secs()
+            ))),
+        }
     }
 
     /// The policies that apply to a caller: those named on its token, then those attached by

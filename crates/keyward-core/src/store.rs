@@ -135,6 +135,18 @@ pub trait Store: Send + Sync + 'static {
     /// Give up the lease `name` if `holder` holds it.
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
 
+    /// Give `instance` a place among those holding `scope` for `ttl` (by the backend's clock),
+    /// or renew its place, unless `max` other instances hold unexpired places: then nothing
+    /// changes and the answer says how many hold one. Expired places are forgotten. Servers
+    /// sharing the store never admit more than `max` together.
+    async fn hold_instance(
+        &self,
+        scope: &str,
+        instance: &str,
+        max: u32,
+        ttl: Duration,
+    ) -> Result<InstanceHold, StoreError>;
+
     /// Whether other processes may change this store (so cached records can go stale and
     /// [`Store::changes_since`] must be followed). `false` for an embedded database.
     fn is_shared(&self) -> bool {
@@ -156,6 +168,18 @@ pub trait Store: Send + Sync + 'static {
         let _ = age;
         Ok(0)
     }
+}
+
+/// The answer of [`Store::hold_instance`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceHold {
+    /// The instance holds a place now.
+    Held,
+    /// Every place is taken (by this many instances); nothing changed.
+    Full {
+        /// Instances holding places.
+        holders: u32,
+    },
 }
 
 /// A record that changed in a shared store.

@@ -8,9 +8,10 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post, put};
 use axum::{Json, Router};
-use keyward_core::Kms;
+use keyward_core::policy::INSTANCE_SELECTOR;
 use keyward_core::secretdata::SecretData;
 use keyward_core::service::CreateKey;
+use keyward_core::{Kms, KmsError};
 use keyward_crypto::keys::KeyAlgorithm;
 use serde_json::{Value, json};
 
@@ -212,6 +213,17 @@ async fn finish(State(st): State<AppState>, mut req: Request, next: Next) -> Res
         Some(a) if !a.is_healthy() => audit_unavailable(),
         _ => next.run(req).await,
     };
+    // A grant that caps live instances: the caller takes its place now, or its answer (already
+    // computed, never sent) is replaced by the refusal. Failing to ask the store refuses too.
+    if let (Some((cap, instance)), Some(u)) = (ctx.instance_cap(), unsealed.as_ref())
+        && resp.status().is_success()
+        && let Err(e) = u.kms.hold_instance(&cap, &instance).await
+    {
+        if let Some((op, resource)) = ctx.operation_and_resource() {
+            ctx.set_decision(&op, &resource, false, e.to_string());
+        }
+        resp = ApiError::from(e).into_response();
+    }
     if unsealed.is_none() {
         // No audit key exists while sealed: seal ceremonies are logged here instead, and the
         // unseal itself is the first record of the reopened chain.
@@ -318,9 +330,27 @@ async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) 
 }
 
 pub(crate) fn allow(st: &AppState, c: &Caller, op: &str, resource: &str) -> Result<(), ApiError> {
-    match st.kms()?.authorize(&c.0, op, resource) {
+    match st.kms()?.authorize_grant(&c.0, op, resource) {
         Ok(grant) => {
-            c.1.set_decision(op, resource, true, grant);
+            // A grant that caps live instances counts the caller by its pod UID; the place is
+            // taken (or refused) in `finish`, before the answer leaves.
+            let instance = match grant.cap {
+                None => None,
+                Some(cap) => match c.0.selectors.iter().find_map(|s| s.strip_prefix(INSTANCE_SELECTOR)) {
+                    Some(uid) => Some((cap, uid.to_string())),
+                    None => {
+                        let why = format!(
+                            "{} caps live instances by pod UID, and this caller has no {INSTANCE_SELECTOR} selector \
+                             (only workloads in pods, through the node agent, can use it)",
+                            grant.reason
+                        );
+                        c.1.set_decision(op, resource, false, why.clone());
+                        return Err(ApiError::from(KmsError::PermissionDenied(why)));
+                    }
+                },
+            };
+            c.1.set_instance_cap(instance);
+            c.1.set_decision(op, resource, true, grant.reason);
             Ok(())
         }
         Err(e) => {

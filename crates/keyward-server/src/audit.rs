@@ -112,6 +112,9 @@ pub struct AuditRecord {
 #[derive(Debug, Default)]
 pub struct AuditCtx {
     inner: Mutex<CtxFields>,
+    /// A place the caller must take under a live-instance cap before the answer leaves
+    /// (the cap, and the caller's pod UID).
+    instance: Mutex<Option<(keyward_core::service::InstanceCap, String)>>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -142,11 +145,30 @@ impl AuditCtx {
         }
     }
 
+    /// Note that the grant of this request caps live instances: `instance` must hold a place
+    /// under `cap` before the answer leaves (the last decision wins).
+    pub fn set_instance_cap(&self, cap: Option<(keyward_core::service::InstanceCap, String)>) {
+        if let Ok(mut c) = self.instance.lock() {
+            *c = cap;
+        }
+    }
+
+    /// The place this request must take, if its grant caps live instances.
+    pub fn instance_cap(&self) -> Option<(keyward_core::service::InstanceCap, String)> {
+        self.instance.lock().ok().and_then(|c| c.clone())
+    }
+
     /// Record the encryption context of a cryptographic operation.
     pub fn set_context(&self, context: &std::collections::BTreeMap<String, String>) {
         if let Ok(mut f) = self.inner.lock() {
             f.context = (!context.is_empty()).then(|| context.clone());
         }
+    }
+
+    /// The operation and resource of the last decision.
+    pub fn operation_and_resource(&self) -> Option<(String, String)> {
+        let f = self.inner.lock().ok()?;
+        Some((f.operation.clone()?, f.resource.clone()?))
     }
 
     /// Record why a request was refused before authorization.

@@ -221,3 +221,85 @@ async fn an_expired_nonce_is_refused() {
     assert_eq!(st, 401, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("expired"), "{v}");
 }
+
+/// A rule with `max_instances` admits at most that many pods (by `k8s:pod-uid`) at once: a
+/// pod keeps its place while it keeps using the grant, a new pod is refused while the places
+/// are taken and admitted once a place has expired; a caller without a pod UID (a workload
+/// outside a pod, or a plain token) cannot use the grant at all. Refusals are audited.
+#[tokio::test]
+async fn a_grant_caps_live_instances_by_pod_uid() {
+    let s = TestServer::start().await;
+    let root = s.client();
+    root.request(
+        reqwest::Method::PUT,
+        "/v1/policies/capped",
+        Some(&json!({
+            "identities": [["k8s:ns:payments", "node:name:node-1"]],
+            "rules": [{"resources": ["secrets/payments/db"], "operations": ["read"],
+                       "max_instances": 2, "instance_hold_secs": 2}]
+        })),
+    )
+    .await
+    .unwrap();
+    let data = std::collections::BTreeMap::from([("password".to_string(), "hunter2".to_string())]);
+    root.put_secret("payments/db", &data, None).await.unwrap();
+    let agent = join(&s, &join_token(&s, "node-1").await, new_key()).await.unwrap();
+    let workload = RecipientKey::generate().unwrap();
+    let release_as = |pod: Option<&'static str>| {
+        let (s, agent, workload) = (&s, &agent, &workload);
+        async move {
+            let n = fresh_nonce(s, agent).await;
+            let uid = pod.map(|p| format!("k8s:pod-uid:{p}"));
+            let mut sel = vec!["k8s:ns:payments"];
+            if let Some(u) = &uid {
+                sel.push(u);
+            }
+            let body = read_db(agent, &n, &sel, workload);
+            let (st, v) = send_release(s, &agent.token, Some(&agent.key), &body).await;
+            if st == 200 {
+                assert_eq!(open(workload, &n, &v)["data"]["password"], "hunter2");
+            }
+            (st, v)
+        }
+    };
+
+    assert_eq!(release_as(Some("pod-a")).await.0, 200);
+    assert_eq!(release_as(Some("pod-b")).await.0, 200);
+    let (st, v) = release_as(Some("pod-c")).await;
+    assert_eq!(st, 403, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("live instances") && msg.contains("at most 2"), "{msg}");
+    assert!(!v.to_string().contains("hunter2") && v.get("ciphertext").is_none(), "nothing is released: {v}");
+    assert_eq!(release_as(Some("pod-a")).await.0, 200, "a holder keeps its place");
+
+    // No pod UID: refused before anything runs.
+    let (st, v) = release_as(None).await;
+    assert_eq!(st, 403, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("k8s:pod-uid"), "{v}");
+    // A token naming the policy cannot use the capped rule either.
+    let (st, v, _) = raw(
+        &s.addr,
+        "POST",
+        "/v1/auth/token/create",
+        Some(&s.token),
+        Some("application/json"),
+        json!({"policies": ["capped"], "ttl": "10m"}).to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    let t = v["token"].as_str().unwrap();
+    let (st, v, _) = raw(&s.addr, "GET", "/v1/secrets/data/payments/db", Some(t), None, vec![]).await;
+    assert_eq!(st, 403, "{v}");
+
+    // Once the places expire (2 s without use), a new pod is admitted.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(release_as(Some("pod-c")).await.0, 200);
+    assert_eq!(release_as(Some("pod-d")).await.0, 200);
+    assert_eq!(release_as(Some("pod-a")).await.0, 403, "pod-a lost its place and both are taken");
+
+    let log = audit_records(&s.dir.path().join("data/audit.log"));
+    let refused: Vec<&str> = log.lines().filter(|l| l.contains("live instances already use this grant")).collect();
+    assert_eq!(refused.len(), 2, "{log}");
+    assert!(refused.iter().all(|l| l.contains("\"deny\"") && l.contains("k8s:pod-uid:")), "{refused:?}");
+    assert!(!log.contains("hunter2"));
+}

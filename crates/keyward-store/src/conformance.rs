@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use keyward_core::model::*;
-use keyward_core::store::{Change, Store, StoreError};
+use keyward_core::store::{Change, InstanceHold, Store, StoreError};
 
 /// Run every check against `store`, which must be empty.
 pub async fn run_all(store: Arc<dyn Store>) {
@@ -22,6 +22,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     token_use_race(store.clone()).await;
     policies(&*store).await;
     leases(&*store).await;
+    instance_holds(store.clone()).await;
 }
 
 /// The change feed of a shared backend, seen from a second handle on the same database
@@ -132,6 +133,43 @@ async fn leases(s: &dyn Store) {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(s.acquire_lease("scheduler", "a", long).await.unwrap(), "an expired lease is taken over");
     assert!(!s.acquire_lease("scheduler", "b", long).await.unwrap());
+}
+
+/// Live-instance places: at most `max` per scope, renewals keep a place, expired places free
+/// up, and instances racing for the last place never exceed the cap.
+async fn instance_holds(store: Arc<dyn Store>) {
+    use std::time::Duration;
+    let s = &*store;
+    let long = Duration::from_secs(30);
+    assert_eq!(s.hold_instance("p#0:secrets/db", "pod-a", 2, long).await.unwrap(), InstanceHold::Held);
+    assert_eq!(s.hold_instance("p#0:secrets/db", "pod-b", 2, long).await.unwrap(), InstanceHold::Held);
+    assert_eq!(s.hold_instance("p#0:secrets/db", "pod-c", 2, long).await.unwrap(), InstanceHold::Full { holders: 2 });
+    assert_eq!(s.hold_instance("p#0:secrets/db", "pod-a", 2, long).await.unwrap(), InstanceHold::Held, "renewal");
+    assert_eq!(s.hold_instance("p#0:secrets/other", "pod-c", 2, long).await.unwrap(), InstanceHold::Held, "per scope");
+    // Short places expire and free their slot.
+    let short = Duration::from_millis(300);
+    assert_eq!(s.hold_instance("q#1:keys/k", "pod-a", 1, short).await.unwrap(), InstanceHold::Held);
+    assert_eq!(s.hold_instance("q#1:keys/k", "pod-b", 1, short).await.unwrap(), InstanceHold::Full { holders: 1 });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        s.hold_instance("q#1:keys/k", "pod-b", 1, short).await.unwrap(),
+        InstanceHold::Held,
+        "expired place taken"
+    );
+    // Twenty instances race for three places.
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let st = store.clone();
+            tokio::spawn(async move { st.hold_instance("race#0:keys/k", &format!("pod-{i}"), 3, long).await.unwrap() })
+        })
+        .collect();
+    let mut held = 0;
+    for t in tasks {
+        if t.await.unwrap() == InstanceHold::Held {
+            held += 1;
+        }
+    }
+    assert_eq!(held, 3, "exactly the cap is admitted");
 }
 
 fn key(name: &str, id: u8) -> KeyRecord {

@@ -22,7 +22,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
 use keyward_core::model::*;
-use keyward_core::store::{Change, Changes, Store, StoreError};
+use keyward_core::store::{Change, Changes, InstanceHold, Store, StoreError};
 use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
@@ -92,6 +92,14 @@ CREATE TABLE policies (
 );
 "#,
     CHANGE_FEED,
+    r#"
+CREATE TABLE keyward_instance_holds (
+    scope TEXT COLLATE "C" NOT NULL,
+    instance TEXT COLLATE "C" NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (scope, instance)
+);
+"#,
 ];
 
 /// Leases, and the change feed: statement-level triggers record which keys, policies and metadata
@@ -1054,6 +1062,53 @@ impl Store for PostgresStore {
             .await
             .map_err(db)?;
         Ok(n == 1)
+    }
+
+    async fn hold_instance(
+        &self,
+        scope: &str,
+        instance: &str,
+        max: u32,
+        ttl: Duration,
+    ) -> Result<InstanceHold, StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db)?;
+        // One scope's places are decided one transaction at a time (across servers), so a
+        // count and the insert after it cannot interleave with another server's.
+        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 7))", &[&scope]).await.map_err(db)?;
+        tx.execute("DELETE FROM keyward_instance_holds WHERE scope=$1 AND expires_at <= clock_timestamp()", &[&scope])
+            .await
+            .map_err(db)?;
+        let secs = ttl.as_secs_f64();
+        let renewed = tx
+            .execute(
+                "UPDATE keyward_instance_holds SET expires_at = clock_timestamp() + make_interval(secs => $3) \
+                 WHERE scope=$1 AND instance=$2",
+                &[&scope, &instance, &secs],
+            )
+            .await
+            .map_err(db)?;
+        if renewed == 0 {
+            let holders: i64 = tx
+                .query_one("SELECT COUNT(*) FROM keyward_instance_holds WHERE scope=$1", &[&scope])
+                .await
+                .map_err(db)?
+                .get(0);
+            let holders = u32::try_from(holders).unwrap_or(u32::MAX);
+            if holders >= max {
+                tx.commit().await.map_err(db)?;
+                return Ok(InstanceHold::Full { holders });
+            }
+            tx.execute(
+                "INSERT INTO keyward_instance_holds (scope, instance, expires_at) \
+                 VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))",
+                &[&scope, &instance, &secs],
+            )
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(InstanceHold::Held)
     }
 
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use keyward_core::model::*;
-use keyward_core::store::{Store, StoreError};
+use keyward_core::store::{InstanceHold, Store, StoreError};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 const READERS: usize = 4;
@@ -84,6 +84,14 @@ ALTER TABLE tokens ADD COLUMN max_expires_at INTEGER;
 "#,
     r#"
 CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_ms INTEGER NOT NULL);
+"#,
+    r#"
+CREATE TABLE instance_holds (
+    scope TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    PRIMARY KEY (scope, instance)
+);
 "#,
 ];
 
@@ -831,6 +839,46 @@ impl Store for SqliteStore {
                 )
                 .map_err(backend)?;
             Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn hold_instance(
+        &self,
+        scope: &str,
+        instance: &str,
+        max: u32,
+        ttl: Duration,
+    ) -> Result<InstanceHold, StoreError> {
+        let (scope, instance) = (scope.to_string(), instance.to_string());
+        let ttl = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        self.write(move |c| {
+            let now = now_ms();
+            let tx = c.transaction().map_err(backend)?;
+            tx.execute("DELETE FROM instance_holds WHERE scope=?1 AND expires_ms <= ?2", params![scope, now])
+                .map_err(backend)?;
+            let renewed = tx
+                .execute(
+                    "UPDATE instance_holds SET expires_ms=?3 WHERE scope=?1 AND instance=?2",
+                    params![scope, instance, now.saturating_add(ttl)],
+                )
+                .map_err(backend)?;
+            if renewed == 0 {
+                let holders: u32 = tx
+                    .query_row("SELECT COUNT(*) FROM instance_holds WHERE scope=?1", [&scope], |r| r.get(0))
+                    .map_err(backend)?;
+                if holders >= max {
+                    tx.commit().map_err(backend)?;
+                    return Ok(InstanceHold::Full { holders });
+                }
+                tx.execute(
+                    "INSERT INTO instance_holds (scope, instance, expires_ms) VALUES (?1, ?2, ?3)",
+                    params![scope, instance, now.saturating_add(ttl)],
+                )
+                .map_err(backend)?;
+            }
+            tx.commit().map_err(backend)?;
+            Ok(InstanceHold::Held)
         })
         .await
     }
