@@ -215,14 +215,18 @@ async fn finish(State(st): State<AppState>, mut req: Request, next: Next) -> Res
     };
     // A grant that caps live instances: the caller takes its place now, or its answer (already
     // computed, never sent) is replaced by the refusal. Failing to ask the store refuses too.
-    if let (Some((cap, instance)), Some(u)) = (ctx.instance_cap(), unsealed.as_ref())
+    if let Some(u) = unsealed.as_ref()
         && resp.status().is_success()
-        && let Err(e) = u.kms.hold_instance(&cap, &instance).await
     {
-        if let Some((op, resource)) = ctx.operation_and_resource() {
-            ctx.set_decision(&op, &resource, false, e.to_string());
+        for (cap, instance) in ctx.instance_caps() {
+            if let Err(e) = u.kms.hold_instance(&cap, &instance).await {
+                if let Some((op, resource)) = ctx.operation_and_resource() {
+                    ctx.set_decision(&op, &resource, false, e.to_string());
+                }
+                resp = ApiError::from(e).into_response();
+                break;
+            }
         }
-        resp = ApiError::from(e).into_response();
     }
     if unsealed.is_none() {
         // No audit key exists while sealed: seal ceremonies are logged here instead, and the
@@ -334,10 +338,9 @@ pub(crate) fn allow(st: &AppState, c: &Caller, op: &str, resource: &str) -> Resu
         Ok(grant) => {
             // A grant that caps live instances counts the caller by its pod UID; the place is
             // taken (or refused) in `finish`, before the answer leaves.
-            let instance = match grant.cap {
-                None => None,
-                Some(cap) => match c.0.selectors.iter().find_map(|s| s.strip_prefix(INSTANCE_SELECTOR)) {
-                    Some(uid) => Some((cap, uid.to_string())),
+            if let Some(cap) = grant.cap {
+                match c.0.selectors.iter().find_map(|s| s.strip_prefix(INSTANCE_SELECTOR)) {
+                    Some(uid) => c.1.add_instance_cap(cap, uid.to_string()),
                     None => {
                         let why = format!(
                             "{} caps live instances by pod UID, and this caller has no {INSTANCE_SELECTOR} selector \
@@ -347,9 +350,8 @@ pub(crate) fn allow(st: &AppState, c: &Caller, op: &str, resource: &str) -> Resu
                         c.1.set_decision(op, resource, false, why.clone());
                         return Err(ApiError::from(KmsError::PermissionDenied(why)));
                     }
-                },
-            };
-            c.1.set_instance_cap(instance);
+                }
+            }
             c.1.set_decision(op, resource, true, grant.reason);
             Ok(())
         }

@@ -112,9 +112,9 @@ pub struct AuditRecord {
 #[derive(Debug, Default)]
 pub struct AuditCtx {
     inner: Mutex<CtxFields>,
-    /// A place the caller must take under a live-instance cap before the answer leaves
-    /// (the cap, and the caller's pod UID).
-    instance: Mutex<Option<(keyward_core::service::InstanceCap, String)>>,
+    /// Places the caller must take under live-instance caps before the answer leaves (each
+    /// cap, and the caller's pod UID): one per capped grant the request used.
+    instance: Mutex<Vec<(keyward_core::service::InstanceCap, String)>>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -145,17 +145,18 @@ impl AuditCtx {
         }
     }
 
-    /// Note that the grant of this request caps live instances: `instance` must hold a place
-    /// under `cap` before the answer leaves (the last decision wins).
-    pub fn set_instance_cap(&self, cap: Option<(keyward_core::service::InstanceCap, String)>) {
+    /// Note that a grant this request used caps live instances: `instance` must hold a place
+    /// under `cap` before the answer leaves. Caps add up: a request that needs two grants
+    /// (re-encrypt) must take a place under each capped one.
+    pub fn add_instance_cap(&self, cap: keyward_core::service::InstanceCap, instance: String) {
         if let Ok(mut c) = self.instance.lock() {
-            *c = cap;
+            c.push((cap, instance));
         }
     }
 
-    /// The place this request must take, if its grant caps live instances.
-    pub fn instance_cap(&self) -> Option<(keyward_core::service::InstanceCap, String)> {
-        self.instance.lock().ok().and_then(|c| c.clone())
+    /// The places this request must take.
+    pub fn instance_caps(&self) -> Vec<(keyward_core::service::InstanceCap, String)> {
+        self.instance.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
     /// Record the encryption context of a cryptographic operation.
