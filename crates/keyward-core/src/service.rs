@@ -1008,13 +1008,9 @@ impl Kms {
         Err(KmsError::PermissionDenied(format!("no policy of this identity grants {operation} on {resource}")))
     }
 
-    /// Authorize `operation` on `resource` for `who`; see [`Kms::decide`].
-    pub fn authorize(&self, who: &TokenRecord, operation: &str, resource: &str) -> Result<String, KmsError> {
-        self.decide(&who.policies, &who.selectors, operation, resource)
-    }
-
-    /// Authorize like [`Kms::authorize`], keeping the grant's live-instance cap.
-    pub fn authorize_grant(&self, who: &TokenRecord, operation: &str, resource: &str) -> Result<Grant, KmsError> {
+    /// Authorize `operation` on `resource` for `who`: [`Kms::decide_grant`] with its token's
+    /// policies and selectors.
+    pub fn authorize(&self, who: &TokenRecord, operation: &str, resource: &str) -> Result<Grant, KmsError> {
         self.decide_grant(&who.policies, &who.selectors, operation, resource)
     }
 

@@ -334,25 +334,24 @@ async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) 
 }
 
 pub(crate) fn allow(st: &AppState, c: &Caller, op: &str, resource: &str) -> Result<(), ApiError> {
-    match st.kms()?.authorize_grant(&c.0, op, resource) {
-        Ok(grant) => {
-            // A grant that caps live instances counts the caller by its pod UID; the place is
-            // taken (or refused) in `finish`, before the answer leaves.
-            if let Some(cap) = grant.cap {
-                match c.0.selectors.iter().find_map(|s| s.strip_prefix(INSTANCE_SELECTOR)) {
-                    Some(uid) => c.1.add_instance_cap(cap, uid.to_string()),
-                    None => {
-                        let why = format!(
-                            "{} caps live instances by pod UID, and this caller has no {INSTANCE_SELECTOR} selector \
-                             (only workloads in pods, through the node agent, can use it)",
-                            grant.reason
-                        );
-                        c.1.set_decision(op, resource, false, why.clone());
-                        return Err(ApiError::from(KmsError::PermissionDenied(why)));
-                    }
-                }
-            }
-            c.1.set_decision(op, resource, true, grant.reason);
+    // A grant that caps live instances counts the caller by its pod UID; the place is taken
+    // (or refused) in `finish`, before the answer leaves. Without a pod UID it cannot be used.
+    let decision = st.kms()?.authorize(&c.0, op, resource).and_then(|grant| {
+        if let Some(cap) = grant.cap {
+            let Some(uid) = c.0.selectors.iter().find_map(|s| s.strip_prefix(INSTANCE_SELECTOR)) else {
+                return Err(KmsError::PermissionDenied(format!(
+                    "{} caps live instances by pod UID, and this caller has no {INSTANCE_SELECTOR} selector \
+                     (only workloads in pods, through the node agent, can use it)",
+                    grant.reason
+                )));
+            };
+            c.1.add_instance_cap(cap, uid.to_string());
+        }
+        Ok(grant.reason)
+    });
+    match decision {
+        Ok(reason) => {
+            c.1.set_decision(op, resource, true, reason);
             Ok(())
         }
         Err(e) => {
