@@ -218,20 +218,35 @@ impl Shared {
             code: "shutting_down",
             message: "the agent is shutting down".into(),
         })?;
-        let me = Arc::clone(self);
+        // A known executable is measured here (a few small /proc reads); a new one is hashed on
+        // a blocking thread.
         let pinned = Arc::clone(&caller.pinned);
-        let result = tokio::task::spawn_blocking(move || {
-            let p = pinned.as_ref().as_ref().map_err(|_| AttestError::Gone)?;
-            let m = me.measurer.measure(p)?;
-            p.still_alive()?;
-            Ok::<_, AttestError>(m)
-        })
-        .await
-        .map_err(|_| AgentError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            code: "internal",
-            message: "measurement failed unexpectedly".into(),
-        })?;
+        let cached = pinned.as_ref().as_ref().map_err(|_| AttestError::Gone).and_then(|p| {
+            let m = self.measurer.measure_if_cached(p)?;
+            if m.is_some() {
+                p.still_alive()?;
+            }
+            Ok(m)
+        });
+        let result = match cached {
+            Ok(Some(m)) => Ok(m),
+            Err(e) => Err(e),
+            Ok(None) => {
+                let me = Arc::clone(self);
+                tokio::task::spawn_blocking(move || {
+                    let p = pinned.as_ref().as_ref().map_err(|_| AttestError::Gone)?;
+                    let m = me.measurer.measure(p)?;
+                    p.still_alive()?;
+                    Ok::<_, AttestError>(m)
+                })
+                .await
+                .map_err(|_| AgentError {
+                    status: StatusCode::INTERNAL_SERVER_ERROR,
+                    code: "internal",
+                    message: "measurement failed unexpectedly".into(),
+                })?
+            }
+        };
         let m = match result {
             Ok(m) => m,
             Err(e) => {
@@ -483,14 +498,9 @@ async fn relay(st: Arc<Shared>, caller: Caller, op: Op, body: Value) -> Result<R
             Ok((status, [json], bytes).into_response())
         }
         Err(e) => {
-            let status = match &e {
-                upstream::UpstreamError::Client(c) => c.status(),
-                _ => None,
-            };
+            let status = e.status();
             // Unreachable (or sealed, 503): an outage.
-            if matches!(&e, upstream::UpstreamError::Client(keyward_client::Error::Transport { .. }))
-                || status == Some(503)
-            {
+            if e.unreachable() || status == Some(503) {
                 st.outage.reachable(false);
                 if cacheable && let Some((age, bytes)) = st.outage.get(&cache_key, st.outage_window) {
                     tracing::info!(pid = a.pid, op = op.name(), age, "release answered from the outage cache");

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use keyward_client::{Client, Method};
-use keyward_core::release::{PROOF_CONTEXT, SIGNATURE_HEADER};
+use keyward_core::release::{BATCH_PROOF_CONTEXT, MAX_BATCH, SIGNATURE_HEADER};
 use keyward_crypto::keys::{KeyAlgorithm, LoadedKey};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
@@ -95,6 +95,9 @@ pub enum UpstreamError {
     /// The join credential could not be read.
     #[error("join credential: {0}")]
     Credential(String),
+    /// The batch this release travelled in failed as a whole (each of its releases gets this).
+    #[error(transparent)]
+    Batch(Arc<UpstreamError>),
 }
 
 impl UpstreamError {
@@ -102,7 +105,17 @@ impl UpstreamError {
     pub fn status(&self) -> Option<u16> {
         match self {
             Self::Client(c) => c.status(),
+            Self::Batch(e) => e.status(),
             _ => None,
+        }
+    }
+
+    /// Whether the server could not be reached at all (as opposed to answering).
+    pub fn unreachable(&self) -> bool {
+        match self {
+            Self::Client(keyward_client::Error::Transport { .. }) => true,
+            Self::Batch(e) => e.unreachable(),
+            _ => false,
         }
     }
 }
@@ -149,6 +162,43 @@ pub struct Upstream {
     /// underestimated) and the session (accessor) they were issued to.
     nonces: Mutex<VecDeque<(String, Instant, String)>>,
     refilling: AtomicBool,
+    batches: Mutex<Batches>,
+}
+
+/// What a release comes back as: the server's status and body, unchanged.
+type ReleaseResult = Result<(u16, Vec<u8>), UpstreamError>;
+
+/// A release waiting for its batch.
+struct Pending {
+    /// The release, as JSON (`{"nonce", "workload", "recipient", "op"}`).
+    item: Vec<u8>,
+    done: tokio::sync::oneshot::Sender<ReleaseResult>,
+}
+
+/// Releases waiting to be sent, and how many batches are at the server.
+#[derive(Default)]
+struct Batches {
+    queue: Vec<Pending>,
+    in_flight: usize,
+}
+
+/// Batches at the server at once. While one is out, releases wait and leave together in the
+/// next, so one signature, one request and one round trip serve many; a second (up to this
+/// many) leaves early only when a full batch is waiting.
+const MAX_IN_FLIGHT: usize = 4;
+
+/// `{"results": [{"status", "body"}]}` of `POST /v1/agent/releases`.
+#[derive(serde::Deserialize)]
+struct BatchAnswer<'a> {
+    #[serde(borrow)]
+    results: Vec<BatchResult<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct BatchResult<'a> {
+    status: u16,
+    #[serde(borrow)]
+    body: &'a serde_json::value::RawValue,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -205,6 +255,7 @@ impl Upstream {
             session: RwLock::new(Arc::new(session)),
             nonces: Mutex::new(VecDeque::new()),
             refilling: AtomicBool::new(false),
+            batches: Mutex::default(),
         })
     }
 
@@ -333,27 +384,101 @@ impl Upstream {
 
     /// Ask the server to run `op` as the measured workload and seal the answer to
     /// `recipient`. Returns the server's status and body, unchanged (sealed on success).
+    ///
+    /// Releases are sent in signed batches (`POST /v1/agent/releases`): one leaves at once
+    /// when no batch is at the server; otherwise it waits for the next batch.
     pub async fn release(
-        &self,
+        self: &Arc<Self>,
         nonce: &str,
         pid: u32,
         selectors: &[String],
         recipient: &str,
         op: Value,
-    ) -> Result<(u16, Vec<u8>), UpstreamError> {
-        let s = self.session();
-        let body = serde_json::to_vec(&json!({
+    ) -> ReleaseResult {
+        let item = serde_json::to_vec(&json!({
             "nonce": nonce,
-            "public_key": s.public_b64,
             "workload": {"selectors": selectors, "pid": pid},
             "recipient": recipient,
             "op": op,
         }))
         .map_err(|_| UpstreamError::Protocol("request encoding"))?;
-        let mut signed = PROOF_CONTEXT.to_vec();
+        let (done, answer) = tokio::sync::oneshot::channel();
+        self.lock_batches().queue.push(Pending { item, done });
+        self.dispatch();
+        answer.await.map_err(|_| UpstreamError::Protocol("the release's batch was dropped"))?
+    }
+
+    fn lock_batches(&self) -> std::sync::MutexGuard<'_, Batches> {
+        self.batches.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Send what is queued: when no batch is out, or when a full batch waits and fewer than
+    /// [`MAX_IN_FLIGHT`] are out. A batch that comes back dispatches again, so nothing queued
+    /// is left behind.
+    fn dispatch(self: &Arc<Self>) {
+        loop {
+            let batch: Vec<Pending> = {
+                let mut b = self.lock_batches();
+                if b.queue.is_empty()
+                    || !(b.in_flight == 0 || (b.in_flight < MAX_IN_FLIGHT && b.queue.len() >= MAX_BATCH))
+                {
+                    return;
+                }
+                b.in_flight += 1;
+                let n = b.queue.len().min(MAX_BATCH);
+                b.queue.drain(..n).collect()
+            };
+            let me = Arc::clone(self);
+            tokio::spawn(async move {
+                let (items, waiting): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.item, p.done)).unzip();
+                match me.send_batch(&items).await {
+                    Ok(results) => {
+                        for (done, r) in waiting.into_iter().zip(results) {
+                            let _ = done.send(Ok(r));
+                        }
+                    }
+                    Err(e) => {
+                        let e = Arc::new(e);
+                        for done in waiting {
+                            let _ = done.send(Err(UpstreamError::Batch(e.clone())));
+                        }
+                    }
+                }
+                me.lock_batches().in_flight -= 1;
+                me.dispatch();
+            });
+        }
+    }
+
+    /// One signed batch; a status and body per release, in order. A batch the server refuses
+    /// as a whole (bad signature, sealed, audit down) gives every release that refusal.
+    async fn send_batch(&self, items: &[Vec<u8>]) -> Result<Vec<(u16, Vec<u8>)>, UpstreamError> {
+        let s = self.session();
+        let mut body = Vec::with_capacity(64 + items.iter().map(|i| i.len() + 1).sum::<usize>());
+        body.extend_from_slice(br#"{"public_key":""#);
+        body.extend_from_slice(s.public_b64.as_bytes());
+        body.extend_from_slice(br#"","releases":["#);
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(item);
+        }
+        body.extend_from_slice(b"]}");
+        let mut signed = BATCH_PROOF_CONTEXT.to_vec();
         signed.extend_from_slice(&body);
         let sig = STANDARD.encode(s.key.sign(&signed)?);
-        Ok(s.client.request_raw(Method::POST, "/v1/agent/release", body, &[(SIGNATURE_HEADER, sig)]).await?)
+        let (status, bytes) =
+            s.client.request_raw(Method::POST, "/v1/agent/releases", body, &[(SIGNATURE_HEADER, sig)]).await?;
+        if !(200..300).contains(&status) {
+            return Ok(vec![(status, bytes); items.len()]);
+        }
+        let answer: BatchAnswer<'_> =
+            serde_json::from_slice(&bytes).map_err(|_| UpstreamError::Protocol("the batch answer is not JSON"))?;
+        if answer.results.len() != items.len() {
+            return Err(UpstreamError::Protocol("the batch answer has the wrong number of results"));
+        }
+        Ok(answer.results.into_iter().map(|r| (r.status, r.body.get().as_bytes().to_vec())).collect())
     }
 }
 

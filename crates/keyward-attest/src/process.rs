@@ -207,20 +207,19 @@ fn ensure_running(pidfd: &OwnedFd) -> Result<(), AttestError> {
 }
 
 fn read_text<D: AsFd>(dir: D, name: &str, what: &'static str) -> Result<String, AttestError> {
+    use std::io::Read;
     let fd = openat(dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).map_err(io_err(what))?;
-    let mut buf = vec![0u8; MAX_PROC_TEXT];
-    let mut len = 0;
-    loop {
-        let n = rustix::io::read(&fd, &mut buf[len..]).map_err(io_err(what))?;
-        if n == 0 {
-            break;
+    // Grows as needed from a small buffer (these files are a few hundred bytes to a few KiB).
+    let mut buf = Vec::with_capacity(4096);
+    std::fs::File::from(fd).take(MAX_PROC_TEXT as u64).read_to_end(&mut buf).map_err(|e| {
+        match rustix::io::Errno::from_io_error(&e) {
+            Some(errno) => io_err(what)(errno),
+            None => AttestError::Io { what, source: e },
         }
-        len += n;
-        if len == buf.len() {
-            return Err(AttestError::Malformed("a /proc file is larger than expected"));
-        }
+    })?;
+    if buf.len() >= MAX_PROC_TEXT {
+        return Err(AttestError::Malformed("a /proc file is larger than expected"));
     }
-    buf.truncate(len);
     String::from_utf8(buf).map_err(|_| AttestError::Malformed("a /proc file is not UTF-8"))
 }
 
@@ -352,14 +351,29 @@ impl Measurer {
     /// Measure a pinned process. Blocking (reads the executable on a cache miss); call
     /// [`Pinned::still_alive`] afterwards before trusting the result.
     pub fn measure(&self, p: &Pinned) -> Result<Measurement, AttestError> {
-        let (uid, gid, supplementary_gids) = parse_status(&read_text(&p.dir, "status", "reading /proc/PID/status")?)?;
-        let exe_path = readlinkat(&p.dir, "exe", Vec::new()).map_err(io_err("reading /proc/PID/exe"))?.into_bytes();
-        let exe_sha256 = self.exe_hash(&p.dir)?;
-        let cgroup = cgroup::parse(&read_text(&p.dir, "cgroup", "reading /proc/PID/cgroup")?)?;
-        Ok(Measurement { pid: p.pid, uid, gid, supplementary_gids, exe_path, exe_sha256, cgroup })
+        self.measure_with(p, true).map(|m| m.ok_or(AttestError::Gone))?
     }
 
-    fn exe_hash(&self, dir: &OwnedFd) -> Result<Option<[u8; 32]>, AttestError> {
+    /// Measure a pinned process if its executable's hash is already known, without reading
+    /// the executable: only a few small `/proc` files, so it may run on an async thread. `None`
+    /// when the executable must be hashed first ([`Measurer::measure`], blocking).
+    pub fn measure_if_cached(&self, p: &Pinned) -> Result<Option<Measurement>, AttestError> {
+        self.measure_with(p, false)
+    }
+
+    fn measure_with(&self, p: &Pinned, may_hash: bool) -> Result<Option<Measurement>, AttestError> {
+        let Some(exe_sha256) = self.exe_hash(&p.dir, may_hash)? else {
+            return Ok(None);
+        };
+        let (uid, gid, supplementary_gids) = parse_status(&read_text(&p.dir, "status", "reading /proc/PID/status")?)?;
+        let exe_path = readlinkat(&p.dir, "exe", Vec::new()).map_err(io_err("reading /proc/PID/exe"))?.into_bytes();
+        let cgroup = cgroup::parse(&read_text(&p.dir, "cgroup", "reading /proc/PID/cgroup")?)?;
+        Ok(Some(Measurement { pid: p.pid, uid, gid, supplementary_gids, exe_path, exe_sha256, cgroup }))
+    }
+
+    /// The executable's hash (`Some(None)` when it is too large to hash); `None` when it is
+    /// not cached and `may_hash` is false.
+    fn exe_hash(&self, dir: &OwnedFd, may_hash: bool) -> Result<Option<Option<[u8; 32]>>, AttestError> {
         // Opening `exe` gives the inode actually executed, even if the path now names
         // another file or none.
         let file = openat(dir, "exe", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
@@ -373,7 +387,10 @@ impl Measurer {
             ctime: (st.st_ctime, st.st_ctime_nsec),
         };
         if let Some(h) = self.cache.lock().ok().and_then(|c| c.get(&key).copied()) {
-            return Ok(h);
+            return Ok(Some(h));
+        }
+        if !may_hash {
+            return Ok(None);
         }
         let size = u64::try_from(st.st_size).unwrap_or(u64::MAX);
         let hash = if size > self.hash_limit { None } else { Some(hash_fd(&file, self.hash_limit)?) };
@@ -392,7 +409,7 @@ impl Measurer {
             }
             c.insert(key, hash);
         }
-        Ok(hash)
+        Ok(Some(hash))
     }
 }
 

@@ -75,6 +75,9 @@ fn a_replaced_binary_keeps_its_hash_and_a_new_start_is_rehashed() {
     let measurer = Measurer::default();
     let first = spawn(&app);
     let p1 = Pinned::from_pid(first.0.id()).unwrap();
+    // The non-blocking path never hashes: nothing known yet.
+    assert!(measurer.measure_if_cached(&p1).unwrap().is_none());
+    assert_eq!(measurer.cached(), 0);
     let m1 = measurer.measure(&p1).unwrap();
     assert_eq!(hex::encode(m1.exe_sha256.unwrap()), h1);
     assert_eq!(m1.exe_path, app.as_os_str().as_encoded_bytes());
@@ -83,10 +86,14 @@ fn a_replaced_binary_keeps_its_hash_and_a_new_start_is_rehashed() {
     // Measuring again costs no hashing: the cache is keyed by the file's identity.
     measurer.measure(&p1).unwrap();
     assert_eq!(measurer.cached(), 1);
+    let fast = measurer.measure_if_cached(&p1).unwrap().expect("known executable");
+    assert_eq!(fast.selectors(), m1.selectors());
 
     install(&v2, &app);
     let h2 = sha256_file(&app);
     assert_ne!(h1, h2);
+    // The file's identity moved (its ctime): the fast path does not answer with the old hash.
+    assert!(measurer.measure_if_cached(&p1).unwrap().is_none());
 
     // The old process still runs the old inode: same hash, and the path says so. (Unlinking
     // changed the old inode's ctime, so it was hashed again, which is the safe direction.)

@@ -11,6 +11,8 @@
 //!   policies: only policies attached by identity can grant it), audits it with the selectors,
 //!   and seals a successful response to the workload's key with HPKE, so neither the agent nor
 //!   the network sees the secret.
+//! - A **batch** (`POST /v1/agent/releases`) carries up to [`MAX_BATCH`] releases under one
+//!   signature; each is otherwise handled, audited and answered as a release of its own.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -30,10 +32,12 @@ use tower::ServiceExt;
 use crate::api::AppState;
 use crate::audit::AuditCtx;
 use crate::error::ApiError;
-use crate::extract::{Caller, MAX_BODY, StrictJson};
+use crate::extract::{Caller, MAX_BODY, RequestId, StrictJson};
 use crate::wire::{b64, parse_period, time, unb64};
 
-pub use keyward_core::release::{AGENT_KEY_SELECTOR, JOIN_SELECTOR, NODE_SELECTOR, PROOF_CONTEXT, SIGNATURE_HEADER};
+pub use keyward_core::release::{
+    AGENT_KEY_SELECTOR, BATCH_PROOF_CONTEXT, JOIN_SELECTOR, MAX_BATCH, NODE_SELECTOR, PROOF_CONTEXT, SIGNATURE_HEADER,
+};
 /// HPKE `info` of sealed releases; the nonce is the associated data.
 pub use keyward_crypto::hpke::RELEASE_INFO;
 
@@ -351,18 +355,46 @@ struct ReleaseReq {
     op: ReleaseOp,
 }
 
+/// One release of a batch: a single release without the agent's key (given once per batch).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseItem {
+    nonce: String,
+    workload: Workload,
+    recipient: String,
+    op: ReleaseOp,
+}
+
+/// `POST /v1/agent/releases`: up to [`MAX_BATCH`] releases, signed once.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseBatchReq {
+    public_key: String,
+    releases: Vec<ReleaseItem>,
+}
+
+/// Largest batch body: a full batch of the largest single releases.
+const MAX_BATCH_BODY: usize = MAX_BODY * 4;
+
 /// Parse the agent request bodies from untrusted bytes (fuzzing and property tests); for a
 /// release that parses, also form its inner request. Returns how many parsed.
 pub(crate) fn parse_agent_requests(data: &[u8]) -> usize {
     let mut n = usize::from(serde_json::from_slice::<JoinTokenReq>(data).is_ok())
         + usize::from(serde_json::from_slice::<NonceReq>(data).is_ok())
         + usize::from(serde_json::from_slice::<JoinReq>(data).is_ok());
-    if let Ok(r) = serde_json::from_slice::<ReleaseReq>(data) {
-        n += 1;
-        if let Ok((_, uri, _)) = r.op.inner() {
+    let check = |op: &ReleaseOp| {
+        if let Ok((_, uri, _)) = op.inner() {
             // Whatever forms must be a URI axum accepts, under /v1/.
             assert!(uri.starts_with("/v1/") && uri.parse::<axum::http::Uri>().is_ok(), "{uri}");
         }
+    };
+    if let Ok(r) = serde_json::from_slice::<ReleaseReq>(data) {
+        n += 1;
+        check(&r.op);
+    }
+    if let Ok(b) = serde_json::from_slice::<ReleaseBatchReq>(data) {
+        n += 1;
+        b.releases.iter().for_each(|r| check(&r.op));
     }
     n
 }
@@ -371,20 +403,9 @@ fn unauthenticated(msg: &str) -> ApiError {
     ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", msg.to_string())
 }
 
-pub(crate) async fn release(
-    State(st): State<AppState>,
-    c: Caller,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let node = agent_node(&c)?;
-    if body.len() > MAX_BODY {
-        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "release request too large"));
-    }
-    let r: ReleaseReq = serde_json::from_slice(&body).map_err(|e| crate::extract::json_error(&e))?;
-
-    // Proof of possession of the key this agent joined with.
-    let pk = unb64("public_key", &r.public_key)?;
+/// The agent's proof of possession: `context || body` signed with the key its token is bound to.
+fn check_proof(c: &Caller, headers: &HeaderMap, public_key: &str, context: &[u8], body: &[u8]) -> Result<(), ApiError> {
+    let pk = unb64("public_key", public_key)?;
     let bound = selector_value(&c.0, AGENT_KEY_SELECTOR).unwrap_or_default();
     if hex::encode(keyward_crypto::hash::sha256(&pk)) != bound {
         c.1.set_decision("release", "agents", false, "public key is not the one this agent joined with".into());
@@ -396,25 +417,55 @@ pub(crate) async fn release(
         .map(|s| unb64(SIGNATURE_HEADER, s))
         .transpose()?
         .ok_or_else(|| unauthenticated("a release must be signed (keyward-agent-signature header)"))?;
-    let mut signed = PROOF_CONTEXT.to_vec();
-    signed.extend_from_slice(&body);
+    let mut signed = context.to_vec();
+    signed.extend_from_slice(body);
     if keyward_crypto::keys::verify_ed25519_raw(&pk, &signed, &sig).is_err() {
         c.1.set_decision("release", "agents", false, "bad agent signature".into());
         return Err(unauthenticated("the release signature does not verify"));
     }
-    let nonce = unb64("nonce", &r.nonce)?;
-    if !st.agents.take(&nonce, &c.0.accessor) {
-        c.1.set_decision("release", "agents", false, "nonce unknown, used, expired or another agent's".into());
+    Ok(())
+}
+
+/// What a release produced: the answer sealed to the workload, or a refusal passed on as it is
+/// (errors carry no secret).
+enum Released {
+    Sealed(Value),
+    Refused(StatusCode, Bytes),
+}
+
+impl IntoResponse for Released {
+    fn into_response(self) -> Response {
+        match self {
+            Self::Sealed(v) => Json(v).into_response(),
+            Self::Refused(status, bytes) => {
+                (status, [(axum::http::header::CONTENT_TYPE, "application/json")], bytes).into_response()
+            }
+        }
+    }
+}
+
+/// One release, after the agent's proof was checked: the nonce, the workload's selectors, the
+/// operation run as the workload (its decision lands in `ctx`), and the seal.
+async fn run_release(
+    st: &AppState,
+    node: &str,
+    agent: &str,
+    item: ReleaseItem,
+    ctx: Arc<AuditCtx>,
+) -> Result<Released, ApiError> {
+    let nonce = unb64("nonce", &item.nonce)?;
+    if !st.agents.take(&nonce, agent) {
+        ctx.set_decision("release", "agents", false, "nonce unknown, used, expired or another agent's".into());
         return Err(unauthenticated("the nonce is unknown, already used or expired; get a fresh one"));
     }
-    let recipient = unb64("recipient", &r.recipient)?;
+    let recipient = unb64("recipient", &item.recipient)?;
     if recipient.len() != keyward_crypto::hpke::KEY_LEN {
         return Err(ApiError::invalid("recipient must be a raw 32-byte X25519 public key, base64"));
     }
 
     // The workload's identity: what the agent measured (only `unix:` and `k8s:` selectors, and
     // `exec:` for the program a trusted launcher will exec), plus the node this agent proved it is.
-    let w = &r.workload;
+    let w = &item.workload;
     if w.selectors.len() > MAX_WORKLOAD_SELECTORS {
         return Err(ApiError::invalid(format!("at most {MAX_WORKLOAD_SELECTORS} workload selectors")));
     }
@@ -429,24 +480,24 @@ pub(crate) async fn release(
     selectors.push(format!("{NODE_SELECTOR}{node}"));
     selectors.sort();
     selectors.dedup();
-    let (method, uri, inner_body) = r.op.inner()?;
+    let (method, uri, inner_body) = item.op.inner()?;
     let pid = w.pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into());
-    let display = format!("workload pid {pid} on {node} via {}", c.0.accessor);
+    let display = format!("workload pid {pid} on {node} via {agent}");
     let record = TokenRecord::ephemeral(format!("workload_{node}_{pid}"), display, selectors);
 
     // The operation runs through the normal handler as the workload. Its authorization
-    // decision lands in this request's audit record (the same context), so one record says who
-    // the workload was, on which node, through which agent, and what was decided.
+    // decision lands in this release's audit context, so one record says who the workload
+    // was, on which node, through which agent, and what was decided.
     let inner = Request::builder()
         .method(method)
         .uri(&uri)
         .header(axum::http::header::CONTENT_TYPE, "application/json")
         .extension(InternalWorkload(Arc::new(record)))
-        .extension(c.1.clone())
+        .extension(ctx)
         .body(inner_body.map(|b| Body::from(b.to_string())).unwrap_or_else(Body::empty))
         .map_err(|_| ApiError::invalid("the operation does not form a valid request"))?;
-    let mut resp = crate::api::release_router(&st).oneshot(inner).await.unwrap_or_else(|e| match e {});
-    // Errors carry no secret: hand them to this request's error rendering and audit as they are.
+    let mut resp = crate::api::release_router(st).oneshot(inner).await.unwrap_or_else(|e| match e {});
+    // Errors carry no secret: hand them to the caller's error rendering and audit as they are.
     if let Some(e) = resp.extensions_mut().remove::<ApiError>() {
         return Err(e);
     }
@@ -455,20 +506,104 @@ pub(crate) async fn release(
         .await
         .map_err(|_| ApiError::internal("the released response is too large to seal".into()))?;
     if !status.is_success() {
-        // Errors carry no secrets: pass them through as they are.
-        return Ok((status, [(axum::http::header::CONTENT_TYPE, "application/json")], bytes).into_response());
+        return Ok(Released::Refused(status, bytes));
     }
     let sealed = keyward_crypto::hpke::seal(&recipient, RELEASE_INFO, &nonce, &bytes)
         .map_err(|_| ApiError::invalid("recipient is not a usable X25519 public key"))?;
-    Ok(Json(json!({
+    Ok(Released::Sealed(json!({
         "status": status.as_u16(),
         "suite": keyward_crypto::hpke::SUITE,
-        "nonce": r.nonce,
+        "nonce": item.nonce,
         "enc": b64(&sealed.enc),
         "ciphertext": b64(&sealed.ciphertext),
-    }))
-    .into_response())
+    })))
 }
+
+/// `POST /v1/agent/release`: one release, signed on its own (agents before batching).
+pub(crate) async fn release(
+    State(st): State<AppState>,
+    c: Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let node = agent_node(&c)?;
+    if body.len() > MAX_BODY {
+        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "release request too large"));
+    }
+    let r: ReleaseReq = serde_json::from_slice(&body).map_err(|e| crate::extract::json_error(&e))?;
+    check_proof(&c, &headers, &r.public_key, PROOF_CONTEXT, &body)?;
+    let item = ReleaseItem { nonce: r.nonce, workload: r.workload, recipient: r.recipient, op: r.op };
+    Ok(run_release(&st, &node, &c.0.accessor, item, c.1.clone()).await?.into_response())
+}
+
+/// `POST /v1/agent/releases`: a batch of releases, signed once. Each release is a request of
+/// its own in every other respect: its own nonce, decision, live-instance places and audit
+/// record (durable before the batch's answer leaves), and its own status in the answer,
+/// `{"results": [{"status": N, "body": {...}}, ...]}` in the order asked. The batch itself
+/// leaves one more record, for the agent.
+pub(crate) async fn release_batch(
+    State(st): State<AppState>,
+    c: Caller,
+    Extension(id): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let node = agent_node(&c)?;
+    if body.len() > MAX_BATCH_BODY {
+        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "release batch too large"));
+    }
+    let r: ReleaseBatchReq = serde_json::from_slice(&body).map_err(|e| crate::extract::json_error(&e))?;
+    if r.releases.is_empty() || r.releases.len() > MAX_BATCH {
+        return Err(ApiError::invalid(format!("a batch holds from 1 to {MAX_BATCH} releases")));
+    }
+    check_proof(&c, &headers, &r.public_key, BATCH_PROOF_CONTEXT, &body)?;
+    let unsealed = st.sealing.unsealed().ok_or_else(crate::api::sealed_error)?;
+    c.1.set_decision("release-batch", &format!("agents/{node}"), true, format!("{} releases", r.releases.len()));
+    let agent = c.0.accessor.clone();
+    let tasks: Vec<_> = r
+        .releases
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let (st, node, agent, unsealed) = (st.clone(), node.clone(), agent.clone(), unsealed.clone());
+            let ctx = Arc::new(c.1.part());
+            let id = format!("{}.{i}", id.0);
+            tokio::spawn(async move {
+                let resp = match run_release(&st, &node, &agent, item, ctx.clone()).await {
+                    Ok(r) => r.into_response(),
+                    Err(e) => e.into_response(),
+                };
+                let audit = unsealed.audit.as_deref();
+                let resp = crate::api::conclude(Some(&unsealed), audit, &ctx, &id, "POST", BATCH_ITEM_PATH, resp).await;
+                let status = resp.status().as_u16();
+                (status, axum::body::to_bytes(resp.into_body(), MAX_RELEASE_RESPONSE).await)
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(tasks.len() * 512);
+    out.extend_from_slice(br#"{"results":["#);
+    for (i, t) in tasks.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        match t.await {
+            Ok((status, Ok(bytes))) => {
+                out.extend_from_slice(format!(r#"{{"status":{status},"body":"#).as_bytes());
+                out.extend_from_slice(&bytes);
+                out.push(b'}');
+            }
+            // A release that panicked or whose answer could not be read: nothing of it leaves.
+            _ => out.extend_from_slice(
+                br#"{"status":500,"body":{"error":{"code":"internal","message":"the release failed"}}}"#,
+            ),
+        }
+    }
+    out.extend_from_slice(b"]}");
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], out).into_response())
+}
+
+/// The path each release of a batch is audited under.
+const BATCH_ITEM_PATH: &str = "/v1/agent/releases";
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

@@ -51,7 +51,7 @@ impl AppState {
 /// Routes a sealed server still answers.
 const SEALED_ROUTES: &[&str] = &["/v1/health", "/v1/sys/init", "/v1/sys/unseal"];
 
-fn sealed_error() -> ApiError {
+pub(crate) fn sealed_error() -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "sealed",
@@ -93,6 +93,7 @@ pub fn route_table() -> Vec<(&'static str, &'static str, bool, MethodRouter<AppS
         ("post", "/v1/auth/agent/join", true, post(crate::agent_api::join)),
         ("post", "/v1/agent/nonce", false, post(crate::agent_api::nonce)),
         ("post", "/v1/agent/release", false, post(crate::agent_api::release)),
+        ("post", "/v1/agent/releases", false, post(crate::agent_api::release_batch)),
         ("post", "/v1/auth/token/create", false, post(token_create)),
         ("post", "/v1/auth/token/lookup", false, post(token_lookup)),
         ("post", "/v1/auth/token/renew", false, post(token_renew)),
@@ -208,14 +209,35 @@ async fn finish(State(st): State<AppState>, mut req: Request, next: Next) -> Res
     let unsealed = st.sealing.unsealed();
     let audited = unsealed.as_ref().and_then(|u| u.audit.as_ref()).filter(|_| path != "/v1/health");
     // Fail closed: while sealed, or while the audit log cannot be written, nothing runs.
-    let mut resp = match audited {
+    let resp = match audited {
         _ if unsealed.is_none() && !SEALED_ROUTES.contains(&path.as_str()) => sealed_error().into_response(),
         Some(a) if !a.is_healthy() => audit_unavailable(),
         _ => next.run(req).await,
     };
+    let mut resp =
+        conclude(unsealed.as_deref(), audited.map(Arc::as_ref), &ctx, &id, method.as_str(), &path, resp).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// What happens to a request's answer after its handler ran, before it may leave: places under
+/// live-instance caps are taken (or the answer, never sent, becomes the refusal), errors are
+/// rendered, and the audit record is made durable (or the answer becomes a 503). Each release
+/// of an agent's batch goes through this on its own, as a request of its own would.
+pub(crate) async fn conclude(
+    unsealed: Option<&crate::sealing::Unsealed>,
+    audited: Option<&crate::audit::AuditLog>,
+    ctx: &AuditCtx,
+    id: &str,
+    method: &str,
+    path: &str,
+    mut resp: Response,
+) -> Response {
     // A grant that caps live instances: the caller takes its place now, or its answer (already
     // computed, never sent) is replaced by the refusal. Failing to ask the store refuses too.
-    if let Some(u) = unsealed.as_ref()
+    if let Some(u) = unsealed
         && resp.status().is_success()
     {
         for (cap, instance) in ctx.instance_caps() {
@@ -241,20 +263,17 @@ async fn finish(State(st): State<AppState>, mut req: Request, next: Next) -> Res
             tracing::debug!(request_id = %id, %method, %path, status = err.status.as_u16(), code = err.code, "request refused");
         }
         error_code = Some(err.code);
-        resp = error_response(&err, &id);
+        resp = error_response(&err, id);
     }
     if let Some(audit) = audited {
-        let record = ctx.record(&id, method.as_str(), &path, resp.status().as_u16(), error_code);
+        let record = ctx.record(id, method, path, resp.status().as_u16(), error_code);
         if let Err(e) = audit.append(record).await {
             tracing::error!(request_id = %id, error = %e, "audit record not written; refusing the request");
             resp = audit_unavailable();
         }
     }
     if let Some(err) = resp.extensions_mut().remove::<ApiError>() {
-        resp = error_response(&err, &id);
-    }
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        resp.headers_mut().insert("x-request-id", v);
+        resp = error_response(&err, id);
     }
     resp
 }

@@ -135,6 +135,13 @@ impl AuditCtx {
         }
     }
 
+    /// A context for a part of this request audited on its own (one release of an agent's
+    /// batch): the same caller, no decision yet.
+    pub fn part(&self) -> Self {
+        let identity = self.inner.lock().ok().and_then(|f| f.identity.clone());
+        Self { inner: Mutex::new(CtxFields { identity, ..CtxFields::default() }), instance: Mutex::default() }
+    }
+
     /// Record an authorization decision (the last one wins; each request makes one).
     pub fn set_decision(&self, operation: &str, resource: &str, allowed: bool, reason: String) {
         if let Ok(mut f) = self.inner.lock() {

@@ -303,3 +303,119 @@ async fn a_grant_caps_live_instances_by_pod_uid() {
     assert!(refused.iter().all(|l| l.contains("\"deny\"") && l.contains("k8s:pod-uid:")), "{refused:?}");
     assert!(!log.contains("hunter2"));
 }
+
+/// Send a batch body to `/v1/agent/releases`, signed by `signer` under `context`.
+async fn send_batch(s: &TestServer, agent: &TestAgent, context: &[u8], body: &[u8]) -> (u16, Value) {
+    let mut msg = context.to_vec();
+    msg.extend_from_slice(body);
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/agent/releases", s.addr))
+        .bearer_auth(&agent.token)
+        .header("content-type", "application/json")
+        .header(SIGNATURE_HEADER, B64.encode(agent.key.sign(&msg).unwrap()))
+        .body(body.to_vec())
+        .send()
+        .await
+        .unwrap();
+    let st = resp.status().as_u16();
+    (st, serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap_or(Value::Null))
+}
+
+fn batch_item(nonce: &str, selectors: &[&str], recipient: &RecipientKey, path: &str) -> Value {
+    json!({
+        "nonce": nonce,
+        "workload": {"selectors": selectors, "pid": 4242},
+        "recipient": B64.encode(recipient.public()),
+        "op": {"kind": "read-secret", "path": path},
+    })
+}
+
+/// A batch is signed once, under its own context; each release in it still stands alone: its
+/// own nonce, decision, status and audit record, and only the allowed one is sealed.
+#[tokio::test]
+async fn a_batch_is_signed_once_and_each_release_stands_alone() {
+    use keyward_server::agent_api::{BATCH_PROOF_CONTEXT, MAX_BATCH};
+    let s = TestServer::start().await;
+    let root = s.client();
+    root.request(
+        reqwest::Method::PUT,
+        "/v1/policies/payments-db",
+        Some(&json!({
+            "identities": [[APP_HASH, "node:name:node-1"]],
+            "rules": [{"resources": ["secrets/payments/db"], "operations": ["read"]}]
+        })),
+    )
+    .await
+    .unwrap();
+    let data = std::collections::BTreeMap::from([("password".to_string(), "hunter2".to_string())]);
+    root.put_secret("payments/db", &data, None).await.unwrap();
+    let agent = join(&s, &join_token(&s, "node-1").await, new_key()).await.unwrap();
+    let (w1, w2) = (RecipientKey::generate().unwrap(), RecipientKey::generate().unwrap());
+    let (n1, n2, n3) = (fresh_nonce(&s, &agent).await, fresh_nonce(&s, &agent).await, fresh_nonce(&s, &agent).await);
+    let other = "unix:sha256:2222222222222222222222222222222222222222222222222222222222222222";
+    let batch = |items: Vec<Value>| json!({"public_key": agent.public_b64(), "releases": items}).to_string();
+    let body = batch(vec![
+        batch_item(&n1, &[APP_HASH], &w1, "payments/db"),
+        batch_item(&n2, &[other], &w2, "payments/db"),
+        batch_item(&n1, &[APP_HASH], &w2, "payments/db"),
+        batch_item(&n3, &[APP_HASH], &w2, "../sys/seal"),
+    ]);
+
+    // Signed as a single release: the signature does not carry over to a batch, and nothing ran.
+    let (st, v) = send_batch(&s, &agent, PROOF_CONTEXT, body.as_bytes()).await;
+    assert_eq!(st, 401, "{v}");
+
+    let (st, v) = send_batch(&s, &agent, BATCH_PROOF_CONTEXT, body.as_bytes()).await;
+    assert_eq!(st, 200, "{v}");
+    assert!(!v.to_string().contains("hunter2"), "the agent must not see the secret");
+    let results = v["results"].as_array().unwrap();
+    let statuses: Vec<u64> = results.iter().map(|r| r["status"].as_u64().unwrap()).collect();
+    // Allowed; another binary denied; the first nonce again (spent); a malformed path.
+    assert_eq!(statuses, [200, 403, 401, 400], "{v}");
+    assert_eq!(open(&w1, &n1, &results[0]["body"])["data"]["password"], "hunter2");
+    assert!(results[1]["body"]["error"]["message"].is_string(), "{v}");
+    assert!(results[2]["body"]["error"]["message"].as_str().unwrap().contains("nonce"), "{v}");
+
+    // The same batch again: signed and well-formed, but every nonce is spent.
+    let (st, v) = send_batch(&s, &agent, BATCH_PROOF_CONTEXT, body.as_bytes()).await;
+    assert_eq!(st, 200, "{v}");
+    assert!(v["results"].as_array().unwrap().iter().all(|r| r["status"] == 401 || r["status"] == 400), "{v}");
+
+    // Empty and oversized batches are refused whole.
+    assert_eq!(send_batch(&s, &agent, BATCH_PROOF_CONTEXT, batch(vec![]).as_bytes()).await.0, 400);
+    let n = fresh_nonce(&s, &agent).await;
+    let many = batch((0..=MAX_BATCH).map(|_| batch_item(&n, &[APP_HASH], &w1, "payments/db")).collect());
+    let (st, v) = send_batch(&s, &agent, BATCH_PROOF_CONTEXT, many.as_bytes()).await;
+    assert_eq!(st, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("64"), "{v}");
+
+    // Audit: one record per release (request id BATCH.i, its own status and decision) plus one
+    // for each batch.
+    let log = audit_records(&s.dir.path().join("data/audit.log"));
+    let recs: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["path"] == "/v1/agent/releases")
+        .collect();
+    let first_batch: Vec<&Value> = recs.iter().filter(|r| r["operation"] == "release-batch").collect();
+    assert_eq!(first_batch.len(), 2, "one record per accepted batch: {recs:?}");
+    let id = first_batch[0]["request_id"].as_str().unwrap();
+    let parts: Vec<&Value> =
+        recs.iter().filter(|r| r["request_id"].as_str().unwrap().starts_with(&format!("{id}."))).collect();
+    let mut got: Vec<(String, u64, String)> = parts
+        .iter()
+        .map(|r| {
+            (r["request_id"].as_str().unwrap().to_string(), r["status"].as_u64().unwrap(), r["decision"].to_string())
+        })
+        .collect();
+    got.sort();
+    let want: Vec<(String, u64, String)> = [(0, 200, "allow"), (1, 403, "deny"), (2, 401, "deny"), (3, 400, "none")]
+        .iter()
+        .map(|(i, st, d)| (format!("{id}.{i}"), *st, format!("\"{d}\"")))
+        .collect();
+    assert_eq!(got, want, "{parts:?}");
+    let allowed = parts.iter().find(|r| r["status"] == 200).unwrap();
+    assert!(allowed["identity"].as_str().unwrap().contains(APP_HASH), "{allowed}");
+    assert!(allowed["identity"].as_str().unwrap().contains("node:name:node-1"), "{allowed}");
+    assert!(!log.contains("hunter2"));
+}
