@@ -182,6 +182,20 @@ struct Batches {
     in_flight: usize,
 }
 
+impl Batches {
+    /// The next batch to send, counted as out: when none is out, or when a full batch waits
+    /// and fewer than [`MAX_IN_FLIGHT`] are out.
+    fn take_batch(&mut self) -> Option<Vec<Pending>> {
+        let full = self.queue.len() >= MAX_BATCH && self.in_flight < MAX_IN_FLIGHT;
+        if self.queue.is_empty() || !(self.in_flight == 0 || full) {
+            return None;
+        }
+        self.in_flight += 1;
+        let n = self.queue.len().min(MAX_BATCH);
+        Some(self.queue.drain(..n).collect())
+    }
+}
+
 /// Batches at the server at once. While one is out, releases wait and leave together in the
 /// next, so one signature, one request and one round trip serve many; a second (up to this
 /// many) leaves early only when a full batch is waiting.
@@ -404,6 +418,8 @@ impl Upstream {
         .map_err(|_| UpstreamError::Protocol("request encoding"))?;
         let (done, answer) = tokio::sync::oneshot::channel();
         self.lock_batches().queue.push(Pending { item, done });
+        // Batches run in tasks of their own: a workload that hangs up does not cancel the
+        // others' releases.
         self.dispatch();
         answer.await.map_err(|_| UpstreamError::Protocol("the release's batch was dropped"))?
     }
@@ -412,41 +428,31 @@ impl Upstream {
         self.batches.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Send what is queued: when no batch is out, or when a full batch waits and fewer than
-    /// [`MAX_IN_FLIGHT`] are out. A batch that comes back dispatches again, so nothing queued
-    /// is left behind.
+    /// Send a batch, hand each release its answer, then send what queued meanwhile.
+    async fn run_batch(self: &Arc<Self>, batch: Vec<Pending>) {
+        let (items, waiting): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.item, p.done)).unzip();
+        match self.send_batch(&items).await {
+            Ok(results) => {
+                for (done, r) in waiting.into_iter().zip(results) {
+                    let _ = done.send(Ok(r));
+                }
+            }
+            Err(e) => {
+                let e = Arc::new(e);
+                for done in waiting {
+                    let _ = done.send(Err(UpstreamError::Batch(e.clone())));
+                }
+            }
+        }
+        self.lock_batches().in_flight -= 1;
+        self.dispatch();
+    }
+
+    /// Send what is queued, in tasks of their own, while [`Batches::take_batch`] allows.
     fn dispatch(self: &Arc<Self>) {
-        loop {
-            let batch: Vec<Pending> = {
-                let mut b = self.lock_batches();
-                if b.queue.is_empty()
-                    || !(b.in_flight == 0 || (b.in_flight < MAX_IN_FLIGHT && b.queue.len() >= MAX_BATCH))
-                {
-                    return;
-                }
-                b.in_flight += 1;
-                let n = b.queue.len().min(MAX_BATCH);
-                b.queue.drain(..n).collect()
-            };
+        while let Some(batch) = self.lock_batches().take_batch() {
             let me = Arc::clone(self);
-            tokio::spawn(async move {
-                let (items, waiting): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.item, p.done)).unzip();
-                match me.send_batch(&items).await {
-                    Ok(results) => {
-                        for (done, r) in waiting.into_iter().zip(results) {
-                            let _ = done.send(Ok(r));
-                        }
-                    }
-                    Err(e) => {
-                        let e = Arc::new(e);
-                        for done in waiting {
-                            let _ = done.send(Err(UpstreamError::Batch(e.clone())));
-                        }
-                    }
-                }
-                me.lock_batches().in_flight -= 1;
-                me.dispatch();
-            });
+            tokio::spawn(async move { me.run_batch(batch).await });
         }
     }
 

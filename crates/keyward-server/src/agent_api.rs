@@ -558,41 +558,66 @@ pub(crate) async fn release_batch(
     }
     check_proof(&c, &headers, &r.public_key, BATCH_PROOF_CONTEXT, &body)?;
     let unsealed = st.sealing.unsealed().ok_or_else(crate::api::sealed_error)?;
-    c.1.set_decision("release-batch", &format!("agents/{node}"), true, format!("{} releases", r.releases.len()));
+    let n = r.releases.len();
+    c.1.set_decision(
+        "release-batch",
+        &format!("agents/{node}"),
+        true,
+        format!("{n} release{}", if n == 1 { "" } else { "s" }),
+    );
     let agent = c.0.accessor.clone();
-    let tasks: Vec<_> = r
-        .releases
-        .into_iter()
-        .enumerate()
+    // The first release runs in this task, the others as tasks of their own (in parallel).
+    let mut items = r.releases.into_iter().enumerate();
+    let first = items.next();
+    let rest: Vec<_> = items
         .map(|(i, item)| {
             let (st, node, agent, unsealed) = (st.clone(), node.clone(), agent.clone(), unsealed.clone());
-            let ctx = Arc::new(c.1.part());
-            let id = format!("{}.{i}", id.0);
-            tokio::spawn(async move {
-                let resp = match run_release(&st, &node, &agent, item, ctx.clone()).await {
-                    Ok(r) => r.into_response(),
-                    Err(e) => e.into_response(),
-                };
-                let audit = unsealed.audit.as_deref();
-                let resp = crate::api::conclude(Some(&unsealed), audit, &ctx, &id, "POST", BATCH_ITEM_PATH, resp).await;
-                let status = resp.status().as_u16();
-                (status, axum::body::to_bytes(resp.into_body(), MAX_RELEASE_RESPONSE).await)
-            })
+            let (ctx, id) = (c.1.part(), format!("{}.{i}", id.0));
+            tokio::spawn(async move { batch_part(&st, &node, &agent, &unsealed, item, ctx, &id).await })
         })
         .collect();
-    let mut out = Vec::with_capacity(tasks.len() * 512);
+    // The batch's own record goes to the log beside its releases' records (one group commit,
+    // not one after the other). Its answer is 200 whatever each release's status is.
+    let own_record = async {
+        match unsealed.audit.as_deref() {
+            Some(audit) => audit.append(c.1.record(&id.0, "POST", BATCH_ITEM_PATH, 200, None)).await,
+            None => Ok(()),
+        }
+    };
+    let releases = async {
+        let mut answers = Vec::with_capacity(n);
+        if let Some((i, item)) = first {
+            let ctx = c.1.part();
+            answers.push(Some(batch_part(&st, &node, &agent, &unsealed, item, ctx, &format!("{}.{i}", id.0)).await));
+        }
+        for t in rest {
+            // A release that panicked: nothing of it leaves.
+            answers.push(t.await.ok());
+        }
+        answers
+    };
+    let (own_record, answers) = tokio::join!(own_record, releases);
+    if let Err(e) = own_record {
+        tracing::error!(request_id = %id.0, error = %e, "audit record of a release batch not written; refusing it");
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_unavailable",
+            "the audit log cannot be written, so no request is served; the operator must fix the audit file",
+        ));
+    }
+    c.1.mark_recorded();
+    let mut out = Vec::with_capacity(n * 512);
     out.extend_from_slice(br#"{"results":["#);
-    for (i, t) in tasks.into_iter().enumerate() {
+    for (i, answer) in answers.into_iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        match t.await {
-            Ok((status, Ok(bytes))) => {
+        match answer {
+            Some((status, Ok(bytes))) => {
                 out.extend_from_slice(format!(r#"{{"status":{status},"body":"#).as_bytes());
                 out.extend_from_slice(&bytes);
                 out.push(b'}');
             }
-            // A release that panicked or whose answer could not be read: nothing of it leaves.
             _ => out.extend_from_slice(
                 br#"{"status":500,"body":{"error":{"code":"internal","message":"the release failed"}}}"#,
             ),
@@ -600,6 +625,28 @@ pub(crate) async fn release_batch(
     }
     out.extend_from_slice(b"]}");
     Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], out).into_response())
+}
+
+/// One release of a batch, run and concluded (instance places, audit record) as a request of
+/// its own: its status and answer body.
+async fn batch_part(
+    st: &AppState,
+    node: &str,
+    agent: &str,
+    unsealed: &crate::sealing::Unsealed,
+    item: ReleaseItem,
+    ctx: AuditCtx,
+    id: &str,
+) -> (u16, Result<Bytes, axum::Error>) {
+    let ctx = Arc::new(ctx);
+    let resp = match run_release(st, node, agent, item, ctx.clone()).await {
+        Ok(r) => r.into_response(),
+        Err(e) => e.into_response(),
+    };
+    let resp =
+        crate::api::conclude(Some(unsealed), unsealed.audit.as_deref(), &ctx, id, "POST", BATCH_ITEM_PATH, resp).await;
+    let status = resp.status().as_u16();
+    (status, axum::body::to_bytes(resp.into_body(), MAX_RELEASE_RESPONSE).await)
 }
 
 /// The path each release of a batch is audited under.

@@ -265,7 +265,7 @@ pub(crate) async fn conclude(
         error_code = Some(err.code);
         resp = error_response(&err, id);
     }
-    if let Some(audit) = audited {
+    if let Some(audit) = audited.filter(|_| !(ctx.is_recorded() && resp.status().is_success())) {
         let record = ctx.record(id, method, path, resp.status().as_u16(), error_code);
         if let Err(e) = audit.append(record).await {
             tracing::error!(request_id = %id, error = %e, "audit record not written; refusing the request");

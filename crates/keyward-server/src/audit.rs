@@ -115,6 +115,9 @@ pub struct AuditCtx {
     /// Places the caller must take under live-instance caps before the answer leaves (each
     /// cap, and the caller's pod UID): one per capped grant the request used.
     instance: Mutex<Vec<(keyward_core::service::InstanceCap, String)>>,
+    /// The handler already made this request's record durable (a release batch writes its own
+    /// together with its releases' records, in one group commit).
+    recorded: AtomicBool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -139,7 +142,17 @@ impl AuditCtx {
     /// batch): the same caller, no decision yet.
     pub fn part(&self) -> Self {
         let identity = self.inner.lock().ok().and_then(|f| f.identity.clone());
-        Self { inner: Mutex::new(CtxFields { identity, ..CtxFields::default() }), instance: Mutex::default() }
+        Self { inner: Mutex::new(CtxFields { identity, ..CtxFields::default() }), ..Self::default() }
+    }
+
+    /// Note that the handler has written this request's record itself.
+    pub fn mark_recorded(&self) {
+        self.recorded.store(true, Ordering::Release);
+    }
+
+    /// Whether the handler has written this request's record itself.
+    pub fn is_recorded(&self) -> bool {
+        self.recorded.load(Ordering::Acquire)
     }
 
     /// Record an authorization decision (the last one wins; each request makes one).
