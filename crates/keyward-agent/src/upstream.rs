@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use keyward_client::{Client, Method};
-use keyward_core::release::{BATCH_PROOF_CONTEXT, MAX_BATCH, SIGNATURE_HEADER};
+use keyward_core::release::{BATCH_PROOF_CONTEXT, MAX_BATCH, PROOF_CONTEXT, SIGNATURE_HEADER};
 use keyward_crypto::keys::{KeyAlgorithm, LoadedKey};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
@@ -399,8 +399,9 @@ impl Upstream {
     /// Ask the server to run `op` as the measured workload and seal the answer to
     /// `recipient`. Returns the server's status and body, unchanged (sealed on success).
     ///
-    /// Releases are sent in signed batches (`POST /v1/agent/releases`): one leaves at once
-    /// when no batch is at the server; otherwise it waits for the next batch.
+    /// Releases are sent in signed batches (`POST /v1/agent/releases`; a batch of one as a
+    /// single release): one leaves at once when no batch is at the server; otherwise it waits
+    /// for the next batch.
     pub async fn release(
         self: &Arc<Self>,
         nonce: &str,
@@ -460,6 +461,21 @@ impl Upstream {
     /// as a whole (bad signature, sealed, audit down) gives every release that refusal.
     async fn send_batch(&self, items: &[Vec<u8>]) -> Result<Vec<(u16, Vec<u8>)>, UpstreamError> {
         let s = self.session();
+        if let [item] = items {
+            // A lone release goes as one (`POST /v1/agent/release`): the same checks, and the
+            // server writes one audit record instead of two.
+            let mut body = Vec::with_capacity(item.len() + 64);
+            body.extend_from_slice(br#"{"public_key":""#);
+            body.extend_from_slice(s.public_b64.as_bytes());
+            body.extend_from_slice(b"\",");
+            body.extend_from_slice(item.strip_prefix(b"{").ok_or(UpstreamError::Protocol("request encoding"))?);
+            let mut signed = PROOF_CONTEXT.to_vec();
+            signed.extend_from_slice(&body);
+            let sig = STANDARD.encode(s.key.sign(&signed)?);
+            let answer =
+                s.client.request_raw(Method::POST, "/v1/agent/release", body, &[(SIGNATURE_HEADER, sig)]).await?;
+            return Ok(vec![answer]);
+        }
         let mut body = Vec::with_capacity(64 + items.iter().map(|i| i.len() + 1).sum::<usize>());
         body.extend_from_slice(br#"{"public_key":""#);
         body.extend_from_slice(s.public_b64.as_bytes());
