@@ -509,6 +509,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn one_batch_out_at_a_time_unless_a_full_one_waits() {
+        let mut b = Batches::default();
+        let push = |b: &mut Batches, n: usize| {
+            for _ in 0..n {
+                b.queue.push(Pending { item: b"{}".to_vec(), done: tokio::sync::oneshot::channel().0 });
+            }
+        };
+        assert!(b.take_batch().is_none(), "nothing queued");
+        push(&mut b, 1);
+        assert_eq!(b.take_batch().map(|v| v.len()), Some(1), "a lone release leaves at once");
+        push(&mut b, 5);
+        assert!(b.take_batch().is_none(), "waits while a batch is out");
+        b.in_flight -= 1;
+        assert_eq!(b.take_batch().map(|v| v.len()), Some(5), "leaves together when it is back");
+        push(&mut b, MAX_BATCH + 10);
+        assert_eq!(b.take_batch().map(|v| v.len()), Some(MAX_BATCH), "a full batch leaves early");
+        assert!(b.take_batch().is_none(), "the rest waits");
+        push(&mut b, 3 * MAX_BATCH);
+        while b.in_flight < MAX_IN_FLIGHT {
+            assert_eq!(b.take_batch().map(|v| v.len()), Some(MAX_BATCH));
+        }
+        assert!(b.take_batch().is_none(), "at most MAX_IN_FLIGHT out");
+    }
+
+    #[test]
     fn joins_again_before_the_maximum_lifetime() {
         let (ttl, max) = (Duration::from_secs(3600), Duration::from_secs(30 * 86400));
         assert!(!due_for_rejoin(Duration::ZERO, ttl, max));

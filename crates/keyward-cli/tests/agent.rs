@@ -655,6 +655,52 @@ fn dev_runs_an_agent_for_the_laptop_flow() {
     assert_eq!(out.stdout, b"s3cret\n");
 }
 
+/// Many workloads asking at once: the agent sends their releases in signed batches, every
+/// workload gets its own answer, and every release has its own audit record beside the
+/// batches' records (the load generator is the workload: 16 concurrent releases).
+#[test]
+fn concurrent_releases_travel_in_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = start_dev(&dir.path().join("dev"));
+    let socket = dev.agent_socket.clone().expect("keyward dev printed KEYWARD_AGENT_SOCKET");
+    let out = ok(
+        &dev,
+        &["bench", "--op", "workload-secret", "--agent-socket", &socket, "-c", "16", "--max-ops", "400"]
+            .iter()
+            .chain(&["--warmup", "0s", "--duration", "60s", "--size", "64", "--json"])
+            .copied()
+            .collect::<Vec<_>>(),
+        b"",
+    );
+    let report: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(report["ops"], 400, "{report}");
+
+    let log = std::fs::read(dir.path().join("dev/audit.log")).unwrap();
+    let records: Vec<Value> = String::from_utf8_lossy(&log)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let batches: Vec<&Value> = records.iter().filter(|r| r["operation"] == "release-batch").collect();
+    assert!(!batches.is_empty(), "16 concurrent releases must share batches");
+    let in_batches: u64 =
+        batches.iter().map(|b| b["reason"].as_str().unwrap().split(' ').next().unwrap().parse::<u64>().unwrap()).sum();
+    assert!(in_batches >= 2 * batches.len() as u64, "a batch holds at least two releases");
+    // An allowed read record for every release, whether it went alone or in a batch (the
+    // load generator makes one more, before it starts timing).
+    let reads = records
+        .iter()
+        .filter(|r| r["resource"] == "secrets/bench/secret" && r["decision"] == "allow" && r["status"] == 200)
+        .count();
+    assert!((400..=416).contains(&reads), "one audit record per release: {reads}");
+    let batched_reads =
+        records.iter().filter(|r| r["resource"] == "secrets/bench/secret" && r["path"] == "/v1/agent/releases").count()
+            as u64;
+    assert_eq!(batched_reads, in_batches, "each release of a batch has its own record");
+    assert!(!String::from_utf8_lossy(&log).contains(&"x".repeat(64)), "no secret value in the audit log");
+}
+
 /// The same binary run as another uid is another identity when the policy requires the uid.
 #[test]
 fn the_same_binary_as_another_uid_is_denied_when_the_uid_is_required() {
