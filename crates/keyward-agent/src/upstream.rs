@@ -461,38 +461,31 @@ impl Upstream {
     /// as a whole (bad signature, sealed, audit down) gives every release that refusal.
     async fn send_batch(&self, items: &[Vec<u8>]) -> Result<Vec<(u16, Vec<u8>)>, UpstreamError> {
         let s = self.session();
-        if let [item] = items {
-            // A lone release goes as one (`POST /v1/agent/release`): the same checks, and the
-            // server writes one audit record instead of two.
-            let mut body = Vec::with_capacity(item.len() + 64);
-            body.extend_from_slice(br#"{"public_key":""#);
-            body.extend_from_slice(s.public_b64.as_bytes());
-            body.extend_from_slice(b"\",");
-            body.extend_from_slice(item.strip_prefix(b"{").ok_or(UpstreamError::Protocol("request encoding"))?);
-            let mut signed = PROOF_CONTEXT.to_vec();
-            signed.extend_from_slice(&body);
-            let sig = STANDARD.encode(s.key.sign(&signed)?);
-            let answer =
-                s.client.request_raw(Method::POST, "/v1/agent/release", body, &[(SIGNATURE_HEADER, sig)]).await?;
-            return Ok(vec![answer]);
-        }
         let mut body = Vec::with_capacity(64 + items.iter().map(|i| i.len() + 1).sum::<usize>());
         body.extend_from_slice(br#"{"public_key":""#);
         body.extend_from_slice(s.public_b64.as_bytes());
-        body.extend_from_slice(br#"","releases":["#);
-        for (i, item) in items.iter().enumerate() {
-            if i > 0 {
-                body.push(b',');
+        // A lone release goes as one (`POST /v1/agent/release`): the same checks, and the
+        // server writes one audit record instead of two.
+        let (path, context) = if let [item] = items {
+            body.extend_from_slice(b"\",");
+            body.extend_from_slice(item.strip_prefix(b"{").ok_or(UpstreamError::Protocol("request encoding"))?);
+            ("/v1/agent/release", PROOF_CONTEXT)
+        } else {
+            body.extend_from_slice(br#"","releases":["#);
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    body.push(b',');
+                }
+                body.extend_from_slice(item);
             }
-            body.extend_from_slice(item);
-        }
-        body.extend_from_slice(b"]}");
-        let mut signed = BATCH_PROOF_CONTEXT.to_vec();
+            body.extend_from_slice(b"]}");
+            ("/v1/agent/releases", BATCH_PROOF_CONTEXT)
+        };
+        let mut signed = context.to_vec();
         signed.extend_from_slice(&body);
         let sig = STANDARD.encode(s.key.sign(&signed)?);
-        let (status, bytes) =
-            s.client.request_raw(Method::POST, "/v1/agent/releases", body, &[(SIGNATURE_HEADER, sig)]).await?;
-        if !(200..300).contains(&status) {
+        let (status, bytes) = s.client.request_raw(Method::POST, path, body, &[(SIGNATURE_HEADER, sig)]).await?;
+        if items.len() == 1 || !(200..300).contains(&status) {
             return Ok(vec![(status, bytes); items.len()]);
         }
         let answer: BatchAnswer<'_> =

@@ -599,11 +599,7 @@ pub(crate) async fn release_batch(
     let (own_record, answers) = tokio::join!(own_record, releases);
     if let Err(e) = own_record {
         tracing::error!(request_id = %id.0, error = %e, "audit record of a release batch not written; refusing it");
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "audit_unavailable",
-            "the audit log cannot be written, so no request is served; the operator must fix the audit file",
-        ));
+        return Err(crate::api::audit_unavailable_error());
     }
     c.1.mark_recorded();
     let mut out = Vec::with_capacity(n * 512);

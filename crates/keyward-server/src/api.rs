@@ -279,12 +279,16 @@ pub(crate) async fn conclude(
 }
 
 fn audit_unavailable() -> Response {
+    audit_unavailable_error().into_response()
+}
+
+/// 503: the audit log cannot be written.
+pub(crate) fn audit_unavailable_error() -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "audit_unavailable",
         "the audit log cannot be written, so no request is served; the operator must fix the audit file",
     )
-    .into_response()
 }
 
 fn error_response(err: &ApiError, request_id: &str) -> Response {

@@ -113,8 +113,9 @@ fn open(recipient: &RecipientKey, nonce: &str, v: &Value) -> Value {
 
 const APP_HASH: &str = "unix:sha256:1111111111111111111111111111111111111111111111111111111111111111";
 
-#[tokio::test]
-async fn join_nonce_and_sealed_release() {
+/// A server with the secret `payments/db` (password `hunter2`), readable by the workload
+/// `APP_HASH` on node-1.
+async fn payments_db_server() -> TestServer {
     let s = TestServer::start().await;
     let root = s.client();
     root.request(
@@ -129,6 +130,12 @@ async fn join_nonce_and_sealed_release() {
     .unwrap();
     let data = std::collections::BTreeMap::from([("password".to_string(), "hunter2".to_string())]);
     root.put_secret("payments/db", &data, None).await.unwrap();
+    s
+}
+
+#[tokio::test]
+async fn join_nonce_and_sealed_release() {
+    let s = payments_db_server().await;
 
     // Join: the join token works once.
     let jt = join_token(&s, "node-1").await;
@@ -335,20 +342,7 @@ fn batch_item(nonce: &str, selectors: &[&str], recipient: &RecipientKey, path: &
 #[tokio::test]
 async fn a_batch_is_signed_once_and_each_release_stands_alone() {
     use keyward_server::agent_api::{BATCH_PROOF_CONTEXT, MAX_BATCH};
-    let s = TestServer::start().await;
-    let root = s.client();
-    root.request(
-        reqwest::Method::PUT,
-        "/v1/policies/payments-db",
-        Some(&json!({
-            "identities": [[APP_HASH, "node:name:node-1"]],
-            "rules": [{"resources": ["secrets/payments/db"], "operations": ["read"]}]
-        })),
-    )
-    .await
-    .unwrap();
-    let data = std::collections::BTreeMap::from([("password".to_string(), "hunter2".to_string())]);
-    root.put_secret("payments/db", &data, None).await.unwrap();
+    let s = payments_db_server().await;
     let agent = join(&s, &join_token(&s, "node-1").await, new_key()).await.unwrap();
     let (w1, w2) = (RecipientKey::generate().unwrap(), RecipientKey::generate().unwrap());
     let (n1, n2, n3) = (fresh_nonce(&s, &agent).await, fresh_nonce(&s, &agent).await, fresh_nonce(&s, &agent).await);
