@@ -403,6 +403,20 @@ fn unauthenticated(msg: &str) -> ApiError {
     ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", msg.to_string())
 }
 
+/// A joined agent's node and its request body (at most `limit` bytes, strict JSON). The
+/// signature is checked over the raw body afterwards ([`check_proof`]).
+fn agent_body<T: serde::de::DeserializeOwned>(c: &Caller, body: &[u8], limit: usize) -> Result<(String, T), ApiError> {
+    let node = agent_node(c)?;
+    if body.len() > limit {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("release request larger than {limit} bytes"),
+        ));
+    }
+    Ok((node, serde_json::from_slice(body).map_err(|e| crate::extract::json_error(&e))?))
+}
+
 /// The agent's proof of possession: `context || body` signed with the key its token is bound to.
 fn check_proof(c: &Caller, headers: &HeaderMap, public_key: &str, context: &[u8], body: &[u8]) -> Result<(), ApiError> {
     let pk = unb64("public_key", public_key)?;
@@ -526,11 +540,7 @@ pub(crate) async fn release(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let node = agent_node(&c)?;
-    if body.len() > MAX_BODY {
-        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "release request too large"));
-    }
-    let r: ReleaseReq = serde_json::from_slice(&body).map_err(|e| crate::extract::json_error(&e))?;
+    let (node, r) = agent_body::<ReleaseReq>(&c, &body, MAX_BODY)?;
     check_proof(&c, &headers, &r.public_key, PROOF_CONTEXT, &body)?;
     let item = ReleaseItem { nonce: r.nonce, workload: r.workload, recipient: r.recipient, op: r.op };
     Ok(run_release(&st, &node, &c.0.accessor, item, c.1.clone()).await?.into_response())
@@ -548,11 +558,7 @@ pub(crate) async fn release_batch(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let node = agent_node(&c)?;
-    if body.len() > MAX_BATCH_BODY {
-        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "release batch too large"));
-    }
-    let r: ReleaseBatchReq = serde_json::from_slice(&body).map_err(|e| crate::extract::json_error(&e))?;
+    let (node, r) = agent_body::<ReleaseBatchReq>(&c, &body, MAX_BATCH_BODY)?;
     if r.releases.is_empty() || r.releases.len() > MAX_BATCH {
         return Err(ApiError::invalid(format!("a batch holds from 1 to {MAX_BATCH} releases")));
     }

@@ -113,24 +113,23 @@ fn open(recipient: &RecipientKey, nonce: &str, v: &Value) -> Value {
 
 const APP_HASH: &str = "unix:sha256:1111111111111111111111111111111111111111111111111111111111111111";
 
-/// A server with the secret `payments/db` (password `hunter2`), readable by the workload
-/// `APP_HASH` on node-1.
-async fn payments_db_server() -> TestServer {
+/// A server with the secret `payments/db` (password `hunter2`) and the policy `name`.
+async fn payments_db_server_with(name: &str, policy: Value) -> TestServer {
     let s = TestServer::start().await;
     let root = s.client();
-    root.request(
-        reqwest::Method::PUT,
-        "/v1/policies/payments-db",
-        Some(&json!({
-            "identities": [[APP_HASH, "node:name:node-1"]],
-            "rules": [{"resources": ["secrets/payments/db"], "operations": ["read"]}]
-        })),
-    )
-    .await
-    .unwrap();
+    root.request(reqwest::Method::PUT, &format!("/v1/policies/{name}"), Some(&policy)).await.unwrap();
     let data = std::collections::BTreeMap::from([("password".to_string(), "hunter2".to_string())]);
     root.put_secret("payments/db", &data, None).await.unwrap();
     s
+}
+
+/// ...readable by the workload `APP_HASH` on node-1.
+async fn payments_db_server() -> TestServer {
+    let policy = json!({
+        "identities": [[APP_HASH, "node:name:node-1"]],
+        "rules": [{"resources": ["secrets/payments/db"], "operations": ["read"]}]
+    });
+    payments_db_server_with("payments-db", policy).await
 }
 
 #[tokio::test]
@@ -235,21 +234,12 @@ async fn an_expired_nonce_is_refused() {
 /// outside a pod, or a plain token) cannot use the grant at all. Refusals are audited.
 #[tokio::test]
 async fn a_grant_caps_live_instances_by_pod_uid() {
-    let s = TestServer::start().await;
-    let root = s.client();
-    root.request(
-        reqwest::Method::PUT,
-        "/v1/policies/capped",
-        Some(&json!({
-            "identities": [["k8s:ns:payments", "node:name:node-1"]],
-            "rules": [{"resources": ["secrets/payments/db"], "operations": ["read"],
-                       "max_instances": 2, "instance_hold_secs": 2}]
-        })),
-    )
-    .await
-    .unwrap();
-    let data = std::collections::BTreeMap::from([("password".to_string(), "hunter2".to_string())]);
-    root.put_secret("payments/db", &data, None).await.unwrap();
+    let capped = json!({
+        "identities": [["k8s:ns:payments", "node:name:node-1"]],
+        "rules": [{"resources": ["secrets/payments/db"], "operations": ["read"],
+                   "max_instances": 2, "instance_hold_secs": 2}]
+    });
+    let s = payments_db_server_with("capped", capped).await;
     let agent = join(&s, &join_token(&s, "node-1").await, new_key()).await.unwrap();
     let workload = RecipientKey::generate().unwrap();
     let release_as = |pod: Option<&'static str>| {
