@@ -1664,13 +1664,9 @@ impl Kms {
 
     async fn get_secret_at(&self, path: &str, version: Option<u32>) -> Result<SecretValue, KmsError> {
         validate::internal_secret_path(path)?;
-        let meta = self.store.get_secret(path).await?.ok_or_else(|| not_found("secret", path))?;
-        let v = version.unwrap_or(meta.current_version);
-        let rec = self
-            .store
-            .get_secret_version(path, v)
-            .await?
-            .ok_or_else(|| not_found("secret version", &format!("{path}@{v}")))?;
+        let read = self.store.read_secret(path, version).await?.ok_or_else(|| not_found("secret", path))?;
+        let v = version.unwrap_or(read.current_version);
+        let rec = read.version.ok_or_else(|| not_found("secret version", &format!("{path}@{v}")))?;
         if rec.deleted_at.is_some() {
             return Err(KmsError::NotFound {
                 what: "secret version (deleted; undelete it to read)",

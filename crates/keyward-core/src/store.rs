@@ -10,6 +10,15 @@ use async_trait::async_trait;
 
 use crate::model::{KeyId, KeyRecord, KeyVersionRecord, SecretRecord, SecretVersionRecord, TokenRecord};
 
+/// A secret read: its current version number and the version asked for, if it exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretRead {
+    /// The secret's newest version number.
+    pub current_version: u32,
+    /// The version read (value included), `None` when the secret has no such version.
+    pub version: Option<SecretVersionRecord>,
+}
+
 /// Storage errors.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -89,6 +98,10 @@ pub trait Store: Send + Sync + 'static {
     async fn get_secret(&self, path: &str) -> Result<Option<SecretRecord>, StoreError>;
     /// One secret version (value included).
     async fn get_secret_version(&self, path: &str, version: u32) -> Result<Option<SecretVersionRecord>, StoreError>;
+    /// What a read of a secret sees, in one query (one snapshot, one round trip): the secret's
+    /// current version number and `version` of it (the current one when `None`, value
+    /// included). `None` when there is no secret at `path`.
+    async fn read_secret(&self, path: &str, version: Option<u32>) -> Result<Option<SecretRead>, StoreError>;
     /// All versions of a secret, ascending, without values (`wrapped_value` is `Some(vec![])`
     /// for a live version and `None` for a destroyed one).
     async fn list_secret_versions(&self, path: &str) -> Result<Vec<SecretVersionRecord>, StoreError>;

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use keyward_core::model::*;
-use keyward_core::store::{Change, InstanceHold, Store, StoreError};
+use keyward_core::store::{Change, InstanceHold, SecretRead, Store, StoreError};
 
 /// Run every check against `store`, which must be empty.
 pub async fn run_all(store: Arc<dyn Store>) {
@@ -329,6 +329,12 @@ async fn secrets(s: &dyn Store) {
     assert_eq!((meta.current_version, meta.created_at, meta.updated_at), (2, 1001, 1002));
     assert_eq!(s.get_secret_version("app/db", 1).await.unwrap(), Some(sv("app/db", 1)));
     assert_eq!(s.get_secret_version("app/db", 3).await.unwrap(), None);
+    let read = |v| async move { s.read_secret("app/db", v).await.unwrap().unwrap() };
+    assert_eq!(read(None).await, SecretRead { current_version: 2, version: Some(sv("app/db", 2)) }, "current");
+    assert_eq!(read(Some(1)).await, SecretRead { current_version: 2, version: Some(sv("app/db", 1)) }, "older");
+    assert_eq!(read(Some(3)).await, SecretRead { current_version: 2, version: None }, "no such version");
+    assert_eq!(s.read_secret("app/none", None).await.unwrap(), None, "no such secret");
+    assert_eq!(s.read_secret("app/d", None).await.unwrap(), None, "paths match exactly");
 
     assert_eq!(s.set_secret_versions_deleted("app/db", &[1], Some(5)).await.unwrap(), 1);
     assert_eq!(s.set_secret_versions_deleted("app/db", &[1], Some(5)).await.unwrap(), 0, "idempotent");
@@ -336,6 +342,7 @@ async fn secrets(s: &dyn Store) {
     assert_eq!(s.set_secret_versions_deleted("app/db", &[1], None).await.unwrap(), 1, "undelete");
     assert_eq!(s.destroy_secret_versions("app/db", &[1, 9]).await.unwrap(), 1);
     assert_eq!(s.get_secret_version("app/db", 1).await.unwrap().unwrap().wrapped_value, None, "destroyed");
+    assert_eq!(read(Some(1)).await.version.unwrap().wrapped_value, None, "a destroyed version reads as destroyed");
     assert_eq!(s.set_secret_versions_deleted("app/db", &[1], Some(6)).await.unwrap(), 0, "destroyed stays destroyed");
     let hist = s.list_secret_versions("app/db").await.unwrap();
     assert_eq!(hist.len(), 2);

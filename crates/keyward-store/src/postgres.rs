@@ -22,7 +22,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
 use keyward_core::model::*;
-use keyward_core::store::{Change, Changes, InstanceHold, Store, StoreError};
+use keyward_core::store::{Change, Changes, InstanceHold, SecretRead, Store, StoreError};
 use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
@@ -894,6 +894,34 @@ impl Store for PostgresStore {
         .map_err(db)?
         .map(|r| secret_version_from_row(&r))
         .transpose()
+    }
+
+    async fn read_secret(&self, path: &str, version: Option<u32>) -> Result<Option<SecretRead>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt(
+                "SELECT s.current_version, v.path, v.version, v.wrapped_value, v.created_at, v.deleted_at \
+                 FROM secrets s LEFT JOIN secret_versions v \
+                 ON v.path = s.path AND v.version = COALESCE($2::BIGINT, s.current_version) WHERE s.path = $1",
+                &[&path, &version.map(i64::from)],
+            )
+            .await
+            .map_err(db)?;
+        let Some(r) = row else { return Ok(None) };
+        let bad = || StoreError::Corrupt("secret row".into());
+        let current_version = to_u32(r.try_get(0).map_err(|_| bad())?, "secret version")?;
+        let found: Option<String> = r.try_get(1).map_err(|_| bad())?;
+        let version = match found {
+            Some(path) => Some(SecretVersionRecord {
+                path,
+                version: to_u32(r.try_get(2).map_err(|_| bad())?, "secret version")?,
+                wrapped_value: r.try_get(3).map_err(|_| bad())?,
+                created_at: r.try_get(4).map_err(|_| bad())?,
+                deleted_at: r.try_get(5).map_err(|_| bad())?,
+            }),
+            None => None,
+        };
+        Ok(Some(SecretRead { current_version, version }))
     }
 
     async fn list_secret_versions(&self, path: &str) -> Result<Vec<SecretVersionRecord>, StoreError> {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use keyward_core::model::*;
-use keyward_core::store::{InstanceHold, Store, StoreError};
+use keyward_core::store::{InstanceHold, SecretRead, Store, StoreError};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 const READERS: usize = 4;
@@ -305,18 +305,30 @@ fn version_from_row(r: &Row<'_>) -> rusqlite::Result<Result<KeyVersionRecord, St
 }
 
 fn secret_version_from_row(r: &Row<'_>) -> rusqlite::Result<Result<SecretVersionRecord, StoreError>> {
-    let v: i64 = r.get(1)?;
+    secret_version_from_row_at(r, 0)
+}
+
+/// A secret version from the five columns starting at `at` (path, version, wrapped_value,
+/// created_at, deleted_at).
+fn secret_version_from_row_at(r: &Row<'_>, at: usize) -> rusqlite::Result<Result<SecretVersionRecord, StoreError>> {
+    let v: i64 = r.get(at + 1)?;
     Ok(match u32::try_from(v) {
         Ok(version) => Ok(SecretVersionRecord {
-            path: r.get(0)?,
+            path: r.get(at)?,
             version,
-            wrapped_value: r.get(2)?,
-            created_at: r.get(3)?,
-            deleted_at: r.get(4)?,
+            wrapped_value: r.get(at + 2)?,
+            created_at: r.get(at + 3)?,
+            deleted_at: r.get(at + 4)?,
         }),
         Err(_) => Err(StoreError::Corrupt("secret version row".into())),
     })
 }
+
+/// A secret's current version and one of its versions (the current one when `?2` is NULL), in
+/// one statement and so one snapshot.
+const READ_SECRET: &str = "SELECT s.current_version, v.path, v.version, v.wrapped_value, v.created_at, v.deleted_at \
+     FROM secrets s LEFT JOIN secret_versions v ON v.path = s.path AND v.version = COALESCE(?2, s.current_version) \
+     WHERE s.path = ?1";
 
 const TOKEN_COLUMNS: &str = "hash, accessor, policies, created_at, expires_at, parent, ttl_secs, max_uses, uses, display_name, selectors, max_expires_at";
 
@@ -615,6 +627,27 @@ impl Store for SqliteStore {
             .optional()
             .map_err(backend)?
             .transpose()
+        })
+        .await
+    }
+
+    async fn read_secret(&self, path: &str, version: Option<u32>) -> Result<Option<SecretRead>, StoreError> {
+        let path = path.to_string();
+        self.read(move |c| {
+            let row = cached_row(c, READ_SECRET, params![path, version], |r| {
+                let current: i64 = r.get(0)?;
+                let found: Option<String> = r.get(1)?;
+                let version = match found {
+                    Some(_) => Some(secret_version_from_row_at(r, 1)?),
+                    None => None,
+                };
+                Ok((current, version))
+            })
+            .optional()
+            .map_err(backend)?;
+            let Some((current, version)) = row else { return Ok(None) };
+            let current_version = u32::try_from(current).map_err(|_| StoreError::Corrupt("secret row".into()))?;
+            Ok(Some(SecretRead { current_version, version: version.transpose()? }))
         })
         .await
     }
