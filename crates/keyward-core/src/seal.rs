@@ -56,6 +56,16 @@ pub trait KeyWrapper: Send + Sync + std::fmt::Debug {
 /// Meta entry holding the [`SealConfig`].
 pub const META_SEAL: &str = "seal";
 const AAD_KEYRING: &[u8] = b"keyward/root-keyring/v1";
+const AAD_MEMBER_KEYRING: &[u8] = b"keyward/member-keyring/v1";
+/// Length of a root key.
+const ROOT_LEN: usize = 32;
+
+/// The key sealing the member keyring, from one root key.
+fn member_key(root: &SecretBytes) -> Result<keyward_crypto::aead::AeadKey, SealError> {
+    let k = keyward_crypto::kdf::hkdf_sha256(root.expose(), b"", b"keyward/member-keyring-key/v1", 32)
+        .map_err(|e| SealError::Invalid(e.to_string()))?;
+    keyward_crypto::aead::AeadKey::new(&k).map_err(|e| SealError::Invalid(e.to_string()))
+}
 /// Length of the unseal key (the key-encryption key of the root keyring).
 pub const UNSEAL_KEY_LEN: usize = 32;
 
@@ -101,6 +111,12 @@ pub struct SealConfig {
     /// With the PKCS#11 seal: the unseal key wrapped by the HSM key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hsm: Option<HsmWrapped>,
+    /// The same keyring for the other servers on the store (hex): sealed under a key derived
+    /// from its oldest root, which every server that followed the previous keyring holds. A
+    /// server whose unseal key is out of date (the seal was rekeyed elsewhere) follows root
+    /// rotations through it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member_keyring: Option<String>,
 }
 
 /// The unseal key as wrapped by an HSM.
@@ -136,7 +152,8 @@ impl SealConfig {
         unseal_key: &SecretBytes,
         roots: &[&SecretBytes],
     ) -> Result<Self, SealError> {
-        let mut c = Self { kind, shares, threshold, keyring: Vec::new(), generation: 0, hsm: None };
+        let mut c =
+            Self { kind, shares, threshold, keyring: Vec::new(), generation: 0, hsm: None, member_keyring: None };
         c.set_keyring(unseal_key, roots)?;
         Ok(c)
     }
@@ -149,8 +166,42 @@ impl SealConfig {
             .map(|r| kek.seal(AAD_KEYRING, r.expose()).map(hex::encode))
             .collect::<Result<_, _>>()
             .map_err(|e| SealError::Invalid(e.to_string()))?;
+        let oldest = roots.last().ok_or_else(|| SealError::Invalid("an empty root keyring".into()))?;
+        let mut all = zeroize::Zeroizing::new(Vec::with_capacity(roots.len() * ROOT_LEN));
+        for r in roots {
+            if r.expose().len() != ROOT_LEN {
+                return Err(SealError::Invalid("a root key is not 32 bytes".into()));
+            }
+            all.extend_from_slice(r.expose());
+        }
+        self.member_keyring = Some(hex::encode(
+            member_key(oldest)?.seal(AAD_MEMBER_KEYRING, &all).map_err(|e| SealError::Invalid(e.to_string()))?,
+        ));
         self.generation += 1;
         Ok(())
+    }
+
+    /// Open the keyring as another server on the store does, with the root keys it already
+    /// holds: one of them must be the keyring's oldest. [`SealError::WrongUnsealKey`] when none
+    /// is (this server missed a step of a rotation) or there is no member keyring.
+    pub fn open_member_keyring(&self, held: &[SecretBytes]) -> Result<Vec<SecretBytes>, SealError> {
+        let sealed = self
+            .member_keyring
+            .as_deref()
+            .map(hex::decode)
+            .transpose()
+            .map_err(|_| SealError::Invalid("stored member keyring is not hex".into()))?
+            .ok_or(SealError::WrongUnsealKey)?;
+        for root in held {
+            if let Ok(all) = member_key(root)?.open(AAD_MEMBER_KEYRING, &sealed) {
+                let all = all.expose();
+                if all.is_empty() || all.len() % ROOT_LEN != 0 {
+                    return Err(SealError::Invalid("stored member keyring has a bad length".into()));
+                }
+                return Ok(all.chunks(ROOT_LEN).map(SecretBytes::copy_from).collect());
+            }
+        }
+        Err(SealError::WrongUnsealKey)
     }
 
     /// Open the keyring with `unseal_key`; [`SealError::WrongUnsealKey`] if it does not fit.
@@ -199,6 +250,22 @@ mod tests {
         let ring = c.open_keyring(&kek).unwrap();
         assert!(ring[0].ct_eq(r2.expose()) && ring[1].ct_eq(r1.expose()));
         assert!(SealConfig::from_bytes(b"{\"kind\":\"shamir\"}").is_err());
+        // Another server that holds the oldest root opens the keyring without the unseal key.
+        let ring =
+            c.open_member_keyring(&[SecretBytes::random(32).unwrap(), SecretBytes::copy_from(r1.expose())]).unwrap();
+        assert!(ring.len() == 2 && ring[0].ct_eq(r2.expose()) && ring[1].ct_eq(r1.expose()));
+        assert!(
+            matches!(c.open_member_keyring(std::slice::from_ref(&r2)), Err(SealError::WrongUnsealKey)),
+            "newest only"
+        );
+        c.set_keyring(&kek, &[&r2]).unwrap();
+        assert!(c.open_member_keyring(std::slice::from_ref(&r2)).unwrap()[0].ct_eq(r2.expose()), "after the rotation");
+        assert!(
+            matches!(c.open_member_keyring(std::slice::from_ref(&r1)), Err(SealError::WrongUnsealKey)),
+            "retired root"
+        );
+        c.member_keyring = None;
+        assert!(matches!(c.open_member_keyring(std::slice::from_ref(&r2)), Err(SealError::WrongUnsealKey)));
         assert!(!format!("{c:?}").contains(&hex::encode(r1.expose())), "debug shows only wrapped keys");
     }
 }

@@ -132,7 +132,18 @@ struct Ceremony {
     /// Shares submitted toward unsealing.
     collected: Vec<Share>,
     rekey: Option<Rekey>,
+    /// The root keyring this server holds, newest first (empty while sealed): how it follows
+    /// the stored keyring when its unseal key is out of date.
+    roots: Vec<SecretBytes>,
 }
+
+fn copies(keys: &[SecretBytes]) -> Vec<SecretBytes> {
+    keys.iter().map(|k| SecretBytes::copy_from(k.expose())).collect()
+}
+
+/// Ceremonies on a server whose unseal key no longer opens the stored keyring.
+const REKEYED_ELSEWHERE: &str = "the seal was rekeyed on another server, so this server's unseal key is out of date: run \
+     the ceremony on that server, or seal this one and unseal it with the new shares";
 
 /// The seal state machine around the store.
 pub struct Sealing {
@@ -200,7 +211,7 @@ impl Sealing {
             hsm: None,
             audit,
             current: RwLock::new(None),
-            ceremony: Mutex::new(Ceremony { unseal_key: None, collected: Vec::new(), rekey: None }),
+            ceremony: Mutex::new(Ceremony { unseal_key: None, collected: Vec::new(), rekey: None, roots: Vec::new() }),
         }
     }
 
@@ -343,6 +354,7 @@ impl Sealing {
         roots: Vec<SecretBytes>,
     ) -> Result<Option<SecretBytes>, SealingError> {
         let rotating = roots.len() > 1;
+        let held = copies(&roots);
         let (kms, token) = Kms::open(self.store.clone(), roots).await?;
         let audit = match &self.audit {
             Some(ac) => {
@@ -359,6 +371,7 @@ impl Sealing {
         };
         let unsealed = Arc::new(Unsealed { kms: Arc::new(kms), audit });
         c.unseal_key = Some(unseal_key);
+        c.roots = held;
         c.collected.clear();
         if let Ok(mut cur) = self.current.write() {
             *cur = Some(unsealed);
@@ -490,15 +503,21 @@ impl Sealing {
             ));
         }
         let mut c = self.ceremony.lock().await;
-        let prev = self.current.write().ok().and_then(|mut cur| cur.take());
-        if prev.is_none() {
+        if !self.seal_locked(&mut c) {
             return Err(SealingError::WrongState("keyward is already sealed"));
         }
-        c.unseal_key = None;
-        c.collected.clear();
-        c.rekey = None;
         tracing::info!("sealed");
         Ok(())
+    }
+
+    /// Stop serving and forget the keys; false if already sealed.
+    fn seal_locked(&self, c: &mut Ceremony) -> bool {
+        let prev = self.current.write().ok().and_then(|mut cur| cur.take());
+        c.unseal_key = None;
+        c.roots.clear();
+        c.collected.clear();
+        c.rekey = None;
+        prev.is_some()
     }
 
     /// Start a rekey: new shares for the same root keyring, once `threshold` current shares are
@@ -509,8 +528,12 @@ impl Sealing {
         }
         check_params(shares, threshold)?;
         let mut c = self.ceremony.lock().await;
-        if c.unseal_key.is_none() {
+        let Some(unseal_key) = c.unseal_key.as_ref() else {
             return Err(SealingError::WrongState("unseal keyward before rekeying"));
+        };
+        let (cfg, _) = self.config().await?.ok_or(SealingError::NotInitialized)?;
+        if let Err(SealError::WrongUnsealKey) = cfg.open_keyring(unseal_key) {
+            return Err(SealingError::WrongState(REKEYED_ELSEWHERE));
         }
         if c.rekey.is_some() {
             return Err(SealingError::WrongState(
@@ -583,25 +606,41 @@ impl Sealing {
     /// here under a root key being retired. After a rekey elsewhere this server's unseal key no
     /// longer opens the keyring; it keeps serving with the keys it has, and is told so.
     pub async fn follow_seal_change(&self) -> Result<(), SealingError> {
-        let c = self.ceremony.lock().await;
+        let mut c = self.ceremony.lock().await;
         let (Some(u), Some(unseal_key)) = (self.unsealed(), c.unseal_key.as_ref()) else { return Ok(()) };
         let (cfg, _) = self.config().await?.ok_or(SealingError::NotInitialized)?;
-        match cfg.open_keyring(unseal_key) {
-            Ok(roots) => {
-                if u.kms.adopt_roots(roots).await? {
-                    tracing::info!(generation = cfg.generation, "adopted the root keyring changed by another server");
+        let roots = match cfg.open_keyring(unseal_key) {
+            Ok(roots) => roots,
+            // Rekeyed elsewhere: follow with the root keys this server holds.
+            Err(SealError::WrongUnsealKey) => match cfg.open_member_keyring(&c.roots) {
+                Ok(roots) => {
+                    tracing::warn!(
+                        "another server rekeyed the seal: this server follows the root keyring, but seal ceremonies \
+                         here need an unseal with the new shares"
+                    );
+                    roots
                 }
-                Ok(())
-            }
-            Err(SealError::WrongUnsealKey) => {
-                tracing::warn!(
-                    "another server rekeyed the seal: this server keeps serving, but seal ceremonies here need a \
-                     restart and an unseal with the new shares"
-                );
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
+                Err(SealError::WrongUnsealKey) => {
+                    // Serving on would wrap new keys under a root the others have retired.
+                    self.seal_locked(&mut c);
+                    tracing::error!(
+                        "the root keyring was changed by another server in a way this server cannot follow (it missed \
+                         a step of a root rotation); sealed it: unseal it again"
+                    );
+                    return Err(SealingError::WrongState(
+                        "sealed: the root keyring changed beyond what this server holds",
+                    ));
+                }
+                Err(e) => return Err(e.into()),
+            },
+            Err(e) => return Err(e.into()),
+        };
+        let held = copies(&roots);
+        if u.kms.adopt_roots(roots).await? {
+            tracing::info!(generation = cfg.generation, "adopted the root keyring changed by another server");
         }
+        c.roots = held;
+        Ok(())
     }
 
     /// Move every stored key to a new root key while serving.
@@ -617,8 +656,13 @@ impl Sealing {
     async fn rotate_locked(&self, c: &mut Ceremony, new: Option<SecretBytes>) -> Result<RewrapReport, SealingError> {
         let u = self.unsealed().ok_or(SealingError::WrongState("keyward is sealed"))?;
         let unseal_key = c.unseal_key.as_ref().ok_or(SealingError::WrongState("keyward is sealed"))?;
+        let unseal_key = SecretBytes::copy_from(unseal_key.expose());
+        let unseal_key = &unseal_key;
         let (mut cfg, raw) = self.config().await?.ok_or(SealingError::NotInitialized)?;
-        let mut roots = cfg.open_keyring(unseal_key)?;
+        let mut roots = match cfg.open_keyring(unseal_key) {
+            Err(SealError::WrongUnsealKey) => return Err(SealingError::WrongState(REKEYED_ELSEWHERE)),
+            other => other?,
+        };
         if let Some(new) = new {
             if roots.len() > 1 {
                 return Err(SealingError::WrongState("a root rotation is already in progress"));
@@ -630,14 +674,19 @@ impl Sealing {
                 return Err(SealingError::WrongState("the seal changed concurrently; run the rotation again"));
             }
             u.kms.begin_root_rotation(&roots[0]).await?;
+            c.roots = copies(&roots);
             if u.kms.is_shared() {
                 // Other servers adopt the new root within their staleness bound (or stop
                 // serving); wait that long so nothing they wrap under the old root is missed.
                 tokio::time::sleep(u.kms.max_staleness() * 2).await;
             }
-            return self.complete_rotation(&u, unseal_key, cfg, next, &roots).await;
+            let report = self.complete_rotation(&u, unseal_key, cfg, next, &roots).await?;
+            c.roots.truncate(1);
+            return Ok(report);
         }
-        self.complete_rotation(&u, unseal_key, cfg, raw, &roots).await
+        let report = self.complete_rotation(&u, unseal_key, cfg, raw, &roots).await?;
+        c.roots.truncate(1);
+        Ok(report)
     }
 
     async fn complete_rotation(

@@ -256,3 +256,113 @@ async fn tokio_postgres_exec(url: &str, sql: &str) -> u64 {
     let _ = task.await;
     n
 }
+
+/// Follow the store as `cluster::follow_changes` does (without the Kubernetes part), until
+/// `stop` is set or the server is sealed.
+fn follow(
+    s: std::sync::Arc<keyward_server::sealing::Sealing>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let Some(u) = s.unsealed() else { return };
+            let report = u.kms.sync_changes().await.unwrap();
+            if report.meta.iter().any(|m| m == keyward_core::seal::META_SEAL) {
+                let _ = s.follow_seal_change().await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+/// A rekey on server A leaves server B with an out-of-date unseal key. A then rotates the root
+/// key: B follows the rotation with the root keys it holds, keeps serving, and what B wraps
+/// afterwards opens on a server unsealed later with the new shares (before, B kept wrapping
+/// under the retired root, and those keys were lost with it). B refuses ceremonies with a
+/// message that says why; a server that missed a whole rotation seals itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rekey_elsewhere_does_not_stop_a_server_following_root_rotations() {
+    use keyward_core::model::KeyAlgorithm;
+    use keyward_core::seal::SealKind;
+    use keyward_core::service::CreateKey;
+    use keyward_server::sealing::{Progress, Sealing};
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    let cluster = pg::Cluster::start();
+    cluster.create_db("keyward");
+    let url = cluster.url("keyward");
+    let server = || async {
+        let store = keyward_store::PostgresStore::connect(&PostgresConfig::new(url.clone())).await.unwrap();
+        Arc::new(Sealing::new(Arc::new(store), SealKind::Shamir, None))
+    };
+    let text = |s: &keyward_crypto::SecretBytes| String::from_utf8(s.expose().to_vec()).unwrap();
+    let key = |name: &str| CreateKey {
+        name: name.into(),
+        algorithm: KeyAlgorithm::Aes256Gcm,
+        description: String::new(),
+        rotate_every_secs: None,
+    };
+    let ctx = BTreeMap::new();
+    let (a, b) = (server().await, server().await);
+    let old: Vec<String> = a.init(5, 3).await.unwrap().shares.iter().map(text).collect();
+    for s in &old[..3] {
+        a.submit_unseal_share(s, false).await.unwrap();
+        b.submit_unseal_share(s, false).await.unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (fa, fb) = (follow(a.clone(), stop.clone()), follow(b.clone(), stop.clone()));
+    let kms = |s: &Sealing| s.unsealed().expect("unsealed").kms.clone();
+    kms(&a).create_key(key("before")).await.unwrap();
+    let before = kms(&a).encrypt("before", b"written before", &ctx).await.unwrap().ciphertext;
+
+    // Rekey on A.
+    let nonce = a.rekey_start(3, 2).await.unwrap();
+    let mut new = Vec::new();
+    for s in &old[1..4] {
+        if let Progress::Rekeyed(shares) = a.rekey_submit(&nonce, s).await.unwrap() {
+            new = shares.iter().map(text).collect();
+        }
+    }
+    assert_eq!(new.len(), 3, "rekeyed");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let e = b.rotate_root().await.unwrap_err().to_string();
+    assert!(e.contains("rekeyed on another server"), "{e}");
+    let e = b.rekey_start(3, 2).await.unwrap_err().to_string();
+    assert!(e.contains("rekeyed on another server"), "{e}");
+
+    // Root rotation on A (it waits for B to follow), while B keeps serving.
+    let report = a.rotate_root().await.unwrap();
+    assert!(report.key_versions >= 1, "{report:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(b.unsealed().is_some(), "B followed the rotation and still serves");
+    kms(&b).create_key(key("after-on-b")).await.unwrap();
+    let on_b = kms(&b).encrypt("after-on-b", b"written on B", &ctx).await.unwrap().ciphertext;
+    kms(&a).create_key(key("after-on-a")).await.unwrap();
+    let on_a = kms(&a).encrypt("after-on-a", b"written on A", &ctx).await.unwrap().ciphertext;
+    assert_eq!(kms(&b).decrypt(&on_a, &ctx).await.unwrap().plaintext.expose(), b"written on A");
+
+    // A server unsealed now with the new shares reads everything, whoever wrapped it.
+    let c = server().await;
+    assert!(c.submit_unseal_share(&old[0], false).await.is_ok(), "a share is only checked at the threshold");
+    c.submit_unseal_share(&old[1], false).await.unwrap_err();
+    for s in &new[..2] {
+        c.submit_unseal_share(s, false).await.unwrap();
+    }
+    for (ct, plain) in [(&before, &b"written before"[..]), (&on_b, b"written on B"), (&on_a, b"written on A")] {
+        assert_eq!(kms(&c).decrypt(ct, &ctx).await.unwrap().plaintext.expose(), plain);
+    }
+
+    // A server that misses a whole rotation (it does not follow while it runs) seals itself
+    // rather than wrap anything under the root the others retire.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    fa.await.unwrap();
+    fb.await.unwrap();
+    let sc = Arc::new(AtomicBool::new(false));
+    let fc = follow(c.clone(), sc.clone());
+    a.rotate_root().await.unwrap();
+    assert!(b.follow_seal_change().await.is_err(), "B missed the rotation");
+    assert!(b.unsealed().is_none(), "and sealed itself");
+    sc.store(true, std::sync::atomic::Ordering::Relaxed);
+    fc.await.unwrap();
+}
