@@ -604,7 +604,9 @@ impl Sealing {
     /// Another server changed the stored seal: adopt its root keyring (a root rotation started
     /// or finished there), so keys wrapped there can be unwrapped here and nothing new is wrapped
     /// here under a root key being retired. After a rekey elsewhere this server's unseal key no
-    /// longer opens the keyring; it keeps serving with the keys it has, and is told so.
+    /// longer opens the keyring: it follows through the member keyring with the roots it holds
+    /// (and refuses ceremonies until unsealed with the new shares). If it cannot follow either
+    /// way, it seals itself.
     pub async fn follow_seal_change(&self) -> Result<(), SealingError> {
         let mut c = self.ceremony.lock().await;
         let (Some(u), Some(unseal_key)) = (self.unsealed(), c.unseal_key.as_ref()) else { return Ok(()) };
@@ -655,9 +657,10 @@ impl Sealing {
     /// after everything has been re-wrapped, so a crash at any point loses nothing.
     async fn rotate_locked(&self, c: &mut Ceremony, new: Option<SecretBytes>) -> Result<RewrapReport, SealingError> {
         let u = self.unsealed().ok_or(SealingError::WrongState("keyward is sealed"))?;
-        let unseal_key = c.unseal_key.as_ref().ok_or(SealingError::WrongState("keyward is sealed"))?;
-        let unseal_key = SecretBytes::copy_from(unseal_key.expose());
-        let unseal_key = &unseal_key;
+        // A copy: `c.roots` changes below while the key is in use.
+        let unseal_key = &SecretBytes::copy_from(
+            c.unseal_key.as_ref().ok_or(SealingError::WrongState("keyward is sealed"))?.expose(),
+        );
         let (mut cfg, raw) = self.config().await?.ok_or(SealingError::NotInitialized)?;
         let mut roots = match cfg.open_keyring(unseal_key) {
             Err(SealError::WrongUnsealKey) => return Err(SealingError::WrongState(REKEYED_ELSEWHERE)),
