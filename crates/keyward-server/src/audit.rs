@@ -246,6 +246,8 @@ pub struct AuditStats {
 
 /// The audit log handle.
 pub struct AuditLog {
+    /// No earlier record was found when the log was opened (no file, or only empty ones).
+    fresh: bool,
     stats: Arc<AuditStats>,
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -542,6 +544,7 @@ impl AuditLog {
         if head.is_none() {
             head = newest_rotated(&cfg.file).map(|p| read_tail(key.expose(), &p)).transpose()?.flatten();
         }
+        let fresh = head.is_none();
         let head = Arc::new(Mutex::new(head.unwrap_or(Head { seq: 0, hmac: ZERO_MAC.into() })));
         let file =
             LogFile::open(&cfg.file).map_err(|e| AuditError::Unavailable(format!("{}: {e}", cfg.file.display())))?;
@@ -562,6 +565,7 @@ impl AuditLog {
             .spawn(move || writer.run(rx))
             .map_err(|e| AuditError::Unavailable(e.to_string()))?;
         Ok(Self {
+            fresh,
             stats,
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
@@ -610,6 +614,47 @@ impl AuditLog {
         wait.await.map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?
     }
 
+    /// This log's anchor for the store: its head, MACed under the audit key with the anchor's
+    /// name, so that the store cannot be made to vouch for another log or a forged head.
+    pub fn anchor_bytes(&self, name: &str, head: &Head) -> Vec<u8> {
+        serde_json::json!({"seq": head.seq, "hmac": head.hmac, "mac": anchor_mac(self.key.expose(), name, head)})
+            .to_string()
+            .into_bytes()
+    }
+
+    /// Check the log against its anchor (`stored`, from the store). Records removed from the end
+    /// while the server was stopped are an error. A log with no earlier records at all (its files
+    /// moved away, or deleted) starts a new chain: returns the record the old one had reached,
+    /// for a system record that says so.
+    pub fn check_anchor(&self, name: &str, stored: Option<&[u8]>) -> Result<Option<u64>, AuditError> {
+        let Some(stored) = stored else { return Ok(None) };
+        let damaged = |reason: String| AuditError::DamagedTail { path: self.file.display().to_string(), reason };
+        let v: serde_json::Value = serde_json::from_slice(stored)
+            .map_err(|_| damaged("the store's anchor of this log is not readable".into()))?;
+        let anchored =
+            Head { seq: v["seq"].as_u64().unwrap_or(0), hmac: v["hmac"].as_str().unwrap_or_default().to_string() };
+        let mac = v["mac"].as_str().unwrap_or_default();
+        if !keyward_crypto::ct_eq(mac.as_bytes(), anchor_mac(self.key.expose(), name, &anchored).as_bytes()) {
+            return Err(damaged("the store's anchor of this log does not verify under the audit key".into()));
+        }
+        let head = self.head();
+        if self.fresh {
+            return Ok((anchored.seq > 0).then_some(anchored.seq));
+        }
+        if head.seq < anchored.seq {
+            return Err(damaged(format!(
+                "the log ends at record {} but the store's anchor says record {} was written: records were removed \
+                 from the end (keep the files for investigation; moving every file of this log away starts a new \
+                 chain)",
+                head.seq, anchored.seq
+            )));
+        }
+        if head.seq == anchored.seq && !keyward_crypto::ct_eq(head.hmac.as_bytes(), anchored.hmac.as_bytes()) {
+            return Err(damaged(format!("record {} differs from the one the store's anchor names", head.seq)));
+        }
+        Ok(None)
+    }
+
     /// The last record written.
     pub fn head(&self) -> Head {
         self.head.lock().map(|h| h.clone()).unwrap_or(Head { seq: 0, hmac: ZERO_MAC.into() })
@@ -640,6 +685,62 @@ impl Drop for AuditLog {
         }
         if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
             let _ = t.join();
+        }
+    }
+}
+
+/// Where the store keeps the anchor of the log in `file` on this host: one per host and file,
+/// so the servers sharing a store each keep their own.
+pub fn anchor_name(file: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let abs = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    let mut id = host.trim().as_bytes().to_vec();
+    id.push(0);
+    id.extend_from_slice(abs.as_os_str().as_bytes());
+    format!("audit-anchor/{}", hex::encode(&hash::sha256(&id)[..16]))
+}
+
+fn anchor_mac(key: &[u8], name: &str, head: &Head) -> String {
+    let msg = format!("keyward-audit-anchor/v1\0{name}\0{}\0{}", head.seq, head.hmac);
+    hex::encode(hash::hmac_sha256(key, msg.as_bytes()))
+}
+
+/// Keep the store's anchor of `log` up to date: every `every`, if records were written since,
+/// until the log is closed (sealed or stopped). Records written in the last `every` before a
+/// crash are not anchored.
+pub async fn keep_anchored(
+    log: std::sync::Weak<AuditLog>,
+    store: Arc<dyn keyward_core::store::Store>,
+    name: String,
+    every: std::time::Duration,
+) {
+    let mut stored = store.get_meta(&name).await.ok().flatten();
+    let mut anchored = 0;
+    loop {
+        tokio::time::sleep(every).await;
+        let Some((head, bytes)) = log.upgrade().map(|l| {
+            let h = l.head();
+            let b = l.anchor_bytes(&name, &h);
+            (h, b)
+        }) else {
+            return;
+        };
+        if head.seq == anchored {
+            continue;
+        }
+        let written = match &stored {
+            Some(old) => store.replace_meta(&name, old, &bytes).await,
+            None => store.put_meta_if_absent(&name, &bytes).await,
+        };
+        match written {
+            Ok(true) => {
+                anchored = head.seq;
+                stored = Some(bytes);
+            }
+            // Changed meanwhile (another process on this file?): read it again next time.
+            Ok(false) => stored = store.get_meta(&name).await.ok().flatten(),
+            Err(e) => tracing::warn!(error = %e, "could not anchor the audit log in the store; will retry"),
         }
     }
 }

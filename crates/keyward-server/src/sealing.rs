@@ -141,6 +141,9 @@ fn copies(keys: &[SecretBytes]) -> Vec<SecretBytes> {
     keys.iter().map(|k| SecretBytes::copy_from(k.expose())).collect()
 }
 
+/// How often the store's anchor of the audit log is brought up to date.
+const ANCHOR_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Ceremonies on a server whose unseal key no longer opens the stored keyring.
 const REKEYED_ELSEWHERE: &str = "the seal was rekeyed on another server, so this server's unseal key is out of date: run \
      the ceremony on that server, or seal this one and unseal it with the new shares";
@@ -359,13 +362,31 @@ impl Sealing {
         let audit = match &self.audit {
             Some(ac) => {
                 let log = AuditLog::open(ac.clone(), SecretBytes::copy_from(kms.audit_key().expose()))?;
+                let anchor = crate::audit::anchor_name(&ac.file);
+                let stored = self.store.get_meta(&anchor).await.map_err(KmsError::from)?;
+                let restarted = log.check_anchor(&anchor, stored.as_deref())?;
                 log.system_event(&format!(
                     "keyward {} unsealed (seal {})",
                     env!("CARGO_PKG_VERSION"),
                     self.kind.as_str()
                 ))
                 .await?;
-                Some(Arc::new(log))
+                if let Some(ended) = restarted {
+                    tracing::warn!(ended, "the audit log's earlier files are gone; a new chain starts");
+                    log.system_event(&format!(
+                        "a new audit chain starts: the previous chain of this log reached record {ended}, and none \
+                         of its files is here (moved away or deleted)"
+                    ))
+                    .await?;
+                }
+                let log = Arc::new(log);
+                tokio::spawn(crate::audit::keep_anchored(
+                    Arc::downgrade(&log),
+                    self.store.clone(),
+                    anchor,
+                    ANCHOR_EVERY,
+                ));
+                Some(log)
             }
             None => None,
         };

@@ -98,3 +98,39 @@ async fn unwritable_audit_sink_refuses_start_and_fails_requests_until_fixed() {
     assert_eq!(c.describe_key("k2").await.unwrap_err().status(), Some(404));
     c.encrypt("k", b"x", &BTreeMap::new()).await.unwrap();
 }
+
+/// The store keeps an anchor of the audit log (its last record, refreshed every second), so
+/// records removed from the end while the server was stopped are found at the next start, which
+/// refuses to continue the chain. A log whose files were all moved away starts a new chain whose
+/// first records say where the old one ended.
+#[tokio::test]
+async fn records_removed_from_the_end_while_stopped_are_found_at_start() {
+    let mut s = TestServer::start().await;
+    let c = s.client();
+    for i in 0..4 {
+        c.create_key(&format!("k{i}"), "aes256-gcm", "", None).await.unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await; // anchored
+    s.running.take().unwrap().shutdown().await.unwrap();
+    let file = s.dir.path().join("data/audit.log");
+    let records = common::audit_records(&file);
+    let lines: Vec<&str> = records.lines().collect();
+    assert!(lines.len() >= 5, "{records}");
+
+    // The last two records removed: the server refuses to start, and says why.
+    let kept = lines[..lines.len() - 2].join("\n") + "\n";
+    std::fs::write(&file, &kept).unwrap();
+    let e = start(common::dev_config(s.dir.path())).await.unwrap_err().to_string();
+    assert!(e.contains("records were removed from the end"), "{e}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), kept, "the damaged file is left as it was");
+
+    // Moved away whole: a new chain starts, and says where the old one ended.
+    std::fs::rename(&file, s.dir.path().join("data/damaged-audit.log")).unwrap();
+    let s = TestServer::start_in(s.dir).await;
+    let fresh = common::audit_records(&file);
+    let first: Vec<serde_json::Value> = fresh.lines().take(2).map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(first[0]["seq"], 1);
+    let said = first[1]["reason"].as_str().unwrap();
+    assert!(said.contains(&format!("reached record {}", lines.len())), "{said}");
+    s.client().describe_key("k0").await.unwrap();
+}
