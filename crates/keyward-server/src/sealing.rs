@@ -372,10 +372,10 @@ impl Sealing {
                 ))
                 .await?;
                 if let Some(ended) = restarted {
-                    tracing::warn!(ended, "the audit log's earlier files are gone; a new chain starts");
+                    tracing::warn!(ended, "none of the audit log's earlier records is here; a new chain starts");
                     log.system_event(&format!(
                         "a new audit chain starts: the previous chain of this log reached record {ended}, and none \
-                         of its files is here (moved away or deleted)"
+                         of its records is here (its files were moved away, emptied or deleted)"
                     ))
                     .await?;
                 }
