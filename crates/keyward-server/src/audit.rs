@@ -616,7 +616,7 @@ impl AuditLog {
 
     /// This log's anchor for the store: its head, MACed under the audit key with the anchor's
     /// name, so that the store cannot be made to vouch for another log or a forged head.
-    pub fn anchor_bytes(&self, name: &str, head: &Head) -> Vec<u8> {
+    fn anchor_bytes(&self, name: &str, head: &Head) -> Vec<u8> {
         serde_json::json!({"seq": head.seq, "hmac": head.hmac, "mac": anchor_mac(self.key.expose(), name, head)})
             .to_string()
             .into_bytes()
@@ -624,7 +624,7 @@ impl AuditLog {
 
     /// Check the log against its anchor (`stored`, from the store). Records removed from the end
     /// while the server was stopped are an error. A log with no earlier records at all (its files
-    /// moved away, or deleted) starts a new chain: returns the record the old one had reached,
+    /// moved away, emptied or deleted) starts a new chain: returns the record the old one had reached,
     /// for a system record that says so.
     pub fn check_anchor(&self, name: &str, stored: Option<&[u8]>) -> Result<Option<u64>, AuditError> {
         let Some(stored) = stored else { return Ok(None) };
@@ -707,15 +707,16 @@ fn anchor_mac(key: &[u8], name: &str, head: &Head) -> String {
 }
 
 /// Keep the store's anchor of `log` up to date: every `every`, if records were written since,
-/// until the log is closed (sealed or stopped). Records written in the last `every` before a
-/// crash are not anchored.
+/// until the log is closed (sealed or stopped). `stored` is the anchor as last read (what
+/// [`AuditLog::check_anchor`] was given). Records written in the last `every` before a crash
+/// are not anchored.
 pub async fn keep_anchored(
     log: std::sync::Weak<AuditLog>,
     store: Arc<dyn keyward_core::store::Store>,
     name: String,
+    mut stored: Option<Vec<u8>>,
     every: std::time::Duration,
 ) {
-    let mut stored = store.get_meta(&name).await.ok().flatten();
     let mut anchored = 0;
     loop {
         tokio::time::sleep(every).await;

@@ -384,6 +384,7 @@ impl Sealing {
                     Arc::downgrade(&log),
                     self.store.clone(),
                     anchor,
+                    stored,
                     ANCHOR_EVERY,
                 ));
                 Some(log)
