@@ -1,16 +1,27 @@
 //! The launcher behind `keyward run`: start a program with secrets released by the node agent,
 //! delivered as environment variables of the program or as memory-only files (memfd), never on
-//! disk. The caller should first make its own process not dumpable (the binary does, with the
-//! server crate's hardening), so that no process of the same uid can ptrace it.
+//! disk. The caller should first make its own process not dumpable (the binary does), so that no
+//! process of the same uid can ptrace it.
 //!
-//! The agent measures `keyward run`, not the program. To bind a release to the program that
-//! will really use it, `keyward run` opens the program's executable, hashes it through that open
-//! file, and claims the digest on every request. The agent honours the claim only from a trusted
-//! launcher: its own binary, the same `keyward` executable. It then adds the selector
-//! `exec:sha256:HEX`, which policies can require. `keyward run` execs the very file it hashed
-//! (`/proc/self/fd/N`, so the path cannot be swapped in between). Once the program runs, it asks
-//! the agent to verify that the child runs an executable with that digest. If not, it kills the
-//! child.
+//! The agent measures `keyward run`, not the program, and the `keyward` binary is no identity
+//! (anyone may run it). To bind a release to the program that will really use it, `keyward run`
+//! opens the program's executable, hashes it through that open file, and claims the digest on
+//! every request. The agent honours the claim only from a trusted launcher (its own binary) and
+//! adds `exec:uid:UID:sha256:HEX`, UID being the launcher's own: the same program started by
+//! another user is another identity. `keyward run` execs the very file it hashed
+//! (`/proc/self/fd/N`, so the path cannot be swapped in between); once the program runs, the
+//! agent verifies that the child runs an executable with that digest, and the launcher kills it
+//! otherwise.
+//!
+//! A script is bound by its own bytes: the launcher hashes the script and its interpreter (from
+//! the `#!` line), claims both (`exec:uid:UID:sha256:<script>` and
+//! `exec:uid:UID:interpreter-sha256:<interpreter>`), and runs the interpreter on the very file it
+//! hashed (`/dev/fd/N`). Allowing a script does not allow every script of its interpreter.
+//!
+//! The child does not inherit what could change the code it runs or act with the caller's own
+//! credentials: the dynamic loader's variables (`LD_*` and glibc's other unsafe ones), the
+//! interpreters' module and start-up variables (`PYTHONPATH`, `NODE_OPTIONS`, `PERL5LIB`,
+//! `BASH_ENV`, ...) and `KEYWARD_TOKEN` are removed from its environment ([`SCRUBBED`]).
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -130,22 +141,55 @@ fn resolve(name: &str) -> Result<PathBuf, LaunchError> {
     Err(LaunchError::Program(format!("{name:?} was not found in PATH")))
 }
 
-/// Open the program and hash it through the open file; refuse scripts (the running executable
-/// would be their interpreter, which the claim would not describe).
-fn open_and_hash(path: &Path) -> Result<(std::fs::File, String), LaunchError> {
-    let mut f =
-        std::fs::File::open(path).map_err(|e| LaunchError::Program(format!("opening {}: {e}", path.display())))?;
-    let mut head = [0u8; 2];
-    let n = f.read(&mut head).map_err(io("reading the program"))?;
-    if n == 2 && head == *b"#!" {
-        return Err(LaunchError::Program(format!(
-            "{} is a script: its running executable would be the interpreter. Run the interpreter \
-             explicitly (keyward run ... -- /usr/bin/python3 script.py) and bind the policy to it",
-            path.display()
-        )));
-    }
+/// Variables removed from the child's environment: exact names, then prefixes.
+pub const SCRUBBED: (&[&str], &[&str]) = (
+    &[
+        "KEYWARD_TOKEN",
+        "GCONV_PATH",
+        "GETCONF_DIR",
+        "GLIBC_TUNABLES",
+        "HOSTALIASES",
+        "LOCALDOMAIN",
+        "LOCPATH",
+        "MALLOC_TRACE",
+        "NIS_PATH",
+        "NLSPATH",
+        "RESOLV_HOST_CONF",
+        "RES_OPTIONS",
+        "BASH_ENV",
+        "ENV",
+        "NODE_OPTIONS",
+        "NODE_PATH",
+        "PERL5LIB",
+        "PERL5OPT",
+        "PERLLIB",
+        "RUBYLIB",
+        "RUBYOPT",
+        "JAVA_TOOL_OPTIONS",
+        "_JAVA_OPTIONS",
+        "JDK_JAVA_OPTIONS",
+    ],
+    &["LD_", "PYTHON", "BASH_FUNC_"],
+);
+
+/// Whether a variable is removed from the child's environment.
+pub fn scrubbed(name: &std::ffi::OsStr) -> bool {
+    let Some(n) = name.to_str() else { return true };
+    SCRUBBED.0.contains(&n) || SCRUBBED.1.iter().any(|p| n.starts_with(p))
+}
+
+/// The program to exec: its open file and digest and, for a script, the interpreter's.
+struct Program {
+    file: std::fs::File,
+    sha256: String,
+    /// For a script: the interpreter's open file, digest and path, and the `#!` line's argument.
+    interpreter: Option<(std::fs::File, String, PathBuf, Option<String>)>,
+}
+
+/// Hash an open file from its current position on, after `head`.
+fn hash_rest(f: &mut std::fs::File, head: &[u8]) -> Result<String, LaunchError> {
     let mut h = keyward_crypto::hash::Sha256Stream::default();
-    h.update(&head[..n]);
+    h.update(head);
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f.read(&mut buf).map_err(io("reading the program"))?;
@@ -154,7 +198,63 @@ fn open_and_hash(path: &Path) -> Result<(std::fs::File, String), LaunchError> {
         }
         h.update(&buf[..n]);
     }
-    Ok((f, hex::encode(h.finish())))
+    Ok(hex::encode(h.finish()))
+}
+
+/// Open the program and hash it through the open file. A script (`#!`) is hashed too, and so
+/// is its interpreter, which must be an absolute path to an executable that is not a script.
+fn open_and_hash(path: &Path) -> Result<Program, LaunchError> {
+    let open =
+        |p: &Path| std::fs::File::open(p).map_err(|e| LaunchError::Program(format!("opening {}: {e}", p.display())));
+    let mut f = open(path)?;
+    let mut head = vec![0u8; 256];
+    let mut n = 0;
+    while n < head.len() {
+        let got = f.read(&mut head[n..]).map_err(io("reading the program"))?;
+        if got == 0 {
+            break;
+        }
+        n += got;
+    }
+    head.truncate(n);
+    if !head.starts_with(b"#!") {
+        let sha256 = hash_rest(&mut f, &head)?;
+        return Ok(Program { file: f, sha256, interpreter: None });
+    }
+    let line = head[2..].split(|b| *b == b'\n').next().unwrap_or_default();
+    if line.len() + 2 == head.len() && n == 256 {
+        return Err(LaunchError::Program(format!("{}: the #! line is longer than 254 bytes", path.display())));
+    }
+    let line = std::str::from_utf8(line)
+        .map_err(|_| LaunchError::Program(format!("{}: the #! line is not UTF-8", path.display())))?
+        .trim();
+    // As the kernel reads it: the interpreter, then everything else as one argument.
+    let (interp, arg) = match line.split_once([' ', '\t']) {
+        Some((i, a)) => (i, Some(a.trim().to_string()).filter(|a| !a.is_empty())),
+        None => (line, None),
+    };
+    if !interp.starts_with('/') {
+        return Err(LaunchError::Program(format!(
+            "{}: the interpreter in the #! line must be an absolute path, not {interp:?}",
+            path.display()
+        )));
+    }
+    let sha256 = hash_rest(&mut f, &head)?;
+    let ipath = PathBuf::from(interp);
+    let mut ifile = open(&ipath)?;
+    let mut ihead = [0u8; 2];
+    let got = ifile.read(&mut ihead).map_err(io("reading the interpreter"))?;
+    if got == 2 && ihead == *b"#!" {
+        return Err(LaunchError::Program(format!("{}: its interpreter {interp} is itself a script", path.display())));
+    }
+    let isha = hash_rest(&mut ifile, &ihead[..got])?;
+    Ok(Program { file: f, sha256, interpreter: Some((ifile, isha, ipath, arg)) })
+}
+
+fn keep_across_exec(f: &std::fs::File) -> Result<(), LaunchError> {
+    nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))
+        .map(|_| ())
+        .map_err(sys("clearing close-on-exec"))
 }
 
 type Values = BTreeMap<(String, Option<String>), Zeroizing<String>>;
@@ -199,18 +299,37 @@ pub async fn run(spec: RunSpec) -> Result<ExitCode, LaunchError> {
     use nix::unistd::Pid;
     let program = spec.command.first().ok_or_else(|| LaunchError::Program("no command given after --".into()))?;
     let path = resolve(program)?;
-    let (exe, digest) = open_and_hash(&path)?;
-    // The child execs this very file: no CLOEXEC on it.
-    nix::fcntl::fcntl(&exe, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))
-        .map_err(sys("clearing close-on-exec"))?;
-    let client = WorkloadClient::new(&spec.agent_socket)
+    let prog = open_and_hash(&path)?;
+    // The child execs this very file (or runs the interpreter on it): no CLOEXEC on them.
+    keep_across_exec(&prog.file)?;
+    let mut client = WorkloadClient::new(&spec.agent_socket)
         .map_err(|source| LaunchError::Agent { what: "connecting to the agent".into(), source })?
-        .for_exec(&digest);
+        .for_exec(&prog.sha256);
+    let mut cmd = match &prog.interpreter {
+        None => {
+            let mut cmd = tokio::process::Command::new(format!("/proc/self/fd/{}", prog.file.as_raw_fd()));
+            cmd.arg0(program).args(&spec.command[1..]);
+            cmd
+        }
+        Some((ifile, isha, ipath, arg)) => {
+            keep_across_exec(ifile)?;
+            client = client.with_interpreter(isha);
+            let mut cmd = tokio::process::Command::new(format!("/proc/self/fd/{}", ifile.as_raw_fd()));
+            cmd.arg0(ipath);
+            cmd.args(arg.iter());
+            cmd.arg(format!("/dev/fd/{}", prog.file.as_raw_fd())).args(&spec.command[1..]);
+            cmd
+        }
+    };
     let all: Vec<&Binding> = spec.secrets.iter().chain(&spec.files).collect();
     let mut values = fetch(&client, &all).await?;
 
-    let mut cmd = tokio::process::Command::new(format!("/proc/self/fd/{}", exe.as_raw_fd()));
-    cmd.arg0(program).args(&spec.command[1..]);
+    // Nothing that changes the code the child runs, nor the caller's token.
+    for (k, _) in std::env::vars_os() {
+        if scrubbed(&k) {
+            cmd.env_remove(&k);
+        }
+    }
     for b in &spec.secrets {
         cmd.env(&b.env, values[&(b.path.clone(), b.field.clone())].as_str());
     }
@@ -229,11 +348,18 @@ pub async fn run(spec: RunSpec) -> Result<ExitCode, LaunchError> {
     let pid = child.id().ok_or_else(|| LaunchError::Program("the program exited at once".into()))?;
     let child_pid = Pid::from_raw(i32::try_from(pid).map_err(|_| LaunchError::Program("pid out of range".into()))?);
     if let Err(e) = client.verify_child(pid).await {
+        // A program that already finished cannot be checked, and killing it changes nothing:
+        // it ran the file that was hashed (exec'd by its descriptor). Its status stands.
+        if let Ok(Some(status)) = child.try_wait() {
+            tracing::warn!(pid, program = %path.display(), "the program finished before it could be verified");
+            drop(memfds);
+            return Ok(exit_code(status));
+        }
         let _ = kill(child_pid, Signal::SIGKILL);
         let _ = child.wait().await;
         return Err(LaunchError::Mismatch(e));
     }
-    tracing::info!(pid, program = %path.display(), sha256 = %digest, "started and verified");
+    tracing::info!(pid, program = %path.display(), sha256 = %prog.sha256, "started and verified");
 
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(io("handling signals"))?;
@@ -253,22 +379,32 @@ pub async fn run(spec: RunSpec) -> Result<ExitCode, LaunchError> {
                         for (b, f) in &memfds {
                             write_memfd(f, &fresh[&(b.path.clone(), b.field.clone())])?;
                         }
+                        let changed: Vec<&str> = fresh
+                            .iter()
+                            .filter(|(k, v)| values.get(*k) != Some(*v))
+                            .map(|((p, _), _)| p.as_str())
+                            .collect();
+                        tracing::info!(pid, secrets = ?changed, signal = %spec.signal, "secrets changed; signalling the program");
                         values = fresh;
-                        tracing::info!(pid, signal = %spec.signal, "secrets changed; signalling the program");
                         let _ = kill(child_pid, spec.signal);
                     }
-                    Ok(_) => {}
+                    Ok(_) => tracing::debug!(pid, "secrets unchanged"),
                     Err(e) => tracing::warn!(error = %e, "re-fetching secrets failed; the program keeps the current ones"),
                 }
             }
         }
     };
     drop(memfds);
-    Ok(match (status.code(), std::os::unix::process::ExitStatusExt::signal(&status)) {
+    Ok(exit_code(status))
+}
+
+/// The launcher's exit code for the program's status (128 + signal when killed, as shells do).
+fn exit_code(status: std::process::ExitStatus) -> ExitCode {
+    match (status.code(), std::os::unix::process::ExitStatusExt::signal(&status)) {
         (Some(c), _) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
         (None, Some(sig)) => ExitCode::from(u8::try_from(128 + sig).unwrap_or(1)),
         _ => ExitCode::FAILURE,
-    })
+    }
 }
 
 #[cfg(test)]

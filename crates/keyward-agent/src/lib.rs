@@ -1,40 +1,47 @@
 //! The Keyward node agent: serves the Workload API (HTTP/JSON) on a Unix socket and decides
 //! who a caller is by measuring it, never by what it says.
 //!
-//! Every connection is pinned at accept ([`keyward_attest::Pinned::from_socket`]); every
-//! request measures the pinned process again (it may have `exec`ed since the last request on
-//! the same connection), then checks the process is still the same live one before the
-//! selectors are used. Any failure refuses the request with 403 and says why.
+//! Every connection is pinned at accept and every byte read from it is checked to come from
+//! the pinned process under unchanged credentials (`keyward_attest::conn`). A caller first opens
+//! a session (`POST /v1/session`): the agent measures it and answers a secret that only the
+//! measured image can have learnt; each release carries that secret and is answered only if the
+//! process is still that image, with the same credentials and cgroup, when the request has been
+//! read and again when the answer is back (see [`session`]). Any failure refuses the request
+//! with 403 and says why, and the agent's own hash-chained audit log records it.
 //!
 //! The socket is world-connectable on purpose (mode 0666): authorization is by measurement,
-//! not by file mode.
+//! not by file mode. Connections are capped per uid ([`listener::ConnLimits`]).
 #![forbid(unsafe_code)]
 
-mod conn;
+mod attest;
 pub mod kubelet;
 pub mod launcher;
+pub mod listener;
+mod outage;
+mod relay;
+pub mod session;
 pub mod upstream;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use attest::Shared;
 use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::IncomingStream;
 use axum::{Json, Router};
 use keyward_attest::{AttestError, Measurer, Pinned};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tokio::net::UnixListener;
-use tokio::sync::Semaphore;
 use upstream::Upstream;
+
+pub use listener::{Caller, ConnLimits, CredListener};
 
 /// Default Workload API socket.
 pub const DEFAULT_SOCKET: &str = "/run/keyward/agent.sock";
-/// Measurements run at once (each may hash an executable on a cache miss).
-const MEASURE_CONCURRENCY: usize = 4;
 /// Largest Workload API request body.
 const MAX_REQUEST: usize = 256 * 1024;
 
@@ -51,6 +58,10 @@ pub struct AgentConfig {
     /// SHA-256 digests of launchers trusted to claim the program they will exec
     /// (`keyward run`), besides the agent's own executable (the same `keyward` binary).
     pub launchers: Vec<[u8; 32]>,
+    /// Where the kubelet puts pods in the cgroup tree (`--cgroup-root`).
+    pub kubelet_roots: keyward_attest::cgroup::KubeletRoots,
+    /// Connection caps.
+    pub limits: ConnLimits,
 }
 
 impl Default for AgentConfig {
@@ -60,78 +71,19 @@ impl Default for AgentConfig {
             hash_limit: keyward_attest::process::DEFAULT_HASH_LIMIT,
             outage_window: DEFAULT_OUTAGE_WINDOW,
             launchers: Vec::new(),
+            kubelet_roots: keyward_attest::cgroup::KubeletRoots::default(),
+            limits: ConnLimits::default(),
         }
     }
 }
 
-/// The selector a trusted launcher's requests carry for the program it will exec.
-pub const EXEC_SELECTOR: &str = "exec:sha256:";
+/// The selector prefix a trusted launcher's requests carry for the program it will exec:
+/// `exec:uid:UID:sha256:HEX` (and `exec:uid:UID:interpreter-sha256:HEX` for a script's
+/// interpreter). It always names the launcher's uid: anyone may run the launcher.
+pub const EXEC_SELECTOR: &str = "exec:uid:";
 
 /// Default outage window.
 pub const DEFAULT_OUTAGE_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
-/// Most sealed answers kept for outages.
-const OUTAGE_CACHE_ENTRIES: usize = 4096;
-
-/// A sealed answer and when it was obtained, by cache key.
-type SealedAnswers = std::collections::HashMap<[u8; 32], (std::time::Instant, Vec<u8>)>;
-
-/// Sealed answers (never plaintext: they are sealed to the workload's key) kept in memory for
-/// outages, by (recipient key, operation, caller's selectors).
-#[derive(Debug, Default)]
-struct OutageCache {
-    entries: std::sync::Mutex<SealedAnswers>,
-    unreachable_since: std::sync::Mutex<Option<std::time::Instant>>,
-}
-
-impl OutageCache {
-    fn key(recipient: &str, op: &Value, selectors: &[String]) -> [u8; 32] {
-        let mut h = keyward_crypto::hash::Sha256Stream::default();
-        for part in [recipient, &op.to_string(), &selectors.join("\n")] {
-            h.update(&(part.len() as u64).to_be_bytes());
-            h.update(part.as_bytes());
-        }
-        h.finish()
-    }
-
-    fn put(&self, key: [u8; 32], sealed: &[u8], window: std::time::Duration) {
-        if window.is_zero() {
-            return;
-        }
-        if let Ok(mut m) = self.entries.lock() {
-            if m.len() >= OUTAGE_CACHE_ENTRIES {
-                m.retain(|_, (at, _)| at.elapsed() < window);
-                if m.len() >= OUTAGE_CACHE_ENTRIES
-                    && let Some(oldest) = m.iter().min_by_key(|(_, (at, _))| *at).map(|(k, _)| *k)
-                {
-                    m.remove(&oldest);
-                }
-            }
-            m.insert(key, (std::time::Instant::now(), sealed.to_vec()));
-        }
-    }
-
-    fn get(&self, key: &[u8; 32], window: std::time::Duration) -> Option<(u64, Vec<u8>)> {
-        let m = self.entries.lock().ok()?;
-        let (at, body) = m.get(key)?;
-        (at.elapsed() < window).then(|| (at.elapsed().as_secs(), body.clone()))
-    }
-
-    fn reachable(&self, yes: bool) {
-        if let Ok(mut u) = self.unreachable_since.lock() {
-            match (yes, u.is_some()) {
-                (true, true) => {
-                    tracing::info!("the Keyward server is reachable again");
-                    *u = None;
-                }
-                (false, false) => {
-                    tracing::warn!("the Keyward server is unreachable; answering from the outage cache");
-                    *u = Some(std::time::Instant::now());
-                }
-                _ => {}
-            }
-        }
-    }
-}
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -153,383 +105,191 @@ pub enum StartError {
     },
 }
 
-pub use conn::{Caller, CredListener};
-
 impl Connected<IncomingStream<'_, CredListener>> for Caller {
     fn connect_info(stream: IncomingStream<'_, CredListener>) -> Self {
         stream.io().caller().clone()
     }
 }
 
-/// A refused Workload API request: `{"error": {"code", "message"}}`.
+/// A refused Workload API request: `{"error": {"code", "message", "reason"}}`. `reason` is the
+/// short, stable reason the agent's audit log records.
 #[derive(Debug)]
 pub struct AgentError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    reason: &'static str,
 }
 
 impl AgentError {
-    fn unattested(e: &AttestError) -> Self {
+    fn unattested(e: AttestError) -> Self {
         Self {
             status: StatusCode::FORBIDDEN,
             code: "not_attested",
+            reason: e.reason(),
             message: format!("the caller could not be attested: {e}"),
+        }
+    }
+
+    fn internal(message: &str) -> Self {
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "internal",
+            message: message.into(),
+            reason: "internal",
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_argument",
+            message: message.into(),
+            reason: "bad request",
         }
     }
 }
 
 impl IntoResponse for AgentError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({"error": {"code": self.code, "message": self.message}}))).into_response()
+        let body = json!({"error": {"code": self.code, "message": self.message, "reason": self.reason}});
+        (self.status, Json(body)).into_response()
     }
 }
 
-struct Shared {
-    measurer: Measurer,
-    permits: Semaphore,
-    outage: OutageCache,
-    outage_window: std::time::Duration,
-    upstream: Option<Arc<Upstream>>,
-    kubelet: Option<Arc<kubelet::Kubelet>>,
-    /// Configured launcher digests, as `unix:sha256:HEX` selectors.
-    extra_launchers: Vec<String>,
-    /// Those plus the agent's own executable, measured on first use (hashing a large binary
-    /// must not delay start-up or signal handling).
-    launchers: tokio::sync::OnceCell<Vec<String>>,
-}
+/// The agent's own audit log: what the agent decides alone (sessions it opens, requests it
+/// refuses, answers it replays from its outage cache, connections over a cap). Releases the
+/// server decides are in the server's log.
+#[derive(Debug, Clone, Default)]
+pub struct AgentLog(Option<Arc<keyward_audit::AuditLog>>);
 
-/// A caller's identity: its pid and every selector measured for it.
-#[derive(Debug)]
-struct Attested {
-    pid: u32,
-    selectors: Vec<String>,
-}
+impl AgentLog {
+    /// Record into `log`.
+    pub fn new(log: Arc<keyward_audit::AuditLog>) -> Self {
+        Self(Some(log))
+    }
 
-impl Shared {
-    /// Measure the connection's caller now (and ask the kubelet about its container), and check
-    /// it is still the process that connected.
-    async fn attest(self: &Arc<Self>, caller: &Caller) -> Result<Attested, AgentError> {
-        if let Err(e) = caller.pinned.as_ref() {
-            return Err(AgentError::unattested(e));
-        }
-        let _permit = self.permits.acquire().await.map_err(|_| AgentError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            code: "shutting_down",
-            message: "the agent is shutting down".into(),
-        })?;
-        // A known executable is measured here (a few small /proc reads); a new one is hashed on
-        // a blocking thread.
-        let pinned = Arc::clone(&caller.pinned);
-        let cached = pinned.as_ref().as_ref().map_err(|_| AttestError::Gone).and_then(|p| {
-            let m = self.measurer.measure_if_cached(p)?;
-            if m.is_some() {
-                p.still_alive()?;
-            }
-            Ok(m)
-        });
-        let result = match cached {
-            Ok(Some(m)) => Ok(m),
-            Err(e) => Err(e),
-            Ok(None) => {
-                let me = Arc::clone(self);
-                tokio::task::spawn_blocking(move || {
-                    let p = pinned.as_ref().as_ref().map_err(|_| AttestError::Gone)?;
-                    let m = me.measurer.measure(p)?;
-                    p.still_alive()?;
-                    Ok::<_, AttestError>(m)
-                })
-                .await
-                .map_err(|_| AgentError {
-                    status: StatusCode::INTERNAL_SERVER_ERROR,
-                    code: "internal",
-                    message: "measurement failed unexpectedly".into(),
-                })?
-            }
+    /// Open (or continue) `DIR/audit.log`, chained under the key in `DIR/audit-key`.
+    pub fn open(dir: &Path) -> Result<Self, keyward_audit::AuditError> {
+        Ok(Self(Some(Arc::new(keyward_audit::open_with_key_file(dir)?))))
+    }
+
+    /// No log (tests and embedders that audit elsewhere).
+    pub fn none() -> Self {
+        Self(None)
+    }
+
+    /// Write one record and wait until it is durable.
+    #[allow(clippy::too_many_arguments)]
+    async fn record(
+        &self,
+        identity: String,
+        path: &str,
+        operation: &str,
+        resource: Option<String>,
+        allowed: Option<bool>,
+        reason: String,
+        status: u16,
+        error: Option<&str>,
+    ) -> Result<(), AgentError> {
+        let Some(log) = &self.0 else { return Ok(()) };
+        let mut raw = [0u8; 8];
+        let request_id = match keyward_crypto::fill_random(&mut raw) {
+            Ok(()) => format!("agent-{}", hex::encode(raw)),
+            Err(_) => "agent".into(),
         };
-        let m = match result {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::info!(error = %e, "workload attestation refused");
-                return Err(AgentError::unattested(&e));
-            }
+        let rec = keyward_audit::AuditRecord {
+            time: keyward_audit::now_rfc3339(),
+            request_id,
+            identity,
+            method: "POST".into(),
+            path: path.into(),
+            operation: Some(operation.into()),
+            resource,
+            decision: match allowed {
+                Some(true) => "allow",
+                Some(false) => "deny",
+                None => "none",
+            },
+            reason: Some(reason),
+            status,
+            error: error.map(str::to_string),
+            context: None,
         };
-        let mut selectors = m.selectors();
-        if let (Some(k), Some(cid)) = (&self.kubelet, &m.cgroup.container_id) {
-            match k.selectors(cid, m.cgroup.pod_uid.as_deref()).await {
-                Ok(more) => selectors.extend(more),
-                Err(e) => {
-                    tracing::info!(pid = m.pid, error = %e, "workload attestation refused");
-                    return Err(AgentError {
-                        status: StatusCode::FORBIDDEN,
-                        code: "not_attested",
-                        message: format!("the caller could not be attested: {e}"),
-                    });
-                }
+        log.append(rec).await.map_err(|e| {
+            tracing::error!(error = %e, "the agent's audit record could not be written");
+            AgentError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: "audit_unavailable",
+                message: "the agent's audit log cannot be written, so it answers nothing".into(),
+                reason: "audit unavailable",
             }
-            // The kubelet lookup may have taken a while: the process must still be there.
-            if let Err(e) = caller.pinned.as_ref().as_ref().map_err(|_| AttestError::Gone).and_then(Pinned::still_alive)
-            {
-                return Err(AgentError::unattested(&e));
-            }
-        }
-        // Every byte of the request must have come from the process that was measured.
-        if caller.foreign_writer.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(AgentError {
-                status: StatusCode::FORBIDDEN,
-                code: "not_attested",
-                message: "the request was written by another process than the one that connected \
-                          (a passed or inherited socket); each process must open its own connection"
-                    .into(),
-            });
-        }
-        selectors.sort();
-        selectors.dedup();
-        Ok(Attested { pid: m.pid, selectors })
-    }
-
-    /// The trusted launchers: the configured ones and the agent's own executable (`keyward run`
-    /// is the same binary).
-    async fn launchers(self: &Arc<Self>) -> &[String] {
-        self.launchers
-            .get_or_init(|| async {
-                let mut all = self.extra_launchers.clone();
-                let me = Arc::clone(self);
-                let own = tokio::task::spawn_blocking(move || {
-                    Pinned::from_pid(std::process::id()).and_then(|p| me.measurer.measure(&p))
-                })
-                .await;
-                match own {
-                    Ok(Ok(m)) => all.extend(m.exe_sha256.map(|h| format!("unix:sha256:{}", hex::encode(h)))),
-                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot measure the agent's own executable; `keyward run` is not trusted"),
-                    Err(e) => tracing::warn!(error = %e, "cannot measure the agent's own executable"),
-                }
-                all
-            })
-            .await
-    }
-
-    /// Refuse unless the caller runs a trusted launcher (`keyward run`).
-    async fn check_launcher(self: &Arc<Self>, a: &Attested) -> Result<(), AgentError> {
-        let launchers = self.launchers().await;
-        if a.selectors.iter().any(|s| launchers.contains(s)) {
-            return Ok(());
-        }
-        Err(AgentError {
-            status: StatusCode::FORBIDDEN,
-            code: "not_a_launcher",
-            message: "only a trusted launcher (`keyward run`, the same binary as this agent) may name the program \
-                      it will exec (exec_sha256)"
-                .into(),
         })
     }
-}
 
-/// Take the optional `exec_sha256` claim (64 lower-case hex digits) out of a request body.
-fn take_exec_claim(body: &mut Value) -> Result<Option<String>, AgentError> {
-    let Some(m) = body.as_object_mut() else { return Ok(None) };
-    match m.remove("exec_sha256") {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(h))
-            if h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
-        {
-            Ok(Some(h))
-        }
-        Some(_) => Err(bad_request("exec_sha256 must be 64 lower-case hex digits")),
+    /// Record a refusal (best effort: the refusal stands either way).
+    async fn refusal(&self, who: String, path: &str, operation: &str, e: &AgentError) {
+        tracing::info!(who, path, reason = e.reason, message = %e.message, "Workload API request refused");
+        let _ = self
+            .record(who, path, operation, None, Some(false), e.reason.into(), e.status.as_u16(), Some(e.code))
+            .await;
     }
 }
 
-/// `POST /v1/verify-child` `{pid, exec_sha256}`: a launcher asks whether its child now runs the
-/// program it claimed. The child must be the caller's own child, alive, and its running
-/// executable (through `/proc/PID/exe`) must hash to the claim.
-async fn verify_child(
+/// How a caller appears in the agent's audit records.
+fn who(caller: &Caller) -> String {
+    match caller.peer.check() {
+        Ok(p) => format!("pid {} uid {}", p.pid(), caller.uid),
+        Err(_) => match caller.peer.pin_error() {
+            Some(_) => format!("unidentified uid {}", caller.uid),
+            None => format!("uid {}", caller.uid),
+        },
+    }
+}
+
+/// `POST /v1/session`: measure the caller and open a session for it.
+async fn open_session(
     State(st): State<Arc<Shared>>,
     ConnectInfo(caller): ConnectInfo<Caller>,
-    body: axum::body::Bytes,
 ) -> Result<Response, AgentError> {
-    let mut v = json_body(body).await?;
-    let claim = take_exec_claim(&mut v)?.ok_or_else(|| bad_request("exec_sha256 is required"))?;
-    let pid = v.get("pid").and_then(Value::as_u64).and_then(|p| u32::try_from(p).ok()).filter(|p| *p > 0);
-    let pid = pid.ok_or_else(|| bad_request("pid (a positive integer) is required"))?;
-    let a = st.attest(&caller).await?;
-    st.check_launcher(&a).await?;
-    let me = Arc::clone(&st);
-    let launcher = a.pid;
-    let measured = tokio::task::spawn_blocking(move || {
-        let child = Pinned::from_pid(pid)?;
-        // Only the launcher's own child, and before anything is read of it.
-        let parent = child.parent_pid()?;
-        if parent != launcher {
-            return Ok(Err(parent));
+    let a = match st.attest(&caller, true).await {
+        Ok(a) => a,
+        Err(e) => {
+            st.log.refusal(who(&caller), "/v1/session", "session", &e).await;
+            return Err(e);
         }
-        let m = me.measurer.measure(&child)?;
-        child.still_alive()?;
-        Ok::<_, AttestError>(Ok(m))
-    })
-    .await
-    .map_err(|_| AgentError {
-        status: StatusCode::INTERNAL_SERVER_ERROR,
-        code: "internal",
-        message: "measurement failed unexpectedly".into(),
-    })?;
-    let refuse = |message: String| AgentError { status: StatusCode::FORBIDDEN, code: "exec_mismatch", message };
-    let m = measured
-        .map_err(|e| refuse(format!("the child could not be measured: {e}")))?
-        .map_err(|_| refuse(format!("process {pid} is not the caller's child")))?;
-    let running = m.exe_sha256.map(hex::encode).unwrap_or_default();
-    if running != claim {
-        tracing::warn!(pid, launcher, claimed = %claim, running = %running, "launched program is not the one claimed");
-        return Err(refuse(format!(
-            "process {pid} runs an executable with SHA-256 {running}, not the claimed {claim}"
-        )));
-    }
-    tracing::info!(pid, launcher, "launched program verified");
-    Ok(Json(json!({"pid": pid, "selectors": m.selectors()})).into_response())
+    };
+    let s = session::Session::new(a.process, a.stamp, a.selectors.clone(), a.launcher, a.uid);
+    let identity = format!("pid {} uid {} [{}]", a.pid, a.uid, a.selectors.join(" "));
+    // The attestation is a decision of the agent's own: recorded before it can be used.
+    st.log.record(identity, "/v1/session", "session", None, Some(true), "measured".into(), 200, None).await?;
+    let secret = st.sessions.create(s).map_err(|_| AgentError::internal("no random secret"))?;
+    tracing::debug!(pid = a.pid, "session opened");
+    Ok(Json(json!({
+        "session": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, secret),
+        "expires_in_secs": session::SESSION_TTL.as_secs(),
+        "pid": a.pid,
+        "selectors": a.selectors,
+    }))
+    .into_response())
 }
 
 async fn whoami(
     State(st): State<Arc<Shared>>,
     ConnectInfo(caller): ConnectInfo<Caller>,
 ) -> Result<Response, AgentError> {
-    let a = st.attest(&caller).await?;
-    tracing::debug!(pid = a.pid, "whoami");
-    Ok(Json(json!({"pid": a.pid, "selectors": a.selectors})).into_response())
-}
-
-fn bad_request(message: impl Into<String>) -> AgentError {
-    AgentError { status: StatusCode::BAD_REQUEST, code: "invalid_argument", message: message.into() }
-}
-
-/// The operations the Workload API relays, and how each becomes a release operation.
-#[derive(Clone, Copy, Debug)]
-enum Op {
-    Secret,
-    DataKey,
-    Decrypt,
-    Sign,
-    Randomized,
-}
-
-impl Op {
-    fn name(self) -> &'static str {
-        match self {
-            Self::Secret => "read-secret",
-            Self::DataKey => "generate-data-key",
-            Self::Decrypt => "decrypt",
-            Self::Sign => "sign",
-            Self::Randomized => "randomized",
-        }
-    }
-
-    /// Split a request into the recipient key and the server-side operation.
-    fn parse(self, body: Value) -> Result<(String, Value), AgentError> {
-        let Value::Object(mut m) = body else { return Err(bad_request("the request body must be a JSON object")) };
-        let take_str = |m: &mut Map<String, Value>, k: &str| match m.remove(k) {
-            Some(Value::String(s)) => Ok(s),
-            _ => Err(bad_request(format!("{k} (a string) is required"))),
-        };
-        let recipient = take_str(&mut m, "recipient")?;
-        let op = match self {
-            Self::Secret => {
-                let path = take_str(&mut m, "path")?;
-                let version = match m.remove("version") {
-                    None | Some(Value::Null) => None,
-                    Some(v) => Some(v.as_u64().ok_or_else(|| bad_request("version must be a positive integer"))?),
-                };
-                if let Some(k) = m.keys().next() {
-                    return Err(bad_request(format!("unknown field {k:?}")));
-                }
-                json!({"kind": self.name(), "path": path, "version": version})
-            }
-            Self::DataKey | Self::Sign => {
-                let key = take_str(&mut m, "key")?;
-                json!({"kind": self.name(), "key": key, "body": Value::Object(m)})
-            }
-            Self::Decrypt => json!({"kind": self.name(), "body": Value::Object(m)}),
-            Self::Randomized => {
-                let name = take_str(&mut m, "name")?;
-                if let Some(k) = m.keys().next() {
-                    return Err(bad_request(format!("unknown field {k:?}")));
-                }
-                json!({"kind": self.name(), "name": name})
-            }
-        };
-        Ok((recipient, op))
-    }
-}
-
-async fn relay(st: Arc<Shared>, caller: Caller, op: Op, body: Value) -> Result<Response, AgentError> {
-    let Some(up) = st.upstream.clone() else {
-        return Err(AgentError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            code: "no_server",
-            message: "this agent is not joined to a Keyward server (start it with --server and --join-token-file)"
-                .into(),
-        });
-    };
-    let mut body = body;
-    let exec = take_exec_claim(&mut body)?;
-    let (recipient, release_op) = op.parse(body)?;
-    // Nonce first, then measure: the evidence is newer than the nonce the server checks.
-    let nonce = up.nonce().await;
-    let mut a = st.attest(&caller).await?;
-    if let Some(h) = exec {
-        st.check_launcher(&a).await?;
-        a.selectors.push(format!("{EXEC_SELECTOR}{h}"));
-        a.selectors.sort();
-    }
-    // Answers that are the same each time may be replayed during an outage; a data key must
-    // be new each time, so it is never cached.
-    let cacheable = !matches!(op, Op::DataKey);
-    let cache_key = OutageCache::key(&recipient, &release_op, &a.selectors);
-    let result = match nonce {
-        Ok(n) => up.release(&n, a.pid, &a.selectors, &recipient, release_op).await,
-        Err(e) => Err(e),
-    };
-    let json = (axum::http::header::CONTENT_TYPE, "application/json");
-    match result {
-        Ok((status, bytes)) => {
-            st.outage.reachable(true);
-            tracing::info!(pid = a.pid, op = op.name(), status, "release");
-            if cacheable && (200..300).contains(&status) {
-                st.outage.put(cache_key, &bytes, st.outage_window);
-            }
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-            Ok((status, [json], bytes).into_response())
-        }
+    match st.attest(&caller, false).await {
+        Ok(a) => Ok(Json(json!({"pid": a.pid, "selectors": a.selectors})).into_response()),
         Err(e) => {
-            let status = e.status();
-            // Unreachable (or sealed, 503): an outage.
-            if e.unreachable() || status == Some(503) {
-                st.outage.reachable(false);
-                if cacheable && let Some((age, bytes)) = st.outage.get(&cache_key, st.outage_window) {
-                    tracing::info!(pid = a.pid, op = op.name(), age, "release answered from the outage cache");
-                    let age = axum::http::HeaderValue::from(age);
-                    return Ok((StatusCode::OK, [json], [("keyward-cached-age-secs", age)], bytes).into_response());
-                }
-                tracing::warn!(pid = a.pid, op = op.name(), error = %e, "release failed: server unreachable");
-                return Err(AgentError {
-                    status: StatusCode::SERVICE_UNAVAILABLE,
-                    code: "server_unavailable",
-                    message: format!(
-                        "the Keyward server cannot be reached and no earlier answer to this request is cached: {e}"
-                    ),
-                });
-            }
-            tracing::warn!(pid = a.pid, op = op.name(), error = %e, "release failed");
-            Err(AgentError {
-                status: status.and_then(|s| StatusCode::from_u16(s).ok()).unwrap_or(StatusCode::BAD_GATEWAY),
-                code: "server_unavailable",
-                message: format!("the Keyward server could not be asked: {e}"),
-            })
+            st.log.refusal(who(&caller), "/v1/whoami", "whoami", &e).await;
+            Err(e)
         }
     }
 }
 
 /// `GET /v1/health`: whether the server is reachable, and what the outage cache holds.
 async fn health(State(st): State<Arc<Shared>>) -> Response {
-    let unreachable = st.outage.unreachable_since.lock().ok().and_then(|u| *u);
-    let cached = st.outage.entries.lock().map(|m| m.len()).unwrap_or(0);
+    let unreachable = st.outage.unreachable_since();
     let server = match (&st.upstream, unreachable) {
         (None, _) => "not joined",
         (Some(_), None) => "reachable",
@@ -539,37 +299,125 @@ async fn health(State(st): State<Arc<Shared>>) -> Response {
         "server": server,
         "unreachable_for_secs": unreachable.map(|u| u.elapsed().as_secs()),
         "outage_window_secs": st.outage_window.as_secs(),
-        "cached_answers": cached,
+        "cached_answers": st.outage.len(),
+        "sessions": st.sessions.len(),
     }))
     .into_response()
 }
 
-async fn json_body(body: axum::body::Bytes) -> Result<Value, AgentError> {
-    serde_json::from_slice(&body).map_err(|_| bad_request("the request body is not valid JSON"))
+/// The session a request names, checked against the connection's process and stamp now.
+async fn session_of(st: &Shared, caller: &Caller, headers: &HeaderMap) -> Result<session::Session, AgentError> {
+    let required = |message: &str, reason: &'static str| AgentError {
+        status: StatusCode::UNAUTHORIZED,
+        code: "session_required",
+        message: message.into(),
+        reason,
+    };
+    let secret = headers
+        .get(session::SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| base64::Engine::decode(&base64::engine::general_purpose::STANDARD, v).ok())
+        .ok_or_else(|| {
+            required(
+                "open a session first (POST /v1/session) and send its secret in the keyward-session header",
+                "no session",
+            )
+        })?;
+    let pinned = caller.peer.check().map_err(AgentError::unattested)?;
+    st.sessions.get(&secret, pinned.identity()).map_err(|r| match r {
+        session::Refused::Unknown => required("the session is unknown or expired; open a new one", "no session"),
+        session::Refused::OtherProcess => {
+            required("the session belongs to another process; each process opens its own", "session of another process")
+        }
+    })
 }
 
-/// `POST` route relaying one operation.
-fn relay_route(op: Op) -> axum::routing::MethodRouter<Arc<Shared>> {
-    post(
-        move |State(st): State<Arc<Shared>>, ConnectInfo(c): ConnectInfo<Caller>, body: axum::body::Bytes| async move {
-            relay(st, c, op, json_body(body).await?).await
-        },
-    )
+/// Check that the connection's process is still the session's image: no exec, no credential
+/// change, no move, and every byte written by it under the session's ids.
+fn still_the_session(caller: &Caller, s: &session::Session) -> Result<(), AgentError> {
+    let pinned = caller.peer.check().map_err(AgentError::unattested)?;
+    let now = pinned.stamp().map_err(AgentError::unattested)?;
+    now.same_as(&s.stamp).map_err(AgentError::unattested)?;
+    caller.peer.check_stamp(&now).map_err(AgentError::unattested)
 }
 
-/// Parse a Workload API body from untrusted bytes as every operation would (fuzzing and
-/// property tests): never a panic.
-#[doc(hidden)]
-pub fn parse_workload_request(data: &[u8]) -> usize {
-    let Ok(v) = serde_json::from_slice::<Value>(data) else { return 0 };
-    [Op::Secret, Op::DataKey, Op::Decrypt, Op::Sign, Op::Randomized]
-        .into_iter()
-        .filter(|op| op.parse(v.clone()).is_ok())
-        .count()
+/// `POST /v1/verify-child` `{pid, exec_sha256}`: a launcher asks whether its child now runs the
+/// program it claimed (for a script, its interpreter). The child must be the caller's own
+/// child, alive, with the launcher's credentials, and its running executable (through
+/// `/proc/PID/exe`) must hash to the claim.
+async fn verify_child(
+    State(st): State<Arc<Shared>>,
+    ConnectInfo(caller): ConnectInfo<Caller>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, AgentError> {
+    let result = verify_child_inner(&st, &caller, &headers, &body).await;
+    if let Err(e) = &result {
+        st.log.refusal(who(&caller), "/v1/verify-child", "verify-child", e).await;
+    }
+    result
+}
+
+async fn verify_child_inner(
+    st: &Arc<Shared>,
+    caller: &Caller,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, AgentError> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|_| AgentError::bad_request("the request body is not valid JSON"))?;
+    let claim = relay::hex64(v.get("exec_sha256"))
+        .ok_or_else(|| AgentError::bad_request("exec_sha256 (64 hex digits) is required"))?;
+    let pid = v.get("pid").and_then(Value::as_u64).and_then(|p| u32::try_from(p).ok()).filter(|p| *p > 0);
+    let pid = pid.ok_or_else(|| AgentError::bad_request("pid (a positive integer) is required"))?;
+    let s = session_of(st, caller, headers).await?;
+    relay::require_launcher(&s)?;
+    still_the_session(caller, &s)?;
+    let launcher = s.process.0;
+    let measurer = st.measurer.clone();
+    let measured = tokio::task::spawn_blocking(move || {
+        let child = Pinned::from_pid(pid)?;
+        // Only the launcher's own child, and before anything is read of it.
+        let parent = child.parent_pid()?;
+        if parent != launcher {
+            return Ok(Err(parent));
+        }
+        let m = measurer.measure(&child)?;
+        child.still_alive()?;
+        Ok::<_, AttestError>(Ok(m))
+    })
+    .await
+    .map_err(|_| AgentError::internal("measurement failed unexpectedly"))?;
+    let refuse =
+        |message: String, reason| AgentError { status: StatusCode::FORBIDDEN, code: "exec_mismatch", message, reason };
+    let m = measured
+        .map_err(|e| refuse(format!("the child could not be measured: {e}"), e.reason()))?
+        .map_err(|_| refuse(format!("process {pid} is not the caller's child"), "not the launcher's child"))?;
+    if m.stamp.uniform_credentials().is_err() || m.uid != s.uid {
+        return Err(refuse(
+            format!("process {pid} does not run with the launcher's credentials"),
+            "credentials changed",
+        ));
+    }
+    let running = m.exe_sha256.map(hex::encode).unwrap_or_default();
+    if running != claim {
+        tracing::warn!(pid, launcher, claimed = %claim, running = %running, "launched program is not the one claimed");
+        return Err(refuse(
+            format!("process {pid} runs an executable with SHA-256 {running}, not the claimed {claim}"),
+            "exec mismatch",
+        ));
+    }
+    tracing::info!(pid, launcher, "launched program verified");
+    Ok(Json(json!({"pid": pid, "selectors": m.selectors()})).into_response())
 }
 
 async fn not_found() -> AgentError {
-    AgentError { status: StatusCode::NOT_FOUND, code: "not_found", message: "no such Workload API operation".into() }
+    AgentError {
+        status: StatusCode::NOT_FOUND,
+        code: "not_found",
+        message: "no such Workload API operation".into(),
+        reason: "no such route",
+    }
 }
 
 /// The Workload API routes.
@@ -577,15 +425,23 @@ fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/whoami", get(whoami))
         .route("/v1/health", get(health))
-        .route("/v1/secret", relay_route(Op::Secret))
-        .route("/v1/data-key", relay_route(Op::DataKey))
-        .route("/v1/decrypt", relay_route(Op::Decrypt))
-        .route("/v1/sign", relay_route(Op::Sign))
-        .route("/v1/randomized", relay_route(Op::Randomized))
+        .route("/v1/session", post(open_session))
+        .route("/v1/secret", relay::route(relay::Op::Secret))
+        .route("/v1/data-key", relay::route(relay::Op::DataKey))
+        .route("/v1/decrypt", relay::route(relay::Op::Decrypt))
+        .route("/v1/sign", relay::route(relay::Op::Sign))
+        .route("/v1/randomized", relay::route(relay::Op::Randomized))
         .route("/v1/verify-child", post(verify_child))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_REQUEST))
         .with_state(shared)
+}
+
+/// Parse a Workload API body from untrusted bytes as every operation would (fuzzing and
+/// property tests): never a panic.
+#[doc(hidden)]
+pub fn parse_workload_request(data: &[u8]) -> usize {
+    relay::parse_workload_request(data)
 }
 
 /// Bind the socket (mode 0666: callers are authorized by measurement, not by file mode):
@@ -600,39 +456,41 @@ pub fn bind(path: &Path) -> Result<CredListener, StartError> {
     })?;
     let io = |source| StartError::Io { path: path.to_path_buf(), source };
     let listener = UnixListener::from_std(listener).map_err(io)?;
-    conn::pass_credentials(&listener).map_err(io)?;
-    Ok(CredListener(listener))
+    keyward_attest::conn::pass_credentials(&listener).map_err(io)?;
+    Ok(CredListener::new(listener))
 }
 
 /// Serve the Workload API on `listener` until `shutdown` completes; removes the socket after.
-/// `upstream` is the joined server connection (without one, only `whoami` works); its token
-/// is renewed in the background while serving. With `kubelet`, callers in containers also get
-/// the `k8s:` selectors of their pod and container.
+/// `upstream` is the joined server connection (without one, only `whoami` and sessions work);
+/// its token is renewed in the background while serving. With `kubelet`, callers in containers
+/// also get the `k8s:` selectors of their pod and container. `log` records what the agent
+/// decides alone.
 pub async fn serve(
     config: &AgentConfig,
     listener: CredListener,
     upstream: Option<Arc<Upstream>>,
     kubelet: Option<Arc<kubelet::Kubelet>>,
+    log: AgentLog,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let renew = upstream.clone().map(|u| tokio::spawn(async move { u.keep_renewed().await }));
-    let measurer = Measurer::new(config.hash_limit);
-    // The agent's own executable is the trusted launcher (`keyward run` is the same binary).
-    let mut launchers: Vec<String> =
-        config.launchers.iter().map(|h| format!("unix:sha256:{}", hex::encode(h))).collect();
-    match Pinned::from_pid(std::process::id()).and_then(|me| measurer.measure(&me)) {
-        Ok(m) => launchers.extend(m.exe_sha256.map(|h| format!("unix:sha256:{}", hex::encode(h)))),
-        Err(e) => tracing::warn!(error = %e, "cannot measure the agent's own executable; `keyward run` is not trusted"),
-    }
-    let shared = Arc::new(Shared {
-        measurer,
-        permits: Semaphore::new(MEASURE_CONCURRENCY),
-        outage: OutageCache::default(),
-        outage_window: config.outage_window,
-        upstream,
-        kubelet,
-        extra_launchers: config.launchers.iter().map(|h| format!("unix:sha256:{}", hex::encode(h))).collect(),
-        launchers: tokio::sync::OnceCell::new(),
+    let measurer = Measurer::new(config.hash_limit).with_kubelet_roots(config.kubelet_roots.clone());
+    let shared =
+        Arc::new(Shared::new(measurer, config.outage_window, upstream, kubelet, config.launchers.clone(), log.clone()));
+    let mut listener = listener.with_limits(config.limits);
+    // Connections refused at accept are recorded too.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u32, u32, &'static str)>();
+    listener.report_refusals_to(tx);
+    let refusals = tokio::spawn(async move {
+        while let Some((uid, pid, reason)) = rx.recv().await {
+            let e = AgentError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: "too_many_connections",
+                message: reason.into(),
+                reason,
+            };
+            log.refusal(format!("pid {pid} uid {uid}"), "-", "connect", &e).await;
+        }
     });
     tracing::info!(socket = %config.socket.display(), "Workload API listening");
     let app = router(shared).into_make_service_with_connect_info::<Caller>();
@@ -640,6 +498,7 @@ pub async fn serve(
     if let Some(r) = renew {
         r.abort();
     }
+    refusals.abort();
     let _ = std::fs::remove_file(&config.socket);
     result
 }
@@ -648,39 +507,6 @@ pub async fn serve(
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn workload_requests_become_release_ops() {
-        let (r, op) = Op::Secret.parse(json!({"path": "a/b", "version": 2, "recipient": "AA=="})).unwrap();
-        assert_eq!(r, "AA==");
-        assert_eq!(op, json!({"kind": "read-secret", "path": "a/b", "version": 2}));
-        let (_, op) = Op::Sign.parse(json!({"key": "k", "message": "eA==", "recipient": "AA=="})).unwrap();
-        assert_eq!(op, json!({"kind": "sign", "key": "k", "body": {"message": "eA=="}}));
-        for bad in [
-            json!({"path": "a"}),
-            json!({"path": "a", "recipient": 1}),
-            json!({"path": "a", "recipient": "x", "extra": 1}),
-            json!({"path": "a", "recipient": "x", "version": -1}),
-            json!([1]),
-        ] {
-            assert!(Op::Secret.parse(bad.clone()).is_err(), "{bad}");
-        }
-        assert!(Op::Sign.parse(json!({"recipient": "x"})).is_err());
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn workload_parsers_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
-            let _ = parse_workload_request(&bytes);
-        }
-
-        #[test]
-        fn json_shaped_workload_requests_never_panic(
-            s in r#"\{("(path|key|recipient|version|message|context|x)":(-?[0-9]{0,12}|"[ -~]{0,16}"|null|true|\[\]|\{\}),?){0,6}\}"#
-        ) {
-            let _ = parse_workload_request(s.as_bytes());
-        }
-    }
 
     #[test]
     fn bind_replaces_only_stale_sockets() {

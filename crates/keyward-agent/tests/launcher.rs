@@ -20,7 +20,9 @@ async fn children_are_verified_against_the_claimed_executable() {
     let socket = dir.path().join("agent.sock");
     let config = AgentConfig { socket: socket.clone(), ..Default::default() };
     let listener = bind(&socket).unwrap();
-    let agent = tokio::spawn(async move { serve(&config, listener, None, None, std::future::pending()).await });
+    let agent = tokio::spawn(async move {
+        serve(&config, listener, None, None, keyward_agent::AgentLog::none(), std::future::pending()).await
+    });
 
     let mut child = Command::new("/bin/sleep").arg("30").spawn().unwrap();
     let pid = child.id();
@@ -40,14 +42,20 @@ async fn children_are_verified_against_the_claimed_executable() {
     child.wait().unwrap();
     assert_eq!(good.verify_child(pid).await.unwrap_err().status(), Some(403));
 
-    // Another program may not claim anything: python (not the agent's binary) asks the agent.
+    // Another program may not claim anything: python (not the agent's binary) opens a session
+    // and asks the agent.
     let script = format!(
         r#"
-import json, socket
-s = socket.socket(socket.AF_UNIX); s.connect({sock:?})
-body = json.dumps({{"pid": 1, "exec_sha256": "{h}"}}).encode()
-s.sendall(b"POST /v1/verify-child HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
-print(s.makefile("rb").read().decode())
+import http.client, json, socket
+class C(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX); self.sock.connect({sock:?})
+c = C("agent")
+c.request("POST", "/v1/session"); session = json.loads(c.getresponse().read())["session"]
+body = json.dumps({{"pid": 1, "exec_sha256": "{h}"}})
+c.request("POST", "/v1/verify-child", body, {{"Content-Type": "application/json", "keyward-session": session}})
+r = c.getresponse()
+print("HTTP/1.1", r.status, r.read().decode())
 "#,
         sock = socket.to_str().unwrap(),
         h = "ab".repeat(32)

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keyward_agent::upstream::{JoinCredential, Upstream, UpstreamConfig};
-use keyward_agent::{AgentConfig, bind, serve};
+use keyward_agent::{AgentConfig, AgentLog, bind, serve};
 use keyward_client::workload::WorkloadClient;
 use keyward_client::{Client, Method};
 use serde_json::{Value, json};
@@ -28,13 +28,13 @@ async fn cached_answers_during_an_outage_for_the_window_only() {
     let root = std::fs::read_to_string(running.root_token_file.as_ref().unwrap()).unwrap();
     let admin = Client::builder(addr.clone()).token(root.trim()).build().unwrap();
 
-    // This test binary is the workload.
-    let me = keyward_crypto::hash::sha256(&std::fs::read("/proc/self/exe").unwrap());
-    let me: String = me.iter().map(|b| format!("{b:02x}")).collect();
+    // This test binary is the workload (and the agent: a `keyward`-like binary is no identity
+    // by its hash, so the policy names the uid and node).
+    let me = format!("unix:uid:{}", std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()));
     for (path, v) in [("app/db", "hunter2"), ("app/other", "x")] {
         admin.put_secret(path, &BTreeMap::from([("password".to_string(), v.to_string())]), None).await.unwrap();
     }
-    let policy = json!({"identities": [[format!("unix:sha256:{me}")]],
+    let policy = json!({"identities": [[me, "node:name:n1"]],
                         "rules": [{"resources": ["secrets/app/*"], "operations": ["read"]}]});
     admin.request(Method::PUT, "/v1/policies/me", Some(&policy)).await.unwrap();
     let jt = admin.request(Method::POST, "/v1/auth/agent/join-token", Some(&json!({"node": "n1"}))).await.unwrap();
@@ -50,8 +50,9 @@ async fn cached_answers_during_an_outage_for_the_window_only() {
     let config = AgentConfig { socket: socket.clone(), outage_window: Duration::from_secs(3), ..Default::default() };
     let listener = bind(&socket).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let log = AgentLog::open(&dir.path().join("agent-audit")).unwrap();
     let agent = tokio::spawn(async move {
-        serve(&config, listener, Some(Arc::new(up)), None, async move {
+        serve(&config, listener, Some(Arc::new(up)), None, log, async move {
             let _ = stopped.await;
         })
         .await
@@ -82,4 +83,17 @@ async fn cached_answers_during_an_outage_for_the_window_only() {
 
     let _ = stop.send(());
     agent.await.unwrap().unwrap();
+
+    // The agent's own log says what it decided alone: the session it opened, and the answer it
+    // replayed from its cache while the server was away; the chain verifies.
+    let key = keyward_audit::key_file::load(&dir.path().join("agent-audit/audit-key")).unwrap();
+    let file = dir.path().join("agent-audit/audit.log");
+    keyward_audit::verify_files(key.expose(), &[file.clone()], None).unwrap();
+    let text = String::from_utf8(std::fs::read(&file).unwrap()).unwrap();
+    let text = text.trim_end_matches('\0');
+    assert!(text.lines().any(|l| l.contains("\"operation\":\"session\"") && l.contains("\"allow\"")), "{text}");
+    let replay = text.lines().find(|l| l.contains("outage cache")).expect("the replay is recorded");
+    assert!(replay.contains("\"path\":\"/v1/secret\"") && replay.contains(&me), "{replay}");
+    assert!(text.lines().any(|l| l.contains("server unreachable") && l.contains("\"deny\"")), "{text}");
+    assert!(!text.contains("hunter2"));
 }

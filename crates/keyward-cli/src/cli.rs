@@ -589,6 +589,21 @@ pub struct AgentArgs {
     /// Time between those lookups.
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
     pub kubelet_poll_interval: std::time::Duration,
+    /// Where the kubelet puts pods in the cgroup tree, as the host sees it (repeat for
+    /// several). Container and pod ids are taken only from under these; a pod-like cgroup
+    /// elsewhere is refused. Default: /kubepods.slice (systemd driver) and /kubepods (cgroupfs).
+    #[arg(long = "cgroup-root", value_name = "PATH")]
+    pub cgroup_roots: Vec<String>,
+    /// Workload API connections one uid may hold at once; more are closed at once (and audited).
+    #[arg(long, default_value_t = 64)]
+    pub max_connections_per_uid: usize,
+    /// Workload API connections held in all.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Directory of the agent's own audit log (`audit.log`, chained under `audit-key` beside
+    /// it): what the agent decides alone (sessions, refusals, outage-cache answers).
+    #[arg(long, default_value = "/var/lib/keyward/agent")]
+    pub audit_dir: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]

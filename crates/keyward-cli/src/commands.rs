@@ -164,7 +164,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(a) => {
             // Not dumpable: another process of the same uid cannot ptrace the launcher and
             // change what it execs after the agent accepted its claim.
-            keyward_server::harden::harden_process(false)?;
+            keyward_attest::harden::harden_process(false)?;
             Ok(keyward_agent::launcher::run(keyward_agent::launcher::RunSpec {
                 agent_socket: a.agent_socket.clone(),
                 secrets: a.secrets.clone(),
@@ -730,7 +730,7 @@ fn pkcs11_config(a: &ServerArgs) -> anyhow::Result<Option<keyward_hsm::Pkcs11Con
 
 async fn server(a: ServerArgs) -> anyhow::Result<ExitCode> {
     let stop = shutdown_signal();
-    let h = keyward_server::harden::harden_process(!a.insecure_no_mlock)?;
+    let h = keyward_attest::harden::harden_process(!a.insecure_no_mlock)?;
     tracing::info!(?h, "process hardened");
     let pkcs11 = pkcs11_config(&a)?;
     let cfg = keyward_server::ServerConfig {
@@ -783,7 +783,7 @@ async fn serve_until_signal(
 
 async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
     let stop = shutdown_signal();
-    let h = keyward_server::harden::harden_process(false)?;
+    let h = keyward_attest::harden::harden_process(false)?;
     tracing::info!(?h, "process hardened");
     let data = match a.data {
         Some(d) => d,
@@ -824,7 +824,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
     // A node agent in the same process, so attested release can be tried on one machine.
     let mut dev_agent = None;
     if let Some(t) = &token {
-        match start_dev_agent(running.addr, t, &data.join("agent.sock")).await {
+        match start_dev_agent(running.addr, t, &data.join("agent.sock"), &data.join("agent")).await {
             Ok((socket, stop, task)) => {
                 println!("export KEYWARD_AGENT_SOCKET={}", socket.display());
                 dev_agent = Some((stop, task));
@@ -845,7 +845,12 @@ async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
 type DevAgent = (std::path::PathBuf, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>);
 
 /// Join an agent for node `dev` to the dev server with a fresh join token, serving on `socket`.
-async fn start_dev_agent(addr: std::net::SocketAddr, root: &str, socket: &std::path::Path) -> anyhow::Result<DevAgent> {
+async fn start_dev_agent(
+    addr: std::net::SocketAddr,
+    root: &str,
+    socket: &std::path::Path,
+    audit_dir: &std::path::Path,
+) -> anyhow::Result<DevAgent> {
     let url = format!("http://{addr}");
     let admin = Client::builder(url.clone()).token(root).build()?;
     let v = admin
@@ -859,13 +864,14 @@ async fn start_dev_agent(addr: std::net::SocketAddr, root: &str, socket: &std::p
     };
     let up = std::sync::Arc::new(keyward_agent::upstream::Upstream::join(&cfg).await?);
     let config = keyward_agent::AgentConfig { socket: socket.to_path_buf(), ..Default::default() };
+    let log = keyward_agent::AgentLog::open(audit_dir)?;
     let listener = keyward_agent::bind(&config.socket)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let shutdown = async move {
             let _ = stopped.await;
         };
-        if let Err(e) = keyward_agent::serve(&config, listener, Some(up), None, shutdown).await {
+        if let Err(e) = keyward_agent::serve(&config, listener, Some(up), None, log, shutdown).await {
             tracing::error!(error = %e, "the dev node agent stopped");
         }
     });
@@ -875,14 +881,23 @@ async fn start_dev_agent(addr: std::net::SocketAddr, root: &str, socket: &std::p
 async fn agent(cli: &Cli, a: AgentArgs) -> anyhow::Result<ExitCode> {
     let stop = shutdown_signal();
     // The agent holds its Ed25519 key and token for as long as it runs.
-    let h = keyward_server::harden::harden_process(false)?;
+    let h = keyward_attest::harden::harden_process(false)?;
     tracing::info!(?h, "process hardened");
+    let kubelet_roots = if a.cgroup_roots.is_empty() {
+        keyward_attest::cgroup::KubeletRoots::default()
+    } else {
+        keyward_attest::cgroup::KubeletRoots::new(&a.cgroup_roots).map_err(|e| anyhow!("--cgroup-root: {e}"))?
+    };
     let config = keyward_agent::AgentConfig {
         socket: a.socket,
         hash_limit: a.hash_limit,
         outage_window: a.outage_window,
+        kubelet_roots,
+        limits: keyward_agent::ConnLimits { per_uid: a.max_connections_per_uid, total: a.max_connections },
         ..Default::default()
     };
+    let log = keyward_agent::AgentLog::open(&a.audit_dir)
+        .with_context(|| format!("opening the agent's audit log in {} (set --audit-dir)", a.audit_dir.display()))?;
     let join = match (&a.join_token_file, &a.k8s_join_role) {
         (Some(f), _) => {
             let token = zeroize::Zeroizing::new(
@@ -928,7 +943,7 @@ async fn agent(cli: &Cli, a: AgentArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let listener = keyward_agent::bind(&config.socket)?;
-    keyward_agent::serve(&config, listener, upstream, kubelet, stop).await?;
+    keyward_agent::serve(&config, listener, upstream, kubelet, log, stop).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -964,7 +979,7 @@ async fn randomized(cli: &Cli, r: &RandomizedCmd) -> anyhow::Result<ExitCode> {
 async fn kms_plugin(cli: &Cli, a: KmsPluginArgs) -> anyhow::Result<ExitCode> {
     use keyward_kms_plugin::{CallerPolicy, Kek, Plugin, PluginSettings, kek};
     let stop = shutdown_signal();
-    let h = keyward_server::harden::harden_process(false)?;
+    let h = keyward_attest::harden::harden_process(false)?;
     tracing::info!(?h, "process hardened");
     let path = keyward_kms_plugin::socket_path(&a.listen).map_err(|e| anyhow!(e))?.to_path_buf();
     let mut uids: std::collections::BTreeSet<u32> = a.allow_uids.iter().copied().collect();
@@ -1017,7 +1032,7 @@ async fn kms_plugin(cli: &Cli, a: KmsPluginArgs) -> anyhow::Result<ExitCode> {
 async fn csi_provider(cli: &Cli, a: CsiProviderArgs) -> anyhow::Result<ExitCode> {
     let stop = shutdown_signal();
     // The provider holds pods' Keyward tokens in memory while they are valid.
-    let h = keyward_server::harden::harden_process(false)?;
+    let h = keyward_attest::harden::harden_process(false)?;
     tracing::info!(?h, "process hardened");
     let ca_pem = match &cli.cacert {
         Some(p) => Some(std::fs::read(p).with_context(|| format!("reading CA certificate {}", p.display()))?),

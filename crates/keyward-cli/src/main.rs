@@ -27,6 +27,19 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
+    if matches!(cli.command, cli::Command::Agent(cli::AgentArgs { command: None, .. })) {
+        // Before any thread starts: cgroups must be read as the host sees them, or pods
+        // cannot be placed under the kubelet's root.
+        match keyward_attest::cgroup::join_host_namespace() {
+            Ok(true) => tracing::info!("joined the host's cgroup namespace"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                error = %e,
+                "not in the host's cgroup namespace and cannot join it (needs CAP_SYS_ADMIN and hostPID): \
+                 callers in pods will be refused"
+            ),
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(64).build() {
         Ok(rt) => rt,
         Err(e) => {

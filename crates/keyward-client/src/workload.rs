@@ -5,6 +5,12 @@
 //! this process can open it. Keeping one key per client also lets the agent replay an earlier
 //! sealed answer to this same client while the server is unreachable (its outage window).
 //!
+//! Before its first release the client opens a *session* (`POST /v1/session`): the agent
+//! measures this process and answers a secret, which every release then carries. The agent
+//! answers a release only while this process is still the image it measured (no `exec`, no
+//! credential change), so the secret is worthless to any other process or program. Sessions are
+//! renewed by themselves when they expire.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), keyward_client::Error> {
 //! let agent = keyward_client::workload::WorkloadClient::from_env()?;
@@ -41,7 +47,14 @@ pub struct WorkloadClient {
     key: std::sync::Arc<RecipientKey>,
     /// For a launcher: the SHA-256 (hex) of the program it will exec, claimed on every request.
     exec_sha256: Option<String>,
+    /// For a launcher starting a script: its interpreter's SHA-256 (hex).
+    exec_interpreter_sha256: Option<String>,
+    /// The session secret (base64) and when it must be renewed.
+    session: std::sync::Arc<tokio::sync::Mutex<Option<(String, std::time::Instant)>>>,
 }
+
+/// The header carrying the session secret.
+const SESSION_HEADER: &str = "keyward-session";
 
 #[derive(Deserialize)]
 struct SealedOut {
@@ -101,7 +114,7 @@ impl WorkloadClient {
             .build()
             .map_err(|e| Error::Config(format!("agent client: {e}")))?;
         let key = std::sync::Arc::new(RecipientKey::generate().map_err(|e| Error::Config(e.to_string()))?);
-        Ok(Self { http, socket, key, exec_sha256: None })
+        Ok(Self { http, socket, key, exec_sha256: None, exec_interpreter_sha256: None, session: Default::default() })
     }
 
     /// The agent at `$KEYWARD_AGENT_SOCKET`, or the default socket.
@@ -109,12 +122,21 @@ impl WorkloadClient {
         Self::new(std::env::var_os(ENV_AGENT_SOCKET).map(PathBuf::from).unwrap_or_else(|| DEFAULT_AGENT_SOCKET.into()))
     }
 
-    async fn send(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<Vec<u8>, Error> {
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        session: Option<&str>,
+    ) -> Result<Vec<u8>, Error> {
         let addr = format!("unix:{}", self.socket.display());
         let mut rb = self.http.request(method, format!("http://agent{path}"));
         if let Some(b) = body {
             let bytes = Zeroizing::new(serde_json::to_vec(b).map_err(|e| Error::Decode(e.to_string()))?);
             rb = rb.header("content-type", "application/json").body(bytes.to_vec());
+        }
+        if let Some(s) = session {
+            rb = rb.header(SESSION_HEADER, s);
         }
         let resp = rb.send().await.map_err(|source| Error::Transport { addr: addr.clone(), source })?;
         let status = resp.status().as_u16();
@@ -128,31 +150,74 @@ impl WorkloadClient {
         Err(crate::api_error(status, &bytes))
     }
 
+    /// This process's session secret: the current one, or a new one (`renew`, or none yet, or
+    /// about to expire).
+    async fn session(&self, renew: bool) -> Result<String, Error> {
+        let mut held = self.session.lock().await;
+        if let Some((s, until)) = held.as_ref()
+            && !renew
+            && std::time::Instant::now() < *until
+        {
+            return Ok(s.clone());
+        }
+        let v: Value = serde_json::from_slice(&self.send(reqwest::Method::POST, "/v1/session", None, None).await?)
+            .map_err(|e| Error::Decode(e.to_string()))?;
+        let secret = v["session"].as_str().ok_or_else(|| Error::Decode("no session in the agent's answer".into()))?;
+        // Renewed a little before the agent forgets it.
+        let ttl = v["expires_in_secs"].as_u64().unwrap_or(60).saturating_sub(5).max(1);
+        *held = Some((secret.to_string(), std::time::Instant::now() + Duration::from_secs(ttl)));
+        Ok(secret.to_string())
+    }
+
+    /// Send a request that needs the session; if the agent no longer knows it (expired, or this
+    /// is a forked child of the process that opened it), open a new one and try once more.
+    async fn send_in_session(&self, path: &str, body: &Value) -> Result<Vec<u8>, Error> {
+        let s = self.session(false).await?;
+        match self.send(reqwest::Method::POST, path, Some(body), Some(&s)).await {
+            Err(e) if e.code() == Some("session_required") => {
+                let s = self.session(true).await?;
+                self.send(reqwest::Method::POST, path, Some(body), Some(&s)).await
+            }
+            other => other,
+        }
+    }
+
     /// The selectors the agent measures for this process (to write and debug policies).
     pub async fn whoami(&self) -> Result<Vec<String>, Error> {
-        let v: Value = serde_json::from_slice(&self.send(reqwest::Method::GET, "/v1/whoami", None).await?)
+        let v: Value = serde_json::from_slice(&self.send(reqwest::Method::GET, "/v1/whoami", None, None).await?)
             .map_err(|e| Error::Decode(e.to_string()))?;
         Ok(v["selectors"].as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_string)).collect())
     }
 
     /// For a launcher (`keyward run`): claim on every request that the secrets are for the
     /// program with this SHA-256 (hex), which the launcher will exec. The agent honours the claim
-    /// only from a trusted launcher and adds the selector `exec:sha256:HEX`; afterwards
-    /// [`WorkloadClient::verify_child`] checks the child really runs it.
+    /// only from a trusted launcher and adds the selector `exec:uid:UID:sha256:HEX`, UID being
+    /// the launcher's; afterwards [`WorkloadClient::verify_child`] checks the child really runs it.
     pub fn for_exec(mut self, sha256_hex: &str) -> Self {
         self.exec_sha256 = Some(sha256_hex.to_ascii_lowercase());
+        self
+    }
+
+    /// For a launcher starting a script: the script's SHA-256 is the program claimed with
+    /// [`WorkloadClient::for_exec`]; this is its interpreter's (the executable the child will
+    /// run, which [`WorkloadClient::verify_child`] checks). The agent adds
+    /// `exec:uid:UID:interpreter-sha256:HEX`.
+    pub fn with_interpreter(mut self, sha256_hex: &str) -> Self {
+        self.exec_interpreter_sha256 = Some(sha256_hex.to_ascii_lowercase());
         self
     }
 
     /// Ask the agent whether child process `pid` of this process runs the program claimed with
     /// [`WorkloadClient::for_exec`]; returns the child's selectors.
     pub async fn verify_child(&self, pid: u32) -> Result<Vec<String>, Error> {
-        let claim =
-            self.exec_sha256.as_deref().ok_or_else(|| Error::Config("no exec claim (for_exec) to verify".into()))?;
+        let claim = self
+            .exec_interpreter_sha256
+            .as_deref()
+            .or(self.exec_sha256.as_deref())
+            .ok_or_else(|| Error::Config("no exec claim (for_exec) to verify".into()))?;
         let body = json!({"pid": pid, "exec_sha256": claim});
-        let v: Value =
-            serde_json::from_slice(&self.send(reqwest::Method::POST, "/v1/verify-child", Some(&body)).await?)
-                .map_err(|e| Error::Decode(e.to_string()))?;
+        let v: Value = serde_json::from_slice(&self.send_in_session("/v1/verify-child", &body).await?)
+            .map_err(|e| Error::Decode(e.to_string()))?;
         Ok(v["selectors"].as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_string)).collect())
     }
 
@@ -163,7 +228,10 @@ impl WorkloadClient {
         if let Some(h) = &self.exec_sha256 {
             body["exec_sha256"] = Value::String(h.clone());
         }
-        let bytes = self.send(reqwest::Method::POST, path, Some(&body)).await?;
+        if let Some(h) = &self.exec_interpreter_sha256 {
+            body["exec_interpreter_sha256"] = Value::String(h.clone());
+        }
+        let bytes = self.send_in_session(path, &body).await?;
         let sealed: SealedOut = serde_json::from_slice(&bytes).map_err(|e| Error::Decode(e.to_string()))?;
         let pt = key
             .open(&unb64(&sealed.enc)?, &unb64(&sealed.ciphertext)?, RELEASE_INFO, &unb64(&sealed.nonce)?)

@@ -341,6 +341,24 @@ async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) 
     };
     match kms.authenticate(token.trim()).await {
         Ok(rec) => {
+            if let Some(kind) = agent_credential(&rec)
+                && !AGENT_ROUTES.contains(&req.uri().path())
+            {
+                // An agent's token (or a join token) is not a bearer credential for the
+                // ordinary API: whatever it could read there, it may read only through signed
+                // releases. Refused before any handler runs, whatever the policies say.
+                ctx.set_identity(&format!("{} ({kind})", rec.accessor));
+                ctx.set_reason(&format!("{kind} outside agent routes"));
+                return ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "permission_denied",
+                    format!(
+                        "an {kind} is only accepted on the agent routes (/v1/agent/*, renew-self, revoke-self); \
+                         releases must be signed by the agent's key"
+                    ),
+                )
+                .into_response();
+            }
             if rec.display_name.starts_with("k8s:") {
                 ctx.set_identity(&format!("{} ({})", rec.accessor, rec.display_name));
             } else {
@@ -354,6 +372,29 @@ async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) 
             ApiError::from(e).into_response()
         }
     }
+}
+
+/// The only routes a node agent's token (or a join token) may be presented on.
+const AGENT_ROUTES: &[&str] = &[
+    "/v1/agent/nonce",
+    "/v1/agent/release",
+    "/v1/agent/releases",
+    "/v1/auth/token/renew-self",
+    "/v1/auth/token/revoke-self",
+];
+
+/// Whether a token is a node agent's (bound to its key) or a join token, and which.
+fn agent_credential(rec: &keyward_core::model::TokenRecord) -> Option<&'static str> {
+    use keyward_core::release::{AGENT_KEY_SELECTOR, JOIN_SELECTOR};
+    rec.selectors.iter().find_map(|s| {
+        if s.starts_with(AGENT_KEY_SELECTOR) {
+            Some("agent token")
+        } else if s.starts_with(JOIN_SELECTOR) {
+            Some("agent join token")
+        } else {
+            None
+        }
+    })
 }
 
 pub(crate) fn allow(st: &AppState, c: &Caller, op: &str, resource: &str) -> Result<(), ApiError> {

@@ -13,7 +13,6 @@ pub mod audit;
 pub mod cluster;
 pub mod error;
 pub mod extract;
-pub mod harden;
 pub mod k8s_auth;
 pub mod run;
 pub mod seal_file;

@@ -403,3 +403,57 @@ async fn a_batch_is_signed_once_and_each_release_stands_alone() {
     assert!(allowed["identity"].as_str().unwrap().contains("node:name:node-1"), "{allowed}");
     assert!(!log.contains("hunter2"));
 }
+
+/// Attack: an agent's token is stolen from its node (or read from its memory) and used as a
+/// bearer token on the ordinary API against a policy written for the node
+/// (`[["node:name:node-1"]]`). Refused before any handler runs, with the reason audited; the
+/// token still works where it belongs (nonces, renew-self) and a signed release still reads
+/// the secret. A join token is no bearer credential either.
+#[tokio::test]
+async fn an_agent_token_is_refused_outside_the_agent_routes() {
+    let policy = json!({
+        "identities": [["node:name:node-1"]],
+        "rules": [{"resources": ["secrets/payments/db"], "operations": ["read"]}]
+    });
+    let s = payments_db_server_with("node-1", policy).await;
+    // A join token presented as a bearer token: refused (and spent: it was single-use).
+    let jt = join_token(&s, "node-1").await;
+    let (st, v, _) = raw(&s.addr, "GET", "/v1/secrets/data/payments/db", Some(&jt), None, vec![]).await;
+    assert_eq!(st, 403, "{v}");
+    assert!(!v.to_string().contains("hunter2"));
+    let agent = join(&s, &join_token(&s, "node-1").await, new_key()).await.unwrap();
+
+    for (method, path) in [
+        ("GET", "/v1/secrets/data/payments/db"),
+        ("GET", "/v1/auth/whoami"),
+        ("POST", "/v1/auth/token/lookup"),
+        ("GET", "/v1/keys"),
+    ] {
+        let body = if method == "POST" { b"{}".to_vec() } else { vec![] };
+        let (st, v, _) = raw(&s.addr, method, path, Some(&agent.token), Some("application/json"), body).await;
+        assert_eq!(st, 403, "{method} {path}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("agent routes"), "{msg}");
+        assert!(!v.to_string().contains("hunter2"));
+    }
+
+    // Control: the agent routes still take it, and a signed release still works.
+    assert_eq!(nonce(&s, &agent.token).await.0, 200);
+    let (st, v, _) =
+        raw(&s.addr, "POST", "/v1/auth/token/renew-self", Some(&agent.token), Some("application/json"), b"{}".to_vec())
+            .await;
+    assert_eq!(st, 200, "{v}");
+    let workload = RecipientKey::generate().unwrap();
+    let n = fresh_nonce(&s, &agent).await;
+    let (st, v) =
+        send_release(&s, &agent.token, Some(&agent.key), &read_db(&agent, &n, &["unix:uid:1000"], &workload)).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(open(&workload, &n, &v)["data"]["password"], "hunter2");
+
+    let log = audit_records(&s.dir.path().join("data/audit.log"));
+    let refusals: Vec<&str> = log.lines().filter(|l| l.contains("agent token outside agent routes")).collect();
+    assert_eq!(refusals.len(), 4, "{log}");
+    assert!(refusals.iter().all(|l| l.contains("\"status\":403")), "{refusals:?}");
+    assert!(log.contains("agent join token outside agent routes"), "{log}");
+    assert!(!log.contains("hunter2"));
+}
