@@ -204,18 +204,23 @@ async fn prepare(client: &Client, cfg: &BenchConfig) -> Result<Prepared, BenchEr
                 .ok_or_else(|| BenchError::Config("workload-secret needs --agent-socket".into()))?;
             let value: String = "x".repeat(cfg.size.max(1));
             client.put_secret(&cfg.secret_path, &BTreeMap::from([("value".to_string(), value)]), None).await?;
-            // This very program is the workload: attach a policy to its executable's hash.
-            let exe = std::fs::read("/proc/self/exe")
-                .map_err(|e| BenchError::Config(format!("reading this program to hash it: {e}")))?;
-            let hash = keyward_crypto::hash::sha256(&exe);
-            let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+            // This very program is the workload. It is the generic `keyward` binary, which is no
+            // identity by its hash (anyone may run it): the policy names the uid the agent
+            // measures for it.
+            let workload = WorkloadClient::new(socket)?;
+            let uid = workload
+                .whoami()
+                .await?
+                .into_iter()
+                .find(|s| s.starts_with("unix:uid:"))
+                .ok_or_else(|| BenchError::Config("the agent measured no uid for this program".into()))?;
             let policy = serde_json::json!({
-                "description": "created by keyward bench: this benchmark binary may read its secret",
-                "identities": [[format!("unix:sha256:{hex}")]],
+                "description": "created by keyward bench: the benchmark's uid may read its secret",
+                "identities": [[uid]],
                 "rules": [{"resources": [format!("secrets/{}", cfg.secret_path)], "operations": ["read"]}],
             });
             client.request(keyward_client::Method::PUT, "/v1/policies/keyward-bench-workload", Some(&policy)).await?;
-            Prepared::WorkloadSecret(WorkloadClient::new(socket)?)
+            Prepared::WorkloadSecret(workload)
         }
         Op::SecretPut => Prepared::SecretPut("x".repeat(cfg.size.max(1))),
         Op::KeyCreate => Prepared::KeyCreate,

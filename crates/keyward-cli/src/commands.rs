@@ -896,8 +896,7 @@ async fn agent(cli: &Cli, a: AgentArgs) -> anyhow::Result<ExitCode> {
         limits: keyward_agent::ConnLimits { per_uid: a.max_connections_per_uid, total: a.max_connections },
         ..Default::default()
     };
-    let log = keyward_agent::AgentLog::open(&a.audit_dir)
-        .with_context(|| format!("opening the agent's audit log in {} (set --audit-dir)", a.audit_dir.display()))?;
+
     let join = match (&a.join_token_file, &a.k8s_join_role) {
         (Some(f), _) => {
             let token = zeroize::Zeroizing::new(
@@ -943,6 +942,10 @@ async fn agent(cli: &Cli, a: AgentArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let listener = keyward_agent::bind(&config.socket)?;
+    // After the socket: a second agent started by mistake stops there, before it touches the
+    // first one's log.
+    let log = keyward_agent::AgentLog::open(&a.audit_dir)
+        .with_context(|| format!("opening the agent's audit log in {} (set --audit-dir)", a.audit_dir.display()))?;
     keyward_agent::serve(&config, listener, upstream, kubelet, log, stop).await?;
     Ok(ExitCode::SUCCESS)
 }

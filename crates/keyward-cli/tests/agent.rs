@@ -30,10 +30,16 @@ fn start_agent(socket: &Path) -> Agent {
 }
 
 fn start_agent_with(socket: &Path, extra: &[&str]) -> Agent {
+    let mut own = Vec::new();
+    if !extra.contains(&"--audit-dir") {
+        own.push("--audit-dir".to_string());
+        own.push(socket.with_extension("audit").display().to_string());
+    }
     let mut child = Command::new(BIN)
         .args(["agent", "--socket"])
         .arg(socket)
         .args(extra)
+        .args(&own)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -195,9 +201,10 @@ fn which(name: &str) -> PathBuf {
 }
 
 /// The attested release end to end: a real dev server, an agent joined with a one-time token,
-/// and a workload (a copy of the `keyward` binary, whose hash the policy names) that gets its
-/// secret, a data key, a decryption and a signature. A patched copy of the same program gets
-/// nothing.
+/// and a workload (an application built with the SDK: here the `keyward` binary with bytes
+/// appended, so another executable than the generic `keyward`, whose hash the policy names)
+/// that gets its secret, a data key, a decryption and a signature. A patched copy of the same
+/// program gets nothing.
 /// A dev server with a secret, two keys and a policy attached to `identity` on node-a, and an
 /// agent joined as node-a.
 struct Fixture {
@@ -235,7 +242,15 @@ fn fixture_with(dir: tempfile::TempDir, identity: &[String], agent_args: &[&str]
     let join_token_file = dir.path().join("join-token");
     std::fs::write(&join_token_file, jt["join_token"].as_str().unwrap()).unwrap();
     let socket = dir.path().join("agent.sock");
-    let mut args = vec!["--join-token-file", join_token_file.to_str().unwrap(), "--addr", &dev.addr];
+    let audit_dir = dir.path().join("agent-audit");
+    let mut args = vec![
+        "--join-token-file",
+        join_token_file.to_str().unwrap(),
+        "--addr",
+        &dev.addr,
+        "--audit-dir",
+        audit_dir.to_str().unwrap(),
+    ];
     args.extend_from_slice(agent_args);
     let agent = start_agent_with(&socket, &args);
     Fixture { dir, dev, _agent: agent, socket, join_token_file }
@@ -246,7 +261,7 @@ fn secrets_are_released_to_the_measured_binary_only() {
     let tmp = tempfile::tempdir().unwrap();
     let app = tmp.path().join("bin/payments-api");
     std::fs::create_dir_all(app.parent().unwrap()).unwrap();
-    install_exe(Path::new(BIN), &app, b"");
+    install_exe(Path::new(BIN), &app, b"\0payments-api");
     let app_hash = sha256_of(&app);
     let Fixture { dir, dev, _agent, socket, join_token_file: jt_file } =
         fixture(tmp, &[format!("unix:sha256:{app_hash}")]);
@@ -337,14 +352,23 @@ suite = CipherSuite.new(KEMId.DHKEM_X25519_HKDF_SHA256, KDFId.HKDF_SHA256, AEADI
 kp = suite.kem.derive_key_pair(os.urandom(32))
 body = json.dumps({"path": "payments/db", "recipient": base64.b64encode(kp.public_key.to_public_bytes()).decode()}).encode()
 s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
-s.sendall(b"POST /v1/secret HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-data = b""
-while True:
-    c = s.recv(65536)
-    if not c: break
-    data += c
-head, payload = data.split(b"\r\n\r\n", 1)
-assert head.startswith(b"HTTP/1.1 200"), data
+f = s.makefile("rb")
+def call(path, body, session=None):
+    extra = b"keyward-session: %s\r\n" % session.encode() if session else b""
+    s.sendall(b"POST %s HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n" % (path, extra, len(body)) + body)
+    status = f.readline()
+    length = 0
+    while True:
+        line = f.readline()
+        if line in (b"\r\n", b""): break
+        if line.lower().startswith(b"content-length:"): length = int(line.split(b":")[1])
+    return status, f.read(length)
+# a session first: the agent measures this process and answers a secret only it knows
+status, payload = call(b"/v1/session", b"")
+assert status.startswith(b"HTTP/1.1 200"), payload
+session = json.loads(payload)["session"]
+status, payload = call(b"/v1/secret", body, session)
+assert status.startswith(b"HTTP/1.1 200"), payload
 r = json.loads(payload)
 ctx = suite.create_recipient_context(base64.b64decode(r["enc"]), kp.private_key, info=b"keyward release v1")
 inner = json.loads(ctx.open(base64.b64decode(r["ciphertext"]), aad=base64.b64decode(r["nonce"])))
@@ -411,6 +435,50 @@ impl TestCgroup {
         let mut c = Command::new("sh");
         c.arg("-c").arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#).arg(&self.leaf).arg(exe);
         c
+    }
+}
+
+/// A subtree of the cgroup hierarchy delegated to `uid`, as systemd delegates
+/// `user@UID.service` (and rootless container tools use it): the user may create cgroups in it
+/// and move its own processes between them. Removed on drop.
+struct Delegated {
+    top: PathBuf,
+    subtree: PathBuf,
+}
+
+impl Delegated {
+    fn new(uid: u32) -> Self {
+        let root = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            PathBuf::from("/sys/fs/cgroup")
+        } else {
+            PathBuf::from("/sys/fs/cgroup/pids")
+        };
+        let top = root.join(format!("keyward-test-user-{}.slice", random_hex(4)));
+        let subtree = top.join(format!("user@{uid}.service"));
+        std::fs::create_dir_all(&subtree)
+            .unwrap_or_else(|e| panic!("this test needs to create cgroups (run as root): {}: {e}", subtree.display()));
+        let out = Command::new("chown").arg("-R").arg(format!("{uid}:{uid}")).arg(&subtree).output().unwrap();
+        assert!(out.status.success(), "delegating {}: {}", subtree.display(), String::from_utf8_lossy(&out.stderr));
+        Self { top, subtree }
+    }
+
+    /// `exe` run as `uid`, which first makes `rel` inside its subtree and moves itself there.
+    fn command_as(&self, uid: u32, rel: &str, exe: &Path) -> Command {
+        let mut c = Command::new("setpriv");
+        c.args([format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into()]);
+        c.args(["sh", "-c", r#"mkdir -p "$0" && echo $$ > "$0/cgroup.procs" && exec "$@""#]);
+        c.arg(self.subtree.join(rel)).arg(exe);
+        c
+    }
+}
+
+impl Drop for Delegated {
+    fn drop(&mut self) {
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(r#"find "$0" -depth -type d -exec rmdir {} \; 2>/dev/null"#)
+            .arg(&self.top)
+            .status();
     }
 }
 
@@ -539,7 +607,7 @@ fn random_hex(n: usize) -> String {
 fn a_container_gets_its_pod_selectors_from_the_kubelet() {
     let tmp = tempfile::tempdir().unwrap();
     let app = tmp.path().join("payments-api");
-    install_exe(Path::new(BIN), &app, b"");
+    install_exe(Path::new(BIN), &app, b"\0payments-api");
     let app_hash = sha256_of(&app);
     let h = random_hex(16);
     let pod_uid = format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32]);
@@ -620,10 +688,32 @@ fn a_container_gets_its_pod_selectors_from_the_kubelet() {
     let (ok_, _, err) = run(unlisted.command(&app), &["whoami"]);
     assert!(!ok_);
     assert!(err.contains("not in the kubelet's pod list"), "{err}");
+
+    // Attack: a user with a delegated cgroup subtree (nobody here) reads the victim's pod UID
+    // and container id from /proc/*/cgroup, makes `kubepods/burstable/pod<UID>/<ID>` inside
+    // its own subtree, moves in and runs the same binary. The ids are the victim's, but not
+    // under the kubelet's root: refused, audited, nothing released.
+    for d in [f.dir.path(), tmp.path()] {
+        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let user = Delegated::new(65534);
+    for forged in [format!("kubepods/burstable/pod{pod_uid}/{cid}"), format!("app.slice/pod{pod_uid}/{cid}")] {
+        let (ok_, out, err) =
+            run(user.command_as(65534, &forged, &app), &["secret", "payments/db", "--field", "password"]);
+        assert!(!ok_ && !out.contains("hunter2"), "{out}");
+        assert!(err.contains("cgroup outside kubelet hierarchy"), "{err}");
+    }
+    let (ok_, out, _) = run(user.command_as(65534, "plain", &app), &["whoami", "--output", "json"]);
+    assert!(ok_ && !out.contains("k8s:"), "elsewhere, a process has no k8s selectors: {out}");
+    let log = std::fs::read_to_string(f.dir.path().join("agent-audit/audit.log")).unwrap();
+    let refused: Vec<&str> = log.lines().filter(|l| l.contains("cgroup outside kubelet hierarchy")).collect();
+    assert!(refused.len() >= 2 && refused.iter().all(|l| l.contains("uid 65534") && l.contains("\"deny\"")), "{log}");
 }
 
 /// `keyward dev` runs a node agent (node `dev`) and prints its socket; `keyward agent whoami`
-/// and `keyward agent fetch-secret` use it, with no token.
+/// and `keyward agent fetch-secret` use it, with no token. The `keyward` binary itself is no
+/// identity (anyone can run it): its hash and path are never measured, and the policy names
+/// the uid and node instead.
 #[test]
 fn dev_runs_an_agent_for_the_laptop_flow() {
     let dir = tempfile::tempdir().unwrap();
@@ -633,7 +723,7 @@ fn dev_runs_an_agent_for_the_laptop_flow() {
     ok(&dev, &["secret", "put", "app/db", "password=-"], b"s3cret");
     let policy = dir.path().join("p.json");
     let body = serde_json::json!({
-        "identities": [[format!("unix:sha256:{}", sha256_of(&bin)), "node:name:dev"]],
+        "identities": [[format!("unix:uid:{}", euid()), "node:name:dev"]],
         "rules": [{"resources": ["secrets/app/db"], "operations": ["read"]}]
     });
     std::fs::write(&policy, body.to_string()).unwrap();
@@ -649,7 +739,9 @@ fn dev_runs_an_agent_for_the_laptop_flow() {
     };
     let out = agent(&["whoami", "--output", "json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("unix:path:{}", bin.display())));
+    let who = String::from_utf8_lossy(&out.stdout);
+    assert!(who.contains(&format!("unix:uid:{}", euid())), "{who}");
+    assert!(!who.contains("unix:path:") && !who.contains("unix:sha256:"), "keyward's own binary is no identity: {who}");
     let out = agent(&["fetch-secret", "app/db", "--field", "password"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.stdout, b"s3cret\n");
@@ -707,7 +799,7 @@ fn the_same_binary_as_another_uid_is_denied_when_the_uid_is_required() {
     assert_eq!(euid(), "0", "this test runs the workload as nobody, so it must run as root");
     let tmp = tempfile::tempdir().unwrap();
     let app = tmp.path().join("payments-api");
-    install_exe(Path::new(BIN), &app, b"");
+    install_exe(Path::new(BIN), &app, b"\0payments-api");
     let hash = sha256_of(&app);
     let f = fixture(tmp, &[format!("unix:sha256:{hash}"), "unix:uid:0".to_string()]);
     // Let nobody reach the binary and the socket (authorization is by measurement, not mode).

