@@ -644,7 +644,18 @@ impl Measurer {
                 continue;
             }
             let path = f.collect::<Vec<_>>().join(" ");
-            let st = match rustix::fs::statat(&p.dir, format!("map_files/{range}"), rustix::fs::AtFlags::empty()) {
+            // `maps` pads addresses to 8 digits; `map_files` names them without leading zeros.
+            let bounds = range
+                .split_once('-')
+                .and_then(|(a, b)| Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?)));
+            let Some((start, end)) = bounds else {
+                return Err(AttestError::Malformed("a maps line has no address range"));
+            };
+            let st = match rustix::fs::statat(
+                &p.dir,
+                format!("map_files/{start:x}-{end:x}"),
+                rustix::fs::AtFlags::empty(),
+            ) {
                 Ok(st) => st,
                 Err(e) => return Err(io_err("reading /proc/PID/map_files")(e)),
             };

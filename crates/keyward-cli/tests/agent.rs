@@ -823,3 +823,140 @@ fn the_same_binary_as_another_uid_is_denied_when_the_uid_is_required() {
     let err = String::from_utf8_lossy(&nobody.stderr);
     assert!(err.contains("403") || err.contains("no policy"), "{err}");
 }
+
+/// The write-then-exec attacker (python, run as nobody): it opens a session, writes a complete
+/// release request with its own recipient key, forks a child that keeps the socket, and
+/// `exec`s the target; the child reads the answer and tries to open it. In `session` mode it
+/// only asks for a session before the exec, and the child tries to use that session on a
+/// connection of its own. The child prints what it got, as JSON.
+const WRITE_THEN_EXEC: &str = r#"
+import base64, json, os, socket, sys
+from pyhpke import AEADId, CipherSuite, KDFId, KEMId
+sock_path, mode, secret_path, target = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+suite = CipherSuite.new(KEMId.DHKEM_X25519_HKDF_SHA256, KDFId.HKDF_SHA256, AEADId.CHACHA20_POLY1305)
+kp = suite.kem.derive_key_pair(os.urandom(32))
+def connect():
+    s = socket.socket(socket.AF_UNIX); s.connect(sock_path); return s, s.makefile("rb")
+def send(s, path, body, session=None):
+    extra = ("keyward-session: %s\r\n" % session).encode() if session else b""
+    s.sendall(b"POST %s HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n" % (path, extra, len(body)) + body)
+def read(f):
+    status = int(f.readline().split()[1]); length = 0
+    while True:
+        line = f.readline()
+        if line in (b"\r\n", b""): break
+        if line.lower().startswith(b"content-length:"): length = int(line.split(b":")[1])
+    return status, f.read(length)
+release = json.dumps({"path": secret_path, "recipient": base64.b64encode(kp.public_key.to_public_bytes()).decode()}).encode()
+s, f = connect()
+if mode in ("release", "plain"):
+    send(s, b"/v1/session", b""); session = json.loads(read(f)[1])["session"]
+    send(s, b"/v1/secret", release, session)
+else:
+    send(s, b"/v1/session", b"")
+if os.fork() == 0:
+    status, body = read(f)
+    out = {"status": status}
+    if mode == "session" and status == 200:
+        c, cf = connect()
+        send(c, b"/v1/secret", release, json.loads(body)["session"])
+        status, body = read(cf)
+        out["child_status"] = status
+    try:
+        r = json.loads(body)
+        ctx = suite.create_recipient_context(base64.b64decode(r["enc"]), kp.private_key, info=b"keyward release v1")
+        out["secret"] = json.loads(ctx.open(base64.b64decode(r["ciphertext"]), aad=base64.b64decode(r["nonce"])).decode())
+    except Exception as e:
+        out["error"] = body.decode(errors="replace")[:300]
+    print(json.dumps(out), flush=True)
+    os._exit(0)
+if mode == "plain":
+    # The control: the same workload, which does not exec.
+    os.wait(); sys.exit(0)
+os.execv(target[0], target)
+"#;
+
+/// Attack: write a request, then `exec` another program that the policy allows, in two forms.
+/// (1) A setuid-root program: the agent used to measure euid 0 and release a secret granted to
+/// root to nobody's forked child. (2) A program the policy names by its hash (python itself,
+/// the attacker being a modified copy of python). Each is tried several times, in both modes;
+/// nothing is ever released, and the agent's own audit log records the exec (or the setuid
+/// program's mixed credentials). Controls: root itself, and the allowed python itself, still
+/// get their secrets.
+#[test]
+fn write_then_exec_is_refused() {
+    assert_eq!(euid(), "0", "this test runs the attacker as nobody, so it must run as root");
+    let pylib = pyhpke_dir();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let t = dir.path();
+    let dev = start_dev(&t.join("dev"));
+    let socket = dev.agent_socket.clone().expect("keyward dev runs an agent");
+    let python = std::fs::canonicalize(common::PYTHON).unwrap();
+    ok(&dev, &["secret", "put", "root/db", "password=-"], b"root-only");
+    ok(&dev, &["secret", "put", "py/db", "password=-"], b"python-only");
+    for (name, identity, resource) in [
+        ("root-db", vec!["unix:uid:0".to_string()], "secrets/root/db"),
+        ("py-db", vec![format!("unix:sha256:{}", sha256_of(&python)), "unix:uid:65534".into()], "secrets/py/db"),
+    ] {
+        let mut set = identity;
+        set.push("node:name:dev".into());
+        let body =
+            serde_json::json!({"identities": [set], "rules": [{"resources": [resource], "operations": ["read"]}]});
+        std::fs::write(t.join(format!("{name}.json")), body.to_string()).unwrap();
+        ok(&dev, &["policy", "put", name, t.join(format!("{name}.json")).to_str().unwrap()], b"");
+    }
+    // A setuid-root program (a copy of sleep), and the attacker's own python (a modified copy).
+    let suid = t.join("sleep-suid");
+    install_exe(Path::new("/bin/sleep"), &suid, b"");
+    std::fs::set_permissions(&suid, std::os::unix::fs::PermissionsExt::from_mode(0o4755)).unwrap();
+    let attacker_py = t.join("python-attacker");
+    install_exe(&python, &attacker_py, b"\0attacker");
+    let script = t.join("attack.py");
+    std::fs::write(&script, WRITE_THEN_EXEC).unwrap();
+    for p in [t.to_path_buf(), t.join("dev")] {
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let attack = |interpreter: &Path, mode: &str, secret: &str, target: &[&str]| -> Value {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(interpreter)
+            .arg(&script)
+            .args([socket.as_str(), mode, secret])
+            .args(target)
+            .env("PYTHONPATH", &pylib)
+            .env("PYTHONHOME", "/usr")
+            .env_remove("KEYWARD_TOKEN")
+            .output()
+            .expect("setpriv (util-linux) and python3 are needed by this test");
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.trim())
+            .unwrap_or_else(|_| panic!("attacker output: {text} / {}", String::from_utf8_lossy(&out.stderr)))
+    };
+    let python_target = [python.to_str().unwrap(), "-c", "import time; time.sleep(0.5)"];
+    for round in 0..6 {
+        for mode in ["release", "session"] {
+            let v = attack(&python, mode, "root/db", &[suid.to_str().unwrap(), "0.5"]);
+            assert!(v.get("secret").is_none(), "round {round} {mode}: nobody got root's secret: {v}");
+            let v = attack(&attacker_py, mode, "py/db", &python_target);
+            assert!(v.get("secret").is_none(), "round {round} {mode}: the attacker got python's secret: {v}");
+        }
+    }
+    let log = std::fs::read_to_string(t.join("dev/agent/audit.log")).unwrap();
+    let log = log.trim_end_matches('\0');
+    let reasons = ["exec during request", "setuid or mixed credentials", "session of another process"];
+    for r in reasons {
+        assert!(log.lines().any(|l| l.contains(r) && l.contains("\"deny\"")), "no refusal for {r:?} in:\n{log}");
+    }
+    assert!(!log.contains("root-only") && !log.contains("python-only"));
+
+    // Controls: root asks for root's secret; the allowed python (as nobody) for its own.
+    let out = Command::new(BIN)
+        .args(["workload", "--agent-socket", &socket, "secret", "root/db", "--field", "password"])
+        .env_remove("KEYWARD_TOKEN")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, b"root-only\n");
+    let v = attack(&python, "plain", "py/db", &[]);
+    assert_eq!(v["secret"]["data"]["password"], "python-only", "{v}");
+}
