@@ -140,3 +140,104 @@ fn a_process_of_another_uid_cannot_decrypt() {
     assert_eq!(denied.len(), 2, "{denied:?}");
     assert!(denied.iter().all(|r| r["identity"].as_str().unwrap().starts_with("unix:uid:65534 ")));
 }
+
+/// A gRPC client written out by hand (HTTP/2 frames, HPACK literals that never touch the
+/// dynamic table, protobuf by hand), so that a connection can be carried across `fork` and
+/// `exec` and used by whichever process holds it. `A SOCK MODE`: connect, Encrypt on stream
+/// 1, then per MODE: `self` Decrypt on stream 3; `fork` a child does it; `exec` python runs
+/// `B FD KEY_ID CT` on the same connection. The one that makes the Decrypt prints JSON.
+const RAW_GRPC: &str = r#"
+import base64, json, os, socket, struct, sys
+def frame(t, flags, sid, payload):
+    return struct.pack(">I", len(payload))[1:] + bytes([t, flags]) + struct.pack(">I", sid) + payload
+def lit(name, value):
+    def s(b): return bytes([len(b)]) + b
+    return b"\x00" + s(name) + s(value)
+def call(s, sid, method, msg):
+    hdrs = b"".join(lit(k, v) for k, v in [(b":method", b"POST"), (b":scheme", b"http"),
+        (b":path", b"/v2.KeyManagementService/" + method), (b":authority", b"localhost"),
+        (b"content-type", b"application/grpc"), (b"te", b"trailers")])
+    s.sendall(frame(1, 4, sid, hdrs) + frame(0, 1, sid, b"\x00" + struct.pack(">I", len(msg)) + msg))
+def read_until_done(s, sid):
+    buf, data = b"", b""
+    while True:
+        while len(buf) < 9:
+            c = s.recv(65536)
+            if not c: return data
+            buf += c
+        n = int.from_bytes(buf[:3], "big"); t, fl = buf[3], buf[4]; fsid = int.from_bytes(buf[5:9], "big") & 0x7fffffff
+        while len(buf) < 9 + n:
+            buf += s.recv(65536)
+        payload, buf = buf[9:9 + n], buf[9 + n:]
+        if t == 4 and not fl & 1: s.sendall(frame(4, 1, 0, b""))
+        if t == 6 and not fl & 1: s.sendall(frame(6, 1, 0, payload))
+        if fsid == sid and t == 0: data += payload
+        if fsid == sid and fl & 1 and t in (0, 1): return data
+def field(n, wire, b):
+    out, v = bytes([n << 3 | wire]), len(b)
+    while True:
+        if v < 0x80: out += bytes([v]); break
+        out += bytes([v & 0x7f | 0x80]); v >>= 7
+    return out + b
+def parse(msg):
+    out, i = {}, 0
+    while i < len(msg):
+        key = msg[i]; i += 1; v, sh = 0, 0
+        while True:
+            b = msg[i]; i += 1; v |= (b & 0x7f) << sh; sh += 7
+            if b < 0x80: break
+        out[key >> 3] = msg[i:i + v]; i += v
+    return out
+def decrypt(s, key_id, ct):
+    call(s, 3, b"Decrypt", field(1, 2, ct) + field(2, 2, b"u-2") + field(3, 2, key_id))
+    d = read_until_done(s, 3)
+    return {"pid": os.getpid(), "plaintext_len": len(parse(d[5:]).get(1, b"")) if len(d) > 5 else None}
+if sys.argv[1] == "B":
+    s = socket.socket(fileno=int(sys.argv[2]))
+    print(json.dumps(decrypt(s, sys.argv[3].encode(), base64.b64decode(sys.argv[4]))), flush=True); sys.exit(0)
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[2])
+s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b""))
+call(s, 1, b"Encrypt", field(1, 2, os.urandom(32)) + field(2, 2, b"u-1"))
+r = parse(read_until_done(s, 1)[5:])
+key_id, ct = r[2], r[1]
+mode = sys.argv[3]
+if mode == "self":
+    print(json.dumps(decrypt(s, key_id, ct)), flush=True)
+elif mode == "fork":
+    if os.fork() == 0:
+        print(json.dumps(decrypt(s, key_id, ct)), flush=True); os._exit(0)
+    os.wait()
+else:
+    os.set_inheritable(s.fileno(), True)
+    os.execv(sys.executable, [sys.executable, sys.argv[0], "B", str(s.fileno()), key_id.decode(), base64.b64encode(ct).decode()])
+"#;
+
+/// Attack: a process with the allowed uid connects (its first call succeeds), then hands the
+/// connection to a forked child, or `exec`s another program that keeps calling `Decrypt` on
+/// it. The verdict is not the connection's: each call checks the process holding it now.
+/// Both are refused, with the reason in the plugin's audit log; the same process calling again
+/// itself (the apiserver's way) is served.
+#[test]
+fn a_connection_carried_across_fork_or_exec_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("kms");
+    let p = start_plugin(&data, &dir.path().join("kms.sock"));
+    let script = dir.path().join("raw_grpc.py");
+    std::fs::write(&script, RAW_GRPC).unwrap();
+    let run = |mode: &str| -> Value {
+        let out = Command::new(PYTHON).arg(&script).arg("A").arg(&p.socket).arg(mode).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.trim())
+            .unwrap_or_else(|_| panic!("{mode}: {text} / {}", String::from_utf8_lossy(&out.stderr)))
+    };
+    assert_eq!(run("self")["plaintext_len"], 32, "the control: the same process again");
+    for mode in ["fork", "exec"] {
+        let v = run(mode);
+        assert_eq!(v["plaintext_len"], Value::Null, "{mode}: decrypted after the connection changed hands: {v}");
+    }
+    drop(p);
+    let log = std::fs::read_to_string(data.join("audit.log")).unwrap();
+    let denied: Vec<&str> = log.lines().filter(|l| l.contains("\"deny\"")).collect();
+    assert!(denied.iter().any(|l| l.contains("written by another process")), "{denied:?}");
+    assert!(denied.iter().any(|l| l.contains("exec during request")), "{denied:?}");
+}

@@ -1,5 +1,14 @@
 //! Who is calling: peer credentials at accept time and, when the policy names executables, the
-//! SHA-256 of the caller's executable (measured through a pinned pidfd, like the node agent).
+//! SHA-256 of the caller's executable (measured through a pinned pidfd, like the node agent);
+//! then, at every call, the same process still holding the connection.
+//!
+//! The apiserver keeps one connection for all its calls, so a verdict given at accept would
+//! travel with the connection: a process with the allowed uid could connect, then `exec`
+//! another program (or fork a child) that keeps calling `Decrypt`. So the connection is pinned
+//! at accept (pidfd, stamp: see `keyward_attest::process::Stamp`), every byte read is checked
+//! to come from that process under unchanged real ids (`keyward_attest::conn`), and every call
+//! compares the process's stamp now with the one at accept. Where the plugin cannot see the
+//! caller's pid (another pid namespace: run it with hostPID), only the uid is checked.
 
 use std::collections::BTreeSet;
 use std::io;
@@ -7,9 +16,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use keyward_attest::{Measurer, Pinned};
+use keyward_attest::conn::{CredStream, Peer};
+use keyward_attest::{AttestError, Measurer, Stamp};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::UnixStream;
 use tonic::transport::server::Connected;
 
 /// Which local processes may call `Encrypt` and `Decrypt`. Deny by default: a caller must have an
@@ -34,9 +43,32 @@ pub struct Caller {
     pub exe_sha256: Option<[u8; 32]>,
     /// Why the caller may not use Encrypt/Decrypt; `None` when it may.
     pub refused: Option<String>,
+    /// The connection's process and its stamp at accept, when its pid is visible.
+    pinned: Option<(Arc<Peer>, Stamp)>,
 }
 
 impl Caller {
+    /// A caller refused for `reason`, with nothing known of it.
+    pub fn unidentified(reason: &str) -> Self {
+        Self { pid: 0, uid: u32::MAX, exe_sha256: None, refused: Some(reason.into()), pinned: None }
+    }
+
+    /// Why this call may not use Encrypt or Decrypt, if it may not: the verdict at accept, and
+    /// the process holding the connection now (same image and credentials, every byte its
+    /// own). The second part is the short reason for the audit record.
+    pub fn verdict(&self) -> Result<(), (String, &'static str)> {
+        if let Some(r) = &self.refused {
+            return Err((r.clone(), "caller not allowed"));
+        }
+        let Some((peer, stamp)) = &self.pinned else { return Ok(()) };
+        let now = peer.check().and_then(|p| p.stamp());
+        let check = now.and_then(|now| {
+            now.same_as(stamp)?;
+            peer.check_stamp(&now)
+        });
+        check.map_err(|e: AttestError| (format!("the process holding this connection changed: {e}"), e.reason()))
+    }
+
     /// How the caller appears in audit records.
     pub fn identity(&self) -> String {
         match &self.exe_sha256 {
@@ -47,48 +79,57 @@ impl Caller {
 }
 
 /// Identify the peer of `stream` and judge it against `policy`.
-pub async fn identify(stream: &UnixStream, policy: &CallerPolicy, measurer: &Arc<Measurer>) -> Caller {
-    let cred = match stream.peer_cred() {
+pub async fn identify(stream: &CredStream, policy: &CallerPolicy, measurer: &Arc<Measurer>) -> Caller {
+    let cred = match stream.socket().peer_cred() {
         Ok(c) => c,
-        Err(e) => {
-            return Caller {
-                pid: 0,
-                uid: u32::MAX,
-                exe_sha256: None,
-                refused: Some(format!("no peer credentials: {e}")),
-            };
-        }
+        Err(e) => return Caller::unidentified(&format!("no peer credentials: {e}")),
     };
     let (uid, pid) = (cred.uid(), cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0));
-    let mut caller = Caller { pid, uid, exe_sha256: None, refused: None };
+    let mut caller = Caller { pid, uid, exe_sha256: None, refused: None, pinned: None };
     if !policy.uids.contains(&uid) {
         caller.refused = Some(format!("uid {uid} is not allowed"));
         return caller;
     }
-    if policy.exe_sha256.is_empty() {
+    let peer = stream.peer().clone();
+    if matches!(peer.pin_error(), Some(AttestError::NoPeer)) {
+        // Another pid namespace: only the uid can be checked.
+        if !policy.exe_sha256.is_empty() {
+            caller.refused = Some(
+                "the caller's executable cannot be measured (its pid is not visible: run the plugin with hostPID)"
+                    .into(),
+            );
+        }
         return caller;
     }
-    let measured = match Pinned::from_socket(stream) {
-        Ok(pinned) => {
-            let m = measurer.clone();
-            tokio::task::spawn_blocking(move || {
-                let measurement = m.measure(&pinned)?;
-                pinned.still_alive()?;
-                Ok::<_, keyward_attest::AttestError>(measurement)
-            })
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()))
+    let want_exe = !policy.exe_sha256.is_empty();
+    let (p2, m2) = (peer.clone(), measurer.clone());
+    let measured = tokio::task::spawn_blocking(move || {
+        let pinned = p2.check()?;
+        if !want_exe {
+            let stamp = pinned.stamp()?;
+            stamp.uniform_credentials()?;
+            p2.check_stamp(&stamp)?;
+            return Ok((stamp, None));
         }
-        Err(e) => Err(e.to_string()),
-    };
+        let m = m2.measure(pinned)?;
+        m.stamp.uniform_credentials()?;
+        p2.check_stamp(&m.stamp)?;
+        m2.check_code(pinned, &m)?;
+        Ok::<_, AttestError>((m.stamp, Some(m.exe_sha256)))
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r.map_err(|e| e.to_string()));
     match measured {
-        Ok(m) => {
-            caller.exe_sha256 = m.exe_sha256;
-            let ok = m.exe_sha256.is_some_and(|h| policy.exe_sha256.iter().any(|a| keyward_crypto::ct_eq(a, &h)));
-            if !ok {
-                caller.refused = Some("the calling executable is not allowed".into());
+        Ok((stamp, exe)) => {
+            if let Some(h) = exe {
+                caller.exe_sha256 = h;
+                let ok = h.is_some_and(|h| policy.exe_sha256.iter().any(|a| keyward_crypto::ct_eq(a, &h)));
+                if !ok {
+                    caller.refused = Some("the calling executable is not allowed".into());
+                }
             }
+            caller.pinned = Some((peer, stamp));
         }
         Err(e) => caller.refused = Some(format!("the caller could not be measured: {e}")),
     }
@@ -98,8 +139,8 @@ pub async fn identify(stream: &UnixStream, policy: &CallerPolicy, measurer: &Arc
 /// An accepted connection with its caller.
 #[derive(Debug)]
 pub struct Conn {
-    /// The socket.
-    pub stream: UnixStream,
+    /// The socket, noting the writer of every byte.
+    pub stream: CredStream,
     /// Who connected.
     pub caller: Caller,
 }

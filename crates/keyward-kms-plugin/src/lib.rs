@@ -59,10 +59,14 @@ pub fn socket_path(listen: &str) -> Result<&Path, String> {
     Ok(Path::new(path))
 }
 
-/// Bind the plugin's socket with `mode` (taking over a stale one, refusing a live one).
+/// Bind the plugin's socket with `mode` (taking over a stale one, refusing a live one), with
+/// `SO_PASSCRED` on from the start, so that every byte read says who wrote it.
 pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, keyward_attest::socket::BindError> {
+    let io = |source| keyward_attest::socket::BindError::Io { path: path.into(), source };
     let l = keyward_attest::socket::bind(path, mode)?;
-    UnixListener::from_std(l).map_err(|source| keyward_attest::socket::BindError::Io { path: path.into(), source })
+    let l = UnixListener::from_std(l).map_err(io)?;
+    keyward_attest::conn::pass_credentials(&l).map_err(io)?;
+    Ok(l)
 }
 
 /// Serve `plugin` on `listener` until `shutdown` completes. Each connection's caller is identified
@@ -73,6 +77,12 @@ pub async fn serve(
     policy: CallerPolicy,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    // Every byte read says who wrote it (checked at each call); `bind` turned it on already,
+    // this is for a listener made elsewhere (connections already queued carry no credentials
+    // and are refused).
+    if let Err(e) = keyward_attest::conn::pass_credentials(&listener) {
+        tracing::warn!(error = %e, "cannot turn on SO_PASSCRED; callers will be refused");
+    }
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<caller::Conn>>(64);
     let policy = Arc::new(policy);
     let measurer = Arc::new(Measurer::default());
@@ -81,6 +91,7 @@ pub async fn serve(
             match listener.accept().await {
                 Ok((stream, _)) => {
                     let (tx, policy, measurer) = (tx.clone(), policy.clone(), measurer.clone());
+                    let stream = keyward_attest::conn::CredStream::new(stream);
                     tokio::spawn(async move {
                         let caller = caller::identify(&stream, &policy, &measurer).await;
                         if let Some(r) = &caller.refused {

@@ -238,8 +238,11 @@ impl Plugin {
         resource: &str,
         outcome: &Result<&'static str, Status>,
     ) -> Result<(), Status> {
-        let (decision, reason, status, error) = match (outcome, &caller.refused) {
-            (_, Some(r)) => ("deny", Some(r.clone()), tonic::Code::PermissionDenied, Some("permission_denied".into())),
+        let verdict = caller.verdict();
+        let (decision, reason, status, error) = match (outcome, verdict.as_ref().err()) {
+            (_, Some((r, short))) => {
+                ("deny", Some(format!("{short}: {r}")), tonic::Code::PermissionDenied, Some("permission_denied".into()))
+            }
             (Ok(how), None) => ("allow", Some((*how).to_string()), tonic::Code::Ok, None),
             (Err(s), None) => ("allow", None, s.code(), Some(format!("{:?}", s.code()))),
         };
@@ -264,12 +267,7 @@ impl Plugin {
     }
 
     fn caller<T>(req: &Request<T>) -> Caller {
-        req.extensions().get::<Caller>().cloned().unwrap_or(Caller {
-            pid: 0,
-            uid: u32::MAX,
-            exe_sha256: None,
-            refused: Some("unidentified connection".into()),
-        })
+        req.extensions().get::<Caller>().cloned().unwrap_or_else(|| Caller::unidentified("unidentified connection"))
     }
 
     async fn unwrap(&self, ciphertext: &[u8], key: &KeyRef) -> Result<(Unwrapped, &'static str), KekError> {
@@ -314,7 +312,7 @@ impl KeyManagementService for Plugin {
             Ok(k) => format!("keys/{}", k.name),
             Err(_) => "keys/-".into(),
         };
-        if let Some(reason) = &caller.refused {
+        if let Err((reason, _)) = caller.verdict() {
             self.audit(&caller, &r.uid, "Decrypt", &resource, &Err(Status::permission_denied(""))).await?;
             return Err(Status::permission_denied(format!("this caller may not use Decrypt: {reason}")));
         }
@@ -332,7 +330,7 @@ impl KeyManagementService for Plugin {
         let caller = Self::caller(&req);
         let r = req.into_inner();
         let resource = format!("keys/{}", self.kek.key_name());
-        if let Some(reason) = &caller.refused {
+        if let Err((reason, _)) = caller.verdict() {
             self.audit(&caller, &r.uid, "Encrypt", &resource, &Err(Status::permission_denied(""))).await?;
             return Err(Status::permission_denied(format!("this caller may not use Encrypt: {reason}")));
         }
