@@ -298,6 +298,8 @@ pub struct DevArgs {
     pub scheduler_interval: std::time::Duration,
     #[command(flatten)]
     pub audit: AuditArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -668,6 +670,34 @@ pub struct ServerArgs {
     pub scheduler_lease: std::time::Duration,
     #[command(flatten)]
     pub audit: AuditArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
+}
+
+/// Limits on client connections (slow or numerous clients cannot take the server from others).
+#[derive(Args, Debug, Clone)]
+pub struct HttpArgs {
+    /// Time for a request's headers to arrive whole, from the connection's start or the end of
+    /// the previous answer (so it also closes kept-alive connections left idle).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: std::time::Duration,
+    /// Close a connection on which no byte moves either way for this long (a slow body, an
+    /// answer not read).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: std::time::Duration,
+    /// Connections served at once; more wait to be accepted until one closes.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+}
+
+impl HttpArgs {
+    pub fn limits(&self) -> keyward_server::HttpLimits {
+        keyward_server::HttpLimits {
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            max_connections: self.max_connections,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]

@@ -754,6 +754,7 @@ async fn server(a: ServerArgs) -> anyhow::Result<ExitCode> {
             lease_ttl: a.scheduler_lease,
             ..Default::default()
         },
+        http: a.http.limits(),
     };
     let mut running = keyward_server::start(cfg).await?;
     eprintln!("Keyward server on https://{} (data in {})", running.addr, a.data.display());
@@ -803,6 +804,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
         audit: a.audit.settings(),
         storage: keyward_server::Storage::Sqlite,
         cluster: Default::default(),
+        http: a.http.limits(),
     };
     let mut running = keyward_server::start(cfg).await?;
     let token = match &running.new_root_token {

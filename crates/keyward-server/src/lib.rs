@@ -17,9 +17,11 @@ pub mod k8s_auth;
 pub mod run;
 pub mod seal_file;
 pub mod sealing;
+pub mod serve;
 pub mod tls;
 #[allow(missing_docs)]
 pub mod wire;
 
 pub use cluster::ClusterConfig;
 pub use run::{AuditSettings, Running, ServerConfig, Storage, start};
+pub use serve::HttpLimits;

@@ -44,6 +44,8 @@ pub struct ServerConfig {
     pub storage: Storage,
     /// Following other servers on a shared store, and the scheduler lease.
     pub cluster: crate::cluster::ClusterConfig,
+    /// Header-read and idle timeouts, connection cap.
+    pub http: crate::serve::HttpLimits,
 }
 
 /// The storage backend.
@@ -71,6 +73,7 @@ impl ServerConfig {
             audit: AuditSettings::default(),
             storage: Storage::Sqlite,
             cluster: crate::cluster::ClusterConfig::default(),
+            http: crate::serve::HttpLimits::default(),
         }
     }
 }
@@ -376,13 +379,13 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
     let stop = async move {
         let _ = rx.await;
     };
+    let limits = cfg.http;
     let task = match tls_config {
         Some(tc) => {
             let listener = TlsListener::new(listener, tc).map_err(io("starting TLS listener"))?;
-            let app = app.into_make_service_with_connect_info::<crate::tls::PeerInfo>();
-            tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stop).await })
+            tokio::spawn(crate::serve::serve(listener, app, limits, stop))
         }
-        None => tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stop).await }),
+        None => tokio::spawn(crate::serve::serve(listener, app, limits, stop)),
     };
     let scheduler = tokio::spawn(crate::cluster::scheduler(
         sealing.clone(),

@@ -84,6 +84,7 @@ fn cfg(dir: &Path, tls: bool, seal: bool) -> ServerConfig {
         audit: Default::default(),
         storage: Default::default(),
         cluster: Default::default(),
+        http: Default::default(),
     }
 }
 
