@@ -886,8 +886,10 @@ pub enum AuditCmd {
     Verify {
         /// Audit files (default: the server's current file and its rotated predecessors).
         files: Vec<PathBuf>,
-        /// Read the 32-byte HMAC key (base64) from this file instead of asking the server;
-        /// without the server, truncation of the tail cannot be detected.
+        /// Read the 32-byte HMAC key from this file instead of asking the server: base64 (as
+        /// `audit info` shows it), or the raw `audit-key` file a node agent, KMS plugin or CSI
+        /// provider keeps beside its log (then the log beside it is the default file). Without
+        /// the server, truncation of the tail cannot be detected.
         #[arg(long)]
         key_file: Option<PathBuf>,
     },

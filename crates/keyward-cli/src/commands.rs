@@ -1138,10 +1138,18 @@ async fn audit_verify(
 ) -> anyhow::Result<ExitCode> {
     let (key, head, server_file) = match key_file {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            let key =
-                STANDARD.decode(text.trim()).map_err(|_| anyhow!("{} must hold the base64 audit key", p.display()))?;
-            (key, None, None)
+            // The base64 key `GET /v1/sys/audit` gives, or the raw 32-byte `audit-key` the node
+            // agent, the KMS plugin and the CSI provider keep beside their logs.
+            let bytes = zeroize::Zeroizing::new(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?);
+            let text = std::str::from_utf8(&bytes).ok().map(str::trim).unwrap_or_default();
+            let key = match STANDARD.decode(text) {
+                Ok(k) if k.len() == 32 => k,
+                _ if bytes.len() == 32 => bytes.to_vec(),
+                _ => bail!("{} must hold a 32-byte audit key (raw, or in base64)", p.display()),
+            };
+            // Without files named: the log beside the key.
+            let beside = p.parent().map(|d| d.join("audit.log")).filter(|f| f.exists());
+            (key, None, beside)
         }
         None => {
             let v = client(cli)?.request(keyward_client::Method::GET, "/v1/sys/audit", None).await?;

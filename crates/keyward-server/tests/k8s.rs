@@ -448,9 +448,12 @@ async fn agents_join_with_service_account_tokens() {
     let (st, v, _) = join(good.clone()).await;
     assert_eq!(st, 201, "{v}");
     assert_eq!(v["node"], "node-1");
-    let (st, who, _) = call("GET", "/v1/auth/whoami", v["token"].as_str(), Value::Null).await;
+    // Its token is for agent work only: nonces yes, the ordinary API (even whoami) no.
+    let (st, _, _) = call("POST", "/v1/agent/nonce", v["token"].as_str(), json!({"count": 1})).await;
     assert_eq!(st, 200);
-    assert!(who.to_string().contains("node:name:node-1"), "{who}");
+    let (st, who, _) = call("GET", "/v1/auth/whoami", v["token"].as_str(), Value::Null).await;
+    assert_eq!(st, 403, "{who}");
+    assert!(who.to_string().contains("agent routes"), "{who}");
     // Unlike a join token, the same ServiceAccount token can join again (an agent restart),
     // here through the agent's own client.
     use keyward_agent::upstream::{JoinCredential, Upstream, UpstreamConfig};
