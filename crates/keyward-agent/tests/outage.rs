@@ -88,7 +88,7 @@ async fn cached_answers_during_an_outage_for_the_window_only() {
     // replayed from its cache while the server was away; the chain verifies.
     let key = keyward_audit::key_file::load(&dir.path().join("agent-audit/audit-key")).unwrap();
     let file = dir.path().join("agent-audit/audit.log");
-    keyward_audit::verify_files(key.expose(), &[file.clone()], None).unwrap();
+    keyward_audit::verify_files(key.expose(), std::slice::from_ref(&file), None).unwrap();
     let text = String::from_utf8(std::fs::read(&file).unwrap()).unwrap();
     let text = text.trim_end_matches('\0');
     assert!(text.lines().any(|l| l.contains("\"operation\":\"session\"") && l.contains("\"allow\"")), "{text}");

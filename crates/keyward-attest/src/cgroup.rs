@@ -233,7 +233,7 @@ pub fn parse(contents: &str, roots: &KubeletRoots) -> Result<CgroupInfo, CgroupE
             systemd_v1 = Some(path.to_string());
         }
         let elements: Vec<&str> = path.split('/').filter(|e| !e.is_empty()).collect();
-        if elements.iter().any(|e| *e == "..") {
+        if elements.contains(&"..") {
             // Read from inside another cgroup namespace: cannot be placed. A host process is
             // just that; one that looks like a pod's is refused rather than guessed.
             if elements.iter().any(|e| kubelet_like(e)) {
@@ -446,7 +446,7 @@ mod tests {
             };
             format!("/kubepods.slice/{qs}kubepods{qp}-pod{u}.slice/{rt}-{id}.scope{extra}")
         } else {
-            let c = if runtime % 2 == 0 { id.to_string() } else { format!("crio-{id}") };
+            let c = if runtime.is_multiple_of(2) { id.to_string() } else { format!("crio-{id}") };
             let qs = if q.is_empty() { String::new() } else { format!("{q}/") };
             format!("/kubepods/{qs}pod{uid}/{c}{extra}")
         }
