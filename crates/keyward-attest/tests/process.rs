@@ -176,3 +176,76 @@ fn a_peer_that_exits_after_measurement_is_caught() {
     let _ = conn.read_to_end(&mut rest);
     assert!(matches!(pinned.still_alive(), Err(AttestError::Gone)));
 }
+
+/// A process that reads a line from stdin, then does what it is told: `exec` another program,
+/// or drop to uid 65534. The stamp taken before says what changed.
+fn obedient() -> Reap {
+    Reap(
+        Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import os, sys\n\
+                 print('ready', flush=True)\n\
+                 cmd = sys.stdin.readline().strip()\n\
+                 if cmd == 'exec': os.execv('/bin/sleep', ['sleep', '30'])\n\
+                 if cmd == 'setuid': os.setgid(65534); os.setuid(65534)\n\
+                 sys.stdin.readline()\n",
+            )
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 is needed by this test"),
+    )
+}
+
+/// Wait until the process runs python (it says so).
+fn ready(p: &mut Reap) {
+    let mut b = [0u8; 6];
+    p.0.stdout.as_mut().unwrap().read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"ready\n");
+}
+
+fn tell(p: &mut Reap, what: &str) {
+    use std::io::Write;
+    p.0.stdin.as_mut().unwrap().write_all(format!("{what}\n").as_bytes()).unwrap();
+}
+
+/// Wait until `pred` holds of the process's stamp (the command takes a moment).
+fn stamp_until(pinned: &Pinned, pred: impl Fn(&keyward_attest::Stamp) -> bool) -> keyward_attest::Stamp {
+    for _ in 0..200 {
+        let s = pinned.stamp().unwrap();
+        if pred(&s) {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("the process never changed");
+}
+
+#[test]
+fn a_stamp_names_an_exec_and_a_credential_change() {
+    // exec: same pid, pidfd and start time, another image.
+    let mut p = obedient();
+    ready(&mut p);
+    let pinned = Pinned::from_pid(p.0.id()).unwrap();
+    let before = pinned.stamp().unwrap();
+    pinned.stamp().unwrap().same_as(&before).unwrap();
+    before.uniform_credentials().unwrap();
+    tell(&mut p, "exec");
+    let after = stamp_until(&pinned, |s| s.same_as(&before).is_err());
+    assert!(matches!(after.same_as(&before), Err(AttestError::Exec)), "{:?}", after.same_as(&before));
+    pinned.still_alive().unwrap();
+
+    // setuid: same image, other ids.
+    if rustix::process::geteuid().is_root() {
+        let mut p = obedient();
+        ready(&mut p);
+        let pinned = Pinned::from_pid(p.0.id()).unwrap();
+        let before = pinned.stamp().unwrap();
+        tell(&mut p, "setuid");
+        let after = stamp_until(&pinned, |s| s.same_as(&before).is_err());
+        let e = after.same_as(&before).unwrap_err();
+        assert!(matches!(e, AttestError::CredentialsChanged), "{e:?}");
+        assert_eq!(e.reason(), "credentials changed");
+    }
+}

@@ -167,6 +167,9 @@ impl ClientBuilder {
         let mut b = reqwest::Client::builder()
             .timeout(self.timeout)
             .pool_max_idle_per_host(self.pool_max_idle)
+            // Shorter than the server's header-read timeout (10 s by default), which also
+            // closes kept-alive connections left idle.
+            .pool_idle_timeout(std::time::Duration::from_secs(5))
             .tcp_nodelay(true);
         if let Some(pem) = &self.ca_pem {
             let cert =
