@@ -183,7 +183,7 @@ impl AgentLog {
     #[allow(clippy::too_many_arguments)]
     async fn record(
         &self,
-        identity: String,
+        (identity, client): Who,
         path: &str,
         operation: &str,
         resource: Option<String>,
@@ -215,6 +215,7 @@ impl AgentLog {
             status,
             error: error.map(str::to_string),
             context: None,
+            client: client.map(|(pid, uid)| format!("unix:pid={pid},uid={uid}")),
         };
         log.append(rec).await.map_err(|e| {
             tracing::error!(error = %e, "the agent's audit record could not be written");
@@ -228,21 +229,24 @@ impl AgentLog {
     }
 
     /// Record a refusal (best effort: the refusal stands either way).
-    async fn refusal(&self, who: String, path: &str, operation: &str, e: &AgentError) {
-        tracing::info!(who, path, reason = e.reason, message = %e.message, "Workload API request refused");
+    async fn refusal(&self, who: Who, path: &str, operation: &str, e: &AgentError) {
+        tracing::info!(who = who.0, path, reason = e.reason, message = %e.message, "Workload API request refused");
         let _ = self
             .record(who, path, operation, None, Some(false), e.reason.into(), e.status.as_u16(), Some(e.code))
             .await;
     }
 }
 
-/// How a caller appears in the agent's audit records.
-fn who(caller: &Caller) -> String {
+/// How a caller appears in the agent's audit records: its identity, and its pid and uid as the
+/// kernel names them (the record's `client`).
+type Who = (String, Option<(u32, u32)>);
+
+fn who(caller: &Caller) -> Who {
     match caller.peer.check() {
-        Ok(p) => format!("pid {} uid {}", p.pid(), caller.uid),
+        Ok(p) => (format!("pid {} uid {}", p.pid(), caller.uid), Some((p.pid(), caller.uid))),
         Err(_) => match caller.peer.pin_error() {
-            Some(_) => format!("unidentified uid {}", caller.uid),
-            None => format!("uid {}", caller.uid),
+            Some(_) => (format!("unidentified uid {}", caller.uid), Some((0, caller.uid))),
+            None => (format!("uid {}", caller.uid), Some((0, caller.uid))),
         },
     }
 }
@@ -262,7 +266,18 @@ async fn open_session(
     let s = session::Session::new(a.process, a.stamp, a.selectors.clone(), a.launcher, a.uid);
     let identity = format!("pid {} uid {} [{}]", a.pid, a.uid, a.selectors.join(" "));
     // The attestation is a decision of the agent's own: recorded before it can be used.
-    st.log.record(identity, "/v1/session", "session", None, Some(true), "measured".into(), 200, None).await?;
+    st.log
+        .record(
+            (identity, Some((a.pid, a.uid))),
+            "/v1/session",
+            "session",
+            None,
+            Some(true),
+            "measured".into(),
+            200,
+            None,
+        )
+        .await?;
     let secret = st.sessions.create(s).map_err(|_| AgentError::internal("no random secret"))?;
     tracing::debug!(pid = a.pid, "session opened");
     Ok(Json(json!({
@@ -489,7 +504,7 @@ pub async fn serve(
                 message: reason.into(),
                 reason,
             };
-            log.refusal(format!("pid {pid} uid {uid}"), "-", "connect", &e).await;
+            log.refusal((format!("pid {pid} uid {uid}"), Some((pid, uid))), "-", "connect", &e).await;
         }
     });
     tracing::info!(socket = %config.socket.display(), "Workload API listening");

@@ -229,7 +229,7 @@ async fn relay(
                     let identity = format!("pid {pid} uid {} [{}]", s.uid, selectors.join(" "));
                     st.log
                         .record(
-                            identity,
+                            (identity, Some((pid, s.uid))),
                             op.path(),
                             op.name(),
                             None,

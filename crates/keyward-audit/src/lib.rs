@@ -111,6 +111,10 @@ pub struct AuditRecord {
     /// object a key was used for, as AWS KMS logs it); absent for other requests.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub context: Option<std::collections::BTreeMap<String, String>>,
+    /// Where the request came from: the TCP peer (`ip:port`), or the Unix socket peer
+    /// (`unix:pid=P,uid=U`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
 }
 
 struct Job {
@@ -491,6 +495,7 @@ impl AuditLog {
             status: 0,
             error: None,
             context: None,
+            client: None,
         })
         .await
     }
@@ -752,6 +757,7 @@ mod tests {
             status: 200,
             error: None,
             context: None,
+            client: None,
         }
     }
 

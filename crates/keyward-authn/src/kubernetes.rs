@@ -27,6 +27,10 @@ use tokio::sync::{Mutex, RwLock};
 pub const MAX_JWT_BYTES: usize = 16 * 1024;
 /// Largest accepted JWKS or discovery document.
 pub const MAX_JWKS_BYTES: usize = 512 * 1024;
+/// The selector kind of identities proven by a ServiceAccount token (a bearer JWT), apart from
+/// the `k8s:` kind the node agent attests.
+pub const JWT_SELECTOR_KIND: &str = "k8s-jwt";
+
 /// Clock skew tolerated on `exp` and `nbf`.
 pub const DEFAULT_LEEWAY_SECS: u64 = 30;
 /// Minimum time between two JWKS fetches triggered by unknown `kid`s.
@@ -249,16 +253,20 @@ impl ServiceAccountIdentity {
         format!("k8s:{}/{}", self.namespace, self.service_account)
     }
 
-    /// Selectors (`k8s:ns:NAMESPACE`, `k8s:sa:NAME`, `k8s:pod-name:`, `k8s:pod-uid:`,
-    /// `k8s:node-name:`), as policies and audit records use them; sorted.
+    /// Selectors, as policies and audit records use them; sorted. They are in a namespace of
+    /// their own, [`JWT_SELECTOR_KIND`] (`k8s-jwt:ns:NAMESPACE`, `k8s-jwt:sa:NAME`,
+    /// `k8s-jwt:pod-name:`, `k8s-jwt:pod-uid:`, `k8s-jwt:node-name:`): a token is a bearer
+    /// credential that can be replayed from anywhere, so a login must never match a policy
+    /// written for the `k8s:` selectors the node agent attests from a running pod.
     pub fn selectors(&self) -> Vec<String> {
-        let mut v = vec![format!("k8s:ns:{}", self.namespace), format!("k8s:sa:{}", self.service_account)];
+        let k = JWT_SELECTOR_KIND;
+        let mut v = vec![format!("{k}:ns:{}", self.namespace), format!("{k}:sa:{}", self.service_account)];
         if let Some((name, uid)) = &self.pod {
-            v.push(format!("k8s:pod-name:{name}"));
-            v.push(format!("k8s:pod-uid:{uid}"));
+            v.push(format!("{k}:pod-name:{name}"));
+            v.push(format!("{k}:pod-uid:{uid}"));
         }
         if let Some(n) = &self.node {
-            v.push(format!("k8s:node-name:{n}"));
+            v.push(format!("{k}:node-name:{n}"));
         }
         v.sort();
         v
@@ -595,7 +603,10 @@ mod tests {
         assert!(Role { ttl_secs: 0, ..role.clone() }.validate().is_err());
         assert!(Role { bound_namespaces: vec![], ..role.clone() }.validate().is_err());
         assert_eq!(id.display(), "k8s:payments/api");
-        assert_eq!(id.selectors(), ["k8s:ns:payments", "k8s:pod-name:api-0", "k8s:pod-uid:pu", "k8s:sa:api"]);
+        assert_eq!(
+            id.selectors(),
+            ["k8s-jwt:ns:payments", "k8s-jwt:pod-name:api-0", "k8s-jwt:pod-uid:pu", "k8s-jwt:sa:api"]
+        );
     }
 
     proptest::proptest! {

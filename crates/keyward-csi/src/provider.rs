@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use keyward_audit::{AuditLog, AuditRecord};
 use keyward_client::{Client, Method};
-use keyward_server::audit::{AuditLog, AuditRecord};
 use serde_json::json;
 use tonic::{Code, Request, Response, Status};
 use zeroize::Zeroizing;
@@ -298,7 +298,12 @@ impl Provider {
         }
     }
 
-    async fn audit(&self, spec: Option<&MountSpec>, outcome: Result<usize, &Failure>) -> Result<(), Status> {
+    async fn audit(
+        &self,
+        spec: Option<&MountSpec>,
+        outcome: Result<usize, &Failure>,
+        client: Option<String>,
+    ) -> Result<(), Status> {
         let (identity, request_id, resource) = match spec {
             Some(s) => (
                 format!("k8s:{}/{} pod {}", s.pod.namespace, s.pod.service_account, s.pod.name),
@@ -314,7 +319,7 @@ impl Provider {
             }
         };
         let record = AuditRecord {
-            time: keyward_server::audit::now_rfc3339(),
+            time: keyward_audit::now_rfc3339(),
             request_id,
             identity,
             method: "grpc".into(),
@@ -326,6 +331,7 @@ impl Provider {
             status,
             error,
             context: None,
+            client,
         };
         self.audit.append(record).await.map_err(|e| {
             tracing::error!(error = %e, "audit write failed; refusing the mount");
@@ -349,15 +355,21 @@ impl CsiDriverProvider for Provider {
     }
 
     async fn mount(&self, req: Request<proto::MountRequest>) -> Result<Response<proto::MountResponse>, Status> {
+        // The driver, as the kernel names it.
+        let client = req
+            .extensions()
+            .get::<tonic::transport::server::UdsConnectInfo>()
+            .and_then(|c| c.peer_cred)
+            .map(|c| format!("unix:pid={},uid={}", c.pid().unwrap_or(0), c.uid()));
         let r = req.into_inner();
         match Provider::mount(self, &r).await {
             Ok((spec, resp)) => {
-                self.audit(Some(&spec), Ok(resp.files.len())).await?;
+                self.audit(Some(&spec), Ok(resp.files.len()), client).await?;
                 Ok(Response::new(resp))
             }
             Err((spec, f)) => {
                 tracing::warn!(code = f.code, reason = %f.message, "mount refused");
-                self.audit(spec.as_ref(), Err(&f)).await?;
+                self.audit(spec.as_ref(), Err(&f), client).await?;
                 // The code leads the message (shown in the pod's events) and is also in the
                 // status details, as a MountResponse whose error.code is set.
                 let details = prost::Message::encode_to_vec(&proto::MountResponse {

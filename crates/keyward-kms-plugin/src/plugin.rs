@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keyward_server::audit::{AuditLog, AuditRecord};
+use keyward_audit::{AuditLog, AuditRecord};
 use tonic::{Request, Response, Status};
 
 use crate::caller::Caller;
@@ -259,6 +259,7 @@ impl Plugin {
             status: status as u16,
             error,
             context: None,
+            client: Some(format!("unix:pid={},uid={}", caller.pid, caller.uid)),
         };
         self.audit.append(record).await.map_err(|e| {
             tracing::error!(error = %e, "audit write failed; refusing the call");
@@ -291,7 +292,7 @@ impl Plugin {
 }
 
 fn humantime_now() -> String {
-    keyward_server::audit::now_rfc3339()
+    keyward_audit::now_rfc3339()
 }
 
 #[tonic::async_trait]

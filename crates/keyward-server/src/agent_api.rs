@@ -194,9 +194,12 @@ async fn node_from_service_account(
     ctx: &AuditCtx,
     k: &K8sJoin,
 ) -> Result<String, ApiError> {
-    let (id, role) = match st.k8s.login(&k.role, &k.jwt).await {
+    let (id, role) = match st.k8s.login_verbose(&k.role, &k.jwt).await {
         Ok(v) => v,
-        Err(e) => {
+        Err((verified, e)) => {
+            if let Some(id) = verified {
+                ctx.set_identity(&format!("{} [{}]", id.display(), id.selectors().join(" ")));
+            }
             ctx.set_decision("join", "agents", false, e.to_string());
             return Err(e.into());
         }

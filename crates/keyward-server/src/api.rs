@@ -202,6 +202,14 @@ async fn finish(State(st): State<AppState>, mut req: Request, next: Next) -> Res
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let ctx = Arc::new(AuditCtx::default());
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<crate::tls::PeerInfo>>()
+        .map(|c| c.0.addr)
+        .or_else(|| req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0));
+    if let Some(p) = peer {
+        ctx.set_client(p.to_string());
+    }
     req.extensions_mut().insert(RequestId(id.clone()));
     req.extensions_mut().insert(ctx.clone());
     // The service and audit log as of the request's start: a request that seals the server
@@ -827,9 +835,13 @@ async fn k8s_login(
     StrictJson(r): StrictJson<K8sLoginReq>,
 ) -> ApiResult {
     let resource = format!("auth/kubernetes/roles/{}", r.role);
-    let (id, role) = match st.k8s.login(&r.role, &r.jwt).await {
+    let (id, role) = match st.k8s.login_verbose(&r.role, &r.jwt).await {
         Ok(v) => v,
-        Err(e) => {
+        Err((verified, e)) => {
+            // A token that verified but was refused (role bindings) is audited as who it is.
+            if let Some(id) = verified {
+                ctx.set_identity(&format!("{} [{}]", id.display(), id.selectors().join(" ")));
+            }
             ctx.set_decision("login", &resource, false, e.to_string());
             return Err(e.into());
         }
@@ -841,14 +853,16 @@ async fn k8s_login(
         ctx.set_decision("login", &resource, false, reason.clone());
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", reason));
     }
+    // The token never outlives the ServiceAccount token it was issued for, renewed or not.
+    let left = u64::try_from(id.expires_at.saturating_sub(keyward_core::now_unix())).unwrap_or(0).max(1);
     let req = keyward_core::service::TokenRequest {
         policies: role.policies.clone(),
-        ttl_secs: Some(role.ttl_secs),
+        ttl_secs: Some(role.ttl_secs.min(left)),
         max_uses: None,
         display_name: id.display(),
         orphan: true,
         selectors,
-        max_ttl_secs: Some(role.max_ttl()),
+        max_ttl_secs: Some(role.max_ttl().min(left)),
     };
     let (token, rec) = match st.kms()?.issue_login_token(req).await {
         Ok(v) => v,
@@ -1140,7 +1154,11 @@ async fn list_secrets(
 /// or else a stored token itself.
 fn randomized_identity(t: &keyward_core::model::TokenRecord) -> Result<String, ApiError> {
     let sel = |p: &str| t.selectors.iter().find_map(|s| s.strip_prefix(p));
-    if let (Some(ns), Some(sa)) = (sel("k8s:ns:"), sel("k8s:sa:")) {
+    // The same ServiceAccount, attested or logged in: the same value (policies decide who may
+    // read it).
+    let ns = sel("k8s:ns:").or_else(|| sel("k8s-jwt:ns:"));
+    let sa = sel("k8s:sa:").or_else(|| sel("k8s-jwt:sa:"));
+    if let (Some(ns), Some(sa)) = (ns, sa) {
         return Ok(format!("k8s:{ns}/{sa}"));
     }
     if let Some(fp) = sel("cert:sha256:") {

@@ -22,6 +22,7 @@ pub struct AuditCtx {
 #[derive(Debug, Default, Clone)]
 struct CtxFields {
     identity: Option<String>,
+    client: Option<String>,
     operation: Option<String>,
     resource: Option<String>,
     decision: Option<&'static str>,
@@ -40,8 +41,16 @@ impl AuditCtx {
     /// A context for a part of this request audited on its own (one release of an agent's
     /// batch): the same caller, no decision yet.
     pub fn part(&self) -> Self {
-        let identity = self.inner.lock().ok().and_then(|f| f.identity.clone());
-        Self { inner: Mutex::new(CtxFields { identity, ..CtxFields::default() }), ..Self::default() }
+        let (identity, client) =
+            self.inner.lock().ok().map(|f| (f.identity.clone(), f.client.clone())).unwrap_or_default();
+        Self { inner: Mutex::new(CtxFields { identity, client, ..CtxFields::default() }), ..Self::default() }
+    }
+
+    /// Record where the request came from (the TCP peer).
+    pub fn set_client(&self, client: String) {
+        if let Ok(mut f) = self.inner.lock() {
+            f.client = Some(client);
+        }
     }
 
     /// Note that the handler has written this request's record itself.
@@ -114,6 +123,7 @@ impl AuditCtx {
             status,
             error: error.map(str::to_string),
             context: f.context,
+            client: f.client,
         }
     }
 }

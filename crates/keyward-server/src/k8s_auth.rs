@@ -154,11 +154,23 @@ impl K8sAuth {
 
     /// Verify `jwt` for `role`: the identity and the role it logs in with.
     pub async fn login(&self, role: &str, jwt: &str) -> Result<(ServiceAccountIdentity, Role), K8sAuthError> {
-        let (doc, verifier) = self.load().await?;
-        let verifier = verifier.ok_or(K8sAuthError::NotConfigured)?;
-        let r = doc.roles.get(role).cloned().ok_or_else(|| K8sAuthError::NoRole(role.to_string()))?;
-        let id = verifier.verify(jwt).await?;
-        r.check(&id)?;
+        self.login_verbose(role, jwt).await.map_err(|(_, e)| e)
+    }
+
+    /// As [`K8sAuth::login`]; a refusal after the token verified also returns the verified
+    /// identity, so that the refusal is audited with the claims and not as anonymous.
+    pub async fn login_verbose(
+        &self,
+        role: &str,
+        jwt: &str,
+    ) -> Result<(ServiceAccountIdentity, Role), (Option<ServiceAccountIdentity>, K8sAuthError)> {
+        let (doc, verifier) = self.load().await.map_err(|e| (None, e))?;
+        let verifier = verifier.ok_or((None, K8sAuthError::NotConfigured))?;
+        let r = doc.roles.get(role).cloned().ok_or_else(|| (None, K8sAuthError::NoRole(role.to_string())))?;
+        let id = verifier.verify(jwt).await.map_err(|e| (None, e.into()))?;
+        if let Err(e) = r.check(&id) {
+            return Err((Some(id), e.into()));
+        }
         Ok((id, r))
     }
 }

@@ -454,6 +454,8 @@ async fn an_agent_token_is_refused_outside_the_agent_routes() {
     let refusals: Vec<&str> = log.lines().filter(|l| l.contains("agent token outside agent routes")).collect();
     assert_eq!(refusals.len(), 4, "{log}");
     assert!(refusals.iter().all(|l| l.contains("\"status\":403")), "{refusals:?}");
+    // Every record says where the request came from.
+    assert!(refusals.iter().all(|l| l.contains("\"client\":\"127.0.0.1:")), "{refusals:?}");
     assert!(log.contains("agent join token outside agent routes"), "{log}");
     assert!(!log.contains("hunter2"));
 }

@@ -250,29 +250,49 @@ async fn kubernetes_login_matrix() {
         call("POST", "/v1/keys/payments/encrypt".into(), Some(worker.clone()), json!({"plaintext": "eA=="})).await;
     assert_eq!(st, 403);
 
-    // Policies attached by identity: payments/api gets data keys without the role naming the
-    // policy; a rule requiring another pod grants it nothing.
+    // Attack: a policy written for the attested pod (the node agent's `k8s:` selectors). A
+    // login with the pod's ServiceAccount token (a bearer credential, replayable from anywhere)
+    // does not match it: login selectors are `k8s-jwt:`.
+    let (st, v, _) = call(
+        "PUT",
+        "/v1/policies/payments-attested".into(),
+        root.clone(),
+        json!({
+            "identities": [["k8s:ns:payments", "k8s:sa:api"]],
+            "rules": [{"resources": ["keys/payments"], "operations": ["generate-data-key"]}]
+        }),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v, _) = call("POST", "/v1/keys/payments/generate-data-key".into(), Some(api.clone()), json!({})).await;
+    assert_eq!(st, 403, "a JWT login is not the attested pod: {v}");
+    // Policies attached by login identity say so: payments/api gets data keys without the
+    // role naming the policy; a rule requiring another pod grants it nothing.
     let (st, v, _) = call(
         "PUT",
         "/v1/policies/payments-id".into(),
         root.clone(),
         json!({
-            "identities": [["k8s:ns:payments", "k8s:sa:api"]],
+            "identities": [["k8s-jwt:ns:payments", "k8s-jwt:sa:api"]],
             "rules": [
                 {"resources": ["keys/payments"], "operations": ["generate-data-key"]},
-                {"resources": ["keys/payments"], "operations": ["sign"], "require": ["k8s:pod-name:api-1"]}
+                {"resources": ["keys/payments"], "operations": ["sign"], "require": ["k8s-jwt:pod-name:api-1"]}
             ]
         }),
     )
     .await;
     assert_eq!(st, 200, "{v}");
     let (st, v, _) = call("POST", "/v1/keys/payments/generate-data-key".into(), Some(api.clone()), json!({})).await;
-    assert_eq!(st, 200, "attached by k8s:ns and k8s:sa: {v}");
+    assert_eq!(st, 200, "attached by k8s-jwt:ns and k8s-jwt:sa: {v}");
     let (st, _, _) = call("POST", "/v1/keys/payments/generate-data-key".into(), Some(worker), json!({})).await;
     assert_eq!(st, 403, "team-b/worker does not match the identity set");
     let (st, v, _) = call("GET", "/v1/auth/whoami".into(), Some(api.clone()), Value::Null).await;
     assert_eq!(st, 200);
-    assert!(v["selectors"].as_array().unwrap().contains(&json!("k8s:pod-name:api-0")), "{v}");
+    assert!(v["selectors"].as_array().unwrap().contains(&json!("k8s-jwt:pod-name:api-0")), "{v}");
+    assert!(
+        v["selectors"].as_array().unwrap().iter().all(|s| !s.as_str().unwrap().starts_with("k8s:")),
+        "no attested selectors from a login: {v}"
+    );
     assert_eq!(v["effective"][1]["policy"], "payments-id", "{v}");
     assert_eq!(
         v["effective"][1]["grants"],
@@ -280,6 +300,19 @@ async fn kubernetes_login_matrix() {
         "the pod-pinned rule is not this pod's"
     );
     assert!(v["max_expires_at"].is_string(), "login tokens have a max TTL: {v}");
+
+    // The issued token never outlives the ServiceAccount token, even renewed: a JWT with 90 s
+    // left gives a token of at most 90 s on a role whose TTL is 10 min.
+    let short_jwt = sign_with(d, &rsa, &hdr(&rsa), &claims(&iss, "keyward", "payments", "api", true, now() + 90));
+    let (st, v, _) = login("payments", short_jwt).await;
+    assert_eq!(st, 200, "{v}");
+    let short = v["token"].as_str().unwrap().to_string();
+    let exp_of = |v: &Value, k: &str| humantime::parse_rfc3339_weak(v[k].as_str().unwrap()).unwrap();
+    let jwt_exp = std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(now() + 91).unwrap());
+    assert!(exp_of(&v, "expires_at") <= jwt_exp && exp_of(&v, "max_expires_at") <= jwt_exp, "{v}");
+    let (st, r, _) = call("POST", "/v1/auth/token/renew-self".into(), Some(short), json!({})).await;
+    assert_eq!(st, 200, "{r}");
+    assert!(exp_of(&r, "expires_at") <= jwt_exp, "renewed past the JWT's exp: {r}");
     let (st, _, _) = call(
         "PUT",
         "/v1/auth/kubernetes/roles/short".into(),
@@ -393,9 +426,18 @@ async fn kubernetes_login_matrix() {
     assert!(logins.iter().any(|r| r["decision"] == "deny" && r["reason"].as_str().unwrap().contains("expired")));
     let ok_rec = logins.iter().find(|r| r["decision"] == "allow").unwrap();
     assert!(
-        ok_rec["identity"].as_str().unwrap().starts_with("k8s:payments/api [k8s:node-name:node-1 k8s:ns:payments"),
+        ok_rec["identity"]
+            .as_str()
+            .unwrap()
+            .starts_with("k8s:payments/api [k8s-jwt:node-name:node-1 k8s-jwt:ns:payments"),
         "{ok_rec}"
     );
+    // A token that verified but was refused by the role is audited as who it is, not anonymous.
+    let bound = logins
+        .iter()
+        .find(|r| r["decision"] == "deny" && r["reason"].as_str().unwrap().contains("not bound"))
+        .expect("the role refusal is audited");
+    assert!(bound["identity"].as_str().unwrap().starts_with("k8s:team-b/worker [k8s-jwt:"), "{bound}");
     assert!(
         recs.iter().any(|r| r["identity"].as_str().is_some_and(|i| i.contains("(k8s:payments/api)"))),
         "requests with a login token name the ServiceAccount"
@@ -429,7 +471,7 @@ async fn agents_join_with_service_account_tokens() {
     assert_eq!(call("PUT", "/v1/auth/kubernetes/roles/agent", root, role).await.0, 200);
     // The ServiceAccount `other` in `keyward` logs in on the same role but its grant is
     // narrowed by a rule that requires the agent's ServiceAccount.
-    let pol = json!({"rules": [{"resources": ["agents/*"], "operations": ["join"], "require": ["k8s:sa:agent"]}]});
+    let pol = json!({"rules": [{"resources": ["agents/*"], "operations": ["join"], "require": ["k8s-jwt:sa:agent"]}]});
     assert_eq!(call("PUT", "/v1/policies/agents", root, pol).await.0, 200);
 
     let pk = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
