@@ -8,7 +8,7 @@ use prost::Message;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(r) = proto::MountRequest::decode(data) {
-        if let Ok(m) = parse_mount(&r.attributes, &r.secrets, &r.permission, "keyward") {
+        if let Ok(m) = parse_mount(&r.attributes, &r.secrets, &r.permission, "keyward", false) {
             for o in &m.objects {
                 assert!(check_file_name(&o.file_name).is_ok());
                 assert!(o.mode <= 0o777);

@@ -349,6 +349,11 @@ pub struct CsiProviderArgs {
     /// State directory: the provider's audit log and its chain key.
     #[arg(long, default_value = "/var/lib/keyward-csi")]
     pub data_dir: PathBuf,
+    /// WEAKER: also take a pod's token from the volume's nodePublishSecretRef Secret (whose
+    /// data the pod's author chooses) when the driver passes none from tokenRequests. The token
+    /// must still belong to the Mount's pod.
+    #[arg(long)]
+    pub insecure_allow_secret_tokens: bool,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -1050,7 +1050,13 @@ async fn csi_provider(cli: &Cli, a: CsiProviderArgs) -> anyhow::Result<ExitCode>
         audience: a.audience.clone(),
         ca_pem,
         timeout: a.timeout,
+        allow_secret_tokens: a.insecure_allow_secret_tokens,
     };
+    if a.insecure_allow_secret_tokens {
+        tracing::warn!(
+            "pods' tokens are also taken from nodePublishSecretRef Secrets (--insecure-allow-secret-tokens)"
+        );
+    }
     let provider = std::sync::Arc::new(keyward_csi::Provider::new(cfg, std::sync::Arc::new(audit)));
     let listener = keyward_csi::bind(&a.provider_dir)?;
     let socket = a.provider_dir.join(format!("{}.sock", keyward_csi::PROVIDER_NAME));

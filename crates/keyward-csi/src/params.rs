@@ -282,11 +282,19 @@ pub fn pod_token(tokens_json: &str, audience: &str) -> Result<zeroize::Zeroizing
 }
 
 /// Check a whole Mount request. `default_audience` is the provider's `--audience`.
+///
+/// The pod's token is taken from where the driver puts the tokens the CSIDriver's
+/// `tokenRequests` asked the kubelet for: the `csi.storage.k8s.io/serviceAccount.tokens`
+/// attribute (the driver copies it there also when the kubelet delivers it in `secrets`).
+/// `secrets` also holds the data of the volume's `nodePublishSecretRef`, which the pod's author
+/// chooses, so a token is read from it only with `allow_secret_tokens` (weaker: see
+/// `docs/kubernetes/csi.md`).
 pub fn parse_mount(
     attributes: &str,
     secrets: &str,
     permission: &str,
     default_audience: &str,
+    allow_secret_tokens: bool,
 ) -> Result<MountSpec, Invalid> {
     let attrs = parse_json_map("attributes", attributes)?;
     let secrets = parse_json_map("secrets", secrets)?;
@@ -308,7 +316,8 @@ pub fn parse_mount(
     let yaml = get("objects").ok_or_else(|| invalid("InvalidParameters", "parameter \"objects\" is required"))?;
     let objects = parse_objects(yaml, parse_permission(permission)?)?;
     let audience = get("audience").map(str::to_string);
-    let tokens = secrets.get(TOKENS_KEY).or_else(|| attrs.get(TOKENS_KEY)).map(String::as_str).unwrap_or("");
+    let from_secrets = if allow_secret_tokens { secrets.get(TOKENS_KEY) } else { None };
+    let tokens = attrs.get(TOKENS_KEY).or(from_secrets).map(String::as_str).unwrap_or("");
     let token = pod_token(tokens, audience.as_deref().unwrap_or(default_audience))?;
     Ok(MountSpec {
         address: get("keywardAddress").map(str::to_string),
@@ -393,19 +402,29 @@ mod tests {
 
     #[test]
     fn mount_requests_as_the_driver_sends_them() {
-        let m = parse_mount(&attrs(&[]), "{}", "420", "keyward").unwrap();
+        let m = parse_mount(&attrs(&[]), "{}", "420", "keyward", false).unwrap();
         assert_eq!(m.pod.namespace, "payments");
         assert_eq!(m.token.as_str(), "jwt-1");
         assert_eq!(m.objects[0].mode, 0o644, "420 decimal is 0644");
-        // Newer drivers also pass the tokens in `secrets`, which wins.
+        // A token in `secrets` (the nodePublishSecretRef's data, chosen by the pod's author) is
+        // never taken over the driver's attribute, and alone only when the provider allows it.
         let secrets = serde_json::json!({TOKENS_KEY: serde_json::json!({"keyward": {"token": "jwt-2"}}).to_string()});
-        assert_eq!(parse_mount(&attrs(&[]), &secrets.to_string(), "420", "keyward").unwrap().token.as_str(), "jwt-2");
-        assert_eq!(parse_mount(&attrs(&[]), "", "420", "other").unwrap_err().code, "MissingToken");
-        assert_eq!(parse_mount(&attrs(&[("role", "")]), "", "420", "keyward").unwrap_err().code, "InvalidParameters");
-        assert_eq!(parse_mount(&attrs(&[]), "", "0644", "keyward").unwrap_err().code, "InvalidRequest");
-        assert_eq!(parse_mount("[1]", "", "420", "keyward").unwrap_err().code, "InvalidRequest");
+        let s = secrets.to_string();
+        assert_eq!(parse_mount(&attrs(&[]), &s, "420", "keyward", true).unwrap().token.as_str(), "jwt-1");
+        let mut without: BTreeMap<String, String> = serde_json::from_str(&attrs(&[])).unwrap();
+        without.remove(TOKENS_KEY);
+        let without = serde_json::to_string(&without).unwrap();
+        assert_eq!(parse_mount(&without, &s, "420", "keyward", false).unwrap_err().code, "MissingToken");
+        assert_eq!(parse_mount(&without, &s, "420", "keyward", true).unwrap().token.as_str(), "jwt-2");
+        assert_eq!(parse_mount(&attrs(&[]), "", "420", "other", false).unwrap_err().code, "MissingToken");
         assert_eq!(
-            parse_mount(&attrs(&[("csi.storage.k8s.io/pod.uid", "")]), "", "420", "keyward").unwrap_err().code,
+            parse_mount(&attrs(&[("role", "")]), "", "420", "keyward", false).unwrap_err().code,
+            "InvalidParameters"
+        );
+        assert_eq!(parse_mount(&attrs(&[]), "", "0644", "keyward", false).unwrap_err().code, "InvalidRequest");
+        assert_eq!(parse_mount("[1]", "", "420", "keyward", false).unwrap_err().code, "InvalidRequest");
+        assert_eq!(
+            parse_mount(&attrs(&[("csi.storage.k8s.io/pod.uid", "")]), "", "420", "keyward", false).unwrap_err().code,
             "MissingPodInfo"
         );
     }
@@ -413,7 +432,7 @@ mod tests {
     proptest! {
         #[test]
         fn arbitrary_input_never_panics(a in "\\PC{0,300}", y in "\\PC{0,300}", p in "\\PC{0,6}") {
-            let _ = parse_mount(&a, "", &p, "keyward");
+            let _ = parse_mount(&a, "", &p, "keyward", false);
             let _ = parse_objects(&y, 0o644);
             if check_file_name(&a).is_ok() {
                 prop_assert!(!a.starts_with('/') && !a.split('/').any(|e| e == ".." || e.is_empty()));

@@ -44,13 +44,20 @@ pub struct ProviderConfig {
     pub ca_pem: Option<Vec<u8>>,
     /// Per-request timeout to Keyward.
     pub timeout: Duration,
+    /// Also take the pod's token from the Mount's `secrets` (the volume's
+    /// `nodePublishSecretRef` data, which the pod's author chooses) when the driver's attribute
+    /// has none. Weaker: off by default.
+    pub allow_secret_tokens: bool,
 }
 
+/// What a cached login answers for: this token (by its SHA-256), for this pod, on this role and
+/// server. A Mount with another token (or none that verifies) never gets a cached login.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct LoginKey {
     address: String,
     role: String,
     pod: params::Pod,
+    token: [u8; 32],
 }
 
 #[derive(Debug)]
@@ -98,6 +105,27 @@ fn from_keyward(what: &str, e: keyward_client::Error) -> Failure {
         _ => (Code::Internal, "Internal", false),
     };
     Failure { grpc, code, message: format!("{what}: {e}"), denied }
+}
+
+/// Whether the identity Keyward verified in a login (`identity` of its answer) is the Mount's
+/// pod: namespace and ServiceAccount, and the pod's name and UID when the token is bound to a
+/// pod. `Err` says both identities.
+fn token_matches_pod(identity: &serde_json::Value, pod: &params::Pod) -> Result<(), String> {
+    let s = |k: &str| identity[k].as_str().unwrap_or_default();
+    let (ns, sa) = (s("namespace"), s("service_account"));
+    let bound_pod = identity["pod"].as_str().map(|name| (name, s("pod_uid")));
+    let same = ns == pod.namespace
+        && sa == pod.service_account
+        && bound_pod.is_none_or(|(name, uid)| name == pod.name && uid == pod.uid);
+    if same {
+        return Ok(());
+    }
+    let token_pod = bound_pod.map(|(n, u)| format!(" pod {n} ({u})")).unwrap_or_default();
+    Err(format!(
+        "the ServiceAccount token is {ns}/{sa}{token_pod}'s, but the Mount is for {}/{} pod {} ({}): a pod may \
+         only mount with its own token",
+        pod.namespace, pod.service_account, pod.name, pod.uid
+    ))
 }
 
 fn rfc3339_to_instant(s: &str) -> Option<Instant> {
@@ -166,6 +194,18 @@ impl Provider {
             Zeroizing::new(v["token"].as_str().ok_or_else(|| internal("login answer without a token"))?.to_string());
         let expires = v["expires_at"].as_str().and_then(rfc3339_to_instant).unwrap_or_else(Instant::now);
         let client = self.builder(&key.address).token(token.as_str()).build().map_err(|e| from_keyward("client", e))?;
+        // The token must be the Mount's pod's own: the identity Keyward verified in it must be
+        // the pod the kubelet names. A token copied from another pod or namespace is refused,
+        // and the Keyward token just issued for it is revoked.
+        if let Err(mismatch) = token_matches_pod(&v["identity"], &key.pod) {
+            let _ = client.request(Method::POST, "/v1/auth/token/revoke-self", Some(&json!({}))).await;
+            return Err(Failure {
+                grpc: Code::PermissionDenied,
+                code: "TokenPodMismatch",
+                message: mismatch,
+                denied: true,
+            });
+        }
         if let Ok(mut m) = self.logins.lock() {
             let now = Instant::now();
             if m.len() >= MAX_CACHED_PODS {
@@ -249,13 +289,20 @@ impl Provider {
         &self,
         r: &proto::MountRequest,
     ) -> Result<(MountSpec, proto::MountResponse), (Option<MountSpec>, Failure)> {
-        let spec = params::parse_mount(&r.attributes, &r.secrets, &r.permission, &self.cfg.audience)
-            .map_err(|e| (None, e.into()))?;
+        let spec = params::parse_mount(
+            &r.attributes,
+            &r.secrets,
+            &r.permission,
+            &self.cfg.audience,
+            self.cfg.allow_secret_tokens,
+        )
+        .map_err(|e| (None, e.into()))?;
         let address = match self.address(&spec) {
             Ok(a) => a,
             Err(f) => return Err((Some(spec), f)),
         };
-        let key = LoginKey { address, role: spec.role.clone(), pod: spec.pod.clone() };
+        let token = keyward_crypto::hash::sha256(spec.token.as_bytes());
+        let key = LoginKey { address, role: spec.role.clone(), pod: spec.pod.clone(), token };
         let mut retried = false;
         'login: loop {
             let client = match self.pod_client(&key, &spec.token).await {

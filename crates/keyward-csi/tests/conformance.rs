@@ -31,7 +31,10 @@ async fn mounts_as_the_pod_with_versions_and_rotation() {
 
     let objects =
         format!("{OBJECTS}- ciphertext: {}\n  context: {{tenant: a}}\n  fileName: dek\n", w.data_key_ciphertext);
-    let attrs = || w.attributes("payments", "api", "api-0", "uid-api-0", "payments", &objects);
+    // The same token for both Mounts (the kubelet refreshes a projected token only near its
+    // expiry): the re-mount can use the cached login.
+    let same = w.attributes("payments", "api", "api-0", "uid-api-0", "payments", &objects);
+    let attrs = || same.clone();
     let r = c.mount(mount_request(attrs())).await.unwrap().into_inner();
     assert!(r.error.as_ref().is_none_or(|e| e.code.is_empty()));
     assert_eq!(r.files.len(), 3);
@@ -157,4 +160,72 @@ async fn bad_requests_get_clear_codes() {
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     // The provider still serves good requests.
     assert!(c.mount(mount_request(attrs(OBJECTS))).await.is_ok());
+}
+
+/// Attacks on the pod's identity, with attributes as the driver sends them and tokens minted by
+/// the test issuer for matching and mismatching pods:
+/// 1. a pod in `team-b` carries a stolen token of `payments/api` (here in its attributes, as a
+///    copied token would reach them) and names the `payments` role: the token's identity is
+///    not the Mount's pod, refused `TokenPodMismatch`, audited with both identities;
+/// 2. the same stolen token put in the volume's nodePublishSecretRef (`secrets`, chosen by the
+///    pod's author), with the pod's own token in the attribute: the attribute's is used, so the
+///    pod gets only its own secrets;
+/// 3. a Mount repeating the attributes of an earlier successful one, with the token
+///    `not-a-jwt`: a cached login answers only for the token it was made with, so it is
+///    refused.
+#[tokio::test]
+async fn a_pod_can_mount_only_with_its_own_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = world(dir.path()).await;
+    let (_p, _task) = provider(&dir.path().join("providers"), &w.addr).await;
+    let mut c = connect(&dir.path().join("providers/keyward.sock")).await;
+    let stolen = w.pod_token("payments", "api", "api-0", "uid-api-0");
+    let with_token = |attrs: String, token: &str| {
+        let mut v: serde_json::Value = serde_json::from_str(&attrs).unwrap();
+        v["csi.storage.k8s.io/serviceAccount.tokens"] =
+            serde_json::json!({AUDIENCE: {"token": token, "expirationTimestamp": "2030-01-01T00:00:00Z"}})
+                .to_string()
+                .into();
+        v.to_string()
+    };
+
+    // 1. The stolen token in another namespace's Mount.
+    let theirs = w.attributes("team-b", "worker", "w-0", "uid-w-0", "payments", OBJECTS);
+    let e = c.mount(mount_request(with_token(theirs.clone(), &stolen))).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().starts_with("TokenPodMismatch: "), "{}", e.message());
+    assert!(!format!("{e:?}").contains("hunter2"));
+    // ...and in a Mount of the same ServiceAccount's other pod.
+    let sibling = w.attributes("payments", "api", "api-1", "uid-api-1", "payments", OBJECTS);
+    let e = c.mount(mount_request(with_token(sibling, &stolen))).await.unwrap_err();
+    assert!(e.message().starts_with("TokenPodMismatch: "), "{}", e.message());
+
+    // 2. The stolen token in `secrets`, the pod's own in the attribute.
+    let own = "- path: team-b/db\n  field: password\n  fileName: password\n";
+    let mut req = mount_request(w.attributes("team-b", "worker", "w-0", "uid-w-0", "team-b", own));
+    req.secrets = serde_json::json!({"csi.storage.k8s.io/serviceAccount.tokens":
+        serde_json::json!({AUDIENCE: {"token": stolen}}).to_string()})
+    .to_string();
+    let r = c.mount(req.clone()).await.unwrap().into_inner();
+    assert_eq!(r.files[0].contents, b"other", "the pod's own token was used");
+    let mut payments = req.clone();
+    payments.attributes = w.attributes("team-b", "worker", "w-0", "uid-w-0", "payments", OBJECTS);
+    let e = c.mount(payments).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // 3. A cached login is not an answer for another token.
+    let good = w.attributes("payments", "api", "api-0", "uid-api-0", "payments", OBJECTS);
+    assert!(c.mount(mount_request(good.clone())).await.is_ok(), "control: the pod's own Mount");
+    let e = c.mount(mount_request(with_token(good.clone(), "not-a-jwt"))).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(c.mount(mount_request(good)).await.is_ok(), "and the pod's own token still works");
+
+    // The refusals are audited with the reason naming both identities.
+    let denied: Vec<_> =
+        read_audit(&dir.path().join("providers/audit.log")).into_iter().filter(|r| r["decision"] == "deny").collect();
+    let mismatch = denied.iter().find(|r| r["error"] == "TokenPodMismatch").expect("audited");
+    assert_eq!(mismatch["identity"], "k8s:team-b/worker pod w-0", "{mismatch}");
+    let reason = mismatch["reason"].as_str().unwrap();
+    assert!(reason.contains("payments/api") && reason.contains("team-b/worker"), "{reason}");
+    assert!(denied.iter().all(|r| r["client"].as_str().is_some_and(|c| c.starts_with("unix:pid="))), "{denied:?}");
 }

@@ -878,6 +878,7 @@ async fn k8s_login(
         "namespace": id.namespace,
         "service_account": id.service_account,
         "pod": id.pod.as_ref().map(|p| &p.0),
+        "pod_uid": id.pod.as_ref().map(|p| &p.1),
         "node": id.node,
     });
     ok(v)

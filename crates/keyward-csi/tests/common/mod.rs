@@ -153,6 +153,7 @@ pub async fn provider(dir: &Path, addr: &str) -> (Arc<Provider>, tokio::task::Jo
         audience: AUDIENCE.into(),
         ca_pem: None,
         timeout: Duration::from_secs(5),
+        allow_secret_tokens: false,
     };
     let p = Arc::new(Provider::new(cfg, Arc::new(audit)));
     let listener = keyward_csi::bind(dir).unwrap();
