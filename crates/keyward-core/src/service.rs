@@ -803,7 +803,38 @@ impl Kms {
             }
         }
         let parent = if req.orphan { None } else { Some(parent) };
+        // A child never has more uses than its parent has left (its creation used one).
+        let mut req = req;
+        if let Some(p) = parent
+            && let Some(max) = p.max_uses
+        {
+            let left = max.saturating_sub(p.uses);
+            if left == 0 {
+                return Err(KmsError::PermissionDenied(
+                    "this token has no uses left to give a child token (creating it used the last one)".into(),
+                ));
+            }
+            req.max_uses = Some(req.max_uses.map_or(left, |m| m.min(left)));
+        }
         self.insert_token(parent, req).await
+    }
+
+    /// Whether the token `accessor` is `caller` or was created from it (directly or through
+    /// other tokens): the tokens a holder may look up, renew and revoke without `admin` on
+    /// `auth/token`. An unknown accessor is in nobody's subtree.
+    pub async fn in_subtree(&self, caller: &TokenRecord, accessor: &str) -> Result<bool, KmsError> {
+        let all = self.all_tokens().await?;
+        let mut at = accessor.to_string();
+        for _ in 0..=all.len() {
+            if at == caller.accessor {
+                return Ok(caller.is_stored());
+            }
+            match all.iter().find(|t| t.accessor == at).and_then(|t| t.parent.clone()) {
+                Some(p) => at = p,
+                None => return Ok(false),
+            }
+        }
+        Ok(false)
     }
 
     /// Issue an orphan token to an identity an auth method has verified (e.g. a Kubernetes

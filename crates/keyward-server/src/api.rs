@@ -652,14 +652,37 @@ async fn token_create(State(st): State<AppState>, c: Caller, StrictJson(r): Stri
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 
+/// Authorize `op` on another token: `op` on `auth/token`, and for a token outside the caller's
+/// subtree (not created from it), also `admin` on `auth/token`.
+async fn allow_on_token(st: &AppState, c: &Caller, op: &str, accessor: &str) -> Result<(), ApiError> {
+    allow(st, c, op, "auth/token")?;
+    if st.kms()?.in_subtree(&c.0, accessor).await? {
+        return Ok(());
+    }
+    allow(st, c, "admin", "auth/token").map_err(|_| {
+        c.1.set_decision(
+            op,
+            "auth/token",
+            false,
+            format!("{accessor} is outside the caller's token subtree and no policy grants admin on auth/token"),
+        );
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_denied",
+            "that token is not this token or one created from it: acting on another token needs `admin` on \
+             `auth/token`",
+        )
+    })
+}
+
 async fn token_lookup(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<AccessorReq>) -> ApiResult {
-    allow(&st, &c, "read", "auth/token")?;
+    allow_on_token(&st, &c, "read", &r.accessor).await?;
     let t = st.kms()?.lookup_token(&r.accessor).await?;
     ok(token_json(&t))
 }
 
 async fn token_renew(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<AccessorReq>) -> ApiResult {
-    allow(&st, &c, "write", "auth/token")?;
+    allow_on_token(&st, &c, "write", &r.accessor).await?;
     let t = st.kms()?.renew_token(&r.accessor).await?;
     ok(token_json(&t))
 }
@@ -672,7 +695,7 @@ async fn token_renew_self(State(st): State<AppState>, c: Caller, StrictJson(_): 
 }
 
 async fn token_revoke(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<AccessorReq>) -> ApiResult {
-    allow(&st, &c, "write", "auth/token")?;
+    allow_on_token(&st, &c, "write", &r.accessor).await?;
     ok(json!({"revoked": st.kms()?.revoke_token(&r.accessor).await?}))
 }
 

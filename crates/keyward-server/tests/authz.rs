@@ -253,3 +253,74 @@ async fn token_lifecycle_revocation_uses_and_root() {
     assert_eq!(root.request(Method::GET, "/v1/keys", None).await.unwrap_err().status(), Some(401));
     r2.request(Method::GET, "/v1/keys", None).await.unwrap();
 }
+
+/// Token scope, as the attacks: a use-limited token hands a child more uses than it has, and a
+/// holder of `write` on `auth/token` renews, revokes or looks up a token it did not create.
+/// Children get at most their parent's remaining uses (and expiry); acting outside one's own
+/// subtree needs `admin` on `auth/token`; each refusal is audited with its reason.
+#[tokio::test]
+async fn tokens_act_only_within_their_subtree_and_children_inherit_limits() {
+    let s = TestServer::start().await;
+    let root = s.client();
+    let pol = |ops: &[&str]| json!({"rules": [{"resources": ["auth/token"], "operations": ops}]});
+    root.request(Method::PUT, "/v1/policies/tokens", Some(&pol(&["read", "write"]))).await.unwrap();
+    root.request(Method::PUT, "/v1/policies/token-admin", Some(&pol(&["read", "write", "admin"]))).await.unwrap();
+
+    // A parent with 3 uses: creating a child uses one, so the child gets at most 2, whatever
+    // it asks for; a child of the child at most what that has left.
+    let (limited, _) = token(&root, json!({"policies": ["tokens"], "max_uses": 3, "orphan": true})).await;
+    let v = as_token(&s, &limited)
+        .request(Method::POST, "/v1/auth/token/create", Some(&json!({"policies": ["tokens"], "max_uses": 100})))
+        .await
+        .unwrap();
+    assert_eq!(v["max_uses"], 2, "{v}");
+    let v = as_token(&s, &limited)
+        .request(Method::POST, "/v1/auth/token/create", Some(&json!({"policies": ["tokens"]})))
+        .await
+        .unwrap();
+    assert_eq!(v["max_uses"], 1, "an unlimited request gets what is left: {v}");
+    let e = as_token(&s, &limited)
+        .request(Method::POST, "/v1/auth/token/create", Some(&json!({"policies": ["tokens"]})))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(403), "the parent's last use has nothing left to give: {e}");
+    assert!(e.to_string().contains("no uses left"), "{e}");
+
+    // Subtrees: A and B both hold write on auth/token; B cannot touch A's child.
+    let (a, _) = token(&root, json!({"policies": ["tokens"], "orphan": true, "ttl": "1h"})).await;
+    let (b, b_acc) = token(&root, json!({"policies": ["tokens"], "orphan": true, "ttl": "1h"})).await;
+    let child = as_token(&s, &a)
+        .request(Method::POST, "/v1/auth/token/create", Some(&json!({"policies": ["tokens"], "ttl": "10m"})))
+        .await
+        .unwrap();
+    let child_acc = child["accessor"].as_str().unwrap().to_string();
+    let on = |c: &Client, op: &'static str, acc: &str| {
+        let (c, acc) = (c.clone(), acc.to_string());
+        async move {
+            c.request(Method::POST, &format!("/v1/auth/token/{op}"), Some(&json!({"accessor": acc})))
+                .await
+                .map_err(|e| (e.status(), e.to_string()))
+        }
+    };
+    let bc = as_token(&s, &b);
+    for op in ["lookup", "renew", "revoke"] {
+        let e = on(&bc, op, &child_acc).await.unwrap_err();
+        assert_eq!(e.0, Some(403), "{op}: {e:?}");
+        assert!(e.1.contains("admin"), "{op}: {e:?}");
+    }
+    // An accessor that does not exist looks the same (no oracle).
+    assert_eq!(on(&bc, "lookup", "acc_000000000000000000000000").await.unwrap_err().0, Some(403));
+    // Control: A acts on its own child; an admin acts on anyone's.
+    let ac = as_token(&s, &a);
+    assert!(on(&ac, "lookup", &child_acc).await.is_ok());
+    assert!(on(&ac, "renew", &child_acc).await.is_ok());
+    let (admin, _) = token(&root, json!({"policies": ["token-admin"], "orphan": true, "ttl": "1h"})).await;
+    let adm = as_token(&s, &admin);
+    assert!(on(&adm, "lookup", &b_acc).await.is_ok());
+    assert!(on(&ac, "revoke", &child_acc).await.is_ok());
+
+    let log = common::audit_records(&s.dir.path().join("data/audit.log"));
+    let refused: Vec<&str> = log.lines().filter(|l| l.contains("outside the caller's token subtree")).collect();
+    assert_eq!(refused.len(), 4, "{log}");
+    assert!(refused.iter().all(|l| l.contains("\"deny\"")));
+}
