@@ -160,23 +160,57 @@ impl IntoResponse for AgentError {
 /// The agent's own audit log: what the agent decides alone (sessions it opens, requests it
 /// refuses, answers it replays from its outage cache, connections over a cap). Releases the
 /// server decides are in the server's log.
+///
+/// Refusals are recorded one by one up to [`REFUSALS_PER_SEC`] per uid (bursts of
+/// [`REFUSAL_BURST`]); past that, a uid's refusals are counted and one record says how many
+/// were not recorded singly, so a local user sending refused requests without end cannot fill
+/// the disk (and so stop the agent for everyone).
 #[derive(Debug, Clone, Default)]
-pub struct AgentLog(Option<Arc<keyward_audit::AuditLog>>);
+pub struct AgentLog(Option<Arc<keyward_audit::AuditLog>>, Arc<std::sync::Mutex<RefusalBudget>>);
+
+/// Refusal records per second, per uid, in the long run.
+pub const REFUSALS_PER_SEC: f64 = 20.0;
+/// Refusal records a uid may have in a burst.
+pub const REFUSAL_BURST: f64 = 200.0;
+
+/// Per uid: records it may still have now, when that was computed, refusals not recorded singly.
+#[derive(Debug, Default)]
+struct RefusalBudget(std::collections::HashMap<u32, (f64, std::time::Instant, u64)>);
+
+impl RefusalBudget {
+    /// Whether a refusal of `uid` is recorded singly now, and how many before it were not.
+    fn take(&mut self, uid: u32) -> (bool, u64) {
+        let now = std::time::Instant::now();
+        if self.0.len() > 65_536 {
+            self.0.retain(|_, (_, at, n)| *n > 0 || now.duration_since(*at).as_secs() < 60);
+        }
+        let (left, at, skipped) = self.0.entry(uid).or_insert((REFUSAL_BURST, now, 0));
+        *left = (*left + now.duration_since(*at).as_secs_f64() * REFUSALS_PER_SEC).min(REFUSAL_BURST);
+        *at = now;
+        if *left >= 1.0 {
+            *left -= 1.0;
+            (true, std::mem::take(skipped))
+        } else {
+            *skipped += 1;
+            (false, 0)
+        }
+    }
+}
 
 impl AgentLog {
     /// Record into `log`.
     pub fn new(log: Arc<keyward_audit::AuditLog>) -> Self {
-        Self(Some(log))
+        Self(Some(log), Arc::default())
     }
 
     /// Open (or continue) `DIR/audit.log`, chained under the key in `DIR/audit-key`.
     pub fn open(dir: &Path) -> Result<Self, keyward_audit::AuditError> {
-        Ok(Self(Some(Arc::new(keyward_audit::open_with_key_file(dir)?))))
+        Ok(Self::new(Arc::new(keyward_audit::open_with_key_file(dir)?)))
     }
 
     /// No log (tests and embedders that audit elsewhere).
     pub fn none() -> Self {
-        Self(None)
+        Self(None, Arc::default())
     }
 
     /// Write one record and wait until it is durable.
@@ -228,12 +262,27 @@ impl AgentLog {
         })
     }
 
-    /// Record a refusal (best effort: the refusal stands either way).
+    /// Record a refusal (best effort: the refusal stands either way), within the uid's budget.
     async fn refusal(&self, who: Who, path: &str, operation: &str, e: &AgentError) {
-        tracing::info!(who = who.0, path, reason = e.reason, message = %e.message, "Workload API request refused");
-        let _ = self
-            .record(who, path, operation, None, Some(false), e.reason.into(), e.status.as_u16(), Some(e.code))
-            .await;
+        tracing::debug!(who = who.0, path, reason = e.reason, message = %e.message, "Workload API request refused");
+        let uid = who.1.map_or(u32::MAX, |(_, uid)| uid);
+        let (single, skipped) = match self.1.lock() {
+            Ok(mut b) => b.take(uid),
+            Err(_) => (true, 0),
+        };
+        if skipped > 0 {
+            let reason = format!(
+                "refusals rate-limited: {skipped} refusals of uid {uid} were not recorded one by one (over \
+                 {REFUSALS_PER_SEC} per second)"
+            );
+            let _ =
+                self.record((format!("uid {uid}"), who.1), "-", "refusals", None, Some(false), reason, 0, None).await;
+        }
+        if single {
+            let _ = self
+                .record(who, path, operation, None, Some(false), e.reason.into(), e.status.as_u16(), Some(e.code))
+                .await;
+        }
     }
 }
 
@@ -390,8 +439,20 @@ async fn verify_child_inner(
     still_the_session(caller, &s)?;
     let launcher = s.process.0;
     let measurer = st.measurer.clone();
+    let peer = caller.peer.clone();
     let measured = tokio::task::spawn_blocking(move || {
-        let child = Pinned::from_pid(pid)?;
+        // The launcher names its child by its pid in its own pid namespace (a container's):
+        // find which of the launcher's children that is, as this agent sees it.
+        let own = peer.check()?;
+        let mut found = None;
+        for host_pid in own.children()? {
+            let Ok(c) = Pinned::from_pid(host_pid) else { continue };
+            if c.innermost_pid().is_ok_and(|p| p == pid) {
+                found = Some(c);
+                break;
+            }
+        }
+        let Some(child) = found else { return Ok(Err(0)) };
         // Only the launcher's own child, and before anything is read of it.
         let parent = child.parent_pid()?;
         if parent != launcher {
@@ -494,7 +555,7 @@ pub async fn serve(
         Arc::new(Shared::new(measurer, config.outage_window, upstream, kubelet, config.launchers.clone(), log.clone()));
     let mut listener = listener.with_limits(config.limits);
     // Connections refused at accept are recorded too.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u32, u32, &'static str)>();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u32, u32, &'static str)>(1024);
     listener.report_refusals_to(tx);
     let refusals = tokio::spawn(async move {
         while let Some((uid, pid, reason)) = rx.recv().await {
@@ -522,6 +583,18 @@ pub async fn serve(
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusal_records_are_rate_limited_per_uid() {
+        let mut b = RefusalBudget::default();
+        let burst = REFUSAL_BURST as usize;
+        assert!((0..burst).all(|_| b.take(7) == (true, 0)));
+        assert_eq!(b.take(7), (false, 0));
+        assert_eq!(b.take(7), (false, 0));
+        assert_eq!(b.take(8), (true, 0), "another uid has its own budget");
+        std::thread::sleep(std::time::Duration::from_millis(120));
+        assert_eq!(b.take(7), (true, 2), "the next record says how many were not recorded singly");
+    }
 
     #[test]
     fn bind_replaces_only_stale_sockets() {

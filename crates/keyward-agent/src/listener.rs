@@ -71,7 +71,7 @@ pub struct CredListener {
     pub(crate) inner: UnixListener,
     limits: ConnLimits,
     counts: Arc<Mutex<Counts>>,
-    refused: Option<tokio::sync::mpsc::UnboundedSender<(u32, u32, &'static str)>>,
+    refused: Option<tokio::sync::mpsc::Sender<(u32, u32, &'static str)>>,
 }
 
 impl CredListener {
@@ -86,7 +86,8 @@ impl CredListener {
     }
 
     /// Send (uid, pid, reason) of each refused connection here (the agent's audit log).
-    pub(crate) fn report_refusals_to(&mut self, tx: tokio::sync::mpsc::UnboundedSender<(u32, u32, &'static str)>) {
+    /// (A full channel drops the report: the records are rate-limited per uid anyway.)
+    pub(crate) fn report_refusals_to(&mut self, tx: tokio::sync::mpsc::Sender<(u32, u32, &'static str)>) {
         self.refused = Some(tx);
     }
 
@@ -136,7 +137,7 @@ impl axum::serve::Listener for CredListener {
                         Err(reason) => {
                             tracing::warn!(uid, pid, reason, "Workload API connection refused");
                             if let Some(tx) = &self.refused {
-                                let _ = tx.send((uid, pid, reason));
+                                let _ = tx.try_send((uid, pid, reason));
                             }
                             continue;
                         }

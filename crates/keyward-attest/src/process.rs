@@ -101,6 +101,13 @@ pub enum AttestError {
         "code the caller can write is mapped in it ({0}); only the measured executable and libraries it cannot write may run"
     )]
     ForeignCode(String),
+    /// The process runs in another user namespace than the agent, where it could name other
+    /// processes as the writers of its bytes.
+    #[error(
+        "the calling process runs in a user namespace of its own (unshare -U, a rootless container), where the \
+         writer of each byte cannot be trusted; it is not attested"
+    )]
+    UserNamespace,
     /// Bytes of the connection were written by another process than the one that connected
     /// (a passed or inherited socket).
     #[error(
@@ -125,6 +132,7 @@ impl AttestError {
             Self::Traced(_) => "process is traced",
             Self::ForeignCode(_) => "writable code mapped",
             Self::ForeignWriter => "written by another process",
+            Self::UserNamespace => "process in another user namespace",
         }
     }
 }
@@ -228,6 +236,39 @@ impl Pinned {
             .ok_or(AttestError::Malformed("status lacks PPid"))
     }
 
+    /// The pinned process's children, as pids in this (the agent's) pid namespace, from
+    /// `task/*/children` (each thread's children) read through the pinned directory.
+    pub fn children(&self) -> Result<Vec<u32>, AttestError> {
+        let task = openat(&self.dir, "task", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(io_err("opening /proc/PID/task"))?;
+        let mut out = Vec::new();
+        let dir = rustix::fs::Dir::read_from(&task).map_err(io_err("reading /proc/PID/task"))?;
+        for entry in dir {
+            let entry = entry.map_err(io_err("reading /proc/PID/task"))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.parse::<u32>().is_err() {
+                continue;
+            }
+            let text = read_text(&task, &format!("{name}/children"), "reading /proc/PID/task/TID/children")?;
+            out.extend(text.split_ascii_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// The process's pid in its own (innermost) pid namespace: the last `NSpid` of `status`.
+    /// Equal to [`Pinned::pid`] for a process in the agent's pid namespace.
+    pub fn innermost_pid(&self) -> Result<u32, AttestError> {
+        let status = read_text(&self.dir, "status", "reading /proc/PID/status")?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .and_then(|v| v.split_ascii_whitespace().last())
+            .and_then(|v| v.parse().ok())
+            .ok_or(AttestError::Malformed("status lacks NSpid"))
+    }
+
     /// Check, after measuring, that the pinned process is still the same live process.
     pub fn still_alive(&self) -> Result<(), AttestError> {
         ensure_running(&self.pidfd)?;
@@ -308,6 +349,14 @@ fn parse_starttime(stat: &str) -> Result<u64, AttestError> {
         .ok_or(AttestError::Malformed("stat has no start time"))
 }
 
+/// This process's user namespace (device and inode of `/proc/self/ns/user`), read once.
+fn own_user_namespace() -> Option<(u64, u64)> {
+    static OWN: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
+    *OWN.get_or_init(|| {
+        rustix::fs::statat(CWD, "/proc/self/ns/user", rustix::fs::AtFlags::empty()).ok().map(|s| (s.st_dev, s.st_ino))
+    })
+}
+
 /// The numbered fields of `stat` (1-based, as proc(5) counts them), after the last `)`.
 fn stat_fields(stat: &str) -> Result<Vec<&str>, AttestError> {
     let after = stat.rfind(')').map(|i| &stat[i + 1..]).ok_or(AttestError::Malformed("stat has no command"))?;
@@ -378,6 +427,8 @@ pub struct Stamp {
     layout: [u64; 10],
     creds: Creds,
     cgroup: String,
+    /// The user namespace (device and inode of `/proc/PID/ns/user`).
+    userns: (u64, u64),
 }
 
 impl Stamp {
@@ -390,7 +441,7 @@ impl Stamp {
         if self.exe != earlier.exe || self.layout != earlier.layout {
             return Err(AttestError::Exec);
         }
-        if self.creds != earlier.creds {
+        if self.creds != earlier.creds || self.userns != earlier.userns {
             return Err(AttestError::CredentialsChanged);
         }
         if self.cgroup != earlier.cgroup {
@@ -411,11 +462,18 @@ impl Stamp {
 
     /// Refuse a process whose real, effective, saved and filesystem ids are not all the same:
     /// a setuid or setgid program (it acts for the user who started it as much as for its
-    /// owner), or a process half-way through dropping privileges.
+    /// owner), or a process half-way through dropping privileges. Refuse a process in another
+    /// user namespace than the measurer's too: in a user namespace of its own (`unshare -U`,
+    /// rootless containers) a process holds `CAP_SYS_ADMIN` over the pid namespaces it makes,
+    /// and may then put any of their pids into `SCM_CREDENTIALS`, so the kernel's naming of the
+    /// writer of each byte could not be trusted.
     pub fn uniform_credentials(&self) -> Result<(), AttestError> {
         let c = &self.creds;
         if c.uids.iter().any(|u| *u != c.uids[0]) || c.gids.iter().any(|g| *g != c.gids[0]) {
             return Err(AttestError::MixedCredentials { uids: c.uids, gids: c.gids });
+        }
+        if Some(self.userns) != own_user_namespace() {
+            return Err(AttestError::UserNamespace);
         }
         Ok(())
     }
@@ -445,6 +503,9 @@ impl Pinned {
         let creds = parse_status(&read_text(&self.dir, "status", "reading /proc/PID/status")?)?;
         let (starttime, layout) = parse_layout(&read_text(&self.dir, "stat", "reading /proc/PID/stat")?)?;
         let cgroup = read_text(&self.dir, "cgroup", "reading /proc/PID/cgroup")?;
+        let ns = rustix::fs::statat(&self.dir, "ns/user", rustix::fs::AtFlags::empty())
+            .map_err(io_err("reading /proc/PID/ns/user"))?;
+        let userns = (ns.st_dev, ns.st_ino);
         if starttime != self.starttime {
             return Err(AttestError::Gone);
         }
@@ -452,7 +513,7 @@ impl Pinned {
             return Err(AttestError::Traced(creds.tracer));
         }
         ensure_running(&self.pidfd)?;
-        Ok((Stamp { starttime, exe, layout, creds, cgroup }, file))
+        Ok((Stamp { starttime, exe, layout, creds, cgroup, userns }, file))
     }
 }
 
@@ -773,7 +834,8 @@ mod tests {
 
     fn stamp(status: &str, layout: [u64; 10], cgroup: &str) -> Stamp {
         let exe = FileKey { dev: 1, ino: 2, size: 3, mtime: (4, 5), ctime: (6, 7) };
-        Stamp { starttime: 9, exe, layout, creds: parse_status(status).unwrap(), cgroup: cgroup.into() }
+        let userns = own_user_namespace().unwrap();
+        Stamp { starttime: 9, exe, layout, creds: parse_status(status).unwrap(), cgroup: cgroup.into(), userns }
     }
 
     #[test]

@@ -41,9 +41,13 @@ pub fn load_or_create(path: &Path) -> Result<SecretBytes, KeyFileError> {
     let io = |source| KeyFileError::Io { path: path.display().to_string(), source };
     match std::fs::File::open(path) {
         Ok(f) => {
-            let mode = f.metadata().map_err(io)?.permissions().mode();
+            let md = f.metadata().map_err(io)?;
+            let mode = md.permissions().mode();
             if mode & 0o077 != 0 {
                 return Err(KeyFileError::Exposed { path: path.display().to_string(), mode: mode & 0o777 });
+            }
+            if std::os::unix::fs::MetadataExt::uid(&md) != rustix::process::geteuid().as_raw() {
+                return Err(KeyFileError::Invalid(format!("{} (it belongs to another user)", path.display())));
             }
             read_key(f, path)
         }

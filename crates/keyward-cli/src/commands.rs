@@ -162,9 +162,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::KmsPlugin(a) => kms_plugin(&cli, a.clone()).await,
         Command::CsiProvider(a) => csi_provider(&cli, a.clone()).await,
         Command::Run(a) => {
-            // Not dumpable: another process of the same uid cannot ptrace the launcher and
-            // change what it execs after the agent accepted its claim.
-            keyward_attest::harden::harden_process(false)?;
+            // (Hardened in main, before anything else runs.)
             Ok(keyward_agent::launcher::run(keyward_agent::launcher::RunSpec {
                 agent_socket: a.agent_socket.clone(),
                 secrets: a.secrets.clone(),
@@ -901,6 +899,20 @@ async fn agent(cli: &Cli, a: AgentArgs) -> anyhow::Result<ExitCode> {
 
     let join = match (&a.join_token_file, &a.k8s_join_role) {
         (Some(f), _) => {
+            // A join token is a credential for the whole node until it is spent: whoever reads
+            // it first joins as the node.
+            use std::os::unix::fs::MetadataExt;
+            let md = std::fs::metadata(f).with_context(|| format!("reading the join token file {}", f.display()))?;
+            if md.mode() & 0o077 != 0 || md.uid() != rustix::process::geteuid().as_raw() {
+                bail!(
+                    "the join token file {} can be read by other users (mode {:o}, owner uid {}): whoever reads it first \
+                     joins as this node. Make a new join token and keep it in a file only this user can read \
+                     (umask 077; chmod 600)",
+                    f.display(),
+                    md.mode() & 0o777,
+                    md.uid()
+                );
+            }
             let token = zeroize::Zeroizing::new(
                 std::fs::read_to_string(f).with_context(|| format!("reading the join token file {}", f.display()))?,
             );

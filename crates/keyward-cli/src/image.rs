@@ -107,10 +107,7 @@ pub async fn run(cli: &Cli, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
 
 /// `keyward keyprovider`: one request on stdin (a `cmd` provider), or `serve` over gRPC.
 pub async fn keyprovider(cli: &Cli, a: &KeyproviderArgs) -> anyhow::Result<ExitCode> {
-    // It holds layer keys in memory: no core file, no ptrace by another process of its uid,
-    // memory not swapped (where the limits allow it).
-    let h = keyward_attest::harden::harden_process(false)?;
-    tracing::debug!(?h, "process hardened");
+    // (It holds layer keys in memory: hardened in main, before anything else runs.)
     let build = |p: &ProviderArgs| -> anyhow::Result<Provider> {
         // Wrapping needs the server; unwrapping only the agent. Build what can be built.
         let server =

@@ -27,6 +27,15 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
+    // Processes that hold secrets they did not measure themselves (the launcher, the key
+    // provider) are made not dumpable first thing: no core file, and no process of the same uid
+    // may ptrace them or write their memory from here on.
+    if matches!(cli.command, cli::Command::Run(_) | cli::Command::Keyprovider(_))
+        && let Err(e) = keyward_attest::harden::harden_process(false)
+    {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     if matches!(cli.command, cli::Command::Agent(cli::AgentArgs { command: None, .. })) {
         // Before any thread starts: cgroups must be read as the host sees them, or pods
         // cannot be placed under the kubelet's root.

@@ -241,6 +241,7 @@ fn fixture_with(dir: tempfile::TempDir, identity: &[String], agent_args: &[&str]
     let jt = json(&dev, &["node", "join-token", "node-a", "--ttl", "5m"]);
     let join_token_file = dir.path().join("join-token");
     std::fs::write(&join_token_file, jt["join_token"].as_str().unwrap()).unwrap();
+    std::fs::set_permissions(&join_token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let socket = dir.path().join("agent.sock");
     let audit_dir = dir.path().join("agent-audit");
     let mut args = vec![
@@ -310,6 +311,20 @@ fn secrets_are_released_to_the_measured_binary_only() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("403") || err.contains("no policy"), "{err}");
     assert!(!String::from_utf8_lossy(&out.stdout).contains("hunter2"));
+
+    // A join token file others could read is refused before anything is sent: whoever reads
+    // it first joins as the node.
+    let exposed = dir.path().join("exposed-join-token");
+    std::fs::write(&exposed, "kwt_whatever").unwrap();
+    std::fs::set_permissions(&exposed, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let out = Command::new(BIN)
+        .args(["agent", "--socket"])
+        .arg(dir.path().join("third.sock"))
+        .args(["--join-token-file", exposed.to_str().unwrap(), "--addr", &dev.addr])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("can be read by other users"), "{out:?}");
 
     // The join token is spent: a second agent cannot join with it.
     let second = Command::new(BIN)
@@ -958,6 +973,30 @@ fn write_then_exec_is_refused() {
     }
     assert!(log.lines().any(|l| l.contains("exec during request") && l.contains("\"deny\"")), "{log}");
     assert!(!log.contains("root-only") && !log.contains("python-only"));
+
+    // In a user namespace of its own, a process may name other processes of its pid namespace
+    // as the writer of its bytes (SCM_CREDENTIALS), so the per-read check cannot hold there:
+    // such a process is not attested at all.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "unshare", "-Urp", "--fork"])
+        .arg(&python)
+        .arg("-c")
+        .arg(
+            "import socket, sys\n\
+             s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n\
+             s.sendall(b'POST /v1/session HTTP/1.1\\r\\nHost: a\\r\\nContent-Length: 0\\r\\nConnection: close\\r\\n\\r\\n')\n\
+             print(s.makefile('rb').read().decode())",
+        )
+        .arg(&socket)
+        .env("PYTHONHOME", "/usr")
+        .output()
+        .expect("unshare (util-linux) is needed by this test");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("HTTP/1.1 403") && text.contains("process in another user namespace"),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A setuid-root program that is itself a client (a setuid copy of python asking for a
     // session) acts for two users: refused, whatever it runs.

@@ -194,6 +194,34 @@ fn other_programs_are_refused() {
     assert!(!out.status.success());
 }
 
+/// `keyward run` in a pid namespace of its own (as in a container): it names its child by the
+/// pid it has there, and the agent finds that child among the launcher's children.
+#[test]
+fn keyward_run_works_in_a_pid_namespace() {
+    assert!(is_root(), "this test makes a pid namespace, so it must run as root");
+    let dir = tempfile::tempdir().unwrap();
+    let dev = setup(dir.path());
+    let app = write_script(dir.path(), "inns.py", "import os; print(os.environ['X'], os.getpid())\n");
+    let policy = serde_json::json!({
+        "identities": [[format!("exec:uid:{}:sha256:{}", euid(), sha256_file(&app)), "node:name:dev"]],
+        "rules": [{"resources": ["secrets/app/*"], "operations": ["read"]}]
+    });
+    std::fs::write(dir.path().join("inns.json"), policy.to_string()).unwrap();
+    ok(&dev, &["policy", "put", "inns", dir.path().join("inns.json").to_str().unwrap()], b"");
+    let out = Command::new("unshare")
+        .args(["--pid", "--fork", BIN, "run", "--agent-socket"])
+        .arg(dev.agent_socket.as_ref().unwrap())
+        .args(["--secret", "X=app/db#user", "--", &app])
+        .env_remove("KEYWARD_TOKEN")
+        .output()
+        .expect("unshare (util-linux) is needed by this test");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (value, pid) = text.trim().split_once(' ').unwrap();
+    assert_eq!(value, "app");
+    assert!(pid.parse::<u32>().unwrap() < 10, "the program ran in the new pid namespace: {text}");
+}
+
 /// A program that finishes before the launcher can verify it was not an impostor: it ran the
 /// very file that was hashed. Its exit status is passed through.
 #[test]

@@ -123,7 +123,7 @@ async fn auto_unseal_at_start(sealing: &Arc<Sealing>) {
         let mut wait = Duration::from_secs(2);
         loop {
             tokio::time::sleep(wait).await;
-            if sealing.unsealed().is_some() {
+            if sealing.unsealed().is_some() || sealing.operator_sealed() {
                 return;
             }
             match sealing.auto_unseal().await {
@@ -269,6 +269,22 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         .mode(0o700)
         .create(&cfg.data_dir)
         .map_err(io(format!("creating data directory {}", cfg.data_dir.display())))?;
+    // The data directory holds the database (and in dev mode the root key and root token): one
+    // that someone else owns, or may write, could hand this server their key or take its token.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(&cfg.data_dir).map_err(io(format!("reading {}", cfg.data_dir.display())))?;
+        let me = rustix::process::geteuid().as_raw();
+        if md.uid() != me || md.mode() & 0o022 != 0 {
+            return Err(StartError::Config(format!(
+                "the data directory {} belongs to uid {} with mode {:o}: it must be this user's (uid {me}) and writable \
+                 by nobody else; use a directory of your own",
+                cfg.data_dir.display(),
+                md.uid(),
+                md.mode() & 0o7777
+            )));
+        }
+    }
 
     if tls_config.is_none() {
         tracing::warn!("plain HTTP on loopback (dev mode)");

@@ -34,7 +34,16 @@ impl Seal for InsecureFileSeal {
     fn load_or_create(&self) -> Result<(SecretBytes, bool), SealError> {
         match std::fs::File::open(&self.path) {
             Ok(mut f) => {
-                let mode = f.metadata()?.permissions().mode();
+                let md = f.metadata()?;
+                let mode = md.permissions().mode();
+                let me = rustix::process::geteuid().as_raw();
+                if std::os::unix::fs::MetadataExt::uid(&md) != me {
+                    return Err(SealError::Invalid(format!(
+                        "{} belongs to another user (uid {}): a key someone else made is not this server's",
+                        self.path.display(),
+                        std::os::unix::fs::MetadataExt::uid(&md)
+                    )));
+                }
                 if mode & 0o077 != 0 {
                     return Err(SealError::Invalid(format!(
                         "{} is readable by group or others (mode {:o}); run chmod 600 on it",

@@ -156,6 +156,9 @@ pub struct Sealing {
     audit: Option<AuditConfig>,
     current: RwLock<Option<Arc<Unsealed>>>,
     ceremony: Mutex<Ceremony>,
+    /// An operator sealed the server: nothing unseals it by itself (the HSM's start-up retries
+    /// stop) until an operator unseals it with shares, or the server restarts.
+    sealed_by_operator: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Sealing {
@@ -215,6 +218,7 @@ impl Sealing {
             audit,
             current: RwLock::new(None),
             ceremony: Mutex::new(Ceremony { unseal_key: None, collected: Vec::new(), rekey: None, roots: Vec::new() }),
+            sealed_by_operator: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -415,7 +419,7 @@ impl Sealing {
         let Some((cfg, _)) = self.config().await? else { return Ok(false) };
         let Some(wrapped) = cfg.hsm.clone().filter(|_| cfg.kind == SealKind::Pkcs11) else { return Ok(false) };
         let mut c = self.ceremony.lock().await;
-        if self.unsealed().is_some() {
+        if self.unsealed().is_some() || self.operator_sealed() {
             return Ok(false);
         }
         let unseal_key = self.on_hsm(move |h| wrapped.unwrap(h)).await.map_err(|e| match e {
@@ -512,6 +516,7 @@ impl Sealing {
             self.migrate(cfg, &raw, &unseal_key).await?;
         }
         self.finish_unseal(&mut c, unseal_key, roots).await?;
+        self.sealed_by_operator.store(false, std::sync::atomic::Ordering::SeqCst);
         tracing::info!("unsealed");
         Ok(Progress::Unsealed)
     }
@@ -525,11 +530,18 @@ impl Sealing {
             ));
         }
         let mut c = self.ceremony.lock().await;
+        // Under the ceremony lock, so an HSM unseal cannot slip in between.
+        self.sealed_by_operator.store(true, std::sync::atomic::Ordering::SeqCst);
         if !self.seal_locked(&mut c) {
             return Err(SealingError::WrongState("keyward is already sealed"));
         }
-        tracing::info!("sealed");
+        tracing::info!("sealed by an operator; nothing unseals it by itself until an operator unseals it");
         Ok(())
+    }
+
+    /// Whether an operator sealed the server (and no operator has unsealed it since).
+    pub fn operator_sealed(&self) -> bool {
+        self.sealed_by_operator.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Stop serving and forget the keys; false if already sealed.

@@ -514,3 +514,35 @@ async fn secrets_and_key_material_are_not_stored_in_the_clear() {
     assert!(!all.windows(marker.len()).any(|w| w == marker.as_bytes()), "secret value found in the database files");
     assert!(!all.windows(s.token.len()).any(|w| w == s.token.as_bytes()), "root token found in the database files");
 }
+
+/// Attack: another local user makes the data directory first (a dev server's quick start in a
+/// shared place such as /tmp) with a root key of their own in it, to read the root token the
+/// server would write there. The server refuses a data directory that is not its user's, or
+/// that others may write, and a root key file that someone else owns.
+#[tokio::test]
+async fn a_data_directory_or_key_of_another_user_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let theirs = dir.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let e = keyward_server::start(keyward_server::ServerConfig::dev("127.0.0.1:0".parse().unwrap(), theirs.clone()))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("writable by nobody else"), "{e}");
+    assert!(!theirs.join("root-token").exists() && !theirs.join("keyward.db").exists());
+
+    // A key file of another user in a directory of ours (as root, the test can make one).
+    if rustix::process::geteuid().is_root() {
+        let mine = dir.path().join("mine");
+        std::fs::create_dir(&mine).unwrap();
+        std::fs::set_permissions(&mine, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::write(mine.join("root-key.insecure"), [0u8; 32]).unwrap();
+        std::fs::set_permissions(mine.join("root-key.insecure"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        rustix::fs::chown(&mine.join("root-key.insecure"), Some(rustix::fs::Uid::from_raw(65534)), None).unwrap();
+        let e = keyward_server::start(keyward_server::ServerConfig::dev("127.0.0.1:0".parse().unwrap(), mine))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("belongs to another user"), "{e}");
+    }
+}
