@@ -250,6 +250,7 @@ impl AgentLog {
             error: error.map(str::to_string),
             context: None,
             client: client.map(|(pid, uid)| format!("unix:pid={pid},uid={uid}")),
+            chain: None,
         };
         log.append(rec).await.map_err(|e| {
             tracing::error!(error = %e, "the agent's audit record could not be written");

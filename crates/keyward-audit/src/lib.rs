@@ -115,6 +115,41 @@ pub struct AuditRecord {
     /// (`unix:pid=P,uid=U`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
+    /// Set on the first record of each file only, by the writer: `begins` (the chain's first
+    /// record) or `continues` (a file that carries the chain on after a rotation, or after the
+    /// previous file was moved away while the log was open). A log whose first record is not
+    /// one of these lost records from its start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chain: Option<&'static str>,
+}
+
+/// The `chain` value of a chain's first record.
+pub const CHAIN_BEGINS: &str = "begins";
+/// The `chain` value of the first record of a file that continues a chain.
+pub const CHAIN_CONTINUES: &str = "continues";
+
+/// The record that opens a file: `begins` the chain, or `continues` it for `why`.
+fn marker(continues: Option<String>) -> AuditRecord {
+    let (chain, reason) = match continues {
+        None => (CHAIN_BEGINS, "audit log begins".to_string()),
+        Some(why) => (CHAIN_CONTINUES, why),
+    };
+    AuditRecord {
+        time: now_rfc3339(),
+        request_id: "-".into(),
+        identity: "keyward".into(),
+        method: "-".into(),
+        path: "-".into(),
+        operation: Some("system".into()),
+        resource: None,
+        decision: "none",
+        reason: Some(reason),
+        status: 0,
+        error: None,
+        context: None,
+        client: None,
+        chain: Some(chain),
+    }
 }
 
 struct Job {
@@ -197,6 +232,14 @@ pub struct VerifyReport {
     pub last_seq: u64,
     /// MAC of the last record.
     pub last_hmac: String,
+    /// The files given begin by continuing a chain after this record (its earlier records are
+    /// in other files: rotated ones not given, or a file moved away while the log was open).
+    pub continues_after: Option<u64>,
+    /// What the first record says about where the chain was before it.
+    pub note: Option<String>,
+    /// Files within the given ones that continue the chain after a file was moved away or
+    /// rotated (each: where, and what its first record says).
+    pub gaps: Vec<String>,
 }
 
 /// Where and why verification failed.
@@ -211,8 +254,21 @@ pub struct VerifyError {
     pub reason: String,
 }
 
+/// What one verified line says about the chain.
+struct Line {
+    seq: u64,
+    mac: String,
+    prev: String,
+    chain: Option<String>,
+    reason: Option<String>,
+}
+
 /// Verify one line given the expected sequence number and previous MAC; returns its seq and MAC.
 fn verify_line(key: &[u8], line: &[u8], expect: Option<(u64, &str)>) -> Result<(u64, String), String> {
+    verify_line_full(key, line, expect).map(|l| (l.seq, l.mac))
+}
+
+fn verify_line_full(key: &[u8], line: &[u8], expect: Option<(u64, &str)>) -> Result<Line, String> {
     if line.len() < MAC_SUFFIX_LEN + 2 || !line.ends_with(b"\"}") {
         return Err("record is truncated or not a Keyward audit record".into());
     }
@@ -239,7 +295,13 @@ fn verify_line(key: &[u8], line: &[u8], expect: Option<(u64, &str)>) -> Result<(
             return Err("chain broken: prev does not match the previous record's MAC".into());
         }
     }
-    Ok((seq, mac.to_string()))
+    Ok(Line {
+        seq,
+        mac: mac.to_string(),
+        prev: prev.to_string(),
+        chain: v["chain"].as_str().map(str::to_string),
+        reason: v["reason"].as_str().map(str::to_string),
+    })
 }
 
 /// Verify audit files (any order; sorted by their first sequence number) with `key`. If `head`
@@ -260,7 +322,15 @@ pub fn verify_files(key: &[u8], files: &[PathBuf], head: Option<&Head>) -> Resul
     }
     ordered.sort();
     let mut expect: Option<(u64, String)> = None;
-    let mut report = VerifyReport { records: 0, first_seq: 0, last_seq: 0, last_hmac: ZERO_MAC.into() };
+    let mut report = VerifyReport {
+        records: 0,
+        first_seq: 0,
+        last_seq: 0,
+        last_hmac: ZERO_MAC.into(),
+        continues_after: None,
+        note: None,
+        gaps: Vec::new(),
+    };
     let mut saw_head = head.is_none_or(|h| h.seq == 0);
     for (_, f) in &ordered {
         let rd = BufReader::new(File::open(f).map_err(|e| err(f, 0, e.to_string()))?);
@@ -276,10 +346,34 @@ pub fn verify_files(key: &[u8], files: &[PathBuf], head: Option<&Head>) -> Resul
                 in_tail = true;
                 continue;
             }
-            let (seq, mac) =
-                verify_line(key, &line, expect.as_ref().map(|(s, m)| (*s, m.as_str()))).map_err(|r| err(f, n, r))?;
+            let l = verify_line_full(key, &line, expect.as_ref().map(|(s, m)| (*s, m.as_str())))
+                .map_err(|r| err(f, n, r))?;
+            let (seq, mac) = (l.seq, l.mac.clone());
             if expect.is_none() {
+                // The log must begin where a chain or a file begins: anything else lost its
+                // first records (the markers are MACed, so they cannot be made up).
+                let genesis = l.seq == 1 && l.prev == ZERO_MAC;
+                match l.chain.as_deref() {
+                    Some(CHAIN_CONTINUES) => {
+                        report.continues_after = Some(l.seq - 1);
+                        report.note = l.reason.clone();
+                    }
+                    Some(CHAIN_BEGINS) => {}
+                    _ if genesis => {}
+                    _ => {
+                        return Err(err(
+                            f,
+                            n,
+                            format!(
+                                "the log begins with record {seq}, which does not begin a chain or a file: the records \
+                                 before it were removed"
+                            ),
+                        ));
+                    }
+                }
                 report.first_seq = seq;
+            } else if l.chain.as_deref() == Some(CHAIN_CONTINUES) {
+                report.gaps.push(format!("record {seq}: {}", l.reason.clone().unwrap_or_default()));
             }
             if let Some(h) = head
                 && h.seq == seq
@@ -439,8 +533,17 @@ impl AuditLog {
         let key = Arc::new(key);
         // Continue the chain from the current file, or from the newest rotated file.
         let mut head = read_tail(key.expose(), &cfg.file)?;
-        if head.is_none() {
-            head = newest_rotated(&cfg.file).map(|p| read_tail(key.expose(), &p)).transpose()?.flatten();
+        let mut continues = None;
+        if head.is_some() {
+            // The whole current file must verify and begin where a chain or a file begins:
+            // records removed from its start, middle or end, or reordered, refuse to continue it.
+            verify_files(key.expose(), std::slice::from_ref(&cfg.file), None)
+                .map_err(|e| AuditError::DamagedTail { path: cfg.file.display().to_string(), reason: e.to_string() })?;
+        } else if let Some(p) = newest_rotated(&cfg.file) {
+            head = read_tail(key.expose(), &p)?;
+            if let Some(h) = &head {
+                continues = Some(format!("continues the chain after record {} of {}", h.seq, p.display()));
+            }
         }
         let fresh = head.is_none();
         let head = Arc::new(Mutex::new(head.unwrap_or(Head { seq: 0, hmac: ZERO_MAC.into() })));
@@ -457,6 +560,7 @@ impl AuditLog {
             file: Some(file),
             healthy: healthy.clone(),
             stats: stats.clone(),
+            continues,
         };
         let thread = std::thread::Builder::new()
             .name("keyward-audit".into())
@@ -496,6 +600,7 @@ impl AuditLog {
             error: None,
             context: None,
             client: None,
+            chain: None,
         })
         .await
     }
@@ -645,6 +750,8 @@ struct Writer {
     file: Option<LogFile>,
     healthy: Arc<AtomicBool>,
     stats: Arc<AuditStats>,
+    /// Why the next new file continues the chain (the first record of an empty file says so).
+    continues: Option<String>,
 }
 
 impl Writer {
@@ -687,21 +794,31 @@ impl Writer {
             let h = self.head.lock().map_err(|_| AuditError::Unavailable("head lock poisoned".into()))?;
             (h.seq, h.hmac.clone())
         };
-        let mut buf = Vec::with_capacity(batch.len() * 400);
-        for j in batch {
-            seq += 1;
-            let (line, mac) = chain_line(&self.mac_key, &j.record, seq, &prev, self.server.as_deref())?;
-            buf.extend_from_slice(&line);
-            prev = mac;
-        }
         // If the file was moved or replaced (external rotation, operator action), reopen the path.
         if let Some(f) = &self.file
             && FileId::of_path(&self.cfg.file).ok() != Some(f.id)
         {
             self.file = None;
+            self.continues = Some(format!(
+                "continues the chain after record {seq}: the previous file was moved away or replaced while the log \
+                 was open"
+            ));
         }
         if self.file.is_none() {
             self.file = Some(LogFile::open(&self.cfg.file).map_err(unavailable)?);
+        }
+        let mut buf = Vec::with_capacity((batch.len() + 1) * 400);
+        // A new file opens with a record that says what it is: the chain's beginning, or where
+        // the chain was before it.
+        let opening = match &self.file {
+            Some(f) if f.pos == 0 => Some(marker(if seq == 0 { None } else { self.continues.clone() })),
+            _ => None,
+        };
+        for record in opening.iter().chain(batch.iter().map(|j| &j.record)) {
+            seq += 1;
+            let (line, mac) = chain_line(&self.mac_key, record, seq, &prev, self.server.as_deref())?;
+            buf.extend_from_slice(&line);
+            prev = mac;
         }
         let file = self.file.as_mut().ok_or_else(|| AuditError::Unavailable("no audit file".into()))?;
         let started = std::time::Instant::now();
@@ -710,6 +827,9 @@ impl Writer {
         self.stats.write_micros.fetch_add(micros, Ordering::Relaxed);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats.records.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        if opening.is_some() {
+            self.continues = None;
+        }
         let written = file.pos;
         if let Ok(mut h) = self.head.lock() {
             *h = Head { seq, hmac: prev };
@@ -733,7 +853,11 @@ impl Writer {
         }
         let target = PathBuf::from(format!("{}.{}", self.cfg.file.display(), last_seq));
         match std::fs::rename(&self.cfg.file, &target) {
-            Ok(()) => tracing::info!(file = %target.display(), "audit log rotated"),
+            Ok(()) => {
+                tracing::info!(file = %target.display(), "audit log rotated");
+                self.continues =
+                    Some(format!("continues the chain after record {last_seq} of {} (rotated)", target.display()));
+            }
             Err(e) => tracing::warn!(error = %e, "audit log rotation failed; continuing in the same file"),
         }
     }
@@ -758,6 +882,7 @@ mod tests {
             error: None,
             context: None,
             client: None,
+            chain: None,
         }
     }
 
@@ -794,9 +919,10 @@ mod tests {
         let (log, file) = write_log(dir.path(), 6, u64::MAX);
         let key = [5u8; 32];
         let head = log.head();
-        assert_eq!(head.seq, 6);
+        assert_eq!(head.seq, 7, "the file opens with its marker, then the 6 records");
         let r = verify_files(&key, std::slice::from_ref(&file), Some(&head)).unwrap();
-        assert_eq!((r.records, r.first_seq, r.last_seq), (6, 1, 6));
+        assert_eq!((r.records, r.first_seq, r.last_seq), (7, 1, 7));
+        assert_eq!(r.continues_after, None);
         assert!(verify_files(&[6u8; 32], std::slice::from_ref(&file), None).is_err(), "wrong key");
 
         let orig = lines(&file);
@@ -815,6 +941,13 @@ mod tests {
         let mut reordered = orig.clone();
         reordered.swap(1, 2);
         check(reordered, 2);
+        // Records removed from the start: the first one left does not begin a chain or a file.
+        for cut in [1, 3] {
+            let p = dir.path().join("headless.log");
+            std::fs::write(&p, orig[cut..].join("\n") + "\n").unwrap();
+            let e = verify_files(&key, &[p], Some(&head)).unwrap_err();
+            assert!(e.reason.contains("does not begin a chain"), "{e}");
+        }
         let truncated = orig[..4].to_vec();
         let p = dir.path().join("truncated.log");
         std::fs::write(&p, truncated.join("\n") + "\n").unwrap();
@@ -834,15 +967,50 @@ mod tests {
         drop(log);
         let (log, _) = write_log(dir.path(), 10, 1500);
         let head = log.head();
-        assert_eq!(head.seq, 13, "chain continued after reopen");
         let files = log_files(&file);
         assert!(files.len() > 2, "rotated by size: {files:?}");
+        // One marker for the chain's start, one opening each file after a rotation.
+        assert_eq!(head.seq, 13 + files.len() as u64, "chain continued after reopen");
         let r = verify_files(&[5; 32], &files, Some(&head)).unwrap();
-        assert_eq!((r.records, r.first_seq, r.last_seq), (13, 1, 13));
+        assert_eq!((r.records, r.first_seq, r.last_seq), (head.seq, 1, head.seq));
+        assert_eq!(r.gaps.len(), files.len() - 1, "{r:?}");
         // Dropping a whole rotated file in the middle is detected.
         let mut missing = files.clone();
         missing.remove(1);
         assert!(verify_files(&[5; 32], &missing, Some(&head)).is_err());
+        // The newest files alone verify, and say where they continue from.
+        let newest = files[files.len() - 1..].to_vec();
+        let r = verify_files(&[5; 32], &newest, Some(&head)).unwrap();
+        assert!(r.continues_after.is_some() && r.note.as_deref().unwrap().contains("rotated"), "{r:?}");
+    }
+
+    #[test]
+    fn a_file_moved_away_while_open_leaves_a_marked_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, file) = write_log(dir.path(), 4, u64::MAX);
+        std::fs::rename(&file, dir.path().join("hidden.log")).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(log.append(rec(9))).unwrap();
+        let head = log.head();
+        // The new file alone: it says it continues after record 5, and that the file before it
+        // was moved away.
+        let r = verify_files(&[5; 32], std::slice::from_ref(&file), Some(&head)).unwrap();
+        assert_eq!(r.continues_after, Some(5));
+        assert!(r.note.as_deref().unwrap().contains("moved away"), "{r:?}");
+        // With the moved file: one chain, with the gap named.
+        let r = verify_files(&[5; 32], &[dir.path().join("hidden.log"), file.clone()], Some(&head)).unwrap();
+        assert_eq!((r.first_seq, r.continues_after, r.gaps.len()), (1, None, 1));
+        drop(log);
+        // A file whose first records are cut is refused at the next open.
+        let keep: Vec<String> = lines(&dir.path().join("hidden.log"))[2..].to_vec();
+        std::fs::remove_file(&file).unwrap();
+        std::fs::write(&file, keep.join("\n") + "\n").unwrap();
+        let e = AuditLog::open(
+            AuditConfig { file: file.clone(), stdout: false, max_file_bytes: u64::MAX, server: None },
+            SecretBytes::copy_from(&[5; 32]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("does not begin a chain"), "{e}");
     }
 
     #[test]

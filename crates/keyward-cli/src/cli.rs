@@ -895,8 +895,12 @@ pub enum AuditCmd {
         /// `audit info` shows it), or the raw `audit-key` file a node agent, KMS plugin or CSI
         /// provider keeps beside its log (then the log beside it is the default file). Without
         /// the server, truncation of the tail cannot be detected.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "local_store")]
         key_file: Option<PathBuf>,
+        /// Verify a KMS plugin's local-mode log: the chain key is read from its store in this
+        /// data directory (the default file is DIR/audit.log).
+        #[arg(long, value_name = "DIR")]
+        local_store: Option<PathBuf>,
     },
 }
 

@@ -292,7 +292,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Secret(s) => secret(&cli, s).await,
         Command::Bench(b) => bench(&cli, b).await,
-        Command::Audit(AuditCmd::Verify { files, key_file }) => audit_verify(&cli, files, key_file.as_deref()).await,
+        Command::Audit(AuditCmd::Verify { files, key_file, local_store }) => {
+            audit_verify(&cli, files, key_file.as_deref(), local_store.as_deref()).await
+        }
         Command::Audit(AuditCmd::Info) => {
             let mut v = client(&cli)?.request(keyward_client::Method::GET, "/v1/sys/audit", None).await?;
             // The chain key is for `audit verify`; it is not printed.
@@ -1153,35 +1155,44 @@ async fn audit_verify(
     cli: &Cli,
     files: &[std::path::PathBuf],
     key_file: Option<&std::path::Path>,
+    local_store: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
-    let (key, head, server_file) = match key_file {
-        Some(p) => {
-            // The base64 key `GET /v1/sys/audit` gives, or the raw 32-byte `audit-key` the node
-            // agent, the KMS plugin and the CSI provider keep beside their logs.
-            let bytes = zeroize::Zeroizing::new(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?);
-            let text = std::str::from_utf8(&bytes).ok().map(str::trim).unwrap_or_default();
-            let key = match STANDARD.decode(text) {
-                Ok(k) if k.len() == 32 => k,
-                _ if bytes.len() == 32 => bytes.to_vec(),
-                _ => bail!("{} must hold a 32-byte audit key (raw, or in base64)", p.display()),
-            };
-            // Without files named: the log beside the key.
-            let beside = p.parent().map(|d| d.join("audit.log")).filter(|f| f.exists());
-            (key, None, beside)
+    let (key, head, server_file) = match (key_file, local_store) {
+        (None, Some(dir)) => {
+            let key = keyward_kms_plugin::kek::Local::audit_key(dir).await?;
+            (key.expose().to_vec(), None, Some(dir.join("audit.log")))
         }
-        None => {
-            let v = client(cli)?.request(keyward_client::Method::GET, "/v1/sys/audit", None).await?;
-            if v["enabled"] != json!(true) {
-                bail!("the server runs without an audit log");
+        (k, _) => match k {
+            Some(p) => {
+                // The base64 key `GET /v1/sys/audit` gives, or the raw 32-byte `audit-key` the node
+                // agent, the KMS plugin and the CSI provider keep beside their logs.
+                let bytes =
+                    zeroize::Zeroizing::new(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?);
+                let text = std::str::from_utf8(&bytes).ok().map(str::trim).unwrap_or_default();
+                let key = match STANDARD.decode(text) {
+                    Ok(k) if k.len() == 32 => k,
+                    _ if bytes.len() == 32 => bytes.to_vec(),
+                    _ => bail!("{} must hold a 32-byte audit key (raw, or in base64)", p.display()),
+                };
+                // Without files named: the log beside the key.
+                let beside = p.parent().map(|d| d.join("audit.log")).filter(|f| f.exists());
+                (key, None, beside)
             }
-            let key =
-                STANDARD.decode(v["key"].as_str().unwrap_or_default()).map_err(|_| anyhow!("bad key in response"))?;
-            let head = keyward_server::audit::Head {
-                seq: v["head"]["seq"].as_u64().unwrap_or(0),
-                hmac: v["head"]["hmac"].as_str().unwrap_or_default().to_string(),
-            };
-            (key, Some(head), v["file"].as_str().map(std::path::PathBuf::from))
-        }
+            None => {
+                let v = client(cli)?.request(keyward_client::Method::GET, "/v1/sys/audit", None).await?;
+                if v["enabled"] != json!(true) {
+                    bail!("the server runs without an audit log");
+                }
+                let key = STANDARD
+                    .decode(v["key"].as_str().unwrap_or_default())
+                    .map_err(|_| anyhow!("bad key in response"))?;
+                let head = keyward_server::audit::Head {
+                    seq: v["head"]["seq"].as_u64().unwrap_or(0),
+                    hmac: v["head"]["hmac"].as_str().unwrap_or_default().to_string(),
+                };
+                (key, Some(head), v["file"].as_str().map(std::path::PathBuf::from))
+            }
+        },
     };
     let files: Vec<std::path::PathBuf> = if files.is_empty() {
         let f = server_file.ok_or_else(|| anyhow!("name the audit files to verify"))?;
@@ -1191,16 +1202,31 @@ async fn audit_verify(
     };
     match keyward_server::audit::verify_files(&key, &files, head.as_ref()) {
         Ok(r) => {
-            let v = json!({"ok": true, "records": r.records, "first_seq": r.first_seq, "last_seq": r.last_seq, "files": files});
+            let v = json!({
+                "ok": true, "records": r.records, "first_seq": r.first_seq, "last_seq": r.last_seq, "files": files,
+                "continues_after": r.continues_after, "note": r.note, "gaps": r.gaps,
+            });
             match cli.output {
                 Output::Json => print_value(cli.output, &v)?,
-                Output::Table => println!(
-                    "ok: {} records intact (seq {}..{}) in {} file(s)",
-                    r.records,
-                    r.first_seq,
-                    r.last_seq,
-                    files.len()
-                ),
+                Output::Table => {
+                    println!(
+                        "ok: {} records intact (seq {}..{}) in {} file(s)",
+                        r.records,
+                        r.first_seq,
+                        r.last_seq,
+                        files.len()
+                    );
+                    if let Some(after) = r.continues_after {
+                        println!(
+                            "note: these files continue the chain after record {after}; the records up to it are in \
+                             other files ({})",
+                            r.note.as_deref().unwrap_or("not given")
+                        );
+                    }
+                    for g in &r.gaps {
+                        println!("note: a file begins at {g}");
+                    }
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

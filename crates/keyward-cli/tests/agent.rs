@@ -1103,4 +1103,9 @@ fn one_user_cannot_starve_the_agent() {
     let refused =
         log.lines().filter(|l| l.contains("connection limit per uid reached") && l.contains("uid 65534")).count();
     assert_eq!(refused, 48, "each refused connection is audited");
+    // The agent's own log verifies with the key file beside it (docs/audit.md).
+    drop(agent);
+    let out = Command::new(BIN).args(["audit", "verify", "--key-file"]).arg(audit.join("audit-key")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: "), "{out:?}");
 }

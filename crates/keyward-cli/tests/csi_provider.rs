@@ -154,4 +154,13 @@ fn python_driver_client_mounts_secrets_as_the_pod() {
     let r = py(dir.path(), &["mount", &p("other.json")]);
     assert_eq!(r["grpc_error"], "PERMISSION_DENIED", "{r}");
     assert!(r["message"].as_str().unwrap().contains("not bound to this role"), "{r}");
+
+    // The provider's own log verifies with the key file beside it (docs/audit.md).
+    let out = Command::new(BIN)
+        .args(["audit", "verify", "--key-file"])
+        .arg(dir.path().join("csi-state/audit-key"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: "), "{out:?}");
 }

@@ -139,6 +139,10 @@ fn a_process_of_another_uid_cannot_decrypt() {
         .collect();
     assert_eq!(denied.len(), 2, "{denied:?}");
     assert!(denied.iter().all(|r| r["identity"].as_str().unwrap().starts_with("unix:uid:65534 ")));
+    // The local store's log verifies with the chain key from that store (docs/audit.md).
+    let out = Command::new(BIN).args(["audit", "verify", "--local-store"]).arg(&data).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: "), "{out:?}");
 }
 
 /// A gRPC client written out by hand (HTTP/2 frames, HPACK literals that never touch the

@@ -379,6 +379,7 @@ impl Provider {
             error,
             context: None,
             client,
+            chain: None,
         };
         self.audit.append(record).await.map_err(|e| {
             tracing::error!(error = %e, "audit write failed; refusing the mount");

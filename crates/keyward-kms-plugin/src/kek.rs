@@ -168,6 +168,16 @@ impl Local {
         Ok((Self { kms, key: key.to_string() }, audit))
     }
 
+    /// The chain key of the local store's audit log in `dir` (to verify it while the plugin
+    /// runs: this opens the store read-only as far as the log goes and writes nothing to it).
+    pub async fn audit_key(dir: &Path) -> Result<keyward_crypto::SecretBytes, KekError> {
+        if !dir.join(DB_FILE).exists() {
+            return Err(KekError::Refused(format!("{} holds no local KMS plugin store", dir.display())));
+        }
+        let unsealed = open_sealed(dir, false).await?;
+        Ok(keyward_crypto::SecretBytes::copy_from(unsealed.kms.audit_key().expose()))
+    }
+
     /// Rotate `key` in the local store in `dir`, from another process than the running plugin
     /// (which reports the new `key_id` at its next status check). Returns the new version.
     pub async fn rotate(dir: &Path, key: &str) -> Result<KeyRef, KekError> {

@@ -260,6 +260,7 @@ impl Plugin {
             error,
             context: None,
             client: Some(format!("unix:pid={},uid={}", caller.pid, caller.uid)),
+            chain: None,
         };
         self.audit.append(record).await.map_err(|e| {
             tracing::error!(error = %e, "audit write failed; refusing the call");

@@ -124,6 +124,7 @@ impl AuditCtx {
             error: error.map(str::to_string),
             context: f.context,
             client: f.client,
+            chain: None,
         }
     }
 }

@@ -33,8 +33,9 @@ async fn every_request_is_audited_without_secrets_and_the_chain_verifies() {
     assert!(!text.contains("kwt_forged"), "presented token in audit log");
     assert!(!text.contains("/v1/health"), "health checks are not audited");
     let recs: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(recs[0]["operation"], "system", "server start is recorded");
-    let recs = recs[1..].to_vec();
+    assert_eq!(recs[0]["chain"], "begins", "the log opens with the chain's first record");
+    assert_eq!(recs[1]["operation"], "system", "server start is recorded");
+    let recs = recs[2..].to_vec();
     assert_eq!(recs.len(), 5, "create, encrypt, put, denied list, failed decrypt");
     let denied = recs.iter().find(|r| r["request_id"].as_str() == rid_denied.as_deref()).unwrap();
     assert_eq!(denied["status"], 401);
@@ -58,9 +59,9 @@ async fn every_request_is_audited_without_secrets_and_the_chain_verifies() {
         seq: info["head"]["seq"].as_u64().unwrap(),
         hmac: info["head"]["hmac"].as_str().unwrap().to_string(),
     };
-    assert_eq!(head.seq, 6);
+    assert_eq!(head.seq, 7);
     let r = keyward_server::audit::verify_files(&key, std::slice::from_ref(&file), Some(&head)).unwrap();
-    assert_eq!(r.last_seq, 7, "the sys/audit request was recorded too");
+    assert_eq!(r.last_seq, 8, "the sys/audit request was recorded too");
 }
 
 #[tokio::test]
@@ -128,9 +129,58 @@ async fn records_removed_from_the_end_while_stopped_are_found_at_start() {
     std::fs::rename(&file, s.dir.path().join("data/damaged-audit.log")).unwrap();
     let s = TestServer::start_in(s.dir).await;
     let fresh = common::audit_records(&file);
-    let first: Vec<serde_json::Value> = fresh.lines().take(2).map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(first[0]["seq"], 1);
-    let said = first[1]["reason"].as_str().unwrap();
+    let first: Vec<serde_json::Value> = fresh.lines().take(3).map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!((first[0]["seq"].as_u64(), first[0]["chain"].as_str()), (Some(1), Some("begins")));
+    let said = first[2]["reason"].as_str().unwrap();
     assert!(said.contains(&format!("reached record {}", lines.len())), "{said}");
     s.client().describe_key("k0").await.unwrap();
+}
+
+/// Every cut of the audit log, on a real file with real server restarts: records removed from
+/// the start or the middle, or reordered, make the next start refuse to continue the log (the
+/// whole current file is verified at unseal); a file moved away while the server runs leaves a
+/// new file whose first record says where the chain was, and verification reports the gap.
+#[tokio::test]
+async fn every_cut_of_the_audit_log_is_found() {
+    let mut s = TestServer::start().await;
+    let c = s.client();
+    for i in 0..5 {
+        c.create_key(&format!("k{i}"), "aes256-gcm", "", None).await.unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await; // anchored
+    s.running.take().unwrap().shutdown().await.unwrap();
+    let file = s.dir.path().join("data/audit.log");
+    let original = common::audit_records(&file);
+    let lines: Vec<&str> = original.lines().collect();
+    assert!(lines.len() >= 7, "{original}");
+    let cuts: Vec<(&str, Vec<&str>, &str)> = vec![
+        ("start", lines[2..].to_vec(), "does not begin a chain"),
+        ("middle", [&lines[..3], &lines[4..]].concat(), "deleted or reordered"),
+        ("reorder", [&lines[..3], &[lines[4], lines[3]], &lines[5..]].concat(), "deleted or reordered"),
+    ];
+    for (what, kept, says) in cuts {
+        std::fs::write(&file, kept.join("\n") + "\n").unwrap();
+        let e = start(common::dev_config(s.dir.path())).await.unwrap_err().to_string();
+        assert!(e.contains(says), "{what}: {e}");
+    }
+    std::fs::write(&file, &original).unwrap();
+
+    // Moved away while the server runs: the next record opens a new file that says so.
+    let s = TestServer::start_in(s.dir).await;
+    let c = s.client();
+    c.create_key("before-move", "aes256-gcm", "", None).await.unwrap();
+    let moved = s.dir.path().join("data/moved.log");
+    std::fs::rename(&file, &moved).unwrap();
+    c.create_key("after-move", "aes256-gcm", "", None).await.unwrap();
+    let info = c.request(keyward_client::Method::GET, "/v1/sys/audit", None).await.unwrap();
+    let key = base64::engine::general_purpose::STANDARD.decode(info["key"].as_str().unwrap()).unwrap();
+    let head = keyward_server::audit::Head {
+        seq: info["head"]["seq"].as_u64().unwrap(),
+        hmac: info["head"]["hmac"].as_str().unwrap().to_string(),
+    };
+    let alone = keyward_server::audit::verify_files(&key, std::slice::from_ref(&file), Some(&head)).unwrap();
+    assert!(alone.continues_after.is_some(), "{alone:?}");
+    assert!(alone.note.as_deref().unwrap().contains("moved away"), "{alone:?}");
+    let both = keyward_server::audit::verify_files(&key, &[moved, file.clone()], Some(&head)).unwrap();
+    assert_eq!((both.continues_after, both.gaps.len()), (None, 1), "{both:?}");
 }
