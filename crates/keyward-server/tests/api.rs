@@ -539,7 +539,7 @@ async fn a_data_directory_or_key_of_another_user_is_refused() {
         std::fs::set_permissions(&mine, std::fs::Permissions::from_mode(0o700)).unwrap();
         std::fs::write(mine.join("root-key.insecure"), [0u8; 32]).unwrap();
         std::fs::set_permissions(mine.join("root-key.insecure"), std::fs::Permissions::from_mode(0o600)).unwrap();
-        rustix::fs::chown(&mine.join("root-key.insecure"), Some(rustix::fs::Uid::from_raw(65534)), None).unwrap();
+        rustix::fs::chown(mine.join("root-key.insecure"), Some(rustix::fs::Uid::from_raw(65534)), None).unwrap();
         let e = keyward_server::start(keyward_server::ServerConfig::dev("127.0.0.1:0".parse().unwrap(), mine))
             .await
             .unwrap_err();
