@@ -307,6 +307,18 @@ fn verify_line_full(key: &[u8], line: &[u8], expect: Option<(u64, &str)>) -> Res
 /// Verify audit files (any order; sorted by their first sequence number) with `key`. If `head`
 /// is given, the log must contain that record (detects truncation of the tail).
 pub fn verify_files(key: &[u8], files: &[PathBuf], head: Option<&Head>) -> Result<VerifyReport, VerifyError> {
+    verify_after(key, files, head, None)
+}
+
+/// [`verify_files`], where the first file may also begin with the record that follows `after`
+/// (the tail of the file rotated before it, already verified): files rotated by versions that
+/// wrote no marker at the start of each file.
+fn verify_after(
+    key: &[u8],
+    files: &[PathBuf],
+    head: Option<&Head>,
+    after: Option<&Head>,
+) -> Result<VerifyReport, VerifyError> {
     let err = |file: &Path, line: u64, reason: String| VerifyError { file: file.display().to_string(), line, reason };
     let mut ordered = Vec::new();
     for f in files {
@@ -353,13 +365,14 @@ pub fn verify_files(key: &[u8], files: &[PathBuf], head: Option<&Head>) -> Resul
                 // The log must begin where a chain or a file begins: anything else lost its
                 // first records (the markers are MACed, so they cannot be made up).
                 let genesis = l.seq == 1 && l.prev == ZERO_MAC;
+                let follows = after.is_some_and(|a| l.seq == a.seq + 1 && l.prev == a.hmac);
                 match l.chain.as_deref() {
                     Some(CHAIN_CONTINUES) => {
                         report.continues_after = Some(l.seq - 1);
                         report.note = l.reason.clone();
                     }
                     Some(CHAIN_BEGINS) => {}
-                    _ if genesis => {}
+                    _ if genesis || follows => {}
                     _ => {
                         return Err(err(
                             f,
@@ -535,9 +548,15 @@ impl AuditLog {
         let mut head = read_tail(key.expose(), &cfg.file)?;
         let mut continues = None;
         if head.is_some() {
-            // The whole current file must verify and begin where a chain or a file begins:
-            // records removed from its start, middle or end, or reordered, refuse to continue it.
-            verify_files(key.expose(), std::slice::from_ref(&cfg.file), None)
+            // The whole current file must verify and begin where a chain or a file begins (or,
+            // for a file rotated by an older version, right after the rotated file's last
+            // record): records removed from its start, middle or end, or reordered, refuse to
+            // continue it.
+            let before = match newest_rotated(&cfg.file) {
+                Some(p) => read_tail(key.expose(), &p)?,
+                None => None,
+            };
+            verify_after(key.expose(), std::slice::from_ref(&cfg.file), None, before.as_ref())
                 .map_err(|e| AuditError::DamagedTail { path: cfg.file.display().to_string(), reason: e.to_string() })?;
         } else if let Some(p) = newest_rotated(&cfg.file) {
             head = read_tail(key.expose(), &p)?;
@@ -1011,6 +1030,38 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("does not begin a chain"), "{e}");
+    }
+
+    #[test]
+    fn a_file_rotated_without_a_marker_opens_only_if_it_follows_the_rotated_one() {
+        // Versions before the markers rotated without one: the new file began with the record
+        // after the rotated file's last. Such a log still opens, and a cut still refuses it.
+        let dir = tempfile::tempdir().unwrap();
+        let (log, file) = write_log(dir.path(), 6, u64::MAX);
+        let head = log.head();
+        drop(log);
+        let all = lines(&file);
+        let open = || {
+            AuditLog::open(
+                AuditConfig { file: file.clone(), stdout: false, max_file_bytes: u64::MAX, server: None },
+                SecretBytes::copy_from(&[5; 32]),
+            )
+        };
+        let rotated = dir.path().join("audit.log.1");
+        std::fs::write(&rotated, all[..3].join("\n") + "\n").unwrap();
+        std::fs::write(&file, all[3..].join("\n") + "\n").unwrap();
+        let log = open().unwrap();
+        assert_eq!(log.head(), head, "continues the legacy chain");
+        drop(log);
+        let r = verify_files(&[5; 32], &log_files(&file), None).unwrap();
+        assert_eq!((r.first_seq, r.last_seq), (1, head.seq));
+        // Its first record removed: refused.
+        std::fs::write(&file, all[4..].join("\n") + "\n").unwrap();
+        assert!(open().unwrap_err().to_string().contains("does not begin a chain"));
+        // The rotated file removed: nothing vouches for where it begins.
+        std::fs::write(&file, all[3..].join("\n") + "\n").unwrap();
+        std::fs::remove_file(&rotated).unwrap();
+        assert!(open().unwrap_err().to_string().contains("does not begin a chain"));
     }
 
     #[test]
