@@ -344,7 +344,16 @@ async fn whoami(
     ConnectInfo(caller): ConnectInfo<Caller>,
 ) -> Result<Response, AgentError> {
     match st.attest(&caller, false).await {
-        Ok(a) => Ok(Json(json!({"pid": a.pid, "selectors": a.selectors})).into_response()),
+        Ok(a) => {
+            // What a policy sees: the measurement, and the node the server adds to each release.
+            let mut selectors = a.selectors;
+            let node = st.upstream.as_ref().map(|u| u.node().to_string());
+            if let Some(n) = &node {
+                selectors.push(format!("{}{n}", keyward_core::release::NODE_SELECTOR));
+                selectors.sort();
+            }
+            Ok(Json(json!({"pid": a.pid, "selectors": selectors, "node": node})).into_response())
+        }
         Err(e) => {
             st.log.refusal(who(&caller), "/v1/whoami", "whoami", &e).await;
             Err(e)

@@ -137,6 +137,25 @@ pub(crate) fn require_launcher(s: &Session) -> Result<(), AgentError> {
     })
 }
 
+/// A refusal from the server, with what the caller was measured as: the selectors a policy
+/// would have to name (the server's audit record, by its request id, has the decision).
+fn explain_refusal(body: &[u8], selectors: &[String], node: &str) -> Vec<u8> {
+    let Ok(mut v) = serde_json::from_slice::<Value>(body) else { return body.to_vec() };
+    let mut all: Vec<String> = selectors.to_vec();
+    all.push(format!("{}{node}", keyward_core::release::NODE_SELECTOR));
+    all.sort();
+    if let Some(m) = v["error"]["message"].as_str() {
+        let rid = v["error"]["request_id"].as_str().unwrap_or("-");
+        v["error"]["message"] = Value::String(format!(
+            "{m}; this process was measured as [{}] (`keyward workload whoami` shows them; the server's audit \
+             record {rid} has the decision)",
+            all.join(" ")
+        ));
+        v["error"]["selectors"] = json!(all);
+    }
+    serde_json::to_vec(&v).unwrap_or_else(|_| body.to_vec())
+}
+
 /// `POST` route relaying one operation.
 pub(crate) fn route(op: Op) -> axum::routing::MethodRouter<Arc<Shared>> {
     axum::routing::post(
@@ -216,6 +235,7 @@ async fn relay(
             if cacheable && (200..300).contains(&status) {
                 st.outage.put(cache_key, &bytes, st.outage_window);
             }
+            let bytes = if status == 403 { explain_refusal(&bytes, &selectors, up.node()) } else { bytes };
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
             Ok((status, [json], bytes).into_response())
         }

@@ -74,7 +74,8 @@ pub enum Command {
     /// Manage keys.
     #[command(subcommand)]
     Key(KeyCmd),
-    /// Encrypt stdin under a key; writes the ciphertext to stdout.
+    /// Encrypt stdin under a key; writes the ciphertext to stdout (with -o json: the ciphertext
+    /// in base64, the key and its version).
     Encrypt {
         /// Key name.
         #[arg(long)]
@@ -85,7 +86,8 @@ pub enum Command {
         #[arg(long)]
         base64: bool,
     },
-    /// Decrypt a ciphertext from stdin; writes the plaintext to stdout.
+    /// Decrypt a ciphertext from stdin; writes the plaintext to stdout (with -o json: the
+    /// plaintext in base64, the key and version it was made with).
     Decrypt {
         #[command(flatten)]
         ctx: ContextArgs,
@@ -93,7 +95,8 @@ pub enum Command {
         #[arg(long)]
         base64: bool,
     },
-    /// Re-encrypt a ciphertext from stdin (to the newest version, or to another key).
+    /// Re-encrypt a ciphertext from stdin (to the newest version, or to another key); says on
+    /// stderr which key versions it went from and to (with -o json, on stdout).
     Reencrypt {
         #[command(flatten)]
         ctx: ContextArgs,
@@ -108,7 +111,9 @@ pub enum Command {
         base64: bool,
     },
     /// Generate a data key for envelope encryption.
-    Datakey {
+    #[command(visible_alias = "datakey")]
+    GenerateDataKey {
+        /// Key name.
         #[arg(long)]
         key: String,
         #[command(flatten)]
@@ -120,18 +125,34 @@ pub enum Command {
         #[arg(long)]
         without_plaintext: bool,
     },
-    /// Sign stdin; prints the signature (base64).
+    /// Sign stdin; prints the signature (base64). Input over 64 KiB (or with --digest) is
+    /// hashed here and its SHA-256 digest signed (ecdsa-p256 keys): the signature is still one
+    /// of the whole input.
     Sign {
+        /// Key name.
         #[arg(long)]
         key: String,
+        /// Sign the SHA-256 digest of stdin even if it is small.
+        #[arg(long)]
+        digest: bool,
+        /// Write the signature to this file instead of stdout.
+        #[arg(long)]
+        signature_file: Option<PathBuf>,
     },
-    /// Verify a signature over stdin.
+    /// Verify a signature over stdin (exit status 3 if it does not verify).
     Verify {
+        /// Key name.
         #[arg(long)]
         key: String,
         /// Signature (base64) as printed by `keyward sign`.
+        #[arg(long, required_unless_present = "signature_file", conflicts_with = "signature_file")]
+        signature: Option<String>,
+        /// Read the signature from this file (as written by `keyward sign --signature-file`).
         #[arg(long)]
-        signature: String,
+        signature_file: Option<PathBuf>,
+        /// Verify against the SHA-256 digest of stdin even if it is small.
+        #[arg(long)]
+        digest: bool,
     },
     /// Compute an HMAC over stdin; prints the MAC (base64).
     Mac {
@@ -140,6 +161,7 @@ pub enum Command {
     },
     /// Verify a MAC over stdin.
     VerifyMac {
+        /// Key name.
         #[arg(long)]
         key: String,
         /// MAC (base64) as printed by `keyward mac`.
@@ -192,12 +214,21 @@ pub enum NodeCmd {
         #[arg(long)]
         ttl: Option<String>,
     },
+    /// List nodes: each node's live agent tokens and unspent join tokens.
+    List,
+    /// Revoke a node: its agent is refused from its next request on, and its unspent join
+    /// tokens stop working. An agent that joins with a ServiceAccount joins again unless its
+    /// `join` grant on agents/NODE is removed too.
+    Revoke {
+        /// Node name.
+        node: String,
+    },
 }
 
 #[derive(Args, Debug)]
 pub struct WorkloadArgs {
     /// The agent's Workload API socket.
-    #[arg(long, env = "KEYWARD_AGENT_SOCKET", default_value = keyward_agent::DEFAULT_SOCKET)]
+    #[arg(long, global = true, env = "KEYWARD_AGENT_SOCKET", default_value = keyward_agent::DEFAULT_SOCKET)]
     pub agent_socket: PathBuf,
     #[command(subcommand)]
     pub command: WorkloadCmd,
@@ -226,7 +257,8 @@ pub enum WorkloadCmd {
         key: String,
     },
     /// Generate a data key under KEY; prints its plaintext and ciphertext in base64.
-    DataKey {
+    #[command(visible_alias = "data-key")]
+    GenerateDataKey {
         /// Key name.
         key: String,
         #[command(flatten)]
@@ -538,9 +570,10 @@ pub struct KmsPluginArgs {
 pub enum AgentCmd {
     /// The selectors the agent at --socket measures for this process.
     Whoami,
-    /// Fetch a secret released to this process (for scripts); prints its fields, or one field's
-    /// value with --field.
-    FetchSecret {
+    /// Read a secret released to this process (for scripts); prints its fields, or one field's
+    /// value with --field (the same as `keyward workload secret`).
+    #[command(visible_alias = "fetch-secret")]
+    Secret {
         /// Secret path.
         path: String,
         /// Version (default: latest).
@@ -558,7 +591,13 @@ pub struct AgentArgs {
     pub command: Option<AgentCmd>,
     /// Unix socket of the Workload API (created mode 0666: callers are authorized by
     /// measurement, not by file mode).
-    #[arg(long, global = true, env = "KEYWARD_AGENT_SOCKET", default_value = keyward_agent::DEFAULT_SOCKET)]
+    #[arg(
+        long,
+        visible_alias = "agent-socket",
+        global = true,
+        env = "KEYWARD_AGENT_SOCKET",
+        default_value = keyward_agent::DEFAULT_SOCKET
+    )]
     pub socket: PathBuf,
     /// Largest executable hashed for `unix:sha256` selectors, in bytes; larger ones get none.
     #[arg(long, default_value_t = 512 * 1024 * 1024)]
@@ -767,6 +806,7 @@ pub enum KeyCmd {
         after: Option<String>,
     },
     /// Show a key and its versions.
+    #[command(visible_alias = "get")]
     Show { name: String },
     /// Add a new version (older versions keep decrypting).
     Rotate { name: String },
@@ -808,6 +848,7 @@ pub enum SecretCmd {
         cas: Option<u32>,
     },
     /// Read a secret.
+    #[command(visible_alias = "show")]
     Get {
         path: String,
         #[arg(long)]
@@ -873,8 +914,8 @@ pub struct BenchArgs {
     /// The node agent's socket, for `--op workload-secret` (attested release of a secret).
     #[arg(long, env = "KEYWARD_AGENT_SOCKET")]
     pub agent_socket: Option<PathBuf>,
-    /// Print the report as JSON.
-    #[arg(long)]
+    /// Print the report as JSON (the same as `-o json`; kept for scripts).
+    #[arg(long, hide = true)]
     pub json: bool,
     /// (encrypt, secret-put) Give every operation a unique payload, remember what was
     /// acknowledged, and read it all back after the run: reports lost writes and wrong answers.
@@ -914,6 +955,7 @@ pub enum PolicyCmd {
     /// List policy names.
     List,
     /// Show a policy.
+    #[command(visible_alias = "get")]
     Show { name: String },
     /// Delete a policy.
     Delete { name: String },
@@ -947,14 +989,19 @@ pub enum TokenCmd {
         /// Renewals never extend the token beyond this long after creation, e.g. 24h.
         #[arg(long)]
         max_ttl: Option<String>,
+        /// The token stops working after this many requests.
         #[arg(long)]
         max_uses: Option<u32>,
+        /// A name shown in audit records and `token list`.
         #[arg(long)]
         display_name: Option<String>,
         /// No parent: not revoked with its creator (root only).
         #[arg(long)]
         orphan: bool,
     },
+    /// List tokens by accessor (never the tokens): your own and those created from them, or
+    /// every token with `admin` on auth/token.
+    List,
     /// Look a token up by accessor.
     Lookup { accessor: String },
     /// Renew a token by accessor (or your own with no accessor).

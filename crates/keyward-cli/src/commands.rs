@@ -11,6 +11,7 @@ use keyward_client::Client;
 use serde_json::{Value, json};
 
 use crate::cli::*;
+use crate::output::outln;
 
 const STDIN_LIMIT: u64 = 1024 * 1024;
 
@@ -46,6 +47,36 @@ fn read_stdin() -> anyhow::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// The largest message the server signs as such; larger input is signed by its digest.
+const MAX_SIGNED_MESSAGE: usize = 64 * 1024;
+
+enum Signable {
+    Message(Vec<u8>),
+    Digest([u8; 32]),
+}
+
+/// Stdin as a message to sign, or (above the server's message limit, or with `digest`) its
+/// SHA-256, hashed as it streams in: any size.
+fn read_signable(digest: bool) -> anyhow::Result<Signable> {
+    let mut stdin = std::io::stdin().lock();
+    let mut head = Vec::new();
+    (&mut stdin).take(MAX_SIGNED_MESSAGE as u64 + 1).read_to_end(&mut head).context("reading stdin")?;
+    if !digest && head.len() <= MAX_SIGNED_MESSAGE {
+        return Ok(Signable::Message(head));
+    }
+    let mut h = keyward_crypto::hash::Sha256Stream::default();
+    h.update(&head);
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = stdin.read(&mut buf).context("reading stdin")?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(Signable::Digest(h.finish()))
+}
+
 fn ctx_map(c: &[(String, String)]) -> BTreeMap<String, String> {
     c.iter().cloned().collect()
 }
@@ -69,8 +100,8 @@ pub(crate) fn print_json_or_table(output: Output, v: &Value) -> anyhow::Result<(
 
 fn print_value(output: Output, v: &Value) -> anyhow::Result<()> {
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(v)?),
-        Output::Table => print_table(v, ""),
+        Output::Json => outln!("{}", serde_json::to_string_pretty(v)?),
+        Output::Table => print_table(v, "")?,
     }
     Ok(())
 }
@@ -79,59 +110,99 @@ fn scalar(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
+        Value::Array(items) if items.iter().all(|i| !i.is_object() && !i.is_array()) => {
+            items.iter().map(scalar).collect::<Vec<_>>().join(", ")
+        }
+        // A list of lists (a policy's identity sets): each set, then the next.
+        Value::Array(items) if items.iter().all(Value::is_array) => {
+            items.iter().map(scalar).collect::<Vec<_>>().join(" | ")
+        }
         other => other.to_string(),
     }
 }
 
-/// Print an object as aligned `key: value` lines; arrays of objects as tables.
-fn print_table(v: &Value, indent: &str) {
+fn is_plain(v: &Value) -> bool {
     match v {
-        Value::Object(m) => {
-            let width = m.keys().map(String::len).max().unwrap_or(0);
-            for (k, val) in m {
-                match val {
-                    Value::Array(items) if items.iter().all(Value::is_object) && !items.is_empty() => {
-                        println!("{indent}{k}:");
-                        print_rows(items, &format!("{indent}  "));
-                    }
-                    Value::Object(_) => {
-                        println!("{indent}{k}:");
-                        print_table(val, &format!("{indent}  "));
-                    }
-                    Value::Array(items) => {
-                        println!("{indent}{k:width$}  {}", items.iter().map(scalar).collect::<Vec<_>>().join(", "));
-                    }
-                    _ => println!("{indent}{k:width$}  {}", scalar(val)),
-                }
-            }
-        }
-        Value::Array(items) => print_rows(items, indent),
-        other => println!("{indent}{}", scalar(other)),
+        Value::Object(_) => false,
+        Value::Array(a) => !a.iter().any(Value::is_object),
+        _ => true,
     }
 }
 
-fn print_rows(items: &[Value], indent: &str) {
+/// Print an object as aligned `key: value` lines; arrays of objects as tables. An object that
+/// is only a list (`{"policies": [...]}`) prints its items: one per line, or as a table.
+fn print_table(v: &Value, indent: &str) -> anyhow::Result<()> {
+    match v {
+        Value::Object(m) if m.len() == 1 && m.values().all(Value::is_array) => {
+            let items = m.values().flat_map(|x| x.as_array().into_iter().flatten()).cloned().collect::<Vec<_>>();
+            if items.iter().all(is_plain) {
+                for item in &items {
+                    outln!("{indent}{}", scalar(item));
+                }
+            } else {
+                print_rows(&items, indent)?;
+            }
+        }
+        Value::Object(m) => {
+            let width = m.iter().filter(|(_, v)| is_plain(v)).map(|(k, _)| k.len()).max().unwrap_or(0);
+            for (k, val) in m {
+                match val {
+                    Value::Array(items) if items.is_empty() => outln!("{indent}{k:width$}  -"),
+                    Value::Array(items) if items.iter().all(|i| i.is_array()) => {
+                        outln!("{indent}{k}:");
+                        for i in items {
+                            outln!("{indent}  {}", scalar(i));
+                        }
+                    }
+                    Value::Array(items) if !is_plain(val) => {
+                        outln!("{indent}{k}:");
+                        print_rows(items, &format!("{indent}  "))?;
+                    }
+                    Value::Object(_) => {
+                        outln!("{indent}{k}:");
+                        print_table(val, &format!("{indent}  "))?;
+                    }
+                    _ => outln!("{indent}{k:width$}  {}", scalar(val)),
+                }
+            }
+        }
+        Value::Array(items) => print_rows(items, indent)?,
+        other => outln!("{indent}{}", scalar(other)),
+    }
+    Ok(())
+}
+
+/// Rows of objects under upper-case column names; lists inside a cell are joined.
+fn print_rows(items: &[Value], indent: &str) -> anyhow::Result<()> {
     let mut cols: Vec<String> = Vec::new();
     for it in items {
         if let Value::Object(m) = it {
             for (k, v) in m {
-                if !v.is_object() && !v.is_array() && !cols.contains(k) {
+                if !v.is_object() && !cols.contains(k) {
                     cols.push(k.clone());
                 }
             }
         }
     }
+    if cols.is_empty() {
+        for it in items {
+            outln!("{indent}{}", scalar(it));
+        }
+        return Ok(());
+    }
     let rows: Vec<Vec<String>> = items.iter().map(|it| cols.iter().map(|c| scalar(&it[c])).collect()).collect();
     let widths: Vec<usize> =
         cols.iter().enumerate().map(|(i, c)| rows.iter().map(|r| r[i].len()).max().unwrap_or(0).max(c.len())).collect();
-    let line = |cells: Vec<String>| {
+    let line = |cells: Vec<String>| -> anyhow::Result<()> {
         let parts: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:w$}", w = widths[i])).collect();
-        println!("{indent}{}", parts.join("  ").trim_end());
+        outln!("{indent}{}", parts.join("  ").trim_end());
+        Ok(())
     };
-    line(cols.iter().map(|c| c.to_uppercase()).collect());
+    line(cols.iter().map(|c| c.to_uppercase()).collect())?;
     for r in rows {
-        line(r);
+        line(r)?;
     }
+    Ok(())
 }
 
 /// Run the parsed command.
@@ -142,7 +213,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Agent(AgentArgs { command: Some(c), socket, .. }) => {
             let cmd = match c {
                 AgentCmd::Whoami => WorkloadCmd::Whoami,
-                AgentCmd::FetchSecret { path, version, field } => {
+                AgentCmd::Secret { path, version, field } => {
                     WorkloadCmd::Secret { path: path.clone(), version: *version, field: field.clone() }
                 }
             };
@@ -184,11 +255,34 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print_value(cli.output, &v)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Node(NodeCmd::List) => {
+            let v = client(&cli)?.request(keyward_client::Method::GET, "/v1/agents", None).await?;
+            print_value(cli.output, &v)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Node(NodeCmd::Revoke { node }) => {
+            let v = client(&cli)?
+                .request(keyward_client::Method::POST, &format!("/v1/agents/{node}/revoke"), Some(&json!({})))
+                .await?;
+            print_value(cli.output, &v)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Workload(w) => workload(cli.output, w).await,
         Command::Image(c) => crate::image::run(&cli, c).await,
         Command::Keyprovider(a) => crate::image::keyprovider(&cli, a).await,
         Command::Status => {
-            print_value(cli.output, &client(&cli)?.health().await?)?;
+            let v = client(&cli)?.health().await?;
+            print_value(cli.output, &v)?;
+            if cli.output == Output::Table {
+                match v["status"].as_str() {
+                    Some("uninitialized") => eprintln!("Not initialized: run `keyward operator init` once."),
+                    Some("sealed") => eprintln!(
+                        "Sealed: run `keyward operator unseal` with {} share(s) ({} given so far).",
+                        v["threshold"], v["progress"]
+                    ),
+                    _ => {}
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Operator(o) => operator(&cli, o).await,
@@ -196,8 +290,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Encrypt { key, ctx, base64 } => {
             let pt = zeroize::Zeroizing::new(read_stdin()?);
             let e = client(&cli)?.encrypt(key, &pt, &ctx_map(&ctx.context)).await?;
-            if *base64 {
-                println!("{}", STANDARD.encode(&e.ciphertext));
+            if cli.output == Output::Json {
+                let v =
+                    json!({"ciphertext": STANDARD.encode(&e.ciphertext), "key": e.key, "key_version": e.key_version});
+                print_value(cli.output, &v)?;
+            } else if *base64 {
+                outln!("{}", STANDARD.encode(&e.ciphertext));
             } else {
                 write_out(&e.ciphertext)?;
             }
@@ -207,8 +305,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let input = read_stdin()?;
             let ct = if *base64 { decode_b64_input(&input)? } else { input };
             let d = client(&cli)?.decrypt(&ct, &ctx_map(&ctx.context)).await?;
-            if *base64 {
-                println!("{}", STANDARD.encode(&*d.plaintext));
+            if cli.output == Output::Json {
+                // Written directly: a JSON value would hold a copy of the plaintext nobody wipes.
+                let b64 = zeroize::Zeroizing::new(STANDARD.encode(&*d.plaintext));
+                outln!(
+                    "{{\n  \"plaintext\": \"{}\",\n  \"key\": {},\n  \"key_version\": {}\n}}",
+                    &*b64,
+                    serde_json::to_string(&d.key)?,
+                    d.key_version
+                );
+            } else if *base64 {
+                outln!("{}", STANDARD.encode(&*d.plaintext));
             } else {
                 write_out(&d.plaintext)?;
             }
@@ -219,14 +326,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let ct = if *base64 { decode_b64_input(&input)? } else { input };
             let e =
                 client(&cli)?.reencrypt(&ct, &ctx_map(&ctx.context), to_key.as_deref(), &ctx_map(to_context)).await?;
+            if cli.output == Output::Json {
+                let v = json!({
+                    "ciphertext": STANDARD.encode(&e.ciphertext), "key": e.key, "key_version": e.key_version,
+                    "source_key": e.source_key, "source_key_version": e.source_key_version,
+                });
+                return print_value(cli.output, &v).map(|()| ExitCode::SUCCESS);
+            }
+            eprintln!(
+                "Re-encrypted from {} version {} to {} version {}.",
+                e.source_key, e.source_key_version, e.key, e.key_version
+            );
             if *base64 {
-                println!("{}", STANDARD.encode(&e.ciphertext));
+                outln!("{}", STANDARD.encode(&e.ciphertext));
             } else {
                 write_out(&e.ciphertext)?;
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Datakey { key, ctx, bytes, without_plaintext } => {
+        Command::GenerateDataKey { key, ctx, bytes, without_plaintext } => {
             let dk = client(&cli)?.generate_data_key(key, &ctx_map(&ctx.context), *bytes, !without_plaintext).await?;
             let mut v =
                 json!({"key": key, "key_version": dk.key_version, "ciphertext": STANDARD.encode(&dk.ciphertext)});
@@ -236,26 +354,40 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print_value(cli.output, &v)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sign { key } => {
-            let msg = read_stdin()?;
-            let v = client(&cli)?
-                .request(
-                    reqwest_post(),
-                    &format!("/v1/keys/{key}/sign"),
-                    Some(&json!({"message": STANDARD.encode(&msg)})),
-                )
-                .await?;
-            single_or_value(cli.output, &v, "signature")
+        Command::Sign { key, digest, signature_file } => {
+            let body = match read_signable(*digest)? {
+                Signable::Message(m) => json!({"message": STANDARD.encode(&m)}),
+                Signable::Digest(d) => json!({"digest": STANDARD.encode(d)}),
+            };
+            let v = client(&cli)?.request(reqwest_post(), &format!("/v1/keys/{key}/sign"), Some(&body)).await?;
+            match signature_file {
+                Some(f) => {
+                    let sig =
+                        v["signature"].as_str().ok_or_else(|| anyhow!("the server answered without a signature"))?;
+                    std::fs::write(f, format!("{sig}\n")).with_context(|| format!("writing {}", f.display()))?;
+                    if cli.output == Output::Json {
+                        print_value(cli.output, &v)?;
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => single_or_value(cli.output, &v, "signature"),
+            }
         }
-        Command::Verify { key, signature } => {
-            let msg = read_stdin()?;
-            let v = client(&cli)?
-                .request(
-                    reqwest_post(),
-                    &format!("/v1/keys/{key}/verify"),
-                    Some(&json!({"message": STANDARD.encode(&msg), "signature": signature.trim()})),
-                )
-                .await?;
+        Command::Verify { key, signature, signature_file, digest } => {
+            let signature = match (signature, signature_file) {
+                (Some(s), _) => s.trim().to_string(),
+                (None, Some(f)) => std::fs::read_to_string(f)
+                    .with_context(|| format!("reading the signature file {}", f.display()))?
+                    .trim()
+                    .to_string(),
+                (None, None) => bail!("give --signature or --signature-file"),
+            };
+            let mut body = match read_signable(*digest)? {
+                Signable::Message(m) => json!({"message": STANDARD.encode(&m)}),
+                Signable::Digest(d) => json!({"digest": STANDARD.encode(d)}),
+            };
+            body["signature"] = json!(signature);
+            let v = client(&cli)?.request(reqwest_post(), &format!("/v1/keys/{key}/verify"), Some(&body)).await?;
             validity(cli.output, &v)
         }
         Command::Mac { key } => {
@@ -284,8 +416,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let v = client(&cli)?.request(reqwest_post(), "/v1/random", Some(&json!({"bytes": bytes}))).await?;
             let raw = STANDARD.decode(v["bytes"].as_str().unwrap_or_default()).map_err(|_| anyhow!("bad response"))?;
             match encoding {
-                Encoding::Base64 => println!("{}", STANDARD.encode(&raw)),
-                Encoding::Hex => println!("{}", hex_encode(&raw)),
+                Encoding::Base64 => outln!("{}", STANDARD.encode(&raw)),
+                Encoding::Hex => outln!("{}", hex_encode(&raw)),
                 Encoding::Raw => write_out(&raw)?,
             }
             Ok(ExitCode::SUCCESS)
@@ -386,7 +518,7 @@ fn reqwest_post() -> keyward_client::Method {
 fn single_or_value(output: Output, v: &Value, field: &str) -> anyhow::Result<ExitCode> {
     match output {
         Output::Json => print_value(output, v)?,
-        Output::Table => println!("{}", v[field].as_str().unwrap_or_default()),
+        Output::Table => outln!("{}", v[field].as_str().unwrap_or_default()),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -395,7 +527,7 @@ fn validity(output: Output, v: &Value) -> anyhow::Result<ExitCode> {
     let valid = v["valid"].as_bool().unwrap_or(false);
     match output {
         Output::Json => print_value(output, v)?,
-        Output::Table => println!("{}", if valid { "valid" } else { "INVALID" }),
+        Output::Table => outln!("{}", if valid { "valid" } else { "INVALID" }),
     }
     Ok(if valid { ExitCode::SUCCESS } else { ExitCode::from(3) })
 }
@@ -425,9 +557,9 @@ async fn key(cli: &Cli, k: &KeyCmd) -> anyhow::Result<ExitCode> {
                     .iter()
                     .map(|k| Value::Object(cols.iter().map(|c| (c.to_string(), k[*c].clone())).collect()))
                     .collect();
-                print_rows(&rows, "");
+                print_rows(&rows, "")?;
                 if let Some(n) = v["next"].as_str() {
-                    println!("(more: --after {n})");
+                    outln!("(more: --after {n})");
                 }
                 return Ok(ExitCode::SUCCESS);
             }
@@ -437,7 +569,11 @@ async fn key(cli: &Cli, k: &KeyCmd) -> anyhow::Result<ExitCode> {
         KeyCmd::Rotate { name } => c.key_action(name, "rotate").await?,
         KeyCmd::Enable { name } => c.key_action(name, "enable").await?,
         KeyCmd::Disable { name } => c.key_action(name, "disable").await?,
-        KeyCmd::CancelDelete { name } => c.key_action(name, "cancel-deletion").await?,
+        KeyCmd::CancelDelete { name } => {
+            let v = c.key_action(name, "cancel-deletion").await?;
+            eprintln!("Deletion cancelled. The key is disabled: `keyward key enable {name}` to use it again.");
+            v
+        }
         KeyCmd::Delete { name, pending_days } => c.schedule_deletion(name, *pending_days).await?,
         KeyCmd::RotationPolicy { name, rotate_every, off } => {
             if rotate_every.is_none() && !off {
@@ -473,7 +609,11 @@ async fn secret(cli: &Cli, s: &SecretCmd) -> anyhow::Result<ExitCode> {
         SecretCmd::Put { path, fields, from_file, cas } => {
             let data: BTreeMap<String, String> = match from_file {
                 Some(f) => {
-                    let raw = if f.as_os_str() == "-" { read_stdin()? } else { std::fs::read(f)? };
+                    let raw = if f.as_os_str() == "-" {
+                        read_stdin()?
+                    } else {
+                        std::fs::read(f).with_context(|| format!("reading {}", f.display()))?
+                    };
                     serde_json::from_slice(&raw).context("--from-file must hold a JSON object of string values")?
                 }
                 None => {
@@ -498,8 +638,8 @@ async fn secret(cli: &Cli, s: &SecretCmd) -> anyhow::Result<ExitCode> {
             if let Some(f) = field {
                 let val = v["data"][f].as_str().ok_or_else(|| anyhow!("secret {path} has no field {f:?}"))?;
                 match cli.output {
-                    Output::Json => println!("{}", serde_json::to_string(val)?),
-                    Output::Table => println!("{val}"),
+                    Output::Json => outln!("{}", serde_json::to_string(val)?),
+                    Output::Table => outln!("{val}"),
                 }
                 return Ok(ExitCode::SUCCESS);
             }
@@ -516,7 +656,7 @@ async fn secret(cli: &Cli, s: &SecretCmd) -> anyhow::Result<ExitCode> {
             let v = c.request(keyward_client::Method::GET, &format!("/v1/secrets?{}", q.join("&")), None).await?;
             if cli.output == Output::Table {
                 for p in v["paths"].as_array().map(Vec::as_slice).unwrap_or_default() {
-                    println!("{}", p.as_str().unwrap_or_default());
+                    outln!("{}", p.as_str().unwrap_or_default());
                 }
                 return Ok(ExitCode::SUCCESS);
             }
@@ -587,9 +727,9 @@ async fn bench(cli: &Cli, b: &BenchArgs) -> anyhow::Result<ExitCode> {
     };
     let report = keyward_bench::run(client(cli)?, cfg).await?;
     if b.json || cli.output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("{report}");
+        outln!("{report}");
     }
     if report.wrong > 0 {
         eprintln!("FAILED: {} acknowledged operations were lost or answered wrongly", report.wrong);
@@ -615,15 +755,18 @@ fn read_share(prompt: &str) -> anyhow::Result<zeroize::Zeroizing<String>> {
     Ok(trimmed)
 }
 
-fn print_shares(output: Output, v: &Value, root_token: Option<&str>) -> anyhow::Result<()> {
+/// Print new shares once. `recovery`: the server unseals itself (HSM), so they are recovery
+/// shares, for when the HSM cannot and to move to another seal.
+fn print_shares(output: Output, v: &Value, root_token: Option<&str>, recovery: bool) -> anyhow::Result<()> {
     if output == Output::Json {
         return print_value(output, v);
     }
+    let label = if recovery { "Recovery share" } else { "Unseal share" };
     for (i, s) in v["shares"].as_array().into_iter().flatten().enumerate() {
-        println!("Unseal share {}: {}", i + 1, s.as_str().unwrap_or(""));
+        outln!("{label} {}: {}", i + 1, s.as_str().unwrap_or(""));
     }
     if let Some(t) = root_token {
-        println!("Root token: {t}");
+        outln!("Root token: {t}");
     }
     eprintln!(
         "These are shown once. Give each share to a different operator; any threshold of them unseals the server."
@@ -640,7 +783,7 @@ async fn operator(cli: &Cli, o: &OperatorCmd) -> anyhow::Result<ExitCode> {
     match o {
         OperatorCmd::Init { shares, threshold } => {
             let v = c.request(POST, "/v1/sys/init", Some(&json!({"shares": shares, "threshold": threshold}))).await?;
-            print_shares(cli.output, &v, v["root_token"].as_str())?;
+            print_shares(cli.output, &v, v["root_token"].as_str(), v["sealed"] == false)?;
             if v["sealed"] == false {
                 eprintln!(
                     "The server unsealed itself with its HSM ({}). The shares are recovery shares: {threshold} of \
@@ -659,16 +802,16 @@ async fn operator(cli: &Cli, o: &OperatorCmd) -> anyhow::Result<ExitCode> {
             if cli.output == Output::Json {
                 print_value(cli.output, &v)?;
             } else if v["complete"] == true && *migrate {
-                println!("Unsealed; the seal was migrated to this server's seal.");
+                outln!("Unsealed; the seal was migrated to this server's seal.");
             } else if v["complete"] == true {
-                println!("Unsealed.");
+                outln!("Unsealed.");
             } else {
-                println!("Unseal progress: {}/{}", v["progress"], v["threshold"]);
+                outln!("Unseal progress: {}/{}", v["progress"], v["threshold"]);
             }
         }
         OperatorCmd::Seal => {
             c.request(POST, "/v1/sys/seal", Some(&json!({}))).await?;
-            println!("Sealed.");
+            outln!("Sealed.");
         }
         OperatorCmd::Rekey { shares, threshold, cancel } => {
             if *cancel {
@@ -689,12 +832,13 @@ async fn operator(cli: &Cli, o: &OperatorCmd) -> anyhow::Result<ExitCode> {
             let share = read_share("Current unseal share: ")?;
             let v = c.request(POST, "/v1/sys/rekey/update", Some(&json!({"nonce": nonce, "share": &*share}))).await?;
             if v["shares"].is_array() {
-                print_shares(cli.output, &v, None)?;
+                let hsm = c.health().await.ok().is_some_and(|h| h["hsm_key"].is_string());
+                print_shares(cli.output, &v, None, hsm)?;
                 eprintln!("Rekeyed: the old shares no longer unseal this server.");
             } else if cli.output == Output::Json {
                 print_value(cli.output, &v)?;
             } else {
-                println!("Rekey progress: {}/{}", v["progress"], v["threshold"]);
+                outln!("Rekey progress: {}/{}", v["progress"], v["threshold"]);
             }
         }
         OperatorCmd::RotateRoot => {
@@ -760,7 +904,7 @@ async fn server(a: ServerArgs) -> anyhow::Result<ExitCode> {
     eprintln!("Keyward server on https://{} (data in {})", running.addr, a.data.display());
     if let Some(t) = &running.new_root_token {
         eprintln!("Initialised a new store. The root token is shown once and stored only as a hash:");
-        println!("export KEYWARD_TOKEN={}", String::from_utf8_lossy(t.expose()));
+        outln!("export KEYWARD_TOKEN={}", String::from_utf8_lossy(t.expose()));
         std::io::stdout().flush()?;
     }
     serve_until_signal(&mut running, stop).await
@@ -818,9 +962,9 @@ async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
     if running.new_root_token.is_some() {
         eprintln!("A new root token was created; it is also in {} (mode 0600).", data.join("root-token").display());
     }
-    println!("export KEYWARD_ADDR=http://{}", running.addr);
+    outln!("export KEYWARD_ADDR=http://{}", running.addr);
     match &token {
-        Some(t) => println!("export KEYWARD_TOKEN={t}"),
+        Some(t) => outln!("export KEYWARD_TOKEN={t}"),
         None => eprintln!("The root token file is missing; the root token cannot be shown again."),
     }
     // A node agent in the same process, so attested release can be tried on one machine.
@@ -828,11 +972,11 @@ async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
     if let Some(t) = &token {
         match start_dev_agent(running.addr, t, &data.join("agent.sock"), &data.join("agent")).await {
             Ok((socket, stop, task)) => {
-                println!("export KEYWARD_AGENT_SOCKET={}", socket.display());
+                outln!("export KEYWARD_AGENT_SOCKET={}", socket.display());
                 dev_agent = Some((stop, task));
             }
             // A comment, so the output stays something a shell can `eval`.
-            Err(e) => println!("# the dev node agent did not start: {e:#}"),
+            Err(e) => outln!("# the dev node agent did not start: {e:#}"),
         }
     }
     std::io::stdout().flush()?;
@@ -1109,9 +1253,9 @@ async fn workload(output: Output, w: &WorkloadArgs) -> anyhow::Result<ExitCode> 
         WorkloadCmd::Sign { key } => {
             let mut msg = Vec::new();
             std::io::stdin().read_to_end(&mut msg)?;
-            println!("{}", STANDARD.encode(agent.sign(key, &msg).await?));
+            outln!("{}", STANDARD.encode(agent.sign(key, &msg).await?));
         }
-        WorkloadCmd::DataKey { key, ctx } => {
+        WorkloadCmd::GenerateDataKey { key, ctx } => {
             let dk = agent.generate_data_key(key, &ctx_map(&ctx.context), None).await?;
             let plaintext = dk.plaintext.as_ref().map(|p| STANDARD.encode(p.as_slice()));
             print_value(
@@ -1209,7 +1353,7 @@ async fn audit_verify(
             match cli.output {
                 Output::Json => print_value(cli.output, &v)?,
                 Output::Table => {
-                    println!(
+                    outln!(
                         "ok: {} records intact (seq {}..{}) in {} file(s)",
                         r.records,
                         r.first_seq,
@@ -1217,14 +1361,14 @@ async fn audit_verify(
                         files.len()
                     );
                     if let Some(after) = r.continues_after {
-                        println!(
+                        outln!(
                             "note: these files continue the chain after record {after}; the records up to it are in \
                              other files ({})",
                             r.note.as_deref().unwrap_or("not given")
                         );
                     }
                     for g in &r.gaps {
-                        println!("note: a file begins at {g}");
+                        outln!("note: a file begins at {g}");
                     }
                 }
             }
@@ -1242,7 +1386,11 @@ async fn policy(cli: &Cli, p: &PolicyCmd) -> anyhow::Result<ExitCode> {
     let c = client(cli)?;
     let v = match p {
         PolicyCmd::Put { name, file } => {
-            let raw = if file.as_os_str() == "-" { read_stdin()? } else { std::fs::read(file)? };
+            let raw = if file.as_os_str() == "-" {
+                read_stdin()?
+            } else {
+                std::fs::read(file).with_context(|| format!("reading the policy file {}", file.display()))?
+            };
             let body: Value = serde_json::from_slice(&raw).context("the policy file must be JSON")?;
             c.request(Method::PUT, &format!("/v1/policies/{name}"), Some(&body)).await?
         }
@@ -1262,8 +1410,8 @@ async fn policy(cli: &Cli, p: &PolicyCmd) -> anyhow::Result<ExitCode> {
             let allowed = v["allowed"].as_bool().unwrap_or(false);
             match cli.output {
                 Output::Json => print_value(cli.output, &v)?,
-                Output::Table if allowed => println!("allowed by {}", v["grant"].as_str().unwrap_or("?")),
-                Output::Table => println!("denied: {}", v["reason"].as_str().unwrap_or("?")),
+                Output::Table if allowed => outln!("allowed by {}", v["grant"].as_str().unwrap_or("?")),
+                Output::Table => outln!("denied: {}", v["reason"].as_str().unwrap_or("?")),
             }
             return Ok(if allowed { ExitCode::SUCCESS } else { ExitCode::from(3) });
         }
@@ -1285,6 +1433,22 @@ async fn token(cli: &Cli, t: &TokenCmd) -> anyhow::Result<ExitCode> {
                 ),
             )
             .await?
+        }
+        TokenCmd::List => {
+            let v = c.request(Method::GET, "/v1/auth/token/accessors", None).await?;
+            if cli.output == Output::Table {
+                let cols = ["accessor", "display_name", "policies", "expires_at", "ttl", "uses", "max_uses", "parent"];
+                let rows: Vec<Value> = v["tokens"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|t| Value::Object(cols.iter().map(|c| (c.to_string(), t[*c].clone())).collect()))
+                    .collect();
+                print_rows(&rows, "")?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            v
         }
         TokenCmd::Lookup { accessor } => {
             c.request(Method::POST, "/v1/auth/token/lookup", Some(&json!({"accessor": accessor}))).await?

@@ -11,6 +11,7 @@ use keyward_keyprovider::{BlockingProvider, Provider, WrapSpec};
 use keyward_ocicrypt::{DecryptOptions, EncryptOptions, ImageRef, KeyProvider, PrivateKey, Progress, PublicKey};
 
 use crate::cli::{Cli, ImageCmd, KeyproviderArgs, KeyproviderCmd, Output, ProviderArgs};
+use crate::output::{out, outln};
 
 pub async fn run(cli: &Cli, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
     let output = cli.output;
@@ -97,8 +98,8 @@ pub async fn run(cli: &Cli, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
             let src = ImageRef::parse(src)?;
             let layers = tokio::task::spawn_blocking(move || keyward_ocicrypt::inspect_image(&src)).await??;
             match output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&layers)?),
-                Output::Table => print_inspect(&layers),
+                Output::Json => outln!("{}", serde_json::to_string_pretty(&layers)?),
+                Output::Table => print_inspect(&layers)?,
             }
         }
     }
@@ -203,21 +204,21 @@ fn show_progress(verb: &str, p: &Progress, done: &AtomicBool) {
     }
 }
 
-fn print_inspect(layers: &[keyward_ocicrypt::LayerInfo]) {
+fn print_inspect(layers: &[keyward_ocicrypt::LayerInfo]) -> anyhow::Result<()> {
     for l in layers {
         if let Some(p) = &l.platform {
-            print!("{p}  ");
+            out!("{p}  ");
         }
-        println!(
+        outln!(
             "layer {}  {}  {} bytes  {}",
             l.index,
             l.digest,
             l.size,
             if l.encrypted { "encrypted" } else { "not encrypted" }
         );
-        println!("  media type: {}", l.media_type);
+        outln!("  media type: {}", l.media_type);
         if let Some(c) = &l.cipher {
-            println!("  cipher: {c}");
+            outln!("  cipher: {c}");
         }
         for r in &l.jwe_recipients {
             let mut line = format!("  jwe recipient: {}", r.alg);
@@ -227,13 +228,14 @@ fn print_inspect(layers: &[keyward_ocicrypt::LayerInfo]) {
             if let Some(k) = &r.kid {
                 line.push_str(&format!("  kid {k}"));
             }
-            println!("{line}");
+            outln!("{line}");
         }
         for (scheme, n) in &l.other_schemes {
-            println!("  {scheme}: {n} wrapped key(s)");
+            outln!("  {scheme}: {n} wrapped key(s)");
         }
         for p in &l.problems {
-            println!("  problem: {p}");
+            outln!("  problem: {p}");
         }
     }
+    Ok(())
 }

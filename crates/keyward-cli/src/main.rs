@@ -4,6 +4,7 @@
 mod cli;
 mod commands;
 mod image;
+mod output;
 
 use clap::Parser;
 
@@ -58,8 +59,10 @@ fn main() -> std::process::ExitCode {
     };
     match rt.block_on(commands::run(cli)) {
         Ok(code) => code,
+        // The reader of our output went away (`| head`): nothing more to say.
+        Err(e) if output::is_broken_pipe(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", output::render(&e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -61,12 +61,16 @@ pub enum Error {
         /// Request id, to find the request in server logs.
         request_id: String,
     },
-    /// The server could not be reached or the connection failed.
-    #[error("cannot reach the Keyward server at {addr}: {source}")]
+    /// The server (or the node agent) could not be reached or the connection failed.
+    #[error("cannot reach {peer} at {addr}: {cause}")]
     Transport {
+        /// What was being reached: "the Keyward server" or "the node agent".
+        peer: &'static str,
         /// Address used.
         addr: String,
-        /// Cause.
+        /// What went wrong, and what to do about it.
+        cause: String,
+        /// The underlying error.
         #[source]
         source: reqwest::Error,
     },
@@ -81,7 +85,13 @@ pub enum Error {
     Config(String),
 }
 
+const SERVER: &str = "the Keyward server";
+
 impl Error {
+    pub(crate) fn transport(peer: &'static str, addr: &str, source: reqwest::Error) -> Self {
+        Self::Transport { peer, addr: addr.to_string(), cause: transport_cause(peer, &source), source }
+    }
+
     /// The API error code, if this is an API error.
     pub fn code(&self) -> Option<&str> {
         match self {
@@ -237,6 +247,21 @@ pub struct Encrypted {
     pub key_version: u32,
 }
 
+/// Result of reencrypt.
+#[derive(Debug)]
+pub struct Reencrypted {
+    /// The new ciphertext envelope.
+    pub ciphertext: Vec<u8>,
+    /// Key it is made with.
+    pub key: String,
+    /// That key's version.
+    pub key_version: u32,
+    /// Key of the ciphertext given.
+    pub source_key: String,
+    /// Its version.
+    pub source_key_version: u32,
+}
+
 /// Result of decrypt.
 #[derive(Debug)]
 pub struct Decrypted {
@@ -303,6 +328,91 @@ pub(crate) struct PlainOut {
 }
 
 /// The `{"error": {code, message, request_id}}` body of a failed response as an [`Error`].
+/// Name a transport failure in words a person can act on, from the error's causes.
+fn transport_cause(peer: &str, e: &reqwest::Error) -> String {
+    use std::io::ErrorKind;
+    let agent = peer != SERVER;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut last = e.to_string();
+    while let Some(err) = cur {
+        if let Some(t) = err.downcast_ref::<rustls::Error>() {
+            return tls_cause(t);
+        }
+        // I/O errors wrap one another (`Other` around `InvalidData` around the TLS error), and
+        // their `source()` skips the wrapped error itself: unwrap them by hand.
+        let mut io = err.downcast_ref::<std::io::Error>();
+        while let Some(i) = io {
+            let inner = i.get_ref();
+            if let Some(t) = inner.and_then(|x| x.downcast_ref::<rustls::Error>()) {
+                return tls_cause(t);
+            }
+            match i.kind() {
+                ErrorKind::ConnectionRefused if agent => {
+                    return "nothing listens on the socket (is the node agent running?)".into();
+                }
+                ErrorKind::ConnectionRefused => {
+                    return "connection refused: nothing listens there (is the server running, and is the \
+                            address right? set KEYWARD_ADDR)"
+                        .into();
+                }
+                ErrorKind::NotFound if agent => {
+                    return "no such socket: is the node agent running on this node? (set KEYWARD_AGENT_SOCKET \
+                            or --agent-socket)"
+                        .into();
+                }
+                ErrorKind::PermissionDenied => return "permission denied by the operating system".into(),
+                ErrorKind::TimedOut => return "the connection timed out".into(),
+                _ => {}
+            }
+            io = inner.and_then(|x| x.downcast_ref::<std::io::Error>());
+        }
+        last = err.to_string();
+        cur = err.source();
+    }
+    if last.contains("invalid HTTP version") {
+        return "the server speaks HTTPS: use an https:// address (and KEYWARD_CACERT if its CA is private)".into();
+    }
+    if e.is_timeout() {
+        return "no answer within the client's timeout".into();
+    }
+    last
+}
+
+fn tls_cause(e: &rustls::Error) -> String {
+    use rustls::CertificateError as C;
+    match e {
+        rustls::Error::InvalidMessage(_) => {
+            "the server did not answer in TLS: it speaks plain HTTP, so use an http:// address".into()
+        }
+        rustls::Error::InvalidCertificate(c) => match c {
+            C::NotValidForName | C::NotValidForNameContext { .. } => {
+                "the server's certificate does not name this host: connect with a name in its subjectAltName".into()
+            }
+            C::Expired | C::ExpiredContext { .. } => "the server's certificate has expired".into(),
+            C::NotValidYet | C::NotValidYetContext { .. } => {
+                "the server's certificate is not valid yet (check the clocks)".into()
+            }
+            C::Revoked => "the server's certificate is revoked".into(),
+            C::UnknownIssuer => "the server's certificate is not trusted (a CA this client does not trust signed \
+                                 it): set KEYWARD_CACERT (or --cacert) to the PEM file of that CA"
+                .into(),
+            other => format!(
+                "the server's certificate is not trusted ({other:?}): set KEYWARD_CACERT (or --cacert) to the PEM \
+                 file of the CA that signed it"
+            ),
+        },
+        rustls::Error::NoCertificatesPresented => {
+            "the server asked for a client certificate and none was given (set KEYWARD_CLIENT_CERT and \
+             KEYWARD_CLIENT_KEY)"
+                .into()
+        }
+        rustls::Error::AlertReceived(a) => {
+            format!("the server ended the TLS handshake ({a:?}): it may require a client certificate it trusts")
+        }
+        other => format!("TLS handshake failed: {other}"),
+    }
+}
+
 pub(crate) fn api_error(status: u16, body: &[u8]) -> Error {
     let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let e = &v["error"];
@@ -411,10 +521,10 @@ impl Client {
                     let status = resp.status().as_u16();
                     match resp.bytes().await {
                         Ok(bytes) => Ok((status, bytes.to_vec())),
-                        Err(source) => Err((true, Error::Transport { addr: addr.clone(), source })),
+                        Err(source) => Err((true, Error::transport(SERVER, addr, source))),
                     }
                 }
-                Err(source) => Err((!source.is_connect(), Error::Transport { addr: addr.clone(), source })),
+                Err(source) => Err((!source.is_connect(), Error::transport(SERVER, addr, source))),
             };
             match outcome {
                 Ok((503, bytes)) => last = Some(Ok((503, bytes))),
@@ -538,7 +648,7 @@ impl Client {
         context: &BTreeMap<String, String>,
         destination: Option<&str>,
         destination_context: &BTreeMap<String, String>,
-    ) -> Result<Encrypted, Error> {
+    ) -> Result<Reencrypted, Error> {
         let v = self
             .post(
                 "/v1/reencrypt",
@@ -546,8 +656,16 @@ impl Client {
                        "destination_key": destination, "destination_context": destination_context}),
             )
             .await?;
+        let source_key = v["source_key"].as_str().unwrap_or_default().to_string();
+        let source_key_version = v["source_key_version"].as_u64().and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
         let o: CipherOut = serde_json::from_value(v).map_err(|e| Error::Decode(e.to_string()))?;
-        Ok(Encrypted { ciphertext: unb64(&o.ciphertext)?, key: o.key, key_version: o.key_version })
+        Ok(Reencrypted {
+            ciphertext: unb64(&o.ciphertext)?,
+            key: o.key,
+            key_version: o.key_version,
+            source_key,
+            source_key_version,
+        })
     }
 
     /// Generate a data key (`with_plaintext` false: the without-plaintext variant).

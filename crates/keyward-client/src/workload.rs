@@ -38,6 +38,7 @@ pub const ENV_AGENT_SOCKET: &str = "KEYWARD_AGENT_SOCKET";
 pub const DEFAULT_AGENT_SOCKET: &str = "/run/keyward/agent.sock";
 /// Largest agent response read.
 const MAX_RESPONSE: usize = 1024 * 1024;
+const AGENT: &str = "the node agent";
 
 /// A client of the node agent's Workload API.
 #[derive(Debug, Clone)]
@@ -129,7 +130,7 @@ impl WorkloadClient {
         body: Option<&Value>,
         session: Option<&str>,
     ) -> Result<Vec<u8>, Error> {
-        let addr = format!("unix:{}", self.socket.display());
+        let addr = self.socket.display().to_string();
         let mut rb = self.http.request(method, format!("http://agent{path}"));
         if let Some(b) = body {
             let bytes = Zeroizing::new(serde_json::to_vec(b).map_err(|e| Error::Decode(e.to_string()))?);
@@ -138,9 +139,9 @@ impl WorkloadClient {
         if let Some(s) = session {
             rb = rb.header(SESSION_HEADER, s);
         }
-        let resp = rb.send().await.map_err(|source| Error::Transport { addr: addr.clone(), source })?;
+        let resp = rb.send().await.map_err(|source| Error::transport(AGENT, &addr, source))?;
         let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.map_err(|source| Error::Transport { addr, source })?;
+        let bytes = resp.bytes().await.map_err(|source| Error::transport(AGENT, &addr, source))?;
         if bytes.len() > MAX_RESPONSE {
             return Err(Error::Decode("agent response too large".into()));
         }

@@ -2,14 +2,60 @@
 
 use crate::store::StoreError;
 
+/// Why a request did not authenticate. The messages say what to do; none reveals more than
+/// the token's own holder knows (a revoked token and one never issued look alike).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// No token (and no client certificate) was presented.
+    Missing,
+    /// The value is not shaped like a Keyward token.
+    Malformed,
+    /// A well-formed token this server does not hold: revoked, or never issued.
+    Invalid,
+    /// The token's lifetime is over.
+    Expired,
+    /// The token's use limit is spent.
+    UsedUp,
+}
+
+impl AuthFailure {
+    /// A short reason for the audit log.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Missing => "no token or client certificate presented",
+            Self::Malformed => "malformed token",
+            Self::Invalid => "unknown or revoked token",
+            Self::Expired => "expired token",
+            Self::UsedUp => "token use limit reached",
+        }
+    }
+}
+
+impl std::fmt::Display for AuthFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Missing => {
+                "no token given: send `Authorization: Bearer <token>` (the CLI and SDKs read KEYWARD_TOKEN)"
+            }
+            Self::Malformed => "the token is malformed: a Keyward token is `kwt_` followed by 64 hex digits",
+            Self::Invalid => {
+                "the token is not valid: it was revoked (itself, or with the token that created it) or was never \
+                 issued by this server"
+            }
+            Self::Expired => "the token has expired: log in again, or ask for a new token",
+            Self::UsedUp => "the token has reached its use limit: ask for a new token",
+        })
+    }
+}
+
 /// Errors of the KMS service. Transports map each variant to a status code with
 /// [`KmsError::code`]; messages never contain secret material.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KmsError {
-    /// The caller presented no credential, or one that is invalid or expired.
-    #[error("missing or invalid token: pass a valid token in the Authorization header (Bearer) or KEYWARD_TOKEN")]
-    Unauthenticated,
+    /// The caller presented no credential, or one that does not authenticate; says which.
+    #[error("{0}")]
+    Unauthenticated(AuthFailure),
     /// The caller is authenticated but not allowed to do this.
     #[error("permission denied: {0}")]
     PermissionDenied(String),
@@ -36,7 +82,9 @@ pub enum KmsError {
     #[error("key {0:?} is disabled: enable it with `keyward key enable {0}`")]
     KeyDisabled(String),
     /// The key is scheduled for deletion.
-    #[error("key {0:?} is pending deletion: cancel with `keyward key cancel-delete {0}` to use it again")]
+    #[error(
+        "key {0:?} is pending deletion: `keyward key cancel-delete {0}` keeps it (disabled), then `keyward key enable {0}`"
+    )]
     KeyPendingDeletion(String),
     /// The operation does not apply to this key type.
     #[error("key {name:?} is of type {algorithm}, which does not support {operation}")]
@@ -66,7 +114,7 @@ impl KmsError {
     /// A stable machine-readable code for the error.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::Unauthenticated => "unauthenticated",
+            Self::Unauthenticated(_) => "unauthenticated",
             Self::PermissionDenied(_) => "permission_denied",
             Self::NotFound { .. } => "not_found",
             Self::AlreadyExists { .. } => "already_exists",

@@ -25,7 +25,7 @@ pub mod service;
 pub mod store;
 pub mod validate;
 
-pub use error::KmsError;
+pub use error::{AuthFailure, KmsError};
 pub use service::Kms;
 
 /// Current time as Unix seconds.

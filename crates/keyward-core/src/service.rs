@@ -103,6 +103,21 @@ pub struct Encrypted {
     pub key_version: u32,
 }
 
+/// The operation named when a key cannot sign digests.
+const DIGEST_SIGNING: &str = "signing a SHA-256 digest (ed25519 signs whole messages, up to 64 KiB: sign the message \
+                              itself, or use an ecdsa-p256 key for larger ones)";
+
+/// Result of a re-encryption: the new ciphertext, and what the old one was made with.
+#[derive(Debug)]
+pub struct Reencrypted {
+    /// The new ciphertext.
+    pub encrypted: Encrypted,
+    /// Key of the ciphertext given.
+    pub source_key: String,
+    /// Its key version.
+    pub source_key_version: u32,
+}
+
 /// Result of a decryption.
 #[derive(Debug)]
 pub struct Decrypted {
@@ -711,8 +726,12 @@ impl Kms {
     /// Authenticate a bearer token. Counts a use for tokens with a use limit (and revokes the
     /// token when it is used up).
     pub async fn authenticate(&self, token: &str) -> Result<Arc<TokenRecord>, KmsError> {
-        if token.is_empty() || token.len() > 256 {
-            return Err(KmsError::Unauthenticated);
+        use crate::error::AuthFailure;
+        if token.is_empty() {
+            return Err(KmsError::Unauthenticated(AuthFailure::Missing));
+        }
+        if token.len() > 256 || !token.starts_with("kwt_") {
+            return Err(KmsError::Unauthenticated(AuthFailure::Malformed));
         }
         self.require_fresh()?;
         let h = self.token_hash(token.as_bytes());
@@ -720,29 +739,30 @@ impl Kms {
             let map = self.tokens.read().map_err(|_| KmsError::Internal("token cache poisoned".into()))?;
             map.get(&h).cloned()
         };
+        let invalid = KmsError::Unauthenticated(AuthFailure::Invalid);
         let rec = match cached {
             Some(r) => r,
             // Created by another server since this one last caught up with the feed.
             None if self.store.is_shared() => {
-                let rec = Arc::new(self.store.get_token(&h).await?.ok_or(KmsError::Unauthenticated)?);
+                let rec = Arc::new(self.store.get_token(&h).await?.ok_or(invalid)?);
                 if let Ok(mut m) = self.tokens.write() {
                     m.insert(h, rec.clone());
                 }
                 rec
             }
-            None => return Err(KmsError::Unauthenticated),
+            None => return Err(invalid),
         };
         if !keyward_crypto::ct_eq(&rec.hash, &h) {
-            return Err(KmsError::Unauthenticated);
+            return Err(KmsError::Unauthenticated(AuthFailure::Invalid));
         }
         if rec.expires_at.is_some_and(|e| e <= now_unix()) {
-            return Err(KmsError::Unauthenticated);
+            return Err(KmsError::Unauthenticated(AuthFailure::Expired));
         }
         if rec.max_uses.is_some() {
             // Counted in the store, atomically, before use: neither a restart nor several
             // servers can grant extra uses.
             let Some(uses) = self.store.use_token(&h).await? else {
-                return Err(KmsError::Unauthenticated);
+                return Err(KmsError::Unauthenticated(AuthFailure::UsedUp));
             };
             let mut next = (*rec).clone();
             next.uses = uses;
@@ -835,6 +855,29 @@ impl Kms {
             }
         }
         Ok(false)
+    }
+
+    /// The live tokens (not expired, uses left) of `caller`'s subtree: itself and every token
+    /// created from it, at any depth; with `all`, every live token. Oldest first.
+    pub async fn list_tokens(&self, caller: &TokenRecord, all: bool) -> Result<Vec<Arc<TokenRecord>>, KmsError> {
+        let tokens = self.all_tokens().await?;
+        let now = now_unix();
+        let live = |t: &TokenRecord| t.expires_at.is_none_or(|e| e > now) && t.max_uses.is_none_or(|m| t.uses < m);
+        let mut keep: std::collections::HashSet<String> = std::collections::HashSet::new();
+        if !all && caller.is_stored() {
+            let mut queue = vec![caller.accessor.clone()];
+            while let Some(a) = queue.pop() {
+                if keep.insert(a.clone()) {
+                    queue.extend(
+                        tokens.iter().filter(|t| t.parent.as_deref() == Some(a.as_str())).map(|t| t.accessor.clone()),
+                    );
+                }
+            }
+        }
+        let mut out: Vec<Arc<TokenRecord>> =
+            tokens.into_iter().filter(|t| live(t) && (all || keep.contains(&t.accessor))).collect();
+        out.sort_by(|a, b| (a.created_at, &a.accessor).cmp(&(b.created_at, &b.accessor)));
+        Ok(out)
     }
 
     /// Issue an orphan token to an identity an auth method has verified (e.g. a Kubernetes
@@ -1471,10 +1514,11 @@ impl Kms {
         context: &BTreeMap<String, String>,
         destination: Option<&str>,
         destination_context: &BTreeMap<String, String>,
-    ) -> Result<Encrypted, KmsError> {
+    ) -> Result<Reencrypted, KmsError> {
         let d = self.decrypt(ciphertext, context).await?;
         let dest = destination.unwrap_or(&d.key_name).to_string();
-        self.encrypt(&dest, d.plaintext.expose(), destination_context).await
+        let encrypted = self.encrypt(&dest, d.plaintext.expose(), destination_context).await?;
+        Ok(Reencrypted { encrypted, source_key: d.key_name, source_key_version: d.key_version })
     }
 
     /// Generate a data key of `bytes` (16 to 64, default 32) bytes, returned in the clear (unless
@@ -1507,6 +1551,36 @@ impl Kms {
         let v = current(&ck)?;
         let sig = v.1.key.sign(message)?;
         Ok((format::wrap_tag(EnvelopeKind::SignatureV1, ck.record.id.0, v.0, &sig), v.0))
+    }
+
+    /// Sign the SHA-256 `digest` of a message the caller hashed (a message of any size); the
+    /// signature verifies against the message itself. ECDSA keys only: Ed25519 signs whole
+    /// messages.
+    pub async fn sign_digest(&self, name: &str, digest: &[u8]) -> Result<(Vec<u8>, u32), KmsError> {
+        if digest.len() != 32 {
+            return Err(KmsError::invalid("digest must be a SHA-256 digest: 32 bytes, base64"));
+        }
+        let ck = self.key(name).await?;
+        Self::usable(&ck, DIGEST_SIGNING, |a| a == KeyAlgorithm::EcdsaP256)?;
+        let v = current(&ck)?;
+        let sig = v.1.key.sign_digest_sha256(digest)?;
+        Ok((format::wrap_tag(EnvelopeKind::SignatureV1, ck.record.id.0, v.0, &sig), v.0))
+    }
+
+    /// Verify a signature envelope over the message whose SHA-256 digest is `digest`.
+    pub async fn verify_digest(&self, name: &str, digest: &[u8], signature: &[u8]) -> Result<bool, KmsError> {
+        if digest.len() != 32 {
+            return Err(KmsError::invalid("digest must be a SHA-256 digest: 32 bytes, base64"));
+        }
+        let ck = self.key(name).await?;
+        Self::usable(&ck, DIGEST_SIGNING, |a| a == KeyAlgorithm::EcdsaP256)?;
+        let (h, sig) = format::parse(signature, EnvelopeKind::SignatureV1).map_err(|_| {
+            KmsError::invalid("signature is not a Keyward signature (expected the base64 value returned by sign)")
+        })?;
+        if h.key_id != ck.record.id.0 {
+            return Ok(false);
+        }
+        Ok(ck.versions.get(&h.version).is_some_and(|v| v.key.verify_digest_sha256(digest, sig).is_ok()))
     }
 
     /// Verify a signature envelope made by this key (any version).

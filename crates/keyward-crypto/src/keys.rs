@@ -144,6 +144,34 @@ impl LoadedKey {
         }
     }
 
+    /// Sign a SHA-256 digest the caller computed over its message (ECDSA P-256 only: the
+    /// signature is the one [`LoadedKey::sign`] makes over that message). Ed25519 signs whole
+    /// messages (PureEdDSA), so it refuses.
+    pub fn sign_digest_sha256(&self, digest: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        match self {
+            Self::EcdsaP256(k) => {
+                let d = aws_lc_rs::digest::Digest::import_less_safe(digest, &aws_lc_rs::digest::SHA256)
+                    .map_err(|_| CryptoError::InvalidKeyMaterial)?;
+                k.sign_digest(&d).map(|s| s.as_ref().to_vec()).map_err(|_| CryptoError::Rng)
+            }
+            _ => Err(CryptoError::InvalidKeyMaterial),
+        }
+    }
+
+    /// Verify a signature over the message whose SHA-256 digest is `digest` (ECDSA P-256 only).
+    pub fn verify_digest_sha256(&self, digest: &[u8], sig: &[u8]) -> Result<(), CryptoError> {
+        match self {
+            Self::EcdsaP256(k) => {
+                let d = aws_lc_rs::digest::Digest::import_less_safe(digest, &aws_lc_rs::digest::SHA256)
+                    .map_err(|_| CryptoError::VerificationFailed)?;
+                signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_ASN1, k.public_key().as_ref())
+                    .verify_digest(&d, sig)
+                    .map_err(|_| CryptoError::VerificationFailed)
+            }
+            _ => Err(CryptoError::InvalidKeyMaterial),
+        }
+    }
+
     /// Verify a signature made by [`LoadedKey::sign`].
     pub fn verify(&self, message: &[u8], sig: &[u8]) -> Result<(), CryptoError> {
         let (alg, public): (&dyn signature::VerificationAlgorithm, &[u8]) = match self {
@@ -186,6 +214,22 @@ pub fn verify_ed25519_raw(public: &[u8], message: &[u8], sig: &[u8]) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_signed_digest_is_a_signature_of_the_message() {
+        let m = KeyAlgorithm::EcdsaP256.generate().unwrap();
+        let k = LoadedKey::load(KeyAlgorithm::EcdsaP256, &m).unwrap();
+        let msg = vec![7u8; 200_000];
+        let d = crate::hash::sha256(&msg);
+        let sig = k.sign_digest_sha256(&d).unwrap();
+        k.verify(&msg, &sig).unwrap();
+        k.verify_digest_sha256(&d, &sig).unwrap();
+        k.verify_digest_sha256(&d, &k.sign(&msg).unwrap()).unwrap();
+        assert!(k.verify(b"other", &sig).is_err());
+        assert!(k.sign_digest_sha256(&d[..31]).is_err(), "a digest has 32 bytes");
+        let e = LoadedKey::load(KeyAlgorithm::Ed25519, &KeyAlgorithm::Ed25519.generate().unwrap()).unwrap();
+        assert!(e.sign_digest_sha256(&d).is_err(), "Ed25519 signs whole messages");
+    }
 
     #[test]
     fn every_algorithm_generates_loads_and_works() {

@@ -154,6 +154,68 @@ pub(crate) async fn join_token(
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
+/// A node's live credentials: agent tokens (with the SHA-256 of the agent's public key) and
+/// unspent join tokens.
+fn node_credentials(tokens: &[Arc<TokenRecord>]) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for t in tokens {
+        let (node, kind) = match (selector_value(t, NODE_SELECTOR), selector_value(t, JOIN_SELECTOR)) {
+            (Some(n), None) if selector_value(t, AGENT_KEY_SELECTOR).is_some() => (n, "agent"),
+            (None, Some(n)) => (n, "join-token"),
+            _ => continue,
+        };
+        out.push((
+            node.to_string(),
+            json!({
+                "node": node,
+                "kind": kind,
+                "accessor": t.accessor,
+                "agent_key_sha256": selector_value(t, AGENT_KEY_SELECTOR),
+                "created_at": time(t.created_at),
+                "expires_at": t.expires_at.map(time),
+            }),
+        ));
+    }
+    out
+}
+
+/// `GET /v1/agents`: every node's live agent and join tokens (`list` on `agents/`).
+pub(crate) async fn list_nodes(State(st): State<AppState>, c: Caller) -> Result<Response, ApiError> {
+    crate::api::allow(&st, &c, "list", "agents/")?;
+    let tokens = st.kms()?.list_tokens(&c.0, true).await?;
+    let mut nodes: Vec<(String, Value)> = node_credentials(&tokens);
+    nodes.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(Json(json!({"nodes": nodes.into_iter().map(|(_, v)| v).collect::<Vec<_>>()})).into_response())
+}
+
+/// `POST /v1/agents/{node}/revoke`: revoke the node's agent tokens and unspent join tokens
+/// (`admin` on `agents/NODE`). Its agent is refused from its next request on; an agent that
+/// joins with a ServiceAccount joins again unless that grant is removed too.
+pub(crate) async fn revoke_node(
+    State(st): State<AppState>,
+    c: Caller,
+    axum::extract::Path(node): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    if !node_name_ok(&node) {
+        return Err(ApiError::invalid("node must be a DNS name: lowercase letters, digits, '-' and '.'"));
+    }
+    crate::api::allow(&st, &c, "admin", &format!("agents/{node}"))?;
+    let kms = st.kms()?;
+    let tokens = kms.list_tokens(&c.0, true).await?;
+    let mut revoked = Vec::new();
+    for (n, v) in node_credentials(&tokens) {
+        if n == node
+            && let Some(a) = v["accessor"].as_str()
+        {
+            revoked.extend(kms.revoke_token(a).await?);
+        }
+    }
+    if revoked.is_empty() {
+        return Err(keyward_core::KmsError::NotFound { what: "node with live credentials", name: node }.into());
+    }
+    Ok(Json(json!({"node": node, "revoked": revoked})).into_response())
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct K8sJoin {

@@ -91,11 +91,14 @@ pub fn route_table() -> Vec<(&'static str, &'static str, bool, MethodRouter<AppS
         ("delete", "/v1/auth/kubernetes/roles/{name}", false, axum::routing::delete(k8s_delete_role)),
         ("post", "/v1/auth/agent/join-token", false, post(crate::agent_api::join_token)),
         ("post", "/v1/auth/agent/join", true, post(crate::agent_api::join)),
+        ("get", "/v1/agents", false, get(crate::agent_api::list_nodes)),
+        ("post", "/v1/agents/{node}/revoke", false, post(crate::agent_api::revoke_node)),
         ("post", "/v1/agent/nonce", false, post(crate::agent_api::nonce)),
         ("post", "/v1/agent/release", false, post(crate::agent_api::release)),
         ("post", "/v1/agent/releases", false, post(crate::agent_api::release_batch)),
         ("post", "/v1/auth/token/create", false, post(token_create)),
         ("post", "/v1/auth/token/lookup", false, post(token_lookup)),
+        ("get", "/v1/auth/token/accessors", false, get(token_list)),
         ("post", "/v1/auth/token/renew", false, post(token_renew)),
         ("post", "/v1/auth/token/renew-self", false, post(token_renew_self)),
         ("post", "/v1/auth/token/revoke", false, post(token_revoke)),
@@ -340,8 +343,9 @@ async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) 
             req.extensions_mut().insert(Caller(Arc::new(rec), ctx));
             return next.run(req).await;
         }
-        ctx.set_reason("no token or client certificate presented");
-        return ApiError::from(keyward_core::KmsError::Unauthenticated).into_response();
+        let why = keyward_core::AuthFailure::Missing;
+        ctx.set_reason(why.reason());
+        return ApiError::from(keyward_core::KmsError::Unauthenticated(why)).into_response();
     };
     let kms = match st.kms() {
         Ok(k) => k,
@@ -376,7 +380,10 @@ async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) 
             next.run(req).await
         }
         Err(e) => {
-            ctx.set_reason("invalid or expired token");
+            match &e {
+                keyward_core::KmsError::Unauthenticated(why) => ctx.set_reason(why.reason()),
+                other => ctx.set_reason(&other.to_string()),
+            }
             ApiError::from(e).into_response()
         }
     }
@@ -468,6 +475,9 @@ async fn health(State(st): State<AppState>, StrictQuery(q): StrictQuery<HealthQu
             });
             if let (Some(b), Some(d)) = (body.as_object_mut(), details.as_object()) {
                 b.extend(d.clone());
+            }
+            if !s.initialized {
+                body["status"] = json!("uninitialized");
             }
         }
         Err(e) => {
@@ -673,6 +683,18 @@ async fn allow_on_token(st: &AppState, c: &Caller, op: &str, accessor: &str) -> 
              `auth/token`",
         )
     })
+}
+
+/// The caller's own token subtree, or with `admin` on `auth/token` every token. Never the
+/// tokens themselves: accessors and what they carry.
+async fn token_list(State(st): State<AppState>, c: Caller) -> ApiResult {
+    allow(&st, &c, "list", "auth/token")?;
+    // Seeing every token needs what acting on every token needs (not audited as a decision of
+    // its own: the request's decision is `list`).
+    let all = st.kms()?.authorize(&c.0, "admin", "auth/token").is_ok();
+    let tokens = st.kms()?.list_tokens(&c.0, all).await?;
+    let tokens: Vec<Value> = tokens.iter().map(|t| token_json(t)).collect();
+    ok(json!({"tokens": tokens, "scope": if all { "all" } else { "subtree" }}))
 }
 
 async fn token_lookup(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<AccessorReq>) -> ApiResult {
@@ -1077,8 +1099,12 @@ async fn reencrypt(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJ
     if let Some(dest) = &r.destination_key {
         allow(&st, &c, "encrypt", &format!("keys/{dest}"))?;
     }
-    let e = st.kms()?.reencrypt(&ct, &r.context, r.destination_key.as_deref(), &r.destination_context).await?;
-    ok(json!({"ciphertext": b64(&e.ciphertext), "key": e.key_name, "key_version": e.key_version}))
+    let r = st.kms()?.reencrypt(&ct, &r.context, r.destination_key.as_deref(), &r.destination_context).await?;
+    let e = &r.encrypted;
+    ok(json!({
+        "ciphertext": b64(&e.ciphertext), "key": e.key_name, "key_version": e.key_version,
+        "source_key": r.source_key, "source_key_version": r.source_key_version,
+    }))
 }
 
 async fn data_key_common(st: &AppState, c: &Caller, name: &str, r: DataKeyReq, with_plaintext: bool) -> ApiResult {
@@ -1114,10 +1140,14 @@ async fn sign(
     State(st): State<AppState>,
     c: Caller,
     Path(name): Path<String>,
-    StrictJson(r): StrictJson<MessageReq>,
+    StrictJson(r): StrictJson<SignReq>,
 ) -> ApiResult {
     allow(&st, &c, "sign", &format!("keys/{name}"))?;
-    let (sig, v) = st.kms()?.sign(&name, &unb64("message", &r.message)?).await?;
+    let (sig, v) = match (&r.message, &r.digest) {
+        (Some(m), None) => st.kms()?.sign(&name, &unb64("message", m)?).await?,
+        (None, Some(d)) => st.kms()?.sign_digest(&name, &unb64("digest", d)?).await?,
+        _ => return Err(ApiError::invalid("give exactly one of message and digest (the message's SHA-256)")),
+    };
     ok(json!({"signature": b64(&sig), "key": name, "key_version": v}))
 }
 
@@ -1128,7 +1158,12 @@ async fn verify(
     StrictJson(r): StrictJson<VerifyReq>,
 ) -> ApiResult {
     allow(&st, &c, "verify", &format!("keys/{name}"))?;
-    let valid = st.kms()?.verify(&name, &unb64("message", &r.message)?, &unb64("signature", &r.signature)?).await?;
+    let signature = unb64("signature", &r.signature)?;
+    let valid = match (&r.message, &r.digest) {
+        (Some(m), None) => st.kms()?.verify(&name, &unb64("message", m)?, &signature).await?,
+        (None, Some(d)) => st.kms()?.verify_digest(&name, &unb64("digest", d)?, &signature).await?,
+        _ => return Err(ApiError::invalid("give exactly one of message and digest (the message's SHA-256)")),
+    };
     ok(json!({"valid": valid}))
 }
 

@@ -47,7 +47,7 @@ impl ApiError {
 impl From<KmsError> for ApiError {
     fn from(e: KmsError) -> Self {
         let status = match &e {
-            KmsError::Unauthenticated => StatusCode::UNAUTHORIZED,
+            KmsError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             KmsError::PermissionDenied(_) => StatusCode::FORBIDDEN,
             KmsError::NotFound { .. } => StatusCode::NOT_FOUND,
             KmsError::AlreadyExists { .. } | KmsError::Conflict(_) => StatusCode::CONFLICT,

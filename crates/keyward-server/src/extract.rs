@@ -98,6 +98,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        parts.extensions.get::<Caller>().cloned().ok_or_else(|| ApiError::from(keyward_core::KmsError::Unauthenticated))
+        parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| ApiError::from(keyward_core::KmsError::Unauthenticated(keyward_core::AuthFailure::Missing)))
     }
 }

@@ -264,6 +264,16 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         Some((c, r)) => (Some(c), Some(r)),
         None => (None, None),
     };
+    // The port first: a server that cannot listen creates no data directory and no root token.
+    // Connections that arrive before the store is open wait in the backlog.
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => StartError::Config(format!(
+            "cannot listen on {}: another process already does (stop it, or choose another address with --listen)",
+            cfg.listen
+        )),
+        _ => io(format!("binding {}", cfg.listen))(e),
+    })?;
+    let addr = listener.local_addr().map_err(io("reading bound address"))?;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -380,8 +390,6 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         f.sync_all().map_err(io("writing root token"))?;
     }
 
-    let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(io(format!("binding {}", cfg.listen)))?;
-    let addr = listener.local_addr().map_err(io("reading bound address"))?;
     let state = AppState {
         sealing: sealing.clone(),
         k8s: k8s.clone(),

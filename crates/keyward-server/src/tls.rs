@@ -136,7 +136,17 @@ fn load_certified_key(files: &TlsFiles, provider: &CryptoProvider) -> Result<Arc
         return Err(pem(&files.cert, "no CERTIFICATE block found".into()));
     }
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| pem(&files.key, e.to_string()))?;
-    Ok(Arc::new(CertifiedKey::from_der(certs, key, provider)?))
+    CertifiedKey::from_der(certs, key, provider).map(Arc::new).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => TlsError::Pem {
+            path: files.key.clone(),
+            reason: format!(
+                "this private key does not belong to the certificate in {}: give the key the certificate was issued \
+                 for",
+                files.cert.display()
+            ),
+        },
+        other => TlsError::Rustls(other),
+    })
 }
 
 /// What identifies a file's content cheaply: inode, size, modification time.

@@ -210,8 +210,18 @@ pub struct MessageReq {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyReq {
-    pub message: String,
+    pub message: Option<String>,
+    /// SHA-256 of the message, instead of the message (ECDSA keys).
+    pub digest: Option<String>,
     pub signature: String,
+}
+
+/// A message to sign, or its SHA-256 digest (ECDSA keys; for messages of any size).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignReq {
+    pub message: Option<String>,
+    pub digest: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -390,6 +400,7 @@ pub fn parse_all_request_types(data: &[u8]) -> usize {
         + ok::<DataKeyReq>(data)
         + ok::<MessageReq>(data)
         + ok::<VerifyReq>(data)
+        + ok::<SignReq>(data)
         + ok::<VerifyMacReq>(data)
         + ok::<RandomReq>(data)
         + ok::<PutSecretReq>(data)

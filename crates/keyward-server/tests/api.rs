@@ -170,6 +170,7 @@ async fn encrypt_decrypt_context_tamper_rotate_reencrypt() {
     // Re-encrypt to the newest version, then to another key with another context.
     let re = c.reencrypt(&ct.ciphertext, &cx, None, &cx).await.unwrap();
     assert_eq!((re.key.as_str(), re.key_version), ("app", 2));
+    assert_eq!((re.source_key.as_str(), re.source_key_version), ("app", 1), "the answer says what it came from");
     assert_eq!(&c.decrypt(&re.ciphertext, &cx).await.unwrap().plaintext[..], &pt[..]);
     let cx2 = ctx(&[("moved", "yes")]);
     let re2 = c.reencrypt(&ct.ciphertext, &cx, Some("other"), &cx2).await.unwrap();

@@ -40,7 +40,7 @@ async fn every_request_is_audited_without_secrets_and_the_chain_verifies() {
     let denied = recs.iter().find(|r| r["request_id"].as_str() == rid_denied.as_deref()).unwrap();
     assert_eq!(denied["status"], 401);
     assert_eq!(denied["identity"], "anonymous");
-    assert_eq!(denied["reason"], "invalid or expired token");
+    assert_eq!(denied["reason"], "unknown or revoked token", "the audit record says which token failure");
     let enc = &recs[1];
     assert_eq!(
         (enc["operation"].as_str(), enc["resource"].as_str(), enc["decision"].as_str()),

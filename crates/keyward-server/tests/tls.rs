@@ -106,7 +106,7 @@ async fn server_mode_requires_tls_and_serves_https() {
         .build()
         .unwrap();
     let h = probe.health().await.unwrap();
-    assert_eq!((h["status"].as_str(), h["ready"].as_bool()), (Some("sealed"), Some(false)), "{h}");
+    assert_eq!((h["status"].as_str(), h["ready"].as_bool()), (Some("uninitialized"), Some(false)), "{h}");
     let e = probe.request(reqwest::Method::GET, "/v1/health?ready=true", None).await.unwrap_err();
     assert_eq!(e.status(), Some(503), "{e}");
     let e = probe.request(reqwest::Method::GET, "/v1/health?readyy=true", None).await.unwrap_err();
@@ -134,12 +134,15 @@ async fn server_mode_requires_tls_and_serves_https() {
     let untrusting = keyward_client::Client::builder(&https).token(&token).build().unwrap();
     let e = untrusting.health().await.unwrap_err();
     assert!(matches!(e, keyward_client::Error::Transport { .. }), "{e}");
-    // Plain HTTP to the HTTPS port gets nothing useful.
+    // ...and says what to do about it, in words.
+    assert!(e.to_string().contains("set KEYWARD_CACERT (or --cacert) to the PEM file of that CA"), "{e}");
+    // Plain HTTP to the HTTPS port gets nothing useful but the advice to use HTTPS.
     let plain = keyward_client::Client::builder(format!("http://127.0.0.1:{}", running.addr.port()))
         .timeout(Duration::from_secs(5))
         .build()
         .unwrap();
-    assert!(plain.health().await.is_err());
+    let e = plain.health().await.unwrap_err();
+    assert!(e.to_string().contains("the server speaks HTTPS: use an https:// address"), "{e}");
 
     // Certificate reload: a new pair (signed by the same CA) is served without a restart; an
     // unusable pair is refused and the current certificate kept.
