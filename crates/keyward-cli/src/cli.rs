@@ -68,6 +68,18 @@ pub enum Command {
     Keyprovider(KeyproviderArgs),
     /// Show server health, seal state and unseal progress.
     Status,
+    /// Print a shell completion script: `keyward completion bash > /etc/bash_completion.d/keyward`.
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (keyward.1 and one per subcommand) into a directory.
+    Man {
+        /// Directory to write the pages into (created if missing).
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
     /// Seal ceremonies: init, unseal, seal, rekey, root key rotation.
     #[command(subcommand)]
     Operator(OperatorCmd),
@@ -156,6 +168,7 @@ pub enum Command {
     },
     /// Compute an HMAC over stdin; prints the MAC (base64).
     Mac {
+        /// Key name (hmac-sha256).
         #[arg(long)]
         key: String,
     },
@@ -170,6 +183,7 @@ pub enum Command {
     },
     /// Random bytes from the server's CSPRNG.
     Random {
+        /// How many bytes (1 to 1024).
         #[arg(long, default_value_t = 32)]
         bytes: usize,
         /// Encoding of the output.
@@ -250,7 +264,10 @@ pub enum WorkloadCmd {
         field: Option<String>,
     },
     /// This workload's value of a randomized secret (prints the value).
-    Randomized { name: String },
+    Randomized {
+        /// Name of the randomized secret.
+        name: String,
+    },
     /// Sign stdin with KEY; prints the signature in base64.
     Sign {
         /// Key name.
@@ -482,6 +499,7 @@ pub enum ImageCmd {
 pub enum RandomizedCmd {
     /// Create or replace a definition (`write` on randomized/NAME).
     Define {
+        /// Name of the randomized secret.
         name: String,
         /// password, api-key or bytes.
         #[arg(long, default_value = "password")]
@@ -500,10 +518,15 @@ pub enum RandomizedCmd {
         grace: Option<String>,
     },
     /// Show a definition (no value).
-    Show { name: String },
+    Show {
+        /// Name of the randomized secret.
+        name: String,
+    },
     /// Get your identity's value (`read` on randomized/NAME); with --value-only, just the value.
     Get {
+        /// Name of the randomized secret.
         name: String,
+        /// Print only the value.
         #[arg(long)]
         value_only: bool,
     },
@@ -788,10 +811,12 @@ pub fn parse_kv(s: &str) -> Result<(String, String), String> {
 pub enum KeyCmd {
     /// Create a key.
     Create {
+        /// Key name.
         name: String,
         /// Key type: aes256-gcm, hmac-sha256, ed25519, ecdsa-p256.
         #[arg(long = "type", default_value = "aes256-gcm")]
         key_type: String,
+        /// What the key is for (shown by `key show`).
         #[arg(long, default_value = "")]
         description: String,
         /// Rotate automatically, e.g. 90d.
@@ -800,44 +825,67 @@ pub enum KeyCmd {
     },
     /// List keys.
     List {
+        /// At most this many keys (the server's default page otherwise).
         #[arg(long)]
         limit: Option<u32>,
+        /// Continue after this key name (as printed after a page: `--after NAME`).
         #[arg(long)]
         after: Option<String>,
     },
     /// Show a key and its versions.
     #[command(visible_alias = "get")]
-    Show { name: String },
+    Show {
+        /// Key name.
+        name: String,
+    },
     /// Add a new version (older versions keep decrypting).
-    Rotate { name: String },
+    Rotate {
+        /// Key name.
+        name: String,
+    },
     /// Enable a disabled key.
-    Enable { name: String },
+    Enable {
+        /// Key name.
+        name: String,
+    },
     /// Disable a key (all cryptographic use refused).
-    Disable { name: String },
+    Disable {
+        /// Key name.
+        name: String,
+    },
     /// Set or clear automatic rotation.
     RotationPolicy {
+        /// Key name.
         name: String,
         /// Period such as 90d; omit with --off.
         #[arg(long, conflicts_with = "off")]
         rotate_every: Option<String>,
+        /// Stop rotating automatically.
         #[arg(long)]
         off: bool,
     },
     /// Schedule deletion after a pending window (default 7 days, minimum 1).
     Delete {
+        /// Key name.
         name: String,
+        /// Days before the key is deleted for good (default 7, at least 1).
         #[arg(long)]
         pending_days: Option<u32>,
     },
     /// Cancel a scheduled deletion (the key comes back disabled).
-    CancelDelete { name: String },
+    CancelDelete {
+        /// Key name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum SecretCmd {
     /// Write a new version: KEY=VALUE, KEY=@FILE (value from a file) or KEY=- (from stdin).
     Put {
+        /// Secret path, e.g. app/db.
         path: String,
+        /// Fields KEY=VALUE, KEY=@FILE or KEY=-.
         #[arg(value_parser = parse_kv)]
         fields: Vec<(String, String)>,
         /// Read all fields from a JSON object file ("-" for stdin).
@@ -850,7 +898,9 @@ pub enum SecretCmd {
     /// Read a secret.
     #[command(visible_alias = "show")]
     Get {
+        /// Secret path, e.g. app/db.
         path: String,
+        /// Version (default: the latest).
         #[arg(long)]
         version: Option<u32>,
         /// Print only this field's value.
@@ -859,30 +909,42 @@ pub enum SecretCmd {
     },
     /// List secret paths under a prefix.
     List {
+        /// Path prefix (default: every path).
         #[arg(default_value = "")]
         prefix: String,
+        /// At most this many paths.
         #[arg(long)]
         limit: Option<u32>,
+        /// Continue after this path.
         #[arg(long)]
         after: Option<String>,
     },
     /// Version history.
-    Versions { path: String },
+    Versions {
+        /// Secret path, e.g. app/db.
+        path: String,
+    },
     /// Soft-delete versions (default: latest).
     Delete {
+        /// Secret path, e.g. app/db.
         path: String,
+        /// Versions, comma-separated (default: the latest).
         #[arg(long, value_delimiter = ',')]
         versions: Vec<u32>,
     },
     /// Undo a soft delete (default: latest).
     Undelete {
+        /// Secret path, e.g. app/db.
         path: String,
+        /// Versions, comma-separated (default: the latest).
         #[arg(long, value_delimiter = ',')]
         versions: Vec<u32>,
     },
     /// Erase versions for good.
     Destroy {
+        /// Secret path, e.g. app/db.
         path: String,
+        /// Versions, comma-separated.
         #[arg(long, value_delimiter = ',', required = true)]
         versions: Vec<u32>,
     },
@@ -893,10 +955,13 @@ pub struct BenchArgs {
     /// encrypt, decrypt, generate-data-key, secret-get, secret-put, key-create or workload-secret.
     #[arg(long, default_value = "encrypt")]
     pub op: String,
+    /// Requests in flight at once.
     #[arg(long, short = 'c', default_value_t = 32)]
     pub concurrency: usize,
+    /// How long to measure, e.g. 30s.
     #[arg(long, short = 'd', default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: std::time::Duration,
+    /// Load before measuring starts (not counted).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub warmup: std::time::Duration,
     /// Payload size in bytes.
@@ -951,14 +1016,25 @@ pub enum PolicyCmd {
     /// {"description": "...", "identities": [["k8s:ns:app", "k8s:sa:api"]],
     ///  "rules": [{"resources": ["keys/app"], "operations": ["encrypt"], "require": ["k8s:ns:app"]}]}
     /// (`identities` and `require` are optional; see docs/policies.md)
-    Put { name: String, file: PathBuf },
+    Put {
+        /// Policy name.
+        name: String,
+        /// The policy's JSON file ("-" for stdin).
+        file: PathBuf,
+    },
     /// List policy names.
     List,
     /// Show a policy.
     #[command(visible_alias = "get")]
-    Show { name: String },
+    Show {
+        /// Policy name.
+        name: String,
+    },
     /// Delete a policy.
-    Delete { name: String },
+    Delete {
+        /// Policy name.
+        name: String,
+    },
     /// Dry run: would this token (accessor), or an identity with these policies and selectors,
     /// be allowed OPERATION on RESOURCE, and by which grant?
     Check {
@@ -971,7 +1047,9 @@ pub enum PolicyCmd {
         /// Identity selectors, e.g. k8s:ns:payments or cert:cn:billing (repeatable).
         #[arg(long = "selector")]
         selectors: Vec<String>,
+        /// Operation, e.g. decrypt.
         operation: String,
+        /// Resource, e.g. keys/payments.
         resource: String,
     },
 }
@@ -1003,11 +1081,20 @@ pub enum TokenCmd {
     /// every token with `admin` on auth/token.
     List,
     /// Look a token up by accessor.
-    Lookup { accessor: String },
+    Lookup {
+        /// The token's accessor (as `token list` prints it).
+        accessor: String,
+    },
     /// Renew a token by accessor (or your own with no accessor).
-    Renew { accessor: Option<String> },
+    Renew {
+        /// The token's accessor (default: your own token).
+        accessor: Option<String>,
+    },
     /// Revoke a token and all tokens created from it (or your own with no accessor).
-    Revoke { accessor: Option<String> },
+    Revoke {
+        /// The token's accessor (default: your own token).
+        accessor: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -1065,6 +1152,7 @@ pub enum K8sCmd {
 pub enum K8sRoleCmd {
     /// Create or replace a role.
     Put {
+        /// Role name.
         name: String,
         /// Bound namespace (repeatable; `*` for any).
         #[arg(long = "namespace", required = true)]
@@ -1088,7 +1176,41 @@ pub enum K8sRoleCmd {
     /// List roles.
     List,
     /// Show a role.
-    Show { name: String },
+    Show {
+        /// Role name.
+        name: String,
+    },
     /// Delete a role.
-    Delete { name: String },
+    Delete {
+        /// Role name.
+        name: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    fn undocumented(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        let here = format!("{path} {}", cmd.get_name());
+        if cmd.get_about().is_none() && !path.is_empty() {
+            out.push(format!("{here}: the command"));
+        }
+        for a in cmd.get_arguments() {
+            if !a.is_hide_set() && a.get_help().is_none() && a.get_long_help().is_none() {
+                out.push(format!("{here}: {}", a.get_id()));
+            }
+        }
+        for sc in cmd.get_subcommands() {
+            undocumented(sc, &here, out);
+        }
+    }
+
+    #[test]
+    fn every_command_and_argument_says_what_it_is() {
+        super::Cli::command().debug_assert();
+        let mut missing = Vec::new();
+        undocumented(&super::Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "without help text:\n{}", missing.join("\n"));
+    }
 }

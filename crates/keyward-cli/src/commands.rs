@@ -285,6 +285,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut buf = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "keyward", &mut buf);
+            write_out(&buf)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { out } => {
+            std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::generate_to(cmd, out).with_context(|| format!("writing man pages into {}", out.display()))?;
+            eprintln!("Man pages written to {} (try `man -l {}/keyward.1`).", out.display(), out.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Operator(o) => operator(&cli, o).await,
         Command::Key(k) => key(&cli, k).await,
         Command::Encrypt { key, ctx, base64 } => {

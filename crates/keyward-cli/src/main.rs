@@ -6,10 +6,47 @@ mod commands;
 mod image;
 mod output;
 
-use clap::Parser;
+/// Options of the client commands that the server processes do not take: (id, flag, short).
+const CLIENT_ONLY: [(&str, &str, Option<char>); 6] = [
+    ("addr", "addr", None),
+    ("token", "token", None),
+    ("cacert", "cacert", None),
+    ("client_cert", "client-cert", None),
+    ("client_key", "client-key", None),
+    ("output", "output", Some('o')),
+];
+/// Commands that run a server.
+const SERVERS: [&str; 2] = ["server", "dev"];
 
 fn main() -> std::process::ExitCode {
-    let cli = cli::Cli::parse();
+    // The client options are global (they may follow any subcommand), but `server` and `dev`
+    // neither show nor take them: each gets a hidden option of the same name, which keeps the
+    // global one out of it, and is refused if given.
+    let mut cmd = <cli::Cli as clap::CommandFactory>::command();
+    for name in SERVERS {
+        cmd = cmd.mut_subcommand(name, |s| {
+            CLIENT_ONLY.iter().fold(s, |s, (id, long, short)| {
+                let a = clap::Arg::new(*id).long(*long).hide(true).action(clap::ArgAction::Set);
+                s.arg(match short {
+                    Some(c) => a.short(*c),
+                    None => a,
+                })
+            })
+        })
+    }
+    let matches = cmd.get_matches();
+    if let Some((name, sub)) = matches.subcommand()
+        && SERVERS.contains(&name)
+        && let Some((_, long, _)) =
+            CLIENT_ONLY.iter().find(|(id, _, _)| sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+    {
+        eprintln!("error: --{long} is an option of the client commands; `keyward {name}` does not take it");
+        return std::process::ExitCode::from(2);
+    }
+    let cli = match <cli::Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     let daemon = matches!(
         cli.command,
         cli::Command::Dev(_)

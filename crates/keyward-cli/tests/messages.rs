@@ -246,3 +246,41 @@ fn artifacts_of_any_size_are_signed_by_digest() {
     assert!(e.contains("use an ecdsa-p256 key for larger ones"), "{e}");
     assert!(ok(&dev, &["sign", "--key", "ed"], small).len() > 40);
 }
+
+#[test]
+fn help_completions_and_man_pages_come_from_the_command_definitions() {
+    // Server commands neither show nor take the client options.
+    for cmd in ["server", "dev"] {
+        let help = String::from_utf8(kw_env(&[cmd, "--help"], &[], b"").stdout).unwrap();
+        for flag in ["--token", "--client-cert", "--output", "--cacert"] {
+            assert!(!help.contains(flag), "{cmd} --help shows {flag}");
+        }
+        let required: &[&str] =
+            if cmd == "server" { &["--data", "d", "--tls-cert", "c", "--tls-key", "k"] } else { &[] };
+        let e = one_error(&kw_env(&[&[cmd, "--token", "x"][..], required].concat(), &[], b""));
+        assert!(e.contains("--token is an option of the client commands"), "{e}");
+    }
+    // ...which the client commands still take after the subcommand.
+    let help = String::from_utf8(kw_env(&["key", "list", "--help"], &[], b"").stdout).unwrap();
+    assert!(help.contains("--token") && help.contains("--output"), "{help}");
+
+    let dir = tempfile::tempdir().unwrap();
+    for shell in ["bash", "zsh", "fish"] {
+        let o = kw_env(&["completion", shell], &[], b"");
+        assert!(o.status.success());
+        let script = String::from_utf8(o.stdout).unwrap();
+        assert!(script.contains("generate-data-key") && script.contains("--signature-file"), "{shell}");
+        if shell == "bash" {
+            let f = dir.path().join("keyward.bash");
+            std::fs::write(&f, &script).unwrap();
+            assert!(Command::new("bash").arg("-n").arg(&f).status().unwrap().success(), "valid bash");
+        }
+    }
+    let man = dir.path().join("man");
+    let o = kw_env(&["man", "--out", man.to_str().unwrap()], &[], b"");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let page = std::fs::read_to_string(man.join("keyward-sign.1")).unwrap();
+    assert!(page.starts_with(".ie") || page.contains(".TH"), "a roff page");
+    assert!(page.contains("signature\\-file"), "{page}");
+    assert!(man.join("keyward.1").exists() && man.join("keyward-node-revoke.1").exists());
+}
