@@ -289,6 +289,24 @@ pub enum WorkloadCmd {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum AliasCmd {
+    /// Point an alias at a key (creates it, or moves it).
+    Set {
+        /// The alias, alias/NAME.
+        alias: String,
+        /// The key it names.
+        key: String,
+    },
+    /// List aliases and the keys they name.
+    List,
+    /// Delete an alias (the key stays).
+    Delete {
+        /// The alias, alias/NAME.
+        alias: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum OperatorCmd {
     /// Initialise a new server: prints the unseal key shares (recovery shares with the PKCS#11
     /// seal) and the root token, once.
@@ -872,6 +890,18 @@ pub enum KeyCmd {
         #[arg(long)]
         pending_days: Option<u32>,
     },
+    /// Change a key's description.
+    Update {
+        /// Key name (or alias).
+        name: String,
+        /// The new description.
+        #[arg(long)]
+        description: String,
+    },
+    /// Aliases: `alias/NAME` names a key wherever a key name is accepted; point it at a new
+    /// key to move every user of the alias at once.
+    #[command(subcommand)]
+    Alias(AliasCmd),
     /// Cancel a scheduled deletion (the key comes back disabled).
     CancelDelete {
         /// Key name.

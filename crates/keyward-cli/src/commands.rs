@@ -373,7 +373,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Signable::Message(m) => json!({"message": STANDARD.encode(&m)}),
                 Signable::Digest(d) => json!({"digest": STANDARD.encode(d)}),
             };
-            let v = client(&cli)?.request(reqwest_post(), &format!("/v1/keys/{key}/sign"), Some(&body)).await?;
+            let v = client(&cli)?
+                .request(reqwest_post(), &format!("/v1/keys/{}/sign", keyward_client::key_segment(key)), Some(&body))
+                .await?;
             match signature_file {
                 Some(f) => {
                     let sig =
@@ -401,7 +403,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Signable::Digest(d) => json!({"digest": STANDARD.encode(d)}),
             };
             body["signature"] = json!(signature);
-            let v = client(&cli)?.request(reqwest_post(), &format!("/v1/keys/{key}/verify"), Some(&body)).await?;
+            let v = client(&cli)?
+                .request(reqwest_post(), &format!("/v1/keys/{}/verify", keyward_client::key_segment(key)), Some(&body))
+                .await?;
             validity(cli.output, &v)
         }
         Command::Mac { key } => {
@@ -409,7 +413,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let v = client(&cli)?
                 .request(
                     reqwest_post(),
-                    &format!("/v1/keys/{key}/mac"),
+                    &format!("/v1/keys/{}/mac", keyward_client::key_segment(key)),
                     Some(&json!({"message": STANDARD.encode(&msg)})),
                 )
                 .await?;
@@ -420,7 +424,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let v = client(&cli)?
                 .request(
                     reqwest_post(),
-                    &format!("/v1/keys/{key}/verify-mac"),
+                    &format!("/v1/keys/{}/verify-mac", keyward_client::key_segment(key)),
                     Some(&json!({"message": STANDARD.encode(&msg), "mac": mac.trim()})),
                 )
                 .await?;
@@ -589,13 +593,33 @@ async fn key(cli: &Cli, k: &KeyCmd) -> anyhow::Result<ExitCode> {
             v
         }
         KeyCmd::Delete { name, pending_days } => c.schedule_deletion(name, *pending_days).await?,
+        KeyCmd::Update { name, description } => {
+            c.request(
+                keyward_client::Method::PATCH,
+                &format!("/v1/keys/{}", keyward_client::key_segment(name)),
+                Some(&json!({"description": description})),
+            )
+            .await?
+        }
+        KeyCmd::Alias(AliasCmd::List) => c.request(keyward_client::Method::GET, "/v1/aliases", None).await?,
+        KeyCmd::Alias(AliasCmd::Set { alias, key }) => {
+            c.request(
+                keyward_client::Method::PUT,
+                &format!("/v1/aliases/{}", alias_segment(alias)?),
+                Some(&json!({"key": key})),
+            )
+            .await?
+        }
+        KeyCmd::Alias(AliasCmd::Delete { alias }) => {
+            c.request(keyward_client::Method::DELETE, &format!("/v1/aliases/{}", alias_segment(alias)?), None).await?
+        }
         KeyCmd::RotationPolicy { name, rotate_every, off } => {
             if rotate_every.is_none() && !off {
                 bail!("give --rotate-every PERIOD or --off");
             }
             c.request(
                 keyward_client::Method::PUT,
-                &format!("/v1/keys/{name}/rotation-policy"),
+                &format!("/v1/keys/{}/rotation-policy", keyward_client::key_segment(name)),
                 Some(&json!({"rotate_every": rotate_every})),
             )
             .await?
@@ -603,6 +627,14 @@ async fn key(cli: &Cli, k: &KeyCmd) -> anyhow::Result<ExitCode> {
     };
     print_value(cli.output, &v)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `alias/NAME` as the last segment of `/v1/aliases/NAME`.
+fn alias_segment(alias: &str) -> anyhow::Result<String> {
+    match alias.strip_prefix("alias/") {
+        Some(n) if !n.is_empty() && !n.contains('/') => Ok(keyward_client::key_segment(n)),
+        _ => bail!("an alias is written alias/NAME (e.g. alias/payments-current), not {alias:?}"),
+    }
 }
 
 fn field_value(v: &str) -> anyhow::Result<String> {

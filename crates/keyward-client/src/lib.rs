@@ -437,6 +437,11 @@ pub(crate) fn check_path(path: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// A key name or alias (`alias/NAME`) as one path segment.
+pub fn key_segment(name: &str) -> String {
+    seg(name).replace('/', "%2F")
+}
+
 /// Percent-encode one path segment (key names are already restricted; this is belt and braces).
 fn seg(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -602,17 +607,18 @@ impl Client {
 
     /// Describe a key.
     pub async fn describe_key(&self, name: &str) -> Result<Value, Error> {
-        self.request(reqwest::Method::GET, &format!("/v1/keys/{}", seg(name)), None).await
+        self.request(reqwest::Method::GET, &format!("/v1/keys/{}", key_segment(name)), None).await
     }
 
     /// A key lifecycle action: `enable`, `disable`, `rotate`, `cancel-deletion`.
     pub async fn key_action(&self, name: &str, action: &str) -> Result<Value, Error> {
-        self.post(&format!("/v1/keys/{}/{action}", seg(name)), json!({})).await
+        self.post(&format!("/v1/keys/{}/{action}", key_segment(name)), json!({})).await
     }
 
     /// Schedule deletion after `pending_days` (server default 7).
     pub async fn schedule_deletion(&self, name: &str, pending_days: Option<u32>) -> Result<Value, Error> {
-        self.post(&format!("/v1/keys/{}/schedule-deletion", seg(name)), json!({"pending_days": pending_days})).await
+        self.post(&format!("/v1/keys/{}/schedule-deletion", key_segment(name)), json!({"pending_days": pending_days}))
+            .await
     }
 
     /// Encrypt under a key.
@@ -625,7 +631,7 @@ impl Client {
         let pt = Zeroizing::new(STANDARD.encode(plaintext));
         let body = EncryptBody { plaintext: &pt, context };
         let o: CipherOut =
-            self.call(reqwest::Method::POST, &format!("/v1/keys/{}/encrypt", seg(key)), Some(&body)).await?;
+            self.call(reqwest::Method::POST, &format!("/v1/keys/{}/encrypt", key_segment(key)), Some(&body)).await?;
         Ok(Encrypted { ciphertext: unb64(&o.ciphertext)?, key: o.key, key_version: o.key_version })
     }
 
@@ -677,7 +683,9 @@ impl Client {
         with_plaintext: bool,
     ) -> Result<DataKey, Error> {
         let op = if with_plaintext { "generate-data-key" } else { "generate-data-key-without-plaintext" };
-        let v = self.post(&format!("/v1/keys/{}/{op}", seg(key)), json!({"context": context, "bytes": bytes})).await?;
+        let v = self
+            .post(&format!("/v1/keys/{}/{op}", key_segment(key)), json!({"context": context, "bytes": bytes}))
+            .await?;
         let plaintext = match v["plaintext"].as_str() {
             Some(p) => Some(Zeroizing::new(unb64(p)?)),
             None => None,

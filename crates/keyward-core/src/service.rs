@@ -34,6 +34,12 @@ const ROOT_WRAPPED_META: &[(&str, &[u8])] = &[
 ];
 const ROOT_CHECK_PLAINTEXT: &[u8] = b"keyward root key check";
 const CAS_RETRIES: usize = 8;
+/// Aliases name keys: `alias/NAME`, usable wherever a key name is (as in AWS KMS).
+pub const ALIAS_PREFIX: &str = "alias/";
+/// Where the alias table is kept (one document, changed with compare-and-set).
+const ALIASES_META: &str = "key-aliases";
+/// Most aliases a store holds.
+const MAX_ALIASES: usize = 10_000;
 
 /// A key as held in memory: metadata and every version unwrapped.
 #[derive(Debug)]
@@ -1173,6 +1179,10 @@ impl Kms {
         if let Some(k) = self.cached_by_name(name) {
             return Ok(k);
         }
+        if name.starts_with(ALIAS_PREFIX) {
+            // Callers resolve aliases first: one that reaches here names nothing.
+            return Err(not_found("alias", name));
+        }
         validate::key_name(name)?;
         let rec = self.store.get_key(name).await?.ok_or_else(|| not_found("key", name))?;
         self.load(rec).await
@@ -1284,6 +1294,9 @@ impl Kms {
         name: &str,
         f: impl Fn(&mut KeyRecord, i64) -> Result<(), KmsError>,
     ) -> Result<KeyDescription, KmsError> {
+        if name.starts_with(ALIAS_PREFIX) {
+            return Err(not_found("alias", name));
+        }
         validate::key_name(name)?;
         for _ in 0..CAS_RETRIES {
             let mut rec = self.store.get_key(name).await?.ok_or_else(|| not_found("key", name))?;
@@ -1302,6 +1315,82 @@ impl Kms {
             }
         }
         Err(KmsError::Conflict(format!("key {name:?} is being changed concurrently; retry")))
+    }
+
+    /// Set a key's description.
+    pub async fn set_key_description(&self, name: &str, description: &str) -> Result<KeyDescription, KmsError> {
+        check_len("description", description.len(), MAX_DESCRIPTION)?;
+        self.update_key_with(name, |r, _| {
+            r.description = description.to_string();
+            Ok(())
+        })
+        .await
+    }
+
+    // ----- aliases --------------------------------------------------------------------------
+
+    /// The key an alias names (`alias/NAME`), or the name itself if it is not an alias.
+    /// Aliases are read from the store at each use, so every server sees a change at once.
+    pub async fn resolve_key_name(&self, name: &str) -> Result<String, KmsError> {
+        if !name.starts_with(ALIAS_PREFIX) {
+            return Ok(name.to_string());
+        }
+        validate::alias_name(name)?;
+        self.aliases().await?.remove(name).ok_or_else(|| not_found("alias", name))
+    }
+
+    async fn aliases_raw(&self) -> Result<(Option<Vec<u8>>, BTreeMap<String, String>), KmsError> {
+        let raw = self.store.get_meta(ALIASES_META).await?;
+        let map = match &raw {
+            Some(b) => serde_json::from_slice(b).map_err(|e| KmsError::Internal(format!("alias table: {e}")))?,
+            None => BTreeMap::new(),
+        };
+        Ok((raw, map))
+    }
+
+    /// Every alias and the key it names.
+    pub async fn aliases(&self) -> Result<BTreeMap<String, String>, KmsError> {
+        Ok(self.aliases_raw().await?.1)
+    }
+
+    /// Point `alias` at `key` (an existing key, not an alias); returns the key it named before.
+    pub async fn set_alias(&self, alias: &str, key: &str) -> Result<Option<String>, KmsError> {
+        validate::alias_name(alias)?;
+        validate::key_name(key)?;
+        self.store.get_key(key).await?.ok_or_else(|| not_found("key", key))?;
+        self.change_aliases(|m| {
+            if !m.contains_key(alias) && m.len() >= MAX_ALIASES {
+                return Err(KmsError::invalid(format!("at most {MAX_ALIASES} aliases")));
+            }
+            Ok(m.insert(alias.to_string(), key.to_string()))
+        })
+        .await
+    }
+
+    /// Remove an alias; returns the key it named.
+    pub async fn delete_alias(&self, alias: &str) -> Result<String, KmsError> {
+        validate::alias_name(alias)?;
+        self.change_aliases(|m| m.remove(alias).ok_or_else(|| not_found("alias", alias))).await
+    }
+
+    async fn change_aliases<T>(
+        &self,
+        f: impl Fn(&mut BTreeMap<String, String>) -> Result<T, KmsError>,
+    ) -> Result<T, KmsError> {
+        self.require_fresh()?;
+        for _ in 0..CAS_RETRIES {
+            let (raw, mut map) = self.aliases_raw().await?;
+            let out = f(&mut map)?;
+            let next = serde_json::to_vec(&map).map_err(|e| KmsError::Internal(e.to_string()))?;
+            let done = match &raw {
+                None => self.store.put_meta_if_absent(ALIASES_META, &next).await?,
+                Some(old) => self.store.replace_meta(ALIASES_META, old, &next).await?,
+            };
+            if done {
+                return Ok(out);
+            }
+        }
+        Err(KmsError::Conflict("the aliases are being changed concurrently; retry".into()))
     }
 
     /// Enable a disabled key.

@@ -20,6 +20,17 @@ pub fn key_name(name: &str) -> Result<(), KmsError> {
     }
 }
 
+/// Check an alias: `alias/` and then what a key name may be.
+pub fn alias_name(name: &str) -> Result<(), KmsError> {
+    match name.strip_prefix(crate::service::ALIAS_PREFIX) {
+        Some(rest) if key_name(rest).is_ok() => Ok(()),
+        _ => Err(KmsError::invalid(format!(
+            "alias {name:?} is invalid: `alias/` then 1 to {MAX_KEY_NAME} characters from A-Z a-z 0-9 _ - ., \
+             starting with a letter or digit"
+        ))),
+    }
+}
+
 /// The first path segment reserved for Keyward's own secrets (randomized secret values).
 pub const RESERVED_SECRET_PREFIX: &str = "_keyward/";
 

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use crate::audit::AuditCtx;
 use crate::error::ApiError;
-use crate::extract::{Caller, RequestId, StrictJson, StrictQuery};
+use crate::extract::{Caller, KeyName, RequestId, StrictJson, StrictQuery};
 use crate::k8s_auth::K8sAuth;
 use crate::sealing::Sealing;
 use crate::wire::*;
@@ -110,6 +110,10 @@ pub fn route_table() -> Vec<(&'static str, &'static str, bool, MethodRouter<AppS
         ("post", "/v1/keys", false, post(create_key)),
         ("get", "/v1/keys", false, get(list_keys)),
         ("get", "/v1/keys/{name}", false, get(describe_key)),
+        ("patch", "/v1/keys/{name}", false, axum::routing::patch(update_key)),
+        ("get", "/v1/aliases", false, get(list_aliases)),
+        ("put", "/v1/aliases/{name}", false, put(set_alias)),
+        ("delete", "/v1/aliases/{name}", false, axum::routing::delete(delete_alias)),
         ("post", "/v1/keys/{name}/enable", false, post(enable_key)),
         ("post", "/v1/keys/{name}/disable", false, post(disable_key)),
         ("post", "/v1/keys/{name}/rotate", false, post(rotate_key)),
@@ -983,9 +987,77 @@ async fn list_keys(State(st): State<AppState>, c: Caller, StrictQuery(q): Strict
     ok(json!({"keys": keys, "next": next}))
 }
 
-async fn describe_key(State(st): State<AppState>, c: Caller, Path(name): Path<String>) -> ApiResult {
+async fn describe_key(State(st): State<AppState>, c: Caller, KeyName(name): KeyName) -> ApiResult {
     allow(&st, &c, "read", &format!("keys/{name}"))?;
     ok(serde_json::to_value(KeyOut::from_description(&st.kms()?.describe_key(&name).await?)).unwrap_or_default())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateKeyReq {
+    description: String,
+}
+
+/// `PATCH /v1/keys/{name}`: change what can change in place (the description).
+async fn update_key(
+    State(st): State<AppState>,
+    c: Caller,
+    KeyName(name): KeyName,
+    StrictJson(r): StrictJson<UpdateKeyReq>,
+) -> ApiResult {
+    key_admin(&st, &c, &name).await?;
+    key_json(&st.kms()?.set_key_description(&name, &r.description).await?)
+}
+
+async fn list_aliases(State(st): State<AppState>, c: Caller) -> ApiResult {
+    allow(&st, &c, "list", "keys/")?;
+    let aliases: Vec<Value> =
+        st.kms()?.aliases().await?.into_iter().map(|(a, k)| json!({"alias": a, "key": k})).collect();
+    ok(json!({"aliases": aliases}))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AliasReq {
+    key: String,
+}
+
+/// `PUT /v1/aliases/{name}`: point `alias/NAME` at a key (`admin` on that key, and on the key
+/// it named before).
+async fn set_alias(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+    StrictJson(r): StrictJson<AliasReq>,
+) -> ApiResult {
+    let alias = format!("{}{name}", keyward_core::service::ALIAS_PREFIX);
+    keyward_core::validate::alias_name(&alias)?;
+    key_admin(&st, &c, &r.key).await?;
+    let kms = st.kms()?;
+    if let Ok(before) = kms.resolve_key_name(&alias).await
+        && before != r.key
+    {
+        key_admin(&st, &c, &before).await?;
+    }
+    let previous = kms.set_alias(&alias, &r.key).await?;
+    ok(json!({"alias": alias, "key": r.key, "previous": previous}))
+}
+
+/// `DELETE /v1/aliases/{name}` (`admin` on the key it names).
+async fn delete_alias(State(st): State<AppState>, c: Caller, Path(name): Path<String>) -> ApiResult {
+    let alias = format!("{}{name}", keyward_core::service::ALIAS_PREFIX);
+    keyward_core::validate::alias_name(&alias)?;
+    let kms = st.kms()?;
+    match kms.resolve_key_name(&alias).await {
+        Ok(key) => key_admin(&st, &c, &key).await?,
+        // Nothing to say about an alias to a caller who could not manage keys at all.
+        Err(e) => {
+            allow(&st, &c, "admin", "keys/")?;
+            return Err(e.into());
+        }
+    }
+    let key = kms.delete_alias(&alias).await?;
+    ok(json!({"alias": alias, "deleted": true, "key": key}))
 }
 
 async fn key_admin(st: &AppState, c: &Caller, name: &str) -> Result<(), ApiError> {
@@ -999,7 +1071,7 @@ fn key_json(d: &keyward_core::service::KeyDescription) -> ApiResult {
 async fn enable_key(
     State(st): State<AppState>,
     c: Caller,
-    Path(name): Path<String>,
+    KeyName(name): KeyName,
     StrictJson(_): StrictJson<Empty>,
 ) -> ApiResult {
     key_admin(&st, &c, &name).await?;
@@ -1009,7 +1081,7 @@ async fn enable_key(
 async fn disable_key(
     State(st): State<AppState>,
     c: Caller,
-    Path(name): Path<String>,
+    KeyName(name): KeyName,
     StrictJson(_): StrictJson<Empty>,
 ) -> ApiResult {
     key_admin(&st, &c, &name).await?;
@@ -1019,7 +1091,7 @@ async fn disable_key(
 async fn rotate_key(
     State(st): State<AppState>,
     c: Caller,
-    Path(name): Path<String>,
+    KeyName(name): KeyName,
     StrictJson(_): StrictJson<Empty>,
 ) -> ApiResult {
     key_admin(&st, &c, &name).await?;
@@ -1029,7 +1101,7 @@ async fn rotate_key(
 async fn rotation_policy(
     State(st): State<AppState>,
     c: Caller,
-    Path(name): Path<String>,
+    KeyName(name): KeyName,
     StrictJson(r): StrictJson<RotationPolicyReq>,
 ) -> ApiResult {
     key_admin(&st, &c, &name).await?;
@@ -1040,7 +1112,7 @@ async fn rotation_policy(
 async fn schedule_deletion(
     State(st): State<AppState>,
     c: Caller,
-    Path(name): Path<String>,
+    KeyName(name): KeyName,
     StrictJson(r): StrictJson<ScheduleDeletionReq>,
 ) -> ApiResult {
     key_admin(&st, &c, &name).await?;
@@ -1050,7 +1122,7 @@ async fn schedule_deletion(
 async fn cancel_deletion(
     State(st): State<AppState>,
     c: Caller,
-    Path(name): Path<String>,
+    KeyName(name): KeyName,
     StrictJson(_): StrictJson<Empty>,
 ) -> ApiResult {
     key_admin(&st, &c, &name).await?;
@@ -1062,7 +1134,7 @@ async fn cancel_deletion(
 async fn encrypt(
     State(st): State<AppState>,
     c: Caller,
-    Path(name): Path<String>,
+    KeyName(name): KeyName,
     StrictJson(r): StrictJson<EncryptReq>,
 ) -> ApiResult {
     c.1.set_context(&r.context);
@@ -1096,10 +1168,15 @@ async fn reencrypt(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJ
     c.1.set_context(&r.context);
     let ct = unb64("ciphertext", &r.ciphertext)?;
     allow(&st, &c, "decrypt", &key_resource_of(&st, &ct).await?)?;
-    if let Some(dest) = &r.destination_key {
-        allow(&st, &c, "encrypt", &format!("keys/{dest}"))?;
-    }
-    let r = st.kms()?.reencrypt(&ct, &r.context, r.destination_key.as_deref(), &r.destination_context).await?;
+    let dest = match &r.destination_key {
+        Some(d) => {
+            let d = st.kms()?.resolve_key_name(d).await.unwrap_or_else(|_| d.clone());
+            allow(&st, &c, "encrypt", &format!("keys/{d}"))?;
+            Some(d)
+        }
+        None => None,
+    };
+    let r = st.kms()?.reencrypt(&ct, &r.context, dest.as_deref(), &r.destination_context).await?;
     let e = &r.encrypted;
     ok(json!({
         "ciphertext": b64(&e.ciphertext), "key": e.key_name, "key_version": e.key_version,
@@ -1121,7 +1198,7 @@ async fn data_key_common(st: &AppState, c: &Caller, name: &str, r: DataKeyReq, w
 async fn data_key(
     State(st): State<AppState>,
     c: Caller,
-    Path(name): Path<String>,
+    KeyName(name): KeyName,
     StrictJson(r): StrictJson<DataKeyReq>,
 ) -> ApiResult {
     data_key_common(&st, &c, &name, r, true).await
@@ -1130,7 +1207,7 @@ async fn data_key(
 async fn data_key_without_plaintext(
     State(st): State<AppState>,
     c: Caller,
-    Path(name): Path<String>,
+    KeyName(name): KeyName,
     StrictJson(r): StrictJson<DataKeyReq>,
 ) -> ApiResult {
     data_key_common(&st, &c, &name, r, false).await
@@ -1139,7 +1216,7 @@ async fn data_key_without_plaintext(
 async fn sign(
     State(st): State<AppState>,
     c: Caller,
-    Path(name): Path<String>,
+    KeyName(name): KeyName,
     StrictJson(r): StrictJson<SignReq>,
 ) -> ApiResult {
     allow(&st, &c, "sign", &format!("keys/{name}"))?;
@@ -1154,7 +1231,7 @@ async fn sign(
 async fn verify(
     State(st): State<AppState>,
     c: Caller,
-    Path(name): Path<String>,
+    KeyName(name): KeyName,
     StrictJson(r): StrictJson<VerifyReq>,
 ) -> ApiResult {
     allow(&st, &c, "verify", &format!("keys/{name}"))?;
@@ -1170,7 +1247,7 @@ async fn verify(
 async fn mac(
     State(st): State<AppState>,
     c: Caller,
-    Path(name): Path<String>,
+    KeyName(name): KeyName,
     StrictJson(r): StrictJson<MessageReq>,
 ) -> ApiResult {
     allow(&st, &c, "mac", &format!("keys/{name}"))?;
@@ -1181,7 +1258,7 @@ async fn mac(
 async fn verify_mac(
     State(st): State<AppState>,
     c: Caller,
-    Path(name): Path<String>,
+    KeyName(name): KeyName,
     StrictJson(r): StrictJson<VerifyMacReq>,
 ) -> ApiResult {
     allow(&st, &c, "verify-mac", &format!("keys/{name}"))?;

@@ -105,3 +105,28 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
             .ok_or_else(|| ApiError::from(keyward_core::KmsError::Unauthenticated(keyward_core::AuthFailure::Missing)))
     }
 }
+
+/// A key named in the path, by name or by alias (`alias/NAME`, percent-encoded as
+/// `alias%2FNAME`): the key's name. An alias that names nothing is kept as it is, so the
+/// handler authorizes it like any key and the service then answers "alias not found" (no
+/// answer about aliases before authorization).
+#[derive(Debug)]
+pub struct KeyName(pub String);
+
+impl FromRequestParts<crate::api::AppState> for KeyName {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, st: &crate::api::AppState) -> Result<Self, Self::Rejection> {
+        let axum::extract::Path(name) = axum::extract::Path::<String>::from_request_parts(parts, st)
+            .await
+            .map_err(|e| ApiError::invalid(format!("bad key name in the path: {e}")))?;
+        if !name.starts_with(keyward_core::service::ALIAS_PREFIX) {
+            return Ok(Self(name));
+        }
+        match st.kms()?.resolve_key_name(&name).await {
+            Ok(key) => Ok(Self(key)),
+            Err(keyward_core::KmsError::NotFound { .. }) => Ok(Self(name)),
+            Err(e) => Err(e.into()),
+        }
+    }
+}

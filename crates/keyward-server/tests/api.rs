@@ -547,3 +547,62 @@ async fn a_data_directory_or_key_of_another_user_is_refused() {
         assert!(e.to_string().contains("belongs to another user"), "{e}");
     }
 }
+
+#[tokio::test]
+async fn aliases_name_keys_and_are_authorized_on_the_key_they_name() {
+    use reqwest::Method;
+    let s = TestServer::start().await;
+    let root = s.client();
+    for k in ["pay-2025", "pay-2026", "hr"] {
+        root.create_key(k, "aes256-gcm", "", None).await.unwrap();
+    }
+    let v = root.request(Method::PUT, "/v1/aliases/pay", Some(&json!({"key": "pay-2025"}))).await.unwrap();
+    assert_eq!((v["alias"].as_str(), v["previous"].is_null()), (Some("alias/pay"), true));
+    let cx = ctx(&[("t", "1")]);
+    let ct = root.encrypt("alias/pay", b"card", &cx).await.unwrap();
+    assert_eq!((ct.key.as_str(), ct.key_version), ("pay-2025", 1), "an alias names its key");
+
+    // A token allowed to use pay-* keys (and manage pay-2025 only).
+    let rules = json!({"rules": [
+        {"resources": ["keys/pay-*"], "operations": ["encrypt", "decrypt", "read"]},
+        {"resources": ["keys/pay-2025"], "operations": ["admin"]}]});
+    root.request(Method::PUT, "/v1/policies/pay", Some(&rules)).await.unwrap();
+    let t = root.request(Method::POST, "/v1/auth/token/create", Some(&json!({"policies": ["pay"]}))).await.unwrap();
+    let app = keyward_client::Client::builder(&s.addr).token(t["token"].as_str().unwrap()).build().unwrap();
+    assert_eq!(app.encrypt("alias/pay", b"x", &cx).await.unwrap().key, "pay-2025");
+    assert_eq!(app.describe_key("alias/pay").await.unwrap()["name"], "pay-2025");
+    // Moving the alias needs admin on the key it names next: refused, and it stays.
+    let e = app.request(Method::PUT, "/v1/aliases/pay", Some(&json!({"key": "pay-2026"}))).await.unwrap_err();
+    assert_eq!(code(&e), (403, "permission_denied".into()));
+    // Nor may it point an alias at a key it cannot manage.
+    let e = app.request(Method::PUT, "/v1/aliases/other", Some(&json!({"key": "hr"}))).await.unwrap_err();
+    assert_eq!(code(&e).0, 403);
+    // Moved by root to hr: the application's grants on pay-* no longer reach through it.
+    let v = root.request(Method::PUT, "/v1/aliases/pay", Some(&json!({"key": "hr"}))).await.unwrap();
+    assert_eq!(v["previous"], "pay-2025");
+    assert_eq!(code(&app.encrypt("alias/pay", b"x", &cx).await.unwrap_err()), (403, "permission_denied".into()));
+    // An alias that names nothing is refused as a key the caller may not use (no oracle), and
+    // said to be missing to a caller who may.
+    assert_eq!(code(&app.encrypt("alias/none", b"x", &cx).await.unwrap_err()).0, 403);
+    assert_eq!(code(&root.encrypt("alias/none", b"x", &cx).await.unwrap_err()), (404, "not_found".into()));
+    // Old ciphertexts name their key, not the alias.
+    assert_eq!(&root.decrypt(&ct.ciphertext, &cx).await.unwrap().plaintext[..], b"card");
+
+    let list = root.request(Method::GET, "/v1/aliases", None).await.unwrap();
+    assert_eq!(list["aliases"], json!([{"alias": "alias/pay", "key": "hr"}]));
+    for bad in ["a/b", "-x", ""] {
+        let path = format!("/v1/aliases/{}", bad.replace('/', "%2F"));
+        assert!(root.request(Method::PUT, &path, Some(&json!({"key": "hr"}))).await.is_err(), "{bad}");
+    }
+    assert_eq!(
+        code(&root.request(Method::PUT, "/v1/aliases/x", Some(&json!({"key": "nope"}))).await.unwrap_err()).0,
+        404
+    );
+    // The description changes in place.
+    let k =
+        root.request(Method::PATCH, "/v1/keys/alias%2Fpay", Some(&json!({"description": "HR payroll"}))).await.unwrap();
+    assert_eq!((k["name"].as_str(), k["description"].as_str()), (Some("hr"), Some("HR payroll")));
+    let v = root.request(Method::DELETE, "/v1/aliases/pay", None).await.unwrap();
+    assert_eq!(v["key"], "hr");
+    assert_eq!(code(&root.encrypt("alias/pay", b"x", &cx).await.unwrap_err()).0, 404);
+}
