@@ -289,6 +289,25 @@ pub enum WorkloadCmd {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum SnapshotCmd {
+    /// Save a consistent copy of the running server's store to FILE (created, mode 0600; never
+    /// overwritten). Needs `admin` on sys/snapshot. What is encrypted stays encrypted.
+    Save {
+        /// Where to write the snapshot.
+        file: PathBuf,
+    },
+    /// Put a snapshot in place as the database of a new data directory (empty or absent). Start
+    /// a server on it and unseal it with the same shares (or the same HSM key).
+    Restore {
+        /// The snapshot.
+        file: PathBuf,
+        /// The new server's data directory.
+        #[arg(long)]
+        data: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum AliasCmd {
     /// Point an alias at a key (creates it, or moves it).
     Set {
@@ -343,6 +362,10 @@ pub enum OperatorCmd {
     },
     /// Move all stored key material to a new root key, while serving.
     RotateRoot,
+    /// Backups of the store: `save` a consistent copy from a running server (SQLite), `restore`
+    /// one into an empty data directory. See docs/operations.md.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

@@ -821,6 +821,16 @@ fn print_shares(output: Output, v: &Value, root_token: Option<&str>, recovery: b
 }
 
 async fn operator(cli: &Cli, o: &OperatorCmd) -> anyhow::Result<ExitCode> {
+    if let OperatorCmd::Snapshot(SnapshotCmd::Restore { file, data }) = o {
+        let db = keyward_store::sqlite::restore_snapshot(file, data)?;
+        print_value(cli.output, &json!({"restored": db, "data": data}))?;
+        eprintln!(
+            "Restored. Start `keyward server --data {}` (with the same seal options), then unseal it with the \
+             shares of the server the snapshot came from.",
+            data.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let c = client(cli)?;
     use keyward_client::Method;
     const GET: Method = Method::GET;
@@ -887,11 +897,43 @@ async fn operator(cli: &Cli, o: &OperatorCmd) -> anyhow::Result<ExitCode> {
                 outln!("Rekey progress: {}/{}", v["progress"], v["threshold"]);
             }
         }
+        OperatorCmd::Snapshot(SnapshotCmd::Save { file }) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let part = file.with_extension("partial");
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&part)
+                .with_context(|| format!("creating {} (it must not exist)", part.display()))?;
+            if file.exists() {
+                let _ = std::fs::remove_file(&part);
+                bail!("{} exists: a snapshot is never written over another file", file.display());
+            }
+            let written = match c.download("/v1/sys/snapshot", &mut out).await {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&part);
+                    return Err(e.into());
+                }
+            };
+            out.sync_all().with_context(|| format!("writing {}", part.display()))?;
+            std::fs::hard_link(&part, file)
+                .with_context(|| format!("{} exists: a snapshot is never written over another file", file.display()))?;
+            let _ = std::fs::remove_file(&part);
+            print_value(cli.output, &json!({"file": file, "bytes": written}))?;
+        }
+        OperatorCmd::Snapshot(SnapshotCmd::Restore { .. }) => unreachable_restore()?,
         OperatorCmd::RotateRoot => {
             print_value(cli.output, &c.request(POST, "/v1/sys/rotate-root", Some(&json!({}))).await?)?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `operator snapshot restore` is handled before a client exists.
+fn unreachable_restore() -> anyhow::Result<()> {
+    bail!("internal: snapshot restore reached the client path")
 }
 
 /// The PKCS#11 seal settings, with the PIN read from its file.

@@ -393,3 +393,111 @@ fn hsm_seal_unseals_itself_and_migrates_from_and_back_to_shamir() {
     assert!(log.contains("unsealed (seal pkcs11)") && log.contains("unsealed (seal shamir)"));
     assert!(!log.contains("246810"), "no PIN in the audit log");
 }
+
+#[test]
+fn a_snapshot_saved_under_load_restores_on_a_fresh_server_with_the_same_shares() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    self_signed(dir.path());
+    let mut s = start(dir.path());
+    let init = json(&s, &["operator", "init", "--shares", "3", "--threshold", "2"], b"");
+    let shares = strings(&init["shares"]);
+    s.token = init["root_token"].as_str().unwrap().to_string();
+    unseal(&s, &shares[0]);
+    unseal(&s, &shares[1]);
+
+    let mut sealed = Vec::new();
+    for (i, t) in ["aes256-gcm", "ecdsa-p256", "hmac-sha256"].iter().enumerate() {
+        ok(&s, &["key", "create", &format!("k{i}"), "--type", t], b"");
+    }
+    ok(&s, &["key", "rotate", "k0"], b"");
+    for i in 0..5 {
+        sealed.push(ok(&s, &["encrypt", "--key", "k0", "--context", "n=1"], format!("message {i}").as_bytes()));
+    }
+    for i in 0..20 {
+        ok(&s, &["secret", "put", &format!("app/s{i}"), &format!("v={i}")], b"");
+    }
+    ok(&s, &["secret", "put", "app/s0", "v=second"], b"");
+    ok(&s, &["policy", "put", "p", "-"], br#"{"rules": [{"resources": ["keys/k0"], "operations": ["encrypt"]}]}"#);
+
+    // Writers keep going while the snapshot is taken.
+    let acked = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (addr, token, ca) = (s.addr.clone(), s.token.clone(), s.cacert.clone());
+    let load = {
+        let (acked, stop) = (acked.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let o = Command::new(BIN)
+                    .args(["secret", "put", &format!("load/{i}"), "v=x"])
+                    .env("KEYWARD_ADDR", &addr)
+                    .env("KEYWARD_TOKEN", &token)
+                    .env("KEYWARD_CACERT", &ca)
+                    .output()
+                    .unwrap();
+                assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+                i += 1;
+                acked.store(i, Ordering::SeqCst);
+            }
+        })
+    };
+    while acked.load(Ordering::SeqCst) < 3 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let before = acked.load(Ordering::SeqCst);
+    let file = dir.path().join("keyward.snapshot");
+    let saved = json(&s, &["operator", "snapshot", "save", file.to_str().unwrap()], b"");
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    assert!(saved["bytes"].as_u64().unwrap() > 4096, "{saved}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    fails(&s, &["operator", "snapshot", "save", file.to_str().unwrap()], b"", "never written over");
+    // What is in it stays encrypted: no secret value or message in the clear.
+    let raw = std::fs::read(&file).unwrap();
+    assert!(!raw.windows(7).any(|w| w == b"v=second" || w == b"second"), "secret values are encrypted");
+    drop(s);
+
+    // A fresh server on the restored directory: sealed, and the same shares open it.
+    let dir2 = tempfile::tempdir().unwrap();
+    for f in ["server.pem", "server.key"] {
+        std::fs::copy(dir.path().join(f), dir2.path().join(f)).unwrap();
+    }
+    let restore = Command::new(BIN)
+        .args(["operator", "snapshot", "restore"])
+        .arg(&file)
+        .arg("--data")
+        .arg(dir2.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(restore.status.success(), "{}", String::from_utf8_lossy(&restore.stderr));
+    let mut r = start(dir2.path());
+    r.token = init["root_token"].as_str().unwrap().to_string();
+    assert_eq!(json(&r, &["status"], b"")["sealed"], true);
+    unseal(&r, &shares[2]);
+    assert_eq!(unseal(&r, &shares[0])["complete"], true);
+    for (i, ct) in sealed.iter().enumerate() {
+        assert_eq!(ok(&r, &["decrypt", "--context", "n=1"], ct), format!("message {i}").as_bytes());
+    }
+    assert_eq!(json(&r, &["key", "show", "k0"], b"")["current_version"], 2);
+    assert_eq!(json(&r, &["key", "show", "k1"], b"")["type"], "ecdsa-p256");
+    for i in 1..20 {
+        assert_eq!(ok(&r, &["secret", "get", &format!("app/s{i}"), "--field", "v"], b""), format!("{i}\n").as_bytes());
+    }
+    assert_eq!(ok(&r, &["secret", "get", "app/s0", "--field", "v"], b""), b"second\n");
+    for i in 0..before {
+        ok(&r, &["secret", "get", &format!("load/{i}")], b"");
+    }
+    assert_eq!(json(&r, &["policy", "show", "p"], b"")["name"], "p");
+    // Restoring over an existing data directory is refused.
+    let again = Command::new(BIN)
+        .args(["operator", "snapshot", "restore"])
+        .arg(&file)
+        .arg("--data")
+        .arg(dir2.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("not empty"));
+}

@@ -83,6 +83,9 @@ pub enum Error {
     /// The client is misconfigured.
     #[error("client configuration: {0}")]
     Config(String),
+    /// A download could not be written where it was asked to go.
+    #[error("writing the download: {0}")]
+    Write(#[source] std::io::Error),
 }
 
 const SERVER: &str = "the Keyward server";
@@ -548,6 +551,44 @@ impl Client {
     /// Send a request and return the JSON response. `path` starts with `/v1/`.
     pub async fn request(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<Value, Error> {
         self.call(method, path, body).await
+    }
+
+    /// `GET path` and stream the answer into `dest` (a store snapshot, which may be large);
+    /// returns the number of bytes written.
+    pub async fn download(&self, path: &str, dest: &mut (dyn std::io::Write + Send)) -> Result<u64, Error> {
+        let n = self.addrs.len();
+        let first = self.current.load(Ordering::Relaxed) % n;
+        let mut last = None;
+        for k in 0..n {
+            let addr = &self.addrs[(first + k) % n];
+            let mut rb = self.http.get(format!("{addr}{path}"));
+            if let Some(t) = &self.token {
+                rb = rb.bearer_auth(t.as_str());
+            }
+            let mut resp = match rb.send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    last = Some(Error::transport(SERVER, addr, e));
+                    continue;
+                }
+            };
+            let status = resp.status().as_u16();
+            if status == 503 && k + 1 < n {
+                continue;
+            }
+            if !(200..300).contains(&status) {
+                let body = resp.bytes().await.map_err(|e| Error::transport(SERVER, addr, e))?;
+                return Err(api_error(status, &body));
+            }
+            let mut total = 0u64;
+            while let Some(chunk) = resp.chunk().await.map_err(|e| Error::transport(SERVER, addr, e))? {
+                dest.write_all(&chunk).map_err(Error::Write)?;
+                total += chunk.len() as u64;
+            }
+            dest.flush().map_err(Error::Write)?;
+            return Ok(total);
+        }
+        Err(last.unwrap_or_else(|| Error::Config("no server address".into())))
     }
 
     /// Send `body` as JSON with extra headers; return the status and the raw response body,

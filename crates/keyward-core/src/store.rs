@@ -181,6 +181,16 @@ pub trait Store: Send + Sync + 'static {
         let _ = age;
         Ok(0)
     }
+
+    /// A consistent copy of the whole store, taken while it serves (what is encrypted stays
+    /// encrypted): an open, already unlinked file to stream. Backends shared with other
+    /// processes are saved with their own tools instead.
+    async fn snapshot(&self) -> Result<std::fs::File, StoreError> {
+        Err(StoreError::Backend(format!(
+            "the {} backend is saved with its own tools (see docs/operations.md), not through Keyward",
+            self.backend_name()
+        )))
+    }
 }
 
 /// The answer of [`Store::hold_instance`].

@@ -80,6 +80,7 @@ pub fn route_table() -> Vec<(&'static str, &'static str, bool, MethodRouter<AppS
         ("post", "/v1/sys/rotate-root", false, post(rotate_root)),
         ("get", "/v1/openapi.json", false, get(openapi)),
         ("get", "/v1/sys/audit", false, get(audit_info)),
+        ("get", "/v1/sys/snapshot", false, get(snapshot)),
         ("post", "/v1/sys/authorize", false, post(dry_run)),
         ("get", "/v1/auth/whoami", false, get(whoami)),
         ("post", "/v1/auth/kubernetes/login", true, post(k8s_login)),
@@ -447,6 +448,28 @@ pub(crate) fn allow(st: &AppState, c: &Caller, op: &str, resource: &str) -> Resu
 /// `GET /v1/health`: always 200 (liveness) unless `?ready=true` is asked, which answers 503
 /// while this server cannot serve: sealed, or behind other servers' changes for longer than its
 /// staleness bound (a readiness probe then takes it out of the Service).
+/// `GET /v1/sys/snapshot` (`admin` on `sys/snapshot`): the whole store as one consistent file,
+/// taken while the server serves. What is encrypted in the store stays encrypted: restoring it
+/// needs the same unseal shares (or HSM key).
+async fn snapshot(State(st): State<AppState>, c: Caller) -> ApiResult {
+    allow(&st, &c, "admin", "sys/snapshot")?;
+    st.kms()?;
+    let file = st.sealing.snapshot().await.map_err(|e| match e {
+        keyward_core::store::StoreError::Backend(m) if m.contains("its own tools") => ApiError::invalid(m),
+        other => ApiError::from(keyward_core::KmsError::from(other)),
+    })?;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let stream = tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(file));
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, "application/vnd.keyward.snapshot".to_string()),
+            (axum::http::header::CONTENT_LENGTH, len.to_string()),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
+}
+
 async fn health(State(st): State<AppState>, StrictQuery(q): StrictQuery<HealthQuery>) -> ApiResult {
     let unsealed = st.sealing.unsealed();
     let ready = unsealed.as_ref().is_some_and(|u| u.kms.require_fresh().is_ok());

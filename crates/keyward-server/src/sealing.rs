@@ -208,6 +208,11 @@ impl Sealing {
         self.store.backend_name()
     }
 
+    /// A consistent copy of the store (see [`Store::snapshot`]).
+    pub async fn snapshot(&self) -> Result<std::fs::File, keyward_core::store::StoreError> {
+        self.store.snapshot().await
+    }
+
     /// A sealing state over `store`. `audit` is where the audit log is opened on unseal (`None`
     /// only with the insecure no-audit option).
     pub fn new(store: Arc<dyn Store>, kind: SealKind, audit: Option<AuditConfig>) -> Self {

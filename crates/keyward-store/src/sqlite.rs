@@ -96,6 +96,7 @@ CREATE TABLE instance_holds (
 ];
 
 struct Inner {
+    path: std::path::PathBuf,
     writer: Mutex<Connection>,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
@@ -165,7 +166,14 @@ impl SqliteStore {
         let mut writer = open_conn(path)?;
         migrate(&mut writer)?;
         let readers = (0..READERS).map(|_| open_conn(path).map(Mutex::new)).collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { inner: Arc::new(Inner { writer: Mutex::new(writer), readers, next_reader: AtomicUsize::new(0) }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                writer: Mutex::new(writer),
+                readers,
+                next_reader: AtomicUsize::new(0),
+            }),
+        })
     }
 
     async fn write<T: Send + 'static>(
@@ -195,6 +203,77 @@ impl SqliteStore {
         .await
         .map_err(|e| StoreError::Backend(format!("blocking task failed: {e}")))?
     }
+}
+
+/// Put a snapshot (from [`Store::snapshot`]) in place as the database of `data_dir`, which must
+/// be empty or absent: the file is checked to be an intact Keyward database first, and appears
+/// under its final name only once it is whole. The server then starts sealed on it, and the
+/// same unseal shares (or HSM key) open it.
+pub fn restore_snapshot(snapshot: &Path, data_dir: &Path) -> Result<std::path::PathBuf, StoreError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |e: std::io::Error| StoreError::Backend(format!("{what}: {e}"))
+    };
+    if let Ok(mut entries) = std::fs::read_dir(data_dir)
+        && entries.next().is_some()
+    {
+        return Err(StoreError::Backend(format!(
+            "{} is not empty: restore into a new, empty data directory (nothing there is overwritten)",
+            data_dir.display()
+        )));
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .map_err(io(&format!("creating {}", data_dir.display())))?;
+    let tmp = data_dir.join(".restore.db");
+    let final_path = data_dir.join("keyward.db");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut src = std::fs::File::open(snapshot).map_err(io(&format!("reading {}", snapshot.display())))?;
+        let mut dst = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io(&format!("creating {}", tmp.display())))?;
+        std::io::copy(&mut src, &mut dst).map_err(io("copying the snapshot"))?;
+        dst.sync_all().map_err(io("copying the snapshot"))?;
+    }
+    let checked = (|| {
+        let conn = Connection::open_with_flags(&tmp, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|_| StoreError::Corrupt("the file is not an SQLite database".into()))?;
+        let ok: String = conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .map_err(|_| StoreError::Corrupt("the file is not an SQLite database".into()))?;
+        if ok != "ok" {
+            return Err(StoreError::Corrupt(format!("the snapshot is damaged: {ok}")));
+        }
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(backend)?;
+        let tables: i64 = conn
+            .query_row("SELECT count(*) FROM sqlite_master WHERE type='table' AND name IN ('keys','meta')", [], |r| {
+                r.get(0)
+            })
+            .map_err(backend)?;
+        if version < 1 || tables != 2 {
+            return Err(StoreError::Corrupt("the file is an SQLite database but not a Keyward snapshot".into()));
+        }
+        if usize::try_from(version).unwrap_or(usize::MAX) > MIGRATIONS.len() {
+            return Err(StoreError::Corrupt(format!(
+                "the snapshot's schema ({version}) is newer than this Keyward ({}); restore it with a newer Keyward",
+                MIGRATIONS.len()
+            )));
+        }
+        Ok(())
+    })();
+    if let Err(e) = checked {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, &final_path).map_err(io("putting the database in place"))?;
+    Ok(final_path)
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -370,6 +449,31 @@ fn collect<T>(rows: impl Iterator<Item = rusqlite::Result<Result<T, StoreError>>
 impl Store for SqliteStore {
     fn backend_name(&self) -> &'static str {
         "sqlite"
+    }
+
+    async fn snapshot(&self) -> Result<std::fs::File, StoreError> {
+        // Written beside the database (in the owner-only data directory), opened, and unlinked
+        // before anything is read from it: nothing is left behind, whatever happens next.
+        let dir = self.inner.path.parent().map(Path::to_path_buf).unwrap_or_default();
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let dest = dir.join(format!(".snapshot-{}-{}.db", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
+        let _ = std::fs::remove_file(&dest);
+        let target = dest.clone();
+        // One read transaction: a consistent copy while writes go on.
+        let copied = self
+            .read(move |c| {
+                c.execute("VACUUM INTO ?1", [target.to_string_lossy().as_ref()]).map_err(backend)?;
+                Ok(())
+            })
+            .await;
+        let opened = copied.and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o600))
+                .and_then(|()| std::fs::File::open(&dest))
+                .map_err(|e| StoreError::Backend(format!("reading the snapshot: {e}")))
+        });
+        let _ = std::fs::remove_file(&dest);
+        opened
     }
 
     async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -952,6 +1056,47 @@ mod tests {
         }
         let s = SqliteStore::open(&p).unwrap();
         assert_eq!(s.get_meta("x").await.unwrap().as_deref(), Some(&b"1"[..]));
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_taken_while_writing_restores_whole_and_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("keyward.db")).unwrap());
+        for i in 0..200 {
+            assert!(store.put_meta_if_absent(&format!("before-{i}"), b"v").await.unwrap());
+        }
+        // Writes go on while the copy is taken.
+        let w = store.clone();
+        let writer = tokio::spawn(async move {
+            for i in 0..200 {
+                w.put_meta_if_absent(&format!("during-{i}"), b"v").await.unwrap();
+            }
+        });
+        let mut snap = store.snapshot().await.unwrap();
+        writer.await.unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(names.iter().all(|n| !n.to_string_lossy().contains("snapshot")), "unlinked: {names:?}");
+        let saved = dir.path().join("saved.db");
+        std::io::copy(&mut snap, &mut std::fs::File::create(&saved).unwrap()).unwrap();
+
+        let target = dir.path().join("restored");
+        let db = restore_snapshot(&saved, &target).unwrap();
+        let restored = SqliteStore::open(&db).unwrap();
+        for i in 0..200 {
+            assert!(restored.get_meta(&format!("before-{i}")).await.unwrap().is_some());
+        }
+        // A non-empty directory, a file that is not a database, and a damaged one are refused.
+        let e = restore_snapshot(&saved, &target).unwrap_err();
+        assert!(e.to_string().contains("not empty"), "{e}");
+        std::fs::write(dir.path().join("junk"), b"not sqlite at all").unwrap();
+        let e = restore_snapshot(&dir.path().join("junk"), &dir.path().join("r2")).unwrap_err();
+        assert!(e.to_string().contains("not an SQLite database"), "{e}");
+        assert!(!dir.path().join("r2/keyward.db").exists() && !dir.path().join("r2/.restore.db").exists());
+        let mut bytes = std::fs::read(&saved).unwrap();
+        let n = bytes.len();
+        bytes[n / 2..n / 2 + 4096].fill(0x5a);
+        std::fs::write(dir.path().join("damaged"), &bytes).unwrap();
+        assert!(restore_snapshot(&dir.path().join("damaged"), &dir.path().join("r3")).is_err());
     }
 
     #[test]
