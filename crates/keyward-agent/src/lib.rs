@@ -17,6 +17,7 @@ mod attest;
 pub mod kubelet;
 pub mod launcher;
 pub mod listener;
+pub mod metrics;
 mod outage;
 mod relay;
 pub mod session;
@@ -62,6 +63,8 @@ pub struct AgentConfig {
     pub kubelet_roots: keyward_attest::cgroup::KubeletRoots,
     /// Connection caps.
     pub limits: ConnLimits,
+    /// Serve the agent's metrics at `GET /metrics` here (no authentication: a private address).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for AgentConfig {
@@ -73,6 +76,7 @@ impl Default for AgentConfig {
             launchers: Vec::new(),
             kubelet_roots: keyward_attest::cgroup::KubeletRoots::default(),
             limits: ConnLimits::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -166,7 +170,11 @@ impl IntoResponse for AgentError {
 /// were not recorded singly, so a local user sending refused requests without end cannot fill
 /// the disk (and so stop the agent for everyone).
 #[derive(Debug, Clone, Default)]
-pub struct AgentLog(Option<Arc<keyward_audit::AuditLog>>, Arc<std::sync::Mutex<RefusalBudget>>);
+pub struct AgentLog(
+    Option<Arc<keyward_audit::AuditLog>>,
+    Arc<std::sync::Mutex<RefusalBudget>>,
+    Arc<metrics::AgentMetrics>,
+);
 
 /// Refusal records per second, per uid, in the long run.
 pub const REFUSALS_PER_SEC: f64 = 20.0;
@@ -200,7 +208,7 @@ impl RefusalBudget {
 impl AgentLog {
     /// Record into `log`.
     pub fn new(log: Arc<keyward_audit::AuditLog>) -> Self {
-        Self(Some(log), Arc::default())
+        Self(Some(log), Arc::default(), Arc::default())
     }
 
     /// Open (or continue) `DIR/audit.log`, chained under the key in `DIR/audit-key`.
@@ -210,7 +218,7 @@ impl AgentLog {
 
     /// No log (tests and embedders that audit elsewhere).
     pub fn none() -> Self {
-        Self(None, Arc::default())
+        Self(None, Arc::default(), Arc::default())
     }
 
     /// Write one record and wait until it is durable.
@@ -263,8 +271,14 @@ impl AgentLog {
         })
     }
 
+    /// The agent's metrics (counted as records are made).
+    pub fn metrics(&self) -> Arc<metrics::AgentMetrics> {
+        self.2.clone()
+    }
+
     /// Record a refusal (best effort: the refusal stands either way), within the uid's budget.
     async fn refusal(&self, who: Who, path: &str, operation: &str, e: &AgentError) {
+        self.2.refusal(e.reason);
         tracing::debug!(who = who.0, path, reason = e.reason, message = %e.message, "Workload API request refused");
         let uid = who.1.map_or(u32::MAX, |(_, uid)| uid);
         let (single, skipped) = match self.1.lock() {
@@ -328,6 +342,7 @@ async fn open_session(
             None,
         )
         .await?;
+    st.log.2.session();
     let secret = st.sessions.create(s).map_err(|_| AgentError::internal("no random secret"))?;
     tracing::debug!(pid = a.pid, "session opened");
     Ok(Json(json!({
@@ -560,6 +575,15 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let renew = upstream.clone().map(|u| tokio::spawn(async move { u.keep_renewed().await }));
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr).await?;
+            tracing::info!(addr = %l.local_addr()?, "agent metrics on GET /metrics (no authentication)");
+            let m = log.metrics();
+            Some(tokio::spawn(keyward_metrics::serve(l, Arc::new(move || m.text()), std::future::pending())))
+        }
+        None => None,
+    };
     let measurer = Measurer::new(config.hash_limit).with_kubelet_roots(config.kubelet_roots.clone());
     let shared =
         Arc::new(Shared::new(measurer, config.outage_window, upstream, kubelet, config.launchers.clone(), log.clone()));
@@ -585,6 +609,9 @@ pub async fn serve(
         r.abort();
     }
     refusals.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     let _ = std::fs::remove_file(&config.socket);
     result
 }

@@ -164,8 +164,9 @@ pub(crate) fn route(op: Op) -> axum::routing::MethodRouter<Arc<Shared>> {
               headers: HeaderMap,
               body: axum::body::Bytes| async move {
             let result = relay(&st, &c, op, &headers, &body).await;
-            if let Err(e) = &result {
-                st.log.refusal(who(&c), op.path(), op.name(), e).await;
+            match &result {
+                Ok(r) => st.log.metrics().release(op.name(), r.status().as_u16()),
+                Err(e) => st.log.refusal(who(&c), op.path(), op.name(), e).await,
             }
             result
         },
@@ -260,6 +261,7 @@ async fn relay(
                         )
                         .await?;
                     tracing::info!(pid, op = op.name(), age, "release answered from the outage cache");
+                    st.log.metrics().replay();
                     let age = axum::http::HeaderValue::from(age);
                     return Ok((StatusCode::OK, [json], [("keyward-cached-age-secs", age)], bytes).into_response());
                 }

@@ -167,7 +167,7 @@ pub struct Head {
 }
 
 /// Counters of the writer since the log was opened.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AuditStats {
     /// Records made durable.
     pub records: AtomicU64,
@@ -175,6 +175,22 @@ pub struct AuditStats {
     pub batches: AtomicU64,
     /// Time spent writing and syncing, microseconds.
     pub write_micros: AtomicU64,
+    /// Records offered and not yet durable (requests waiting for the log).
+    pub pending: AtomicU64,
+    /// Writes with their `fdatasync`, by how long they took.
+    pub sync_seconds: keyward_metrics::prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for AuditStats {
+    fn default() -> Self {
+        Self {
+            records: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            write_micros: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            sync_seconds: keyward_metrics::latency_histogram(),
+        }
+    }
 }
 
 /// The audit log handle.
@@ -626,6 +642,13 @@ impl AuditLog {
 
     /// Append a record and wait until it is durable.
     pub async fn append(&self, record: AuditRecord) -> Result<(), AuditError> {
+        self.stats.pending.fetch_add(1, Ordering::Relaxed);
+        let r = self.append_inner(record).await;
+        self.stats.pending.fetch_sub(1, Ordering::Relaxed);
+        r
+    }
+
+    async fn append_inner(&self, record: AuditRecord) -> Result<(), AuditError> {
         let (done, wait) = oneshot::channel();
         self.tx
             .lock()
@@ -842,7 +865,9 @@ impl Writer {
         let file = self.file.as_mut().ok_or_else(|| AuditError::Unavailable("no audit file".into()))?;
         let started = std::time::Instant::now();
         file.append_durable(&buf).map_err(unavailable)?;
-        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let took = started.elapsed();
+        self.stats.sync_seconds.observe(took.as_secs_f64());
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         self.stats.write_micros.fetch_add(micros, Ordering::Relaxed);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats.records.fetch_add(batch.len() as u64, Ordering::Relaxed);

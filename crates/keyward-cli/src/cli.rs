@@ -390,6 +390,11 @@ pub struct DevArgs {
     pub audit: AuditArgs,
     #[command(flatten)]
     pub http: HttpArgs,
+    /// Also serve the metrics (OpenMetrics text) at GET /metrics on this address, without a
+    /// token: for a private network. `GET /v1/metrics` serves them with a token (read on
+    /// sys/metrics).
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -422,6 +427,10 @@ fn parse_signal(s: &str) -> Result<nix::sys::signal::Signal, String> {
 
 #[derive(Args, Debug, Clone)]
 pub struct CsiProviderArgs {
+    /// Serve metrics (OpenMetrics text) at GET /metrics on this address, without
+    /// authentication: keep it on a private network.
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Directory of provider sockets the driver searches; the socket is DIR/keyward.sock.
     #[arg(long, default_value = keyward_csi::DEFAULT_PROVIDER_DIR)]
     pub provider_dir: PathBuf,
@@ -589,6 +598,10 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 
 #[derive(Args, Debug, Clone)]
 pub struct KmsPluginArgs {
+    /// Serve metrics (OpenMetrics text) at GET /metrics on this address, without
+    /// authentication: keep it on a private network.
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     pub command: Option<KmsPluginCmd>,
     /// The socket kube-apiserver's EncryptionConfiguration names as `endpoint`.
@@ -651,6 +664,10 @@ pub enum AgentCmd {
 
 #[derive(Args, Debug, Clone)]
 pub struct AgentArgs {
+    /// Serve metrics (OpenMetrics text) at GET /metrics on this address, without
+    /// authentication: keep it on a private network.
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     pub command: Option<AgentCmd>,
     /// Unix socket of the Workload API (created mode 0666: callers are authorized by
@@ -780,6 +797,11 @@ pub struct ServerArgs {
     pub audit: AuditArgs,
     #[command(flatten)]
     pub http: HttpArgs,
+    /// Also serve the metrics (OpenMetrics text) at GET /metrics on this address, without a
+    /// token: for a private network. `GET /v1/metrics` serves them with a token (read on
+    /// sys/metrics).
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Limits on client connections (slow or numerous clients cannot take the server from others).

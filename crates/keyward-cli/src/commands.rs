@@ -987,9 +987,13 @@ async fn server(a: ServerArgs) -> anyhow::Result<ExitCode> {
             ..Default::default()
         },
         http: a.http.limits(),
+        metrics_listen: a.metrics_listen,
     };
     let mut running = keyward_server::start(cfg).await?;
     eprintln!("Keyward server on https://{} (data in {})", running.addr, a.data.display());
+    if let Some(m) = running.metrics_addr {
+        eprintln!("Metrics on http://{m}/metrics (no token: keep this address private)");
+    }
     if let Some(t) = &running.new_root_token {
         eprintln!("Initialised a new store. The root token is shown once and stored only as a hash:");
         outln!("export KEYWARD_TOKEN={}", String::from_utf8_lossy(t.expose()));
@@ -1037,6 +1041,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
         storage: keyward_server::Storage::Sqlite,
         cluster: Default::default(),
         http: a.http.limits(),
+        metrics_listen: a.metrics_listen,
     };
     let mut running = keyward_server::start(cfg).await?;
     let token = match &running.new_root_token {
@@ -1046,6 +1051,9 @@ async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
         }
     };
     eprintln!("Keyward dev server on http://{} (data in {})", running.addr, data.display());
+    if let Some(m) = running.metrics_addr {
+        eprintln!("Metrics on http://{m}/metrics");
+    }
     eprintln!("WARNING: dev mode keeps the root key unencrypted on disk and serves plain HTTP. Not for real secrets.");
     if running.new_root_token.is_some() {
         eprintln!("A new root token was created; it is also in {} (mode 0600).", data.join("root-token").display());
@@ -1128,6 +1136,7 @@ async fn agent(cli: &Cli, a: AgentArgs) -> anyhow::Result<ExitCode> {
         outage_window: a.outage_window,
         kubelet_roots,
         limits: keyward_agent::ConnLimits { per_uid: a.max_connections_per_uid, total: a.max_connections },
+        metrics_listen: a.metrics_listen,
         ..Default::default()
     };
 
@@ -1268,6 +1277,9 @@ async fn kms_plugin(cli: &Cli, a: KmsPluginArgs) -> anyhow::Result<ExitCode> {
     let settings =
         PluginSettings { status_cache: a.status_cache, outage_window: a.outage_window, ..PluginSettings::default() };
     let plugin = std::sync::Arc::new(Plugin::new(backend, audit, settings));
+    if let Some(addr) = a.metrics_listen {
+        serve_metrics(addr, plugin.metrics()).await?;
+    }
     match plugin.status().await {
         Ok(k) => tracing::info!(key_id = %k.key_id(), "key-encryption key ready"),
         Err(e) => tracing::warn!(reason = %e, "not healthy yet; Status reports it until it is"),
@@ -1304,12 +1316,26 @@ async fn csi_provider(cli: &Cli, a: CsiProviderArgs) -> anyhow::Result<ExitCode>
         );
     }
     let provider = std::sync::Arc::new(keyward_csi::Provider::new(cfg, std::sync::Arc::new(audit)));
+    if let Some(addr) = a.metrics_listen {
+        serve_metrics(addr, provider.metrics()).await?;
+    }
     let listener = keyward_csi::bind(&a.provider_dir)?;
     let socket = a.provider_dir.join(format!("{}.sock", keyward_csi::PROVIDER_NAME));
     tracing::info!(socket = %socket.display(), server = %cli.addr, audience = %a.audience, "CSI provider listening");
     keyward_csi::serve(listener, provider, stop).await?;
     let _ = std::fs::remove_file(&socket);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Serve `calls` at `GET /metrics` on `addr` for as long as the process runs.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    calls: std::sync::Arc<keyward_metrics::Calls>,
+) -> anyhow::Result<()> {
+    let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the metrics address {addr}"))?;
+    tracing::info!(addr = %l.local_addr()?, "metrics on GET /metrics (no authentication)");
+    tokio::spawn(keyward_metrics::serve(l, std::sync::Arc::new(move || calls.text()), std::future::pending()));
+    Ok(())
 }
 
 async fn workload(output: Output, w: &WorkloadArgs) -> anyhow::Result<ExitCode> {

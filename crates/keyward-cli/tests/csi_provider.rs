@@ -27,12 +27,13 @@ impl Drop for Provider {
     }
 }
 
-fn start_provider(dev: &Dev, dir: &Path) -> Provider {
+fn start_provider(dev: &Dev, dir: &Path, extra: &[&str]) -> Provider {
     let mut child = Command::new(BIN)
         .args(["csi-provider", "--provider-dir"])
         .arg(dir.join("providers"))
         .arg("--data-dir")
         .arg(dir.join("csi-state"))
+        .args(extra)
         .env("KEYWARD_ADDR", &dev.addr)
         .env_remove("KEYWARD_TOKEN")
         .stdout(Stdio::null())
@@ -130,7 +131,9 @@ fn python_driver_client_mounts_secrets_as_the_pod() {
         );
     }
     ok(&dev, &["secret", "put", "payments/db", "password=hunter2"], b"");
-    let _provider = start_provider(&dev, dir.path());
+    let metrics_port = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let _provider = start_provider(&dev, dir.path(), &["--metrics-listen", &metrics_addr]);
 
     let v = py(dir.path(), &["version"]);
     assert_eq!(v["version"], "v1alpha1");
@@ -154,6 +157,18 @@ fn python_driver_client_mounts_secrets_as_the_pod() {
     let r = py(dir.path(), &["mount", &p("other.json")]);
     assert_eq!(r["grpc_error"], "PERMISSION_DENIED", "{r}");
     assert!(r["message"].as_str().unwrap().contains("not bound to this role"), "{r}");
+
+    // Its metrics count the mounts by outcome (parsed by the Prometheus project's parser).
+    let m = scrape(&metrics_parser(dir.path()), &format!("http://{metrics_addr}/metrics"), None);
+    let count = |outcome: &str| {
+        m["families"]["keyward_csi_calls"]["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s[1]["method"] == "Mount" && s[1]["outcome"] == outcome)
+            .map(|s| s[2].as_f64().unwrap())
+    };
+    assert_eq!((count("OK"), count("PermissionDenied")), (Some(2.0), Some(1.0)), "{}", m["text"]);
 
     // The provider's own log verifies with the key file beside it (docs/audit.md).
     let out = Command::new(BIN)

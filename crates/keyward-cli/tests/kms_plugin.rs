@@ -47,11 +47,16 @@ impl Drop for Plugin {
 }
 
 fn start_plugin(data: &Path, socket: &Path) -> Plugin {
+    start_plugin_with(data, socket, &[])
+}
+
+fn start_plugin_with(data: &Path, socket: &Path, extra: &[&str]) -> Plugin {
     let mut child = Command::new(BIN)
         .args(["kms-plugin", "--local", "--socket-mode", "666", "--status-cache", "100ms", "--data-dir"])
         .arg(data)
         .arg("--listen")
         .arg(format!("unix://{}", socket.display()))
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -74,7 +79,8 @@ fn start_plugin(data: &Path, socket: &Path) -> Plugin {
 fn python_grpc_client_runs_the_apiserver_flow_across_a_rotation() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("kms");
-    let p = start_plugin(&data, &dir.path().join("kms.sock"));
+    let metrics_addr = format!("127.0.0.1:{}", common::free_port());
+    let p = start_plugin_with(&data, &dir.path().join("kms.sock"), &["--metrics-listen", &metrics_addr]);
 
     let r = py(&p.socket, &["roundtrip"], false);
     assert_eq!(r["version"], "v2");
@@ -107,6 +113,19 @@ fn python_grpc_client_runs_the_apiserver_flow_across_a_rotation() {
     assert_eq!(py(&p.socket, &["decrypt", &k1, &ct1], false)["plaintext_len"], 32, "the old key_id still decrypts");
     let unknown = py(&p.socket, &["decrypt", "A_001", &ct1], false);
     assert_eq!(unknown["error"], "NOT_FOUND", "{unknown}");
+
+    // Its metrics count the calls by method and status (parsed by the Prometheus project's parser).
+    let m = common::scrape(&common::metrics_parser(dir.path()), &format!("http://{metrics_addr}/metrics"), None);
+    let count = |method: &str, outcome: &str| {
+        m["families"]["keyward_kms_plugin_calls"]["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s[1]["method"] == method && s[1]["outcome"] == outcome)
+            .map_or(0.0, |s| s[2].as_f64().unwrap())
+    };
+    assert!(count("Encrypt", "Ok") >= 2.0 && count("Decrypt", "Ok") >= 2.0, "{}", m["text"]);
+    assert_eq!(count("Decrypt", "NotFound"), 1.0, "{}", m["text"]);
     drop(p);
 }
 

@@ -242,6 +242,9 @@ pub struct Kms {
     policies: RwLock<HashMap<String, Arc<Policy>>>,
     /// Following a shared store's change feed.
     feed: Feed,
+    /// Key lookups answered from the cache, and from the store.
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
 }
 
 /// Where this server is in a shared store's change feed, and when it last caught up.
@@ -370,6 +373,8 @@ impl Kms {
                 max_staleness_ms: AtomicU64::new(DEFAULT_MAX_STALENESS.as_millis() as u64),
             },
             store,
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
             roots: RwLock::new(roots),
             wrap_guard: tokio::sync::RwLock::new(()),
             secrets_key,
@@ -1135,7 +1140,15 @@ impl Kms {
     // ----- key cache ------------------------------------------------------------------------
 
     fn cached_by_name(&self, name: &str) -> Option<Arc<CachedKey>> {
-        self.keys.read().ok()?.by_name.get(name).cloned()
+        let k = self.keys.read().ok()?.by_name.get(name).cloned();
+        let counter = if k.is_some() { &self.cache_hits } else { &self.cache_misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+        k
+    }
+
+    /// Key lookups answered from the in-memory cache, and those that went to the store.
+    pub fn key_cache_stats(&self) -> (u64, u64) {
+        (self.cache_hits.load(Ordering::Relaxed), self.cache_misses.load(Ordering::Relaxed))
     }
 
     fn cached_by_id(&self, id: &KeyId) -> Option<Arc<CachedKey>> {

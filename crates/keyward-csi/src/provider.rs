@@ -71,6 +71,7 @@ struct Cached {
 pub struct Provider {
     cfg: ProviderConfig,
     audit: Arc<AuditLog>,
+    metrics: Arc<keyward_metrics::Calls>,
     anonymous: Mutex<HashMap<String, Client>>,
     logins: Mutex<HashMap<LoginKey, Cached>>,
 }
@@ -137,7 +138,16 @@ fn rfc3339_to_instant(s: &str) -> Option<Instant> {
 impl Provider {
     /// A provider auditing to `audit`.
     pub fn new(cfg: ProviderConfig, audit: Arc<AuditLog>) -> Self {
-        Self { cfg, audit, anonymous: Mutex::new(HashMap::new()), logins: Mutex::new(HashMap::new()) }
+        let metrics = Arc::new(keyward_metrics::Calls::new(
+            "keyward_csi",
+            "Mount calls from the Secrets Store CSI driver, by outcome (OK or the error code)",
+        ));
+        Self { cfg, audit, metrics, anonymous: Mutex::new(HashMap::new()), logins: Mutex::new(HashMap::new()) }
+    }
+
+    /// The provider's metrics.
+    pub fn metrics(&self) -> Arc<keyward_metrics::Calls> {
+        self.metrics.clone()
     }
 
     fn builder(&self, addr: &str) -> keyward_client::ClientBuilder {
@@ -365,6 +375,7 @@ impl Provider {
                 (if f.denied { "deny" } else { "none" }, f.message.clone(), f.grpc as u16, Some(f.code.to_string()))
             }
         };
+        self.metrics.record("Mount", error.as_deref().unwrap_or("OK"));
         let record = AuditRecord {
             time: keyward_audit::now_rfc3339(),
             request_id,

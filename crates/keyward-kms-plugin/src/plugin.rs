@@ -67,6 +67,7 @@ pub struct Plugin {
     probe: tokio::sync::Mutex<Option<Probe>>,
     /// The last key_id a successful probe reported.
     last_key: std::sync::Mutex<Option<KeyRef>>,
+    metrics: Arc<keyward_metrics::Calls>,
 }
 
 fn status_of(e: &KekError) -> Status {
@@ -168,7 +169,16 @@ impl Plugin {
             outage,
             probe: tokio::sync::Mutex::new(None),
             last_key: std::sync::Mutex::new(None),
+            metrics: Arc::new(keyward_metrics::Calls::new(
+                "keyward_kms_plugin",
+                "KMS v2 calls from kube-apiserver, by method and gRPC status (PermissionDenied: a caller refused)",
+            )),
         }
+    }
+
+    /// The plugin's metrics.
+    pub fn metrics(&self) -> Arc<keyward_metrics::Calls> {
+        self.metrics.clone()
     }
 
     /// The backend.
@@ -246,6 +256,7 @@ impl Plugin {
             (Ok(how), None) => ("allow", Some((*how).to_string()), tonic::Code::Ok, None),
             (Err(s), None) => ("allow", None, s.code(), Some(format!("{:?}", s.code()))),
         };
+        self.metrics.record(method, &format!("{status:?}"));
         let record = AuditRecord {
             time: humantime_now(),
             request_id: uid_of(uid),

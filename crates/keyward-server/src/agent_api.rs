@@ -608,7 +608,12 @@ pub(crate) async fn release(
     let (node, r) = agent_body::<ReleaseReq>(&c, &body, MAX_BODY)?;
     check_proof(&c, &headers, &r.public_key, PROOF_CONTEXT, &body)?;
     let item = ReleaseItem { nonce: r.nonce, workload: r.workload, recipient: r.recipient, op: r.op };
-    Ok(run_release(&st, &node, &c.0.accessor, item, c.1.clone()).await?.into_response())
+    let resp = match run_release(&st, &node, &c.0.accessor, item, c.1.clone()).await {
+        Ok(r) => r.into_response(),
+        Err(e) => e.into_response(),
+    };
+    st.metrics.release(resp.status().as_u16());
+    Ok(resp)
 }
 
 /// `POST /v1/agent/releases`: a batch of releases, signed once. Each release is a request of
@@ -713,6 +718,7 @@ async fn batch_part(
     let resp =
         crate::api::conclude(Some(unsealed), unsealed.audit.as_deref(), &ctx, id, "POST", BATCH_ITEM_PATH, resp).await;
     let status = resp.status().as_u16();
+    st.metrics.release(status);
     (status, axum::body::to_bytes(resp.into_body(), MAX_RELEASE_RESPONSE).await)
 }
 

@@ -28,6 +28,8 @@ pub const OPENAPI: &str = include_str!("../openapi.json");
 /// Shared state of the handlers.
 #[derive(Debug, Clone)]
 pub struct AppState {
+    /// The server's metrics.
+    pub metrics: Arc<crate::metrics::ServerMetrics>,
     /// The seal state and, while unsealed, the service and its audit log.
     pub sealing: Arc<Sealing>,
     /// The Kubernetes ServiceAccount auth method.
@@ -81,6 +83,7 @@ pub fn route_table() -> Vec<(&'static str, &'static str, bool, MethodRouter<AppS
         ("get", "/v1/openapi.json", false, get(openapi)),
         ("get", "/v1/sys/audit", false, get(audit_info)),
         ("get", "/v1/sys/snapshot", false, get(snapshot)),
+        ("get", "/v1/metrics", false, get(metrics)),
         ("post", "/v1/sys/authorize", false, post(dry_run)),
         ("get", "/v1/auth/whoami", false, get(whoami)),
         ("post", "/v1/auth/kubernetes/login", true, post(k8s_login)),
@@ -202,6 +205,12 @@ pub fn router(state: AppState) -> Router {
 /// Assign a request id; render [`ApiError`]s as JSON with it; log failures once; write the
 /// audit record and wait for it to be durable before the response leaves (fail closed).
 async fn finish(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    // The route's template, never the names in a path (they may be secret paths).
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
     let mut raw = [0u8; 8];
     let id = match keyward_crypto::fill_random(&mut raw) {
         Ok(()) => hex::encode(raw),
@@ -235,6 +244,7 @@ async fn finish(State(st): State<AppState>, mut req: Request, next: Next) -> Res
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
+    st.metrics.request(&route, method.as_str(), resp.status().as_u16(), started.elapsed());
     resp
 }
 
@@ -468,6 +478,13 @@ async fn snapshot(State(st): State<AppState>, c: Caller) -> ApiResult {
         axum::body::Body::from_stream(stream),
     )
         .into_response())
+}
+
+/// `GET /v1/metrics` (`read` on `sys/metrics`): the server's metrics in the OpenMetrics text
+/// format. `--metrics-listen` serves the same without a token, for a private network.
+async fn metrics(State(st): State<AppState>, c: Caller) -> ApiResult {
+    allow(&st, &c, "read", "sys/metrics")?;
+    Ok(([(axum::http::header::CONTENT_TYPE, keyward_metrics::CONTENT_TYPE)], st.metrics.text()).into_response())
 }
 
 async fn health(State(st): State<AppState>, StrictQuery(q): StrictQuery<HealthQuery>) -> ApiResult {

@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod error;
 pub mod extract;
 pub mod k8s_auth;
+pub mod metrics;
 pub mod run;
 pub mod seal_file;
 pub mod sealing;

@@ -46,6 +46,8 @@ pub struct ServerConfig {
     pub cluster: crate::cluster::ClusterConfig,
     /// Header-read and idle timeouts, connection cap.
     pub http: crate::serve::HttpLimits,
+    /// Also serve `GET /metrics` here, without authentication (for a private network).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The storage backend.
@@ -74,6 +76,7 @@ impl ServerConfig {
             storage: Storage::Sqlite,
             cluster: crate::cluster::ClusterConfig::default(),
             http: crate::serve::HttpLimits::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -191,6 +194,8 @@ pub struct Running {
     pub tls: bool,
     /// This server's identity among the servers sharing its store.
     pub member: Arc<Member>,
+    /// Where `GET /metrics` is served without authentication, if asked.
+    pub metrics_addr: Option<SocketAddr>,
     sealing: Arc<Sealing>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
@@ -327,6 +332,8 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         (None, true) => SealKind::InsecureFile,
         (None, false) => SealKind::Shamir,
     };
+    let mut metrics = crate::metrics::ServerMetrics::new();
+    let store = crate::metrics::Metered::wrap(store, metrics.store.clone());
     let sealing = match &cfg.pkcs11 {
         Some(p) => {
             let p = p.clone();
@@ -390,7 +397,21 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         f.sync_all().map_err(io("writing root token"))?;
     }
 
+    metrics.watch(sealing.clone());
+    let metrics = Arc::new(metrics);
+    let metrics_addr = match cfg.metrics_listen {
+        Some(a) => {
+            let l = tokio::net::TcpListener::bind(a).await.map_err(io(format!("binding the metrics address {a}")))?;
+            let bound = l.local_addr().map_err(io("reading the metrics address"))?;
+            let m = metrics.clone();
+            tokio::spawn(keyward_metrics::serve(l, Arc::new(move || m.text()), std::future::pending()));
+            tracing::info!(addr = %bound, "metrics on GET /metrics (no authentication)");
+            Some(bound)
+        }
+        None => None,
+    };
     let state = AppState {
+        metrics,
         sealing: sealing.clone(),
         k8s: k8s.clone(),
         agents: Default::default(),
@@ -427,6 +448,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         tls: cfg.tls.is_some(),
         seal: kind.as_str(),
         member,
+        metrics_addr,
         sealing,
         shutdown: Some(tx),
         task,

@@ -58,10 +58,12 @@ async fn slow_headers_are_cut_at_the_header_read_timeout() {
     for s in &mut slow {
         s.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Slow: ").unwrap();
     }
+    let started = Instant::now();
+    // The clients keep sending for 8 s; the server's timeout is 1 s.
     let trickle = {
         let mut slow: Vec<TcpStream> = slow.iter().map(|s| s.try_clone().unwrap()).collect();
         std::thread::spawn(move || {
-            for _ in 0..10 {
+            for _ in 0..27 {
                 for s in &mut slow {
                     let _ = s.write_all(b"a");
                 }
@@ -70,14 +72,23 @@ async fn slow_headers_are_cut_at_the_header_read_timeout() {
         })
     };
     assert!(legit(&addr).await < Duration::from_secs(2), "a legitimate call waits behind slow clients");
-    // Within the timeout (and some slack), every slow connection is closed although it kept sending.
-    let mut first = slow.remove(0);
-    assert!(tokio::task::spawn_blocking(move || closed_within(&mut first, Duration::from_secs(3))).await.unwrap());
-    let all_closed =
-        tokio::task::spawn_blocking(move || slow.iter_mut().all(|s| closed_within(s, Duration::from_millis(500))))
-            .await
-            .unwrap();
-    assert!(all_closed, "every slow connection was closed");
+    // Every slow connection is closed although it kept sending: all of them well before the
+    // clients stop (5 s after they started, against a 1 s timeout: slack for a loaded machine).
+    let deadline = started + Duration::from_secs(5);
+    let open = tokio::task::spawn_blocking(move || {
+        let mut open = 0;
+        for s in &mut slow {
+            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+            if !closed_within(s, left) {
+                open += 1;
+            }
+        }
+        open
+    })
+    .await
+    .unwrap();
+    assert_eq!(open, 0, "every slow connection was closed within 5 s while still sending");
+    assert!(started.elapsed() < Duration::from_secs(8), "...before the clients stopped sending");
     trickle.join().unwrap();
 }
 

@@ -85,6 +85,7 @@ fn cfg(dir: &Path, tls: bool, seal: bool) -> ServerConfig {
         storage: Default::default(),
         cluster: Default::default(),
         http: Default::default(),
+        metrics_listen: None,
     }
 }
 

@@ -24,9 +24,15 @@ impl Drop for Dev {
 }
 
 pub fn start_dev(data: &Path) -> Dev {
+    start_dev_with(data, &[])
+}
+
+/// `keyward dev` with more arguments.
+pub fn start_dev_with(data: &Path, extra: &[&str]) -> Dev {
     let mut child = Command::new(BIN)
         .args(["dev", "--listen", "127.0.0.1:0", "--data"])
         .arg(data)
+        .args(extra)
         .env_remove("KEYWARD_ADDR")
         .env_remove("KEYWARD_TOKEN")
         .stdout(Stdio::piped())
@@ -187,4 +193,26 @@ pub fn server_address(child: &mut Child) -> String {
     };
     std::thread::spawn(move || for _ in lines {});
     addr
+}
+
+/// The Prometheus project's OpenMetrics parser (prometheus_client, PyPI), installed into `dir`.
+pub fn metrics_parser(dir: &Path) -> std::path::PathBuf {
+    let lib = dir.join("pylib");
+    pip_install(&lib, "prometheus-client==0.23.1");
+    lib
+}
+
+pub fn scrape(lib: &Path, url: &str, token: Option<&str>) -> serde_json::Value {
+    let mut c = Command::new(PYTHON);
+    c.arg(repo().join("crates/keyward-cli/tests/metrics_check.py")).arg(lib).arg(url);
+    if let Some(t) = token {
+        c.arg(t);
+    }
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "the OpenMetrics parser refused {url}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
