@@ -29,7 +29,7 @@ fn python_path() -> PathBuf {
 
 fn yaml_files(deploy: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
-    for sub in ["", "server", "postgres", "agent", "csi", "kms-plugin"] {
+    for sub in ["", "server", "postgres", "agent", "csi", "kms-plugin", "examples"] {
         for e in std::fs::read_dir(deploy.join(sub)).unwrap() {
             let p = e.unwrap().path();
             let name = p.file_name().unwrap().to_string_lossy().into_owned();
@@ -132,7 +132,7 @@ fn manifests_are_valid_and_consistent_with_the_binary() {
 
     let names = kubectl_dry_run(&deploy, work.path()).unwrap();
     for want in [
-        "deployment.apps/keyward-server",
+        "statefulset.apps/keyward-server",
         "poddisruptionbudget.policy/keyward-server",
         "statefulset.apps/keyward-postgres",
         "daemonset.apps/keyward-agent",
@@ -149,10 +149,10 @@ fn manifests_are_valid_and_consistent_with_the_binary() {
 
     // The checks bite.
     let cases = [
-        ("flag", "server/deployment.yaml", "--tls-cert=", "--tls-certificate=", "has no flag --tls-certificate"),
+        ("flag", "server/statefulset.yaml", "--tls-cert=", "--tls-certificate=", "has no flag --tls-certificate"),
         (
             "mount",
-            "server/deployment.yaml",
+            "server/statefulset.yaml",
             "mountPath: /etc/keyward/tls",
             "mountPath: /etc/tls",
             "on no mounted volume",
@@ -166,7 +166,16 @@ fn manifests_are_valid_and_consistent_with_the_binary() {
             "matches no pod",
         ),
         ("kms", "kms-plugin/encryption-config.yaml", "kms.sock", "kms2.sock", "EncryptionConfiguration names"),
-        ("secret", "server/deployment.yaml", "name: keyward-postgres-url", "name: keyward-pg-url", "keyward-pg-url"),
+        ("image", "kustomization.yaml", "  - name: keyward\n", "  - name: keyward-other\n", "is not set"),
+        ("workload", "examples/workload.yaml", "path: /run/keyward\n", "path: /run/kw\n", "socket"),
+        ("secret", "server/statefulset.yaml", "name: keyward-postgres-url", "name: keyward-pg-url", "keyward-pg-url"),
+        (
+            "audit",
+            "server/statefulset.yaml",
+            "--audit-file=/var/lib/keyward-audit/audit.log",
+            "--audit-file=/var/lib/keyward/audit.log",
+            "must be on a persistent volume",
+        ),
     ];
     for (name, file, from, to, expect) in cases {
         let dir = broken(work.path(), name, file, from, to);

@@ -34,7 +34,7 @@ def pod_specs(objs):
     for o in objs:
         kind, md = o.get("kind"), o.get("metadata", {})
         owner = f"{kind}/{md.get('name')}"
-        if kind in ("Deployment", "DaemonSet", "StatefulSet"):
+        if kind in ("Deployment", "DaemonSet", "StatefulSet", "Job"):
             t = o["spec"]["template"]
             yield owner, md.get("namespace"), t.get("metadata", {}), t["spec"], o
         elif kind == "Pod":
@@ -42,8 +42,9 @@ def pod_specs(objs):
 
 
 def help_flags(binary, sub, cache={}):
+    """The flags of `keyward SUB...` (SUB: a subcommand, or a space-separated path of them)."""
     if sub not in cache:
-        out = subprocess.run([binary, sub, "--help"], capture_output=True, text=True)
+        out = subprocess.run([binary, *sub.split(), "--help"], capture_output=True, text=True)
         if out.returncode != 0:
             problem(f"`keyward {sub} --help` failed: is {sub!r} a subcommand? {out.stderr.strip()}")
             cache[sub] = set()
@@ -71,7 +72,11 @@ def main():
         enc = yaml.safe_load(f)
     with open(os.path.join(deploy, "README.md")) as f:
         readme = f.read()
-    everything = objs + static
+    examples = []
+    for name in sorted(os.listdir(os.path.join(deploy, "examples"))):
+        with open(os.path.join(deploy, "examples", name)) as f:
+            examples += [o for o in yaml.safe_load_all(f) if o]
+    everything = objs + static + examples
 
     defined = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in everything}
     namespaces = {n for (k, _, n) in defined if k == "Namespace"} | {"kube-system"}
@@ -83,10 +88,13 @@ def main():
         if o["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding") and ns not in namespaces:
             problem(f"{o['kind']}/{o['metadata']['name']}: namespace {ns!r} is not defined")
 
+    agent_dirs = set()
+    workloads = []  # (container, namespace, host directory its KEYWARD_AGENT_SOCKET is on)
+    ns_labels = {o["metadata"]["name"]: o["metadata"].get("labels", {}) for o in everything if o["kind"] == "Namespace"}
     for owner, ns, tmd, spec, obj in pods:
         labels = tmd.get("labels", {})
         sel = obj.get("spec", {}).get("selector", {}).get("matchLabels")
-        if obj["kind"] != "Pod" and not matches(sel, labels):
+        if obj["kind"] not in ("Pod", "Job") and not matches(sel, labels):
             problem(f"{owner}: selector {sel} does not match its pod labels {labels}")
         sa = spec.get("serviceAccountName")
         if sa and ("ServiceAccount", ns, sa) not in defined:
@@ -108,6 +116,11 @@ def main():
                     problem(f"{cname}: volumeMount {m['name']!r} has no volume")
                 mounts[m["mountPath"]] = m["name"]
             envs = {e["name"] for e in c.get("env", [])}
+            sock = next((e.get("value") for e in c.get("env", []) if e["name"] == "KEYWARD_AGENT_SOCKET"), None)
+            if sock:
+                on = [m for m in mounts if sock.startswith(m.rstrip("/") + "/")]
+                vol = volumes.get(mounts[max(on, key=len)]) if on else None
+                workloads.append((cname, ns, (vol or {}).get("hostPath", {}).get("path")))
             for e in c.get("env", []):
                 ref = e.get("valueFrom", {}).get("secretKeyRef", {}).get("name")
                 if ref and ("Secret", ns, ref) not in defined and not listed(readme, ref):
@@ -119,13 +132,19 @@ def main():
                     problem(f"{cname}: {probe} names port {port!r}, which the container does not declare")
             if KEYWARD_IMAGE not in c.get("image", "").rsplit("/", 1)[-1]:
                 continue
+            if c["image"] == KEYWARD_IMAGE and obj in objs:
+                problem(f"{cname}: image {KEYWARD_IMAGE!r} is not set: kustomization.yaml's images must name it")
             args = c.get("args", [])
             if not args:
                 problem(f"{cname}: no subcommand")
                 continue
-            sub, flags = args[0], help_flags(binary, args[0])
+            # Subcommands (and their positional arguments) come before the flags.
+            lead = 0
+            while lead < len(args) and not args[lead].startswith("--"):
+                lead += 1
+            sub, flags = args[0], help_flags(binary, " ".join(args[:lead]))
             values = {}
-            for a in args[1:]:
+            for a in args[lead:]:
                 if not a.startswith("--"):
                     problem(f"{cname}: argument {a!r} is not a --flag")
                     continue
@@ -154,6 +173,13 @@ def main():
                     problem(f"{cname}: listens on {port} but declares no such containerPort")
                 if c.get("readinessProbe", {}).get("httpGet", {}).get("path") != "/v1/health?ready=true":
                     problem(f"{cname}: the readiness probe must be /v1/health?ready=true (503 while sealed or stale)")
+                if c.get("startupProbe", {}).get("httpGet", {}).get("path") != "/v1/health":
+                    problem(f"{cname}: needs a startupProbe on /v1/health (alive once it answers, sealed or not)")
+                audit = values.get("--audit-file", "/var/lib/keyward/audit.log")
+                holders = [m for m in mounts if audit.startswith(m.rstrip("/") + "/")]
+                vol = mounts[max(holders, key=len)] if holders else None
+                if "persistentVolumeClaim" not in volumes.get(vol, {}):
+                    problem(f"{cname}: the audit log {audit} must be on a persistent volume, not {volumes.get(vol)}")
             if sub == "agent":
                 if not spec.get("hostPID"):
                     problem(f"{cname}: the agent needs hostPID to measure callers")
@@ -161,6 +187,8 @@ def main():
                 vol = mounts.get(os.path.dirname(sock))
                 if not vol or "hostPath" not in volumes.get(vol, {}):
                     problem(f"{cname}: the socket directory of {sock} must be a hostPath volume workloads can mount")
+                else:
+                    agent_dirs.add(volumes[vol]["hostPath"]["path"])
             if sub == "kms-plugin":
                 endpoints = [
                     p["kms"]["endpoint"]
@@ -206,8 +234,14 @@ def main():
             if "kms" in p and (p["kms"].get("apiVersion") != "v2" or ":" in p["kms"].get("name", ":")):
                 problem("the KMS provider must be apiVersion v2 with a name without ':'")
 
+    for cname, ns, host_dir in workloads:
+        if host_dir not in agent_dirs:
+            problem(f"{cname}: KEYWARD_AGENT_SOCKET is not on the agent's socket directory {sorted(agent_dirs)} ({host_dir})")
+        if ns_labels.get(ns, {}).get("pod-security.kubernetes.io/enforce") != "privileged":
+            problem(f"{cname}: its namespace {ns} must allow privileged pods (hostPath): baseline forbids hostPath")
+
     kinds = sorted({o["kind"] for o in everything})
-    for need in ("Deployment", "PodDisruptionBudget", "DaemonSet", "StatefulSet", "Service", "Pod"):
+    for need in ("PodDisruptionBudget", "DaemonSet", "StatefulSet", "Service", "Pod"):
         if need not in kinds:
             problem(f"the bundle has no {need}")
     if problems:

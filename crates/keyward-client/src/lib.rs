@@ -188,13 +188,27 @@ impl ClientBuilder {
             let cert =
                 reqwest::Certificate::from_pem(pem).map_err(|e| Error::Config(format!("CA certificate: {e}")))?;
             b = b.tls_certs_only([cert]);
+        } else if addrs.iter().all(|a| a.starts_with("http://")) {
+            // No TLS at all: do not load the system's trust store (a minimal container has none).
+            b = b.tls_certs_only([]);
         }
         if let Some(pem) = &self.identity_pem {
             let id = reqwest::Identity::from_pem(pem)
                 .map_err(|e| Error::Config(format!("client certificate and key: {e}")))?;
             b = b.identity(id);
         }
-        let http = b.build().map_err(|e| Error::Config(e.to_string()))?;
+        let http = b.build().map_err(|e| {
+            let mut why = e.to_string();
+            let mut cur = std::error::Error::source(&e);
+            while let Some(c) = cur {
+                why = format!("{why}: {c}");
+                cur = c.source();
+            }
+            if self.ca_pem.is_none() {
+                why.push_str(" (without KEYWARD_CACERT the system's trust store is used: set KEYWARD_CACERT to the CA's PEM file)");
+            }
+            Error::Config(why)
+        })?;
         Ok(Client { http, addrs: addrs.into(), current: Arc::new(AtomicUsize::new(0)), token: self.token })
     }
 }
