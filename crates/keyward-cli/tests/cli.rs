@@ -212,3 +212,48 @@ fn audit_stdout_mirrors_the_file() {
     drop(dev);
     reader.join().unwrap();
 }
+
+/// The README's tour, line by line, as written: in bash, with `keyward` on the PATH and the
+/// dev server's variables exported (what `keyward dev` tells the reader to paste). A line
+/// marked `# fails:` must fail; every other line must succeed.
+#[test]
+fn the_readme_tour_runs_as_written() {
+    let readme = std::fs::read_to_string(common::repo().join("README.md")).unwrap();
+    let tour = readme.split("## A short tour").nth(1).unwrap();
+    let block = tour.split("```sh\n").nth(1).unwrap().split("```").next().unwrap();
+    let lines: Vec<&str> = block.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() > 20, "the tour has its commands: {lines:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let dev = start_dev(&dir.path().join("dev"));
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::os::unix::fs::symlink(BIN, bin.join("keyward")).unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    for line in lines {
+        let out = Command::new("bash")
+            .args(["-o", "pipefail", "-c", line])
+            .current_dir(&work)
+            .env("PATH", &path)
+            .env("KEYWARD_ADDR", &dev.addr)
+            .env("KEYWARD_TOKEN", &dev.token)
+            .env_remove("KEYWARD_CACERT")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let fails = line.contains("# fails:");
+        assert_eq!(
+            !out.status.success(),
+            fails,
+            "README line `{line}`: exit {:?}\nstdout: {}\nstderr: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"), "{line}");
+    }
+    // What the tour made is there.
+    assert!(work.join("card2.kw").exists() && work.join("app.sig").exists());
+}
