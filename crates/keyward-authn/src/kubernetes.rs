@@ -128,7 +128,7 @@ impl Config {
     /// Check the configuration (and a static JWKS) before it is stored.
     pub fn validate(&self) -> Result<(), AuthnError> {
         https_url("issuer", &self.issuer)?;
-        if self.audience.is_empty() || self.audience.len() > 256 {
+        if self.audience.is_empty() || self.audience.chars().count() > 256 {
             return Err(AuthnError::Config("audience must be 1 to 256 characters".into()));
         }
         if self.leeway_secs > 300 {
@@ -140,7 +140,11 @@ impl Config {
         }
         match &self.jwks {
             JwksSource::Static(doc) => {
-                let keys = parse_jwks(doc.as_bytes())?;
+                // A document given here that does not parse is a configuration error.
+                let keys = parse_jwks(doc.as_bytes()).map_err(|e| match e {
+                    AuthnError::JwksUnavailable(why) => AuthnError::Config(why),
+                    other => other,
+                })?;
                 if keys.is_empty() {
                     return Err(AuthnError::Config("the JWKS holds no usable RSA or EC signing key".into()));
                 }

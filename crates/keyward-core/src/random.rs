@@ -27,7 +27,8 @@ pub struct RandomSpec {
     pub kind: RandomKind,
     /// Characters (password, api-key) or bytes (bytes).
     pub length: u16,
-    /// Characters to draw from (password and api-key only): 2 to 128 distinct printable ASCII.
+    /// Characters to draw from (password and api-key only): 2 to 128 printable ASCII, at least
+    /// two different (repeats are ignored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alphabet: Option<String>,
     /// A value is replaced this long after it was generated (seconds).
@@ -60,19 +61,21 @@ impl RandomSpec {
                     return bad("length must be 8 to 256 characters".into());
                 }
                 if let Some(a) = &self.alphabet {
-                    let mut seen = std::collections::BTreeSet::new();
-                    let ok = (2..=128).contains(&a.len()) && a.bytes().all(|b| b.is_ascii_graphic() && seen.insert(b));
+                    // A set of characters: repeats are ignored, at least two must differ.
+                    let distinct: std::collections::BTreeSet<u8> = a.bytes().collect();
+                    let ok =
+                        (2..=128).contains(&a.len()) && a.bytes().all(|b| b.is_ascii_graphic()) && distinct.len() >= 2;
                     if !ok {
-                        return bad("alphabet must be 2 to 128 distinct printable ASCII characters".into());
+                        return bad(
+                            "alphabet must be 2 to 128 printable ASCII characters, at least two of them different"
+                                .into(),
+                        );
                     }
                 }
             }
         }
         if !(TTL_RANGE.0..=TTL_RANGE.1).contains(&self.ttl_secs) {
             return bad(format!("ttl must be {} second to {} days", TTL_RANGE.0, TTL_RANGE.1 / 86400));
-        }
-        if self.grace_secs > self.ttl_secs {
-            return bad("grace may not be longer than ttl".into());
         }
         Ok(())
     }
@@ -86,7 +89,8 @@ impl RandomSpec {
         }
         let alphabet =
             self.alphabet.as_deref().unwrap_or(if self.kind == RandomKind::Password { PASSWORD } else { ALNUM });
-        let a = alphabet.as_bytes();
+        // Each distinct character once, so every one is equally likely.
+        let a: Vec<u8> = alphabet.bytes().collect::<std::collections::BTreeSet<u8>>().into_iter().collect();
         let n = a.len();
         // Accept a byte only below the largest multiple of n, so every character is equally likely.
         let limit = 256 - (256 % n);
@@ -168,10 +172,13 @@ mod tests {
             spec(RandomKind::ApiKey, 32, Some("aa")),
             spec(RandomKind::ApiKey, 32, Some("a b")),
             RandomSpec { ttl_secs: 0, ..spec(RandomKind::Password, 32, None) },
-            RandomSpec { grace_secs: 120, ..spec(RandomKind::Password, 32, None) },
         ] {
             assert!(s.validate().is_err(), "{s:?}");
         }
         assert!(spec(RandomKind::Password, 32, None).validate().is_ok());
+        // An alphabet is a set: repeats are ignored, two different characters suffice.
+        assert!(spec(RandomKind::ApiKey, 32, Some("abab")).validate().is_ok());
+        let v = spec(RandomKind::ApiKey, 64, Some("aaaaaaab")).generate().unwrap();
+        assert!(v.contains('b') && v.contains('a'), "each distinct character is equally likely: {}", &*v);
     }
 }

@@ -36,9 +36,9 @@ impl SecretData {
         }
         let mut total = 0usize;
         for (k, v) in &data.fields {
-            if k.is_empty() || k.len() > MAX_SECRET_FIELD_NAME || k.chars().any(char::is_control) {
+            if k.is_empty() || k.chars().count() > MAX_SECRET_FIELD_NAME || k.chars().any(char::is_control) {
                 return Err(KmsError::invalid(format!(
-                    "secret field names must be 1 to {MAX_SECRET_FIELD_NAME} bytes without control characters"
+                    "secret field names must be 1 to {MAX_SECRET_FIELD_NAME} characters without control characters"
                 )));
             }
             total += k.len() + v.len();

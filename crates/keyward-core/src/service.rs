@@ -934,7 +934,7 @@ impl Kms {
     pub async fn renew_token(&self, accessor: &str) -> Result<Arc<TokenRecord>, KmsError> {
         let t = self.lookup_token(accessor).await?;
         let Some(ttl) = t.ttl_secs else {
-            return Err(KmsError::invalid("this token has no TTL and does not expire; nothing to renew"));
+            return Err(KmsError::Conflict("this token has no TTL and does not expire; nothing to renew".into()));
         };
         let mut next = (*t).clone();
         let mut exp = now_unix().saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX));
@@ -1676,9 +1676,8 @@ impl Kms {
         }
         let ck = self.key(name).await?;
         Self::usable(&ck, DIGEST_SIGNING, |a| a == KeyAlgorithm::EcdsaP256)?;
-        let (h, sig) = format::parse(signature, EnvelopeKind::SignatureV1).map_err(|_| {
-            KmsError::invalid("signature is not a Keyward signature (expected the base64 value returned by sign)")
-        })?;
+        // Bytes that are not a signature envelope do not verify.
+        let Ok((h, sig)) = format::parse(signature, EnvelopeKind::SignatureV1) else { return Ok(false) };
         if h.key_id != ck.record.id.0 {
             return Ok(false);
         }
@@ -1690,9 +1689,8 @@ impl Kms {
         check_len("message", message.len(), MAX_MESSAGE)?;
         let ck = self.key(name).await?;
         Self::usable(&ck, "verify", KeyAlgorithm::is_signing)?;
-        let (h, sig) = format::parse(signature, EnvelopeKind::SignatureV1).map_err(|_| {
-            KmsError::invalid("signature is not a Keyward signature (expected the base64 value returned by sign)")
-        })?;
+        // Bytes that are not a signature envelope do not verify.
+        let Ok((h, sig)) = format::parse(signature, EnvelopeKind::SignatureV1) else { return Ok(false) };
         if h.key_id != ck.record.id.0 {
             return Ok(false);
         }
@@ -1714,8 +1712,8 @@ impl Kms {
         check_len("message", message.len(), MAX_MESSAGE)?;
         let ck = self.key(name).await?;
         Self::usable(&ck, "verify-mac", |a| a == KeyAlgorithm::HmacSha256)?;
-        let (h, tag) = format::parse(mac, EnvelopeKind::MacV1)
-            .map_err(|_| KmsError::invalid("mac is not a Keyward MAC (expected the base64 value returned by mac)"))?;
+        // Bytes that are not a MAC envelope do not verify.
+        let Ok((h, tag)) = format::parse(mac, EnvelopeKind::MacV1) else { return Ok(false) };
         if h.key_id != ck.record.id.0 {
             return Ok(false);
         }

@@ -78,12 +78,14 @@ pub fn context(ctx: &BTreeMap<String, String>) -> Result<(), KmsError> {
         return Err(KmsError::invalid(format!("encryption context has more than {MAX_CONTEXT_ENTRIES} entries")));
     }
     for (k, v) in ctx {
-        if k.is_empty() || k.len() > MAX_CONTEXT_KEY {
-            return Err(KmsError::invalid(format!("encryption context keys must be 1 to {MAX_CONTEXT_KEY} bytes")));
-        }
-        if v.len() > MAX_CONTEXT_VALUE {
+        if k.is_empty() || k.chars().count() > MAX_CONTEXT_KEY {
             return Err(KmsError::invalid(format!(
-                "encryption context values must be at most {MAX_CONTEXT_VALUE} bytes"
+                "encryption context keys must be 1 to {MAX_CONTEXT_KEY} characters"
+            )));
+        }
+        if v.chars().count() > MAX_CONTEXT_VALUE {
+            return Err(KmsError::invalid(format!(
+                "encryption context values must be at most {MAX_CONTEXT_VALUE} characters"
             )));
         }
     }

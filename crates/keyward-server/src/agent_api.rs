@@ -332,7 +332,8 @@ const MAX_NONCE_BATCH: u32 = 64;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NonceReq {
-    count: u32,
+    #[serde(default)]
+    count: Option<u32>,
 }
 
 /// `{"nonce", "nonces": [...], "expires_in_secs"}`; an empty body asks for one, `{"count": N}`
@@ -342,12 +343,13 @@ pub(crate) async fn nonce(State(st): State<AppState>, c: Caller, body: Bytes) ->
     let count = if body.iter().all(u8::is_ascii_whitespace) {
         1
     } else {
-        let r: NonceReq = serde_json::from_slice(&body)
+        let r: NonceReq = crate::extract::parse_json(&body)
             .map_err(|_| ApiError::invalid("the body must be empty or {\"count\": N} with N from 1 to 64"))?;
-        if r.count == 0 || r.count > MAX_NONCE_BATCH {
+        let count = r.count.unwrap_or(1);
+        if count == 0 || count > MAX_NONCE_BATCH {
             return Err(ApiError::invalid("count must be from 1 to 64"));
         }
-        r.count
+        count
     };
     let nonces = (0..count).map(|_| st.agents.issue(&c.0.accessor).map(|n| b64(&n))).collect::<Result<Vec<_>, _>>()?;
     Ok(Json(json!({"nonce": nonces[0], "nonces": nonces, "expires_in_secs": NONCE_TTL.as_secs()})).into_response())
@@ -479,7 +481,7 @@ fn agent_body<T: serde::de::DeserializeOwned>(c: &Caller, body: &[u8], limit: us
             format!("release request larger than {limit} bytes"),
         ));
     }
-    Ok((node, serde_json::from_slice(body).map_err(|e| crate::extract::json_error(&e))?))
+    Ok((node, crate::extract::parse_json(body)?))
 }
 
 /// The agent's proof of possession: `context || body` signed with the key its token is bound to.

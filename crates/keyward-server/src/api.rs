@@ -849,8 +849,12 @@ async fn k8s_configure(State(st): State<AppState>, c: Caller, StrictJson(r): Str
         ca_pem: r.ca_pem,
         leeway_secs: r.leeway_secs.unwrap_or(DEFAULT_LEEWAY_SECS),
     };
-    let keys = st.k8s.configure(config).await?;
-    ok(json!({"configured": true, "keys": keys}))
+    let (keys, warning) = st.k8s.configure(config).await?;
+    let mut v = json!({"configured": true, "keys": keys});
+    if let Some(w) = warning {
+        v["warning"] = json!(format!("the signing keys could not be fetched yet ({w}); logins fail until they can be"));
+    }
+    ok(v)
 }
 
 async fn k8s_get_config(State(st): State<AppState>, c: Caller) -> ApiResult {
@@ -895,12 +899,15 @@ async fn k8s_put_role(
         }
         kms.get_policy(p)?;
     }
+    let max_ttl_secs = r.max_ttl.as_deref().map(|t| parse_period("max_ttl", t)).transpose()?;
+    let ttl_secs = r.ttl.as_deref().map(|t| parse_period("ttl", t)).transpose()?.unwrap_or(15 * 60);
     let role = keyward_authn::kubernetes::Role {
         bound_namespaces: r.bound_namespaces,
         bound_service_accounts: r.bound_service_accounts,
         policies: r.policies,
-        ttl_secs: r.ttl.as_deref().map(|t| parse_period("ttl", t)).transpose()?.unwrap_or(15 * 60),
-        max_ttl_secs: r.max_ttl.as_deref().map(|t| parse_period("max_ttl", t)).transpose()?,
+        // An issued token never lives longer than the role's max TTL allows.
+        ttl_secs: max_ttl_secs.map_or(ttl_secs, |m| ttl_secs.min(m)),
+        max_ttl_secs,
         allow_unbound_tokens: r.allow_unbound_tokens,
     };
     st.k8s.put_role(&name, role.clone()).await?;
@@ -1375,12 +1382,14 @@ async fn randomized_define(
         "bytes" => RandomKind::Bytes,
         other => return Err(ApiError::invalid(format!("kind {other:?} is not password, api-key or bytes"))),
     };
+    let ttl_secs = parse_period("ttl", &r.ttl)?;
     let spec = RandomSpec {
         kind,
         length: r.length.unwrap_or(32),
         alphabet: r.alphabet,
-        ttl_secs: parse_period("ttl", &r.ttl)?,
-        grace_secs: r.grace.as_deref().map(|g| parse_period("grace", g)).transpose()?.unwrap_or(0),
+        ttl_secs,
+        // The previous value is kept for at most one period.
+        grace_secs: r.grace.as_deref().map(|g| parse_period("grace", g)).transpose()?.unwrap_or(0).min(ttl_secs),
     };
     st.kms()?.define_random(&name, &spec).await?;
     ok(randomized_json(&name, &spec))

@@ -51,10 +51,12 @@ impl From<KmsError> for ApiError {
             KmsError::PermissionDenied(_) => StatusCode::FORBIDDEN,
             KmsError::NotFound { .. } => StatusCode::NOT_FOUND,
             KmsError::AlreadyExists { .. } | KmsError::Conflict(_) => StatusCode::CONFLICT,
-            KmsError::KeyDisabled(_) | KmsError::KeyPendingDeletion(_) => StatusCode::CONFLICT,
-            KmsError::InvalidArgument(_) | KmsError::WrongKeyType { .. } | KmsError::DecryptionFailed => {
-                StatusCode::BAD_REQUEST
+            // The key exists and the request is well formed, but the key's state or type does
+            // not allow the operation.
+            KmsError::KeyDisabled(_) | KmsError::KeyPendingDeletion(_) | KmsError::WrongKeyType { .. } => {
+                StatusCode::CONFLICT
             }
+            KmsError::InvalidArgument(_) | KmsError::DecryptionFailed => StatusCode::BAD_REQUEST,
             KmsError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -118,7 +120,7 @@ impl From<crate::k8s_auth::K8sAuthError> for ApiError {
         match e {
             E::Kms(k) => k.into(),
             E::NotConfigured => Self::new(StatusCode::CONFLICT, "not_configured", e.to_string()),
-            E::NoRole(_) => Self::new(StatusCode::BAD_REQUEST, "no_such_role", e.to_string()),
+            E::NoRole(_) => Self::new(StatusCode::NOT_FOUND, "no_such_role", e.to_string()),
             E::Authn(a @ A::Config(_)) => Self::invalid(a.to_string()),
             E::Authn(a @ A::RoleMismatch(_)) => Self::new(StatusCode::FORBIDDEN, "permission_denied", a.to_string()),
             E::Authn(A::JwksUnavailable(detail)) => Self {

@@ -60,7 +60,45 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for StrictJson<T> {
             )
         })?;
         let body: &[u8] = if bytes.is_empty() { b"{}" } else { &bytes };
-        serde_json::from_slice(body).map(StrictJson).map_err(|e| json_error(&e))
+        parse_json(body).map(StrictJson)
+    }
+}
+
+/// Parse a JSON request body strictly, with errors in our format. JSON Schema's integers
+/// include `3.0`: a body with a whole number written as a float is read again with those
+/// numbers as integers.
+pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    match serde_json::from_slice(body) {
+        Ok(v) => Ok(v),
+        Err(e) if e.classify() == serde_json::error::Category::Data => {
+            let mut v: serde_json::Value = serde_json::from_slice(body).map_err(|_| json_error(&e))?;
+            if !integral_floats_to_integers(&mut v) {
+                return Err(json_error(&e));
+            }
+            T::deserialize(v).map_err(|_| json_error(&e))
+        }
+        Err(e) => Err(json_error(&e)),
+    }
+}
+
+/// Replace every float with no fractional part (and within 64 bits) by that integer; whether
+/// anything was replaced.
+fn integral_floats_to_integers(v: &mut serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            // Below 2^53 every integer is exact in a float.
+            if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
+                #[allow(clippy::cast_possible_truncation)]
+                let i = f as i64;
+                *v = serde_json::Value::from(i);
+                return true;
+            }
+            false
+        }
+        serde_json::Value::Array(a) => a.iter_mut().fold(false, |any, x| integral_floats_to_integers(x) || any),
+        serde_json::Value::Object(o) => o.values_mut().fold(false, |any, x| integral_floats_to_integers(x) || any),
+        _ => false,
     }
 }
 

@@ -113,9 +113,25 @@ impl K8sAuth {
 
     /// Set the configuration. With a fetched JWKS, the keys are fetched now so that a wrong URL
     /// or CA is reported at once.
-    pub async fn configure(&self, config: Config) -> Result<usize, K8sAuthError> {
+    /// Set the configuration. Its keys are fetched at once: the answer is how many, or (for a
+    /// JWKS URL or discovery that cannot be fetched now) none and why. The configuration is
+    /// stored either way; logins fail until the keys can be fetched (they are tried again on
+    /// each login, rate-limited).
+    pub async fn configure(&self, config: Config) -> Result<(usize, Option<String>), K8sAuthError> {
         let probe = Verifier::new(config.clone())?;
-        let keys = probe.refresh().await?;
+        let (keys, warning) = match probe.refresh().await {
+            Ok(n) => (n, None),
+            Err(keyward_authn::kubernetes::AuthnError::JwksUnavailable(why))
+                if !matches!(config.jwks, keyward_authn::kubernetes::JwksSource::Static(_)) =>
+            {
+                (0, Some(why))
+            }
+            // A static document that holds no usable key is the caller's to fix.
+            Err(keyward_authn::kubernetes::AuthnError::JwksUnavailable(why)) => {
+                return Err(keyward_authn::kubernetes::AuthnError::Config(why).into());
+            }
+            Err(e) => return Err(e.into()),
+        };
         let doc = self
             .update(|d| {
                 d.config = Some(config.clone());
@@ -123,8 +139,9 @@ impl K8sAuth {
             })
             .await?;
         // Keep the keys just fetched (the next unknown kid may still refetch at once).
-        *self.cached.write().await = Some((doc, Some(Arc::new(probe))));
-        Ok(keys)
+        let probe = warning.is_none().then(|| Arc::new(probe));
+        *self.cached.write().await = Some((doc, probe));
+        Ok((keys, warning))
     }
 
     /// Create or replace a role.

@@ -29,10 +29,25 @@ pub fn time(t: i64) -> String {
     humantime::format_rfc3339_seconds(st).to_string()
 }
 
+/// A period: a whole number and one unit, `s`, `m`, `h` or `d` (`90d`, `12h`, `30m`, `45s`),
+/// with no sign, space or leading zero: the grammar the OpenAPI document's patterns state.
 pub fn parse_period(field: &str, s: &str) -> Result<u64, ApiError> {
-    humantime::parse_duration(s)
-        .map(|d| d.as_secs())
-        .map_err(|_| ApiError::invalid(format!("{field} must be a duration such as 90d, 12h or 30m")))
+    let bad = || ApiError::invalid(format!("{field} must be a duration such as 90d, 12h, 30m or 45s"));
+    let (digits, unit) = s.split_at_checked(s.len().saturating_sub(1)).ok_or_else(bad)?;
+    let per = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(bad()),
+    };
+    if digits.is_empty() || digits.len() > 12 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    if digits.len() > 1 && digits.starts_with('0') {
+        return Err(bad());
+    }
+    digits.parse::<u64>().ok().and_then(|n| n.checked_mul(per)).ok_or_else(bad)
 }
 
 pub fn format_period(secs: u64) -> String {
@@ -458,5 +473,10 @@ mod tests {
         assert_eq!(format_period(7200), "2h");
         assert_eq!(format_period(61), "61s");
         assert!(parse_period("x", "soon").is_err());
+        assert_eq!(parse_period("x", "0s").unwrap(), 0);
+        assert_eq!(parse_period("x", "45s").unwrap(), 45);
+        for bad in ["", "s", "1", "01m", "1.5h", "-1s", "1 h", "1h30m", "1w", "99999999999999d", "é"] {
+            assert!(parse_period("x", bad).is_err(), "{bad}");
+        }
     }
 }

@@ -94,13 +94,15 @@ async fn values_per_identity_rotate_with_grace() {
     for bad in [
         json!({"kind": "pin", "ttl": "1h"}),
         json!({"kind": "password", "length": 4, "ttl": "1h"}),
-        json!({"kind": "password", "ttl": "1h", "grace": "2h"}),
         json!({"kind": "bytes", "alphabet": "ab", "ttl": "1h"}),
         json!({"kind": "password", "ttl": "1h", "colour": "red"}),
     ] {
         let e = c.request(Method::PUT, "/v1/randomized/x", Some(&bad)).await.unwrap_err();
         assert_eq!(e.status(), Some(400), "{bad}");
     }
+    // A grace longer than the period is capped at it.
+    let capped = json!({"kind": "password", "ttl": "1h", "grace": "2h"});
+    assert_eq!(c.request(Method::PUT, "/v1/randomized/x", Some(&capped)).await.unwrap()["grace"], "1h");
     assert_eq!(c.request(Method::GET, "/v1/randomized/nope", None).await.unwrap_err().status(), Some(404));
 }
 
