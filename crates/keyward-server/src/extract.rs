@@ -96,8 +96,21 @@ fn integral_floats_to_integers(v: &mut serde_json::Value) -> bool {
             }
             false
         }
-        serde_json::Value::Array(a) => a.iter_mut().fold(false, |any, x| integral_floats_to_integers(x) || any),
-        serde_json::Value::Object(o) => o.values_mut().fold(false, |any, x| integral_floats_to_integers(x) || any),
+        // Every element is visited (no short circuit): each may need replacing.
+        serde_json::Value::Array(a) => {
+            let mut changed = false;
+            for x in a.iter_mut() {
+                changed |= integral_floats_to_integers(x);
+            }
+            changed
+        }
+        serde_json::Value::Object(o) => {
+            let mut changed = false;
+            for x in o.values_mut() {
+                changed |= integral_floats_to_integers(x);
+            }
+            changed
+        }
         _ => false,
     }
 }
