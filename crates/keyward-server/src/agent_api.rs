@@ -340,7 +340,7 @@ struct NonceReq {
 /// for up to 64 (one round trip and one audit record for a batch).
 pub(crate) async fn nonce(State(st): State<AppState>, c: Caller, body: Bytes) -> Result<Response, ApiError> {
     agent_node(&c)?;
-    let count = if body.iter().all(u8::is_ascii_whitespace) {
+    let count = if body.iter().all(crate::extract::is_json_whitespace) {
         1
     } else {
         let r: NonceReq = crate::extract::parse_json(&body)

@@ -64,10 +64,23 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for StrictJson<T> {
     }
 }
 
+/// JSON's whitespace (RFC 8259: space, tab, line feed, carriage return), narrower than ASCII's.
+pub(crate) fn is_json_whitespace(b: &u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
 /// Parse a JSON request body strictly, with errors in our format. JSON Schema's integers
 /// include `3.0`: a body with a whole number written as a float is read again with those
 /// numbers as integers.
 pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    // Every request body is an object (serde would also read a struct from an array).
+    if body.iter().find(|b| !is_json_whitespace(b)) != Some(&b'{') {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "invalid request body: it must be a JSON object ({...})",
+        ));
+    }
     match serde_json::from_slice(body) {
         Ok(v) => Ok(v),
         Err(e) if e.classify() == serde_json::error::Category::Data => {
