@@ -226,7 +226,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "`kms-plugin rotate` rotates a local-mode key (pass --local); in service mode run `keyward key rotate {key}` against the server"
                 );
             }
-            let k = keyward_kms_plugin::kek::Local::rotate(data_dir, key).await?;
+            let k =
+                keyward_kms_plugin::kek::Local::rotate(data_dir, keyward_store::SqliteStore::open_shared, key).await?;
             print_value(cli.output, &json!({"key": k.name, "version": k.version, "key_id": k.key_id()}))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -435,7 +436,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let raw = STANDARD.decode(v["bytes"].as_str().unwrap_or_default()).map_err(|_| anyhow!("bad response"))?;
             match encoding {
                 Encoding::Base64 => outln!("{}", STANDARD.encode(&raw)),
-                Encoding::Hex => outln!("{}", hex_encode(&raw)),
+                Encoding::Hex => outln!("{}", hex::encode(&raw)),
                 Encoding::Raw => write_out(&raw)?,
             }
             Ok(ExitCode::SUCCESS)
@@ -523,10 +524,6 @@ async fn kubernetes(cli: &Cli, k: &K8sCmd) -> anyhow::Result<ExitCode> {
     };
     print_value(cli.output, &v)?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn hex_encode(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn reqwest_post() -> keyward_client::Method {
@@ -692,14 +689,15 @@ async fn secret(cli: &Cli, s: &SecretCmd) -> anyhow::Result<ExitCode> {
             v
         }
         SecretCmd::List { prefix, limit, after } => {
-            let mut q = vec![format!("prefix={}", urlencode(prefix))];
+            let mut q = form_urlencoded::Serializer::new(String::new());
+            q.append_pair("prefix", prefix);
             if let Some(l) = limit {
-                q.push(format!("limit={l}"));
+                q.append_pair("limit", &l.to_string());
             }
             if let Some(a) = after {
-                q.push(format!("after={}", urlencode(a)));
+                q.append_pair("after", a);
             }
-            let v = c.request(keyward_client::Method::GET, &format!("/v1/secrets?{}", q.join("&")), None).await?;
+            let v = c.request(keyward_client::Method::GET, &format!("/v1/secrets?{}", q.finish()), None).await?;
             if cli.output == Output::Table {
                 for p in v["paths"].as_array().map(Vec::as_slice).unwrap_or_default() {
                     outln!("{}", p.as_str().unwrap_or_default());
@@ -738,18 +736,6 @@ async fn secret(cli: &Cli, s: &SecretCmd) -> anyhow::Result<ExitCode> {
     };
     print_value(cli.output, &v)?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 async fn bench(cli: &Cli, b: &BenchArgs) -> anyhow::Result<ExitCode> {
@@ -1261,7 +1247,8 @@ async fn kms_plugin(cli: &Cli, a: KmsPluginArgs) -> anyhow::Result<ExitCode> {
             dir = %a.data_dir.display(),
             "local mode: the key-encryption key is sealed with the INSECURE FILE SEAL in the data directory"
         );
-        let (l, audit) = kek::Local::open(&a.data_dir, &a.key, a.rotate_every).await?;
+        let (l, audit) =
+            kek::Local::open(&a.data_dir, keyward_store::SqliteStore::open_shared, &a.key, a.rotate_every).await?;
         (Kek::Local(l), audit)
     } else {
         let mut b = client_builder(cli)?;
@@ -1301,7 +1288,7 @@ async fn csi_provider(cli: &Cli, a: CsiProviderArgs) -> anyhow::Result<ExitCode>
         Some(p) => Some(std::fs::read(p).with_context(|| format!("reading CA certificate {}", p.display()))?),
         None => None,
     };
-    let audit = keyward_server::audit::open_with_key_file(&a.data_dir)?;
+    let audit = keyward_audit::open_with_key_file(&a.data_dir)?;
     let cfg = keyward_csi::ProviderConfig {
         addr: cli.addr.clone(),
         allowed_addresses: a.allowed_addresses.clone(),
@@ -1417,7 +1404,7 @@ async fn audit_verify(
 ) -> anyhow::Result<ExitCode> {
     let (key, head, server_file) = match (key_file, local_store) {
         (None, Some(dir)) => {
-            let key = keyward_kms_plugin::kek::Local::audit_key(dir).await?;
+            let key = keyward_kms_plugin::kek::Local::audit_key(dir, keyward_store::SqliteStore::open_shared).await?;
             (key.expose().to_vec(), None, Some(dir.join("audit.log")))
         }
         (k, _) => match k {
@@ -1444,7 +1431,7 @@ async fn audit_verify(
                 let key = STANDARD
                     .decode(v["key"].as_str().unwrap_or_default())
                     .map_err(|_| anyhow!("bad key in response"))?;
-                let head = keyward_server::audit::Head {
+                let head = keyward_audit::Head {
                     seq: v["head"]["seq"].as_u64().unwrap_or(0),
                     hmac: v["head"]["hmac"].as_str().unwrap_or_default().to_string(),
                 };
@@ -1454,11 +1441,11 @@ async fn audit_verify(
     };
     let files: Vec<std::path::PathBuf> = if files.is_empty() {
         let f = server_file.ok_or_else(|| anyhow!("name the audit files to verify"))?;
-        keyward_server::audit::log_files(&f)
+        keyward_audit::log_files(&f)
     } else {
         files.to_vec()
     };
-    match keyward_server::audit::verify_files(&key, &files, head.as_ref()) {
+    match keyward_audit::verify_files(&key, &files, head.as_ref()) {
         Ok(r) => {
             let v = json!({
                 "ok": true, "records": r.records, "first_seq": r.first_seq, "last_seq": r.last_seq, "files": files,

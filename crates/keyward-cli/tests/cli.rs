@@ -69,6 +69,13 @@ fn readme_tour_and_restart() {
 
     ok(&dev, &["secret", "put", "app/db", "user=app", "password=-"], b"s3cret");
     assert_eq!(ok(&dev, &["secret", "get", "app/db", "--field", "password"], b""), b"s3cret\n");
+    for p in ["app/cache", "app/db2", "other/x"] {
+        ok(&dev, &["secret", "put", p, "v=1"], b"");
+    }
+    // The prefix and cursor travel percent-encoded in the query string.
+    assert_eq!(ok(&dev, &["secret", "list", "app/"], b""), b"app/cache\napp/db\napp/db2\n");
+    assert_eq!(ok(&dev, &["secret", "list", "app/", "--after", "app/cache"], b""), b"app/db\napp/db2\n");
+    assert_eq!(ok(&dev, &["secret", "list", "app/", "--limit", "1"], b""), b"app/cache\n");
     ok(&dev, &["key", "create", "signer", "--type", "ed25519"], b"");
     let sig = ok(&dev, &["sign", "--key", "signer"], b"release-1.0.tar.gz");
     let sig = String::from_utf8(sig).unwrap();

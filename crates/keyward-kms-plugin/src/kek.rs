@@ -6,14 +6,14 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use keyward_audit::{AuditConfig, AuditLog};
 use keyward_core::seal::SealKind;
 use keyward_core::service::CreateKey;
-use keyward_core::store::Store;
+use keyward_core::store::{Store, StoreError};
 use keyward_core::{Kms, KmsError};
 use keyward_crypto::keys::KeyAlgorithm;
-use keyward_server::audit::{AuditConfig, AuditLog};
-use keyward_server::seal_file::InsecureFileSeal;
-use keyward_server::sealing::Sealing;
+use keyward_seal::Sealing;
+use keyward_seal::file::InsecureFileSeal;
 use zeroize::Zeroizing;
 
 use crate::keyid::KeyRef;
@@ -111,6 +111,10 @@ pub enum Kek {
     Service(Service),
 }
 
+/// Opens (creating if absent) the database of a local store at a path. The binary picks the
+/// backend (`keyward` passes SQLite's), so this crate depends on no store implementation.
+pub type OpenStore = fn(&Path) -> Result<Arc<dyn Store>, StoreError>;
+
 /// Data directory file names.
 const DB_FILE: &str = "keyward.db";
 const ROOT_KEY_FILE: &str = "root-key.insecure";
@@ -129,10 +133,9 @@ fn audit_config(dir: &Path) -> AuditConfig {
     AuditConfig { file: dir.join(AUDIT_FILE), stdout: false, max_file_bytes: 256 * 1024 * 1024, server: None }
 }
 
-async fn open_sealed(dir: &Path, audit: bool) -> Result<Arc<keyward_server::sealing::Unsealed>, KekError> {
+async fn open_sealed(dir: &Path, open: OpenStore, audit: bool) -> Result<Arc<keyward_seal::Unsealed>, KekError> {
     create_dir(dir)?;
-    let store: Arc<dyn Store> =
-        Arc::new(keyward_store::SqliteStore::open(&dir.join(DB_FILE)).map_err(|e| KekError::Internal(e.to_string()))?);
+    let store = open(&dir.join(DB_FILE)).map_err(|e| KekError::Internal(e.to_string()))?;
     let sealing = Sealing::new(store, SealKind::InsecureFile, audit.then(|| audit_config(dir)));
     let seal = InsecureFileSeal::new(dir.join(ROOT_KEY_FILE));
     // A new store's root token is of no use to the plugin; it is dropped (and wiped) here.
@@ -141,15 +144,16 @@ async fn open_sealed(dir: &Path, audit: bool) -> Result<Arc<keyward_server::seal
 }
 
 impl Local {
-    /// Open (creating on first start) the local store in `dir` and the key `key` in it
-    /// (AES-256-GCM, rotated every `rotate_every` if given). Returns the backend and the
+    /// Open (creating on first start) the local store in `dir` with `open` and the key `key` in
+    /// it (AES-256-GCM, rotated every `rotate_every` if given). Returns the backend and the
     /// store's audit log.
     pub async fn open(
         dir: &Path,
+        open: OpenStore,
         key: &str,
         rotate_every: Option<Duration>,
     ) -> Result<(Self, Arc<AuditLog>), KekError> {
-        let unsealed = open_sealed(dir, true).await?;
+        let unsealed = open_sealed(dir, open, true).await?;
         let kms = unsealed.kms.clone();
         let audit = unsealed.audit.clone().ok_or_else(|| KekError::Internal("audit log not open".into()))?;
         match kms.describe_key(key).await {
@@ -170,21 +174,21 @@ impl Local {
 
     /// The chain key of the local store's audit log in `dir` (to verify it while the plugin
     /// runs: this opens the store read-only as far as the log goes and writes nothing to it).
-    pub async fn audit_key(dir: &Path) -> Result<keyward_crypto::SecretBytes, KekError> {
+    pub async fn audit_key(dir: &Path, open: OpenStore) -> Result<keyward_crypto::SecretBytes, KekError> {
         if !dir.join(DB_FILE).exists() {
             return Err(KekError::Refused(format!("{} holds no local KMS plugin store", dir.display())));
         }
-        let unsealed = open_sealed(dir, false).await?;
+        let unsealed = open_sealed(dir, open, false).await?;
         Ok(keyward_crypto::SecretBytes::copy_from(unsealed.kms.audit_key().expose()))
     }
 
     /// Rotate `key` in the local store in `dir`, from another process than the running plugin
     /// (which reports the new `key_id` at its next status check). Returns the new version.
-    pub async fn rotate(dir: &Path, key: &str) -> Result<KeyRef, KekError> {
+    pub async fn rotate(dir: &Path, open: OpenStore, key: &str) -> Result<KeyRef, KekError> {
         if !dir.join(DB_FILE).exists() {
             return Err(KekError::Refused(format!("{} holds no local KMS plugin store", dir.display())));
         }
-        let unsealed = open_sealed(dir, false).await?;
+        let unsealed = open_sealed(dir, open, false).await?;
         let d = unsealed.kms.rotate_key(key).await?;
         Ok(KeyRef { name: d.record.name, id: d.record.id.0, version: d.record.current_version })
     }
@@ -194,7 +198,7 @@ impl Service {
     /// A backend wrapping under `key` through `client`, and the plugin's own audit log in `dir`
     /// (for what never reaches the server: refused callers and answers from the outage cache).
     pub fn open(client: keyward_client::Client, key: &str, dir: &Path) -> Result<(Self, Arc<AuditLog>), KekError> {
-        let audit = keyward_server::audit::open_with_key_file(dir).map_err(|e| KekError::Internal(e.to_string()))?;
+        let audit = keyward_audit::open_with_key_file(dir).map_err(|e| KekError::Internal(e.to_string()))?;
         Ok((Self { client, key: key.to_string() }, Arc::new(audit)))
     }
 }

@@ -56,7 +56,7 @@ async fn local_mode_apiserver_flow_rotation_and_restart() {
 
     // Rotation by the operator, from another process: Status reports a new key_id, Encrypt uses
     // it, data written before still decrypts.
-    let rotated = kek::Local::rotate(&data, "k8s-secrets").await.unwrap();
+    let rotated = kek::Local::rotate(&data, keyward_store::SqliteStore::open_shared, "k8s-secrets").await.unwrap();
     let k2 = wait_new_key_id(&mut c, &k1).await;
     assert_eq!(k2, rotated.key_id());
     assert!(k2.ends_with(":v2"));
@@ -161,7 +161,8 @@ async fn refused_callers_get_permission_denied_and_are_audited() {
         CallerPolicy { uids: [my_uid()].into(), exe_sha256: vec![[0x11; 32]] },
     ];
     for policy in others {
-        let (l, audit) = kek::Local::open(&data, "k8s-secrets", None).await.unwrap();
+        let (l, audit) =
+            kek::Local::open(&data, keyward_store::SqliteStore::open_shared, "k8s-secrets", None).await.unwrap();
         let served = serve(Kek::Local(l), audit, &socket, policy).await;
         let mut c = connect(&socket).await;
         assert_eq!(status(&mut c).await.healthz, "ok", "Status stays available for health checks");
@@ -185,7 +186,10 @@ async fn an_allowed_executable_may_call() {
     let dir = tempfile::tempdir().unwrap();
     let exe = std::fs::read("/proc/self/exe").unwrap();
     let digest: [u8; 32] = keyward_crypto::hash::sha256(&exe);
-    let (l, audit) = kek::Local::open(&dir.path().join("kms"), "k8s-secrets", None).await.unwrap();
+    let (l, audit) =
+        kek::Local::open(&dir.path().join("kms"), keyward_store::SqliteStore::open_shared, "k8s-secrets", None)
+            .await
+            .unwrap();
     let socket = dir.path().join("kms.sock");
     let served =
         serve(Kek::Local(l), audit, &socket, CallerPolicy { uids: [my_uid()].into(), exe_sha256: vec![digest] }).await;

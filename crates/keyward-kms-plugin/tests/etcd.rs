@@ -195,7 +195,7 @@ async fn apiserver_objects_in_etcd_survive_rotation_and_restart() {
     }
 
     // Rotation, then a write under the new key_id.
-    kek::Local::rotate(&data, "k8s-secrets").await.unwrap();
+    kek::Local::rotate(&data, keyward_store::SqliteStore::open_shared, "k8s-secrets").await.unwrap();
     let k2 = wait_new_key_id(&mut c, &k1).await;
     let seed2 = seed();
     let enc2 = encrypt(&mut c, &seed2).await;

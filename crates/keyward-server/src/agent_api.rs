@@ -707,7 +707,7 @@ async fn batch_part(
     st: &AppState,
     node: &str,
     agent: &str,
-    unsealed: &crate::sealing::Unsealed,
+    unsealed: &keyward_seal::Unsealed,
     item: ReleaseItem,
     ctx: AuditCtx,
     id: &str,

@@ -19,8 +19,8 @@ use crate::audit::AuditCtx;
 use crate::error::ApiError;
 use crate::extract::{Caller, KeyName, RequestId, StrictJson, StrictQuery};
 use crate::k8s_auth::K8sAuth;
-use crate::sealing::Sealing;
 use crate::wire::*;
+use keyward_seal::Sealing;
 
 /// The OpenAPI document served at `/v1/openapi.json`.
 pub const OPENAPI: &str = include_str!("../openapi.json");
@@ -253,7 +253,7 @@ async fn finish(State(st): State<AppState>, mut req: Request, next: Next) -> Res
 /// rendered, and the audit record is made durable (or the answer becomes a 503). Each release
 /// of an agent's batch goes through this on its own, as a request of its own would.
 pub(crate) async fn conclude(
-    unsealed: Option<&crate::sealing::Unsealed>,
+    unsealed: Option<&keyward_seal::Unsealed>,
     audited: Option<&crate::audit::AuditLog>,
     ctx: &AuditCtx,
     id: &str,
@@ -556,8 +556,8 @@ async fn sys_init(State(st): State<AppState>, StrictJson(r): StrictJson<InitReq>
         .into_response())
 }
 
-fn progress_json(p: crate::sealing::Progress) -> Value {
-    use crate::sealing::Progress;
+fn progress_json(p: keyward_seal::Progress) -> Value {
+    use keyward_seal::Progress;
     match p {
         Progress::Need { have, threshold } => json!({"complete": false, "progress": have, "threshold": threshold}),
         Progress::Unsealed => json!({"complete": true, "sealed": false}),

@@ -1,9 +1,10 @@
 //! The server's side of the audit log: the per-request audit context that authentication and
-//! authorization fill in, and the task that keeps each log's anchor in the store. The log
-//! itself (writer, chain, verifier, anchors) is `keyward-audit`, re-exported here.
+//! authorization fill in. The log itself (writer, chain, verifier, anchors) is `keyward-audit`,
+//! re-exported here; the task that keeps each log's anchor in the store is `keyward-seal`'s
+//! (the log opens at unseal).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 pub use keyward_audit::*;
 
@@ -125,46 +126,6 @@ impl AuditCtx {
             context: f.context,
             client: f.client,
             chain: None,
-        }
-    }
-}
-
-/// Keep the store's anchor of `log` up to date: every `every`, if records were written since,
-/// until the log is closed (sealed or stopped). `stored` is the anchor as last read (what
-/// [`AuditLog::check_anchor`] was given). Records written in the last `every` before a crash
-/// are not anchored.
-pub async fn keep_anchored(
-    log: std::sync::Weak<AuditLog>,
-    store: Arc<dyn keyward_core::store::Store>,
-    name: String,
-    mut stored: Option<Vec<u8>>,
-    every: std::time::Duration,
-) {
-    let mut anchored = 0;
-    loop {
-        tokio::time::sleep(every).await;
-        let Some((head, bytes)) = log.upgrade().map(|l| {
-            let h = l.head();
-            let b = l.anchor_bytes(&name, &h);
-            (h, b)
-        }) else {
-            return;
-        };
-        if head.seq == anchored {
-            continue;
-        }
-        let written = match &stored {
-            Some(old) => store.replace_meta(&name, old, &bytes).await,
-            None => store.put_meta_if_absent(&name, &bytes).await,
-        };
-        match written {
-            Ok(true) => {
-                anchored = head.seq;
-                stored = Some(bytes);
-            }
-            // Changed meanwhile (another process on this file?): read it again next time.
-            Ok(false) => stored = store.get_meta(&name).await.ok().flatten(),
-            Err(e) => tracing::warn!(error = %e, "could not anchor the audit log in the store; will retry"),
         }
     }
 }

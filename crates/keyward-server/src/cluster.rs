@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use keyward_core::seal::META_SEAL;
 
 use crate::k8s_auth::K8sAuth;
-use crate::sealing::Sealing;
+use keyward_seal::Sealing;
 
 /// The store lease that elects the server running scheduled work.
 pub const SCHEDULER_LEASE: &str = "scheduler";

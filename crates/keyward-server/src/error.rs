@@ -83,9 +83,9 @@ impl IntoResponse for ApiError {
 }
 
 /// Map a seal ceremony error.
-impl From<crate::sealing::SealingError> for ApiError {
-    fn from(e: crate::sealing::SealingError) -> Self {
-        use crate::sealing::SealingError as E;
+impl From<keyward_seal::SealingError> for ApiError {
+    fn from(e: keyward_seal::SealingError) -> Self {
+        use keyward_seal::SealingError as E;
         match e {
             E::Kms(k) => k.into(),
             E::Invalid(m) => Self::invalid(m),

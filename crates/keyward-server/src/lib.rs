@@ -16,8 +16,6 @@ pub mod extract;
 pub mod k8s_auth;
 pub mod metrics;
 pub mod run;
-pub mod seal_file;
-pub mod sealing;
 pub mod serve;
 pub mod tls;
 #[allow(missing_docs)]

@@ -20,7 +20,7 @@ use keyward_metrics::prometheus_client::metrics::gauge::ConstGauge;
 use keyward_metrics::prometheus_client::metrics::histogram::Histogram;
 use keyward_metrics::prometheus_client::registry::Registry;
 
-use crate::sealing::Sealing;
+use keyward_seal::Sealing;
 
 /// A request's route (the template, never the names in it), method and status.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -17,9 +17,9 @@ use tokio::task::JoinHandle;
 use crate::api::{AppState, router};
 use crate::audit::{AuditConfig, AuditError};
 use crate::cluster::Member;
-use crate::seal_file::InsecureFileSeal;
-use crate::sealing::{Sealing, SealingError};
 use crate::tls::{TlsError, TlsFiles, TlsListener, reloading_server_config};
+use keyward_seal::file::InsecureFileSeal;
+use keyward_seal::{Sealing, SealingError};
 
 /// Server configuration.
 #[derive(Debug, Clone)]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use keyward_crypto::SecretBytes;
 use keyward_hsm::{Pkcs11Config, Pkcs11Seal};
-use keyward_server::sealing::Sealing;
+use keyward_seal::Sealing;
 
 #[path = "../../keyward-hsm/tests/common/mod.rs"]
 mod softhsm;

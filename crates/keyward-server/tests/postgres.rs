@@ -260,7 +260,7 @@ async fn tokio_postgres_exec(url: &str, sql: &str) -> u64 {
 /// Follow the store as `cluster::follow_changes` does (without the Kubernetes part), until
 /// `stop` is set or the server is sealed.
 fn follow(
-    s: std::sync::Arc<keyward_server::sealing::Sealing>,
+    s: std::sync::Arc<keyward_seal::Sealing>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -285,7 +285,7 @@ async fn a_rekey_elsewhere_does_not_stop_a_server_following_root_rotations() {
     use keyward_core::model::KeyAlgorithm;
     use keyward_core::seal::SealKind;
     use keyward_core::service::CreateKey;
-    use keyward_server::sealing::{Progress, Sealing};
+    use keyward_seal::{Progress, Sealing};
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
 

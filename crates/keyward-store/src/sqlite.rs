@@ -149,6 +149,11 @@ fn open_conn(path: &Path) -> Result<Connection, StoreError> {
 }
 
 impl SqliteStore {
+    /// [`SqliteStore::open`] as a shared [`Store`] (what an embedding component takes).
+    pub fn open_shared(path: &Path) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+        Ok(std::sync::Arc::new(Self::open(path)?))
+    }
+
     /// Open (creating if needed) the database at `path` and apply pending migrations.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         // Create the file owner-only before SQLite does; its -wal and -shm files take the same mode.

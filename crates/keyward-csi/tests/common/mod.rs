@@ -137,8 +137,8 @@ pub fn read_audit(path: &Path) -> Vec<Value> {
 pub async fn provider(dir: &Path, addr: &str) -> (Arc<Provider>, tokio::task::JoinHandle<()>) {
     std::fs::create_dir_all(dir).unwrap();
     let key = keyward_crypto::SecretBytes::random(32).unwrap();
-    let audit = keyward_server::audit::AuditLog::open(
-        keyward_server::audit::AuditConfig {
+    let audit = keyward_audit::AuditLog::open(
+        keyward_audit::AuditConfig {
             file: dir.join("audit.log"),
             stdout: false,
             max_file_bytes: 1 << 30,

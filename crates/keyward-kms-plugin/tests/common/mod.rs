@@ -55,18 +55,13 @@ pub fn settings() -> PluginSettings {
 }
 
 /// Serve `kek` on `socket` (mode 0666), allowing `policy`.
-pub async fn serve(
-    kek: Kek,
-    audit: Arc<keyward_server::audit::AuditLog>,
-    socket: &Path,
-    policy: CallerPolicy,
-) -> Served {
+pub async fn serve(kek: Kek, audit: Arc<keyward_audit::AuditLog>, socket: &Path, policy: CallerPolicy) -> Served {
     serve_with(kek, audit, socket, policy, settings()).await
 }
 
 pub async fn serve_with(
     kek: Kek,
-    audit: Arc<keyward_server::audit::AuditLog>,
+    audit: Arc<keyward_audit::AuditLog>,
     socket: &Path,
     policy: CallerPolicy,
     settings: PluginSettings,
@@ -87,7 +82,7 @@ pub async fn serve_with(
 
 /// A local-mode plugin over the store in `dir`, allowing this process's uid.
 pub async fn local(dir: &Path, socket: &Path) -> Served {
-    let (l, audit) = kek::Local::open(dir, "k8s-secrets", None).await.unwrap();
+    let (l, audit) = kek::Local::open(dir, keyward_store::SqliteStore::open_shared, "k8s-secrets", None).await.unwrap();
     serve(Kek::Local(l), audit, socket, allow_me()).await
 }
 

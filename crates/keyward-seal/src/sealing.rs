@@ -1,4 +1,4 @@
-//! The server's seal state: uninitialised, sealed (collecting unseal shares) or unsealed (a
+//! The seal state: uninitialised, sealed (collecting unseal shares) or unsealed (a
 //! running [`Kms`] and its audit log), and the operator ceremonies that move between them:
 //! init, unseal, seal, rekey and root rotation.
 //!
@@ -17,7 +17,7 @@ use keyward_crypto::SecretBytes;
 use keyward_crypto::shamir::{self, Share};
 use tokio::sync::Mutex;
 
-use crate::audit::{AuditConfig, AuditLog};
+use keyward_audit::{AuditConfig, AuditLog};
 
 /// Errors of the seal ceremonies, each with a message saying what to do.
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +46,7 @@ pub enum SealingError {
     Kms(#[from] KmsError),
     /// The audit log could not be opened.
     #[error("audit: {0}")]
-    Audit(#[from] crate::audit::AuditError),
+    Audit(#[from] keyward_audit::AuditError),
     /// The stored seal is damaged.
     #[error("{0}")]
     Seal(#[from] SealError),
@@ -371,7 +371,7 @@ impl Sealing {
         let audit = match &self.audit {
             Some(ac) => {
                 let log = AuditLog::open(ac.clone(), SecretBytes::copy_from(kms.audit_key().expose()))?;
-                let anchor = crate::audit::anchor_name(&ac.file);
+                let anchor = keyward_audit::anchor_name(&ac.file);
                 let stored = self.store.get_meta(&anchor).await.map_err(KmsError::from)?;
                 let restarted = log.check_anchor(&anchor, stored.as_deref())?;
                 log.system_event(&format!(
@@ -389,7 +389,7 @@ impl Sealing {
                     .await?;
                 }
                 let log = Arc::new(log);
-                tokio::spawn(crate::audit::keep_anchored(
+                tokio::spawn(crate::anchor::keep_anchored(
                     Arc::downgrade(&log),
                     self.store.clone(),
                     anchor,
