@@ -3,8 +3,8 @@
 //! re-exported here; the task that keeps each log's anchor in the store is `keyward-seal`'s
 //! (the log opens at unseal).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use keyward_audit::*;
 

@@ -1,0 +1,185 @@
+//! The cryptographic commands: encrypt, decrypt, reencrypt, data keys, sign and verify (messages,
+//! or digests above the message limit), MACs, random bytes.
+
+use super::*;
+
+/// The largest message the server signs as such; larger input is signed by its digest.
+pub(super) const MAX_SIGNED_MESSAGE: usize = 64 * 1024;
+
+pub(super) enum Signable {
+    Message(Vec<u8>),
+    Digest([u8; 32]),
+}
+
+/// Stdin as a message to sign, or (above the server's message limit, or with `digest`) its
+/// SHA-256, hashed as it streams in: any size.
+pub(super) fn read_signable(digest: bool) -> anyhow::Result<Signable> {
+    let mut stdin = std::io::stdin().lock();
+    let mut head = Vec::new();
+    (&mut stdin).take(MAX_SIGNED_MESSAGE as u64 + 1).read_to_end(&mut head).context("reading stdin")?;
+    if !digest && head.len() <= MAX_SIGNED_MESSAGE {
+        return Ok(Signable::Message(head));
+    }
+    let mut h = keyward_crypto::hash::Sha256Stream::default();
+    h.update(&head);
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = stdin.read(&mut buf).context("reading stdin")?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(Signable::Digest(h.finish()))
+}
+
+pub(super) fn reqwest_post() -> keyward_client::Method {
+    keyward_client::Method::POST
+}
+
+/// The cryptographic commands: encrypt, decrypt, reencrypt, generate-data-key, sign, verify,
+/// mac, verify-mac, random.
+pub(super) async fn crypto(cli: &Cli, c: &Command) -> anyhow::Result<ExitCode> {
+    match c {
+        Command::Encrypt { key, ctx, base64 } => {
+            let pt = zeroize::Zeroizing::new(read_stdin()?);
+            let e = client(cli)?.encrypt(key, &pt, &ctx_map(&ctx.context)).await?;
+            if cli.output == Output::Json {
+                let v =
+                    json!({"ciphertext": STANDARD.encode(&e.ciphertext), "key": e.key, "key_version": e.key_version});
+                print_value(cli.output, &v)?;
+            } else if *base64 {
+                outln!("{}", STANDARD.encode(&e.ciphertext));
+            } else {
+                write_out(&e.ciphertext)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Decrypt { ctx, base64 } => {
+            let input = read_stdin()?;
+            let ct = if *base64 { decode_b64_input(&input)? } else { input };
+            let d = client(cli)?.decrypt(&ct, &ctx_map(&ctx.context)).await?;
+            if cli.output == Output::Json {
+                // Written directly: a JSON value would hold a copy of the plaintext nobody wipes.
+                let b64 = zeroize::Zeroizing::new(STANDARD.encode(&*d.plaintext));
+                outln!(
+                    "{{\n  \"plaintext\": \"{}\",\n  \"key\": {},\n  \"key_version\": {}\n}}",
+                    &*b64,
+                    serde_json::to_string(&d.key)?,
+                    d.key_version
+                );
+            } else if *base64 {
+                outln!("{}", STANDARD.encode(&*d.plaintext));
+            } else {
+                write_out(&d.plaintext)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reencrypt { ctx, to_key, to_context, base64 } => {
+            let input = read_stdin()?;
+            let ct = if *base64 { decode_b64_input(&input)? } else { input };
+            let e =
+                client(cli)?.reencrypt(&ct, &ctx_map(&ctx.context), to_key.as_deref(), &ctx_map(to_context)).await?;
+            if cli.output == Output::Json {
+                let v = json!({
+                    "ciphertext": STANDARD.encode(&e.ciphertext), "key": e.key, "key_version": e.key_version,
+                    "source_key": e.source_key, "source_key_version": e.source_key_version,
+                });
+                return print_value(cli.output, &v).map(|()| ExitCode::SUCCESS);
+            }
+            eprintln!(
+                "Re-encrypted from {} version {} to {} version {}.",
+                e.source_key, e.source_key_version, e.key, e.key_version
+            );
+            if *base64 {
+                outln!("{}", STANDARD.encode(&e.ciphertext));
+            } else {
+                write_out(&e.ciphertext)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::GenerateDataKey { key, ctx, bytes, without_plaintext } => {
+            let dk = client(cli)?.generate_data_key(key, &ctx_map(&ctx.context), *bytes, !without_plaintext).await?;
+            let mut v =
+                json!({"key": key, "key_version": dk.key_version, "ciphertext": STANDARD.encode(&dk.ciphertext)});
+            if let Some(p) = &dk.plaintext {
+                v["plaintext"] = json!(STANDARD.encode(&**p));
+            }
+            print_value(cli.output, &v)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sign { key, digest, signature_file } => {
+            let body = match read_signable(*digest)? {
+                Signable::Message(m) => json!({"message": STANDARD.encode(&m)}),
+                Signable::Digest(d) => json!({"digest": STANDARD.encode(d)}),
+            };
+            let v = client(cli)?
+                .request(reqwest_post(), &format!("/v1/keys/{}/sign", keyward_client::key_segment(key)), Some(&body))
+                .await?;
+            match signature_file {
+                Some(f) => {
+                    let sig =
+                        v["signature"].as_str().ok_or_else(|| anyhow!("the server answered without a signature"))?;
+                    std::fs::write(f, format!("{sig}\n")).with_context(|| format!("writing {}", f.display()))?;
+                    if cli.output == Output::Json {
+                        print_value(cli.output, &v)?;
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => single_or_value(cli.output, &v, "signature"),
+            }
+        }
+        Command::Verify { key, signature, signature_file, digest } => {
+            let signature = match (signature, signature_file) {
+                (Some(s), _) => s.trim().to_string(),
+                (None, Some(f)) => std::fs::read_to_string(f)
+                    .with_context(|| format!("reading the signature file {}", f.display()))?
+                    .trim()
+                    .to_string(),
+                (None, None) => bail!("give --signature or --signature-file"),
+            };
+            let mut body = match read_signable(*digest)? {
+                Signable::Message(m) => json!({"message": STANDARD.encode(&m)}),
+                Signable::Digest(d) => json!({"digest": STANDARD.encode(d)}),
+            };
+            body["signature"] = json!(signature);
+            let v = client(cli)?
+                .request(reqwest_post(), &format!("/v1/keys/{}/verify", keyward_client::key_segment(key)), Some(&body))
+                .await?;
+            validity(cli.output, &v)
+        }
+        Command::Mac { key } => {
+            let msg = read_stdin()?;
+            let v = client(cli)?
+                .request(
+                    reqwest_post(),
+                    &format!("/v1/keys/{}/mac", keyward_client::key_segment(key)),
+                    Some(&json!({"message": STANDARD.encode(&msg)})),
+                )
+                .await?;
+            single_or_value(cli.output, &v, "mac")
+        }
+        Command::VerifyMac { key, mac } => {
+            let msg = read_stdin()?;
+            let v = client(cli)?
+                .request(
+                    reqwest_post(),
+                    &format!("/v1/keys/{}/verify-mac", keyward_client::key_segment(key)),
+                    Some(&json!({"message": STANDARD.encode(&msg), "mac": mac.trim()})),
+                )
+                .await?;
+            validity(cli.output, &v)
+        }
+        Command::Random { bytes, encoding } => {
+            let v = client(cli)?.request(reqwest_post(), "/v1/random", Some(&json!({"bytes": bytes}))).await?;
+            let raw = STANDARD.decode(v["bytes"].as_str().unwrap_or_default()).map_err(|_| anyhow!("bad response"))?;
+            match encoding {
+                Encoding::Base64 => outln!("{}", STANDARD.encode(&raw)),
+                Encoding::Hex => outln!("{}", hex::encode(&raw)),
+                Encoding::Raw => write_out(&raw)?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => bail!("internal error: not a cryptographic command"),
+    }
+}

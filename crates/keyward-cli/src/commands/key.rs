@@ -1,0 +1,90 @@
+//! `keyward key`: create, list, describe, update, aliases, lifecycle.
+
+use super::*;
+
+pub(super) async fn key(cli: &Cli, k: &KeyCmd) -> anyhow::Result<ExitCode> {
+    let c = client(cli)?;
+    let v = match k {
+        KeyCmd::Create { name, key_type, description, rotate_every } => {
+            c.create_key(name, key_type, description, rotate_every.as_deref()).await?
+        }
+        KeyCmd::List { limit, after } => {
+            let mut q = Vec::new();
+            if let Some(l) = limit {
+                q.push(format!("limit={l}"));
+            }
+            if let Some(a) = after {
+                q.push(format!("after={a}"));
+            }
+            let path = if q.is_empty() { "/v1/keys".to_string() } else { format!("/v1/keys?{}", q.join("&")) };
+            let v = c.request(keyward_client::Method::GET, &path, None).await?;
+            if cli.output == Output::Table {
+                let cols = ["name", "type", "state", "current_version", "rotate_every", "created_at"];
+                let rows: Vec<Value> = v["keys"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|k| Value::Object(cols.iter().map(|c| (c.to_string(), k[*c].clone())).collect()))
+                    .collect();
+                print_rows(&rows, "")?;
+                if let Some(n) = v["next"].as_str() {
+                    outln!("(more: --after {n})");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            v
+        }
+        KeyCmd::Show { name } => c.describe_key(name).await?,
+        KeyCmd::Rotate { name } => c.key_action(name, "rotate").await?,
+        KeyCmd::Enable { name } => c.key_action(name, "enable").await?,
+        KeyCmd::Disable { name } => c.key_action(name, "disable").await?,
+        KeyCmd::CancelDelete { name } => {
+            let v = c.key_action(name, "cancel-deletion").await?;
+            eprintln!("Deletion cancelled. The key is disabled: `keyward key enable {name}` to use it again.");
+            v
+        }
+        KeyCmd::Delete { name, pending_days } => c.schedule_deletion(name, *pending_days).await?,
+        KeyCmd::Update { name, description } => {
+            c.request(
+                keyward_client::Method::PATCH,
+                &format!("/v1/keys/{}", keyward_client::key_segment(name)),
+                Some(&json!({"description": description})),
+            )
+            .await?
+        }
+        KeyCmd::Alias(AliasCmd::List) => c.request(keyward_client::Method::GET, "/v1/aliases", None).await?,
+        KeyCmd::Alias(AliasCmd::Set { alias, key }) => {
+            c.request(
+                keyward_client::Method::PUT,
+                &format!("/v1/aliases/{}", alias_segment(alias)?),
+                Some(&json!({"key": key})),
+            )
+            .await?
+        }
+        KeyCmd::Alias(AliasCmd::Delete { alias }) => {
+            c.request(keyward_client::Method::DELETE, &format!("/v1/aliases/{}", alias_segment(alias)?), None).await?
+        }
+        KeyCmd::RotationPolicy { name, rotate_every, off } => {
+            if rotate_every.is_none() && !off {
+                bail!("give --rotate-every PERIOD or --off");
+            }
+            c.request(
+                keyward_client::Method::PUT,
+                &format!("/v1/keys/{}/rotation-policy", keyward_client::key_segment(name)),
+                Some(&json!({"rotate_every": rotate_every})),
+            )
+            .await?
+        }
+    };
+    print_value(cli.output, &v)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `alias/NAME` as the last segment of `/v1/aliases/NAME`.
+pub(super) fn alias_segment(alias: &str) -> anyhow::Result<String> {
+    match alias.strip_prefix("alias/") {
+        Some(n) if !n.is_empty() && !n.contains('/') => Ok(keyward_client::key_segment(n)),
+        _ => bail!("an alias is written alias/NAME (e.g. alias/payments-current), not {alias:?}"),
+    }
+}

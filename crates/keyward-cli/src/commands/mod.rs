@@ -1,0 +1,268 @@
+//! Command implementations: each turns arguments into library calls and prints the result.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::process::ExitCode;
+
+use anyhow::{Context, anyhow, bail};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use keyward_client::Client;
+use serde_json::{Value, json};
+
+use crate::cli::*;
+use crate::output::outln;
+
+mod auth;
+mod crypto;
+mod daemons;
+mod key;
+mod operator;
+mod output;
+mod secret;
+mod workload;
+
+use self::auth::*;
+use self::crypto::*;
+use self::daemons::*;
+use self::key::*;
+use self::operator::*;
+pub(crate) use self::output::print_json_or_table;
+use self::output::*;
+use self::secret::*;
+use self::workload::*;
+
+const STDIN_LIMIT: u64 = 1024 * 1024;
+
+pub(crate) fn client(cli: &Cli) -> anyhow::Result<Client> {
+    Ok(client_builder(cli)?.build()?)
+}
+
+fn client_builder(cli: &Cli) -> anyhow::Result<keyward_client::ClientBuilder> {
+    let mut b = Client::builder(cli.addr.clone());
+    if let Some(t) = &cli.token {
+        b = b.token(t.clone());
+    }
+    if let Some(p) = &cli.cacert {
+        b = b.ca_cert_pem(std::fs::read(p).with_context(|| format!("reading CA certificate {}", p.display()))?);
+    }
+    if let (Some(cert), Some(key)) = (&cli.client_cert, &cli.client_key) {
+        let mut pem = zeroize::Zeroizing::new(
+            std::fs::read(key).with_context(|| format!("reading client key {}", key.display()))?,
+        );
+        pem.push(b'\n');
+        pem.extend(std::fs::read(cert).with_context(|| format!("reading client certificate {}", cert.display()))?);
+        b = b.client_identity_pem(pem.to_vec());
+    }
+    Ok(b)
+}
+
+fn read_stdin() -> anyhow::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    std::io::stdin().take(STDIN_LIMIT + 1).read_to_end(&mut buf).context("reading stdin")?;
+    if buf.len() as u64 > STDIN_LIMIT {
+        bail!("input on stdin is larger than {STDIN_LIMIT} bytes");
+    }
+    Ok(buf)
+}
+
+fn ctx_map(c: &[(String, String)]) -> BTreeMap<String, String> {
+    c.iter().cloned().collect()
+}
+
+fn write_out(bytes: &[u8]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)?;
+    out.flush()?;
+    Ok(())
+}
+
+fn decode_b64_input(input: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let text = std::str::from_utf8(input).context("base64 input is not text")?;
+    let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    STANDARD.decode(compact).map_err(|_| anyhow!("input is not valid base64 (omit --base64 for raw bytes)"))
+}
+
+/// Run the parsed command.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Dev(a) => dev(a.clone()).await,
+        Command::Server(a) => server(a.clone()).await,
+        Command::Agent(AgentArgs { command: Some(c), socket, .. }) => {
+            let cmd = match c {
+                AgentCmd::Whoami => WorkloadCmd::Whoami,
+                AgentCmd::Secret { path, version, field } => {
+                    WorkloadCmd::Secret { path: path.clone(), version: *version, field: field.clone() }
+                }
+            };
+            workload(cli.output, &WorkloadArgs { agent_socket: socket.clone(), command: cmd }).await
+        }
+        Command::Agent(a) => agent(&cli, a.clone()).await,
+        Command::KmsPlugin(KmsPluginArgs { command: Some(KmsPluginCmd::Rotate), key, data_dir, local, .. }) => {
+            if !local {
+                bail!(
+                    "`kms-plugin rotate` rotates a local-mode key (pass --local); in service mode run `keyward key rotate {key}` against the server"
+                );
+            }
+            let k =
+                keyward_kms_plugin::kek::Local::rotate(data_dir, keyward_store::SqliteStore::open_shared, key).await?;
+            print_value(cli.output, &json!({"key": k.name, "version": k.version, "key_id": k.key_id()}))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::KmsPlugin(a) => kms_plugin(&cli, a.clone()).await,
+        Command::CsiProvider(a) => csi_provider(&cli, a.clone()).await,
+        Command::Run(a) => {
+            // (Hardened in main, before anything else runs.)
+            Ok(keyward_agent::launcher::run(keyward_agent::launcher::RunSpec {
+                agent_socket: a.agent_socket.clone(),
+                secrets: a.secrets.clone(),
+                files: a.files.clone(),
+                refresh: a.refresh,
+                signal: a.signal,
+                command: a.command.clone(),
+            })
+            .await?)
+        }
+        Command::Node(NodeCmd::JoinToken { node, ttl }) => {
+            let v = client(&cli)?
+                .request(
+                    keyward_client::Method::POST,
+                    "/v1/auth/agent/join-token",
+                    Some(&json!({"node": node, "ttl": ttl})),
+                )
+                .await?;
+            print_value(cli.output, &v)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Node(NodeCmd::List) => {
+            let v = client(&cli)?.request(keyward_client::Method::GET, "/v1/agents", None).await?;
+            print_value(cli.output, &v)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Node(NodeCmd::Revoke { node }) => {
+            let v = client(&cli)?
+                .request(keyward_client::Method::POST, &format!("/v1/agents/{node}/revoke"), Some(&json!({})))
+                .await?;
+            print_value(cli.output, &v)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Workload(w) => workload(cli.output, w).await,
+        Command::Image(c) => crate::image::run(&cli, c).await,
+        Command::Keyprovider(a) => crate::image::keyprovider(&cli, a).await,
+        Command::Status => {
+            let v = client(&cli)?.health().await?;
+            print_value(cli.output, &v)?;
+            if cli.output == Output::Table {
+                match v["status"].as_str() {
+                    Some("uninitialized") => eprintln!("Not initialized: run `keyward operator init` once."),
+                    Some("sealed") => eprintln!(
+                        "Sealed: run `keyward operator unseal` with {} share(s) ({} given so far).",
+                        v["threshold"], v["progress"]
+                    ),
+                    _ => {}
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut buf = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "keyward", &mut buf);
+            write_out(&buf)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { out } => {
+            std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::generate_to(cmd, out).with_context(|| format!("writing man pages into {}", out.display()))?;
+            eprintln!("Man pages written to {} (try `man -l {}/keyward.1`).", out.display(), out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Operator(o) => operator(&cli, o).await,
+        Command::Key(k) => key(&cli, k).await,
+        c @ (Command::Encrypt { .. }
+        | Command::Decrypt { .. }
+        | Command::Reencrypt { .. }
+        | Command::GenerateDataKey { .. }
+        | Command::Sign { .. }
+        | Command::Verify { .. }
+        | Command::Mac { .. }
+        | Command::VerifyMac { .. }
+        | Command::Random { .. }) => crypto(&cli, c).await,
+        Command::Secret(s) => secret(&cli, s).await,
+        Command::Bench(b) => bench(&cli, b).await,
+        Command::Audit(AuditCmd::Verify { files, key_file, local_store }) => {
+            audit_verify(&cli, files, key_file.as_deref(), local_store.as_deref()).await
+        }
+        Command::Audit(AuditCmd::Info) => {
+            let mut v = client(&cli)?.request(keyward_client::Method::GET, "/v1/sys/audit", None).await?;
+            // The chain key is for `audit verify`; it is not printed.
+            if let Some(o) = v.as_object_mut() {
+                o.remove("key");
+            }
+            print_value(cli.output, &v)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Policy(p) => policy(&cli, p).await,
+        Command::Randomized(r) => randomized(&cli, r).await,
+        Command::Token(t) => token(&cli, t).await,
+        Command::Auth(AuthCmd::Whoami) => {
+            let v = client(&cli)?.request(keyward_client::Method::GET, "/v1/auth/whoami", None).await?;
+            print_value(cli.output, &v)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Auth(AuthCmd::Kubernetes(k)) => kubernetes(&cli, k).await,
+    }
+}
+
+async fn bench(cli: &Cli, b: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let op = keyward_bench::Op::parse(&b.op).ok_or_else(|| {
+        anyhow!(
+            "unknown --op {:?}: use encrypt, decrypt, generate-data-key, secret-get, secret-put or key-create",
+            b.op
+        )
+    })?;
+    let cfg = keyward_bench::BenchConfig {
+        op,
+        concurrency: b.concurrency,
+        duration: b.duration,
+        warmup: b.warmup,
+        size: b.size,
+        key: b.key.clone(),
+        secret_path: b.secret_path.clone(),
+        max_ops: b.max_ops,
+        agent_socket: b.agent_socket.clone(),
+        verify: b.verify,
+    };
+    let report = keyward_bench::run(client(cli)?, cfg).await?;
+    if b.json || cli.output == Output::Json {
+        outln!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        outln!("{report}");
+    }
+    if report.wrong > 0 {
+        eprintln!("FAILED: {} acknowledged operations were lost or answered wrongly", report.wrong);
+    }
+    Ok(if report.ops == 0 || report.wrong > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// Completes on SIGTERM or SIGINT. The handlers are installed when this is called, not when the
+/// future is first polled, so call it before the socket a test or supervisor waits for exists.
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+}

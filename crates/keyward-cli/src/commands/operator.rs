@@ -1,0 +1,243 @@
+//! `keyward operator` (init, unseal, seal, rekey, root rotation, snapshots) and `keyward audit
+//! verify`.
+
+use super::*;
+
+/// Read one share from a no-echo prompt on a terminal, else one line of stdin.
+pub(super) fn read_share(prompt: &str) -> anyhow::Result<zeroize::Zeroizing<String>> {
+    use std::io::IsTerminal;
+    let s = if std::io::stdin().is_terminal() {
+        zeroize::Zeroizing::new(rpassword::prompt_password(prompt).context("reading the share")?)
+    } else {
+        let mut line = zeroize::Zeroizing::new(String::new());
+        std::io::BufRead::read_line(&mut std::io::stdin().lock().take(4096), &mut line)
+            .context("reading the share from stdin")?;
+        line
+    };
+    let trimmed = zeroize::Zeroizing::new(s.trim().to_string());
+    if trimmed.is_empty() {
+        bail!("no share given: paste one share (as printed by `keyward operator init` or rekey)");
+    }
+    Ok(trimmed)
+}
+
+/// Print new shares once. `recovery`: the server unseals itself (HSM), so they are recovery
+/// shares, for when the HSM cannot and to move to another seal.
+pub(super) fn print_shares(output: Output, v: &Value, root_token: Option<&str>, recovery: bool) -> anyhow::Result<()> {
+    if output == Output::Json {
+        return print_value(output, v);
+    }
+    let label = if recovery { "Recovery share" } else { "Unseal share" };
+    for (i, s) in v["shares"].as_array().into_iter().flatten().enumerate() {
+        outln!("{label} {}: {}", i + 1, s.as_str().unwrap_or(""));
+    }
+    if let Some(t) = root_token {
+        outln!("Root token: {t}");
+    }
+    eprintln!(
+        "These are shown once. Give each share to a different operator; any threshold of them unseals the server."
+    );
+    Ok(())
+}
+
+pub(super) async fn operator(cli: &Cli, o: &OperatorCmd) -> anyhow::Result<ExitCode> {
+    if let OperatorCmd::Snapshot(SnapshotCmd::Restore { file, data }) = o {
+        let db = keyward_store::sqlite::restore_snapshot(file, data)?;
+        print_value(cli.output, &json!({"restored": db, "data": data}))?;
+        eprintln!(
+            "Restored. Start `keyward server --data {}` (with the same seal options), then unseal it with the \
+             shares of the server the snapshot came from.",
+            data.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let c = client(cli)?;
+    use keyward_client::Method;
+    const GET: Method = Method::GET;
+    const POST: Method = Method::POST;
+    const DELETE: Method = Method::DELETE;
+    match o {
+        OperatorCmd::Init { shares, threshold } => {
+            let v = c.request(POST, "/v1/sys/init", Some(&json!({"shares": shares, "threshold": threshold}))).await?;
+            print_shares(cli.output, &v, v["root_token"].as_str(), v["sealed"] == false)?;
+            if v["sealed"] == false {
+                eprintln!(
+                    "The server unsealed itself with its HSM ({}). The shares are recovery shares: {threshold} of \
+                     them unseal it when the HSM cannot, and move it to another seal.",
+                    v["seal"].as_str().unwrap_or("")
+                );
+            } else {
+                eprintln!(
+                    "The server is sealed: run `keyward operator unseal` {threshold} times with different shares."
+                );
+            }
+        }
+        OperatorCmd::Unseal { migrate } => {
+            let share = read_share("Unseal share: ")?;
+            let v = c.request(POST, "/v1/sys/unseal", Some(&json!({"share": &*share, "migrate": migrate}))).await?;
+            if cli.output == Output::Json {
+                print_value(cli.output, &v)?;
+            } else if v["complete"] == true && *migrate {
+                outln!("Unsealed; the seal was migrated to this server's seal.");
+            } else if v["complete"] == true {
+                outln!("Unsealed.");
+            } else {
+                outln!("Unseal progress: {}/{}", v["progress"], v["threshold"]);
+            }
+        }
+        OperatorCmd::Seal => {
+            c.request(POST, "/v1/sys/seal", Some(&json!({}))).await?;
+            outln!("Sealed.");
+        }
+        OperatorCmd::Rekey { shares, threshold, cancel } => {
+            if *cancel {
+                print_value(cli.output, &c.request(DELETE, "/v1/sys/rekey", None).await?)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let st = c.request(GET, "/v1/sys/rekey", None).await?;
+            let nonce = match st["nonce"].as_str() {
+                Some(n) => n.to_string(),
+                None => {
+                    let v = c
+                        .request(POST, "/v1/sys/rekey", Some(&json!({"shares": shares, "threshold": threshold})))
+                        .await?;
+                    eprintln!("Started a rekey to {shares} shares with threshold {threshold}.");
+                    v["nonce"].as_str().ok_or_else(|| anyhow!("the server returned no rekey nonce"))?.to_string()
+                }
+            };
+            let share = read_share("Current unseal share: ")?;
+            let v = c.request(POST, "/v1/sys/rekey/update", Some(&json!({"nonce": nonce, "share": &*share}))).await?;
+            if v["shares"].is_array() {
+                let hsm = c.health().await.ok().is_some_and(|h| h["hsm_key"].is_string());
+                print_shares(cli.output, &v, None, hsm)?;
+                eprintln!("Rekeyed: the old shares no longer unseal this server.");
+            } else if cli.output == Output::Json {
+                print_value(cli.output, &v)?;
+            } else {
+                outln!("Rekey progress: {}/{}", v["progress"], v["threshold"]);
+            }
+        }
+        OperatorCmd::Snapshot(SnapshotCmd::Save { file }) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let part = file.with_extension("partial");
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&part)
+                .with_context(|| format!("creating {} (it must not exist)", part.display()))?;
+            if file.exists() {
+                let _ = std::fs::remove_file(&part);
+                bail!("{} exists: a snapshot is never written over another file", file.display());
+            }
+            let written = match c.download("/v1/sys/snapshot", &mut out).await {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&part);
+                    return Err(e.into());
+                }
+            };
+            out.sync_all().with_context(|| format!("writing {}", part.display()))?;
+            std::fs::hard_link(&part, file)
+                .with_context(|| format!("{} exists: a snapshot is never written over another file", file.display()))?;
+            let _ = std::fs::remove_file(&part);
+            print_value(cli.output, &json!({"file": file, "bytes": written}))?;
+        }
+        OperatorCmd::Snapshot(SnapshotCmd::Restore { .. }) => unreachable_restore()?,
+        OperatorCmd::RotateRoot => {
+            print_value(cli.output, &c.request(POST, "/v1/sys/rotate-root", Some(&json!({}))).await?)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `operator snapshot restore` is handled before a client exists.
+pub(super) fn unreachable_restore() -> anyhow::Result<()> {
+    bail!("internal: snapshot restore reached the client path")
+}
+
+pub(super) async fn audit_verify(
+    cli: &Cli,
+    files: &[std::path::PathBuf],
+    key_file: Option<&std::path::Path>,
+    local_store: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    let (key, head, server_file) = match (key_file, local_store) {
+        (None, Some(dir)) => {
+            let key = keyward_kms_plugin::kek::Local::audit_key(dir, keyward_store::SqliteStore::open_shared).await?;
+            (key.expose().to_vec(), None, Some(dir.join("audit.log")))
+        }
+        (k, _) => match k {
+            Some(p) => {
+                // The base64 key `GET /v1/sys/audit` gives, or the raw 32-byte `audit-key` the node
+                // agent, the KMS plugin and the CSI provider keep beside their logs.
+                let bytes =
+                    zeroize::Zeroizing::new(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?);
+                let text = std::str::from_utf8(&bytes).ok().map(str::trim).unwrap_or_default();
+                let key = match STANDARD.decode(text) {
+                    Ok(k) if k.len() == 32 => k,
+                    _ if bytes.len() == 32 => bytes.to_vec(),
+                    _ => bail!("{} must hold a 32-byte audit key (raw, or in base64)", p.display()),
+                };
+                // Without files named: the log beside the key.
+                let beside = p.parent().map(|d| d.join("audit.log")).filter(|f| f.exists());
+                (key, None, beside)
+            }
+            None => {
+                let v = client(cli)?.request(keyward_client::Method::GET, "/v1/sys/audit", None).await?;
+                if v["enabled"] != json!(true) {
+                    bail!("the server runs without an audit log");
+                }
+                let key = STANDARD
+                    .decode(v["key"].as_str().unwrap_or_default())
+                    .map_err(|_| anyhow!("bad key in response"))?;
+                let head = keyward_audit::Head {
+                    seq: v["head"]["seq"].as_u64().unwrap_or(0),
+                    hmac: v["head"]["hmac"].as_str().unwrap_or_default().to_string(),
+                };
+                (key, Some(head), v["file"].as_str().map(std::path::PathBuf::from))
+            }
+        },
+    };
+    let files: Vec<std::path::PathBuf> = if files.is_empty() {
+        let f = server_file.ok_or_else(|| anyhow!("name the audit files to verify"))?;
+        keyward_audit::log_files(&f)
+    } else {
+        files.to_vec()
+    };
+    match keyward_audit::verify_files(&key, &files, head.as_ref()) {
+        Ok(r) => {
+            let v = json!({
+                "ok": true, "records": r.records, "first_seq": r.first_seq, "last_seq": r.last_seq, "files": files,
+                "continues_after": r.continues_after, "note": r.note, "gaps": r.gaps,
+            });
+            match cli.output {
+                Output::Json => print_value(cli.output, &v)?,
+                Output::Table => {
+                    outln!(
+                        "ok: {} records intact (seq {}..{}) in {} file(s)",
+                        r.records,
+                        r.first_seq,
+                        r.last_seq,
+                        files.len()
+                    );
+                    if let Some(after) = r.continues_after {
+                        outln!(
+                            "note: these files continue the chain after record {after}; the records up to it are in \
+                             other files ({})",
+                            r.note.as_deref().unwrap_or("not given")
+                        );
+                    }
+                    for g in &r.gaps {
+                        outln!("note: a file begins at {g}");
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("audit log BROKEN at {}:{}: {}", e.file, e.line, e.reason);
+            Ok(ExitCode::from(2))
+        }
+    }
+}
