@@ -12,6 +12,7 @@
 //! The socket is world-connectable on purpose (mode 0666): authorization is by measurement,
 //! not by file mode. Connections are capped per uid ([`listener::ConnLimits`]).
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 mod attest;
 pub mod kubelet;

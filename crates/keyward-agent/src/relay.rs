@@ -242,8 +242,9 @@ async fn relay(
         }
         Err(e) => {
             let status = e.status();
-            // Unreachable (or sealed, 503): an outage.
-            if e.unreachable() || status == Some(503) {
+            // Unreachable, or answering that it cannot serve now (sealed, storage or audit log
+            // unavailable): an outage.
+            if e.unreachable() || e.kind() == Some(keyward_client::ErrorKind::Unavailable) {
                 st.outage.reachable(false);
                 if cacheable && let Some((age, bytes)) = st.outage.get(&cache_key, st.outage_window) {
                     // A release the agent decides alone: recorded before it leaves.

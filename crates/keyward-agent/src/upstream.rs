@@ -110,6 +110,15 @@ impl UpstreamError {
         }
     }
 
+    /// The kind of failure, when the client saw one (the server answered, or could not be reached).
+    pub fn kind(&self) -> Option<keyward_client::ErrorKind> {
+        match self {
+            Self::Client(c) => Some(c.kind()),
+            Self::Batch(e) => e.kind(),
+            _ => None,
+        }
+    }
+
     /// Whether the server could not be reached at all (as opposed to answering).
     pub fn unreachable(&self) -> bool {
         match self {
@@ -118,6 +127,12 @@ impl UpstreamError {
             _ => false,
         }
     }
+}
+
+/// Whether the server refused the agent's credential itself (so joining again may help).
+fn refused_credential(e: &UpstreamError) -> bool {
+    use keyward_client::ErrorKind as K;
+    matches!(e.kind(), Some(K::Unauthenticated | K::PermissionDenied))
 }
 
 /// What one renewal round did.
@@ -316,7 +331,12 @@ impl Upstream {
         }
         match s.client.request(Method::POST, "/v1/auth/token/renew-self", Some(&json!({}))).await {
             Ok(_) => Ok(Renewal::Renewed),
-            Err(e) if matches!(e.status(), Some(401 | 403)) && self.cfg.join.reusable() => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    keyward_client::ErrorKind::Unauthenticated | keyward_client::ErrorKind::PermissionDenied
+                ) && self.cfg.join.reusable() =>
+            {
                 tracing::warn!(error = %e, "the server refused the agent token; joining again");
                 self.rejoin().await
             }
@@ -336,7 +356,7 @@ impl Upstream {
                     wait = self.session().ttl / 2;
                 }
                 Err(e) => {
-                    if !self.cfg.join.reusable() && matches!(e.status(), Some(401 | 403)) {
+                    if !self.cfg.join.reusable() && refused_credential(&e) {
                         tracing::error!(
                             error = %e,
                             "the server refused the agent token and a join token cannot be used again: give the \

@@ -9,6 +9,7 @@
 //! [`conn`] reads a Unix socket noting the writer of every byte; [`harden`] keeps a process that
 //! holds key material out of core files, ptrace and swap.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod cgroup;
 pub mod conn;

@@ -110,6 +110,115 @@ impl Error {
             _ => None,
         }
     }
+
+    /// What kind of failure this is: from the server's (or agent's) stable error `code`, the
+    /// HTTP status only for a code this client does not know. Adapters map the kind, never the
+    /// status, onto their own protocol's codes ([`ErrorKind::grpc_code`]).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Api { status, code, .. } => ErrorKind::of_code(code).unwrap_or_else(|| ErrorKind::of_status(*status)),
+            Self::Transport { .. } => ErrorKind::Unavailable,
+            Self::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            Self::Decode(_) | Self::Config(_) | Self::Write(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+/// The kind of an [`Error`], one per way a caller must react.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The request is malformed or a value is out of range: fix the request.
+    InvalidArgument,
+    /// No credential, or one that is malformed, unknown, revoked, expired or used up.
+    Unauthenticated,
+    /// The credential is valid, and its policies (or the caller's measurement) do not allow it.
+    PermissionDenied,
+    /// The key, secret, policy, role, token or route does not exist.
+    NotFound,
+    /// The thing to create exists already.
+    AlreadyExists,
+    /// The request is valid, and the state does not allow it: a disabled key, a key of another
+    /// type, a lost compare-and-set, a server not initialised or needing a seal migration.
+    FailedPrecondition,
+    /// The ciphertext does not open (wrong key, context or bytes). Says nothing more.
+    DecryptionFailed,
+    /// Too large or too many: a body over the limit, a connection or instance cap.
+    ResourceExhausted,
+    /// Try again later: the server is sealed, unreachable, or its storage, audit log, HSM or
+    /// identity provider is.
+    Unavailable,
+    /// A fault on the other side, or an answer this client cannot read.
+    Internal,
+}
+
+impl ErrorKind {
+    /// The kind of a stable error code, if this client knows the code.
+    pub fn of_code(code: &str) -> Option<Self> {
+        Some(match code {
+            "invalid_argument" | "invalid_json" | "unsupported_media_type" | "method_not_allowed" | "wrong_shares" => {
+                Self::InvalidArgument
+            }
+            "unauthenticated" | "invalid_identity" | "session_required" => Self::Unauthenticated,
+            // The node agent's refusals of a caller it measured.
+            "permission_denied" | "not_attested" | "exec_mismatch" | "not_a_launcher" => Self::PermissionDenied,
+            "not_found" | "no_such_route" | "no_such_role" => Self::NotFound,
+            "already_exists" | "already_initialized" => Self::AlreadyExists,
+            "conflict"
+            | "key_disabled"
+            | "key_pending_deletion"
+            | "wrong_key_type"
+            | "wrong_state"
+            | "not_initialized"
+            | "not_configured"
+            | "seal_migration_required" => Self::FailedPrecondition,
+            "decryption_failed" => Self::DecryptionFailed,
+            "payload_too_large" | "too_many_connections" => Self::ResourceExhausted,
+            "unavailable"
+            | "sealed"
+            | "busy"
+            | "audit_unavailable"
+            | "seal_device_unavailable"
+            | "jwks_unavailable"
+            | "no_server"
+            | "server_unavailable" => Self::Unavailable,
+            "internal" => Self::Internal,
+            _ => return None,
+        })
+    }
+
+    /// The kind an HTTP status stands for (for codes this client does not know).
+    pub fn of_status(status: u16) -> Self {
+        match status {
+            400 | 405 | 415 | 422 => Self::InvalidArgument,
+            401 => Self::Unauthenticated,
+            403 => Self::PermissionDenied,
+            404 => Self::NotFound,
+            409 | 412 => Self::FailedPrecondition,
+            413 | 429 => Self::ResourceExhausted,
+            502..=504 => Self::Unavailable,
+            _ => Self::Internal,
+        }
+    }
+
+    /// The gRPC status code of this kind: the one mapping every gRPC adapter (KMS plugin, CSI
+    /// provider, key provider) uses. A failed decryption is `InvalidArgument` (the input does
+    /// not open), as cloud KMS gRPC APIs answer it.
+    #[cfg(feature = "grpc")]
+    pub fn grpc_code(self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Self::InvalidArgument | Self::DecryptionFailed => Code::InvalidArgument,
+            Self::Unauthenticated => Code::Unauthenticated,
+            Self::PermissionDenied => Code::PermissionDenied,
+            Self::NotFound => Code::NotFound,
+            Self::AlreadyExists => Code::AlreadyExists,
+            Self::FailedPrecondition => Code::FailedPrecondition,
+            Self::ResourceExhausted => Code::ResourceExhausted,
+            Self::Unavailable => Code::Unavailable,
+            Self::Internal => Code::Internal,
+        }
+    }
 }
 
 /// Builds a [`Client`].
@@ -804,6 +913,28 @@ pub use reqwest::Method;
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn api(status: u16, code: &str) -> Error {
+        Error::Api { status, code: code.into(), message: String::new(), request_id: String::new() }
+    }
+
+    #[test]
+    fn the_kind_follows_the_code_and_the_status_only_for_unknown_codes() {
+        use ErrorKind as K;
+        assert_eq!(api(409, "wrong_key_type").kind(), K::FailedPrecondition);
+        assert_eq!(api(400, "decryption_failed").kind(), K::DecryptionFailed);
+        assert_eq!(api(503, "sealed").kind(), K::Unavailable);
+        // The node agent's refusals and outages.
+        assert_eq!(api(403, "not_attested").kind(), K::PermissionDenied);
+        assert_eq!(api(401, "session_required").kind(), K::Unauthenticated);
+        assert_eq!(api(502, "server_unavailable").kind(), K::Unavailable);
+        // A server error is not an outage; a code this client does not know falls back on the status.
+        assert_eq!(api(500, "internal").kind(), K::Internal);
+        assert_eq!(api(404, "some_future_code").kind(), K::NotFound);
+        assert_eq!(api(418, "some_future_code").kind(), K::Internal);
+        assert_eq!(Error::InvalidArgument("x".into()).kind(), K::InvalidArgument);
+        assert_eq!(Error::Decode("x".into()).kind(), K::Internal);
+    }
 
     #[test]
     fn several_addresses_are_parsed_and_checked() {

@@ -96,16 +96,19 @@ impl From<Invalid> for Failure {
 }
 
 fn from_keyward(what: &str, e: keyward_client::Error) -> Failure {
-    use keyward_client::Error as E;
-    let (grpc, code, denied) = match &e {
-        E::Api { status: 401, .. } => (Code::Unauthenticated, "LoginFailed", true),
-        E::Api { status: 403, .. } => (Code::PermissionDenied, "PermissionDenied", true),
-        E::Api { status: 404, .. } => (Code::NotFound, "NotFound", false),
-        E::Api { status: 400, .. } => (Code::InvalidArgument, "InvalidObject", false),
-        E::Api { status: 500..=599, .. } | E::Transport { .. } => (Code::Unavailable, "KeywardUnavailable", false),
-        _ => (Code::Internal, "Internal", false),
+    use keyward_client::ErrorKind as K;
+    let kind = e.kind();
+    let (code, denied) = match kind {
+        K::Unauthenticated => ("LoginFailed", true),
+        K::PermissionDenied => ("PermissionDenied", true),
+        K::NotFound => ("NotFound", false),
+        K::InvalidArgument => ("InvalidObject", false),
+        K::FailedPrecondition => ("FailedPrecondition", false),
+        K::ResourceExhausted => ("ResourceExhausted", false),
+        K::Unavailable => ("KeywardUnavailable", false),
+        _ => ("Internal", false),
     };
-    Failure { grpc, code, message: format!("{what}: {e}"), denied }
+    Failure { grpc: kind.grpc_code(), code, message: format!("{what}: {e}"), denied }
 }
 
 /// Whether the identity Keyward verified in a login (`identity` of its answer) is the Mount's

@@ -8,6 +8,7 @@
 //!
 //! Wrapped form: `0x01 || IV (12) || ciphertext || tag (16)`, with the additional data
 //! [`AAD`] binding it to its use.
+#![warn(missing_docs)]
 
 use std::path::PathBuf;
 use std::sync::Mutex;

@@ -271,12 +271,7 @@ pub struct GrpcProvider(pub Arc<Provider>);
 fn status_of(e: ProviderError) -> tonic::Status {
     match &e {
         ProviderError::Protocol(_) | ProviderError::Usage(_) => tonic::Status::invalid_argument(e.to_string()),
-        ProviderError::Keyward(k) => match k.status() {
-            Some(401 | 403) => tonic::Status::permission_denied(e.to_string()),
-            Some(404) => tonic::Status::not_found(e.to_string()),
-            Some(400) => tonic::Status::invalid_argument(e.to_string()),
-            _ => tonic::Status::unavailable(e.to_string()),
-        },
+        ProviderError::Keyward(k) => tonic::Status::new(k.kind().grpc_code(), e.to_string()),
     }
 }
 

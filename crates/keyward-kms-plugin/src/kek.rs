@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use keyward_audit::{AuditConfig, AuditLog};
+use keyward_client::ErrorKind;
 use keyward_core::seal::SealKind;
 use keyward_core::service::CreateKey;
 use keyward_core::store::{Store, StoreError};
@@ -38,35 +39,54 @@ pub enum KekError {
     /// The ciphertext does not open. Says nothing more.
     #[error("decryption failed")]
     DecryptionFailed,
-    /// Keyward refused (key disabled or missing, permission denied, ...).
-    #[error("{0}")]
-    Refused(String),
+    /// Keyward refused (key disabled or missing, permission denied, ...), and what kind of
+    /// refusal it is: the gRPC code comes from the kind ([`ErrorKind::grpc_code`]).
+    #[error("{message}")]
+    Refused {
+        /// The kind of refusal.
+        kind: ErrorKind,
+        /// What Keyward said.
+        message: String,
+    },
     /// Anything else.
     #[error("internal error: {0}")]
     Internal(String),
 }
 
+impl KekError {
+    /// The kind of this failure, as the client names the server's (one mapping for every adapter).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Unavailable(_) => ErrorKind::Unavailable,
+            Self::DecryptionFailed => ErrorKind::DecryptionFailed,
+            Self::Refused { kind, .. } => *kind,
+            Self::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
+    fn of_kind(kind: ErrorKind, message: String) -> Self {
+        match kind {
+            ErrorKind::Unavailable => Self::Unavailable(message),
+            ErrorKind::DecryptionFailed => Self::DecryptionFailed,
+            ErrorKind::Internal => Self::Internal(message),
+            kind => Self::Refused { kind, message },
+        }
+    }
+}
+
+/// The embedded service's errors (local mode) by the same codes the server answers with.
 impl From<KmsError> for KekError {
     fn from(e: KmsError) -> Self {
         match e {
-            KmsError::DecryptionFailed => Self::DecryptionFailed,
-            KmsError::Unavailable(_) => Self::Unavailable(e.to_string()),
             KmsError::Internal(m) => Self::Internal(m),
-            other => Self::Refused(other.to_string()),
+            e => Self::of_kind(ErrorKind::of_code(e.code()).unwrap_or(ErrorKind::Internal), e.to_string()),
         }
     }
 }
 
 impl From<keyward_client::Error> for KekError {
     fn from(e: keyward_client::Error) -> Self {
-        use keyward_client::Error as E;
-        match &e {
-            E::Transport { .. } => Self::Unavailable(e.to_string()),
-            E::Api { status: 502..=504, .. } => Self::Unavailable(e.to_string()),
-            E::Api { code, .. } if code == "decryption_failed" => Self::DecryptionFailed,
-            E::Api { .. } => Self::Refused(e.to_string()),
-            _ => Self::Internal(e.to_string()),
-        }
+        Self::of_kind(e.kind(), e.to_string())
     }
 }
 
@@ -176,7 +196,10 @@ impl Local {
     /// runs: this opens the store read-only as far as the log goes and writes nothing to it).
     pub async fn audit_key(dir: &Path, open: OpenStore) -> Result<keyward_crypto::SecretBytes, KekError> {
         if !dir.join(DB_FILE).exists() {
-            return Err(KekError::Refused(format!("{} holds no local KMS plugin store", dir.display())));
+            return Err(KekError::Refused {
+                kind: ErrorKind::NotFound,
+                message: format!("{} holds no local KMS plugin store", dir.display()),
+            });
         }
         let unsealed = open_sealed(dir, open, false).await?;
         Ok(keyward_crypto::SecretBytes::copy_from(unsealed.kms.audit_key().expose()))
@@ -186,7 +209,10 @@ impl Local {
     /// (which reports the new `key_id` at its next status check). Returns the new version.
     pub async fn rotate(dir: &Path, open: OpenStore, key: &str) -> Result<KeyRef, KekError> {
         if !dir.join(DB_FILE).exists() {
-            return Err(KekError::Refused(format!("{} holds no local KMS plugin store", dir.display())));
+            return Err(KekError::Refused {
+                kind: ErrorKind::NotFound,
+                message: format!("{} holds no local KMS plugin store", dir.display()),
+            });
         }
         let unsealed = open_sealed(dir, open, false).await?;
         let d = unsealed.kms.rotate_key(key).await?;

@@ -74,7 +74,7 @@ fn status_of(e: &KekError) -> Status {
     match e {
         KekError::Unavailable(m) => Status::unavailable(m.clone()),
         KekError::DecryptionFailed => Status::invalid_argument("decryption failed"),
-        KekError::Refused(m) => Status::failed_precondition(m.clone()),
+        KekError::Refused { kind, message } => Status::new(kind.grpc_code(), message.clone()),
         KekError::Internal(_) => Status::internal("internal error; see the plugin's log"),
     }
 }

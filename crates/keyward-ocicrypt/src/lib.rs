@@ -15,6 +15,7 @@
 //! carry a `kid` hint so that decryption costs one asymmetric operation per layer whatever the
 //! number of recipients, keys are parsed once per run, and layers are processed in parallel
 //! through a pipeline that hashes, decrypts and writes on separate cores without copying.
+#![warn(missing_docs)]
 
 pub mod cipher;
 pub mod error;
