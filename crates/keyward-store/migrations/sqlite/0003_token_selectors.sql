@@ -1,0 +1,2 @@
+ALTER TABLE tokens ADD COLUMN selectors TEXT NOT NULL DEFAULT '';
+ALTER TABLE tokens ADD COLUMN max_expires_at INTEGER;
