@@ -6,8 +6,7 @@
 //! seen while failing over. The scheduler lease moves to the survivor.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../../keyward-store/tests/common/mod.rs"]
-mod pg;
+use keyward_test_support::postgres as pg;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -1,8 +1,7 @@
 //! `keyward image encrypt|decrypt|inspect`, run as the binary, with openssl-made keys.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../../keyward-ocicrypt/tests/common/mod.rs"]
-mod oci;
+use keyward_test_support::oci;
 
 use std::process::{Command, Output};
 

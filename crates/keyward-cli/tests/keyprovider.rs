@@ -10,8 +10,7 @@
 
 mod common;
 
-#[path = "../../keyward-ocicrypt/tests/common/mod.rs"]
-mod oci;
+use keyward_test_support::oci;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -13,8 +13,7 @@ use base64::Engine;
 use serde_json::Value;
 
 mod common;
-#[path = "../../keyward-hsm/tests/common/mod.rs"]
-mod softhsm;
+use keyward_test_support::softhsm;
 
 use common::{BIN, is_root, self_signed, server_address};
 use softhsm::{SOFTHSM_LIB, softhsm_token};

@@ -14,9 +14,7 @@ use keyward_crypto::SecretBytes;
 use keyward_crypto::aead::AeadKey;
 use keyward_hsm::{AAD, HsmError, Pkcs11Config, Pkcs11Seal};
 
-mod common;
-
-const LIB: &str = common::SOFTHSM_LIB;
+const LIB: &str = keyward_test_support::softhsm::SOFTHSM_LIB;
 const TOKEN: &str = "keyward-test";
 const PIN: &str = "5678";
 const CHILD: &str = "KEYWARD_HSM_TEST_CHILD";
@@ -27,7 +25,7 @@ fn in_child_with_token(name: &str) -> bool {
         return true;
     }
     let dir = tempfile::tempdir().unwrap();
-    let conf = common::softhsm_token(dir.path(), TOKEN, PIN);
+    let conf = keyward_test_support::softhsm::softhsm_token(dir.path(), TOKEN, PIN);
     let out = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", name, "--nocapture", "--test-threads=1"])
         .env("SOFTHSM2_CONF", &conf)

@@ -12,15 +12,12 @@
 //! Run: `cargo bench -p keyward-ocicrypt --bench image_vs_skopeo` (needs skopeo and openssl).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::*;
 use keyward_ocicrypt::{DecryptOptions, ImageRef, PrivateKey, PublicKey, decrypt_image};
+use keyward_test_support::oci::*;
 use serde_json::json;
 
 /// Write a layout with uncompressed layers of noise, streamed to disk 1 MiB at a time.

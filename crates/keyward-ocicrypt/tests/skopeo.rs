@@ -3,12 +3,10 @@
 //! the failures that must leave no plaintext behind.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
 use keyward_ocicrypt::{DecryptOptions, ImageRef, OcicryptError, PrivateKey, PublicKey, decrypt_image, inspect_image};
+use keyward_test_support::oci::*;
 
 fn private(path: &Path) -> PrivateKey {
     PrivateKey::from_bytes(&std::fs::read(path).unwrap(), &path.display().to_string()).unwrap()

@@ -4,14 +4,13 @@
 //! workload's key, and the audit names the selectors.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use common::{TestServer, audit_records, raw};
 use keyward_crypto::hpke::RecipientKey;
 use keyward_crypto::keys::{KeyAlgorithm, LoadedKey};
 use keyward_server::agent_api::{PROOF_CONTEXT, RELEASE_INFO, SIGNATURE_HEADER};
+use keyward_test_support::audit_text as audit_records;
+use keyward_test_support::server::{TestServer, raw};
 use serde_json::{Value, json};
 
 struct TestAgent {

@@ -1,13 +1,11 @@
 //! End-to-end tests of the /v1 API over a real socket, through the Rust client.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use std::collections::BTreeMap;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use common::{TestServer, raw};
+use keyward_test_support::server::{TestServer, raw};
 use serde_json::json;
 
 fn ctx(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

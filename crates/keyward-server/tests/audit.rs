@@ -3,13 +3,11 @@
 //! written makes every request fail.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use std::collections::BTreeMap;
 
 use base64::Engine;
-use common::{TestServer, raw};
 use keyward_server::{AuditSettings, ServerConfig, start};
+use keyward_test_support::server::{TestServer, raw};
 
 #[tokio::test]
 async fn every_request_is_audited_without_secrets_and_the_chain_verifies() {
@@ -26,7 +24,7 @@ async fn every_request_is_audited_without_secrets_and_the_chain_verifies() {
     s.anonymous().health().await.unwrap();
 
     let file = s.dir.path().join("data/audit.log");
-    let text = common::audit_records(&file);
+    let text = keyward_test_support::audit_text(&file);
     assert!(!text.contains("PLAINTEXT-MARKER"), "plaintext in audit log");
     assert!(!text.contains("SECRET-MARKER"), "secret value in audit log");
     assert!(!text.contains(&s.token), "token in audit log");
@@ -69,7 +67,7 @@ async fn unwritable_audit_sink_refuses_start_and_fails_requests_until_fixed() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = ServerConfig {
         audit: AuditSettings { file: Some("/dev/full".into()), ..Default::default() },
-        ..common::dev_config(dir.path())
+        ..keyward_test_support::server::dev_config(dir.path())
     };
     let e = start(cfg).await.unwrap_err();
     assert!(e.to_string().contains("audit"), "a server whose audit sink cannot write does not start: {e}");
@@ -114,21 +112,21 @@ async fn records_removed_from_the_end_while_stopped_are_found_at_start() {
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await; // anchored
     s.running.take().unwrap().shutdown().await.unwrap();
     let file = s.dir.path().join("data/audit.log");
-    let records = common::audit_records(&file);
+    let records = keyward_test_support::audit_text(&file);
     let lines: Vec<&str> = records.lines().collect();
     assert!(lines.len() >= 5, "{records}");
 
     // The last two records removed: the server refuses to start, and says why.
     let kept = lines[..lines.len() - 2].join("\n") + "\n";
     std::fs::write(&file, &kept).unwrap();
-    let e = start(common::dev_config(s.dir.path())).await.unwrap_err().to_string();
+    let e = start(keyward_test_support::server::dev_config(s.dir.path())).await.unwrap_err().to_string();
     assert!(e.contains("records were removed from the end"), "{e}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), kept, "the damaged file is left as it was");
 
     // Moved away whole: a new chain starts, and says where the old one ended.
     std::fs::rename(&file, s.dir.path().join("data/damaged-audit.log")).unwrap();
     let s = TestServer::start_in(s.dir).await;
-    let fresh = common::audit_records(&file);
+    let fresh = keyward_test_support::audit_text(&file);
     let first: Vec<serde_json::Value> = fresh.lines().take(3).map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!((first[0]["seq"].as_u64(), first[0]["chain"].as_str()), (Some(1), Some("begins")));
     let said = first[2]["reason"].as_str().unwrap();
@@ -150,7 +148,7 @@ async fn every_cut_of_the_audit_log_is_found() {
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await; // anchored
     s.running.take().unwrap().shutdown().await.unwrap();
     let file = s.dir.path().join("data/audit.log");
-    let original = common::audit_records(&file);
+    let original = keyward_test_support::audit_text(&file);
     let lines: Vec<&str> = original.lines().collect();
     assert!(lines.len() >= 7, "{original}");
     let cuts: Vec<(&str, Vec<&str>, &str)> = vec![
@@ -160,7 +158,7 @@ async fn every_cut_of_the_audit_log_is_found() {
     ];
     for (what, kept, says) in cuts {
         std::fs::write(&file, kept.join("\n") + "\n").unwrap();
-        let e = start(common::dev_config(s.dir.path())).await.unwrap_err().to_string();
+        let e = start(keyward_test_support::server::dev_config(s.dir.path())).await.unwrap_err().to_string();
         assert!(e.contains(says), "{what}: {e}");
     }
     std::fs::write(&file, &original).unwrap();

@@ -3,14 +3,12 @@
 //! revocation of descendants, the last root token.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use std::collections::BTreeMap;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use common::TestServer;
 use keyward_client::{Client, Method};
+use keyward_test_support::server::TestServer;
 use serde_json::{Value, json};
 
 async fn token(root: &Client, body: Value) -> (String, String) {
@@ -135,7 +133,7 @@ async fn authorization_matrix_and_audited_denials() {
     }
 
     // Every denial is in the audit log with its reason and identity.
-    let log = common::audit_records(&s.dir.path().join("data/audit.log"));
+    let log = keyward_test_support::audit_text(&s.dir.path().join("data/audit.log"));
     let recs: Vec<Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let denials: Vec<&Value> = recs.iter().filter(|r| r["decision"] == "deny").collect();
     assert_eq!(denials.len(), 8 + 11, "scoped 8 + signer 11 denials");
@@ -319,7 +317,7 @@ async fn tokens_act_only_within_their_subtree_and_children_inherit_limits() {
     assert!(on(&adm, "lookup", &b_acc).await.is_ok());
     assert!(on(&ac, "revoke", &child_acc).await.is_ok());
 
-    let log = common::audit_records(&s.dir.path().join("data/audit.log"));
+    let log = keyward_test_support::audit_text(&s.dir.path().join("data/audit.log"));
     let refused: Vec<&str> = log.lines().filter(|l| l.contains("outside the caller's token subtree")).collect();
     assert_eq!(refused.len(), 4, "{log}");
     assert!(refused.iter().all(|l| l.contains("\"deny\"")));

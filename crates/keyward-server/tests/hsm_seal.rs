@@ -12,8 +12,7 @@ use keyward_crypto::SecretBytes;
 use keyward_hsm::{Pkcs11Config, Pkcs11Seal};
 use keyward_seal::Sealing;
 
-#[path = "../../keyward-hsm/tests/common/mod.rs"]
-mod softhsm;
+use keyward_test_support::softhsm;
 
 const CHILD: &str = "KEYWARD_SERVER_HSM_TEST_CHILD";
 const TOKEN: &str = "keyward-seal-test";

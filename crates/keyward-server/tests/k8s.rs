@@ -5,16 +5,14 @@
 //! unbound, alg confusion, tampering, key rotation (refetch on unknown kid), and the audit trail.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
-use common::{TestServer, raw};
 use keyward_server::tls::{TlsFiles, TlsListener, server_config};
+use keyward_test_support::server::{TestServer, raw};
 use serde_json::{Value, json};
 
 fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {

@@ -4,8 +4,6 @@
 //! a legitimate call made during each attack still answers within 2 s.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -14,7 +12,7 @@ use keyward_server::{HttpLimits, ServerConfig, start};
 
 async fn server(limits: HttpLimits) -> (keyward_server::Running, tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = ServerConfig { http: limits, ..common::dev_config(dir.path()) };
+    let cfg = ServerConfig { http: limits, ..keyward_test_support::server::dev_config(dir.path()) };
     let running = start(cfg).await.unwrap();
     let addr = running.addr.to_string();
     (running, dir, addr)

@@ -2,11 +2,9 @@
 //! documented operation is answered by a handler (not the 404/405 fallbacks).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use std::collections::BTreeSet;
 
-use common::{TestServer, raw};
+use keyward_test_support::server::{TestServer, raw};
 
 fn normalise(path: &str) -> String {
     path.replace("{*", "{")

@@ -3,8 +3,7 @@
 //! decrypts what the first encrypted.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../../keyward-store/tests/common/mod.rs"]
-mod pg;
+use keyward_test_support::postgres as pg;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

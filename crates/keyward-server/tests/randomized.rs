@@ -4,13 +4,11 @@
 //! the audit log.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::TestServer;
 use keyward_client::{Client, Method};
+use keyward_test_support::server::TestServer;
 use serde_json::{Value, json};
 
 async fn token_with(c: &Client, policy: &str) -> String {
@@ -87,7 +85,7 @@ async fn values_per_identity_rotate_with_grace() {
     assert!(!listed.to_string().contains("_keyward"), "{listed}");
     let e = c.put_secret("_keyward/random/x", &BTreeMap::from([("a".into(), "b".into())]), None).await.unwrap_err();
     assert_eq!(e.status(), Some(400));
-    let audit = common::audit_records(&s.dir.path().join("data/audit.log"));
+    let audit = keyward_test_support::audit_text(&s.dir.path().join("data/audit.log"));
     assert!(!audit.contains(&value), "a value leaked into the audit log");
 
     // Bad definitions are refused with what to fix.

@@ -3,8 +3,6 @@
 //! answering `Unavailable` promptly instead of hanging.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +11,7 @@ use keyward_store::{PostgresConfig, PostgresStore};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_passes_conformance_and_migrates_safely() {
-    let pg = common::Cluster::start();
+    let pg = keyward_test_support::postgres::Cluster::start();
 
     pg.create_db("conformance");
     let store = PostgresStore::connect(&PostgresConfig::new(pg.url("conformance"))).await.unwrap();
@@ -91,7 +89,7 @@ async fn tokio_postgres_exec(url: &str, sql: &str) -> u64 {
 /// configuration error rather than an unverified connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_to_the_database_is_verified() {
-    let pg = common::Cluster::start_tls();
+    let pg = keyward_test_support::postgres::Cluster::start_tls();
     pg.create_db("tls");
     let mut cfg = PostgresConfig::new(pg.url("tls"));
     cfg.ca_file = pg.ca_file.clone();

@@ -158,15 +158,6 @@ fn install_grpc_python() -> PathBuf {
     dir
 }
 
-/// Whether the tests run as root.
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .is_some_and(|l| l.split_whitespace().nth(1) == Some("0"))
-}
-
 /// A self-signed certificate for 127.0.0.1 and localhost in `dir` (`server.pem`, `server.key`).
 pub fn self_signed(dir: &Path) -> PathBuf {
     let o = Command::new("openssl")
@@ -213,6 +204,5 @@ pub fn scrape(lib: &Path, url: &str, token: Option<&str>) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+#[allow(unused_imports)]
+pub use keyward_test_support::{free_port, is_root};

@@ -124,13 +124,7 @@ impl World {
 }
 
 pub fn read_audit(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| l.trim_matches('\0'))
-        .filter(|l| !l.is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    keyward_test_support::audit_records(path)
 }
 
 /// Serve a provider for `addr` in `dir` (socket `dir/keyward.sock`, audit `dir/audit.log`).

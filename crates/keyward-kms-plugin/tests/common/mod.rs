@@ -150,12 +150,7 @@ pub async fn wait_new_key_id(c: &mut KeyManagementServiceClient<Channel>, old: &
     panic!("key_id never changed from {old}");
 }
 
-/// The plugin's audit records.
+/// The records of the plugin's audit log in `dir`.
 pub fn audit_records(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("audit.log"))
-        .unwrap()
-        .lines()
-        .filter(|l| !l.trim_matches('\0').is_empty())
-        .map(|l| serde_json::from_str(l.trim_matches('\0')).unwrap())
-        .collect()
+    keyward_test_support::audit_records(&dir.join("audit.log"))
 }

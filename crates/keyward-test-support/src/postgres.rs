@@ -2,11 +2,13 @@
 //! them), `initdb` and `pg_ctl` run as the `postgres` user when the tests run as root (initdb
 //! refuses root), data and socket in a temporary directory, a free loopback port. Stopped on drop.
 //! Fails loudly when PostgreSQL is not installed.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::PathBuf;
 use std::process::Command;
 
+use crate::{free_port, is_root};
+
+/// A running cluster; stopped (and its files removed) on drop.
 pub struct Cluster {
     _dir: tempfile::TempDir,
     data: PathBuf,
@@ -15,14 +17,6 @@ pub struct Cluster {
     pub socket_dir: PathBuf,
     /// With TLS: the CA certificate that signed the server's certificate.
     pub ca_file: Option<PathBuf>,
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .is_some_and(|l| l.split_whitespace().nth(1) == Some("0"))
 }
 
 /// The newest `/usr/lib/postgresql/N/bin`.
@@ -38,10 +32,6 @@ fn bindir() -> PathBuf {
         .collect();
     found.sort();
     found.pop().expect("no /usr/lib/postgresql/N/bin/initdb: apt-get install -y postgresql").1
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl Cluster {

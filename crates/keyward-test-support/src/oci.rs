@@ -1,5 +1,4 @@
-//! Shared test helpers: OCI layouts built from scratch, keys made by openssl, and skopeo.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Image encryption: OCI layouts built from scratch, keys made by openssl, and skopeo.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,5 +1,4 @@
-//! A throwaway SoftHSM2 token for tests (shared with the CLI tests through `#[path]`).
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! A throwaway SoftHSM2 token (Debian `softhsm2`), created by `softhsm2-util` in a directory.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

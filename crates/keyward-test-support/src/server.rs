@@ -1,4 +1,4 @@
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! A dev-mode server started in this process, its root token, and raw HTTP requests to it.
 
 use keyward_client::Client;
 use keyward_server::{Running, ServerConfig, start};
@@ -8,7 +8,7 @@ pub fn dev_config(dir: &std::path::Path) -> ServerConfig {
     ServerConfig::dev("127.0.0.1:0".parse().unwrap(), dir.join("data"))
 }
 
-#[allow(missing_debug_implementations)]
+/// A dev server on a free loopback port, its data in a temporary directory.
 pub struct TestServer {
     pub running: Option<Running>,
     pub dir: tempfile::TempDir,
@@ -66,13 +66,4 @@ pub async fn raw(
     let rid = resp.headers().get("x-request-id").map(|v| v.to_str().unwrap().to_string());
     let bytes = resp.bytes().await.unwrap();
     (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null), rid)
-}
-
-/// The records of a live audit file, without its preallocated zero tail.
-pub fn audit_records(path: &std::path::Path) -> String {
-    let mut b = std::fs::read(path).unwrap();
-    while b.last() == Some(&0) {
-        b.pop();
-    }
-    String::from_utf8(b).unwrap()
 }
