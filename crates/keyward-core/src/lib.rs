@@ -3,8 +3,10 @@
 //! Keyward's domain model and service logic, free of transport and storage types:
 //!
 //! - [`model`]: keys, key versions, secrets, tokens as stored records;
-//! - [`store::Store`]: the storage port every backend implements (SQLite in `keyward-store`);
-//! - [`seal::Seal`]: how the root key is obtained (insecure file in dev; Shamir/HSM later);
+//! - [`store::Store`]: the storage port every backend implements (`keyward-store`: SQLite,
+//!   PostgreSQL, in-memory);
+//! - [`seal::Seal`], [`seal::KeyWrapper`] and [`seal::SealConfig`]: how the root keyring is
+//!   sealed (the state machine that uses them is `keyward-seal`);
 //! - [`service::Kms`]: key lifecycle, cryptographic operations, versioned secrets, tokens;
 //! - [`error::KmsError`]: one typed error the transports map to HTTP statuses.
 //!
