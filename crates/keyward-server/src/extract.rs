@@ -184,13 +184,19 @@ impl FromRequestParts<crate::api::AppState> for KeyName {
         let axum::extract::Path(name) = axum::extract::Path::<String>::from_request_parts(parts, st)
             .await
             .map_err(|e| ApiError::invalid(format!("bad key name in the path: {e}")))?;
-        if !name.starts_with(keyward_core::service::ALIAS_PREFIX) {
-            return Ok(Self(name));
-        }
-        match st.kms()?.resolve_key_name(&name).await {
-            Ok(key) => Ok(Self(key)),
-            Err(keyward_core::KmsError::NotFound { .. }) => Ok(Self(name)),
-            Err(e) => Err(e.into()),
-        }
+        resolve_key_name(st, &name).await.map(Self)
+    }
+}
+
+/// A key name as given, or the key an alias names now (an unknown alias stays as given, so
+/// the handler authorizes it like any key and the service then answers "alias not found").
+pub(crate) async fn resolve_key_name(st: &crate::api::AppState, name: &str) -> Result<String, ApiError> {
+    if !name.starts_with(keyward_core::service::ALIAS_PREFIX) {
+        return Ok(name.to_string());
+    }
+    match st.kms()?.resolve_key_name(name).await {
+        Ok(key) => Ok(key),
+        Err(keyward_core::KmsError::NotFound { .. }) => Ok(name.to_string()),
+        Err(e) => Err(e.into()),
     }
 }

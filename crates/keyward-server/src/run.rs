@@ -416,7 +416,6 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         k8s: k8s.clone(),
         agents: Default::default(),
         member: member.clone(),
-        release: Default::default(),
     };
     let app = router(state);
 

@@ -18,16 +18,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use keyward_core::model::TokenRecord;
 use keyward_core::policy::selector_ok;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tower::ServiceExt;
 
 use crate::api::AppState;
 use crate::audit::AuditCtx;
@@ -92,11 +91,6 @@ impl Agents {
         }
     }
 }
-
-/// A workload identity handed from a release to the inner request. Only this module creates
-/// it; nothing from the network can.
-#[derive(Debug, Clone)]
-pub(crate) struct InternalWorkload(pub Arc<TokenRecord>);
 
 fn node_name_ok(n: &str) -> bool {
     !n.is_empty()
@@ -380,19 +374,16 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn any_name_forms_a_safe_uri_or_is_refused(name in "[ -~]{0,40}", version in proptest::option::of(0u32..5)) {
+        fn any_name_is_a_route_name_or_is_refused(name in "[ -~]{0,40}", version in proptest::option::of(0u32..5)) {
             let read = ReleaseOp::ReadSecret { path: name.clone(), version };
-            if let Ok((m, uri, _)) = read.inner() {
-                proptest::prop_assert_eq!(m, Method::GET);
-                let (path, query) = uri.split_once('?').map_or((uri.as_str(), None), |(p, q)| (p, Some(q)));
-                proptest::prop_assert!(path.starts_with("/v1/secrets/data/") && !path.contains(".."));
-                proptest::prop_assert!(query.is_none_or(|q| q.starts_with("version=")));
+            if read.check().is_ok() {
+                proptest::prop_assert!(!name.is_empty() && !name.split('/').any(|p| p.is_empty() || p == "." || p == ".."));
+                let uri = format!("/v1/secrets/data/{name}");
                 proptest::prop_assert!(uri.parse::<axum::http::Uri>().is_ok());
             }
-            let sign = ReleaseOp::Sign { key: name, body: json!({}) };
-            if let Ok((_, uri, _)) = sign.inner() {
-                proptest::prop_assert!(uri.starts_with("/v1/keys/") && uri.ends_with("/sign"));
-                proptest::prop_assert_eq!(uri.matches('/').count(), 4);
+            let sign = ReleaseOp::Sign { key: name.clone(), body: json!({}) };
+            if sign.check().is_ok() {
+                proptest::prop_assert!(!name.contains('/') && name != "." && name != "..");
             }
         }
 
@@ -403,25 +394,28 @@ mod tests {
     }
 
     #[test]
-    fn release_ops_form_only_safe_uris() {
+    fn release_ops_take_only_route_names() {
         let op = |v: Value| {
             serde_json::from_value::<ReleaseOp>(v)
                 .map_err(|e| e.to_string())
-                .and_then(|o| o.inner().map(|(m, u, _)| format!("{m} {u}")).map_err(|e| e.message))
+                .and_then(|o| o.check().map_err(|e| e.message))
         };
-        assert_eq!(
-            op(json!({"kind": "read-secret", "path": "app/db", "version": 2})).unwrap(),
-            "GET /v1/secrets/data/app/db?version=2"
-        );
-        assert_eq!(op(json!({"kind": "sign", "key": "k1", "body": {}})).unwrap(), "POST /v1/keys/k1/sign");
-        assert_eq!(op(json!({"kind": "decrypt", "body": {}})).unwrap(), "POST /v1/decrypt");
-        assert_eq!(op(json!({"kind": "randomized", "name": "db"})).unwrap(), "GET /v1/randomized/db");
+        for good in [
+            json!({"kind": "read-secret", "path": "app/db", "version": 2}),
+            json!({"kind": "sign", "key": "k1", "body": {}}),
+            json!({"kind": "decrypt", "body": {}}),
+            json!({"kind": "randomized", "name": "db"}),
+            json!({"kind": "generate-data-key", "key": "k.1-x_y", "body": {}}),
+        ] {
+            assert!(op(good.clone()).is_ok(), "{good}");
+        }
         for bad in [
             json!({"kind": "read-secret", "path": "../sys/seal"}),
             json!({"kind": "read-secret", "path": "a?b"}),
             json!({"kind": "read-secret", "path": "a//b"}),
             json!({"kind": "read-secret", "path": "a%2fb"}),
             json!({"kind": "sign", "key": "a/b", "body": {}}),
+            json!({"kind": "sign", "key": "alias/a", "body": {}}),
             json!({"kind": "randomized", "name": "a/b"}),
             json!({"kind": "delete-secret", "path": "x"}),
             json!({"kind": "read-secret", "path": "x", "extra": 1}),

@@ -24,39 +24,56 @@ pub(super) enum ReleaseOp {
 }
 
 impl ReleaseOp {
-    /// Method, URI and body of the inner API request.
-    pub(crate) fn inner(&self) -> Result<(Method, String, Option<&Value>), ApiError> {
-        // Names go into a URI: allow only what secret paths and key names may contain.
+    /// Refuse names a secret path or key name cannot have (the same rules as the routes these
+    /// operations also have: no empty, `.` or `..` segment; keys and randomized secrets are one
+    /// segment).
+    pub(crate) fn check(&self) -> Result<(), ApiError> {
         let name_ok = |s: &str| {
             !s.is_empty()
                 && s.len() <= 512
                 && !s.split('/').any(|p| p.is_empty() || p == "." || p == "..")
                 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/_-.".contains(&b))
         };
-        let bad = |what: &str| ApiError::invalid(format!("{what} contains characters a name cannot have"));
-        Ok(match self {
-            Self::ReadSecret { path, version } => {
-                if !name_ok(path) {
-                    return Err(bad("path"));
-                }
-                let q = version.map(|v| format!("?version={v}")).unwrap_or_default();
-                (Method::GET, format!("/v1/secrets/data/{path}{q}"), None)
+        let bad = |what: &str| Err(ApiError::invalid(format!("{what} contains characters a name cannot have")));
+        match self {
+            Self::ReadSecret { path, .. } if !name_ok(path) => bad("path"),
+            Self::GenerateDataKey { key, .. } | Self::Sign { key, .. } if !name_ok(key) || key.contains('/') => {
+                bad("key")
             }
-            Self::GenerateDataKey { key, body } | Self::Sign { key, body } => {
-                if !name_ok(key) || key.contains('/') {
-                    return Err(bad("key"));
-                }
-                let action = if matches!(self, Self::Sign { .. }) { "sign" } else { "generate-data-key" };
-                (Method::POST, format!("/v1/keys/{key}/{action}"), Some(body))
+            Self::Randomized { name } if !name_ok(name) || name.contains('/') => bad("name"),
+            _ => Ok(()),
+        }
+    }
+
+    /// Run the operation as `c` (the workload), through the same typed operation its HTTP
+    /// route runs: same authorization, same audit facts, same answer.
+    pub(crate) async fn run(&self, st: &AppState, c: &Caller) -> Result<Value, ApiError> {
+        self.check()?;
+        // Bodies are read as strictly, and within the same size, as a request's body is.
+        fn body<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
+            let bytes = serde_json::to_vec(v).map_err(|e| ApiError::internal(e.to_string()))?;
+            if bytes.len() > MAX_BODY {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("request body is larger than {MAX_BODY} bytes"),
+                ));
             }
-            Self::Decrypt { body } => (Method::POST, "/v1/decrypt".to_string(), Some(body)),
-            Self::Randomized { name } => {
-                if !name_ok(name) || name.contains('/') {
-                    return Err(bad("name"));
-                }
-                (Method::GET, format!("/v1/randomized/{name}"), None)
+            crate::extract::parse_json(&bytes)
+        }
+        match self {
+            Self::ReadSecret { path, version } => crate::api::read_secret_as(st, c, path, *version).await,
+            Self::GenerateDataKey { key, body: b } => {
+                let key = crate::extract::resolve_key_name(st, key).await?;
+                crate::api::generate_data_key_as(st, c, &key, body(b)?, true).await
             }
-        })
+            Self::Sign { key, body: b } => {
+                let key = crate::extract::resolve_key_name(st, key).await?;
+                crate::api::sign_as(st, c, &key, body(b)?).await
+            }
+            Self::Decrypt { body: b } => crate::api::decrypt_as(st, c, body(b)?).await,
+            Self::Randomized { name } => crate::api::randomized_value_as(st, c, name).await,
+        }
     }
 }
 
@@ -99,9 +116,16 @@ pub(crate) fn parse_agent_requests(data: &[u8]) -> usize {
         + usize::from(serde_json::from_slice::<NonceReq>(data).is_ok())
         + usize::from(serde_json::from_slice::<JoinReq>(data).is_ok());
     let check = |op: &ReleaseOp| {
-        if let Ok((_, uri, _)) = op.inner() {
-            // Whatever forms must be a URI axum accepts, under /v1/.
-            assert!(uri.starts_with("/v1/") && uri.parse::<axum::http::Uri>().is_ok(), "{uri}");
+        // Whatever passes the check is a name the routes also accept: no segment that
+        // normalisation would rewrite, nothing outside the name alphabet.
+        if op.check().is_ok() {
+            let name = match op {
+                ReleaseOp::ReadSecret { path, .. } => path.as_str(),
+                ReleaseOp::GenerateDataKey { key, .. } | ReleaseOp::Sign { key, .. } => key.as_str(),
+                ReleaseOp::Randomized { name } => name.as_str(),
+                ReleaseOp::Decrypt { .. } => "",
+            };
+            assert!(!name.split('/').any(|p| p == ".." || p == "."), "{name}");
         }
     };
     if let Ok(r) = serde_json::from_slice::<ReleaseReq>(data) {
@@ -166,21 +190,12 @@ pub(super) fn check_proof(
     Ok(())
 }
 
-/// What a release produced: the answer sealed to the workload, or a refusal passed on as it is
-/// (errors carry no secret).
-pub(super) enum Released {
-    Sealed(Value),
-    Refused(StatusCode, Bytes),
-}
+/// What a release produced: the answer sealed to the workload (a refusal is an [`ApiError`]).
+pub(super) struct Released(Value);
 
 impl IntoResponse for Released {
     fn into_response(self) -> Response {
-        match self {
-            Self::Sealed(v) => Json(v).into_response(),
-            Self::Refused(status, bytes) => {
-                (status, [(axum::http::header::CONTENT_TYPE, "application/json")], bytes).into_response()
-            }
-        }
+        Json(self.0).into_response()
     }
 }
 
@@ -220,38 +235,29 @@ pub(super) async fn run_release(
     selectors.push(format!("{NODE_SELECTOR}{node}"));
     selectors.sort();
     selectors.dedup();
-    let (method, uri, inner_body) = item.op.inner()?;
+    item.op.check()?;
     let pid = w.pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into());
     let display = format!("workload pid {pid} on {node} via {agent}");
     let record = TokenRecord::ephemeral(format!("workload_{node}_{pid}"), display, selectors);
 
-    // The operation runs through the normal handler as the workload. Its authorization
-    // decision lands in this release's audit context, so one record says who the workload
-    // was, on which node, through which agent, and what was decided.
-    let inner = Request::builder()
-        .method(method)
-        .uri(&uri)
-        .header(axum::http::header::CONTENT_TYPE, "application/json")
-        .extension(InternalWorkload(Arc::new(record)))
-        .extension(ctx)
-        .body(inner_body.map(|b| Body::from(b.to_string())).unwrap_or_else(Body::empty))
-        .map_err(|_| ApiError::invalid("the operation does not form a valid request"))?;
-    let mut resp = crate::api::release_router(st).oneshot(inner).await.unwrap_or_else(|e| match e {});
-    // Errors carry no secret: hand them to the caller's error rendering and audit as they are.
-    if let Some(e) = resp.extensions_mut().remove::<ApiError>() {
-        return Err(e);
-    }
-    let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), MAX_RELEASE_RESPONSE)
-        .await
-        .map_err(|_| ApiError::internal("the released response is too large to seal".into()))?;
-    if !status.is_success() {
-        return Ok(Released::Refused(status, bytes));
+    // The operation runs as the workload, through the same typed operation as its route. Its
+    // authorization decision lands in this release's audit context, so one record says who
+    // the workload was, on which node, through which agent, and what was decided. Errors
+    // carry no secret: they go to the caller's error rendering and audit as they are.
+    ctx.set_identity(&format!("{} [{}]", record.display_name, record.selectors.join(" ")));
+    let caller = Caller(Arc::new(record), ctx);
+    let answer = item.op.run(st, &caller).await?;
+    let bytes = zeroize::Zeroizing::new(
+        serde_json::to_vec(&answer).map_err(|e| ApiError::internal(format!("encoding the released answer: {e}")))?,
+    );
+    drop(answer);
+    if bytes.len() > MAX_RELEASE_RESPONSE {
+        return Err(ApiError::internal("the released response is too large to seal".into()));
     }
     let sealed = keyward_crypto::hpke::seal(&recipient, RELEASE_INFO, &nonce, &bytes)
         .map_err(|_| ApiError::invalid("recipient is not a usable X25519 public key"))?;
-    Ok(Released::Sealed(json!({
-        "status": status.as_u16(),
+    Ok(Released(json!({
+        "status": 200,
         "suite": keyward_crypto::hpke::SUITE,
         "nonce": item.nonce,
         "enc": b64(&sealed.enc),

@@ -17,13 +17,18 @@ pub(super) async fn encrypt(
 }
 
 pub(super) async fn decrypt(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<DecryptReq>) -> ApiResult {
+    decrypt_as(&st, &c, r).await.and_then(ok)
+}
+
+/// Decrypt as `c`: the operation the HTTP handler and attested releases share.
+pub(crate) async fn decrypt_as(st: &AppState, c: &Caller, r: DecryptReq) -> Result<Value, ApiError> {
     c.1.set_context(&r.context);
     let ct = unb64("ciphertext", &r.ciphertext)?;
     // Authorization is by the key named in the ciphertext header; the service re-checks it.
-    let resource = key_resource_of(&st, &ct).await?;
-    allow(&st, &c, "decrypt", &resource)?;
+    let resource = key_resource_of(st, &ct).await?;
+    allow(st, c, "decrypt", &resource)?;
     let d = st.kms()?.decrypt(&ct, &r.context).await?;
-    ok(json!({"plaintext": b64(d.plaintext.expose()), "key": d.key_name, "key_version": d.key_version}))
+    Ok(json!({"plaintext": b64(d.plaintext.expose()), "key": d.key_name, "key_version": d.key_version}))
 }
 
 /// The resource a ciphertext is authorized against: the key named by its header. An unknown or
@@ -60,13 +65,15 @@ pub(super) async fn reencrypt(
     }))
 }
 
-pub(super) async fn data_key_common(
+/// Generate a data key under `name` as `c`: the operation the HTTP handlers and attested
+/// releases share.
+pub(crate) async fn generate_data_key_as(
     st: &AppState,
     c: &Caller,
     name: &str,
     r: DataKeyReq,
     with_plaintext: bool,
-) -> ApiResult {
+) -> Result<Value, ApiError> {
     c.1.set_context(&r.context);
     allow(st, c, "generate-data-key", &format!("keys/{name}"))?;
     let dk = st.kms()?.generate_data_key(name, r.bytes, &r.context, with_plaintext).await?;
@@ -74,7 +81,7 @@ pub(super) async fn data_key_common(
     if let Some(p) = &dk.plaintext {
         v["plaintext"] = Value::String(b64(p.expose()));
     }
-    ok(v)
+    Ok(v)
 }
 
 pub(super) async fn data_key(
@@ -83,7 +90,7 @@ pub(super) async fn data_key(
     KeyName(name): KeyName,
     StrictJson(r): StrictJson<DataKeyReq>,
 ) -> ApiResult {
-    data_key_common(&st, &c, &name, r, true).await
+    generate_data_key_as(&st, &c, &name, r, true).await.and_then(ok)
 }
 
 pub(super) async fn data_key_without_plaintext(
@@ -92,7 +99,7 @@ pub(super) async fn data_key_without_plaintext(
     KeyName(name): KeyName,
     StrictJson(r): StrictJson<DataKeyReq>,
 ) -> ApiResult {
-    data_key_common(&st, &c, &name, r, false).await
+    generate_data_key_as(&st, &c, &name, r, false).await.and_then(ok)
 }
 
 pub(super) async fn sign(
@@ -101,13 +108,18 @@ pub(super) async fn sign(
     KeyName(name): KeyName,
     StrictJson(r): StrictJson<SignReq>,
 ) -> ApiResult {
-    allow(&st, &c, "sign", &format!("keys/{name}"))?;
+    sign_as(&st, &c, &name, r).await.and_then(ok)
+}
+
+/// Sign with `name` as `c`: the operation the HTTP handler and attested releases share.
+pub(crate) async fn sign_as(st: &AppState, c: &Caller, name: &str, r: SignReq) -> Result<Value, ApiError> {
+    allow(st, c, "sign", &format!("keys/{name}"))?;
     let (sig, v) = match (&r.message, &r.digest) {
-        (Some(m), None) => st.kms()?.sign(&name, &unb64("message", m)?).await?,
-        (None, Some(d)) => st.kms()?.sign_digest(&name, &unb64("digest", d)?).await?,
+        (Some(m), None) => st.kms()?.sign(name, &unb64("message", m)?).await?,
+        (None, Some(d)) => st.kms()?.sign_digest(name, &unb64("digest", d)?).await?,
         _ => return Err(ApiError::invalid("give exactly one of message and digest (the message's SHA-256)")),
     };
-    ok(json!({"signature": b64(&sig), "key": name, "key_version": v}))
+    Ok(json!({"signature": b64(&sig), "key": name, "key_version": v}))
 }
 
 pub(super) async fn verify(

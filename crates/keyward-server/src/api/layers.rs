@@ -126,14 +126,6 @@ pub(super) fn error_response(err: &ApiError, request_id: &str) -> Response {
 
 /// Require a valid token (`Authorization: Bearer TOKEN` or `X-Keyward-Token: TOKEN`).
 pub(super) async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
-    // A release running an operation as the workload its agent attested: the identity was
-    // established by `agent_api::release`, the only place this extension is created.
-    if let Some(w) = req.extensions_mut().remove::<crate::agent_api::InternalWorkload>() {
-        let ctx = req.extensions().get::<Arc<AuditCtx>>().cloned().unwrap_or_default();
-        ctx.set_identity(&format!("{} [{}]", w.0.display_name, w.0.selectors.join(" ")));
-        req.extensions_mut().insert(Caller(w.0, ctx));
-        return next.run(req).await;
-    }
     let h = req.headers();
     let token = h
         .get(axum::http::header::AUTHORIZATION)

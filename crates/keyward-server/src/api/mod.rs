@@ -32,11 +32,14 @@ mod sys;
 
 use self::auth::*;
 use self::crypto::*;
+/// The operations attested releases run, typed: the same code as their HTTP handlers.
+pub(crate) use self::crypto::{decrypt_as, generate_data_key_as, sign_as};
 use self::k8s::*;
 use self::keys::*;
 use self::layers::*;
 pub(crate) use self::layers::{audit_unavailable_error, conclude};
 use self::secrets::*;
+pub(crate) use self::secrets::{randomized_value_as, read_secret_as};
 use self::sys::*;
 
 /// The OpenAPI document served at `/v1/openapi.json`.
@@ -55,9 +58,6 @@ pub struct AppState {
     pub agents: Arc<crate::agent_api::Agents>,
     /// This server among those sharing the store.
     pub member: Arc<crate::cluster::Member>,
-    /// The router a release's inner operation runs through, built on first use
-    /// ([`release_router`]).
-    pub(crate) release: Arc<std::sync::OnceLock<Router>>,
 }
 
 impl AppState {
@@ -162,33 +162,6 @@ pub fn route_table() -> Vec<(&'static str, &'static str, bool, MethodRouter<AppS
         ("post", "/v1/secrets/undelete/{*path}", false, post(undelete_secret)),
         ("post", "/v1/secrets/destroy/{*path}", false, post(destroy_secret)),
     ]
-}
-
-/// The routes an attested release may run, with authentication (which takes the workload
-/// identity the release established) but without the `finish` layer: the release's own request
-/// carries the one audit record, with the workload's identity, selectors and decision.
-pub(crate) fn release_router(state: &AppState) -> Router {
-    // Built once per server, not per release. The router holds a copy of the state whose own
-    // cache is a fresh, never-filled cell, so the cached router does not keep itself alive.
-    state
-        .release
-        .get_or_init(|| {
-            let mut copy = state.clone();
-            copy.release = Arc::default();
-            build_release_router(copy)
-        })
-        .clone()
-}
-
-fn build_release_router(state: AppState) -> Router {
-    Router::new()
-        .route("/v1/secrets/data/{*path}", get(get_secret))
-        .route("/v1/keys/{name}/generate-data-key", post(data_key))
-        .route("/v1/keys/{name}/sign", post(sign))
-        .route("/v1/decrypt", post(decrypt))
-        .route("/v1/randomized/{name}", get(randomized_value))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
-        .with_state(state)
 }
 
 /// Build the router with its middleware.

@@ -92,9 +92,15 @@ pub(super) async fn randomized_definition(
 }
 
 pub(super) async fn randomized_value(State(st): State<AppState>, c: Caller, Path(name): Path<String>) -> ApiResult {
-    allow(&st, &c, "read", &format!("randomized/{name}"))?;
+    randomized_value_as(&st, &c, &name).await.and_then(ok)
+}
+
+/// The randomized secret `name` of `c`'s workload identity: the operation the HTTP handler and
+/// attested releases share.
+pub(crate) async fn randomized_value_as(st: &AppState, c: &Caller, name: &str) -> Result<Value, ApiError> {
+    allow(st, c, "read", &format!("randomized/{name}"))?;
     let identity = randomized_identity(&c.0)?;
-    let v = st.kms()?.random_value(&name, &identity, keyward_core::now_unix()).await?;
+    let v = st.kms()?.random_value(name, &identity, keyward_core::now_unix()).await?;
     let mut out = json!({
         "name": name,
         "identity": identity,
@@ -106,7 +112,7 @@ pub(super) async fn randomized_value(State(st): State<AppState>, c: Caller, Path
     if let Some((prev, until)) = &v.previous {
         out["previous"] = json!({"value": prev.as_str(), "valid_until": time(*until)});
     }
-    ok(out)
+    Ok(out)
 }
 
 pub(super) async fn get_secret(
@@ -115,9 +121,19 @@ pub(super) async fn get_secret(
     Path(path): Path<String>,
     StrictQuery(q): StrictQuery<VersionQuery>,
 ) -> ApiResult {
-    allow(&st, &c, "read", &format!("secrets/{path}"))?;
-    let s = st.kms()?.get_secret(&path, q.version).await?;
-    ok(json!({"path": path, "version": s.version, "created_at": time(s.created_at), "data": s.data.expose()}))
+    read_secret_as(&st, &c, &path, q.version).await.and_then(ok)
+}
+
+/// Read a secret as `c`: the operation the HTTP handler and attested releases share.
+pub(crate) async fn read_secret_as(
+    st: &AppState,
+    c: &Caller,
+    path: &str,
+    version: Option<u32>,
+) -> Result<Value, ApiError> {
+    allow(st, c, "read", &format!("secrets/{path}"))?;
+    let s = st.kms()?.get_secret(path, version).await?;
+    Ok(json!({"path": path, "version": s.version, "created_at": time(s.created_at), "data": s.data.expose()}))
 }
 
 pub(super) async fn put_secret(
