@@ -38,11 +38,14 @@ use zeroize::Zeroizing;
 
 mod builder;
 mod error;
+mod routes;
 pub mod workload;
 
 pub use self::builder::ClientBuilder;
 use self::error::*;
 pub use self::error::{Error, ErrorKind};
+/// The request types of the API, as the server parses them.
+pub use keyward_api as api;
 
 /// Environment variable naming the server address.
 pub const ENV_ADDR: &str = "KEYWARD_ADDR";

@@ -3,7 +3,6 @@
 // Request types carry plaintexts and secret values: they deliberately have no Debug.
 #![allow(missing_debug_implementations)]
 
-use std::collections::BTreeMap;
 use std::time::{Duration, UNIX_EPOCH};
 
 use base64::Engine;
@@ -14,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
 
-pub type Context = BTreeMap<String, String>;
+pub use keyward_api::*;
 
 pub fn b64(bytes: &[u8]) -> String {
     STANDARD.encode(bytes)
@@ -64,260 +63,12 @@ pub fn format_period(secs: u64) -> String {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CreateKeyReq {
-    pub name: String,
-    #[serde(rename = "type")]
-    pub key_type: String,
-    #[serde(default)]
-    pub description: String,
-    pub rotate_every: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RotationPolicyReq {
-    pub rotate_every: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScheduleDeletionReq {
-    pub pending_days: Option<u32>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Empty {}
-
-/// `keyward operator init` and rekey parameters.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InitReq {
-    pub shares: Option<u8>,
-    pub threshold: Option<u8>,
-}
-
-/// One unseal share (base64, as printed by init or rekey).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ShareReq {
-    pub share: zeroize::Zeroizing<String>,
-    /// Convert a keyring sealed with another seal kind to this server's.
-    #[serde(default)]
-    pub migrate: bool,
-}
-
-/// Kubernetes auth configuration; exactly one of `jwks`, `jwks_url`, `discovery`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct K8sConfigReq {
-    pub issuer: String,
-    pub audience: String,
-    pub jwks: Option<String>,
-    pub jwks_url: Option<String>,
-    #[serde(default)]
-    pub discovery: bool,
-    pub ca_pem: Option<String>,
-    pub leeway_secs: Option<u64>,
-}
-
-/// A Kubernetes auth role.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct K8sRoleReq {
-    pub bound_namespaces: Vec<String>,
-    pub bound_service_accounts: Vec<String>,
-    pub policies: Vec<String>,
-    pub ttl: Option<String>,
-    pub max_ttl: Option<String>,
-    #[serde(default)]
-    pub allow_unbound_tokens: bool,
-}
-
-/// Kubernetes login: a role and the projected ServiceAccount token.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct K8sLoginReq {
-    pub role: String,
-    pub jwt: zeroize::Zeroizing<String>,
-}
-
-/// One current share toward a rekey.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RekeyShareReq {
-    pub nonce: String,
-    pub share: zeroize::Zeroizing<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PageQuery {
-    pub limit: Option<u32>,
-    pub after: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SecretListQuery {
-    #[serde(default)]
-    pub prefix: String,
-    pub limit: Option<u32>,
-    pub after: Option<String>,
-}
-
-/// `GET /v1/health` options.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HealthQuery {
-    /// Answer 503 unless this server can serve (unsealed and caught up).
-    #[serde(default)]
-    pub ready: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VersionQuery {
-    pub version: Option<u32>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EncryptReq {
-    pub plaintext: String,
-    #[serde(default)]
-    pub context: Context,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DecryptReq {
-    pub ciphertext: String,
-    #[serde(default)]
-    pub context: Context,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReencryptReq {
-    pub ciphertext: String,
-    #[serde(default)]
-    pub context: Context,
-    pub destination_key: Option<String>,
-    #[serde(default)]
-    pub destination_context: Context,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DataKeyReq {
-    #[serde(default)]
-    pub context: Context,
-    pub bytes: Option<usize>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MessageReq {
-    pub message: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VerifyReq {
-    pub message: Option<String>,
-    /// SHA-256 of the message, instead of the message (ECDSA keys).
-    pub digest: Option<String>,
-    pub signature: String,
-}
-
-/// A message to sign, or its SHA-256 digest (ECDSA keys; for messages of any size).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SignReq {
-    pub message: Option<String>,
-    pub digest: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VerifyMacReq {
-    pub message: String,
-    pub mac: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RandomReq {
-    pub bytes: usize,
-}
-
-/// A randomized secret's definition.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RandomizedReq {
-    /// `password`, `api-key` or `bytes`.
-    pub kind: String,
-    /// Characters, or bytes for `bytes` (default 32).
-    pub length: Option<u16>,
-    /// Characters to draw from (password and api-key).
-    pub alphabet: Option<String>,
-    /// Rotation period, e.g. `24h`.
-    pub ttl: String,
-    /// How long the previous value is still returned after a rotation, e.g. `1h` (default 0s).
-    pub grace: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PutSecretReq {
-    pub data: BTreeMap<String, String>,
-    pub cas: Option<u32>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VersionsReq {
-    #[serde(default)]
-    pub versions: Vec<u32>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenCreateReq {
-    pub policies: Vec<String>,
-    pub ttl: Option<String>,
-    pub max_ttl: Option<String>,
-    pub max_uses: Option<u32>,
-    pub display_name: Option<String>,
-    #[serde(default)]
-    pub orphan: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AccessorReq {
-    pub accessor: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PolicyReq {
     #[serde(default)]
     pub description: String,
     #[serde(default)]
     pub identities: Vec<Vec<String>>,
     pub rules: Vec<keyward_core::policy::Rule>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DryRunReq {
-    pub accessor: Option<String>,
-    pub policies: Option<Vec<String>>,
-    pub selectors: Option<Vec<String>>,
-    pub operation: String,
-    pub resource: String,
 }
 
 #[derive(Serialize)]

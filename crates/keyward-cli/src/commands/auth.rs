@@ -3,27 +3,30 @@
 use super::*;
 
 pub(super) async fn kubernetes(cli: &Cli, k: &K8sCmd) -> anyhow::Result<ExitCode> {
-    use keyward_client::Method;
+    use keyward_client::api::{K8sConfigReq, K8sLoginReq, K8sRoleReq};
     let c = client(cli)?;
     let read = |p: &std::path::Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
     let v = match k {
         K8sCmd::Configure { issuer, audience, jwks_file, jwks_url, discovery, ca_file, leeway_secs } => {
-            let mut body = json!({"issuer": issuer, "audience": audience, "discovery": discovery});
+            let mut r = K8sConfigReq {
+                issuer: issuer.clone(),
+                audience: audience.clone(),
+                discovery: *discovery,
+                leeway_secs: *leeway_secs,
+                ..Default::default()
+            };
             match (jwks_file, jwks_url, discovery) {
-                (Some(f), None, false) => body["jwks"] = json!(read(f)?),
-                (None, Some(u), false) => body["jwks_url"] = json!(u),
+                (Some(f), None, false) => r.jwks = Some(read(f)?),
+                (None, Some(u), false) => r.jwks_url = Some(u.clone()),
                 (None, None, true) => {}
                 _ => bail!("give exactly one of --jwks-file, --jwks-url or --discovery"),
             }
             if let Some(f) = ca_file {
-                body["ca_pem"] = json!(read(f)?);
+                r.ca_pem = Some(read(f)?);
             }
-            if let Some(l) = leeway_secs {
-                body["leeway_secs"] = json!(l);
-            }
-            c.request(Method::PUT, "/v1/auth/kubernetes/config", Some(&body)).await?
+            c.k8s_configure(&r).await?
         }
-        K8sCmd::Show => c.request(Method::GET, "/v1/auth/kubernetes/config", None).await?,
+        K8sCmd::Show => c.k8s_config().await?,
         K8sCmd::Role(K8sRoleCmd::Put {
             name,
             namespaces,
@@ -33,28 +36,25 @@ pub(super) async fn kubernetes(cli: &Cli, k: &K8sCmd) -> anyhow::Result<ExitCode
             max_ttl,
             allow_unbound_tokens,
         }) => {
-            let body = json!({
-                "bound_namespaces": namespaces,
-                "bound_service_accounts": service_accounts,
-                "policies": policies,
-                "ttl": ttl,
-                "max_ttl": max_ttl,
-                "allow_unbound_tokens": allow_unbound_tokens,
-            });
-            c.request(Method::PUT, &format!("/v1/auth/kubernetes/roles/{name}"), Some(&body)).await?
+            let r = K8sRoleReq {
+                bound_namespaces: namespaces.clone(),
+                bound_service_accounts: service_accounts.clone(),
+                policies: policies.clone(),
+                ttl: Some(ttl.clone()),
+                max_ttl: max_ttl.clone(),
+                allow_unbound_tokens: *allow_unbound_tokens,
+            };
+            c.k8s_put_role(name, &r).await?
         }
-        K8sCmd::Role(K8sRoleCmd::List) => c.request(Method::GET, "/v1/auth/kubernetes/roles", None).await?,
-        K8sCmd::Role(K8sRoleCmd::Show { name }) => {
-            c.request(Method::GET, &format!("/v1/auth/kubernetes/roles/{name}"), None).await?
-        }
+        K8sCmd::Role(K8sRoleCmd::List) => c.k8s_roles().await?,
+        K8sCmd::Role(K8sRoleCmd::Show { name }) => c.k8s_role(name).await?,
         K8sCmd::Role(K8sRoleCmd::Delete { name }) => {
-            c.request(Method::DELETE, &format!("/v1/auth/kubernetes/roles/{name}"), None).await?;
+            c.k8s_delete_role(name).await?;
             json!({"deleted": name})
         }
         K8sCmd::Login { role, jwt_file } => {
             let jwt = zeroize::Zeroizing::new(read(jwt_file)?.trim().to_string());
-            let body = json!({"role": role, "jwt": &*jwt});
-            c.request(Method::POST, "/v1/auth/kubernetes/login", Some(&body)).await?
+            c.k8s_login(&K8sLoginReq { role: role.clone(), jwt }).await?
         }
     };
     print_value(cli.output, &v)?;
@@ -62,7 +62,6 @@ pub(super) async fn kubernetes(cli: &Cli, k: &K8sCmd) -> anyhow::Result<ExitCode
 }
 
 pub(super) async fn policy(cli: &Cli, p: &PolicyCmd) -> anyhow::Result<ExitCode> {
-    use keyward_client::Method;
     let c = client(cli)?;
     let v = match p {
         PolicyCmd::Put { name, file } => {
@@ -71,22 +70,26 @@ pub(super) async fn policy(cli: &Cli, p: &PolicyCmd) -> anyhow::Result<ExitCode>
             } else {
                 std::fs::read(file).with_context(|| format!("reading the policy file {}", file.display()))?
             };
-            let body: Value = serde_json::from_slice(&raw).context("the policy file must be JSON")?;
-            c.request(Method::PUT, &format!("/v1/policies/{name}"), Some(&body)).await?
+            let document: Value = serde_json::from_slice(&raw).context("the policy file must be JSON")?;
+            c.put_policy(name, &document).await?
         }
-        PolicyCmd::List => c.request(Method::GET, "/v1/policies", None).await?,
-        PolicyCmd::Show { name } => c.request(Method::GET, &format!("/v1/policies/{name}"), None).await?,
-        PolicyCmd::Delete { name } => c.request(Method::DELETE, &format!("/v1/policies/{name}"), None).await?,
+        PolicyCmd::List => c.policies().await?,
+        PolicyCmd::Show { name } => c.policy(name).await?,
+        PolicyCmd::Delete { name } => c.delete_policy(name).await?,
         PolicyCmd::Check { accessor, policies, selectors, operation, resource } => {
-            let mut body = json!({"operation": operation, "resource": resource});
+            let mut r = keyward_client::api::DryRunReq {
+                operation: operation.clone(),
+                resource: resource.clone(),
+                ..Default::default()
+            };
             match accessor {
-                Some(a) => body["accessor"] = json!(a),
+                Some(a) => r.accessor = Some(a.clone()),
                 None => {
-                    body["policies"] = json!(policies);
-                    body["selectors"] = json!(selectors);
+                    r.policies = Some(policies.clone());
+                    r.selectors = Some(selectors.clone());
                 }
             }
-            let v = c.request(Method::POST, "/v1/sys/authorize", Some(&body)).await?;
+            let v = c.authorize(&r).await?;
             let allowed = v["allowed"].as_bool().unwrap_or(false);
             match cli.output {
                 Output::Json => print_value(cli.output, &v)?,
@@ -101,21 +104,21 @@ pub(super) async fn policy(cli: &Cli, p: &PolicyCmd) -> anyhow::Result<ExitCode>
 }
 
 pub(super) async fn token(cli: &Cli, t: &TokenCmd) -> anyhow::Result<ExitCode> {
-    use keyward_client::Method;
     let c = client(cli)?;
     let v = match t {
         TokenCmd::Create { policies, ttl, max_ttl, max_uses, display_name, orphan } => {
-            c.request(
-                Method::POST,
-                "/v1/auth/token/create",
-                Some(
-                    &json!({"policies": policies, "ttl": ttl, "max_ttl": max_ttl, "max_uses": max_uses, "display_name": display_name, "orphan": orphan}),
-                ),
-            )
-            .await?
+            let r = keyward_client::api::TokenCreateReq {
+                policies: policies.clone(),
+                ttl: ttl.clone(),
+                max_ttl: max_ttl.clone(),
+                max_uses: *max_uses,
+                display_name: display_name.clone(),
+                orphan: *orphan,
+            };
+            c.create_token(&r).await?
         }
         TokenCmd::List => {
-            let v = c.request(Method::GET, "/v1/auth/token/accessors", None).await?;
+            let v = c.token_accessors().await?;
             if cli.output == Output::Table {
                 let cols = ["accessor", "display_name", "policies", "expires_at", "ttl", "uses", "max_uses", "parent"];
                 let rows: Vec<Value> = v["tokens"]
@@ -130,19 +133,11 @@ pub(super) async fn token(cli: &Cli, t: &TokenCmd) -> anyhow::Result<ExitCode> {
             }
             v
         }
-        TokenCmd::Lookup { accessor } => {
-            c.request(Method::POST, "/v1/auth/token/lookup", Some(&json!({"accessor": accessor}))).await?
-        }
-        TokenCmd::Renew { accessor: Some(a) } => {
-            c.request(Method::POST, "/v1/auth/token/renew", Some(&json!({"accessor": a}))).await?
-        }
-        TokenCmd::Renew { accessor: None } => c.request(Method::POST, "/v1/auth/token/renew-self", Some(&json!({}))).await?,
-        TokenCmd::Revoke { accessor: Some(a) } => {
-            c.request(Method::POST, "/v1/auth/token/revoke", Some(&json!({"accessor": a}))).await?
-        }
-        TokenCmd::Revoke { accessor: None } => {
-            c.request(Method::POST, "/v1/auth/token/revoke-self", Some(&json!({}))).await?
-        }
+        TokenCmd::Lookup { accessor } => c.lookup_token(accessor).await?,
+        TokenCmd::Renew { accessor: Some(a) } => c.renew_token(a).await?,
+        TokenCmd::Renew { accessor: None } => c.renew_self().await?,
+        TokenCmd::Revoke { accessor: Some(a) } => c.revoke_token(a).await?,
+        TokenCmd::Revoke { accessor: None } => c.revoke_self().await?,
     };
     print_value(cli.output, &v)?;
     Ok(ExitCode::SUCCESS)

@@ -2,6 +2,7 @@
 //! or digests above the message limit), MACs, random bytes.
 
 use super::*;
+use keyward_client::api::{MessageReq, SignReq, VerifyMacReq, VerifyReq};
 
 /// The largest message the server signs as such; larger input is signed by its digest.
 pub(super) const MAX_SIGNED_MESSAGE: usize = 64 * 1024;
@@ -31,10 +32,6 @@ pub(super) fn read_signable(digest: bool) -> anyhow::Result<Signable> {
         h.update(&buf[..n]);
     }
     Ok(Signable::Digest(h.finish()))
-}
-
-pub(super) fn reqwest_post() -> keyward_client::Method {
-    keyward_client::Method::POST
 }
 
 /// The cryptographic commands: encrypt, decrypt, reencrypt, generate-data-key, sign, verify,
@@ -109,13 +106,11 @@ pub(super) async fn crypto(cli: &Cli, c: &Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Sign { key, digest, signature_file } => {
-            let body = match read_signable(*digest)? {
-                Signable::Message(m) => json!({"message": STANDARD.encode(&m)}),
-                Signable::Digest(d) => json!({"digest": STANDARD.encode(d)}),
+            let r = match read_signable(*digest)? {
+                Signable::Message(m) => SignReq { message: Some(STANDARD.encode(&m)), digest: None },
+                Signable::Digest(d) => SignReq { message: None, digest: Some(STANDARD.encode(d)) },
             };
-            let v = client(cli)?
-                .request(reqwest_post(), &format!("/v1/keys/{}/sign", keyward_client::key_segment(key)), Some(&body))
-                .await?;
+            let v = client(cli)?.sign(key, &r).await?;
             match signature_file {
                 Some(f) => {
                     let sig =
@@ -138,40 +133,26 @@ pub(super) async fn crypto(cli: &Cli, c: &Command) -> anyhow::Result<ExitCode> {
                     .to_string(),
                 (None, None) => bail!("give --signature or --signature-file"),
             };
-            let mut body = match read_signable(*digest)? {
-                Signable::Message(m) => json!({"message": STANDARD.encode(&m)}),
-                Signable::Digest(d) => json!({"digest": STANDARD.encode(d)}),
+            let r = match read_signable(*digest)? {
+                Signable::Message(m) => VerifyReq { message: Some(STANDARD.encode(&m)), digest: None, signature },
+                Signable::Digest(d) => VerifyReq { message: None, digest: Some(STANDARD.encode(d)), signature },
             };
-            body["signature"] = json!(signature);
-            let v = client(cli)?
-                .request(reqwest_post(), &format!("/v1/keys/{}/verify", keyward_client::key_segment(key)), Some(&body))
-                .await?;
+            let v = client(cli)?.verify(key, &r).await?;
             validity(cli.output, &v)
         }
         Command::Mac { key } => {
             let msg = read_stdin()?;
-            let v = client(cli)?
-                .request(
-                    reqwest_post(),
-                    &format!("/v1/keys/{}/mac", keyward_client::key_segment(key)),
-                    Some(&json!({"message": STANDARD.encode(&msg)})),
-                )
-                .await?;
+            let v = client(cli)?.mac(key, &MessageReq { message: STANDARD.encode(&msg) }).await?;
             single_or_value(cli.output, &v, "mac")
         }
         Command::VerifyMac { key, mac } => {
             let msg = read_stdin()?;
-            let v = client(cli)?
-                .request(
-                    reqwest_post(),
-                    &format!("/v1/keys/{}/verify-mac", keyward_client::key_segment(key)),
-                    Some(&json!({"message": STANDARD.encode(&msg), "mac": mac.trim()})),
-                )
-                .await?;
+            let r = VerifyMacReq { message: STANDARD.encode(&msg), mac: mac.trim().to_string() };
+            let v = client(cli)?.verify_mac(key, &r).await?;
             validity(cli.output, &v)
         }
         Command::Random { bytes, encoding } => {
-            let v = client(cli)?.request(reqwest_post(), "/v1/random", Some(&json!({"bytes": bytes}))).await?;
+            let v = client(cli)?.random(*bytes).await?;
             let raw = STANDARD.decode(v["bytes"].as_str().unwrap_or_default()).map_err(|_| anyhow!("bad response"))?;
             match encoding {
                 Encoding::Base64 => outln!("{}", STANDARD.encode(&raw)),

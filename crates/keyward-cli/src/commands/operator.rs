@@ -52,13 +52,10 @@ pub(super) async fn operator(cli: &Cli, o: &OperatorCmd) -> anyhow::Result<ExitC
         return Ok(ExitCode::SUCCESS);
     }
     let c = client(cli)?;
-    use keyward_client::Method;
-    const GET: Method = Method::GET;
-    const POST: Method = Method::POST;
-    const DELETE: Method = Method::DELETE;
+    use keyward_client::api::{InitReq, RekeyShareReq, ShareReq};
     match o {
         OperatorCmd::Init { shares, threshold } => {
-            let v = c.request(POST, "/v1/sys/init", Some(&json!({"shares": shares, "threshold": threshold}))).await?;
+            let v = c.init(&InitReq { shares: Some(*shares), threshold: Some(*threshold) }).await?;
             print_shares(cli.output, &v, v["root_token"].as_str(), v["sealed"] == false)?;
             if v["sealed"] == false {
                 eprintln!(
@@ -74,7 +71,7 @@ pub(super) async fn operator(cli: &Cli, o: &OperatorCmd) -> anyhow::Result<ExitC
         }
         OperatorCmd::Unseal { migrate } => {
             let share = read_share("Unseal share: ")?;
-            let v = c.request(POST, "/v1/sys/unseal", Some(&json!({"share": &*share, "migrate": migrate}))).await?;
+            let v = c.unseal(&ShareReq { share, migrate: *migrate }).await?;
             if cli.output == Output::Json {
                 print_value(cli.output, &v)?;
             } else if v["complete"] == true && *migrate {
@@ -86,27 +83,25 @@ pub(super) async fn operator(cli: &Cli, o: &OperatorCmd) -> anyhow::Result<ExitC
             }
         }
         OperatorCmd::Seal => {
-            c.request(POST, "/v1/sys/seal", Some(&json!({}))).await?;
+            c.seal().await?;
             outln!("Sealed.");
         }
         OperatorCmd::Rekey { shares, threshold, cancel } => {
             if *cancel {
-                print_value(cli.output, &c.request(DELETE, "/v1/sys/rekey", None).await?)?;
+                print_value(cli.output, &c.rekey_cancel().await?)?;
                 return Ok(ExitCode::SUCCESS);
             }
-            let st = c.request(GET, "/v1/sys/rekey", None).await?;
+            let st = c.rekey_status().await?;
             let nonce = match st["nonce"].as_str() {
                 Some(n) => n.to_string(),
                 None => {
-                    let v = c
-                        .request(POST, "/v1/sys/rekey", Some(&json!({"shares": shares, "threshold": threshold})))
-                        .await?;
+                    let v = c.rekey_start(&InitReq { shares: Some(*shares), threshold: Some(*threshold) }).await?;
                     eprintln!("Started a rekey to {shares} shares with threshold {threshold}.");
                     v["nonce"].as_str().ok_or_else(|| anyhow!("the server returned no rekey nonce"))?.to_string()
                 }
             };
             let share = read_share("Current unseal share: ")?;
-            let v = c.request(POST, "/v1/sys/rekey/update", Some(&json!({"nonce": nonce, "share": &*share}))).await?;
+            let v = c.rekey_update(&RekeyShareReq { nonce, share }).await?;
             if v["shares"].is_array() {
                 let hsm = c.health().await.ok().is_some_and(|h| h["hsm_key"].is_string());
                 print_shares(cli.output, &v, None, hsm)?;
@@ -145,7 +140,7 @@ pub(super) async fn operator(cli: &Cli, o: &OperatorCmd) -> anyhow::Result<ExitC
         }
         OperatorCmd::Snapshot(SnapshotCmd::Restore { .. }) => unreachable_restore()?,
         OperatorCmd::RotateRoot => {
-            print_value(cli.output, &c.request(POST, "/v1/sys/rotate-root", Some(&json!({}))).await?)?;
+            print_value(cli.output, &c.rotate_root().await?)?;
         }
     }
     Ok(ExitCode::SUCCESS)
