@@ -298,3 +298,26 @@ pub struct DryRunReq {
     pub operation: String,
     pub resource: String,
 }
+
+/// `PATCH /v1/keys/{name}`: what can change in place.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateKeyReq {
+    pub description: String,
+}
+
+/// `PUT /v1/aliases/{name}`: the key the alias names.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AliasReq {
+    pub key: String,
+}
+
+/// `POST /v1/auth/agent/join-token`: a one-time token for a node's agent.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinTokenReq {
+    pub node: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+}

@@ -3,13 +3,26 @@
 //! the answers get types of their own.
 
 use keyward_api::{
-    AccessorReq, DryRunReq, Empty, InitReq, K8sConfigReq, K8sLoginReq, K8sRoleReq, MessageReq, RandomReq,
-    RekeyShareReq, ShareReq, SignReq, TokenCreateReq, VerifyMacReq, VerifyReq,
+    AccessorReq, AliasReq, DryRunReq, Empty, InitReq, JoinTokenReq, K8sConfigReq, K8sLoginReq, K8sRoleReq, MessageReq,
+    RandomReq, RandomizedReq, RekeyShareReq, RotationPolicyReq, ShareReq, SignReq, TokenCreateReq, UpdateKeyReq,
+    VerifyMacReq, VerifyReq, VersionsReq,
 };
 use reqwest::Method;
 use serde_json::Value;
 
-use crate::{Client, Error, key_segment, seg};
+use crate::{Client, Error, check_path, key_segment, seg};
+
+/// A query string from the pairs that are set, percent-encoded (`?a=1&b=x`, or nothing).
+fn query(pairs: &[(&str, Option<String>)]) -> String {
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in pairs {
+        if let Some(v) = v {
+            q.append_pair(k, v);
+        }
+    }
+    let q = q.finish();
+    if q.is_empty() { q } else { format!("?{q}") }
+}
 
 impl Client {
     /// `PUT /v1/auth/kubernetes/config`.
@@ -170,5 +183,108 @@ impl Client {
     /// `POST /v1/random`.
     pub async fn random(&self, bytes: usize) -> Result<Value, Error> {
         self.call(Method::POST, "/v1/random", Some(&RandomReq { bytes })).await
+    }
+
+    /// `GET /v1/keys`: one page of keys by name, after `after`.
+    pub async fn list_keys(&self, limit: Option<u32>, after: Option<&str>) -> Result<Value, Error> {
+        let q = query(&[("limit", limit.map(|l| l.to_string())), ("after", after.map(str::to_string))]);
+        self.request(Method::GET, &format!("/v1/keys{q}"), None).await
+    }
+
+    /// `PATCH /v1/keys/{name}`.
+    pub async fn update_key(&self, name: &str, r: &UpdateKeyReq) -> Result<Value, Error> {
+        self.call(Method::PATCH, &format!("/v1/keys/{}", key_segment(name)), Some(r)).await
+    }
+
+    /// `PUT /v1/keys/{name}/rotation-policy` (`rotate_every: None` turns rotation off).
+    pub async fn set_rotation(&self, name: &str, r: &RotationPolicyReq) -> Result<Value, Error> {
+        self.call(Method::PUT, &format!("/v1/keys/{}/rotation-policy", key_segment(name)), Some(r)).await
+    }
+
+    /// `GET /v1/aliases`.
+    pub async fn aliases(&self) -> Result<Value, Error> {
+        self.request(Method::GET, "/v1/aliases", None).await
+    }
+
+    /// `PUT /v1/aliases/{name}`: point `alias/NAME` (give NAME) at a key.
+    pub async fn set_alias(&self, name: &str, r: &AliasReq) -> Result<Value, Error> {
+        self.call(Method::PUT, &format!("/v1/aliases/{}", key_segment(name)), Some(r)).await
+    }
+
+    /// `DELETE /v1/aliases/{name}` (give NAME of `alias/NAME`).
+    pub async fn delete_alias(&self, name: &str) -> Result<Value, Error> {
+        self.request(Method::DELETE, &format!("/v1/aliases/{}", key_segment(name)), None).await
+    }
+
+    /// `POST /v1/auth/agent/join-token`: a one-time token for a node's agent.
+    pub async fn join_token(&self, r: &JoinTokenReq) -> Result<Value, Error> {
+        self.call(Method::POST, "/v1/auth/agent/join-token", Some(r)).await
+    }
+
+    /// `GET /v1/agents`: each node's agent tokens and unspent join tokens.
+    pub async fn agents(&self) -> Result<Value, Error> {
+        self.request(Method::GET, "/v1/agents", None).await
+    }
+
+    /// `POST /v1/agents/{node}/revoke`.
+    pub async fn revoke_node(&self, node: &str) -> Result<Value, Error> {
+        self.call(Method::POST, &format!("/v1/agents/{}/revoke", key_segment(node)), Some(&Empty {})).await
+    }
+
+    /// `GET /v1/sys/audit`: the audit log's head and chain key.
+    pub async fn audit_info(&self) -> Result<Value, Error> {
+        self.request(Method::GET, "/v1/sys/audit", None).await
+    }
+
+    /// `GET /v1/auth/whoami`.
+    pub async fn whoami(&self) -> Result<Value, Error> {
+        self.request(Method::GET, "/v1/auth/whoami", None).await
+    }
+
+    /// `GET /v1/secrets/data/{path}` as the server answers it (all fields, as JSON).
+    pub async fn read_secret(&self, path: &str, version: Option<u32>) -> Result<Value, Error> {
+        check_path(path)?;
+        let q = query(&[("version", version.map(|v| v.to_string()))]);
+        self.request(Method::GET, &format!("/v1/secrets/data/{}{q}", seg(path)), None).await
+    }
+
+    /// `GET /v1/secrets`: paths under `prefix`, one page.
+    pub async fn list_secrets(&self, prefix: &str, limit: Option<u32>, after: Option<&str>) -> Result<Value, Error> {
+        let q = query(&[
+            ("prefix", Some(prefix.to_string())),
+            ("limit", limit.map(|l| l.to_string())),
+            ("after", after.map(str::to_string)),
+        ]);
+        self.request(Method::GET, &format!("/v1/secrets{q}"), None).await
+    }
+
+    /// `GET /v1/secrets/metadata/{path}`: the versions of a secret.
+    pub async fn secret_metadata(&self, path: &str) -> Result<Value, Error> {
+        check_path(path)?;
+        self.request(Method::GET, &format!("/v1/secrets/metadata/{}", seg(path)), None).await
+    }
+
+    /// `POST /v1/secrets/{delete|undelete|destroy}/{path}` for `versions`.
+    pub async fn secret_versions_action(&self, action: &str, path: &str, r: &VersionsReq) -> Result<Value, Error> {
+        check_path(path)?;
+        if !matches!(action, "delete" | "undelete" | "destroy") {
+            return Err(Error::InvalidArgument(format!("no secret action {action:?}: delete, undelete or destroy")));
+        }
+        self.call(Method::POST, &format!("/v1/secrets/{action}/{}", seg(path)), Some(r)).await
+    }
+
+    /// `PUT /v1/randomized/{name}`: define a randomized secret.
+    pub async fn define_randomized(&self, name: &str, r: &RandomizedReq) -> Result<Value, Error> {
+        self.call(Method::PUT, &format!("/v1/randomized/{}", key_segment(name)), Some(r)).await
+    }
+
+    /// `GET /v1/randomized/{name}/definition`.
+    pub async fn randomized_definition(&self, name: &str) -> Result<Value, Error> {
+        self.request(Method::GET, &format!("/v1/randomized/{}/definition", key_segment(name)), None).await
+    }
+
+    /// `GET /v1/randomized/{name}`: this caller's value.
+    pub async fn randomized(&self, name: &str) -> Result<Value, Error> {
+        self.request(Method::GET, &format!("/v1/randomized/{}", key_segment(name)), None).await
     }
 }

@@ -162,9 +162,7 @@ pub(super) async fn start_dev_agent(
 ) -> anyhow::Result<DevAgent> {
     let url = format!("http://{addr}");
     let admin = Client::builder(url.clone()).token(root).build()?;
-    let v = admin
-        .request(keyward_client::Method::POST, "/v1/auth/agent/join-token", Some(&json!({"node": "dev", "ttl": "1m"})))
-        .await?;
+    let v = admin.join_token(&keyward_client::api::JoinTokenReq { node: "dev".into(), ttl: Some("1m".into()) }).await?;
     let jt = v["join_token"].as_str().ok_or_else(|| anyhow!("no join token in the answer"))?;
     let cfg = keyward_agent::upstream::UpstreamConfig {
         addr: url,

@@ -9,15 +9,7 @@ pub(super) async fn key(cli: &Cli, k: &KeyCmd) -> anyhow::Result<ExitCode> {
             c.create_key(name, key_type, description, rotate_every.as_deref()).await?
         }
         KeyCmd::List { limit, after } => {
-            let mut q = Vec::new();
-            if let Some(l) = limit {
-                q.push(format!("limit={l}"));
-            }
-            if let Some(a) = after {
-                q.push(format!("after={a}"));
-            }
-            let path = if q.is_empty() { "/v1/keys".to_string() } else { format!("/v1/keys?{}", q.join("&")) };
-            let v = c.request(keyward_client::Method::GET, &path, None).await?;
+            let v = c.list_keys(*limit, after.as_deref()).await?;
             if cli.output == Output::Table {
                 let cols = ["name", "type", "state", "current_version", "rotate_every", "created_at"];
                 let rows: Vec<Value> = v["keys"]
@@ -46,35 +38,18 @@ pub(super) async fn key(cli: &Cli, k: &KeyCmd) -> anyhow::Result<ExitCode> {
         }
         KeyCmd::Delete { name, pending_days } => c.schedule_deletion(name, *pending_days).await?,
         KeyCmd::Update { name, description } => {
-            c.request(
-                keyward_client::Method::PATCH,
-                &format!("/v1/keys/{}", keyward_client::key_segment(name)),
-                Some(&json!({"description": description})),
-            )
-            .await?
+            c.update_key(name, &keyward_client::api::UpdateKeyReq { description: description.clone() }).await?
         }
-        KeyCmd::Alias(AliasCmd::List) => c.request(keyward_client::Method::GET, "/v1/aliases", None).await?,
+        KeyCmd::Alias(AliasCmd::List) => c.aliases().await?,
         KeyCmd::Alias(AliasCmd::Set { alias, key }) => {
-            c.request(
-                keyward_client::Method::PUT,
-                &format!("/v1/aliases/{}", alias_segment(alias)?),
-                Some(&json!({"key": key})),
-            )
-            .await?
+            c.set_alias(alias_name(alias)?, &keyward_client::api::AliasReq { key: key.clone() }).await?
         }
-        KeyCmd::Alias(AliasCmd::Delete { alias }) => {
-            c.request(keyward_client::Method::DELETE, &format!("/v1/aliases/{}", alias_segment(alias)?), None).await?
-        }
+        KeyCmd::Alias(AliasCmd::Delete { alias }) => c.delete_alias(alias_name(alias)?).await?,
         KeyCmd::RotationPolicy { name, rotate_every, off } => {
             if rotate_every.is_none() && !off {
                 bail!("give --rotate-every PERIOD or --off");
             }
-            c.request(
-                keyward_client::Method::PUT,
-                &format!("/v1/keys/{}/rotation-policy", keyward_client::key_segment(name)),
-                Some(&json!({"rotate_every": rotate_every})),
-            )
-            .await?
+            c.set_rotation(name, &keyward_client::api::RotationPolicyReq { rotate_every: rotate_every.clone() }).await?
         }
     };
     print_value(cli.output, &v)?;
@@ -82,9 +57,10 @@ pub(super) async fn key(cli: &Cli, k: &KeyCmd) -> anyhow::Result<ExitCode> {
 }
 
 /// `alias/NAME` as the last segment of `/v1/aliases/NAME`.
-pub(super) fn alias_segment(alias: &str) -> anyhow::Result<String> {
+/// NAME of `alias/NAME`.
+pub(super) fn alias_name(alias: &str) -> anyhow::Result<&str> {
     match alias.strip_prefix("alias/") {
-        Some(n) if !n.is_empty() && !n.contains('/') => Ok(keyward_client::key_segment(n)),
+        Some(n) if !n.is_empty() && !n.contains('/') => Ok(n),
         _ => bail!("an alias is written alias/NAME (e.g. alias/payments-current), not {alias:?}"),
     }
 }

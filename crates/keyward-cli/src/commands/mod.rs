@@ -124,25 +124,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await?)
         }
         Command::Node(NodeCmd::JoinToken { node, ttl }) => {
-            let v = client(&cli)?
-                .request(
-                    keyward_client::Method::POST,
-                    "/v1/auth/agent/join-token",
-                    Some(&json!({"node": node, "ttl": ttl})),
-                )
-                .await?;
+            let r = keyward_client::api::JoinTokenReq { node: node.clone(), ttl: ttl.clone() };
+            let v = client(&cli)?.join_token(&r).await?;
             print_value(cli.output, &v)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Node(NodeCmd::List) => {
-            let v = client(&cli)?.request(keyward_client::Method::GET, "/v1/agents", None).await?;
+            let v = client(&cli)?.agents().await?;
             print_value(cli.output, &v)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Node(NodeCmd::Revoke { node }) => {
-            let v = client(&cli)?
-                .request(keyward_client::Method::POST, &format!("/v1/agents/{node}/revoke"), Some(&json!({})))
-                .await?;
+            let v = client(&cli)?.revoke_node(node).await?;
             print_value(cli.output, &v)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -195,7 +188,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             audit_verify(&cli, files, key_file.as_deref(), local_store.as_deref()).await
         }
         Command::Audit(AuditCmd::Info) => {
-            let mut v = client(&cli)?.request(keyward_client::Method::GET, "/v1/sys/audit", None).await?;
+            let mut v = client(&cli)?.audit_info().await?;
             // The chain key is for `audit verify`; it is not printed.
             if let Some(o) = v.as_object_mut() {
                 o.remove("key");
@@ -207,7 +200,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Randomized(r) => randomized(&cli, r).await,
         Command::Token(t) => token(&cli, t).await,
         Command::Auth(AuthCmd::Whoami) => {
-            let v = client(&cli)?.request(keyward_client::Method::GET, "/v1/auth/whoami", None).await?;
+            let v = client(&cli)?.whoami().await?;
             print_value(cli.output, &v)?;
             Ok(ExitCode::SUCCESS)
         }

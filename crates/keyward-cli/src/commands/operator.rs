@@ -179,7 +179,7 @@ pub(super) async fn audit_verify(
                 (key, None, beside)
             }
             None => {
-                let v = client(cli)?.request(keyward_client::Method::GET, "/v1/sys/audit", None).await?;
+                let v = client(cli)?.audit_info().await?;
                 if v["enabled"] != json!(true) {
                     bail!("the server runs without an audit log");
                 }

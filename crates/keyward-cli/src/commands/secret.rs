@@ -15,7 +15,7 @@ pub(super) fn field_value(v: &str) -> anyhow::Result<String> {
 
 pub(super) async fn secret(cli: &Cli, s: &SecretCmd) -> anyhow::Result<ExitCode> {
     let c = client(cli)?;
-    let path_of = |p: &str| format!("/v1/secrets/{p}");
+    let of = |versions: &[u32]| keyward_client::api::VersionsReq { versions: versions.to_vec() };
     let v = match s {
         SecretCmd::Put { path, fields, from_file, cas } => {
             let data: BTreeMap<String, String> = match from_file {
@@ -42,10 +42,7 @@ pub(super) async fn secret(cli: &Cli, s: &SecretCmd) -> anyhow::Result<ExitCode>
             json!({"path": path, "version": version})
         }
         SecretCmd::Get { path, version, field } => {
-            let q = version.map(|v| format!("?version={v}")).unwrap_or_default();
-            let v = c
-                .request(keyward_client::Method::GET, &format!("{}{q}", path_of(&format!("data/{path}"))), None)
-                .await?;
+            let v = c.read_secret(path, *version).await?;
             if let Some(f) = field {
                 let val = v["data"][f].as_str().ok_or_else(|| anyhow!("secret {path} has no field {f:?}"))?;
                 match cli.output {
@@ -57,15 +54,7 @@ pub(super) async fn secret(cli: &Cli, s: &SecretCmd) -> anyhow::Result<ExitCode>
             v
         }
         SecretCmd::List { prefix, limit, after } => {
-            let mut q = form_urlencoded::Serializer::new(String::new());
-            q.append_pair("prefix", prefix);
-            if let Some(l) = limit {
-                q.append_pair("limit", &l.to_string());
-            }
-            if let Some(a) = after {
-                q.append_pair("after", a);
-            }
-            let v = c.request(keyward_client::Method::GET, &format!("/v1/secrets?{}", q.finish()), None).await?;
+            let v = c.list_secrets(prefix, *limit, after.as_deref()).await?;
             if cli.output == Output::Table {
                 for p in v["paths"].as_array().map(Vec::as_slice).unwrap_or_default() {
                     outln!("{}", p.as_str().unwrap_or_default());
@@ -74,33 +63,10 @@ pub(super) async fn secret(cli: &Cli, s: &SecretCmd) -> anyhow::Result<ExitCode>
             }
             v
         }
-        SecretCmd::Versions { path } => {
-            c.request(keyward_client::Method::GET, &path_of(&format!("metadata/{path}")), None).await?
-        }
-        SecretCmd::Delete { path, versions } => {
-            c.request(
-                keyward_client::Method::POST,
-                &path_of(&format!("delete/{path}")),
-                Some(&json!({"versions": versions})),
-            )
-            .await?
-        }
-        SecretCmd::Undelete { path, versions } => {
-            c.request(
-                keyward_client::Method::POST,
-                &path_of(&format!("undelete/{path}")),
-                Some(&json!({"versions": versions})),
-            )
-            .await?
-        }
-        SecretCmd::Destroy { path, versions } => {
-            c.request(
-                keyward_client::Method::POST,
-                &path_of(&format!("destroy/{path}")),
-                Some(&json!({"versions": versions})),
-            )
-            .await?
-        }
+        SecretCmd::Versions { path } => c.secret_metadata(path).await?,
+        SecretCmd::Delete { path, versions } => c.secret_versions_action("delete", path, &of(versions)).await?,
+        SecretCmd::Undelete { path, versions } => c.secret_versions_action("undelete", path, &of(versions)).await?,
+        SecretCmd::Destroy { path, versions } => c.secret_versions_action("destroy", path, &of(versions)).await?,
     };
     print_value(cli.output, &v)?;
     Ok(ExitCode::SUCCESS)
@@ -108,22 +74,24 @@ pub(super) async fn secret(cli: &Cli, s: &SecretCmd) -> anyhow::Result<ExitCode>
 
 pub(super) async fn randomized(cli: &Cli, r: &RandomizedCmd) -> anyhow::Result<ExitCode> {
     let c = client(cli)?;
-    let seg = |n: &str| n.replace('/', "%2F");
     match r {
         RandomizedCmd::Define { name, kind, length, alphabet, ttl, grace } => {
-            let body = json!({"kind": kind, "length": length, "alphabet": alphabet, "ttl": ttl, "grace": grace});
-            let v =
-                c.request(keyward_client::Method::PUT, &format!("/v1/randomized/{}", seg(name)), Some(&body)).await?;
+            let r = keyward_client::api::RandomizedReq {
+                kind: kind.clone(),
+                length: *length,
+                alphabet: alphabet.clone(),
+                ttl: ttl.clone(),
+                grace: grace.clone(),
+            };
+            let v = c.define_randomized(name, &r).await?;
             print_value(cli.output, &v)?;
         }
         RandomizedCmd::Show { name } => {
-            let v = c
-                .request(keyward_client::Method::GET, &format!("/v1/randomized/{}/definition", seg(name)), None)
-                .await?;
+            let v = c.randomized_definition(name).await?;
             print_value(cli.output, &v)?;
         }
         RandomizedCmd::Get { name, value_only } => {
-            let v = c.request(keyward_client::Method::GET, &format!("/v1/randomized/{}", seg(name)), None).await?;
+            let v = c.randomized(name).await?;
             if *value_only {
                 let value = v["value"].as_str().ok_or_else(|| anyhow!("the server answered without a value"))?;
                 write_out(format!("{value}\n").as_bytes())?;

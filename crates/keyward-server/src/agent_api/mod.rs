@@ -32,7 +32,7 @@ use crate::api::AppState;
 use crate::audit::AuditCtx;
 use crate::error::ApiError;
 use crate::extract::{Caller, MAX_BODY, RequestId, StrictJson};
-use crate::wire::{b64, parse_period, time, unb64};
+use crate::wire::{JoinTokenReq, b64, parse_period, time, unb64};
 
 mod release;
 
@@ -113,13 +113,6 @@ fn agent_node(c: &Caller) -> Result<String, ApiError> {
             "only a joined node agent can do this (see `keyward agent join-token`)",
         )),
     }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct JoinTokenReq {
-    node: String,
-    ttl: Option<String>,
 }
 
 pub(crate) async fn join_token(

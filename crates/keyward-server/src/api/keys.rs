@@ -40,12 +40,6 @@ pub(super) async fn describe_key(State(st): State<AppState>, c: Caller, KeyName(
     ok(serde_json::to_value(KeyOut::from_description(&st.kms()?.describe_key(&name).await?)).unwrap_or_default())
 }
 
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct UpdateKeyReq {
-    description: String,
-}
-
 /// `PATCH /v1/keys/{name}`: change what can change in place (the description).
 pub(super) async fn update_key(
     State(st): State<AppState>,
@@ -62,12 +56,6 @@ pub(super) async fn list_aliases(State(st): State<AppState>, c: Caller) -> ApiRe
     let aliases: Vec<Value> =
         st.kms()?.aliases().await?.into_iter().map(|(a, k)| json!({"alias": a, "key": k})).collect();
     ok(json!({"aliases": aliases}))
-}
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct AliasReq {
-    key: String,
 }
 
 /// `PUT /v1/aliases/{name}`: point `alias/NAME` at a key (`admin` on that key, and on the key
