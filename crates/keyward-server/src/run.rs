@@ -250,21 +250,7 @@ impl Running {
 
 /// Validate the configuration, open everything and start serving.
 pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
-    if cfg.dev {
-        if !cfg.listen.ip().is_loopback() {
-            return Err(StartError::Config(format!(
-                "dev mode serves plain HTTP and may only listen on a loopback address, not {}; use 127.0.0.1",
-                cfg.listen
-            )));
-        }
-    } else {
-        if cfg.tls.is_none() {
-            return Err(StartError::Config(
-                "keyward server serves HTTPS only: pass --tls-cert and --tls-key (plain HTTP exists only in `keyward dev`)"
-                    .into(),
-            ));
-        }
-    }
+    check_mode(&cfg)?;
     let (tls_config, tls_cert) = match cfg.tls.as_ref().map(reloading_server_config).transpose()? {
         Some((c, r)) => (Some(c), Some(r)),
         None => (None, None),
@@ -279,28 +265,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         _ => io(format!("binding {}", cfg.listen))(e),
     })?;
     let addr = listener.local_addr().map_err(io("reading bound address"))?;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&cfg.data_dir)
-        .map_err(io(format!("creating data directory {}", cfg.data_dir.display())))?;
-    // The data directory holds the database (and in dev mode the root key and root token): one
-    // that someone else owns, or may write, could hand this server their key or take its token.
-    {
-        use std::os::unix::fs::MetadataExt;
-        let md = std::fs::metadata(&cfg.data_dir).map_err(io(format!("reading {}", cfg.data_dir.display())))?;
-        let me = rustix::process::geteuid().as_raw();
-        if md.uid() != me || md.mode() & 0o022 != 0 {
-            return Err(StartError::Config(format!(
-                "the data directory {} belongs to uid {} with mode {:o}: it must be this user's (uid {me}) and writable \
-                 by nobody else; use a directory of your own",
-                cfg.data_dir.display(),
-                md.uid(),
-                md.mode() & 0o7777
-            )));
-        }
-    }
-
+    own_data_dir(&cfg.data_dir)?;
     if tls_config.is_none() {
         tracing::warn!("plain HTTP on loopback (dev mode)");
     }
@@ -310,104 +275,21 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
     };
     tracing::info!(backend = store.backend_name(), "storage ready");
     let member = Arc::new(Member::new());
-    let audit = if cfg.audit.insecure_disable {
-        tracing::warn!("AUDIT DISABLED (--insecure-no-audit): requests leave no record");
-        None
-    } else {
-        let file = cfg.audit.file.clone().unwrap_or_else(|| cfg.data_dir.join("audit.log"));
-        Some(AuditConfig {
-            file,
-            stdout: cfg.audit.stdout,
-            max_file_bytes: cfg.audit.max_file_bytes,
-            server: store.is_shared().then(|| member.id.clone()),
-        })
-    };
-    let kind = match (&cfg.pkcs11, cfg.dev || cfg.insecure_file_seal) {
-        (Some(_), true) => {
-            return Err(StartError::Config(
-                "the PKCS#11 seal cannot be combined with dev mode or --insecure-file-seal".into(),
-            ));
-        }
-        (Some(_), false) => SealKind::Pkcs11,
-        (None, true) => SealKind::InsecureFile,
-        (None, false) => SealKind::Shamir,
-    };
+    let kind = seal_kind(&cfg)?;
     let mut metrics = crate::metrics::ServerMetrics::new();
     let store = crate::metrics::Metered::wrap(store, metrics.store.clone());
-    let sealing = match &cfg.pkcs11 {
-        Some(p) => {
-            let p = p.clone();
-            let hsm = tokio::task::spawn_blocking(move || keyward_hsm::Pkcs11Seal::open(&p))
-                .await
-                .map_err(|e| StartError::Config(format!("opening the PKCS#11 library: {e}")))?
-                .map_err(SealError::from)?;
-            tracing::info!(hsm = ?hsm, "PKCS#11 seal ready (logged in)");
-            Arc::new(Sealing::with_hsm(store.clone(), Arc::new(hsm), audit))
-        }
-        None => Arc::new(Sealing::new(store.clone(), kind, audit)),
-    };
+    let sealing = open_sealing(&cfg, kind, store.clone(), audit_config(&cfg, &*store, &member)).await?;
     let k8s = Arc::new(crate::k8s_auth::K8sAuth::new(store));
-    let new_root_token = match kind {
-        SealKind::InsecureFile => {
-            let path = cfg.data_dir.join("root-key.insecure");
-            tracing::warn!(
-                seal = kind.as_str(),
-                "INSECURE SEAL: the unseal key is stored UNENCRYPTED in {}; anyone who can read it has every key",
-                path.display()
-            );
-            sealing.open_with_file_seal(&InsecureFileSeal::new(path)).await?
-        }
-        SealKind::Pkcs11 => {
-            auto_unseal_at_start(&sealing).await;
-            None
-        }
-        SealKind::Shamir => {
-            let st = sealing.status().await?;
-            if st.migration_required {
-                tracing::warn!(
-                    "the keyring is sealed with {}: run `keyward operator unseal --migrate` with {} shares to move it \
-                     to the Shamir seal",
-                    st.stored_seal.unwrap_or("?"),
-                    st.threshold
-                );
-            } else if st.initialized {
-                tracing::warn!(
-                    threshold = st.threshold,
-                    "sealed: run `keyward operator unseal` with {} shares",
-                    st.threshold
-                );
-            } else {
-                tracing::warn!("not initialised: run `keyward operator init` once");
-            }
-            None
-        }
-    };
-
+    let new_root_token = unseal_at_start(&cfg, kind, &sealing).await?;
     let token_file = cfg.data_dir.join("root-token");
     if let (true, Some(t)) = (cfg.dev, &new_root_token) {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&token_file)
-            .map_err(io(format!("writing {}", token_file.display())))?;
-        f.write_all(t.expose()).map_err(io("writing root token"))?;
-        f.sync_all().map_err(io("writing root token"))?;
+        write_root_token(&token_file, t)?;
     }
 
     metrics.watch(sealing.clone());
     let metrics = Arc::new(metrics);
     let metrics_addr = match cfg.metrics_listen {
-        Some(a) => {
-            let l = tokio::net::TcpListener::bind(a).await.map_err(io(format!("binding the metrics address {a}")))?;
-            let bound = l.local_addr().map_err(io("reading the metrics address"))?;
-            let m = metrics.clone();
-            tokio::spawn(keyward_metrics::serve(l, Arc::new(move || m.text()), std::future::pending()));
-            tracing::info!(addr = %bound, "metrics on GET /metrics (no authentication)");
-            Some(bound)
-        }
+        Some(a) => Some(serve_metrics(a, metrics.clone()).await?),
         None => None,
     };
     let state = AppState {
@@ -455,4 +337,164 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         follower,
         cert_watcher,
     })
+}
+
+/// Dev mode is plain HTTP on loopback only; a server serves HTTPS only.
+fn check_mode(cfg: &ServerConfig) -> Result<(), StartError> {
+    if cfg.dev && !cfg.listen.ip().is_loopback() {
+        return Err(StartError::Config(format!(
+            "dev mode serves plain HTTP and may only listen on a loopback address, not {}; use 127.0.0.1",
+            cfg.listen
+        )));
+    }
+    if !cfg.dev && cfg.tls.is_none() {
+        return Err(StartError::Config(
+            "keyward server serves HTTPS only: pass --tls-cert and --tls-key (plain HTTP exists only in `keyward dev`)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Create the data directory (0700) and refuse one that is not this user's alone: it holds the
+/// database (and in dev mode the root key and root token), and one that someone else owns, or
+/// may write, could hand this server their key or take its token.
+fn own_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(format!("creating data directory {}", dir.display())))?;
+    let md = std::fs::metadata(dir).map_err(io(format!("reading {}", dir.display())))?;
+    let me = rustix::process::geteuid().as_raw();
+    if md.uid() != me || md.mode() & 0o022 != 0 {
+        return Err(StartError::Config(format!(
+            "the data directory {} belongs to uid {} with mode {:o}: it must be this user's (uid {me}) and writable \
+             by nobody else; use a directory of your own",
+            dir.display(),
+            md.uid(),
+            md.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+/// Where the audit log goes (none only with `--insecure-no-audit`).
+fn audit_config(cfg: &ServerConfig, store: &dyn Store, member: &Member) -> Option<AuditConfig> {
+    if cfg.audit.insecure_disable {
+        tracing::warn!("AUDIT DISABLED (--insecure-no-audit): requests leave no record");
+        return None;
+    }
+    Some(AuditConfig {
+        file: cfg.audit.file.clone().unwrap_or_else(|| cfg.data_dir.join("audit.log")),
+        stdout: cfg.audit.stdout,
+        max_file_bytes: cfg.audit.max_file_bytes,
+        server: store.is_shared().then(|| member.id.clone()),
+    })
+}
+
+/// The seal this configuration asks for.
+fn seal_kind(cfg: &ServerConfig) -> Result<SealKind, StartError> {
+    Ok(match (&cfg.pkcs11, cfg.dev || cfg.insecure_file_seal) {
+        (Some(_), true) => {
+            return Err(StartError::Config(
+                "the PKCS#11 seal cannot be combined with dev mode or --insecure-file-seal".into(),
+            ));
+        }
+        (Some(_), false) => SealKind::Pkcs11,
+        (None, true) => SealKind::InsecureFile,
+        (None, false) => SealKind::Shamir,
+    })
+}
+
+/// The seal state machine over `store`, with the HSM opened and logged in for the PKCS#11 seal.
+async fn open_sealing(
+    cfg: &ServerConfig,
+    kind: SealKind,
+    store: Arc<dyn Store>,
+    audit: Option<AuditConfig>,
+) -> Result<Arc<Sealing>, StartError> {
+    Ok(match &cfg.pkcs11 {
+        Some(p) => {
+            let p = p.clone();
+            let hsm = tokio::task::spawn_blocking(move || keyward_hsm::Pkcs11Seal::open(&p))
+                .await
+                .map_err(|e| StartError::Config(format!("opening the PKCS#11 library: {e}")))?
+                .map_err(SealError::from)?;
+            tracing::info!(hsm = ?hsm, "PKCS#11 seal ready (logged in)");
+            Arc::new(Sealing::with_hsm(store, Arc::new(hsm), audit))
+        }
+        None => Arc::new(Sealing::new(store, kind, audit)),
+    })
+}
+
+/// Unseal what unseals itself (the dev file seal; the HSM, retried in the background) and say
+/// what an operator must do otherwise. Returns the root token of a new dev store.
+async fn unseal_at_start(
+    cfg: &ServerConfig,
+    kind: SealKind,
+    sealing: &Arc<Sealing>,
+) -> Result<Option<keyward_crypto::SecretBytes>, StartError> {
+    match kind {
+        SealKind::InsecureFile => {
+            let path = cfg.data_dir.join("root-key.insecure");
+            tracing::warn!(
+                seal = kind.as_str(),
+                "INSECURE SEAL: the unseal key is stored UNENCRYPTED in {}; anyone who can read it has every key",
+                path.display()
+            );
+            Ok(sealing.open_with_file_seal(&InsecureFileSeal::new(path)).await?)
+        }
+        SealKind::Pkcs11 => {
+            auto_unseal_at_start(sealing).await;
+            Ok(None)
+        }
+        SealKind::Shamir => {
+            let st = sealing.status().await?;
+            if st.migration_required {
+                tracing::warn!(
+                    "the keyring is sealed with {}: run `keyward operator unseal --migrate` with {} shares to move it \
+                     to the Shamir seal",
+                    st.stored_seal.unwrap_or("?"),
+                    st.threshold
+                );
+            } else if st.initialized {
+                tracing::warn!(
+                    threshold = st.threshold,
+                    "sealed: run `keyward operator unseal` with {} shares",
+                    st.threshold
+                );
+            } else {
+                tracing::warn!("not initialised: run `keyward operator init` once");
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// Dev mode's root token, 0600, for the local tools.
+fn write_root_token(path: &std::path::Path, token: &keyward_crypto::SecretBytes) -> Result<(), StartError> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(format!("writing {}", path.display())))?;
+    f.write_all(token.expose()).map_err(io("writing root token"))?;
+    f.sync_all().map_err(io("writing root token"))
+}
+
+/// The metrics on a separate address, without authentication (for a private network).
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    metrics: Arc<crate::metrics::ServerMetrics>,
+) -> Result<std::net::SocketAddr, StartError> {
+    let l = tokio::net::TcpListener::bind(addr).await.map_err(io(format!("binding the metrics address {addr}")))?;
+    let bound = l.local_addr().map_err(io("reading the metrics address"))?;
+    tokio::spawn(keyward_metrics::serve(l, Arc::new(move || metrics.text()), std::future::pending()));
+    tracing::info!(addr = %bound, "metrics on GET /metrics (no authentication)");
+    Ok(bound)
 }
