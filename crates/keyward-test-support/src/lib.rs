@@ -1,7 +1,7 @@
 //! # keyward-test-support
 //!
 //! What Keyward's tests share, in one place instead of a copy per crate: a dev server started
-//! in-process ([`server`]), a throwaway PostgreSQL cluster ([`postgres`]), a SoftHSM2 token
+//! in-process ([`server`]), a test Kubernetes token issuer ([`k8s`]), a throwaway PostgreSQL cluster ([`postgres`]), a SoftHSM2 token
 //! ([`softhsm`]), OCI layouts, keys and skopeo for image encryption ([`oci`]), and small
 //! helpers (a free port, whether the tests run as root, reading an audit file). Every helper
 //! starts the real component and fails loudly, never skips, when it is missing.
@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_debug_implementations)]
 
+pub mod k8s;
 pub mod oci;
 pub mod postgres;
 pub mod server;
