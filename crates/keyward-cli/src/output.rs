@@ -39,16 +39,52 @@ pub(crate) fn render(e: &anyhow::Error) -> String {
             }
             line.push_str(&text);
         }
-        if cause.downcast_ref::<keyward_client::Error>().is_some() {
+        if let Some(k) = cause.downcast_ref::<keyward_client::Error>() {
+            if let Some(hint) = hint(k) {
+                line.push_str(&hint);
+            }
             break;
         }
     }
     line
 }
 
+/// The command that fixes a server's refusal, where there is one: the server says what to do
+/// in API terms, the CLI names its own command.
+fn hint(e: &keyward_client::Error) -> Option<String> {
+    let keyward_client::Error::Api { code, message, .. } = e else { return None };
+    // The server names the key first, quoted.
+    let name = message.split('"').nth(1).filter(|n| !n.is_empty() && !n.contains(char::is_whitespace))?;
+    match code.as_str() {
+        "key_disabled" => Some(format!(" (`keyward key enable {name}`)")),
+        "key_pending_deletion" => {
+            Some(format!(" (`keyward key cancel-delete {name}`, then `keyward key enable {name}`)"))
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_gets_the_command_that_fixes_it() {
+        let api = |code: &str, message: &str| {
+            anyhow::Error::new(keyward_client::Error::Api {
+                status: 409,
+                code: code.into(),
+                message: message.into(),
+                request_id: "r".into(),
+            })
+        };
+        let e = render(&api("key_disabled", "key \"k1\" is disabled: enable it to use it again"));
+        assert!(e.ends_with("(`keyward key enable k1`)"), "{e}");
+        let e = render(&api("key_pending_deletion", "key \"k1\" is pending deletion: cancel the deletion"));
+        assert!(e.contains("`keyward key cancel-delete k1`, then `keyward key enable k1`"), "{e}");
+        let e = render(&api("conflict", "conflict: \"x\""));
+        assert!(!e.contains("keyward key"), "{e}");
+    }
 
     #[test]
     fn each_cause_is_said_once() {

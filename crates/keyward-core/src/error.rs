@@ -79,12 +79,10 @@ pub enum KmsError {
     #[error("invalid request: {0}")]
     InvalidArgument(String),
     /// The key is disabled.
-    #[error("key {0:?} is disabled: enable it with `keyward key enable {0}`")]
+    #[error("key {0:?} is disabled: enable it to use it again")]
     KeyDisabled(String),
     /// The key is scheduled for deletion.
-    #[error(
-        "key {0:?} is pending deletion: `keyward key cancel-delete {0}` keeps it (disabled), then `keyward key enable {0}`"
-    )]
+    #[error("key {0:?} is pending deletion: cancel the deletion to keep it (it stays disabled), then enable it")]
     KeyPendingDeletion(String),
     /// The operation does not apply to this key type.
     #[error("key {name:?} is of type {algorithm}, which does not support {operation}")]
@@ -105,12 +103,31 @@ pub enum KmsError {
     /// Storage is unavailable; the request may be retried.
     #[error("storage unavailable")]
     Unavailable(#[source] StoreError),
-    /// An internal error (corrupt data, a bug). Details are logged, not returned.
+    /// An internal error (a bug, an impossible state). Details are logged, not returned.
     #[error("internal error")]
     Internal(String),
+    /// The store failed in a way a retry does not fix (a corrupt record, a backend error).
+    /// Details (the source) are logged, not returned.
+    #[error("internal error")]
+    Store(#[source] StoreError),
+    /// A cryptographic primitive failed (not a failed decryption: that is
+    /// [`KmsError::DecryptionFailed`]). Details (the source) are logged, not returned.
+    #[error("internal error")]
+    Crypto(#[source] keyward_crypto::CryptoError),
 }
 
 impl KmsError {
+    /// What the server log gets for an internal error: the error and each of its sources.
+    pub fn internal_detail(&self) -> Option<String> {
+        match self {
+            Self::Internal(d) => Some(d.clone()),
+            Self::Store(e) => Some(format!("storage: {e}")),
+            Self::Crypto(e) => Some(format!("crypto: {e}")),
+            Self::Unavailable(e) => Some(e.to_string()),
+            _ => None,
+        }
+    }
+
     /// A stable machine-readable code for the error.
     pub fn code(&self) -> &'static str {
         match self {
@@ -125,7 +142,7 @@ impl KmsError {
             Self::DecryptionFailed => "decryption_failed",
             Self::Conflict(_) => "conflict",
             Self::Unavailable(_) => "unavailable",
-            Self::Internal(_) => "internal",
+            Self::Internal(_) | Self::Store(_) | Self::Crypto(_) => "internal",
         }
     }
 
@@ -138,7 +155,7 @@ impl From<StoreError> for KmsError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Unavailable(_) => Self::Unavailable(e),
-            other => Self::Internal(other.to_string()),
+            other => Self::Store(other),
         }
     }
 }
@@ -147,7 +164,7 @@ impl From<keyward_crypto::CryptoError> for KmsError {
     fn from(e: keyward_crypto::CryptoError) -> Self {
         match e {
             keyward_crypto::CryptoError::DecryptionFailed => Self::DecryptionFailed,
-            other => Self::Internal(other.to_string()),
+            other => Self::Crypto(other),
         }
     }
 }

@@ -78,7 +78,9 @@ impl KekError {
 impl From<KmsError> for KekError {
     fn from(e: KmsError) -> Self {
         match e {
-            KmsError::Internal(m) => Self::Internal(m),
+            e @ (KmsError::Internal(_) | KmsError::Store(_) | KmsError::Crypto(_)) => {
+                Self::Internal(e.internal_detail().unwrap_or_default())
+            }
             e => Self::of_kind(ErrorKind::of_code(e.code()).unwrap_or(ErrorKind::Internal), e.to_string()),
         }
     }

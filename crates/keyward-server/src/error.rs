@@ -60,14 +60,12 @@ impl From<KmsError> for ApiError {
             KmsError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        let internal = match &e {
-            KmsError::Internal(d) => Some(d.clone()),
-            KmsError::Unavailable(s) => Some(s.to_string()),
-            _ => None,
-        };
+        let internal = e.internal_detail();
         let message = match &e {
             KmsError::Unavailable(_) => "storage is unavailable; retry shortly".to_string(),
-            KmsError::Internal(_) => "internal error; the server log has details under this request id".to_string(),
+            KmsError::Internal(_) | KmsError::Store(_) | KmsError::Crypto(_) => {
+                "internal error; the server log has details under this request id".to_string()
+            }
             other => other.to_string(),
         };
         Self { status, code: e.code(), message, internal }
