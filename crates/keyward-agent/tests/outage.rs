@@ -22,8 +22,7 @@ async fn health(socket: &std::path::Path) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_answers_during_an_outage_for_the_window_only() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = keyward_server::ServerConfig::dev("127.0.0.1:0".parse().unwrap(), dir.path().join("data"));
-    let running = keyward_server::start(cfg).await.unwrap();
+    let running = keyward_test_support::server::dev_server(&dir.path().join("data"), "127.0.0.1:0").await;
     let addr = format!("http://{}", running.addr);
     let root = std::fs::read_to_string(running.root_token_file.as_ref().unwrap()).unwrap();
     let admin = Client::builder(addr.clone()).token(root.trim()).build().unwrap();

@@ -135,8 +135,7 @@ async fn main() {
     served.stop().await;
 
     // ---- service mode
-    let cfg = keyward_server::ServerConfig::dev("127.0.0.1:0".parse().unwrap(), dir.path().join("server"));
-    let running = keyward_server::start(cfg).await.unwrap();
+    let running = keyward_test_support::server::dev_server(&dir.path().join("server"), "127.0.0.1:0").await;
     let addr = format!("http://{}", running.addr);
     let root = std::fs::read_to_string(running.root_token_file.as_ref().unwrap()).unwrap();
     let client = keyward_client::Client::builder(addr).token(root.trim()).build().unwrap();

@@ -200,10 +200,7 @@ async fn an_allowed_executable_may_call() {
     served.stop().await;
 }
 
-async fn dev_server(data: &std::path::Path, listen: &str) -> keyward_server::Running {
-    let cfg = keyward_server::ServerConfig::dev(listen.parse().unwrap(), data.to_path_buf());
-    keyward_server::start(cfg).await.unwrap()
-}
+use keyward_test_support::server::dev_server;
 
 #[tokio::test]
 async fn service_mode_rotation_outage_and_recovery() {

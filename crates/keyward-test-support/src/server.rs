@@ -1,7 +1,22 @@
 //! A dev-mode server started in this process, its root token, and raw HTTP requests to it.
 
 use keyward_client::Client;
-use keyward_server::{Running, ServerConfig, start};
+pub use keyward_server::Running;
+use keyward_server::{ServerConfig, start};
+
+/// A dev server listening on `listen` (`127.0.0.1:0` for any free port) with its data in `data`;
+/// its root token is in [`Running::root_token_file`].
+pub async fn dev_server(data: &std::path::Path, listen: &str) -> Running {
+    start(ServerConfig::dev(listen.parse().unwrap(), data.to_path_buf())).await.expect("the dev server starts")
+}
+
+/// The root token a dev server wrote for the local tools.
+pub fn root_token(running: &Running) -> String {
+    std::fs::read_to_string(running.root_token_file.as_ref().expect("a dev server writes its root token"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
 
 /// A dev-mode configuration on a free loopback port with its data under `dir/data`.
 pub fn dev_config(dir: &std::path::Path) -> ServerConfig {

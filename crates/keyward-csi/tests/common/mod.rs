@@ -29,7 +29,7 @@ pub const AUDIENCE: &str = "keyward";
 
 /// A dev server with Kubernetes auth, policies, roles and secrets for two namespaces.
 pub struct World {
-    pub running: keyward_server::Running,
+    pub running: keyward_test_support::server::Running,
     pub addr: String,
     pub admin: Client,
     pub issuer_key: EcdsaKeyPair,
@@ -38,8 +38,7 @@ pub struct World {
 }
 
 pub async fn world(dir: &Path) -> World {
-    let cfg = keyward_server::ServerConfig::dev("127.0.0.1:0".parse().unwrap(), dir.join("server"));
-    let running = keyward_server::start(cfg).await.unwrap();
+    let running = keyward_test_support::server::dev_server(&dir.join("server"), "127.0.0.1:0").await;
     let addr = format!("http://{}", running.addr);
     let root = std::fs::read_to_string(running.root_token_file.as_ref().unwrap()).unwrap();
     let admin = Client::builder(addr.clone()).token(root.trim()).build().unwrap();
