@@ -8,68 +8,15 @@ use std::time::Duration;
 
 use keyward_server::tls::TlsFiles;
 use keyward_server::{ServerConfig, start};
+use keyward_test_support::certs;
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let st = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("the openssl command is required for this test (apt-get install openssl)");
-    assert!(st.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&st.stderr));
-}
+/// The server's certificate for 127.0.0.1 and localhost.
+const SERVER_EXT: &str = "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n";
 
-/// A CA and a server certificate for 127.0.0.1 / localhost signed by it.
-/// A self-signed CA: `NAME.key`, `NAME.pem`, subject `CN`.
-fn self_signed_ca(dir: &Path, name: &str, cn: &str) {
-    let (key, pem, subj) = (format!("{name}.key"), format!("{name}.pem"), format!("/CN={cn}"));
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
-    let mut args = vec!["req", "-x509"];
-    args.extend(ec);
-    args.extend(["-keyout", &key, "-out", &pem, "-days", "2", "-subj", &subj]);
-    openssl(dir, &args);
-}
-
+/// A CA (`ca.pem`) and a server certificate (`server.pem`, `server.key`) signed by it.
 fn make_certs(dir: &Path) {
-    self_signed_ca(dir, "ca", "keyward test CA");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=localhost",
-        ],
-    );
-    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n")
-        .unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ],
-    );
+    certs::ca(dir, "ca", "keyward test CA");
+    certs::signed(dir, "ca", "server", "/CN=localhost", SERVER_EXT);
 }
 
 fn cfg(dir: &Path, tls: bool, seal: bool) -> ServerConfig {
@@ -149,43 +96,7 @@ async fn server_mode_requires_tls_and_serves_https() {
     // unusable pair is refused and the current certificate kept.
     assert!(served_subject(running.addr.port()).await.contains("localhost"));
     let d = dir.path();
-    openssl(
-        d,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "new.key",
-            "-out",
-            "new.csr",
-            "-subj",
-            "/CN=reloaded",
-        ],
-    );
-    openssl(
-        d,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "new.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "new.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ],
-    );
+    certs::signed(d, "ca", "new", "/CN=reloaded", SERVER_EXT);
     std::fs::rename(d.join("new.key"), d.join("server.key")).unwrap();
     std::fs::rename(d.join("new.pem"), d.join("server.pem")).unwrap();
     let mut waited = 0;
@@ -209,53 +120,8 @@ async fn server_mode_requires_tls_and_serves_https() {
 
 /// A client certificate `NAME.pem`/`NAME.key` with `subj` and `san`, signed by `ca`.
 fn client_cert(dir: &Path, ca: &str, name: &str, subj: &str, san: &str) {
-    let key = format!("{name}.key");
-    let csr = format!("{name}.csr");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            subj,
-        ],
-    );
-    let ext = format!("{name}.cnf");
-    std::fs::write(
-        dir.join(&ext),
-        format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n"),
-    )
-    .unwrap();
-    let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
-    let out = format!("{name}.pem");
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &ca_pem,
-            "-CAkey",
-            &ca_key,
-            "-CAcreateserial",
-            "-out",
-            &out,
-            "-days",
-            "2",
-            "-extfile",
-            &ext,
-        ],
-    );
+    let ext = format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n");
+    certs::signed(dir, ca, name, subj, &ext);
 }
 
 #[tokio::test]
@@ -263,8 +129,8 @@ async fn client_certificates_are_identities() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     make_certs(d);
-    self_signed_ca(d, "clientca", "clientca");
-    self_signed_ca(d, "rogueca", "rogueca");
+    certs::ca(d, "clientca", "clientca");
+    certs::ca(d, "rogueca", "rogueca");
     client_cert(d, "clientca", "billing", "/CN=billing/O=Bank", "URI:spiffe://bank/billing,DNS:billing.internal");
     client_cert(d, "clientca", "reports", "/CN=Reports Service", "DNS:reports.internal");
     client_cert(d, "rogueca", "rogue", "/CN=billing", "URI:spiffe://bank/billing");

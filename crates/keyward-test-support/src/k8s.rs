@@ -4,22 +4,12 @@
 //! in a projected token.
 
 use std::path::Path;
-use std::process::Command;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use serde_json::{Value, json};
 
-/// Run `openssl` in `dir`; its standard output.
-pub fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {
-    let o = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("the openssl command is required for this test (apt-get install openssl)");
-    assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-    o.stdout
-}
+pub use crate::certs::openssl;
 
 /// A signing key made by openssl, with its JWK (kid = base64url(SHA-256(SPKI DER)), as the
 /// Kubernetes API server computes it).

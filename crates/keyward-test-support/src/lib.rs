@@ -3,7 +3,7 @@
 //! What Keyward's tests share, in one place instead of a copy per crate: a dev server started
 //! in-process ([`server`]), a test Kubernetes token issuer ([`k8s`]), a throwaway PostgreSQL cluster ([`postgres`]), a SoftHSM2 token
 //! ([`softhsm`]), OCI layouts, keys and skopeo for image encryption ([`oci`]), and small
-//! helpers (a free port, whether the tests run as root, reading an audit file). Every helper
+//! helpers (certificates made by openssl ([`certs`]), a free port, whether the tests run as root, reading an audit file). Every helper
 //! starts the real component and fails loudly, never skips, when it is missing.
 //!
 //! Only tests depend on it (as a dev-dependency); it may depend on anything, and nothing that
@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_debug_implementations)]
 
+pub mod certs;
 pub mod k8s;
 pub mod oci;
 pub mod postgres;
