@@ -242,9 +242,7 @@ async fn relay(
         }
         Err(e) => {
             let status = e.status();
-            // Unreachable, or answering that it cannot serve now (sealed, storage or audit log
-            // unavailable): an outage.
-            if e.unreachable() || e.kind() == Some(keyward_client::ErrorKind::Unavailable) {
+            if let Some(why) = outage(&e) {
                 st.outage.reachable(false);
                 if cacheable && let Some((age, bytes)) = st.outage.get(&cache_key, st.outage_window) {
                     // A release the agent decides alone: recorded before it leaves.
@@ -256,7 +254,7 @@ async fn relay(
                             op.name(),
                             None,
                             Some(true),
-                            format!("outage cache: the same client's answer of {age} s ago, server unreachable"),
+                            format!("outage cache: the same client's answer of {age} s ago, {why}"),
                             200,
                             None,
                         )
@@ -266,14 +264,14 @@ async fn relay(
                     let age = axum::http::HeaderValue::from(age);
                     return Ok((StatusCode::OK, [json], [("keyward-cached-age-secs", age)], bytes).into_response());
                 }
-                tracing::warn!(pid, op = op.name(), error = %e, "release failed: server unreachable");
+                tracing::warn!(pid, op = op.name(), error = %e, "release failed: {why}");
                 return Err(AgentError {
                     status: StatusCode::SERVICE_UNAVAILABLE,
                     code: "server_unavailable",
                     message: format!(
                         "the Keyward server cannot be reached and no earlier answer to this request is cached: {e}"
                     ),
-                    reason: "server unreachable",
+                    reason: why,
                 });
             }
             tracing::warn!(pid, op = op.name(), error = %e, "release failed");
@@ -287,10 +285,47 @@ async fn relay(
     }
 }
 
+/// Whether a failure is an outage the cache may answer through, and which: the server cannot be
+/// reached, a proxy in front of it says so (502/504 without a Keyward error code), or its
+/// storage is unavailable. A server that answers with a refusal of its own is not an outage:
+/// sealed by an operator (an emergency stop), its audit log unwritable (it refuses to act
+/// unrecorded), too busy (a load another agent can cause): those get no replay.
+fn outage(e: &crate::upstream::UpstreamError) -> Option<&'static str> {
+    if e.unreachable() {
+        return Some("server unreachable");
+    }
+    match (e.status(), e.code()) {
+        (_, Some("unavailable")) => Some("server storage unavailable"),
+        (Some(502 | 504), code) if code.is_none_or(|c| keyward_client::ErrorKind::of_code(c).is_none()) => {
+            Some("no answer through the proxy")
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_outage_is_answered_from_the_cache() {
+        let api = |status: u16, code: &str| {
+            crate::upstream::UpstreamError::Client(keyward_client::Error::Api {
+                status,
+                code: code.into(),
+                message: String::new(),
+                request_id: String::new(),
+            })
+        };
+        assert!(outage(&api(503, "unavailable")).is_some(), "the server's storage is down");
+        assert!(outage(&api(502, "unknown")).is_some(), "a proxy cannot reach the server");
+        // The server answered and refused: an operator's seal, an unwritable audit log, a
+        // nonce table another agent may have filled, a permission refusal.
+        for (status, code) in [(503, "sealed"), (503, "audit_unavailable"), (503, "busy"), (403, "permission_denied")] {
+            assert!(outage(&api(status, code)).is_none(), "{code}");
+        }
+    }
 
     #[test]
     fn workload_requests_become_release_ops() {

@@ -110,6 +110,15 @@ impl UpstreamError {
         }
     }
 
+    /// The server's error code, when it answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Client(c) => c.code(),
+            Self::Batch(e) => e.code(),
+            _ => None,
+        }
+    }
+
     /// The kind of failure, when the client saw one (the server answered, or could not be reached).
     pub fn kind(&self) -> Option<keyward_client::ErrorKind> {
         match self {

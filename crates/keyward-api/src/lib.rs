@@ -15,6 +15,20 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// Debug for request types that carry a secret (a share, a token, a plaintext, secret values):
+/// the type's name and nothing of its content.
+macro_rules! redacted_debug {
+    ($($t:ident),*) => {$(
+        impl std::fmt::Debug for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($t)).finish_non_exhaustive()
+            }
+        }
+    )*};
+}
+
+redacted_debug!(ShareReq, RekeyShareReq, K8sLoginReq, EncryptReq, PutSecretReq);
+
 /// An encryption context: string pairs bound into a ciphertext, given again to decrypt it.
 pub type Context = BTreeMap<String, String>;
 
@@ -59,7 +73,7 @@ pub struct InitReq {
 }
 
 /// One unseal share (base64, as printed by init or rekey).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShareReq {
     pub share: zeroize::Zeroizing<String>,
@@ -102,7 +116,7 @@ pub struct K8sRoleReq {
 }
 
 /// Kubernetes login: a role and the projected ServiceAccount token.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct K8sLoginReq {
     pub role: String,
@@ -110,7 +124,7 @@ pub struct K8sLoginReq {
 }
 
 /// One current share toward a rekey.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RekeyShareReq {
     pub nonce: String,
@@ -153,7 +167,7 @@ pub struct VersionQuery {
     pub version: Option<u32>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EncryptReq {
     pub plaintext: String,
@@ -249,7 +263,7 @@ pub struct RandomizedReq {
     pub grace: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PutSecretReq {
     pub data: BTreeMap<String, String>,
@@ -320,4 +334,22 @@ pub struct JoinTokenReq {
     pub node: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ttl: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_that_carry_secrets_print_nothing_of_them() {
+        let put = PutSecretReq { data: BTreeMap::from([("password".into(), "hunter2".into())]), cas: None };
+        let share = ShareReq { share: zeroize::Zeroizing::new("c2hhcmU=".into()), migrate: false };
+        let enc = EncryptReq { plaintext: "cGxhaW4=".into(), context: Context::new() };
+        for printed in [format!("{put:?}"), format!("{share:?}"), format!("{enc:?}")] {
+            assert!(
+                !printed.contains("hunter2") && !printed.contains("c2hhcmU") && !printed.contains("cGxhaW4"),
+                "{printed}"
+            );
+        }
+    }
 }

@@ -48,6 +48,9 @@ pub use keyward_crypto::hpke::RELEASE_INFO;
 
 const NONCE_TTL: Duration = Duration::from_secs(10);
 const MAX_NONCES: usize = 100_000;
+/// Outstanding nonces one agent may hold: far more than a busy node uses (nonces are spent
+/// within milliseconds), and few enough that no agent can fill the table for the others.
+const MAX_NONCES_PER_AGENT: usize = 8_192;
 const DEFAULT_JOIN_TTL: u64 = 3600;
 const MAX_JOIN_TTL: u64 = 7 * 86400;
 const AGENT_TTL: u64 = 3600;
@@ -56,37 +59,71 @@ const MAX_WORKLOAD_SELECTORS: usize = 128;
 /// Largest inner response sealed (a secret is at most 64 KiB of data, plus JSON).
 const MAX_RELEASE_RESPONSE: usize = 512 * 1024;
 
-/// Outstanding nonces, by value: (agent token accessor, issued at).
+/// Outstanding nonces, by value: (agent token accessor, issued at), and how many each agent
+/// holds.
 #[derive(Debug, Default)]
 pub struct Agents {
-    nonces: Mutex<HashMap<[u8; 32], (String, Instant)>>,
+    nonces: Mutex<Nonces>,
+}
+
+#[derive(Debug, Default)]
+struct Nonces {
+    by_value: HashMap<[u8; 32], (String, Instant)>,
+    held: HashMap<String, usize>,
+}
+
+impl Nonces {
+    fn forget(&mut self, accessor: &str) {
+        if let Some(n) = self.held.get_mut(accessor) {
+            *n -= 1;
+            if *n == 0 {
+                self.held.remove(accessor);
+            }
+        }
+    }
+
+    fn expire(&mut self) {
+        let expired: Vec<[u8; 32]> =
+            self.by_value.iter().filter(|(_, (_, at))| at.elapsed() >= NONCE_TTL).map(|(k, _)| *k).collect();
+        for k in expired {
+            if let Some((owner, _)) = self.by_value.remove(&k) {
+                self.forget(&owner);
+            }
+        }
+    }
 }
 
 impl Agents {
     fn issue(&self, accessor: &str) -> Result<[u8; 32], ApiError> {
         let mut n = [0u8; 32];
         keyward_crypto::fill_random(&mut n).map_err(|e| ApiError::internal(e.to_string()))?;
-        let mut map = self.nonces.lock().map_err(|_| ApiError::internal("nonce table poisoned".into()))?;
-        if map.len() >= MAX_NONCES / 2 {
-            map.retain(|_, (_, at)| at.elapsed() < NONCE_TTL);
+        let mut t = self.nonces.lock().map_err(|_| ApiError::internal("nonce table poisoned".into()))?;
+        let mine = t.held.get(accessor).copied().unwrap_or(0);
+        if t.by_value.len() >= MAX_NONCES / 2 || mine >= MAX_NONCES_PER_AGENT {
+            t.expire();
         }
-        if map.len() >= MAX_NONCES {
+        let mine = t.held.get(accessor).copied().unwrap_or(0);
+        if t.by_value.len() >= MAX_NONCES || mine >= MAX_NONCES_PER_AGENT {
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "busy",
                 "too many outstanding release nonces; retry shortly",
             ));
         }
-        map.insert(n, (accessor.to_string(), Instant::now()));
+        t.by_value.insert(n, (accessor.to_string(), Instant::now()));
+        *t.held.entry(accessor.to_string()).or_default() += 1;
         Ok(n)
     }
 
     /// Take a nonce: it must exist, belong to this agent and be fresh. Single use either way.
     fn take(&self, nonce: &[u8], accessor: &str) -> bool {
         let Ok(key) = <[u8; 32]>::try_from(nonce) else { return false };
-        let Ok(mut map) = self.nonces.lock() else { return false };
-        match map.remove(&key) {
-            Some((owner, at)) => owner == accessor && at.elapsed() < NONCE_TTL,
+        let Ok(mut t) = self.nonces.lock() else { return false };
+        match t.by_value.remove(&key) {
+            Some((owner, at)) => {
+                t.forget(&owner);
+                owner == accessor && at.elapsed() < NONCE_TTL
+            }
             None => false,
         }
     }
@@ -352,6 +389,19 @@ pub(crate) async fn nonce(State(st): State<AppState>, c: Caller, body: Bytes) ->
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_agent_cannot_take_every_nonce() {
+        let a = Agents::default();
+        for _ in 0..MAX_NONCES_PER_AGENT {
+            a.issue("greedy").unwrap();
+        }
+        assert_eq!(a.issue("greedy").unwrap_err().code, "busy");
+        // Another agent still gets nonces, and spending one frees a place.
+        let n = a.issue("other").unwrap();
+        assert!(a.take(&n, "other"));
+        assert_eq!(a.nonces.lock().unwrap().held.get("other"), None);
+    }
 
     #[test]
     fn nonces_are_single_use_and_bound_to_their_agent() {

@@ -1,6 +1,6 @@
 //! Attested releases: a joined agent's signed request (one, or a batch) runs one operation as the
-//! workload it attested, through the release router, and the answer goes back sealed to the
-//! workload's HPKE key.
+//! workload it attested, through the same typed operation as that operation's HTTP route, and
+//! the answer goes back sealed to the workload's HPKE key.
 
 use super::*;
 
