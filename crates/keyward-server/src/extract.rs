@@ -52,16 +52,19 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for StrictJson<T> {
                 ));
             }
         }
-        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY).await.map_err(|_| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("request body is larger than {MAX_BODY} bytes"),
-            )
-        })?;
+        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY).await.map_err(|_| body_too_large())?;
         let body: &[u8] = if bytes.is_empty() { b"{}" } else { &bytes };
         parse_json(body).map(StrictJson)
     }
+}
+
+/// 413: a request body over [`MAX_BODY`].
+pub(crate) fn body_too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("request body is larger than {MAX_BODY} bytes"),
+    )
 }
 
 /// JSON's whitespace (RFC 8259: space, tab, line feed, carriage return), narrower than ASCII's.

@@ -53,24 +53,17 @@ impl ReleaseOp {
         fn body<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
             let bytes = serde_json::to_vec(v).map_err(|e| ApiError::internal(e.to_string()))?;
             if bytes.len() > MAX_BODY {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    format!("request body is larger than {MAX_BODY} bytes"),
-                ));
+                return Err(crate::extract::body_too_large());
             }
             crate::extract::parse_json(&bytes)
         }
         match self {
             Self::ReadSecret { path, version } => crate::api::read_secret_as(st, c, path, *version).await,
+            // `check` refused a `/` in key names, so an alias (`alias/NAME`) never gets here.
             Self::GenerateDataKey { key, body: b } => {
-                let key = crate::extract::resolve_key_name(st, key).await?;
-                crate::api::generate_data_key_as(st, c, &key, body(b)?, true).await
+                crate::api::generate_data_key_as(st, c, key, body(b)?, true).await
             }
-            Self::Sign { key, body: b } => {
-                let key = crate::extract::resolve_key_name(st, key).await?;
-                crate::api::sign_as(st, c, &key, body(b)?).await
-            }
+            Self::Sign { key, body: b } => crate::api::sign_as(st, c, key, body(b)?).await,
             Self::Decrypt { body: b } => crate::api::decrypt_as(st, c, body(b)?).await,
             Self::Randomized { name } => crate::api::randomized_value_as(st, c, name).await,
         }
