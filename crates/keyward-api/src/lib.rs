@@ -1,8 +1,9 @@
 //! # keyward-api
 //!
-//! The request bodies and query strings of Keyward's `/v1` HTTP API, as one set of types the
+//! Keyward's `/v1` HTTP API as one set of types: the request bodies and query strings the
 //! server parses (strictly: unknown fields are refused) and the Rust client and the CLI send,
-//! so the contract is written once. `crates/keyward-server/openapi.json` describes the same
+//! the answers the server serializes and the client reads back (such as [`Key`]), and
+//! the route paths ([`routes`]), so the contract is written once. `crates/keyward-server/openapi.json` describes the same
 //! shapes for other languages, and a test checks it against the server's router.
 //!
 //! Durations are strings of one number and one unit (`90s`, `15m`, `24h`, `90d`); binary
@@ -28,6 +29,11 @@ macro_rules! redacted_debug {
 }
 
 redacted_debug!(ShareReq, RekeyShareReq, K8sLoginReq, EncryptReq, PutSecretReq);
+
+mod answers;
+pub mod routes;
+
+pub use answers::*;
 
 /// An encryption context: string pairs bound into a ciphertext, given again to decrypt it.
 pub type Context = BTreeMap<String, String>;
@@ -170,7 +176,7 @@ pub struct VersionQuery {
 #[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EncryptReq {
-    pub plaintext: String,
+    pub plaintext: zeroize::Zeroizing<String>,
     #[serde(default)]
     pub context: Context,
 }
@@ -313,6 +319,17 @@ pub struct DryRunReq {
     pub resource: String,
 }
 
+/// `PUT /v1/policies/{name}`: a policy's description, identity sets and rules.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyReq {
+    #[serde(default)]
+    pub description: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<Vec<String>>,
+    pub rules: Vec<PolicyRule>,
+}
+
 /// `PATCH /v1/keys/{name}`: what can change in place.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -344,7 +361,7 @@ mod tests {
     fn requests_that_carry_secrets_print_nothing_of_them() {
         let put = PutSecretReq { data: BTreeMap::from([("password".into(), "hunter2".into())]), cas: None };
         let share = ShareReq { share: zeroize::Zeroizing::new("c2hhcmU=".into()), migrate: false };
-        let enc = EncryptReq { plaintext: "cGxhaW4=".into(), context: Context::new() };
+        let enc = EncryptReq { plaintext: zeroize::Zeroizing::new("cGxhaW4=".into()), context: Context::new() };
         for printed in [format!("{put:?}"), format!("{share:?}"), format!("{enc:?}")] {
             assert!(
                 !printed.contains("hunter2") && !printed.contains("c2hhcmU") && !printed.contains("cGxhaW4"),

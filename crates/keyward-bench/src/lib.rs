@@ -214,12 +214,18 @@ async fn prepare(client: &Client, cfg: &BenchConfig) -> Result<Prepared, BenchEr
                 .into_iter()
                 .find(|s| s.starts_with("unix:uid:"))
                 .ok_or_else(|| BenchError::Config("the agent measured no uid for this program".into()))?;
-            let policy = serde_json::json!({
-                "description": "created by keyward bench: the benchmark's uid may read its secret",
-                "identities": [[uid]],
-                "rules": [{"resources": [format!("secrets/{}", cfg.secret_path)], "operations": ["read"]}],
-            });
-            client.request(keyward_client::Method::PUT, "/v1/policies/keyward-bench-workload", Some(&policy)).await?;
+            let policy = keyward_client::api::PolicyReq {
+                description: "created by keyward bench: the benchmark's uid may read its secret".into(),
+                identities: vec![vec![uid]],
+                rules: vec![keyward_client::api::PolicyRule {
+                    resources: vec![format!("secrets/{}", cfg.secret_path)],
+                    operations: vec!["read".into()],
+                    require: vec![],
+                    max_instances: None,
+                    instance_hold_secs: None,
+                }],
+            };
+            client.put_policy("keyward-bench-workload", &policy).await?;
             Prepared::WorkloadSecret(workload)
         }
         Op::SecretPut => Prepared::SecretPut("x".repeat(cfg.size.max(1))),

@@ -32,20 +32,20 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use zeroize::Zeroizing;
 
 mod builder;
 mod error;
-mod routes;
+mod methods;
 pub mod workload;
 
 pub use self::builder::ClientBuilder;
 use self::error::*;
 pub use self::error::{Error, ErrorKind};
-/// The request types of the API, as the server parses them.
+/// The request and answer types and the route paths of the API, as the server has them.
 pub use keyward_api as api;
+use keyward_api::routes::{self, fill};
 
 /// Environment variable naming the server address.
 pub const ENV_ADDR: &str = "KEYWARD_ADDR";
@@ -70,7 +70,7 @@ fn repeatable(method: &reqwest::Method, path: &str) -> bool {
         "/verify-mac",
     ];
     *method == reqwest::Method::POST
-        && (matches!(path, "/v1/decrypt" | "/v1/reencrypt" | "/v1/random" | "/v1/health" | "/v1/sys/authorize")
+        && ([routes::DECRYPT, routes::REENCRYPT, routes::RANDOM, routes::HEALTH, routes::SYS_AUTHORIZE].contains(&path)
             || (path.starts_with("/v1/keys/") && STATELESS.iter().any(|s| path.ends_with(s))))
 }
 
@@ -157,32 +157,6 @@ impl std::fmt::Debug for Secret {
             .field("fields", &self.data.keys().collect::<Vec<_>>())
             .finish()
     }
-}
-
-#[derive(serde::Serialize)]
-struct EncryptBody<'a> {
-    plaintext: &'a str,
-    context: &'a BTreeMap<String, String>,
-}
-
-#[derive(serde::Serialize)]
-struct DecryptBody<'a> {
-    ciphertext: &'a str,
-    context: &'a BTreeMap<String, String>,
-}
-
-#[derive(Deserialize)]
-pub(crate) struct CipherOut {
-    ciphertext: String,
-    key: String,
-    key_version: u32,
-}
-
-#[derive(Deserialize)]
-pub(crate) struct PlainOut {
-    pub(crate) plaintext: String,
-    pub(crate) key: String,
-    pub(crate) key_version: u32,
 }
 
 pub(crate) fn unb64(s: &str) -> Result<Vec<u8>, Error> {
@@ -374,50 +348,64 @@ impl Client {
             .transpose()?;
         let (status, bytes) = self.send(method, path, bytes.as_deref().map(Vec::as_slice), &[]).await?;
         let bytes = Zeroizing::new(bytes);
+        if status == 204 {
+            // No content: an answer of `()`.
+            return serde_json::from_slice(b"null").map_err(|e| Error::Decode(e.to_string()));
+        }
         if (200..300).contains(&status) {
             return serde_json::from_slice(&bytes).map_err(|e| Error::Decode(e.to_string()));
         }
         Err(api_error(status, &bytes))
     }
 
-    async fn post(&self, path: &str, body: Value) -> Result<Value, Error> {
-        self.request(reqwest::Method::POST, path, Some(&body)).await
-    }
-
     /// `GET /v1/health`.
-    pub async fn health(&self) -> Result<Value, Error> {
-        self.request(reqwest::Method::GET, "/v1/health", None).await
+    pub async fn health(&self) -> Result<api::Health, Error> {
+        self.call(reqwest::Method::GET, routes::HEALTH, None::<&api::Empty>).await
     }
 
-    /// Create a key.
+    /// `POST /v1/keys`: create a key of `key_type` (e.g. `aes256-gcm`), rotated every
+    /// `rotate_every` (e.g. `90d`) if given.
     pub async fn create_key(
         &self,
         name: &str,
         key_type: &str,
         description: &str,
         rotate_every: Option<&str>,
-    ) -> Result<Value, Error> {
-        let mut body = json!({"name": name, "type": key_type, "description": description});
-        if let Some(r) = rotate_every {
-            body["rotate_every"] = json!(r);
-        }
-        self.post("/v1/keys", body).await
+    ) -> Result<api::Key, Error> {
+        let r = api::CreateKeyReq {
+            name: name.into(),
+            key_type: key_type.into(),
+            description: description.into(),
+            rotate_every: rotate_every.map(str::to_string),
+        };
+        self.call(reqwest::Method::POST, routes::KEYS, Some(&r)).await
     }
 
-    /// Describe a key.
-    pub async fn describe_key(&self, name: &str) -> Result<Value, Error> {
-        self.request(reqwest::Method::GET, &format!("/v1/keys/{}", key_segment(name)), None).await
+    /// `GET /v1/keys/{name}`: a key and its versions.
+    pub async fn describe_key(&self, name: &str) -> Result<api::Key, Error> {
+        self.call(reqwest::Method::GET, &fill(routes::KEY, &[&key_segment(name)]), None::<&api::Empty>).await
     }
 
     /// A key lifecycle action: `enable`, `disable`, `rotate`, `cancel-deletion`.
-    pub async fn key_action(&self, name: &str, action: &str) -> Result<Value, Error> {
-        self.post(&format!("/v1/keys/{}/{action}", key_segment(name)), json!({})).await
+    pub async fn key_action(&self, name: &str, action: &str) -> Result<api::Key, Error> {
+        let route = match action {
+            "enable" => routes::KEY_ENABLE,
+            "disable" => routes::KEY_DISABLE,
+            "rotate" => routes::KEY_ROTATE,
+            "cancel-deletion" => routes::KEY_CANCEL_DELETION,
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "no key action {action:?}: enable, disable, rotate or cancel-deletion"
+                )));
+            }
+        };
+        self.call(reqwest::Method::POST, &fill(route, &[&key_segment(name)]), Some(&api::Empty {})).await
     }
 
     /// Schedule deletion after `pending_days` (server default 7).
-    pub async fn schedule_deletion(&self, name: &str, pending_days: Option<u32>) -> Result<Value, Error> {
-        self.post(&format!("/v1/keys/{}/schedule-deletion", key_segment(name)), json!({"pending_days": pending_days}))
-            .await
+    pub async fn schedule_deletion(&self, name: &str, pending_days: Option<u32>) -> Result<api::Key, Error> {
+        let path = fill(routes::KEY_SCHEDULE_DELETION, &[&key_segment(name)]);
+        self.call(reqwest::Method::POST, &path, Some(&api::ScheduleDeletionReq { pending_days })).await
     }
 
     /// Encrypt under a key.
@@ -427,23 +415,17 @@ impl Client {
         plaintext: &[u8],
         context: &BTreeMap<String, String>,
     ) -> Result<Encrypted, Error> {
-        let pt = Zeroizing::new(STANDARD.encode(plaintext));
-        let body = EncryptBody { plaintext: &pt, context };
-        let o: CipherOut =
-            self.call(reqwest::Method::POST, &format!("/v1/keys/{}/encrypt", key_segment(key)), Some(&body)).await?;
+        let body = api::EncryptReq { plaintext: Zeroizing::new(STANDARD.encode(plaintext)), context: context.clone() };
+        let path = fill(routes::KEY_ENCRYPT, &[&key_segment(key)]);
+        let o: api::Ciphertext = self.call(reqwest::Method::POST, &path, Some(&body)).await?;
         Ok(Encrypted { ciphertext: unb64(&o.ciphertext)?, key: o.key, key_version: o.key_version })
     }
 
     /// Decrypt a ciphertext (the key is named inside it).
     pub async fn decrypt(&self, ciphertext: &[u8], context: &BTreeMap<String, String>) -> Result<Decrypted, Error> {
-        let ct = STANDARD.encode(ciphertext);
-        let body = DecryptBody { ciphertext: &ct, context };
-        let o = ZeroOnDrop(self.call::<_, PlainOut>(reqwest::Method::POST, "/v1/decrypt", Some(&body)).await?);
-        Ok(Decrypted {
-            plaintext: Zeroizing::new(unb64(&o.0.plaintext)?),
-            key: o.0.key.clone(),
-            key_version: o.0.key_version,
-        })
+        let body = api::DecryptReq { ciphertext: STANDARD.encode(ciphertext), context: context.clone() };
+        let o: api::Plaintext = self.call(reqwest::Method::POST, routes::DECRYPT, Some(&body)).await?;
+        Ok(Decrypted { plaintext: Zeroizing::new(unb64(&o.plaintext)?), key: o.key, key_version: o.key_version })
     }
 
     /// Re-encrypt under `destination` (default: same key, newest version).
@@ -454,22 +436,19 @@ impl Client {
         destination: Option<&str>,
         destination_context: &BTreeMap<String, String>,
     ) -> Result<Reencrypted, Error> {
-        let v = self
-            .post(
-                "/v1/reencrypt",
-                json!({"ciphertext": STANDARD.encode(ciphertext), "context": context,
-                       "destination_key": destination, "destination_context": destination_context}),
-            )
-            .await?;
-        let source_key = v["source_key"].as_str().unwrap_or_default().to_string();
-        let source_key_version = v["source_key_version"].as_u64().and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
-        let o: CipherOut = serde_json::from_value(v).map_err(|e| Error::Decode(e.to_string()))?;
+        let body = api::ReencryptReq {
+            ciphertext: STANDARD.encode(ciphertext),
+            context: context.clone(),
+            destination_key: destination.map(str::to_string),
+            destination_context: destination_context.clone(),
+        };
+        let o: api::Reencrypted = self.call(reqwest::Method::POST, routes::REENCRYPT, Some(&body)).await?;
         Ok(Reencrypted {
             ciphertext: unb64(&o.ciphertext)?,
             key: o.key,
             key_version: o.key_version,
-            source_key,
-            source_key_version,
+            source_key: o.source_key,
+            source_key_version: o.source_key_version,
         })
     }
 
@@ -481,18 +460,13 @@ impl Client {
         bytes: Option<usize>,
         with_plaintext: bool,
     ) -> Result<DataKey, Error> {
-        let op = if with_plaintext { "generate-data-key" } else { "generate-data-key-without-plaintext" };
-        let v = self
-            .post(&format!("/v1/keys/{}/{op}", key_segment(key)), json!({"context": context, "bytes": bytes}))
-            .await?;
-        let plaintext = match v["plaintext"].as_str() {
-            Some(p) => Some(Zeroizing::new(unb64(p)?)),
-            None => None,
-        };
+        let route = if with_plaintext { routes::KEY_DATA_KEY } else { routes::KEY_DATA_KEY_WITHOUT_PLAINTEXT };
+        let body = api::DataKeyReq { context: context.clone(), bytes };
+        let o: api::DataKey = self.call(reqwest::Method::POST, &fill(route, &[&key_segment(key)]), Some(&body)).await?;
         Ok(DataKey {
-            plaintext,
-            ciphertext: unb64(v["ciphertext"].as_str().ok_or_else(|| Error::Decode("no ciphertext".into()))?)?,
-            key_version: v["key_version"].as_u64().and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
+            plaintext: o.plaintext.as_deref().map(|p| unb64(p).map(Zeroizing::new)).transpose()?,
+            ciphertext: unb64(&o.ciphertext)?,
+            key_version: o.key_version,
         })
     }
 
@@ -504,40 +478,16 @@ impl Client {
         cas: Option<u32>,
     ) -> Result<u32, Error> {
         check_path(path)?;
-        let v = self
-            .request(
-                reqwest::Method::PUT,
-                &format!("/v1/secrets/data/{}", seg(path)),
-                Some(&json!({"data": data, "cas": cas})),
-            )
-            .await?;
-        v["version"].as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| Error::Decode("no version".into()))
+        let body = api::PutSecretReq { data: data.clone(), cas };
+        let o: api::SecretWritten =
+            self.call(reqwest::Method::PUT, &fill(routes::SECRET_DATA, &[&seg(path)]), Some(&body)).await?;
+        Ok(o.version)
     }
 
     /// Read a secret (latest version if `version` is `None`).
     pub async fn get_secret(&self, path: &str, version: Option<u32>) -> Result<Secret, Error> {
-        check_path(path)?;
-        let q = version.map(|v| format!("?version={v}")).unwrap_or_default();
-        let v = self.request(reqwest::Method::GET, &format!("/v1/secrets/data/{}{q}", seg(path)), None).await?;
-        let version = v["version"]
-            .as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| Error::Decode("no version".into()))?;
-        let mut data = BTreeMap::new();
-        if let Some(obj) = v["data"].as_object() {
-            for (k, val) in obj {
-                data.insert(k.clone(), Zeroizing::new(val.as_str().unwrap_or_default().to_string()));
-            }
-        }
-        Ok(Secret { version, data })
-    }
-}
-
-pub(crate) struct ZeroOnDrop(pub(crate) PlainOut);
-
-impl Drop for ZeroOnDrop {
-    fn drop(&mut self) {
-        zeroize::Zeroize::zeroize(&mut self.0.plaintext);
+        let s = self.read_secret(path, version).await?;
+        Ok(Secret { version: s.version, data: s.data })
     }
 }
 

@@ -26,11 +26,10 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use keyward_crypto::hpke::{RELEASE_INFO, RecipientKey};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
-use crate::{DataKey, Decrypted, Error, PlainOut, Secret, ZeroOnDrop, unb64};
+use crate::{DataKey, Decrypted, Error, Secret, api, unb64};
 
 /// Environment variable naming the agent socket.
 pub const ENV_AGENT_SOCKET: &str = "KEYWARD_AGENT_SOCKET";
@@ -57,31 +56,6 @@ pub struct WorkloadClient {
 /// The header carrying the session secret.
 const SESSION_HEADER: &str = "keyward-session";
 
-#[derive(Deserialize)]
-struct SealedOut {
-    enc: String,
-    ciphertext: String,
-    nonce: String,
-}
-
-#[derive(Deserialize)]
-struct SecretOut {
-    version: u32,
-    data: BTreeMap<String, Zeroizing<String>>,
-}
-
-#[derive(Deserialize)]
-struct RandomizedOut {
-    value: Zeroizing<String>,
-    version: u32,
-    previous: Option<PreviousOut>,
-}
-
-#[derive(Deserialize)]
-struct PreviousOut {
-    value: Zeroizing<String>,
-}
-
 /// A randomized secret's value for this workload.
 pub struct Randomized {
     /// The current value.
@@ -96,13 +70,6 @@ impl std::fmt::Debug for Randomized {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Randomized").field("version", &self.version).finish_non_exhaustive()
     }
-}
-
-#[derive(Deserialize)]
-struct DataKeyOut {
-    plaintext: Option<Zeroizing<String>>,
-    ciphertext: String,
-    key_version: u32,
 }
 
 impl WorkloadClient {
@@ -233,7 +200,7 @@ impl WorkloadClient {
             body["exec_interpreter_sha256"] = Value::String(h.clone());
         }
         let bytes = self.send_in_session(path, &body).await?;
-        let sealed: SealedOut = serde_json::from_slice(&bytes).map_err(|e| Error::Decode(e.to_string()))?;
+        let sealed: api::SealedRelease = serde_json::from_slice(&bytes).map_err(|e| Error::Decode(e.to_string()))?;
         let pt = key
             .open(&unb64(&sealed.enc)?, &unb64(&sealed.ciphertext)?, RELEASE_INFO, &unb64(&sealed.nonce)?)
             .map_err(|_| Error::Decode("the sealed response does not open with this request's key".into()))?;
@@ -244,7 +211,7 @@ impl WorkloadClient {
     /// the current value, its version, and the previous value during the grace period.
     pub async fn randomized(&self, name: &str) -> Result<Randomized, Error> {
         let pt = self.release("/v1/randomized", json!({"name": name})).await?;
-        let v: RandomizedOut = serde_json::from_slice(&pt).map_err(|e| Error::Decode(e.to_string()))?;
+        let v: api::RandomizedValue = serde_json::from_slice(&pt).map_err(|e| Error::Decode(e.to_string()))?;
         Ok(Randomized { value: v.value, version: v.version, previous: v.previous.map(|p| p.value) })
     }
 
@@ -252,7 +219,7 @@ impl WorkloadClient {
     pub async fn get_secret(&self, path: &str, version: Option<u32>) -> Result<Secret, Error> {
         crate::check_path(path)?;
         let pt = self.release("/v1/secret", json!({"path": path, "version": version})).await?;
-        let o: SecretOut = serde_json::from_slice(&pt).map_err(|e| Error::Decode(e.to_string()))?;
+        let o: api::Secret = serde_json::from_slice(&pt).map_err(|e| Error::Decode(e.to_string()))?;
         Ok(Secret { version: o.version, data: o.data })
     }
 
@@ -265,9 +232,9 @@ impl WorkloadClient {
         bytes: Option<usize>,
     ) -> Result<DataKey, Error> {
         let pt = self.release("/v1/data-key", json!({"key": key, "context": context, "bytes": bytes})).await?;
-        let o: DataKeyOut = serde_json::from_slice(&pt).map_err(|e| Error::Decode(e.to_string()))?;
+        let o: api::DataKey = serde_json::from_slice(&pt).map_err(|e| Error::Decode(e.to_string()))?;
         Ok(DataKey {
-            plaintext: o.plaintext.map(|p| unb64(&p).map(Zeroizing::new)).transpose()?,
+            plaintext: o.plaintext.as_deref().map(|p| unb64(p).map(Zeroizing::new)).transpose()?,
             ciphertext: unb64(&o.ciphertext)?,
             key_version: o.key_version,
         })
@@ -277,18 +244,14 @@ impl WorkloadClient {
     pub async fn decrypt(&self, ciphertext: &[u8], context: &BTreeMap<String, String>) -> Result<Decrypted, Error> {
         let pt =
             self.release("/v1/decrypt", json!({"ciphertext": STANDARD.encode(ciphertext), "context": context})).await?;
-        let o = ZeroOnDrop(serde_json::from_slice::<PlainOut>(&pt).map_err(|e| Error::Decode(e.to_string()))?);
-        Ok(Decrypted {
-            plaintext: Zeroizing::new(unb64(&o.0.plaintext)?),
-            key: o.0.key.clone(),
-            key_version: o.0.key_version,
-        })
+        let o: api::Plaintext = serde_json::from_slice(&pt).map_err(|e| Error::Decode(e.to_string()))?;
+        Ok(Decrypted { plaintext: Zeroizing::new(unb64(&o.plaintext)?), key: o.key, key_version: o.key_version })
     }
 
     /// Sign `message` with `key`; returns the signature.
     pub async fn sign(&self, key: &str, message: &[u8]) -> Result<Vec<u8>, Error> {
         let pt = self.release("/v1/sign", json!({"key": key, "message": STANDARD.encode(message)})).await?;
-        let v: Value = serde_json::from_slice(&pt).map_err(|e| Error::Decode(e.to_string()))?;
-        unb64(v["signature"].as_str().ok_or_else(|| Error::Decode("no signature".into()))?)
+        let o: api::Signature = serde_json::from_slice(&pt).map_err(|e| Error::Decode(e.to_string()))?;
+        unb64(&o.signature)
     }
 }

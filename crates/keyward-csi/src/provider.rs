@@ -8,8 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use keyward_audit::{AuditLog, AuditRecord};
-use keyward_client::{Client, Method};
-use serde_json::json;
+use keyward_client::Client;
 use tonic::{Code, Request, Response, Status};
 use zeroize::Zeroizing;
 
@@ -114,10 +113,13 @@ fn from_keyward(what: &str, e: keyward_client::Error) -> Failure {
 /// Whether the identity Keyward verified in a login (`identity` of its answer) is the Mount's
 /// pod: namespace and ServiceAccount, and the pod's name and UID when the token is bound to a
 /// pod. `Err` says both identities.
-fn token_matches_pod(identity: &serde_json::Value, pod: &params::Pod) -> Result<(), String> {
-    let s = |k: &str| identity[k].as_str().unwrap_or_default();
-    let (ns, sa) = (s("namespace"), s("service_account"));
-    let bound_pod = identity["pod"].as_str().map(|name| (name, s("pod_uid")));
+fn token_matches_pod(identity: Option<&keyward_client::api::K8sIdentity>, pod: &params::Pod) -> Result<(), String> {
+    // A login answer without the identity it verified proves nothing about the pod.
+    let Some(identity) = identity else {
+        return Err("the login answer names no Kubernetes identity: the token cannot be matched to the pod".into());
+    };
+    let (ns, sa) = (identity.namespace.as_str(), identity.service_account.as_str());
+    let bound_pod = identity.pod.as_deref().map(|name| (name, identity.pod_uid.as_deref().unwrap_or_default()));
     let same = ns == pod.namespace
         && sa == pod.service_account
         && bound_pod.is_none_or(|(name, uid)| name == pod.name && uid == pod.uid);
@@ -196,22 +198,21 @@ impl Provider {
                 }
             }
         };
-        let body = json!({"role": key.role, "jwt": jwt});
-        let v = anon.request(Method::POST, "/v1/auth/kubernetes/login", Some(&body)).await.map_err(|e| {
+        let login = keyward_client::api::K8sLoginReq { role: key.role.clone(), jwt: Zeroizing::new(jwt.to_string()) };
+        let v = anon.k8s_login(&login).await.map_err(|e| {
             from_keyward(
                 &format!("logging in as {}/{} with role {}", key.pod.namespace, key.pod.service_account, key.role),
                 e,
             )
         })?;
-        let token =
-            Zeroizing::new(v["token"].as_str().ok_or_else(|| internal("login answer without a token"))?.to_string());
-        let expires = v["expires_at"].as_str().and_then(rfc3339_to_instant).unwrap_or_else(Instant::now);
+        let token = v.token.ok_or_else(|| internal("login answer without a token"))?;
+        let expires = v.expires_at.as_deref().and_then(rfc3339_to_instant).unwrap_or_else(Instant::now);
         let client = self.builder(&key.address).token(token.as_str()).build().map_err(|e| from_keyward("client", e))?;
         // The token must be the Mount's pod's own: the identity Keyward verified in it must be
         // the pod the kubelet names. A token copied from another pod or namespace is refused,
         // and the Keyward token just issued for it is revoked.
-        if let Err(mismatch) = token_matches_pod(&v["identity"], &key.pod) {
-            let _ = client.request(Method::POST, "/v1/auth/token/revoke-self", Some(&json!({}))).await;
+        if let Err(mismatch) = token_matches_pod(v.identity.as_ref(), &key.pod) {
+            let _ = client.revoke_self().await;
             return Err(Failure {
                 grpc: Code::PermissionDenied,
                 code: "TokenPodMismatch",

@@ -9,7 +9,6 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use keyward_core::model::KeyRecord;
 use keyward_core::service::{KeyDescription, SecretVersionInfo};
-use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
 
@@ -61,93 +60,97 @@ pub fn format_period(secs: u64) -> String {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyReq {
-    #[serde(default)]
-    pub description: String,
-    #[serde(default)]
-    pub identities: Vec<Vec<String>>,
-    pub rules: Vec<keyward_core::policy::Rule>,
-}
-
-#[derive(Serialize)]
-pub struct VersionOut {
-    pub version: u32,
-    pub created_at: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub public_key: Option<String>,
-}
-
-#[derive(Serialize)]
-pub struct KeyOut {
-    pub id: String,
-    pub name: String,
-    #[serde(rename = "type")]
-    pub key_type: &'static str,
-    pub state: &'static str,
-    pub description: String,
-    pub created_at: String,
-    pub updated_at: String,
-    pub current_version: u32,
-    pub rotate_every: Option<String>,
-    pub next_rotation_at: Option<String>,
-    pub deletion_at: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub versions: Option<Vec<VersionOut>>,
-}
-
-impl KeyOut {
-    pub fn from_record(r: &KeyRecord) -> Self {
-        Self {
-            id: r.id.to_hex(),
-            name: r.name.clone(),
-            key_type: r.algorithm.as_str(),
-            state: r.state.as_str(),
-            description: r.description.clone(),
-            created_at: time(r.created_at),
-            updated_at: time(r.updated_at),
-            current_version: r.current_version,
-            rotate_every: r.rotate_every_secs.map(format_period),
-            next_rotation_at: r.next_rotation_at.map(time),
-            deletion_at: r.deletion_at.map(time),
-            versions: None,
-        }
-    }
-
-    pub fn from_description(d: &KeyDescription) -> Self {
-        let mut k = Self::from_record(&d.record);
-        k.versions = Some(
-            d.versions
-                .iter()
-                .map(|v| VersionOut {
-                    version: v.version,
-                    created_at: time(v.created_at),
-                    public_key: v.public_key.as_deref().map(b64),
-                })
-                .collect(),
-        );
-        k
+/// A key's metadata as the API answers it.
+pub fn key_out(r: &KeyRecord) -> Key {
+    Key {
+        id: r.id.to_hex(),
+        name: r.name.clone(),
+        key_type: r.algorithm.as_str().to_string(),
+        state: r.state.as_str().to_string(),
+        description: r.description.clone(),
+        created_at: time(r.created_at),
+        updated_at: time(r.updated_at),
+        current_version: r.current_version,
+        rotate_every: r.rotate_every_secs.map(format_period),
+        next_rotation_at: r.next_rotation_at.map(time),
+        deletion_at: r.deletion_at.map(time),
+        versions: None,
     }
 }
 
-#[derive(Serialize)]
-pub struct SecretVersionOut {
-    pub version: u32,
-    pub created_at: String,
-    pub deleted_at: Option<String>,
-    pub destroyed: bool,
+/// A key described: its metadata and every version.
+pub fn key_described(d: &KeyDescription) -> Key {
+    let mut k = key_out(&d.record);
+    k.versions = Some(
+        d.versions
+            .iter()
+            .map(|v| KeyVersion {
+                version: v.version,
+                created_at: time(v.created_at),
+                public_key: v.public_key.as_deref().map(b64),
+            })
+            .collect(),
+    );
+    k
 }
 
-impl From<&SecretVersionInfo> for SecretVersionOut {
-    fn from(v: &SecretVersionInfo) -> Self {
-        Self {
-            version: v.version,
-            created_at: time(v.created_at),
-            deleted_at: v.deleted_at.map(time),
-            destroyed: v.destroyed,
-        }
+pub fn secret_version_out(v: &SecretVersionInfo) -> SecretVersion {
+    SecretVersion {
+        version: v.version,
+        created_at: time(v.created_at),
+        deleted_at: v.deleted_at.map(time),
+        destroyed: v.destroyed,
     }
+}
+
+/// A stored policy as the API answers it.
+pub fn policy_out(p: &keyward_core::policy::Policy) -> Policy {
+    Policy {
+        name: p.name.clone(),
+        description: p.description.clone(),
+        identities: p.identities.clone(),
+        rules: p
+            .rules
+            .iter()
+            .map(|r| PolicyRule {
+                resources: r.resources.clone(),
+                operations: r.operations.clone(),
+                require: r.require.clone(),
+                max_instances: r.max_instances,
+                instance_hold_secs: r.instance_hold_secs,
+            })
+            .collect(),
+    }
+}
+
+/// The policy a `PUT /v1/policies/{name}` describes.
+pub fn policy_in(name: &str, r: PolicyReq) -> keyward_core::policy::Policy {
+    keyward_core::policy::Policy {
+        name: name.to_string(),
+        description: r.description,
+        identities: r.identities,
+        rules: r
+            .rules
+            .into_iter()
+            .map(|r| keyward_core::policy::Rule {
+                resources: r.resources,
+                operations: r.operations,
+                require: r.require,
+                max_instances: r.max_instances,
+                instance_hold_secs: r.instance_hold_secs,
+            })
+            .collect(),
+    }
+}
+
+/// A base64 string of secret bytes, wiped on drop.
+pub fn secret_b64(bytes: &[u8]) -> SecretString {
+    zeroize::Zeroizing::new(b64(bytes))
+}
+
+/// Bytes the server made as text (a token, a share), as a wiped string.
+pub fn secret_text(bytes: &[u8]) -> SecretString {
+    zeroize::Zeroizing::new(String::from_utf8_lossy(bytes).into_owned())
 }
 
 /// Parse `data` as every request body type (for fuzzing and property tests). Returns how many

@@ -22,11 +22,11 @@ async fn key_lifecycle() {
     let c = s.client();
     for t in ["aes256-gcm", "hmac-sha256", "ed25519", "ecdsa-p256"] {
         let k = c.create_key(&format!("k-{t}"), t, "test key", None).await.unwrap();
-        assert_eq!(k["type"], t);
-        assert_eq!(k["state"], "enabled");
-        assert_eq!(k["current_version"], 1);
-        assert_eq!(k["id"].as_str().unwrap().len(), 32);
-        let has_pub = k["versions"][0]["public_key"].is_string();
+        assert_eq!(k.key_type, t);
+        assert_eq!(k.state, "enabled");
+        assert_eq!(k.current_version, 1);
+        assert_eq!(k.id.len(), 32);
+        let has_pub = k.versions.as_ref().unwrap()[0].public_key.is_some();
         assert_eq!(has_pub, t == "ed25519" || t == "ecdsa-p256", "public key only for signing keys ({t})");
     }
     assert_eq!(
@@ -59,7 +59,7 @@ async fn key_lifecycle() {
 
     // Disable / enable.
     let ct = c.encrypt("k-aes256-gcm", b"data", &BTreeMap::new()).await.unwrap();
-    assert_eq!(c.key_action("k-aes256-gcm", "disable").await.unwrap()["state"], "disabled");
+    assert_eq!(c.key_action("k-aes256-gcm", "disable").await.unwrap().state, "disabled");
     let e = c.encrypt("k-aes256-gcm", b"data", &BTreeMap::new()).await.unwrap_err();
     assert_eq!(code(&e), (409, "key_disabled".into()));
     assert!(e.to_string().contains("enable it"), "says what to do: {e}");
@@ -71,8 +71,8 @@ async fn key_lifecycle() {
     assert_eq!(code(&c.schedule_deletion("k-aes256-gcm", Some(0)).await.unwrap_err()).0, 400);
     assert_eq!(code(&c.schedule_deletion("k-aes256-gcm", Some(31)).await.unwrap_err()).0, 400);
     let k = c.schedule_deletion("k-aes256-gcm", None).await.unwrap();
-    assert_eq!(k["state"], "pending_deletion");
-    let at = humantime::parse_rfc3339(k["deletion_at"].as_str().unwrap()).unwrap();
+    assert_eq!(k.state, "pending_deletion");
+    let at = humantime::parse_rfc3339(k.deletion_at.as_deref().unwrap()).unwrap();
     let days = at.duration_since(std::time::SystemTime::now()).unwrap().as_secs_f64() / 86400.0;
     assert!((6.99..=7.01).contains(&days), "default window is 7 days, got {days}");
     assert_eq!(
@@ -84,7 +84,7 @@ async fn key_lifecycle() {
         (409, "key_pending_deletion".into())
     );
     assert_eq!(code(&c.key_action("k-aes256-gcm", "enable").await.unwrap_err()).0, 409, "cannot enable while pending");
-    assert_eq!(c.key_action("k-aes256-gcm", "cancel-deletion").await.unwrap()["state"], "disabled");
+    assert_eq!(c.key_action("k-aes256-gcm", "cancel-deletion").await.unwrap().state, "disabled");
     assert_eq!(code(&c.key_action("k-aes256-gcm", "cancel-deletion").await.unwrap_err()).0, 409);
     c.key_action("k-aes256-gcm", "enable").await.unwrap();
 
@@ -109,7 +109,7 @@ async fn key_lifecycle() {
         .unwrap();
     assert!(k["next_rotation_at"].is_null());
     let k = c.create_key("auto", "aes256-gcm", "", Some("90d")).await.unwrap();
-    assert_eq!(k["rotate_every"], "90d");
+    assert_eq!(k.rotate_every.as_deref(), Some("90d"));
 }
 
 #[tokio::test]
@@ -158,8 +158,8 @@ async fn encrypt_decrypt_context_tamper_rotate_reencrypt() {
 
     // Rotation: new version for new ciphertexts, old ones still decrypt.
     let k = c.key_action("app", "rotate").await.unwrap();
-    assert_eq!(k["current_version"], 2);
-    assert_eq!(k["versions"].as_array().unwrap().len(), 2);
+    assert_eq!(k.current_version, 2);
+    assert_eq!(k.versions.as_ref().unwrap().len(), 2);
     let ct2 = c.encrypt("app", &pt, &cx).await.unwrap();
     assert_eq!(ct2.key_version, 2);
     assert_eq!(c.decrypt(&ct.ciphertext, &cx).await.unwrap().key_version, 1);
@@ -235,7 +235,7 @@ async fn sign_verify_mac_random() {
 
     // The public key is real: verify an Ed25519 signature outside Keyward.
     let k = c.describe_key("ed25519").await.unwrap();
-    let spki = STANDARD.decode(k["versions"][1]["public_key"].as_str().unwrap()).unwrap();
+    let spki = STANDARD.decode(k.versions.as_ref().unwrap()[1].public_key.as_deref().unwrap()).unwrap();
     let env = STANDARD.decode(sign(&c, "ed25519", b"outside").await).unwrap();
     let raw_pub = &spki[spki.len() - 32..];
     keyward_crypto::keys::verify_ed25519_raw(raw_pub, b"outside", &env[23..]).unwrap();
@@ -372,7 +372,7 @@ async fn bad_input_and_authentication() {
     let j = Some("application/json");
 
     // Health is anonymous; nothing else is.
-    assert_eq!(s.anonymous().health().await.unwrap()["status"], "ok");
+    assert_eq!(s.anonymous().health().await.unwrap().status, "ok");
     let (st, body, rid) = raw(a, "GET", "/v1/keys", None, None, vec![]).await;
     assert_eq!(st, 401);
     assert_eq!(body["error"]["code"], "unauthenticated");
@@ -460,7 +460,7 @@ async fn concurrent_rotation_while_encrypting() {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let k = c.describe_key("hot").await.unwrap();
-    assert_eq!(k["current_version"], 22, "21 concurrent rotations all landed");
+    assert_eq!(k.current_version, 22, "21 concurrent rotations all landed");
     let mut versions = std::collections::BTreeSet::new();
     for w in workers {
         for (pt, ct) in w.await.unwrap() {
@@ -489,7 +489,7 @@ async fn restart_keeps_keys_versions_secrets_and_token() {
     assert_eq!(s.token, token, "root token file unchanged");
     let c = s.client();
     assert_eq!(&c.decrypt(&ct1.ciphertext, &BTreeMap::new()).await.unwrap().plaintext[..], b"v1 data");
-    assert_eq!(c.describe_key("persist").await.unwrap()["current_version"], 2);
+    assert_eq!(c.describe_key("persist").await.unwrap().current_version, 2);
     assert!(verify(&c, "signer", b"m", &sig).await.unwrap());
     assert_eq!(c.get_secret("p/s", Some(1)).await.unwrap().data["a"].as_str(), "1");
     assert_eq!(c.get_secret("p/s", None).await.unwrap().version, 2);
@@ -569,7 +569,7 @@ async fn aliases_name_keys_and_are_authorized_on_the_key_they_name() {
     let t = root.request(Method::POST, "/v1/auth/token/create", Some(&json!({"policies": ["pay"]}))).await.unwrap();
     let app = keyward_client::Client::builder(&s.addr).token(t["token"].as_str().unwrap()).build().unwrap();
     assert_eq!(app.encrypt("alias/pay", b"x", &cx).await.unwrap().key, "pay-2025");
-    assert_eq!(app.describe_key("alias/pay").await.unwrap()["name"], "pay-2025");
+    assert_eq!(app.describe_key("alias/pay").await.unwrap().name, "pay-2025");
     // Moving the alias needs admin on the key it names next: refused, and it stays.
     let e = app.request(Method::PUT, "/v1/aliases/pay", Some(&json!({"key": "pay-2026"}))).await.unwrap_err();
     assert_eq!(code(&e), (403, "permission_denied".into()));

@@ -212,7 +212,7 @@ async fn token_lifecycle_revocation_uses_and_root() {
     // Revoking the parent revokes the child.
     let v = root.request(Method::POST, "/v1/auth/token/revoke", Some(&json!({"accessor": parent_acc}))).await.unwrap();
     assert_eq!(v["revoked"].as_array().unwrap().len(), 2);
-    assert_eq!(pc.health().await.unwrap()["status"], "ok");
+    assert_eq!(pc.health().await.unwrap().status, "ok");
     assert_eq!(pc.request(Method::GET, "/v1/auth/whoami", None).await.unwrap_err().status(), Some(401));
     assert_eq!(
         as_token(&s, &child_tok).request(Method::GET, "/v1/auth/whoami", None).await.unwrap_err().status(),

@@ -52,7 +52,7 @@ async fn a_server_on_postgres_keeps_everything_in_the_database() {
     let cc = Client::builder(format!("http://{}", c.addr)).token(token).build().unwrap();
     assert_eq!(cc.decrypt(&ct.ciphertext, &ctx).await.unwrap().plaintext.as_slice(), b"card 4111");
     let status = cc.health().await.unwrap();
-    assert_eq!(status["storage"], "postgres", "{status}");
+    assert_eq!(status.storage, "postgres", "{status:?}");
     c.shutdown().await.unwrap();
 }
 
@@ -193,16 +193,16 @@ async fn servers_follow_each_others_changes_within_a_second() {
     // the lease over (as if killed).
     let leader = wait_until("one server takes the scheduler lease", Duration::from_secs(5), || async {
         let (ha, hb) = (ra.health().await.unwrap(), rb.health().await.unwrap());
-        ha["scheduler"].as_bool().unwrap() ^ hb["scheduler"].as_bool().unwrap()
+        ha.scheduler ^ hb.scheduler
     })
     .await;
     println!("scheduler lease taken after {leader:?}");
-    let a_leads = ra.health().await.unwrap()["scheduler"].as_bool().unwrap();
+    let a_leads = ra.health().await.unwrap().scheduler;
     let (mut gone, stays, stays_client) = if a_leads { (a, b, rb.clone()) } else { (b, a, ra.clone()) };
     gone.begin_shutdown();
     gone.wait().await.unwrap();
     let took = wait_until("the other server takes the lease over", Duration::from_secs(6), || async {
-        stays_client.health().await.unwrap()["scheduler"].as_bool().unwrap()
+        stays_client.health().await.unwrap().scheduler
     })
     .await;
     println!("scheduler lease moved after {took:?}");

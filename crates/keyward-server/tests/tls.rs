@@ -54,7 +54,7 @@ async fn server_mode_requires_tls_and_serves_https() {
         .build()
         .unwrap();
     let h = probe.health().await.unwrap();
-    assert_eq!((h["status"].as_str(), h["ready"].as_bool()), (Some("uninitialized"), Some(false)), "{h}");
+    assert_eq!((h.status.as_str(), h.ready), ("uninitialized", false), "{h:?}");
     let e = probe.request(reqwest::Method::GET, "/v1/health?ready=true", None).await.unwrap_err();
     assert_eq!(e.status(), Some(503), "{e}");
     let e = probe.request(reqwest::Method::GET, "/v1/health?readyy=true", None).await.unwrap_err();
@@ -72,7 +72,7 @@ async fn server_mode_requires_tls_and_serves_https() {
     for host in ["127.0.0.1", "localhost"] {
         let addr = format!("https://{host}:{}", running.addr.port());
         let c = keyward_client::Client::builder(&addr).token(&token).ca_cert_pem(ca.clone()).build().unwrap();
-        assert_eq!(c.health().await.unwrap()["status"], "ok");
+        assert_eq!(c.health().await.unwrap().status, "ok");
         assert_eq!(c.request(reqwest::Method::GET, "/v1/health?ready=true", None).await.unwrap()["ready"], true);
         c.create_key(&format!("tls-{}", host.replace('.', "-")), "aes256-gcm", "", None).await.unwrap();
     }
@@ -106,14 +106,14 @@ async fn server_mode_requires_tls_and_serves_https() {
         waited += 1;
     }
     let c = keyward_client::Client::builder(&https).token(&token).ca_cert_pem(ca.clone()).build().unwrap();
-    assert_eq!(c.health().await.unwrap()["status"], "ok", "the reloaded certificate is trusted");
+    assert_eq!(c.health().await.unwrap().status, "ok", "the reloaded certificate is trusted");
     std::fs::write(d.join("server.key"), "garbage").unwrap();
     tokio::time::sleep(keyward_server::run::TLS_RELOAD_POLL * 2).await;
     assert!(
         served_subject(running.addr.port()).await.contains("reloaded"),
         "a bad pair is refused, the last good one kept"
     );
-    assert_eq!(c.health().await.unwrap()["status"], "ok");
+    assert_eq!(c.health().await.unwrap().status, "ok");
 
     running.shutdown().await.unwrap();
 }

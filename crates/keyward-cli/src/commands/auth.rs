@@ -24,9 +24,9 @@ pub(super) async fn kubernetes(cli: &Cli, k: &K8sCmd) -> anyhow::Result<ExitCode
             if let Some(f) = ca_file {
                 r.ca_pem = Some(read(f)?);
             }
-            c.k8s_configure(&r).await?
+            val(&c.k8s_configure(&r).await?)?
         }
-        K8sCmd::Show => c.k8s_config().await?,
+        K8sCmd::Show => val(&c.k8s_config().await?)?,
         K8sCmd::Role(K8sRoleCmd::Put {
             name,
             namespaces,
@@ -44,17 +44,17 @@ pub(super) async fn kubernetes(cli: &Cli, k: &K8sCmd) -> anyhow::Result<ExitCode
                 max_ttl: max_ttl.clone(),
                 allow_unbound_tokens: *allow_unbound_tokens,
             };
-            c.k8s_put_role(name, &r).await?
+            val(&c.k8s_put_role(name, &r).await?)?
         }
-        K8sCmd::Role(K8sRoleCmd::List) => c.k8s_roles().await?,
-        K8sCmd::Role(K8sRoleCmd::Show { name }) => c.k8s_role(name).await?,
+        K8sCmd::Role(K8sRoleCmd::List) => val(&c.k8s_roles().await?)?,
+        K8sCmd::Role(K8sRoleCmd::Show { name }) => val(&c.k8s_role(name).await?)?,
         K8sCmd::Role(K8sRoleCmd::Delete { name }) => {
             c.k8s_delete_role(name).await?;
-            json!({"deleted": name})
+            val(&keyward_client::api::PolicyDeleted { deleted: name.clone() })?
         }
         K8sCmd::Login { role, jwt_file } => {
             let jwt = zeroize::Zeroizing::new(read(jwt_file)?.trim().to_string());
-            c.k8s_login(&K8sLoginReq { role: role.clone(), jwt }).await?
+            val(&c.k8s_login(&K8sLoginReq { role: role.clone(), jwt }).await?)?
         }
     };
     print_value(cli.output, &v)?;
@@ -70,12 +70,14 @@ pub(super) async fn policy(cli: &Cli, p: &PolicyCmd) -> anyhow::Result<ExitCode>
             } else {
                 std::fs::read(file).with_context(|| format!("reading the policy file {}", file.display()))?
             };
-            let document: Value = serde_json::from_slice(&raw).context("the policy file must be JSON")?;
-            c.put_policy(name, &document).await?
+            let document: keyward_client::api::PolicyReq = serde_json::from_slice(&raw).context(
+                "the policy file must be a JSON object of \"rules\" (and optionally \"description\" and \"identities\")",
+            )?;
+            val(&c.put_policy(name, &document).await?)?
         }
-        PolicyCmd::List => c.policies().await?,
-        PolicyCmd::Show { name } => c.policy(name).await?,
-        PolicyCmd::Delete { name } => c.delete_policy(name).await?,
+        PolicyCmd::List => val(&c.policies().await?)?,
+        PolicyCmd::Show { name } => val(&c.policy(name).await?)?,
+        PolicyCmd::Delete { name } => val(&c.delete_policy(name).await?)?,
         PolicyCmd::Check { accessor, policies, selectors, operation, resource } => {
             let mut r = keyward_client::api::DryRunReq {
                 operation: operation.clone(),
@@ -90,11 +92,11 @@ pub(super) async fn policy(cli: &Cli, p: &PolicyCmd) -> anyhow::Result<ExitCode>
                 }
             }
             let v = c.authorize(&r).await?;
-            let allowed = v["allowed"].as_bool().unwrap_or(false);
+            let allowed = v.allowed;
             match cli.output {
                 Output::Json => print_value(cli.output, &v)?,
-                Output::Table if allowed => outln!("allowed by {}", v["grant"].as_str().unwrap_or("?")),
-                Output::Table => outln!("denied: {}", v["reason"].as_str().unwrap_or("?")),
+                Output::Table if allowed => outln!("allowed by {}", v.grant.as_deref().unwrap_or("?")),
+                Output::Table => outln!("denied: {}", v.reason.as_deref().unwrap_or("?")),
             }
             return Ok(if allowed { ExitCode::SUCCESS } else { ExitCode::from(3) });
         }
@@ -115,29 +117,27 @@ pub(super) async fn token(cli: &Cli, t: &TokenCmd) -> anyhow::Result<ExitCode> {
                 display_name: display_name.clone(),
                 orphan: *orphan,
             };
-            c.create_token(&r).await?
+            val(&c.create_token(&r).await?)?
         }
         TokenCmd::List => {
             let v = c.token_accessors().await?;
             if cli.output == Output::Table {
                 let cols = ["accessor", "display_name", "policies", "expires_at", "ttl", "uses", "max_uses", "parent"];
-                let rows: Vec<Value> = v["tokens"]
-                    .as_array()
-                    .map(Vec::as_slice)
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|t| Value::Object(cols.iter().map(|c| (c.to_string(), t[*c].clone())).collect()))
-                    .collect();
+                let mut rows = Vec::with_capacity(v.tokens.len());
+                for t in &v.tokens {
+                    let t = val(t)?;
+                    rows.push(Value::Object(cols.iter().map(|c| (c.to_string(), t[*c].clone())).collect()));
+                }
                 print_rows(&rows, "")?;
                 return Ok(ExitCode::SUCCESS);
             }
-            v
+            val(&v)?
         }
-        TokenCmd::Lookup { accessor } => c.lookup_token(accessor).await?,
-        TokenCmd::Renew { accessor: Some(a) } => c.renew_token(a).await?,
-        TokenCmd::Renew { accessor: None } => c.renew_self().await?,
-        TokenCmd::Revoke { accessor: Some(a) } => c.revoke_token(a).await?,
-        TokenCmd::Revoke { accessor: None } => c.revoke_self().await?,
+        TokenCmd::Lookup { accessor } => val(&c.lookup_token(accessor).await?)?,
+        TokenCmd::Renew { accessor: Some(a) } => val(&c.renew_token(a).await?)?,
+        TokenCmd::Renew { accessor: None } => val(&c.renew_self().await?)?,
+        TokenCmd::Revoke { accessor: Some(a) } => val(&c.revoke_token(a).await?)?,
+        TokenCmd::Revoke { accessor: None } => val(&c.revoke_self().await?)?,
     };
     print_value(cli.output, &v)?;
     Ok(ExitCode::SUCCESS)

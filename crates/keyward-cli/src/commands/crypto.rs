@@ -62,7 +62,11 @@ async fn encrypt(cli: &Cli, key: &str, ctx: &ContextArgs, base64: bool) -> anyho
     let pt = zeroize::Zeroizing::new(read_stdin()?);
     let e = client(cli)?.encrypt(key, &pt, &ctx_map(&ctx.context)).await?;
     if cli.output == Output::Json {
-        let v = json!({"ciphertext": STANDARD.encode(&e.ciphertext), "key": e.key, "key_version": e.key_version});
+        let v = keyward_client::api::Ciphertext {
+            ciphertext: STANDARD.encode(&e.ciphertext),
+            key: e.key,
+            key_version: e.key_version,
+        };
         print_value(cli.output, &v)?;
     } else if base64 {
         outln!("{}", STANDARD.encode(&e.ciphertext));
@@ -78,14 +82,12 @@ async fn decrypt(cli: &Cli, ctx: &ContextArgs, base64: bool) -> anyhow::Result<E
     let ct = if base64 { decode_b64_input(&input)? } else { input };
     let d = client(cli)?.decrypt(&ct, &ctx_map(&ctx.context)).await?;
     if cli.output == Output::Json {
-        // Written directly: a JSON value would hold a copy of the plaintext nobody wipes.
-        let b64 = zeroize::Zeroizing::new(STANDARD.encode(&*d.plaintext));
-        outln!(
-            "{{\n  \"plaintext\": \"{}\",\n  \"key\": {},\n  \"key_version\": {}\n}}",
-            &*b64,
-            serde_json::to_string(&d.key)?,
-            d.key_version
-        );
+        let v = keyward_client::api::Plaintext {
+            plaintext: zeroize::Zeroizing::new(STANDARD.encode(&*d.plaintext)),
+            key: d.key.clone(),
+            key_version: d.key_version,
+        };
+        print_value(cli.output, &v)?;
     } else if base64 {
         outln!("{}", STANDARD.encode(&*d.plaintext));
     } else {
@@ -106,10 +108,13 @@ async fn reencrypt(
     let ct = if base64 { decode_b64_input(&input)? } else { input };
     let e = client(cli)?.reencrypt(&ct, &ctx_map(&ctx.context), to_key, &ctx_map(to_context)).await?;
     if cli.output == Output::Json {
-        let v = json!({
-            "ciphertext": STANDARD.encode(&e.ciphertext), "key": e.key, "key_version": e.key_version,
-            "source_key": e.source_key, "source_key_version": e.source_key_version,
-        });
+        let v = keyward_client::api::Reencrypted {
+            ciphertext: STANDARD.encode(&e.ciphertext),
+            key: e.key,
+            key_version: e.key_version,
+            source_key: e.source_key,
+            source_key_version: e.source_key_version,
+        };
         return print_value(cli.output, &v).map(|()| ExitCode::SUCCESS);
     }
     eprintln!(
@@ -133,10 +138,12 @@ async fn data_key(
     without_plaintext: bool,
 ) -> anyhow::Result<ExitCode> {
     let dk = client(cli)?.generate_data_key(key, &ctx_map(&ctx.context), bytes, !without_plaintext).await?;
-    let mut v = json!({"key": key, "key_version": dk.key_version, "ciphertext": STANDARD.encode(&dk.ciphertext)});
-    if let Some(p) = &dk.plaintext {
-        v["plaintext"] = json!(STANDARD.encode(&**p));
-    }
+    let v = keyward_client::api::DataKey {
+        plaintext: dk.plaintext.as_ref().map(|p| zeroize::Zeroizing::new(STANDARD.encode(&**p))),
+        ciphertext: STANDARD.encode(&dk.ciphertext),
+        key: key.to_string(),
+        key_version: dk.key_version,
+    };
     print_value(cli.output, &v)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -155,14 +162,13 @@ async fn sign(
     let v = client(cli)?.sign(key, &r).await?;
     match signature_file {
         Some(f) => {
-            let sig = v["signature"].as_str().ok_or_else(|| anyhow!("the server answered without a signature"))?;
-            std::fs::write(f, format!("{sig}\n")).with_context(|| format!("writing {}", f.display()))?;
+            std::fs::write(f, format!("{}\n", v.signature)).with_context(|| format!("writing {}", f.display()))?;
             if cli.output == Output::Json {
                 print_value(cli.output, &v)?;
             }
             Ok(ExitCode::SUCCESS)
         }
-        None => single_or_value(cli.output, &v, "signature"),
+        None => single_or_value(cli.output, &v, &v.signature),
     }
 }
 
@@ -194,7 +200,7 @@ async fn verify(
 async fn mac(cli: &Cli, key: &str) -> anyhow::Result<ExitCode> {
     let msg = read_stdin()?;
     let v = client(cli)?.mac(key, &MessageReq { message: STANDARD.encode(&msg) }).await?;
-    single_or_value(cli.output, &v, "mac")
+    single_or_value(cli.output, &v, &v.mac)
 }
 
 /// `keyward verify-mac`.
@@ -208,7 +214,9 @@ async fn verify_mac(cli: &Cli, key: &str, mac: &str) -> anyhow::Result<ExitCode>
 /// `keyward random`.
 async fn random(cli: &Cli, bytes: usize, encoding: Encoding) -> anyhow::Result<ExitCode> {
     let v = client(cli)?.random(bytes).await?;
-    let raw = STANDARD.decode(v["bytes"].as_str().unwrap_or_default()).map_err(|_| anyhow!("bad response"))?;
+    let raw = zeroize::Zeroizing::new(
+        STANDARD.decode(v.bytes.as_str()).map_err(|_| anyhow!("the server's random bytes are not base64"))?,
+    );
     match encoding {
         Encoding::Base64 => outln!("{}", STANDARD.encode(&raw)),
         Encoding::Hex => outln!("{}", hex::encode(&raw)),

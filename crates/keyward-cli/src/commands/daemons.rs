@@ -163,11 +163,10 @@ pub(super) async fn start_dev_agent(
     let url = format!("http://{addr}");
     let admin = Client::builder(url.clone()).token(root).build()?;
     let v = admin.join_token(&keyward_client::api::JoinTokenReq { node: "dev".into(), ttl: Some("1m".into()) }).await?;
-    let jt = v["join_token"].as_str().ok_or_else(|| anyhow!("no join token in the answer"))?;
     let cfg = keyward_agent::upstream::UpstreamConfig {
         addr: url,
         ca_pem: None,
-        join: keyward_agent::upstream::JoinCredential::Token(zeroize::Zeroizing::new(jt.to_string())),
+        join: keyward_agent::upstream::JoinCredential::Token(v.join_token),
     };
     let up = std::sync::Arc::new(keyward_agent::upstream::Upstream::join(&cfg).await?);
     let config = keyward_agent::AgentConfig { socket: socket.to_path_buf(), ..Default::default() };

@@ -146,11 +146,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let v = client(&cli)?.health().await?;
             print_value(cli.output, &v)?;
             if cli.output == Output::Table {
-                match v["status"].as_str() {
-                    Some("uninitialized") => eprintln!("Not initialized: run `keyward operator init` once."),
-                    Some("sealed") => eprintln!(
-                        "Sealed: run `keyward operator unseal` with {} share(s) ({} given so far).",
-                        v["threshold"], v["progress"]
+                let (threshold, progress) = v.seal_state.as_ref().map_or((0, 0), |s| (s.threshold, s.progress));
+                match v.status.as_str() {
+                    "uninitialized" => eprintln!("Not initialized: run `keyward operator init` once."),
+                    "sealed" => eprintln!(
+                        "Sealed: run `keyward operator unseal` with {threshold} share(s) ({progress} given so far)."
                     ),
                     _ => {}
                 }
@@ -190,9 +190,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit(AuditCmd::Info) => {
             let mut v = client(&cli)?.audit_info().await?;
             // The chain key is for `audit verify`; it is not printed.
-            if let Some(o) = v.as_object_mut() {
-                o.remove("key");
-            }
+            v.key = None;
             print_value(cli.output, &v)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -23,13 +23,19 @@ pub(super) fn read_share(prompt: &str) -> anyhow::Result<zeroize::Zeroizing<Stri
 
 /// Print new shares once. `recovery`: the server unseals itself (HSM), so they are recovery
 /// shares, for when the HSM cannot and to move to another seal.
-pub(super) fn print_shares(output: Output, v: &Value, root_token: Option<&str>, recovery: bool) -> anyhow::Result<()> {
+pub(super) fn print_shares<T: serde::Serialize>(
+    output: Output,
+    v: &T,
+    shares: &[keyward_client::api::SecretString],
+    root_token: Option<&str>,
+    recovery: bool,
+) -> anyhow::Result<()> {
     if output == Output::Json {
         return print_value(output, v);
     }
     let label = if recovery { "Recovery share" } else { "Unseal share" };
-    for (i, s) in v["shares"].as_array().into_iter().flatten().enumerate() {
-        outln!("{label} {}: {}", i + 1, s.as_str().unwrap_or(""));
+    for (i, s) in shares.iter().enumerate() {
+        outln!("{label} {}: {}", i + 1, s.as_str());
     }
     if let Some(t) = root_token {
         outln!("Root token: {t}");
@@ -56,12 +62,12 @@ pub(super) async fn operator(cli: &Cli, o: &OperatorCmd) -> anyhow::Result<ExitC
     match o {
         OperatorCmd::Init { shares, threshold } => {
             let v = c.init(&InitReq { shares: Some(*shares), threshold: Some(*threshold) }).await?;
-            print_shares(cli.output, &v, v["root_token"].as_str(), v["sealed"] == false)?;
-            if v["sealed"] == false {
+            print_shares(cli.output, &v, &v.shares, Some(v.root_token.as_str()), !v.sealed)?;
+            if !v.sealed {
                 eprintln!(
                     "The server unsealed itself with its HSM ({}). The shares are recovery shares: {threshold} of \
                      them unseal it when the HSM cannot, and move it to another seal.",
-                    v["seal"].as_str().unwrap_or("")
+                    v.seal
                 );
             } else {
                 eprintln!(
@@ -74,12 +80,12 @@ pub(super) async fn operator(cli: &Cli, o: &OperatorCmd) -> anyhow::Result<ExitC
             let v = c.unseal(&ShareReq { share, migrate: *migrate }).await?;
             if cli.output == Output::Json {
                 print_value(cli.output, &v)?;
-            } else if v["complete"] == true && *migrate {
+            } else if v.complete && *migrate {
                 outln!("Unsealed; the seal was migrated to this server's seal.");
-            } else if v["complete"] == true {
+            } else if v.complete {
                 outln!("Unsealed.");
             } else {
-                outln!("Unseal progress: {}/{}", v["progress"], v["threshold"]);
+                outln!("Unseal progress: {}/{}", v.progress.unwrap_or(0), v.threshold.unwrap_or(0));
             }
         }
         OperatorCmd::Seal => {
@@ -92,24 +98,24 @@ pub(super) async fn operator(cli: &Cli, o: &OperatorCmd) -> anyhow::Result<ExitC
                 return Ok(ExitCode::SUCCESS);
             }
             let st = c.rekey_status().await?;
-            let nonce = match st["nonce"].as_str() {
-                Some(n) => n.to_string(),
+            let nonce = match st.nonce {
+                Some(n) => n,
                 None => {
                     let v = c.rekey_start(&InitReq { shares: Some(*shares), threshold: Some(*threshold) }).await?;
                     eprintln!("Started a rekey to {shares} shares with threshold {threshold}.");
-                    v["nonce"].as_str().ok_or_else(|| anyhow!("the server returned no rekey nonce"))?.to_string()
+                    v.nonce
                 }
             };
             let share = read_share("Current unseal share: ")?;
             let v = c.rekey_update(&RekeyShareReq { nonce, share }).await?;
-            if v["shares"].is_array() {
-                let hsm = c.health().await.ok().is_some_and(|h| h["hsm_key"].is_string());
-                print_shares(cli.output, &v, None, hsm)?;
+            if let Some(new_shares) = &v.shares {
+                let hsm = c.health().await.ok().and_then(|h| h.seal_state).is_some_and(|s| s.hsm_key.is_some());
+                print_shares(cli.output, &v, new_shares, None, hsm)?;
                 eprintln!("Rekeyed: the old shares no longer unseal this server.");
             } else if cli.output == Output::Json {
                 print_value(cli.output, &v)?;
             } else {
-                outln!("Rekey progress: {}/{}", v["progress"], v["threshold"]);
+                outln!("Rekey progress: {}/{}", v.progress.unwrap_or(0), v.threshold.unwrap_or(0));
             }
         }
         OperatorCmd::Snapshot(SnapshotCmd::Save { file }) => {
@@ -125,7 +131,7 @@ pub(super) async fn operator(cli: &Cli, o: &OperatorCmd) -> anyhow::Result<ExitC
                 let _ = std::fs::remove_file(&part);
                 bail!("{} exists: a snapshot is never written over another file", file.display());
             }
-            let written = match c.download("/v1/sys/snapshot", &mut out).await {
+            let written = match c.download(keyward_client::api::routes::SYS_SNAPSHOT, &mut out).await {
                 Ok(n) => n,
                 Err(e) => {
                     let _ = std::fs::remove_file(&part);
@@ -180,17 +186,12 @@ pub(super) async fn audit_verify(
             }
             None => {
                 let v = client(cli)?.audit_info().await?;
-                if v["enabled"] != json!(true) {
+                let (Some(key), Some(head)) = (v.key.filter(|_| v.enabled), v.head) else {
                     bail!("the server runs without an audit log");
-                }
-                let key = STANDARD
-                    .decode(v["key"].as_str().unwrap_or_default())
-                    .map_err(|_| anyhow!("bad key in response"))?;
-                let head = keyward_audit::Head {
-                    seq: v["head"]["seq"].as_u64().unwrap_or(0),
-                    hmac: v["head"]["hmac"].as_str().unwrap_or_default().to_string(),
                 };
-                (key, Some(head), v["file"].as_str().map(std::path::PathBuf::from))
+                let key = STANDARD.decode(key.as_str()).map_err(|_| anyhow!("the server's audit key is not base64"))?;
+                let head = keyward_audit::Head { seq: head.seq, hmac: head.hmac };
+                (key, Some(head), v.file.map(std::path::PathBuf::from))
             }
         },
     };

@@ -6,12 +6,19 @@ pub(crate) fn print_json_or_table(output: Output, v: &Value) -> anyhow::Result<(
     print_value(output, v)
 }
 
-pub(super) fn print_value(output: Output, v: &Value) -> anyhow::Result<()> {
+/// Print an answer of the API (or any JSON value). As JSON it is written straight from the
+/// answer into a buffer wiped afterwards, since answers may hold plaintexts and secret values.
+pub(super) fn print_value<T: serde::Serialize + ?Sized>(output: Output, v: &T) -> anyhow::Result<()> {
     match output {
-        Output::Json => outln!("{}", serde_json::to_string_pretty(v)?),
-        Output::Table => print_table(v, "")?,
+        Output::Json => outln!("{}", zeroize::Zeroizing::new(serde_json::to_string_pretty(v)?).as_str()),
+        Output::Table => print_table(&val(v)?, "")?,
     }
     Ok(())
+}
+
+/// An answer as the JSON value the server sent, for the printers.
+pub(super) fn val<T: serde::Serialize + ?Sized>(v: &T) -> anyhow::Result<Value> {
+    Ok(serde_json::to_value(v)?)
 }
 
 pub(super) fn scalar(v: &Value) -> String {
@@ -113,16 +120,17 @@ pub(super) fn print_rows(items: &[Value], indent: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(super) fn single_or_value(output: Output, v: &Value, field: &str) -> anyhow::Result<ExitCode> {
+/// The whole answer as JSON, or in a table only `single` (a signature, a ciphertext).
+pub(super) fn single_or_value<T: serde::Serialize>(output: Output, v: &T, single: &str) -> anyhow::Result<ExitCode> {
     match output {
         Output::Json => print_value(output, v)?,
-        Output::Table => outln!("{}", v[field].as_str().unwrap_or_default()),
+        Output::Table => outln!("{single}"),
     }
     Ok(ExitCode::SUCCESS)
 }
 
-pub(super) fn validity(output: Output, v: &Value) -> anyhow::Result<ExitCode> {
-    let valid = v["valid"].as_bool().unwrap_or(false);
+pub(super) fn validity(output: Output, v: &keyward_client::api::Validity) -> anyhow::Result<ExitCode> {
+    let valid = v.valid;
     match output {
         Output::Json => print_value(output, v)?,
         Output::Table => outln!("{}", if valid { "valid" } else { "INVALID" }),

@@ -39,34 +39,38 @@ pub(super) async fn secret(cli: &Cli, s: &SecretCmd) -> anyhow::Result<ExitCode>
                 }
             };
             let version = c.put_secret(path, &data, *cas).await?;
-            json!({"path": path, "version": version})
+            val(&keyward_client::api::SecretWritten { path: path.clone(), version })?
         }
         SecretCmd::Get { path, version, field } => {
             let v = c.read_secret(path, *version).await?;
             if let Some(f) = field {
-                let val = v["data"][f].as_str().ok_or_else(|| anyhow!("secret {path} has no field {f:?}"))?;
+                let value = v.data.get(f).ok_or_else(|| anyhow!("secret {path} has no field {f:?}"))?;
                 match cli.output {
-                    Output::Json => outln!("{}", serde_json::to_string(val)?),
-                    Output::Table => outln!("{val}"),
+                    Output::Json => outln!("{}", serde_json::to_string(value.as_str())?),
+                    Output::Table => outln!("{}", value.as_str()),
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            v
+            val(&v)?
         }
         SecretCmd::List { prefix, limit, after } => {
             let v = c.list_secrets(prefix, *limit, after.as_deref()).await?;
             if cli.output == Output::Table {
-                for p in v["paths"].as_array().map(Vec::as_slice).unwrap_or_default() {
-                    outln!("{}", p.as_str().unwrap_or_default());
+                for p in &v.paths {
+                    outln!("{p}");
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            v
+            val(&v)?
         }
-        SecretCmd::Versions { path } => c.secret_metadata(path).await?,
-        SecretCmd::Delete { path, versions } => c.secret_versions_action("delete", path, &of(versions)).await?,
-        SecretCmd::Undelete { path, versions } => c.secret_versions_action("undelete", path, &of(versions)).await?,
-        SecretCmd::Destroy { path, versions } => c.secret_versions_action("destroy", path, &of(versions)).await?,
+        SecretCmd::Versions { path } => val(&c.secret_metadata(path).await?)?,
+        SecretCmd::Delete { path, versions } => val(&c.secret_versions_action("delete", path, &of(versions)).await?)?,
+        SecretCmd::Undelete { path, versions } => {
+            val(&c.secret_versions_action("undelete", path, &of(versions)).await?)?
+        }
+        SecretCmd::Destroy { path, versions } => {
+            val(&c.secret_versions_action("destroy", path, &of(versions)).await?)?
+        }
     };
     print_value(cli.output, &v)?;
     Ok(ExitCode::SUCCESS)
@@ -93,8 +97,7 @@ pub(super) async fn randomized(cli: &Cli, r: &RandomizedCmd) -> anyhow::Result<E
         RandomizedCmd::Get { name, value_only } => {
             let v = c.randomized(name).await?;
             if *value_only {
-                let value = v["value"].as_str().ok_or_else(|| anyhow!("the server answered without a value"))?;
-                write_out(format!("{value}\n").as_bytes())?;
+                write_out(format!("{}\n", v.value.as_str()).as_bytes())?;
             } else {
                 print_value(cli.output, &v)?;
             }

@@ -175,18 +175,18 @@ pub(crate) async fn join_token(
         max_ttl_secs: Some(ttl),
     };
     let (token, rec) = st.kms()?.issue_login_token(req).await?;
-    let body = json!({
-        "join_token": String::from_utf8_lossy(token.expose()),
-        "accessor": rec.accessor,
-        "node": r.node,
-        "expires_at": rec.expires_at.map(time),
-    });
+    let body = keyward_api::AgentJoinToken {
+        join_token: crate::wire::secret_text(token.expose()),
+        accessor: rec.accessor.clone(),
+        node: r.node,
+        expires_at: rec.expires_at.map(time),
+    };
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
 /// A node's live credentials: agent tokens (with the SHA-256 of the agent's public key) and
 /// unspent join tokens.
-fn node_credentials(tokens: &[Arc<TokenRecord>]) -> Vec<(String, Value)> {
+fn node_credentials(tokens: &[Arc<TokenRecord>]) -> Vec<keyward_api::NodeCredential> {
     let mut out = Vec::new();
     for t in tokens {
         let (node, kind) = match (selector_value(t, NODE_SELECTOR), selector_value(t, JOIN_SELECTOR)) {
@@ -194,17 +194,14 @@ fn node_credentials(tokens: &[Arc<TokenRecord>]) -> Vec<(String, Value)> {
             (None, Some(n)) => (n, "join-token"),
             _ => continue,
         };
-        out.push((
-            node.to_string(),
-            json!({
-                "node": node,
-                "kind": kind,
-                "accessor": t.accessor,
-                "agent_key_sha256": selector_value(t, AGENT_KEY_SELECTOR),
-                "created_at": time(t.created_at),
-                "expires_at": t.expires_at.map(time),
-            }),
-        ));
+        out.push(keyward_api::NodeCredential {
+            node: node.to_string(),
+            kind: kind.to_string(),
+            accessor: t.accessor.clone(),
+            agent_key_sha256: selector_value(t, AGENT_KEY_SELECTOR).map(str::to_string),
+            created_at: time(t.created_at),
+            expires_at: t.expires_at.map(time),
+        });
     }
     out
 }
@@ -213,9 +210,9 @@ fn node_credentials(tokens: &[Arc<TokenRecord>]) -> Vec<(String, Value)> {
 pub(crate) async fn list_nodes(State(st): State<AppState>, c: Caller) -> Result<Response, ApiError> {
     crate::api::allow(&st, &c, "list", "agents/")?;
     let tokens = st.kms()?.list_tokens(&c.0, true).await?;
-    let mut nodes: Vec<(String, Value)> = node_credentials(&tokens);
-    nodes.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(Json(json!({"nodes": nodes.into_iter().map(|(_, v)| v).collect::<Vec<_>>()})).into_response())
+    let mut nodes = node_credentials(&tokens);
+    nodes.sort_by(|a, b| a.node.cmp(&b.node));
+    Ok(Json(keyward_api::NodeList { nodes }).into_response())
 }
 
 /// `POST /v1/agents/{node}/revoke`: revoke the node's agent tokens and unspent join tokens
@@ -233,17 +230,15 @@ pub(crate) async fn revoke_node(
     let kms = st.kms()?;
     let tokens = kms.list_tokens(&c.0, true).await?;
     let mut revoked = Vec::new();
-    for (n, v) in node_credentials(&tokens) {
-        if n == node
-            && let Some(a) = v["accessor"].as_str()
-        {
-            revoked.extend(kms.revoke_token(a).await?);
+    for cred in node_credentials(&tokens) {
+        if cred.node == node {
+            revoked.extend(kms.revoke_token(&cred.accessor).await?);
         }
     }
     if revoked.is_empty() {
         return Err(keyward_core::KmsError::NotFound { what: "node with live credentials", name: node }.into());
     }
-    Ok(Json(json!({"node": node, "revoked": revoked})).into_response())
+    Ok(Json(keyward_api::NodeRevoked { node, revoked }).into_response())
 }
 
 #[derive(Deserialize)]

@@ -46,8 +46,9 @@ impl ReleaseOp {
     }
 
     /// Run the operation as `c` (the workload), through the same typed operation its HTTP
-    /// route runs: same authorization, same audit facts, same answer.
-    pub(crate) async fn run(&self, st: &AppState, c: &Caller) -> Result<Value, ApiError> {
+    /// route runs: same authorization, same audit facts, same answer, encoded as that route's
+    /// JSON answer (wiped on drop: it holds what is released).
+    pub(crate) async fn run(&self, st: &AppState, c: &Caller) -> Result<zeroize::Zeroizing<Vec<u8>>, ApiError> {
         self.check()?;
         // Bodies are read as strictly, and within the same size, as a request's body is.
         fn body<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
@@ -57,15 +58,20 @@ impl ReleaseOp {
             }
             crate::extract::parse_json(&bytes)
         }
+        fn encode<T: serde::Serialize>(answer: T) -> Result<zeroize::Zeroizing<Vec<u8>>, ApiError> {
+            serde_json::to_vec(&answer)
+                .map(zeroize::Zeroizing::new)
+                .map_err(|e| ApiError::internal(format!("encoding the released answer: {e}")))
+        }
         match self {
-            Self::ReadSecret { path, version } => crate::api::read_secret_as(st, c, path, *version).await,
+            Self::ReadSecret { path, version } => encode(crate::api::read_secret_as(st, c, path, *version).await?),
             // `check` refused a `/` in key names, so an alias (`alias/NAME`) never gets here.
             Self::GenerateDataKey { key, body: b } => {
-                crate::api::generate_data_key_as(st, c, key, body(b)?, true).await
+                encode(crate::api::generate_data_key_as(st, c, key, body(b)?, true).await?)
             }
-            Self::Sign { key, body: b } => crate::api::sign_as(st, c, key, body(b)?).await,
-            Self::Decrypt { body: b } => crate::api::decrypt_as(st, c, body(b)?).await,
-            Self::Randomized { name } => crate::api::randomized_value_as(st, c, name).await,
+            Self::Sign { key, body: b } => encode(crate::api::sign_as(st, c, key, body(b)?).await?),
+            Self::Decrypt { body: b } => encode(crate::api::decrypt_as(st, c, body(b)?).await?),
+            Self::Randomized { name } => encode(crate::api::randomized_value_as(st, c, name).await?),
         }
     }
 }
@@ -184,7 +190,7 @@ pub(super) fn check_proof(
 }
 
 /// What a release produced: the answer sealed to the workload (a refusal is an [`ApiError`]).
-pub(super) struct Released(Value);
+pub(super) struct Released(keyward_api::SealedRelease);
 
 impl IntoResponse for Released {
     fn into_response(self) -> Response {
@@ -239,23 +245,19 @@ pub(super) async fn run_release(
     // carry no secret: they go to the caller's error rendering and audit as they are.
     ctx.set_identity(&format!("{} [{}]", record.display_name, record.selectors.join(" ")));
     let caller = Caller(Arc::new(record), ctx);
-    let answer = item.op.run(st, &caller).await?;
-    let bytes = zeroize::Zeroizing::new(
-        serde_json::to_vec(&answer).map_err(|e| ApiError::internal(format!("encoding the released answer: {e}")))?,
-    );
-    drop(answer);
+    let bytes = item.op.run(st, &caller).await?;
     if bytes.len() > MAX_RELEASE_RESPONSE {
         return Err(ApiError::internal("the released response is too large to seal".into()));
     }
     let sealed = keyward_crypto::hpke::seal(&recipient, RELEASE_INFO, &nonce, &bytes)
         .map_err(|_| ApiError::invalid("recipient is not a usable X25519 public key"))?;
-    Ok(Released(json!({
-        "status": 200,
-        "suite": keyward_crypto::hpke::SUITE,
-        "nonce": item.nonce,
-        "enc": b64(&sealed.enc),
-        "ciphertext": b64(&sealed.ciphertext),
-    })))
+    Ok(Released(keyward_api::SealedRelease {
+        status: 200,
+        suite: keyward_crypto::hpke::SUITE.to_string(),
+        nonce: item.nonce.clone(),
+        enc: b64(&sealed.enc),
+        ciphertext: b64(&sealed.ciphertext),
+    }))
 }
 
 /// `POST /v1/agent/release`: one release, signed on its own (agents before batching).
@@ -383,4 +385,4 @@ pub(super) async fn batch_part(
 }
 
 /// The path each release of a batch is audited under.
-pub(super) const BATCH_ITEM_PATH: &str = "/v1/agent/releases";
+pub(super) const BATCH_ITEM_PATH: &str = keyward_api::routes::AGENT_RELEASES;

@@ -3,21 +3,24 @@
 
 use super::*;
 
-pub(super) fn token_json(t: &keyward_core::model::TokenRecord) -> Value {
-    json!({
-        "accessor": t.accessor,
-        "policies": t.policies,
-        "display_name": t.display_name,
-        "created_at": time(t.created_at),
-        "expires_at": t.expires_at.map(time),
-        "ttl": t.ttl_secs.map(format_period),
-        "max_uses": t.max_uses,
-        "uses": t.uses,
-        "parent": t.parent,
-        "selectors": t.selectors,
-        "max_expires_at": t.max_expires_at.map(time),
-        "kind": if t.is_stored() { "token" } else { "certificate" },
-    })
+pub(super) fn token_json(t: &keyward_core::model::TokenRecord) -> Token {
+    Token {
+        token: None,
+        accessor: t.accessor.clone(),
+        policies: t.policies.clone(),
+        display_name: t.display_name.clone(),
+        created_at: time(t.created_at),
+        expires_at: t.expires_at.map(time),
+        ttl: t.ttl_secs.map(format_period),
+        max_uses: t.max_uses,
+        uses: t.uses,
+        parent: t.parent.clone(),
+        selectors: t.selectors.clone(),
+        max_expires_at: t.max_expires_at.map(time),
+        kind: if t.is_stored() { "token" } else { "certificate" }.to_string(),
+        effective: None,
+        identity: None,
+    }
 }
 
 /// Refuse token self-service to identities that have no token (client certificates).
@@ -34,25 +37,24 @@ pub(super) fn stored_token(c: &Caller) -> Result<(), ApiError> {
 pub(super) async fn whoami(State(st): State<AppState>, c: Caller) -> ApiResult {
     c.1.set_decision("whoami", "auth/self", true, "every identity may see itself".into());
     let kms = st.kms()?;
-    let grants: Vec<Value> = kms
+    let grants = kms
         .effective_policies(&c.0)?
         .into_iter()
-        .map(|(p, set)| {
+        .map(|(policy, set)| {
             let via = match set {
-                None => json!("token"),
-                Some(i) => json!({"identity_set": i}),
+                None => PolicyVia::Token("token".into()),
+                Some(identity_set) => PolicyVia::IdentitySet { identity_set },
             };
-            match kms.get_policy(&p) {
-                Ok(pol) => json!({"policy": p, "via": via, "grants": pol.summary(&c.0.selectors)}),
-                Err(_) if p == keyward_core::policy::ROOT_POLICY => {
-                    json!({"policy": p, "via": via, "grants": ["* on *"]})
-                }
-                Err(_) => json!({"policy": p, "via": via, "grants": [], "missing": true}),
-            }
+            let (grants, missing) = match kms.get_policy(&policy) {
+                Ok(pol) => (pol.summary(&c.0.selectors).into_iter().collect(), false),
+                Err(_) if policy == keyward_core::policy::ROOT_POLICY => (vec!["* on *".to_string()], false),
+                Err(_) => (vec![], true),
+            };
+            EffectivePolicy { policy, via, grants, missing }
         })
         .collect();
     let mut v = token_json(&c.0);
-    v["effective"] = Value::Array(grants);
+    v.effective = Some(grants);
     ok(v)
 }
 
@@ -75,7 +77,7 @@ pub(super) async fn token_create(
     };
     let (token, rec) = st.kms()?.create_token(&c.0, req).await?;
     let mut v = token_json(&rec);
-    v["token"] = Value::String(String::from_utf8_lossy(token.expose()).into_owned());
+    v.token = Some(secret_text(token.expose()));
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 
@@ -110,8 +112,8 @@ pub(super) async fn token_list(State(st): State<AppState>, c: Caller) -> ApiResu
     // its own: the request's decision is `list`).
     let all = st.kms()?.authorize(&c.0, "admin", "auth/token").is_ok();
     let tokens = st.kms()?.list_tokens(&c.0, all).await?;
-    let tokens: Vec<Value> = tokens.iter().map(|t| token_json(t)).collect();
-    ok(json!({"tokens": tokens, "scope": if all { "all" } else { "subtree" }}))
+    let tokens = tokens.iter().map(|t| token_json(t)).collect();
+    ok(TokenList { tokens, scope: if all { "all" } else { "subtree" }.to_string() })
 }
 
 pub(super) async fn token_lookup(
@@ -151,7 +153,7 @@ pub(super) async fn token_revoke(
     StrictJson(r): StrictJson<AccessorReq>,
 ) -> ApiResult {
     allow_on_token(&st, &c, "write", &r.accessor).await?;
-    ok(json!({"revoked": st.kms()?.revoke_token(&r.accessor).await?}))
+    ok(Revoked { revoked: st.kms()?.revoke_token(&r.accessor).await? })
 }
 
 pub(super) async fn token_revoke_self(
@@ -161,22 +163,31 @@ pub(super) async fn token_revoke_self(
 ) -> ApiResult {
     stored_token(&c)?;
     c.1.set_decision("revoke", "auth/self", true, "every token may revoke itself".into());
-    ok(json!({"revoked": st.kms()?.revoke_token(&c.0.accessor).await?}))
+    ok(Revoked { revoked: st.kms()?.revoke_token(&c.0.accessor).await? })
 }
 
 pub(super) async fn list_policies(State(st): State<AppState>, c: Caller) -> ApiResult {
     allow(&st, &c, "list", "policies/")?;
-    ok(json!({"policies": st.kms()?.list_policies()}))
+    ok(PolicyList { policies: st.kms()?.list_policies() })
 }
 
 pub(super) async fn get_policy(State(st): State<AppState>, c: Caller, Path(name): Path<String>) -> ApiResult {
     allow(&st, &c, "read", &format!("policies/{name}"))?;
     if name == keyward_core::policy::ROOT_POLICY {
-        return ok(
-            json!({"name": "root", "description": "built in: every operation on every resource", "rules": [{"resources": ["*"], "operations": ["*"]}]}),
-        );
+        return ok(Policy {
+            name: name.clone(),
+            description: "built in: every operation on every resource".into(),
+            identities: vec![],
+            rules: vec![PolicyRule {
+                resources: vec!["*".into()],
+                operations: vec!["*".into()],
+                require: vec![],
+                max_instances: None,
+                instance_hold_secs: None,
+            }],
+        });
     }
-    ok(serde_json::to_value(&*st.kms()?.get_policy(&name)?).unwrap_or_default())
+    ok(policy_out(&*st.kms()?.get_policy(&name)?))
 }
 
 pub(super) async fn put_policy(
@@ -186,20 +197,14 @@ pub(super) async fn put_policy(
     StrictJson(r): StrictJson<PolicyReq>,
 ) -> ApiResult {
     allow(&st, &c, "admin", &format!("policies/{name}"))?;
-    let p = keyward_core::policy::Policy {
-        name: name.clone(),
-        description: r.description,
-        identities: r.identities,
-        rules: r.rules,
-    };
-    st.kms()?.put_policy(p).await?;
-    ok(serde_json::to_value(&*st.kms()?.get_policy(&name)?).unwrap_or_default())
+    st.kms()?.put_policy(policy_in(&name, r)).await?;
+    ok(policy_out(&*st.kms()?.get_policy(&name)?))
 }
 
 pub(super) async fn delete_policy(State(st): State<AppState>, c: Caller, Path(name): Path<String>) -> ApiResult {
     allow(&st, &c, "admin", &format!("policies/{name}"))?;
     st.kms()?.delete_policy(&name).await?;
-    ok(json!({"deleted": name}))
+    ok(PolicyDeleted { deleted: name })
 }
 
 /// Dry run: would a token (by accessor) or a set of policies be allowed `operation` on `resource`?
@@ -220,7 +225,7 @@ pub(super) async fn dry_run(State(st): State<AppState>, c: Caller, StrictJson(r)
         _ => return Err(ApiError::invalid("give an accessor, or policies and/or selectors")),
     };
     ok(match st.kms()?.decide(&policies, &selectors, &r.operation, &r.resource) {
-        Ok(grant) => json!({"allowed": true, "grant": grant, "policies": policies, "selectors": selectors}),
-        Err(e) => json!({"allowed": false, "reason": e.to_string(), "policies": policies, "selectors": selectors}),
+        Ok(grant) => Decision { allowed: true, grant: Some(grant), reason: None, policies, selectors },
+        Err(e) => Decision { allowed: false, grant: None, reason: Some(e.to_string()), policies, selectors },
     })
 }

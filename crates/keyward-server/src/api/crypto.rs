@@ -13,7 +13,7 @@ pub(super) async fn encrypt(
     allow(&st, &c, "encrypt", &format!("keys/{name}"))?;
     let pt = zeroize::Zeroizing::new(unb64("plaintext", &r.plaintext)?);
     let e = st.kms()?.encrypt(&name, &pt, &r.context).await?;
-    ok(json!({"ciphertext": b64(&e.ciphertext), "key": e.key_name, "key_version": e.key_version}))
+    ok(Ciphertext { ciphertext: b64(&e.ciphertext), key: e.key_name, key_version: e.key_version })
 }
 
 pub(super) async fn decrypt(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<DecryptReq>) -> ApiResult {
@@ -21,14 +21,14 @@ pub(super) async fn decrypt(State(st): State<AppState>, c: Caller, StrictJson(r)
 }
 
 /// Decrypt as `c`: the operation the HTTP handler and attested releases share.
-pub(crate) async fn decrypt_as(st: &AppState, c: &Caller, r: DecryptReq) -> Result<Value, ApiError> {
+pub(crate) async fn decrypt_as(st: &AppState, c: &Caller, r: DecryptReq) -> Result<Plaintext, ApiError> {
     c.1.set_context(&r.context);
     let ct = unb64("ciphertext", &r.ciphertext)?;
     // Authorization is by the key named in the ciphertext header; the service re-checks it.
     let resource = key_resource_of(st, &ct).await?;
     allow(st, c, "decrypt", &resource)?;
     let d = st.kms()?.decrypt(&ct, &r.context).await?;
-    Ok(json!({"plaintext": b64(d.plaintext.expose()), "key": d.key_name, "key_version": d.key_version}))
+    Ok(Plaintext { plaintext: secret_b64(d.plaintext.expose()), key: d.key_name, key_version: d.key_version })
 }
 
 /// The resource a ciphertext is authorized against: the key named by its header. An unknown or
@@ -59,10 +59,13 @@ pub(super) async fn reencrypt(
     };
     let r = st.kms()?.reencrypt(&ct, &r.context, dest.as_deref(), &r.destination_context).await?;
     let e = &r.encrypted;
-    ok(json!({
-        "ciphertext": b64(&e.ciphertext), "key": e.key_name, "key_version": e.key_version,
-        "source_key": r.source_key, "source_key_version": r.source_key_version,
-    }))
+    ok(Reencrypted {
+        ciphertext: b64(&e.ciphertext),
+        key: e.key_name.clone(),
+        key_version: e.key_version,
+        source_key: r.source_key,
+        source_key_version: r.source_key_version,
+    })
 }
 
 /// Generate a data key under `name` as `c`: the operation the HTTP handlers and attested
@@ -73,15 +76,16 @@ pub(crate) async fn generate_data_key_as(
     name: &str,
     r: DataKeyReq,
     with_plaintext: bool,
-) -> Result<Value, ApiError> {
+) -> Result<DataKey, ApiError> {
     c.1.set_context(&r.context);
     allow(st, c, "generate-data-key", &format!("keys/{name}"))?;
     let dk = st.kms()?.generate_data_key(name, r.bytes, &r.context, with_plaintext).await?;
-    let mut v = json!({"ciphertext": b64(&dk.ciphertext), "key": name, "key_version": dk.key_version});
-    if let Some(p) = &dk.plaintext {
-        v["plaintext"] = Value::String(b64(p.expose()));
-    }
-    Ok(v)
+    Ok(DataKey {
+        plaintext: dk.plaintext.as_ref().map(|p| secret_b64(p.expose())),
+        ciphertext: b64(&dk.ciphertext),
+        key: name.to_string(),
+        key_version: dk.key_version,
+    })
 }
 
 pub(super) async fn data_key(
@@ -112,14 +116,14 @@ pub(super) async fn sign(
 }
 
 /// Sign with `name` as `c`: the operation the HTTP handler and attested releases share.
-pub(crate) async fn sign_as(st: &AppState, c: &Caller, name: &str, r: SignReq) -> Result<Value, ApiError> {
+pub(crate) async fn sign_as(st: &AppState, c: &Caller, name: &str, r: SignReq) -> Result<Signature, ApiError> {
     allow(st, c, "sign", &format!("keys/{name}"))?;
     let (sig, v) = match (&r.message, &r.digest) {
         (Some(m), None) => st.kms()?.sign(name, &unb64("message", m)?).await?,
         (None, Some(d)) => st.kms()?.sign_digest(name, &unb64("digest", d)?).await?,
         _ => return Err(ApiError::invalid("give exactly one of message and digest (the message's SHA-256)")),
     };
-    Ok(json!({"signature": b64(&sig), "key": name, "key_version": v}))
+    Ok(Signature { signature: b64(&sig), key: name.to_string(), key_version: v })
 }
 
 pub(super) async fn verify(
@@ -135,7 +139,7 @@ pub(super) async fn verify(
         (None, Some(d)) => st.kms()?.verify_digest(&name, &unb64("digest", d)?, &signature).await?,
         _ => return Err(ApiError::invalid("give exactly one of message and digest (the message's SHA-256)")),
     };
-    ok(json!({"valid": valid}))
+    ok(Validity { valid })
 }
 
 pub(super) async fn mac(
@@ -146,7 +150,7 @@ pub(super) async fn mac(
 ) -> ApiResult {
     allow(&st, &c, "mac", &format!("keys/{name}"))?;
     let (m, v) = st.kms()?.mac(&name, &unb64("message", &r.message)?).await?;
-    ok(json!({"mac": b64(&m), "key": name, "key_version": v}))
+    ok(Mac { mac: b64(&m), key: name, key_version: v })
 }
 
 pub(super) async fn verify_mac(
@@ -157,11 +161,11 @@ pub(super) async fn verify_mac(
 ) -> ApiResult {
     allow(&st, &c, "verify-mac", &format!("keys/{name}"))?;
     let valid = st.kms()?.verify_mac(&name, &unb64("message", &r.message)?, &unb64("mac", &r.mac)?).await?;
-    ok(json!({"valid": valid}))
+    ok(Validity { valid })
 }
 
 pub(super) async fn random(State(st): State<AppState>, c: Caller, StrictJson(r): StrictJson<RandomReq>) -> ApiResult {
     allow(&st, &c, "random", "sys/random")?;
     let b = st.kms()?.random(r.bytes)?;
-    ok(json!({"bytes": b64(b.expose())}))
+    ok(Random { bytes: secret_b64(b.expose()) })
 }

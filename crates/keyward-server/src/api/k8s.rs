@@ -2,16 +2,16 @@
 
 use super::*;
 
-pub(super) fn role_json(name: &str, r: &keyward_authn::kubernetes::Role) -> Value {
-    json!({
-        "name": name,
-        "bound_namespaces": r.bound_namespaces,
-        "bound_service_accounts": r.bound_service_accounts,
-        "policies": r.policies,
-        "ttl": format_period(r.ttl_secs),
-        "max_ttl": format_period(r.max_ttl()),
-        "allow_unbound_tokens": r.allow_unbound_tokens,
-    })
+pub(super) fn role_json(name: &str, r: &keyward_authn::kubernetes::Role) -> K8sRole {
+    K8sRole {
+        name: name.to_string(),
+        bound_namespaces: r.bound_namespaces.clone(),
+        bound_service_accounts: r.bound_service_accounts.clone(),
+        policies: r.policies.clone(),
+        ttl: format_period(r.ttl_secs),
+        max_ttl: format_period(r.max_ttl()),
+        allow_unbound_tokens: r.allow_unbound_tokens,
+    }
 }
 
 pub(super) fn check_role_name(name: &str) -> Result<(), ApiError> {
@@ -45,11 +45,9 @@ pub(super) async fn k8s_configure(
         leeway_secs: r.leeway_secs.unwrap_or(DEFAULT_LEEWAY_SECS),
     };
     let (keys, warning) = st.k8s.configure(config).await?;
-    let mut v = json!({"configured": true, "keys": keys});
-    if let Some(w) = warning {
-        v["warning"] = json!(format!("the signing keys could not be fetched yet ({w}); logins fail until they can be"));
-    }
-    ok(v)
+    let warning =
+        warning.map(|w| format!("the signing keys could not be fetched yet ({w}); logins fail until they can be"));
+    ok(K8sConfigured { configured: true, keys, warning })
 }
 
 pub(super) async fn k8s_get_config(State(st): State<AppState>, c: Caller) -> ApiResult {
@@ -58,18 +56,22 @@ pub(super) async fn k8s_get_config(State(st): State<AppState>, c: Caller) -> Api
     let doc = st.k8s.doc().await?;
     let cfg = doc.config.ok_or(crate::k8s_auth::K8sAuthError::NotConfigured)?;
     let jwks = match &cfg.jwks {
-        JwksSource::Static(_) => json!("static"),
-        JwksSource::Url(u) => json!({"url": u}),
-        JwksSource::Discovery => json!("discovery"),
+        JwksSource::Static(_) => keyward_api::JwksSource::Kind("static".into()),
+        JwksSource::Url(u) => keyward_api::JwksSource::Url { url: u.clone() },
+        JwksSource::Discovery => keyward_api::JwksSource::Kind("discovery".into()),
     };
-    ok(
-        json!({"issuer": cfg.issuer, "audience": cfg.audience, "jwks": jwks, "leeway_secs": cfg.leeway_secs, "custom_ca": cfg.ca_pem.is_some()}),
-    )
+    ok(K8sConfig {
+        issuer: cfg.issuer.clone(),
+        audience: cfg.audience.clone(),
+        jwks,
+        leeway_secs: cfg.leeway_secs,
+        custom_ca: cfg.ca_pem.is_some(),
+    })
 }
 
 pub(super) async fn k8s_list_roles(State(st): State<AppState>, c: Caller) -> ApiResult {
     allow(&st, &c, "list", "auth/kubernetes/roles/")?;
-    ok(json!({"roles": st.k8s.doc().await?.roles.keys().collect::<Vec<_>>()}))
+    ok(K8sRoleList { roles: st.k8s.doc().await?.roles.keys().cloned().collect() })
 }
 
 pub(super) async fn k8s_get_role(State(st): State<AppState>, c: Caller, Path(name): Path<String>) -> ApiResult {
@@ -164,13 +166,13 @@ pub(super) async fn k8s_login(
     };
     ctx.set_decision("login", &resource, true, format!("role {} (token {})", r.role, rec.accessor));
     let mut v = token_json(&rec);
-    v["token"] = Value::String(String::from_utf8_lossy(token.expose()).into_owned());
-    v["identity"] = json!({
-        "namespace": id.namespace,
-        "service_account": id.service_account,
-        "pod": id.pod.as_ref().map(|p| &p.0),
-        "pod_uid": id.pod.as_ref().map(|p| &p.1),
-        "node": id.node,
+    v.token = Some(secret_text(token.expose()));
+    v.identity = Some(K8sIdentity {
+        namespace: id.namespace.clone(),
+        service_account: id.service_account.clone(),
+        pod: id.pod.as_ref().map(|p| p.0.clone()),
+        pod_uid: id.pod.as_ref().map(|p| p.1.clone()),
+        node: id.node.clone(),
     });
     ok(v)
 }

@@ -21,7 +21,7 @@ pub(super) async fn create_key(
         .kms()?
         .create_key(CreateKey { name: r.name, algorithm, description: r.description, rotate_every_secs })
         .await?;
-    Ok((StatusCode::CREATED, Json(KeyOut::from_description(&d))).into_response())
+    Ok((StatusCode::CREATED, Json(key_described(&d))).into_response())
 }
 
 pub(super) async fn list_keys(
@@ -31,13 +31,12 @@ pub(super) async fn list_keys(
 ) -> ApiResult {
     allow(&st, &c, "list", "keys/")?;
     let (page, next) = st.kms()?.list_keys(q.after.as_deref(), q.limit).await?;
-    let keys: Vec<KeyOut> = page.iter().map(KeyOut::from_record).collect();
-    ok(json!({"keys": keys, "next": next}))
+    ok(KeyList { keys: page.iter().map(key_out).collect(), next })
 }
 
 pub(super) async fn describe_key(State(st): State<AppState>, c: Caller, KeyName(name): KeyName) -> ApiResult {
     allow(&st, &c, "read", &format!("keys/{name}"))?;
-    ok(serde_json::to_value(KeyOut::from_description(&st.kms()?.describe_key(&name).await?)).unwrap_or_default())
+    ok(key_described(&st.kms()?.describe_key(&name).await?))
 }
 
 /// `PATCH /v1/keys/{name}`: change what can change in place (the description).
@@ -53,9 +52,8 @@ pub(super) async fn update_key(
 
 pub(super) async fn list_aliases(State(st): State<AppState>, c: Caller) -> ApiResult {
     allow(&st, &c, "list", "keys/")?;
-    let aliases: Vec<Value> =
-        st.kms()?.aliases().await?.into_iter().map(|(a, k)| json!({"alias": a, "key": k})).collect();
-    ok(json!({"aliases": aliases}))
+    let aliases = st.kms()?.aliases().await?.into_iter().map(|(alias, key)| AliasEntry { alias, key }).collect();
+    ok(AliasList { aliases })
 }
 
 /// `PUT /v1/aliases/{name}`: point `alias/NAME` at a key (`admin` on that key, and on the key
@@ -76,7 +74,7 @@ pub(super) async fn set_alias(
         key_admin(&st, &c, &before).await?;
     }
     let previous = kms.set_alias(&alias, &r.key).await?;
-    ok(json!({"alias": alias, "key": r.key, "previous": previous}))
+    ok(AliasSet { alias, key: r.key, previous })
 }
 
 /// `DELETE /v1/aliases/{name}` (`admin` on the key it names).
@@ -93,7 +91,7 @@ pub(super) async fn delete_alias(State(st): State<AppState>, c: Caller, Path(nam
         }
     }
     let key = kms.delete_alias(&alias).await?;
-    ok(json!({"alias": alias, "deleted": true, "key": key}))
+    ok(AliasDeleted { alias, deleted: true, key })
 }
 
 pub(super) async fn key_admin(st: &AppState, c: &Caller, name: &str) -> Result<(), ApiError> {
@@ -101,7 +99,7 @@ pub(super) async fn key_admin(st: &AppState, c: &Caller, name: &str) -> Result<(
 }
 
 pub(super) fn key_json(d: &keyward_core::service::KeyDescription) -> ApiResult {
-    ok(serde_json::to_value(KeyOut::from_description(d)).unwrap_or_default())
+    ok(key_described(d))
 }
 
 pub(super) async fn enable_key(

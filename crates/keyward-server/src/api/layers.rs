@@ -34,7 +34,7 @@ pub(super) async fn finish(State(st): State<AppState>, mut req: Request, next: N
     // The service and audit log as of the request's start: a request that seals the server
     // still gets its own record written.
     let unsealed = st.sealing.unsealed();
-    let audited = unsealed.as_ref().and_then(|u| u.audit.as_ref()).filter(|_| path != "/v1/health");
+    let audited = unsealed.as_ref().and_then(|u| u.audit.as_ref()).filter(|_| path != keyward_api::routes::HEALTH);
     // Fail closed: while sealed, or while the audit log cannot be written, nothing runs.
     let resp = match audited {
         _ if unsealed.is_none() && !SEALED_ROUTES.contains(&path.as_str()) => sealed_error().into_response(),
@@ -200,11 +200,11 @@ pub(super) async fn authenticate(State(st): State<AppState>, mut req: Request, n
 
 /// The only routes a node agent's token (or a join token) may be presented on.
 pub(super) const AGENT_ROUTES: &[&str] = &[
-    "/v1/agent/nonce",
-    "/v1/agent/release",
-    "/v1/agent/releases",
-    "/v1/auth/token/renew-self",
-    "/v1/auth/token/revoke-self",
+    keyward_api::routes::AGENT_NONCE,
+    keyward_api::routes::AGENT_RELEASE,
+    keyward_api::routes::AGENT_RELEASES,
+    keyward_api::routes::TOKEN_RENEW_SELF,
+    keyward_api::routes::TOKEN_REVOKE_SELF,
 ];
 
 /// Whether a token is a node agent's (bound to its key) or a join token, and which.

@@ -13,13 +13,14 @@ use keyward_core::secretdata::SecretData;
 use keyward_core::service::CreateKey;
 use keyward_core::{Kms, KmsError};
 use keyward_crypto::keys::KeyAlgorithm;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::audit::AuditCtx;
 use crate::error::ApiError;
 use crate::extract::{Caller, KeyName, RequestId, StrictJson, StrictQuery};
 use crate::k8s_auth::K8sAuth;
 use crate::wire::*;
+use keyward_api::routes;
 use keyward_seal::Sealing;
 
 mod auth;
@@ -68,7 +69,7 @@ impl AppState {
 }
 
 /// Routes a sealed server still answers.
-const SEALED_ROUTES: &[&str] = &["/v1/health", "/v1/sys/init", "/v1/sys/unseal"];
+const SEALED_ROUTES: &[&str] = &[routes::HEALTH, routes::SYS_INIT, routes::SYS_UNSEAL];
 
 pub(crate) fn sealed_error() -> ApiError {
     ApiError::new(
@@ -80,7 +81,7 @@ pub(crate) fn sealed_error() -> ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
-fn ok(v: Value) -> ApiResult {
+fn ok<T: serde::Serialize>(v: T) -> ApiResult {
     Ok(Json(v).into_response())
 }
 
@@ -88,79 +89,79 @@ fn ok(v: Value) -> ApiResult {
 /// the document in both directions.
 pub fn route_table() -> Vec<(&'static str, &'static str, bool, MethodRouter<AppState>)> {
     vec![
-        ("get", "/v1/health", true, get(health)),
-        ("post", "/v1/sys/init", true, post(sys_init)),
-        ("post", "/v1/sys/unseal", true, post(sys_unseal)),
-        ("post", "/v1/sys/seal", false, post(sys_seal)),
-        ("get", "/v1/sys/rekey", false, get(rekey_status)),
-        ("post", "/v1/sys/rekey", false, post(rekey_start)),
-        ("delete", "/v1/sys/rekey", false, axum::routing::delete(rekey_cancel)),
-        ("post", "/v1/sys/rekey/update", false, post(rekey_update)),
-        ("post", "/v1/sys/rotate-root", false, post(rotate_root)),
-        ("get", "/v1/openapi.json", false, get(openapi)),
-        ("get", "/v1/sys/audit", false, get(audit_info)),
-        ("get", "/v1/sys/snapshot", false, get(snapshot)),
-        ("get", "/v1/metrics", false, get(metrics)),
-        ("post", "/v1/sys/authorize", false, post(dry_run)),
-        ("get", "/v1/auth/whoami", false, get(whoami)),
-        ("post", "/v1/auth/kubernetes/login", true, post(k8s_login)),
-        ("get", "/v1/auth/kubernetes/config", false, get(k8s_get_config)),
-        ("put", "/v1/auth/kubernetes/config", false, put(k8s_configure)),
-        ("get", "/v1/auth/kubernetes/roles", false, get(k8s_list_roles)),
-        ("get", "/v1/auth/kubernetes/roles/{name}", false, get(k8s_get_role)),
-        ("put", "/v1/auth/kubernetes/roles/{name}", false, put(k8s_put_role)),
-        ("delete", "/v1/auth/kubernetes/roles/{name}", false, axum::routing::delete(k8s_delete_role)),
-        ("post", "/v1/auth/agent/join-token", false, post(crate::agent_api::join_token)),
-        ("post", "/v1/auth/agent/join", true, post(crate::agent_api::join)),
-        ("get", "/v1/agents", false, get(crate::agent_api::list_nodes)),
-        ("post", "/v1/agents/{node}/revoke", false, post(crate::agent_api::revoke_node)),
-        ("post", "/v1/agent/nonce", false, post(crate::agent_api::nonce)),
-        ("post", "/v1/agent/release", false, post(crate::agent_api::release)),
-        ("post", "/v1/agent/releases", false, post(crate::agent_api::release_batch)),
-        ("post", "/v1/auth/token/create", false, post(token_create)),
-        ("post", "/v1/auth/token/lookup", false, post(token_lookup)),
-        ("get", "/v1/auth/token/accessors", false, get(token_list)),
-        ("post", "/v1/auth/token/renew", false, post(token_renew)),
-        ("post", "/v1/auth/token/renew-self", false, post(token_renew_self)),
-        ("post", "/v1/auth/token/revoke", false, post(token_revoke)),
-        ("post", "/v1/auth/token/revoke-self", false, post(token_revoke_self)),
-        ("get", "/v1/policies", false, get(list_policies)),
-        ("get", "/v1/policies/{name}", false, get(get_policy)),
-        ("put", "/v1/policies/{name}", false, put(put_policy)),
-        ("delete", "/v1/policies/{name}", false, axum::routing::delete(delete_policy)),
-        ("post", "/v1/keys", false, post(create_key)),
-        ("get", "/v1/keys", false, get(list_keys)),
-        ("get", "/v1/keys/{name}", false, get(describe_key)),
-        ("patch", "/v1/keys/{name}", false, axum::routing::patch(update_key)),
-        ("get", "/v1/aliases", false, get(list_aliases)),
-        ("put", "/v1/aliases/{name}", false, put(set_alias)),
-        ("delete", "/v1/aliases/{name}", false, axum::routing::delete(delete_alias)),
-        ("post", "/v1/keys/{name}/enable", false, post(enable_key)),
-        ("post", "/v1/keys/{name}/disable", false, post(disable_key)),
-        ("post", "/v1/keys/{name}/rotate", false, post(rotate_key)),
-        ("put", "/v1/keys/{name}/rotation-policy", false, put(rotation_policy)),
-        ("post", "/v1/keys/{name}/schedule-deletion", false, post(schedule_deletion)),
-        ("post", "/v1/keys/{name}/cancel-deletion", false, post(cancel_deletion)),
-        ("post", "/v1/keys/{name}/encrypt", false, post(encrypt)),
-        ("post", "/v1/keys/{name}/generate-data-key", false, post(data_key)),
-        ("post", "/v1/keys/{name}/generate-data-key-without-plaintext", false, post(data_key_without_plaintext)),
-        ("post", "/v1/keys/{name}/sign", false, post(sign)),
-        ("post", "/v1/keys/{name}/verify", false, post(verify)),
-        ("post", "/v1/keys/{name}/mac", false, post(mac)),
-        ("post", "/v1/keys/{name}/verify-mac", false, post(verify_mac)),
-        ("post", "/v1/decrypt", false, post(decrypt)),
-        ("post", "/v1/reencrypt", false, post(reencrypt)),
-        ("post", "/v1/random", false, post(random)),
-        ("get", "/v1/randomized/{name}", false, get(randomized_value)),
-        ("put", "/v1/randomized/{name}", false, put(randomized_define)),
-        ("get", "/v1/randomized/{name}/definition", false, get(randomized_definition)),
-        ("get", "/v1/secrets", false, get(list_secrets)),
-        ("get", "/v1/secrets/data/{*path}", false, get(get_secret)),
-        ("put", "/v1/secrets/data/{*path}", false, put(put_secret)),
-        ("get", "/v1/secrets/metadata/{*path}", false, get(secret_metadata)),
-        ("post", "/v1/secrets/delete/{*path}", false, post(delete_secret)),
-        ("post", "/v1/secrets/undelete/{*path}", false, post(undelete_secret)),
-        ("post", "/v1/secrets/destroy/{*path}", false, post(destroy_secret)),
+        ("get", routes::HEALTH, true, get(health)),
+        ("post", routes::SYS_INIT, true, post(sys_init)),
+        ("post", routes::SYS_UNSEAL, true, post(sys_unseal)),
+        ("post", routes::SYS_SEAL, false, post(sys_seal)),
+        ("get", routes::SYS_REKEY, false, get(rekey_status)),
+        ("post", routes::SYS_REKEY, false, post(rekey_start)),
+        ("delete", routes::SYS_REKEY, false, axum::routing::delete(rekey_cancel)),
+        ("post", routes::SYS_REKEY_UPDATE, false, post(rekey_update)),
+        ("post", routes::SYS_ROTATE_ROOT, false, post(rotate_root)),
+        ("get", routes::OPENAPI, false, get(openapi)),
+        ("get", routes::SYS_AUDIT, false, get(audit_info)),
+        ("get", routes::SYS_SNAPSHOT, false, get(snapshot)),
+        ("get", routes::METRICS, false, get(metrics)),
+        ("post", routes::SYS_AUTHORIZE, false, post(dry_run)),
+        ("get", routes::WHOAMI, false, get(whoami)),
+        ("post", routes::K8S_LOGIN, true, post(k8s_login)),
+        ("get", routes::K8S_CONFIG, false, get(k8s_get_config)),
+        ("put", routes::K8S_CONFIG, false, put(k8s_configure)),
+        ("get", routes::K8S_ROLES, false, get(k8s_list_roles)),
+        ("get", routes::K8S_ROLE, false, get(k8s_get_role)),
+        ("put", routes::K8S_ROLE, false, put(k8s_put_role)),
+        ("delete", routes::K8S_ROLE, false, axum::routing::delete(k8s_delete_role)),
+        ("post", routes::AGENT_JOIN_TOKEN, false, post(crate::agent_api::join_token)),
+        ("post", routes::AGENT_JOIN, true, post(crate::agent_api::join)),
+        ("get", routes::AGENTS, false, get(crate::agent_api::list_nodes)),
+        ("post", routes::AGENT_REVOKE, false, post(crate::agent_api::revoke_node)),
+        ("post", routes::AGENT_NONCE, false, post(crate::agent_api::nonce)),
+        ("post", routes::AGENT_RELEASE, false, post(crate::agent_api::release)),
+        ("post", routes::AGENT_RELEASES, false, post(crate::agent_api::release_batch)),
+        ("post", routes::TOKEN_CREATE, false, post(token_create)),
+        ("post", routes::TOKEN_LOOKUP, false, post(token_lookup)),
+        ("get", routes::TOKEN_ACCESSORS, false, get(token_list)),
+        ("post", routes::TOKEN_RENEW, false, post(token_renew)),
+        ("post", routes::TOKEN_RENEW_SELF, false, post(token_renew_self)),
+        ("post", routes::TOKEN_REVOKE, false, post(token_revoke)),
+        ("post", routes::TOKEN_REVOKE_SELF, false, post(token_revoke_self)),
+        ("get", routes::POLICIES, false, get(list_policies)),
+        ("get", routes::POLICY, false, get(get_policy)),
+        ("put", routes::POLICY, false, put(put_policy)),
+        ("delete", routes::POLICY, false, axum::routing::delete(delete_policy)),
+        ("post", routes::KEYS, false, post(create_key)),
+        ("get", routes::KEYS, false, get(list_keys)),
+        ("get", routes::KEY, false, get(describe_key)),
+        ("patch", routes::KEY, false, axum::routing::patch(update_key)),
+        ("get", routes::ALIASES, false, get(list_aliases)),
+        ("put", routes::ALIAS, false, put(set_alias)),
+        ("delete", routes::ALIAS, false, axum::routing::delete(delete_alias)),
+        ("post", routes::KEY_ENABLE, false, post(enable_key)),
+        ("post", routes::KEY_DISABLE, false, post(disable_key)),
+        ("post", routes::KEY_ROTATE, false, post(rotate_key)),
+        ("put", routes::KEY_ROTATION_POLICY, false, put(rotation_policy)),
+        ("post", routes::KEY_SCHEDULE_DELETION, false, post(schedule_deletion)),
+        ("post", routes::KEY_CANCEL_DELETION, false, post(cancel_deletion)),
+        ("post", routes::KEY_ENCRYPT, false, post(encrypt)),
+        ("post", routes::KEY_DATA_KEY, false, post(data_key)),
+        ("post", routes::KEY_DATA_KEY_WITHOUT_PLAINTEXT, false, post(data_key_without_plaintext)),
+        ("post", routes::KEY_SIGN, false, post(sign)),
+        ("post", routes::KEY_VERIFY, false, post(verify)),
+        ("post", routes::KEY_MAC, false, post(mac)),
+        ("post", routes::KEY_VERIFY_MAC, false, post(verify_mac)),
+        ("post", routes::DECRYPT, false, post(decrypt)),
+        ("post", routes::REENCRYPT, false, post(reencrypt)),
+        ("post", routes::RANDOM, false, post(random)),
+        ("get", routes::RANDOMIZED, false, get(randomized_value)),
+        ("put", routes::RANDOMIZED, false, put(randomized_define)),
+        ("get", routes::RANDOMIZED_DEFINITION, false, get(randomized_definition)),
+        ("get", routes::SECRETS, false, get(list_secrets)),
+        ("get", routes::SECRET_DATA, false, get(get_secret)),
+        ("put", routes::SECRET_DATA, false, put(put_secret)),
+        ("get", routes::SECRET_METADATA, false, get(secret_metadata)),
+        ("post", routes::SECRET_DELETE, false, post(delete_secret)),
+        ("post", routes::SECRET_UNDELETE, false, post(undelete_secret)),
+        ("post", routes::SECRET_DESTROY, false, post(destroy_secret)),
     ]
 }
 

@@ -9,7 +9,7 @@ pub(super) async fn list_secrets(
 ) -> ApiResult {
     allow(&st, &c, "list", &format!("secrets/{}", q.prefix))?;
     let (paths, next) = st.kms()?.list_secrets(&q.prefix, q.after.as_deref(), q.limit).await?;
-    ok(json!({"paths": paths, "next": next}))
+    ok(SecretList { paths, next })
 }
 
 /// The workload identity a randomized value belongs to, most general first: a Kubernetes
@@ -76,9 +76,21 @@ pub(super) async fn randomized_define(
     ok(randomized_json(&name, &spec))
 }
 
-pub(super) fn randomized_json(name: &str, spec: &keyward_core::random::RandomSpec) -> Value {
-    json!({"name": name, "kind": spec.kind, "length": spec.length, "alphabet": spec.alphabet,
-           "ttl": format_period(spec.ttl_secs), "grace": format_period(spec.grace_secs)})
+pub(super) fn randomized_json(name: &str, spec: &keyward_core::random::RandomSpec) -> RandomizedDefinition {
+    use keyward_core::random::RandomKind;
+    RandomizedDefinition {
+        name: name.to_string(),
+        kind: match spec.kind {
+            RandomKind::Password => "password",
+            RandomKind::ApiKey => "api-key",
+            RandomKind::Bytes => "bytes",
+        }
+        .to_string(),
+        length: spec.length,
+        alphabet: spec.alphabet.clone(),
+        ttl: format_period(spec.ttl_secs),
+        grace: format_period(spec.grace_secs),
+    }
 }
 
 pub(super) async fn randomized_definition(
@@ -97,22 +109,22 @@ pub(super) async fn randomized_value(State(st): State<AppState>, c: Caller, Path
 
 /// The randomized secret `name` of `c`'s workload identity: the operation the HTTP handler and
 /// attested releases share.
-pub(crate) async fn randomized_value_as(st: &AppState, c: &Caller, name: &str) -> Result<Value, ApiError> {
+pub(crate) async fn randomized_value_as(st: &AppState, c: &Caller, name: &str) -> Result<RandomizedValue, ApiError> {
     allow(st, c, "read", &format!("randomized/{name}"))?;
     let identity = randomized_identity(&c.0)?;
     let v = st.kms()?.random_value(name, &identity, keyward_core::now_unix()).await?;
-    let mut out = json!({
-        "name": name,
-        "identity": identity,
-        "value": v.value.as_str(),
-        "version": v.version,
-        "created_at": time(v.created_at),
-        "rotates_at": time(v.rotates_at),
-    });
-    if let Some((prev, until)) = &v.previous {
-        out["previous"] = json!({"value": prev.as_str(), "valid_until": time(*until)});
-    }
-    Ok(out)
+    Ok(RandomizedValue {
+        name: name.to_string(),
+        identity,
+        value: zeroize::Zeroizing::new(v.value.as_str().to_string()),
+        version: v.version,
+        created_at: time(v.created_at),
+        rotates_at: time(v.rotates_at),
+        previous: v.previous.as_ref().map(|(prev, until)| PreviousValue {
+            value: zeroize::Zeroizing::new(prev.as_str().to_string()),
+            valid_until: time(*until),
+        }),
+    })
 }
 
 pub(super) async fn get_secret(
@@ -130,10 +142,15 @@ pub(crate) async fn read_secret_as(
     c: &Caller,
     path: &str,
     version: Option<u32>,
-) -> Result<Value, ApiError> {
+) -> Result<Secret, ApiError> {
     allow(st, c, "read", &format!("secrets/{path}"))?;
     let s = st.kms()?.get_secret(path, version).await?;
-    Ok(json!({"path": path, "version": s.version, "created_at": time(s.created_at), "data": s.data.expose()}))
+    Ok(Secret {
+        path: path.to_string(),
+        version: s.version,
+        created_at: time(s.created_at),
+        data: s.data.expose().iter().map(|(k, v)| (k.clone(), zeroize::Zeroizing::new(v.clone()))).collect(),
+    })
 }
 
 pub(super) async fn put_secret(
@@ -145,20 +162,19 @@ pub(super) async fn put_secret(
     allow(&st, &c, "write", &format!("secrets/{path}"))?;
     let data = SecretData::new(r.data)?;
     let version = st.kms()?.put_secret(&path, data, r.cas).await?;
-    ok(json!({"path": path, "version": version}))
+    ok(SecretWritten { path, version })
 }
 
 pub(super) async fn secret_metadata(State(st): State<AppState>, c: Caller, Path(path): Path<String>) -> ApiResult {
     allow(&st, &c, "read", &format!("secrets/{path}"))?;
     let (meta, versions) = st.kms()?.secret_versions(&path).await?;
-    let versions: Vec<SecretVersionOut> = versions.iter().map(SecretVersionOut::from).collect();
-    ok(json!({
-        "path": meta.path,
-        "current_version": meta.current_version,
-        "created_at": time(meta.created_at),
-        "updated_at": time(meta.updated_at),
-        "versions": versions,
-    }))
+    ok(SecretMetadata {
+        path: meta.path,
+        current_version: meta.current_version,
+        created_at: time(meta.created_at),
+        updated_at: time(meta.updated_at),
+        versions: versions.iter().map(secret_version_out).collect(),
+    })
 }
 
 pub(super) async fn delete_secret(
@@ -168,7 +184,7 @@ pub(super) async fn delete_secret(
     StrictJson(r): StrictJson<VersionsReq>,
 ) -> ApiResult {
     allow(&st, &c, "write", &format!("secrets/{path}"))?;
-    ok(json!({"changed": st.kms()?.delete_secret(&path, &r.versions).await?}))
+    ok(Changed { changed: st.kms()?.delete_secret(&path, &r.versions).await? })
 }
 
 pub(super) async fn undelete_secret(
@@ -178,7 +194,7 @@ pub(super) async fn undelete_secret(
     StrictJson(r): StrictJson<VersionsReq>,
 ) -> ApiResult {
     allow(&st, &c, "write", &format!("secrets/{path}"))?;
-    ok(json!({"changed": st.kms()?.undelete_secret(&path, &r.versions).await?}))
+    ok(Changed { changed: st.kms()?.undelete_secret(&path, &r.versions).await? })
 }
 
 pub(super) async fn destroy_secret(
@@ -188,5 +204,5 @@ pub(super) async fn destroy_secret(
     StrictJson(r): StrictJson<VersionsReq>,
 ) -> ApiResult {
     allow(&st, &c, "destroy", &format!("secrets/{path}"))?;
-    ok(json!({"changed": st.kms()?.destroy_secret(&path, &r.versions).await?}))
+    ok(Changed { changed: st.kms()?.destroy_secret(&path, &r.versions).await? })
 }

@@ -39,52 +39,51 @@ pub(super) async fn health(State(st): State<AppState>, StrictQuery(q): StrictQue
     let unsealed = st.sealing.unsealed();
     let ready = unsealed.as_ref().is_some_and(|u| u.kms.require_fresh().is_ok());
     let sealed = unsealed.is_none();
-    let mut body = json!({
-        "status": if sealed { "sealed" } else if ready { "ok" } else { "stale" },
-        "ready": ready,
-        "sealed": sealed,
-        "seal": st.sealing.kind().as_str(),
-        "storage": st.sealing.storage_backend(),
-        "server_id": st.member.id,
-        "scheduler": st.member.runs_scheduler(),
-        "version": env!("CARGO_PKG_VERSION"),
-    });
     // The seal details come from the store; while it is unreachable the process is still alive
     // (a restart would not help), so liveness stays 200 and only those details are missing.
-    match st.sealing.status().await {
-        Ok(s) => {
-            let details = json!({
-                "storage_available": true,
-                "initialized": s.initialized,
-                "stored_seal": s.stored_seal,
-                "migration_required": s.migration_required,
-                "hsm_key": s.hsm_key,
-                "insecure_seal": s.insecure_seal,
-                "shares": s.shares,
-                "threshold": s.threshold,
-                "progress": s.progress,
-                "rekey_in_progress": s.rekey_in_progress,
-            });
-            if let (Some(b), Some(d)) = (body.as_object_mut(), details.as_object()) {
-                b.extend(d.clone());
-            }
-            if !s.initialized {
-                body["status"] = json!("uninitialized");
-            }
-        }
+    let seal_state = match st.sealing.status().await {
+        Ok(s) => Some(SealState {
+            initialized: s.initialized,
+            stored_seal: s.stored_seal.map(str::to_string),
+            migration_required: s.migration_required,
+            hsm_key: s.hsm_key,
+            insecure_seal: s.insecure_seal,
+            shares: s.shares,
+            threshold: s.threshold,
+            progress: s.progress,
+            rekey_in_progress: s.rekey_in_progress,
+        }),
         Err(e) => {
             tracing::warn!(error = %e, "health: the seal state cannot be read from the store");
-            body["storage_available"] = Value::Bool(false);
+            None
         }
-    }
+    };
+    let status = match &seal_state {
+        Some(s) if !s.initialized => "uninitialized",
+        _ if sealed => "sealed",
+        _ if ready => "ok",
+        _ => "stale",
+    };
+    let body = Health {
+        status: status.to_string(),
+        ready,
+        sealed,
+        seal: st.sealing.kind().as_str().to_string(),
+        storage: st.sealing.storage_backend().to_string(),
+        server_id: st.member.id.clone(),
+        scheduler: st.member.runs_scheduler(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        storage_available: seal_state.is_some(),
+        seal_state,
+    };
     if q.ready && !ready {
         return Ok((StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response());
     }
     ok(body)
 }
 
-pub(super) fn shares_json(shares: &[keyward_crypto::SecretBytes]) -> Value {
-    Value::Array(shares.iter().map(|s| Value::String(String::from_utf8_lossy(s.expose()).into_owned())).collect())
+pub(super) fn shares_json(shares: &[keyward_crypto::SecretBytes]) -> Vec<SecretString> {
+    shares.iter().map(|s| secret_text(s.expose())).collect()
 }
 
 pub(super) async fn sys_init(State(st): State<AppState>, StrictJson(r): StrictJson<InitReq>) -> ApiResult {
@@ -92,22 +91,24 @@ pub(super) async fn sys_init(State(st): State<AppState>, StrictJson(r): StrictJs
     tracing::warn!("initialised: the unseal (or recovery) shares and root token were returned once to the caller");
     Ok((
         StatusCode::CREATED,
-        Json(json!({
-            "shares": shares_json(&res.shares),
-            "root_token": String::from_utf8_lossy(res.root_token.expose()),
-            "seal": st.sealing.kind().as_str(),
-            "sealed": st.sealing.unsealed().is_none(),
-        })),
+        Json(InitResult {
+            shares: shares_json(&res.shares),
+            root_token: secret_text(res.root_token.expose()),
+            seal: st.sealing.kind().as_str().to_string(),
+            sealed: st.sealing.unsealed().is_none(),
+        }),
     )
         .into_response())
 }
 
-pub(super) fn progress_json(p: keyward_seal::Progress) -> Value {
-    use keyward_seal::Progress;
+pub(super) fn progress_json(p: keyward_seal::Progress) -> Progress {
+    let done = Progress { complete: true, progress: None, threshold: None, sealed: None, shares: None };
     match p {
-        Progress::Need { have, threshold } => json!({"complete": false, "progress": have, "threshold": threshold}),
-        Progress::Unsealed => json!({"complete": true, "sealed": false}),
-        Progress::Rekeyed(shares) => json!({"complete": true, "shares": shares_json(&shares)}),
+        keyward_seal::Progress::Need { have, threshold } => {
+            Progress { complete: false, progress: Some(have), threshold: Some(threshold), ..done }
+        }
+        keyward_seal::Progress::Unsealed => Progress { sealed: Some(false), ..done },
+        keyward_seal::Progress::Rekeyed(shares) => Progress { shares: Some(shares_json(&shares)), ..done },
     }
 }
 
@@ -118,16 +119,20 @@ pub(super) async fn sys_unseal(State(st): State<AppState>, StrictJson(r): Strict
 pub(super) async fn sys_seal(State(st): State<AppState>, c: Caller, StrictJson(_): StrictJson<Empty>) -> ApiResult {
     allow(&st, &c, "admin", "sys/seal")?;
     st.sealing.seal().await?;
-    ok(json!({"sealed": true}))
+    ok(Sealed { sealed: true })
 }
 
 pub(super) async fn rekey_status(State(st): State<AppState>, c: Caller) -> ApiResult {
     allow(&st, &c, "admin", "sys/rekey")?;
     match st.sealing.rekey_status().await {
-        Some((nonce, shares, threshold, progress)) => ok(json!({
-            "in_progress": true, "nonce": nonce, "shares": shares, "threshold": threshold, "progress": progress,
-        })),
-        None => ok(json!({"in_progress": false})),
+        Some((nonce, shares, threshold, progress)) => ok(RekeyStatus {
+            in_progress: true,
+            nonce: Some(nonce),
+            shares: Some(shares),
+            threshold: Some(threshold),
+            progress: Some(progress),
+        }),
+        None => ok(RekeyStatus { in_progress: false, nonce: None, shares: None, threshold: None, progress: None }),
     }
 }
 
@@ -138,12 +143,12 @@ pub(super) async fn rekey_start(
 ) -> ApiResult {
     allow(&st, &c, "admin", "sys/rekey")?;
     let nonce = st.sealing.rekey_start(r.shares.unwrap_or(5), r.threshold.unwrap_or(3)).await?;
-    ok(json!({"nonce": nonce}))
+    ok(RekeyStarted { nonce })
 }
 
 pub(super) async fn rekey_cancel(State(st): State<AppState>, c: Caller) -> ApiResult {
     allow(&st, &c, "admin", "sys/rekey")?;
-    ok(json!({"cancelled": st.sealing.rekey_cancel().await}))
+    ok(Cancelled { cancelled: st.sealing.rekey_cancel().await })
 }
 
 pub(super) async fn rekey_update(
@@ -158,7 +163,7 @@ pub(super) async fn rekey_update(
 pub(super) async fn rotate_root(State(st): State<AppState>, c: Caller, StrictJson(_): StrictJson<Empty>) -> ApiResult {
     allow(&st, &c, "admin", "sys/rotate-root")?;
     let r = st.sealing.rotate_root().await?;
-    ok(json!({"rotated": true, "key_versions_rewrapped": r.key_versions, "service_keys_rewrapped": r.service_keys}))
+    ok(RootRotated { rotated: true, key_versions_rewrapped: r.key_versions, service_keys_rewrapped: r.service_keys })
 }
 
 pub(super) async fn audit_info(State(st): State<AppState>, c: Caller) -> ApiResult {
@@ -169,20 +174,20 @@ pub(super) async fn audit_info(State(st): State<AppState>, c: Caller) -> ApiResu
             let s = a.stats();
             let load = |x: &std::sync::atomic::AtomicU64| x.load(std::sync::atomic::Ordering::Relaxed);
             let (records, batches, micros) = (load(&s.records), load(&s.batches), load(&s.write_micros));
-            ok(json!({
-                "enabled": true,
-                "file": a.file().display().to_string(),
-                "head": {"seq": h.seq, "hmac": h.hmac},
-                "stats": {
-                    "records": records,
-                    "batches": batches,
-                    "records_per_batch": if batches == 0 { 0.0 } else { records as f64 / batches as f64 },
-                    "write_and_sync_us_per_batch": micros.checked_div(batches).unwrap_or(0),
-                },
-                "key": b64(a.key().expose()),
-            }))
+            ok(AuditInfo {
+                enabled: true,
+                file: Some(a.file().display().to_string()),
+                head: Some(AuditHead { seq: h.seq, hmac: h.hmac }),
+                stats: Some(AuditStats {
+                    records,
+                    batches,
+                    records_per_batch: if batches == 0 { 0.0 } else { records as f64 / batches as f64 },
+                    write_and_sync_us_per_batch: micros.checked_div(batches).unwrap_or(0),
+                }),
+                key: Some(secret_b64(a.key().expose())),
+            })
         }
-        None => ok(json!({"enabled": false})),
+        None => ok(AuditInfo { enabled: false, file: None, head: None, stats: None, key: None }),
     }
 }
 
