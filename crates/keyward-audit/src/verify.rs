@@ -101,102 +101,156 @@ pub(super) fn verify_after(
     head: Option<&Head>,
     after: Option<&Head>,
 ) -> Result<VerifyReport, VerifyError> {
-    let err = |file: &Path, line: u64, reason: String| VerifyError { file: file.display().to_string(), line, reason };
+    let ordered = order_by_first_seq(files)?;
+    let mut walk = Walk {
+        key,
+        head,
+        after,
+        expect: None,
+        report: VerifyReport {
+            records: 0,
+            first_seq: 0,
+            last_seq: 0,
+            last_hmac: ZERO_MAC.into(),
+            continues_after: None,
+            note: None,
+            gaps: Vec::new(),
+        },
+        saw_head: head.is_none_or(|h| h.seq == 0),
+    };
+    for (_, f) in &ordered {
+        walk.file(f)?;
+    }
+    if !walk.saw_head {
+        return Err(tail_removed(head, &ordered, &walk.report));
+    }
+    Ok(walk.report)
+}
+
+/// A [`VerifyError`] at `line` of `file`.
+fn verify_err(file: &Path, line: u64, reason: String) -> VerifyError {
+    VerifyError { file: file.display().to_string(), line, reason }
+}
+
+/// The files paired with the sequence number of their first record (0 if unreadable as a
+/// record), sorted by it.
+fn order_by_first_seq(files: &[PathBuf]) -> Result<Vec<(u64, PathBuf)>, VerifyError> {
     let mut ordered = Vec::new();
     for f in files {
-        let first = BufReader::new(File::open(f).map_err(|e| err(f, 0, e.to_string()))?)
+        let first = BufReader::new(File::open(f).map_err(|e| verify_err(f, 0, e.to_string()))?)
             .split(b'\n')
             .next()
             .transpose()
-            .map_err(|e| err(f, 0, e.to_string()))?
+            .map_err(|e| verify_err(f, 0, e.to_string()))?
             .and_then(|l| serde_json::from_slice::<serde_json::Value>(&l).ok())
             .and_then(|v| v["seq"].as_u64())
             .unwrap_or(0);
         ordered.push((first, f.clone()));
     }
     ordered.sort();
-    let mut expect: Option<(u64, String)> = None;
-    let mut report = VerifyReport {
-        records: 0,
-        first_seq: 0,
-        last_seq: 0,
-        last_hmac: ZERO_MAC.into(),
-        continues_after: None,
-        note: None,
-        gaps: Vec::new(),
-    };
-    let mut saw_head = head.is_none_or(|h| h.seq == 0);
-    for (_, f) in &ordered {
-        let rd = BufReader::new(File::open(f).map_err(|e| err(f, 0, e.to_string()))?);
+    Ok(ordered)
+}
+
+/// The error for a log that ends before the record `head` says was written.
+fn tail_removed(head: Option<&Head>, ordered: &[(u64, PathBuf)], report: &VerifyReport) -> VerifyError {
+    let h = head.map_or(0, |h| h.seq);
+    let last = ordered.last().map(|(_, f)| f.clone()).unwrap_or_default();
+    verify_err(
+        &last,
+        report.records,
+        format!(
+            "log ends at record {} but the server has written record {h}: records were removed from the end",
+            report.last_seq
+        ),
+    )
+}
+
+/// The state of a verification walking the files in order.
+struct Walk<'a> {
+    key: &'a [u8],
+    head: Option<&'a Head>,
+    after: Option<&'a Head>,
+    /// The sequence number and previous MAC the next record must have (none before the first).
+    expect: Option<(u64, String)>,
+    report: VerifyReport,
+    saw_head: bool,
+}
+
+impl Walk<'_> {
+    /// Verify every record of file `f`, and that only zeros follow the last one.
+    fn file(&mut self, f: &Path) -> Result<(), VerifyError> {
+        let rd = BufReader::new(File::open(f).map_err(|e| verify_err(f, 0, e.to_string()))?);
         let mut in_tail = false;
         for (i, line) in rd.split(b'\n').enumerate() {
             let n = i as u64 + 1;
-            let line = line.map_err(|e| err(f, n, e.to_string()))?;
+            let line = line.map_err(|e| verify_err(f, n, e.to_string()))?;
             // Preallocated space after the last record is all zeros.
             if in_tail || line.first() == Some(&0) {
                 if line.iter().any(|b| *b != 0) {
-                    return Err(err(f, n, "data after the end of the records".into()));
+                    return Err(verify_err(f, n, "data after the end of the records".into()));
                 }
                 in_tail = true;
                 continue;
             }
-            let l = verify_line_full(key, &line, expect.as_ref().map(|(s, m)| (*s, m.as_str())))
-                .map_err(|r| err(f, n, r))?;
-            let (seq, mac) = (l.seq, l.mac.clone());
-            if expect.is_none() {
-                // The log must begin where a chain or a file begins: anything else lost its
-                // first records (the markers are MACed, so they cannot be made up).
-                let genesis = l.seq == 1 && l.prev == ZERO_MAC;
-                let follows = after.is_some_and(|a| l.seq == a.seq + 1 && l.prev == a.hmac);
-                match l.chain.as_deref() {
-                    Some(CHAIN_CONTINUES) => {
-                        report.continues_after = Some(l.seq - 1);
-                        report.note = l.reason.clone();
-                    }
-                    Some(CHAIN_BEGINS) => {}
-                    _ if genesis || follows => {}
-                    _ => {
-                        return Err(err(
-                            f,
-                            n,
-                            format!(
-                                "the log begins with record {seq}, which does not begin a chain or a file: the records \
-                                 before it were removed"
-                            ),
-                        ));
-                    }
-                }
-                report.first_seq = seq;
-            } else if l.chain.as_deref() == Some(CHAIN_CONTINUES) {
-                report.gaps.push(format!("record {seq}: {}", l.reason.clone().unwrap_or_default()));
-            }
-            if let Some(h) = head
-                && h.seq == seq
-            {
-                if h.hmac != mac {
-                    return Err(err(f, n, "record differs from the one the server reports as written".into()));
-                }
-                saw_head = true;
-            }
-            report.records += 1;
-            report.last_seq = seq;
-            report.last_hmac.clone_from(&mac);
-            expect = Some((seq + 1, mac));
+            self.record(f, n, &line)?;
         }
+        Ok(())
     }
-    if !saw_head {
-        let h = head.map_or(0, |h| h.seq);
-        let last = ordered.last().map(|(_, f)| f.clone()).unwrap_or_default();
-        return Err(err(
-            &last,
-            report.records,
-            format!(
-                "log ends at record {} but the server has written record {h}: records were removed from the end",
-                report.last_seq
-            ),
-        ));
+
+    /// Verify one record (line `n` of `f`) against the chain so far and the head, and add it.
+    fn record(&mut self, f: &Path, n: u64, line: &[u8]) -> Result<(), VerifyError> {
+        let l = verify_line_full(self.key, line, self.expect.as_ref().map(|(s, m)| (*s, m.as_str())))
+            .map_err(|r| verify_err(f, n, r))?;
+        let (seq, mac) = (l.seq, l.mac.clone());
+        if self.expect.is_none() {
+            self.first_record(f, n, &l)?;
+        } else if l.chain.as_deref() == Some(CHAIN_CONTINUES) {
+            self.report.gaps.push(format!("record {seq}: {}", l.reason.clone().unwrap_or_default()));
+        }
+        if let Some(h) = self.head
+            && h.seq == seq
+        {
+            if h.hmac != mac {
+                return Err(verify_err(f, n, "record differs from the one the server reports as written".into()));
+            }
+            self.saw_head = true;
+        }
+        self.report.records += 1;
+        self.report.last_seq = seq;
+        self.report.last_hmac.clone_from(&mac);
+        self.expect = Some((seq + 1, mac));
+        Ok(())
     }
-    Ok(report)
+
+    /// Check that the log's first record `l` (line `n` of `f`) begins a chain or a file, and
+    /// note where it begins.
+    fn first_record(&mut self, f: &Path, n: u64, l: &Line) -> Result<(), VerifyError> {
+        let seq = l.seq;
+        // The log must begin where a chain or a file begins: anything else lost its
+        // first records (the markers are MACed, so they cannot be made up).
+        let genesis = l.seq == 1 && l.prev == ZERO_MAC;
+        let follows = self.after.is_some_and(|a| l.seq == a.seq + 1 && l.prev == a.hmac);
+        match l.chain.as_deref() {
+            Some(CHAIN_CONTINUES) => {
+                self.report.continues_after = Some(l.seq - 1);
+                self.report.note = l.reason.clone();
+            }
+            Some(CHAIN_BEGINS) => {}
+            _ if genesis || follows => {}
+            _ => {
+                return Err(verify_err(
+                    f,
+                    n,
+                    format!(
+                        "the log begins with record {seq}, which does not begin a chain or a file: the records \
+                         before it were removed"
+                    ),
+                ));
+            }
+        }
+        self.report.first_seq = seq;
+        Ok(())
+    }
 }
 
 /// Read the chain head from the end of an existing file (verifying its last record).
