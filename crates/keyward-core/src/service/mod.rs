@@ -342,37 +342,12 @@ impl Kms {
         let legacy_audit_key = keyward_crypto::kdf::hkdf_sha256(newest.expose(), b"", b"keyward/audit-key/v1", 32)?;
         let roots = keyring.iter().map(AeadKey::new).collect::<Result<Vec<_>, _>>()?;
         let roots: Vec<Arc<AeadKey>> = roots.into_iter().map(Arc::new).collect();
-        let open_any = |aad: &[u8], sealed: &[u8]| roots.iter().find_map(|r| r.open(aad, sealed).ok());
-        match store.get_meta(META_ROOT_CHECK).await? {
-            Some(check) => {
-                open_any(AAD_ROOT_CHECK, &check).ok_or_else(|| {
-                    KmsError::Internal(
-                        "the root key does not match this store (wrong seal for this data directory)".into(),
-                    )
-                })?;
-            }
-            None => {
-                let check = roots[0].seal(AAD_ROOT_CHECK, ROOT_CHECK_PLAINTEXT)?;
-                if !store.put_meta_if_absent(META_ROOT_CHECK, &check).await? {
-                    // Another server initialised concurrently: verify against theirs.
-                    let theirs = store
-                        .get_meta(META_ROOT_CHECK)
-                        .await?
-                        .ok_or_else(|| KmsError::Internal("root check vanished".into()))?;
-                    open_any(AAD_ROOT_CHECK, &theirs).ok_or_else(|| KmsError::Internal("root key mismatch".into()))?;
-                }
-            }
-        }
-        let stored_key = async |name: &str, aad: &[u8], initial: SecretBytes| -> Result<SecretBytes, KmsError> {
-            let wrapped = roots[0].seal(aad, initial.expose())?;
-            store.put_meta_if_absent(name, &wrapped).await?;
-            let wrapped = store.get_meta(name).await?.ok_or_else(|| KmsError::Internal(format!("{name} missing")))?;
-            open_any(aad, &wrapped).ok_or_else(|| KmsError::Internal(format!("{name} cannot be unwrapped")))
-        };
-        let secrets_key =
-            AeadKey::new(&stored_key(META_SECRETS_KEY, AAD_SECRETS_KEY, SecretBytes::random(32)?).await?)?;
-        let token_key = stored_key(META_TOKEN_KEY, AAD_TOKEN_KEY, legacy_token_key).await?;
-        let audit_key = stored_key(META_AUDIT_KEY, AAD_AUDIT_KEY, legacy_audit_key).await?;
+        check_root(store.as_ref(), &roots).await?;
+        let secrets_key = AeadKey::new(
+            &stored_key(store.as_ref(), &roots, META_SECRETS_KEY, AAD_SECRETS_KEY, SecretBytes::random(32)?).await?,
+        )?;
+        let token_key = stored_key(store.as_ref(), &roots, META_TOKEN_KEY, AAD_TOKEN_KEY, legacy_token_key).await?;
+        let audit_key = stored_key(store.as_ref(), &roots, META_AUDIT_KEY, AAD_AUDIT_KEY, legacy_audit_key).await?;
 
         // Take the feed position before loading anything, so nothing committed meanwhile is missed.
         let cursor = store.changes_since(None, 1).await?.cursor;
@@ -396,26 +371,75 @@ impl Kms {
             token_key,
             policies: RwLock::new(HashMap::new()),
         };
-        let tokens = kms.store.list_tokens().await?;
-        let root_token = if tokens.is_empty() {
-            let req = TokenRequest {
-                policies: vec![ROOT_POLICY.into()],
-                ttl_secs: None,
-                max_uses: None,
-                display_name: "root".into(),
-                orphan: true,
-                selectors: vec![],
-                max_ttl_secs: None,
-            };
-            Some(kms.insert_token(None, req).await?.0)
-        } else {
-            None
-        };
+        let root_token = kms.initial_root_token().await?;
         kms.reload_tokens().await?;
         kms.reload_policies().await?;
         kms.sync_changes().await?;
         Ok((kms, root_token))
     }
+
+    /// On a store without tokens, create the root token and return it (shown once); otherwise none.
+    async fn initial_root_token(&self) -> Result<Option<SecretBytes>, KmsError> {
+        let tokens = self.store.list_tokens().await?;
+        if !tokens.is_empty() {
+            return Ok(None);
+        }
+        let req = TokenRequest {
+            policies: vec![ROOT_POLICY.into()],
+            ttl_secs: None,
+            max_uses: None,
+            display_name: "root".into(),
+            orphan: true,
+            selectors: vec![],
+            max_ttl_secs: None,
+        };
+        Ok(Some(self.insert_token(None, req).await?.0))
+    }
+}
+
+/// Open `sealed` under whichever key of the root keyring `roots` sealed it.
+fn open_any(roots: &[Arc<AeadKey>], aad: &[u8], sealed: &[u8]) -> Option<SecretBytes> {
+    roots.iter().find_map(|r| r.open(aad, sealed).ok())
+}
+
+/// Check that the root keyring opens the store's root check, writing the check first on a new
+/// store (or verifying against the one another server wrote concurrently).
+async fn check_root(store: &dyn Store, roots: &[Arc<AeadKey>]) -> Result<(), KmsError> {
+    match store.get_meta(META_ROOT_CHECK).await? {
+        Some(check) => {
+            open_any(roots, AAD_ROOT_CHECK, &check).ok_or_else(|| {
+                KmsError::Internal("the root key does not match this store (wrong seal for this data directory)".into())
+            })?;
+        }
+        None => {
+            let check = roots[0].seal(AAD_ROOT_CHECK, ROOT_CHECK_PLAINTEXT)?;
+            if !store.put_meta_if_absent(META_ROOT_CHECK, &check).await? {
+                // Another server initialised concurrently: verify against theirs.
+                let theirs = store
+                    .get_meta(META_ROOT_CHECK)
+                    .await?
+                    .ok_or_else(|| KmsError::Internal("root check vanished".into()))?;
+                open_any(roots, AAD_ROOT_CHECK, &theirs)
+                    .ok_or_else(|| KmsError::Internal("root key mismatch".into()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The key stored in meta entry `name` wrapped under the root key: `initial`, stored first unless
+/// the entry exists, then read back and unwrapped (so concurrent servers agree on one key).
+async fn stored_key(
+    store: &dyn Store,
+    roots: &[Arc<AeadKey>],
+    name: &str,
+    aad: &[u8],
+    initial: SecretBytes,
+) -> Result<SecretBytes, KmsError> {
+    let wrapped = roots[0].seal(aad, initial.expose())?;
+    store.put_meta_if_absent(name, &wrapped).await?;
+    let wrapped = store.get_meta(name).await?.ok_or_else(|| KmsError::Internal(format!("{name} missing")))?;
+    open_any(roots, aad, &wrapped).ok_or_else(|| KmsError::Internal(format!("{name} cannot be unwrapped")))
 }
 
 fn current(ck: &CachedKey) -> Result<(u32, &LoadedVersion), KmsError> {
