@@ -1,7 +1,8 @@
 //! # keyward-test-support
 //!
 //! What Keyward's tests share, in one place instead of a copy per crate: a dev server started
-//! in-process ([`server`]), a test Kubernetes token issuer ([`k8s`]), a throwaway PostgreSQL cluster ([`postgres`]), a SoftHSM2 token
+//! in-process ([`server`]), a real Kubernetes control plane (etcd and kube-apiserver built from
+//! their Go modules, [`control_plane`]), a test Kubernetes token issuer ([`k8s`]), a throwaway PostgreSQL cluster ([`postgres`]), a SoftHSM2 token
 //! ([`softhsm`]), OCI layouts, keys and skopeo for image encryption ([`oci`]), and small
 //! helpers (certificates made by openssl ([`certs`]), a free port, whether the tests run as root, reading an audit file). Every helper
 //! starts the real component and fails loudly, never skips, when it is missing.
@@ -12,6 +13,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_debug_implementations)]
 
 pub mod certs;
+pub mod control_plane;
 pub mod k8s;
 pub mod oci;
 pub mod postgres;
