@@ -302,47 +302,13 @@ pub async fn run(spec: RunSpec) -> Result<ExitCode, LaunchError> {
     let prog = open_and_hash(&path)?;
     // The child execs this very file (or runs the interpreter on it): no CLOEXEC on them.
     keep_across_exec(&prog.file)?;
-    let mut client = WorkloadClient::new(&spec.agent_socket)
+    let client = WorkloadClient::new(&spec.agent_socket)
         .map_err(|source| LaunchError::Agent { what: "connecting to the agent".into(), source })?
         .for_exec(&prog.sha256);
-    let mut cmd = match &prog.interpreter {
-        None => {
-            let mut cmd = tokio::process::Command::new(format!("/proc/self/fd/{}", prog.file.as_raw_fd()));
-            cmd.arg0(program).args(&spec.command[1..]);
-            cmd
-        }
-        Some((ifile, isha, ipath, arg)) => {
-            keep_across_exec(ifile)?;
-            client = client.with_interpreter(isha);
-            let mut cmd = tokio::process::Command::new(format!("/proc/self/fd/{}", ifile.as_raw_fd()));
-            cmd.arg0(ipath);
-            cmd.args(arg.iter());
-            cmd.arg(format!("/dev/fd/{}", prog.file.as_raw_fd())).args(&spec.command[1..]);
-            cmd
-        }
-    };
+    let (mut cmd, client) = command(&prog, program, &spec.command[1..], client)?;
     let all: Vec<&Binding> = spec.secrets.iter().chain(&spec.files).collect();
     let mut values = fetch(&client, &all).await?;
-
-    // Nothing that changes the code the child runs, nor the caller's token.
-    for (k, _) in std::env::vars_os() {
-        if scrubbed(&k) {
-            cmd.env_remove(&k);
-        }
-    }
-    for b in &spec.secrets {
-        cmd.env(&b.env, values[&(b.path.clone(), b.field.clone())].as_str());
-    }
-    let mut memfds = Vec::new();
-    for b in &spec.files {
-        // Not close-on-exec: the child inherits it and opens it as /dev/fd/N.
-        let fd = nix::sys::memfd::memfd_create(b.env.as_str(), nix::sys::memfd::MFdFlags::empty())
-            .map_err(sys("creating a memory file"))?;
-        let f = std::fs::File::from(fd);
-        write_memfd(&f, &values[&(b.path.clone(), b.field.clone())])?;
-        cmd.env(&b.env, format!("/dev/fd/{}", f.as_raw_fd()));
-        memfds.push((b.clone(), f));
-    }
+    let memfds = deliver(&mut cmd, &spec, &values)?;
     let mut child = cmd.spawn().map_err(|e| LaunchError::Program(format!("starting {}: {e}", path.display())))?;
     drop(cmd); // the environment copy with the secrets
     let pid = child.id().ok_or_else(|| LaunchError::Program("the program exited at once".into()))?;
@@ -374,28 +340,97 @@ pub async fn run(spec: RunSpec) -> Result<ExitCode, LaunchError> {
             _ = term.recv() => { let _ = kill(child_pid, Signal::SIGTERM); }
             _ = int.recv() => { let _ = kill(child_pid, Signal::SIGINT); }
             _ = tick.tick(), if !spec.refresh.is_zero() => {
-                match fetch(&client, &all).await {
-                    Ok(fresh) if fresh != values => {
-                        for (b, f) in &memfds {
-                            write_memfd(f, &fresh[&(b.path.clone(), b.field.clone())])?;
-                        }
-                        let changed: Vec<&str> = fresh
-                            .iter()
-                            .filter(|(k, v)| values.get(*k) != Some(*v))
-                            .map(|((p, _), _)| p.as_str())
-                            .collect();
-                        tracing::info!(pid, secrets = ?changed, signal = %spec.signal, "secrets changed; signalling the program");
-                        values = fresh;
-                        let _ = kill(child_pid, spec.signal);
-                    }
-                    Ok(_) => tracing::debug!(pid, "secrets unchanged"),
-                    Err(e) => tracing::warn!(error = %e, "re-fetching secrets failed; the program keeps the current ones"),
-                }
+                refresh(&client, &all, &mut values, &memfds, pid, child_pid, spec.signal).await?;
             }
         }
     };
     drop(memfds);
     Ok(exit_code(status))
+}
+
+/// The command that execs the program through its open file (for a script: runs its
+/// interpreter, through the interpreter's open file, on the script's), and the client, which
+/// then claims the interpreter too.
+fn command(
+    prog: &Program,
+    program: &str,
+    args: &[String],
+    mut client: WorkloadClient,
+) -> Result<(tokio::process::Command, WorkloadClient), LaunchError> {
+    let cmd = match &prog.interpreter {
+        None => {
+            let mut cmd = tokio::process::Command::new(format!("/proc/self/fd/{}", prog.file.as_raw_fd()));
+            cmd.arg0(program).args(args);
+            cmd
+        }
+        Some((ifile, isha, ipath, arg)) => {
+            keep_across_exec(ifile)?;
+            client = client.with_interpreter(isha);
+            let mut cmd = tokio::process::Command::new(format!("/proc/self/fd/{}", ifile.as_raw_fd()));
+            cmd.arg0(ipath);
+            cmd.args(arg.iter());
+            cmd.arg(format!("/dev/fd/{}", prog.file.as_raw_fd())).args(args);
+            cmd
+        }
+    };
+    Ok((cmd, client))
+}
+
+/// Set the child's environment: the scrubbed variables removed, the secrets as variables and as
+/// memory-only files (created here); returns the files with their bindings, to rewrite them.
+fn deliver(
+    cmd: &mut tokio::process::Command,
+    spec: &RunSpec,
+    values: &Values,
+) -> Result<Vec<(Binding, std::fs::File)>, LaunchError> {
+    // Nothing that changes the code the child runs, nor the caller's token.
+    for (k, _) in std::env::vars_os() {
+        if scrubbed(&k) {
+            cmd.env_remove(&k);
+        }
+    }
+    for b in &spec.secrets {
+        cmd.env(&b.env, values[&(b.path.clone(), b.field.clone())].as_str());
+    }
+    let mut memfds = Vec::new();
+    for b in &spec.files {
+        // Not close-on-exec: the child inherits it and opens it as /dev/fd/N.
+        let fd = nix::sys::memfd::memfd_create(b.env.as_str(), nix::sys::memfd::MFdFlags::empty())
+            .map_err(sys("creating a memory file"))?;
+        let f = std::fs::File::from(fd);
+        write_memfd(&f, &values[&(b.path.clone(), b.field.clone())])?;
+        cmd.env(&b.env, format!("/dev/fd/{}", f.as_raw_fd()));
+        memfds.push((b.clone(), f));
+    }
+    Ok(memfds)
+}
+
+/// Re-fetch the secrets; if any changed, rewrite the memory files and send the program `signal`
+/// (a failed fetch leaves the program the current ones).
+async fn refresh(
+    client: &WorkloadClient,
+    all: &[&Binding],
+    values: &mut Values,
+    memfds: &[(Binding, std::fs::File)],
+    pid: u32,
+    child_pid: nix::unistd::Pid,
+    signal: nix::sys::signal::Signal,
+) -> Result<(), LaunchError> {
+    match fetch(client, all).await {
+        Ok(fresh) if fresh != *values => {
+            for (b, f) in memfds {
+                write_memfd(f, &fresh[&(b.path.clone(), b.field.clone())])?;
+            }
+            let changed: Vec<&str> =
+                fresh.iter().filter(|(k, v)| values.get(*k) != Some(*v)).map(|((p, _), _)| p.as_str()).collect();
+            tracing::info!(pid, secrets = ?changed, signal = %signal, "secrets changed; signalling the program");
+            *values = fresh;
+            let _ = nix::sys::signal::kill(child_pid, signal);
+        }
+        Ok(_) => tracing::debug!(pid, "secrets unchanged"),
+        Err(e) => tracing::warn!(error = %e, "re-fetching secrets failed; the program keeps the current ones"),
+    }
+    Ok(())
 }
 
 /// The launcher's exit code for the program's status (128 + signal when killed, as shells do).

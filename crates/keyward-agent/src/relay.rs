@@ -184,6 +184,8 @@ pub(crate) fn parse_workload_request(data: &[u8]) -> usize {
         .count()
 }
 
+/// Relay one Workload API operation to the server as a signed release bound to the caller's
+/// session, and hand its answer (or, in an outage, a cached one) only to that session's process.
 async fn relay(
     st: &Arc<Shared>,
     caller: &Caller,
@@ -205,15 +207,7 @@ async fn relay(
     let claim = take_exec_claim(&mut body)?;
     let (recipient, release_op) = op.parse(body)?;
     let s = session_of(st, caller, headers).await?;
-    let mut selectors = s.selectors.clone();
-    if let Some(h) = &claim.program {
-        require_launcher(&s)?;
-        selectors.push(format!("{EXEC_SELECTOR}{}:sha256:{h}", s.uid));
-        if let Some(i) = &claim.interpreter {
-            selectors.push(format!("{EXEC_SELECTOR}{}:interpreter-sha256:{i}", s.uid));
-        }
-        selectors.sort();
-    }
+    let selectors = claimed_selectors(&s, &claim)?;
     // Nonce first, then the stamp: the evidence is newer than the nonce the server checks.
     let nonce = up.nonce().await;
     still_the_session(caller, &s)?;
@@ -228,60 +222,111 @@ async fn relay(
     };
     // The answer is handed only to the image that asked: the process must still be it.
     still_the_session(caller, &s)?;
-    let json = (axum::http::header::CONTENT_TYPE, "application/json");
+    let relayed = Relayed { st, op, session: &s, selectors: &selectors, cacheable, cache_key };
     match result {
-        Ok((status, bytes)) => {
-            st.outage.reachable(true);
-            tracing::info!(pid, op = op.name(), status, "release");
-            if cacheable && (200..300).contains(&status) {
-                st.outage.put(cache_key, &bytes, st.outage_window);
-            }
-            let bytes = if status == 403 { explain_refusal(&bytes, &selectors, up.node()) } else { bytes };
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-            Ok((status, [json], bytes).into_response())
+        Ok((status, bytes)) => Ok(relayed.answered(status, bytes, up.node())),
+        Err(e) => relayed.failed(&e).await,
+    }
+}
+
+/// The session's selectors, with the program (and interpreter) a trusted launcher claims it will
+/// exec added; a claim from any other process is refused.
+fn claimed_selectors(s: &Session, claim: &ExecClaim) -> Result<Vec<String>, AgentError> {
+    let mut selectors = s.selectors.clone();
+    if let Some(h) = &claim.program {
+        require_launcher(s)?;
+        selectors.push(format!("{EXEC_SELECTOR}{}:sha256:{h}", s.uid));
+        if let Some(i) = &claim.interpreter {
+            selectors.push(format!("{EXEC_SELECTOR}{}:interpreter-sha256:{i}", s.uid));
         }
-        Err(e) => {
-            let status = e.status();
-            if let Some(why) = outage(&e) {
-                st.outage.reachable(false);
-                if cacheable && let Some((age, bytes)) = st.outage.get(&cache_key, st.outage_window) {
-                    // A release the agent decides alone: recorded before it leaves.
-                    let identity = format!("pid {pid} uid {} [{}]", s.uid, selectors.join(" "));
-                    st.log
-                        .record(
-                            (identity, Some((pid, s.uid))),
-                            op.path(),
-                            op.name(),
-                            None,
-                            Some(true),
-                            format!("outage cache: the same client's answer of {age} s ago, {why}"),
-                            200,
-                            None,
-                        )
-                        .await?;
-                    tracing::info!(pid, op = op.name(), age, "release answered from the outage cache");
-                    st.log.metrics().replay();
-                    let age = axum::http::HeaderValue::from(age);
-                    return Ok((StatusCode::OK, [json], [("keyward-cached-age-secs", age)], bytes).into_response());
-                }
-                tracing::warn!(pid, op = op.name(), error = %e, "release failed: {why}");
-                return Err(AgentError {
-                    status: StatusCode::SERVICE_UNAVAILABLE,
-                    code: "server_unavailable",
-                    message: format!(
-                        "the Keyward server cannot be reached and no earlier answer to this request is cached: {e}"
-                    ),
-                    reason: why,
-                });
-            }
-            tracing::warn!(pid, op = op.name(), error = %e, "release failed");
-            Err(AgentError {
-                status: status.and_then(|s| StatusCode::from_u16(s).ok()).unwrap_or(StatusCode::BAD_GATEWAY),
-                code: "server_unavailable",
-                message: format!("the Keyward server could not be asked: {e}"),
-                reason: "server error",
-            })
+        selectors.sort();
+    }
+    Ok(selectors)
+}
+
+/// A release the server was asked for, as its answer is handled.
+struct Relayed<'a> {
+    st: &'a Shared,
+    op: Op,
+    session: &'a Session,
+    selectors: &'a [String],
+    /// Whether its answer may be replayed during an outage.
+    cacheable: bool,
+    cache_key: [u8; 32],
+}
+
+impl Relayed<'_> {
+    /// The server's answer, relayed (cached for an outage if it may be; a refusal explained).
+    fn answered(&self, status: u16, bytes: Vec<u8>, node: &str) -> Response {
+        let (st, pid) = (self.st, self.session.process.0);
+        let json = (axum::http::header::CONTENT_TYPE, "application/json");
+        st.outage.reachable(true);
+        tracing::info!(pid, op = self.op.name(), status, "release");
+        if self.cacheable && (200..300).contains(&status) {
+            st.outage.put(self.cache_key, &bytes, st.outage_window);
         }
+        let bytes = if status == 403 { explain_refusal(&bytes, self.selectors, node) } else { bytes };
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+        (status, [json], bytes).into_response()
+    }
+
+    /// The server could not be asked: in an outage, the cached answer or a 503; otherwise the
+    /// server's error.
+    async fn failed(&self, e: &crate::upstream::UpstreamError) -> Result<Response, AgentError> {
+        let status = e.status();
+        if let Some(why) = outage(e) {
+            return self.during_outage(e, why).await;
+        }
+        tracing::warn!(pid = self.session.process.0, op = self.op.name(), error = %e, "release failed");
+        Err(AgentError {
+            status: status.and_then(|s| StatusCode::from_u16(s).ok()).unwrap_or(StatusCode::BAD_GATEWAY),
+            code: "server_unavailable",
+            message: format!("the Keyward server could not be asked: {e}"),
+            reason: "server error",
+        })
+    }
+
+    /// In an outage (`why`): the same client's cached answer, recorded before it leaves, or a 503.
+    async fn during_outage(
+        &self,
+        e: &crate::upstream::UpstreamError,
+        why: &'static str,
+    ) -> Result<Response, AgentError> {
+        let (st, s, op) = (self.st, self.session, self.op);
+        let pid = s.process.0;
+        let json = (axum::http::header::CONTENT_TYPE, "application/json");
+        st.outage.reachable(false);
+        if self.cacheable
+            && let Some((age, bytes)) = st.outage.get(&self.cache_key, st.outage_window)
+        {
+            // A release the agent decides alone: recorded before it leaves.
+            let identity = format!("pid {pid} uid {} [{}]", s.uid, self.selectors.join(" "));
+            st.log
+                .record(
+                    (identity, Some((pid, s.uid))),
+                    op.path(),
+                    op.name(),
+                    None,
+                    Some(true),
+                    format!("outage cache: the same client's answer of {age} s ago, {why}"),
+                    200,
+                    None,
+                )
+                .await?;
+            tracing::info!(pid, op = op.name(), age, "release answered from the outage cache");
+            st.log.metrics().replay();
+            let age = axum::http::HeaderValue::from(age);
+            return Ok((StatusCode::OK, [json], [("keyward-cached-age-secs", age)], bytes).into_response());
+        }
+        tracing::warn!(pid, op = op.name(), error = %e, "release failed: {why}");
+        Err(AgentError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "server_unavailable",
+            message: format!(
+                "the Keyward server cannot be reached and no earlier answer to this request is cached: {e}"
+            ),
+            reason: why,
+        })
     }
 }
 
