@@ -257,23 +257,12 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
     };
     // The port first: a server that cannot listen creates no data directory and no root token.
     // Connections that arrive before the store is open wait in the backlog.
-    let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::AddrInUse => StartError::Config(format!(
-            "cannot listen on {}: another process already does (stop it, or choose another address with --listen)",
-            cfg.listen
-        )),
-        _ => io(format!("binding {}", cfg.listen))(e),
-    })?;
-    let addr = listener.local_addr().map_err(io("reading bound address"))?;
+    let (listener, addr) = bind(&cfg).await?;
     own_data_dir(&cfg.data_dir)?;
     if tls_config.is_none() {
         tracing::warn!("plain HTTP on loopback (dev mode)");
     }
-    let store: Arc<dyn Store> = match &cfg.storage {
-        Storage::Sqlite => Arc::new(SqliteStore::open(&cfg.data_dir.join("keyward.db"))?),
-        Storage::Postgres(pg) => Arc::new(keyward_store::PostgresStore::connect(pg).await?),
-    };
-    tracing::info!(backend = store.backend_name(), "storage ready");
+    let store = open_store(&cfg).await?;
     let member = Arc::new(Member::new());
     let kind = seal_kind(&cfg)?;
     let mut metrics = crate::metrics::ServerMetrics::new();
@@ -299,20 +288,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         agents: Default::default(),
         member: member.clone(),
     };
-    let app = router(state);
-
-    let (tx, rx) = oneshot::channel::<()>();
-    let stop = async move {
-        let _ = rx.await;
-    };
-    let limits = cfg.http;
-    let task = match tls_config {
-        Some(tc) => {
-            let listener = TlsListener::new(listener, tc).map_err(io("starting TLS listener"))?;
-            tokio::spawn(crate::serve::serve(listener, app, limits, stop))
-        }
-        None => tokio::spawn(crate::serve::serve(listener, app, limits, stop)),
-    };
+    let (task, shutdown) = spawn_serving(listener, tls_config, router(state), cfg.http)?;
     let scheduler = tokio::spawn(crate::cluster::scheduler(
         sealing.clone(),
         member.clone(),
@@ -331,12 +307,57 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         member,
         metrics_addr,
         sealing,
-        shutdown: Some(tx),
+        shutdown: Some(shutdown),
         task,
         scheduler,
         follower,
         cert_watcher,
     })
+}
+
+/// Bind the listening port; a port another process holds is a configuration error that says so.
+async fn bind(cfg: &ServerConfig) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => StartError::Config(format!(
+            "cannot listen on {}: another process already does (stop it, or choose another address with --listen)",
+            cfg.listen
+        )),
+        _ => io(format!("binding {}", cfg.listen))(e),
+    })?;
+    let addr = listener.local_addr().map_err(io("reading bound address"))?;
+    Ok((listener, addr))
+}
+
+/// Open the configured storage backend.
+async fn open_store(cfg: &ServerConfig) -> Result<Arc<dyn Store>, StartError> {
+    let store: Arc<dyn Store> = match &cfg.storage {
+        Storage::Sqlite => Arc::new(SqliteStore::open(&cfg.data_dir.join("keyward.db"))?),
+        Storage::Postgres(pg) => Arc::new(keyward_store::PostgresStore::connect(pg).await?),
+    };
+    tracing::info!(backend = store.backend_name(), "storage ready");
+    Ok(store)
+}
+
+/// Start serving `app` on `listener` (over TLS when `tls_config` is given); returns the serving
+/// task and the sender that stops it.
+fn spawn_serving(
+    listener: tokio::net::TcpListener,
+    tls_config: Option<Arc<rustls::ServerConfig>>,
+    app: axum::Router,
+    limits: crate::serve::HttpLimits,
+) -> Result<(JoinHandle<std::io::Result<()>>, oneshot::Sender<()>), StartError> {
+    let (tx, rx) = oneshot::channel::<()>();
+    let stop = async move {
+        let _ = rx.await;
+    };
+    let task = match tls_config {
+        Some(tc) => {
+            let listener = TlsListener::new(listener, tc).map_err(io("starting TLS listener"))?;
+            tokio::spawn(crate::serve::serve(listener, app, limits, stop))
+        }
+        None => tokio::spawn(crate::serve::serve(listener, app, limits, stop)),
+    };
+    Ok((task, tx))
 }
 
 /// Dev mode is plain HTTP on loopback only; a server serves HTTPS only.

@@ -340,7 +340,15 @@ pub(crate) async fn release_batch(
         return Err(crate::api::audit_unavailable_error());
     }
     c.1.mark_recorded();
-    let mut out = Vec::with_capacity(n * 512);
+    let out = batch_answer(answers);
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], out).into_response())
+}
+
+/// The batch's answer body, `{"results": [{"status": N, "body": {...}}, ...]}`, from each
+/// release's status and body in the order asked (a release that failed to run or to encode: a
+/// 500 of its own).
+fn batch_answer(answers: Vec<Option<(u16, Result<Bytes, axum::Error>)>>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(answers.len() * 512);
     out.extend_from_slice(br#"{"results":["#);
     for (i, answer) in answers.into_iter().enumerate() {
         if i > 0 {
@@ -358,7 +366,7 @@ pub(crate) async fn release_batch(
         }
     }
     out.extend_from_slice(b"]}");
-    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], out).into_response())
+    out
 }
 
 /// One release of a batch, run and concluded (instance places, audit record) as a request of
