@@ -5,66 +5,16 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD as B64URL};
 use common::*;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
-
-struct Provider(Child);
-
-impl Drop for Provider {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_provider(dev: &Dev, dir: &Path, extra: &[&str]) -> Provider {
-    let mut child = Command::new(BIN)
-        .args(["csi-provider", "--provider-dir"])
-        .arg(dir.join("providers"))
-        .arg("--data-dir")
-        .arg(dir.join("csi-state"))
-        .args(extra)
-        .env("KEYWARD_ADDR", &dev.addr)
-        .env_remove("KEYWARD_TOKEN")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let socket = dir.join("providers/keyward.sock");
-    for _ in 0..200 {
-        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-            return Provider(child);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("csi-provider never listened");
-}
-
-fn py(dir: &Path, args: &[&str]) -> Value {
-    let lib = grpc_python();
-    let out = Command::new(PYTHON)
-        .arg(repo().join("crates/keyward-cli/tests/csi_client.py"))
-        .arg(lib.join("stubs"))
-        .arg(dir.join("providers/keyward.sock"))
-        .args(args)
-        .env("PYTHONPATH", &lib)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "csi_client.py: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 fn jwt(key: &EcdsaKeyPair, ns: &str, sa: &str, pod: &str) -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
@@ -133,14 +83,14 @@ fn python_driver_client_mounts_secrets_as_the_pod() {
     ok(&dev, &["secret", "put", "payments/db", "password=hunter2"], b"");
     let metrics_port = free_port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
-    let _provider = start_provider(&dev, dir.path(), &["--metrics-listen", &metrics_addr]);
+    let _provider = start_csi_provider(&dev, dir.path(), &["--metrics-listen", &metrics_addr]);
 
-    let v = py(dir.path(), &["version"]);
+    let v = csi_py(dir.path(), &["version"]);
     assert_eq!(v["version"], "v1alpha1");
     assert_eq!(v["runtime_name"], "keyward");
 
     std::fs::write(dir.path().join("attrs.json"), attributes(&key, "payments", "api", "api-0", "payments")).unwrap();
-    let r = py(dir.path(), &["mount", &p("attrs.json")]);
+    let r = csi_py(dir.path(), &["mount", &p("attrs.json")]);
     assert_eq!(r["error"], "", "{r}");
     assert_eq!(r["object_version"], json!([{"id": "secret/payments/db#password", "version": "1"}]));
     assert_eq!(r["files"][0]["path"], "password");
@@ -149,12 +99,12 @@ fn python_driver_client_mounts_secrets_as_the_pod() {
 
     // Rotation: a new version shows up on the next Mount.
     ok(&dev, &["secret", "put", "payments/db", "password=correct-horse"], b"");
-    let r = py(dir.path(), &["mount", &p("attrs.json")]);
+    let r = csi_py(dir.path(), &["mount", &p("attrs.json")]);
     assert_eq!(r["object_version"][0]["version"], "2");
 
     // A pod of another namespace naming the payments role is refused.
     std::fs::write(dir.path().join("other.json"), attributes(&key, "team-b", "worker", "w-0", "payments")).unwrap();
-    let r = py(dir.path(), &["mount", &p("other.json")]);
+    let r = csi_py(dir.path(), &["mount", &p("other.json")]);
     assert_eq!(r["grpc_error"], "PERMISSION_DENIED", "{r}");
     assert!(r["message"].as_str().unwrap().contains("not bound to this role"), "{r}");
 

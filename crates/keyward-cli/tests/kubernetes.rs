@@ -44,10 +44,8 @@ impl Drop for Plugin {
 
 impl Plugin {
     fn start(data: &Path, socket: &Path, extra: &[String]) -> Self {
-        let mut args: Vec<String> = ["kms-plugin", "--key", KEY, "--status-cache", "1s", "--data-dir"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut args: Vec<String> =
+            ["kms-plugin", "--key", KEY, "--status-cache", "1s", "--data-dir"].iter().map(|s| s.to_string()).collect();
         args.push(data.display().to_string());
         args.push("--listen".into());
         args.push(format!("unix://{}", socket.display()));
@@ -393,14 +391,21 @@ fn real_serviceaccount_tokens_log_in_through_the_apiservers_own_discovery() {
     let login = |jwt: &str| {
         let f = dir.path().join("jwt");
         std::fs::write(&f, jwt).unwrap();
-        common::kw(&dev, &["auth", "kubernetes", "login", "--role", "payments", "--jwt-file", f.to_str().unwrap(), "-o", "json"], b"")
+        common::kw(
+            &dev,
+            &["auth", "kubernetes", "login", "--role", "payments", "--jwt-file", f.to_str().unwrap(), "-o", "json"],
+            b"",
+        )
     };
 
     // A token from `kubectl create token`.
     let out = login(&sa_token(&cp, "payments", "api", None));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((v["identity"]["namespace"].as_str(), v["identity"]["service_account"].as_str()), (Some("payments"), Some("api")));
+    assert_eq!(
+        (v["identity"]["namespace"].as_str(), v["identity"]["service_account"].as_str()),
+        (Some("payments"), Some("api"))
+    );
     assert!(v["selectors"].as_array().unwrap().iter().any(|s| s == "k8s-jwt:sa:api"), "{v}");
     let read = Command::new(BIN)
         .args(["secret", "get", "payments/db", "--field", "password"])
@@ -415,11 +420,43 @@ fn real_serviceaccount_tokens_log_in_through_the_apiservers_own_discovery() {
     let out = login(&sa_token(&cp, "payments", "api", Some(("api-7d9", &uid))));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((v["identity"]["pod"].as_str(), v["identity"]["pod_uid"].as_str()), (Some("api-7d9"), Some(uid.as_str())));
+    assert_eq!(
+        (v["identity"]["pod"].as_str(), v["identity"]["pod_uid"].as_str()),
+        (Some("api-7d9"), Some(uid.as_str()))
+    );
 
     // Another ServiceAccount's real token is refused by the role.
     let out = login(&sa_token(&cp, "default", "intruder", None));
     assert!(!out.status.success(), "a token of another ServiceAccount logged in");
+
+    // The CSI provider with the tokens the kubelet would pass: a pod mounts with its own
+    // pod-bound token; the same token in a Mount for another pod (same ServiceAccount) is
+    // refused as TokenPodMismatch.
+    let other_uid = create_pod(&cp, "payments", "api-other", "api");
+    let _provider = common::start_csi_provider(&dev, dir.path(), &[]);
+    let token = sa_token(&cp, "payments", "api", Some(("api-7d9", &uid)));
+    let mount = |pod: &str, pod_uid: &str, file: &str| {
+        let tokens = serde_json::json!({"keyward": {"token": token, "expirationTimestamp": "2030-01-01T00:00:00Z"}});
+        let attrs = serde_json::json!({
+            "role": "payments",
+            "objects": "- path: payments/db\n  field: password\n  fileName: password\n",
+            "secretProviderClass": "payments-secrets",
+            "csi.storage.k8s.io/pod.name": pod,
+            "csi.storage.k8s.io/pod.namespace": "payments",
+            "csi.storage.k8s.io/pod.uid": pod_uid,
+            "csi.storage.k8s.io/serviceAccount.name": "api",
+            "csi.storage.k8s.io/serviceAccount.tokens": tokens.to_string(),
+        });
+        let path = dir.path().join(file);
+        std::fs::write(&path, attrs.to_string()).unwrap();
+        common::csi_py(dir.path(), &["mount", path.to_str().unwrap()])
+    };
+    let r = mount("api-7d9", &uid, "own.json");
+    assert_eq!(r["error"], "", "{r}");
+    assert_eq!(STANDARD.decode(r["files"][0]["contents"].as_str().unwrap()).unwrap(), b"hunter2");
+    let r = mount("api-other", &other_uid, "borrowed.json");
+    assert_eq!(r["grpc_error"], "PERMISSION_DENIED", "{r}");
+    assert!(r.to_string().contains("own token"), "{r}");
 }
 
 /// The kubelet stand-in the agent tests serve has the shape of a real Pod: the API server

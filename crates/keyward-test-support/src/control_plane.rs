@@ -21,7 +21,10 @@ pub fn binaries() -> PathBuf {
         .stderr(Stdio::inherit())
         .output()
         .expect("scripts/k8s-binaries builds kube-apiserver, kubectl and etcd; it needs bash and go");
-    assert!(out.status.success(), "scripts/k8s-binaries failed: see its output above (it needs Go and the Go module proxy)");
+    assert!(
+        out.status.success(),
+        "scripts/k8s-binaries failed: see its output above (it needs Go and the Go module proxy)"
+    );
     let dir = PathBuf::from(String::from_utf8(out.stdout).unwrap().lines().last().expect("a directory").trim());
     for b in ["kube-apiserver", "kubectl", "etcd"] {
         assert!(dir.join(b).is_file(), "{} is missing: run scripts/k8s-binaries", dir.join(b).display());
@@ -104,8 +107,7 @@ impl ControlPlane {
             std::fs::write(&config, encryption_config(name, socket)).unwrap();
             args.push(format!("--encryption-provider-config={}", config.display()));
         }
-        let mut cp =
-            Self { dir, url, etcd_url, kubeconfig, ca: PathBuf::new(), bin, etcd, apiserver: None, args };
+        let mut cp = Self { dir, url, etcd_url, kubeconfig, ca: PathBuf::new(), bin, etcd, apiserver: None, args };
         cp.ca = cp.dir.join("ca.pem");
         cp.start_apiserver();
         cp
@@ -201,6 +203,18 @@ impl ControlPlane {
         let o = self.kubectl(args);
         assert!(o.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
         o.stdout
+    }
+
+    /// An HTTP client of the API server, authenticated as the admin (for load generators that
+    /// must not pay a kubectl process per call).
+    pub fn http_client(&self) -> reqwest::Client {
+        let mut pem = std::fs::read(self.dir.join("admin.pem")).unwrap();
+        pem.extend(std::fs::read(self.dir.join("admin.key")).unwrap());
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&self.ca).unwrap()).unwrap())
+            .identity(reqwest::Identity::from_pem(&pem).unwrap())
+            .build()
+            .unwrap()
     }
 
     /// The raw value etcd holds under `key` (e.g. `/registry/secrets/default/NAME`), read with

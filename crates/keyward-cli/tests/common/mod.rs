@@ -206,3 +206,54 @@ pub fn scrape(lib: &Path, url: &str, token: Option<&str>) -> serde_json::Value {
 
 #[allow(unused_imports)]
 pub use keyward_test_support::{free_port, is_root};
+
+/// `keyward csi-provider` as a process, serving `DIR/providers/keyward.sock`.
+pub struct Provider(Child);
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start the provider against `dev`.
+pub fn start_csi_provider(dev: &Dev, dir: &Path, extra: &[&str]) -> Provider {
+    let mut child = Command::new(BIN)
+        .args(["csi-provider", "--provider-dir"])
+        .arg(dir.join("providers"))
+        .arg("--data-dir")
+        .arg(dir.join("csi-state"))
+        .args(extra)
+        .env("KEYWARD_ADDR", &dev.addr)
+        .env_remove("KEYWARD_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let socket = dir.join("providers/keyward.sock");
+    for _ in 0..200 {
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            return Provider(child);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("csi-provider never listened");
+}
+
+/// Call the provider with the Python driver client (`csi_client.py`).
+pub fn csi_py(dir: &Path, args: &[&str]) -> serde_json::Value {
+    let lib = grpc_python();
+    let out = Command::new(PYTHON)
+        .arg(repo().join("crates/keyward-cli/tests/csi_client.py"))
+        .arg(lib.join("stubs"))
+        .arg(dir.join("providers/keyward.sock"))
+        .args(args)
+        .env("PYTHONPATH", &lib)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "csi_client.py: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
