@@ -350,75 +350,17 @@ pub async fn run(client: Client, cfg: BenchConfig) -> Result<BenchReport, BenchE
     let mut tasks = Vec::with_capacity(cfg.concurrency);
     let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let started = Instant::now();
-    for worker in 0..cfg.concurrency {
+    for w in 0..cfg.concurrency {
         let (client, cfg, prepared, done) = (client.clone(), cfg.clone(), prepared.clone(), done.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut lat: Vec<u32> = Vec::with_capacity(1 << 16);
-            let mut errors = 0u64;
-            let mut first_error = None;
-            let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
-            let mut acked: Vec<Acked> = Vec::new();
-            let mut n = 0u64;
-            loop {
-                let t0 = Instant::now();
-                if t0 >= end {
-                    break;
-                }
-                if t0 >= start
-                    && let Some(max) = cfg.max_ops
-                    && done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= max
-                {
-                    break;
-                }
-                n += 1;
-                let r = one(&client, &cfg, &prepared, worker, n).await;
-                let t1 = Instant::now();
-                // Warm-up writes are remembered too: every acknowledged write must survive.
-                let r = match r {
-                    Ok(Some(a)) => {
-                        if acked.len() < MAX_VERIFIED / cfg.concurrency {
-                            acked.push(a);
-                        }
-                        Ok(())
-                    }
-                    Ok(None) => Ok(()),
-                    Err(e) => Err(e),
-                };
-                if t0 < start {
-                    continue;
-                }
-                match r {
-                    Ok(()) => lat.push(u32::try_from((t1 - t0).as_micros()).unwrap_or(u32::MAX)),
-                    Err(e) => {
-                        errors += 1;
-                        *kinds.entry(error_kind(&e)).or_default() += 1;
-                        if first_error.is_none() {
-                            first_error = Some(e.to_string());
-                        }
-                    }
-                }
-            }
-            (lat, errors, first_error, kinds, acked)
-        }));
+        tasks.push(tokio::spawn(run_worker(client, cfg, prepared, done, w, start, end)));
     }
-    let mut all = Vec::new();
-    let mut errors = 0;
-    let mut first_error = None;
-    let mut error_kinds: BTreeMap<String, u64> = BTreeMap::new();
-    let mut acked = Vec::new();
+    let mut total = Tally::default();
     for t in tasks {
-        if let Ok((lat, e, fe, kinds, a)) = t.await {
-            all.extend(lat);
-            errors += e;
-            if first_error.is_none() {
-                first_error = fe;
-            }
-            for (k, n) in kinds {
-                *error_kinds.entry(k).or_default() += n;
-            }
-            acked.extend(a);
+        if let Ok(tally) = t.await {
+            total.merge(tally);
         }
     }
+    let Tally { lat: mut all, errors, first_error, kinds: error_kinds, acked } = total;
     all.sort_unstable();
     let elapsed = started.elapsed().saturating_sub(cfg.warmup);
     let seconds = elapsed.as_secs_f64().min(cfg.duration.as_secs_f64()).max(1e-9);
@@ -442,6 +384,91 @@ pub async fn run(client: Client, cfg: BenchConfig) -> Result<BenchReport, BenchE
         p999_us: percentile(&all, 99.9),
         max_us: all.last().copied().map_or(0, u64::from),
     })
+}
+
+/// What one worker measured, or all of them merged.
+#[derive(Default)]
+struct Tally {
+    /// Latencies of the measured operations that succeeded, in microseconds.
+    lat: Vec<u32>,
+    /// Measured operations that failed.
+    errors: u64,
+    /// The first failure's message.
+    first_error: Option<String>,
+    /// Failures by kind.
+    kinds: BTreeMap<String, u64>,
+    /// Acknowledged operations to check after the run (warm-up ones too).
+    acked: Vec<Acked>,
+}
+
+impl Tally {
+    /// Add another worker's tally (its first error counts only if none was seen yet).
+    fn merge(&mut self, other: Tally) {
+        self.lat.extend(other.lat);
+        self.errors += other.errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+        for (k, n) in other.kinds {
+            *self.kinds.entry(k).or_default() += n;
+        }
+        self.acked.extend(other.acked);
+    }
+}
+
+/// One worker: operations one after another until `end`, or until `max_ops` measured ones were
+/// started by all workers together; those before `start` are warm-up, not measured.
+async fn run_worker(
+    client: Client,
+    cfg: Arc<BenchConfig>,
+    prepared: Arc<Prepared>,
+    done: Arc<std::sync::atomic::AtomicU64>,
+    worker: usize,
+    start: Instant,
+    end: Instant,
+) -> Tally {
+    let mut tally = Tally { lat: Vec::with_capacity(1 << 16), ..Tally::default() };
+    let mut n = 0u64;
+    loop {
+        let t0 = Instant::now();
+        if t0 >= end {
+            break;
+        }
+        if t0 >= start
+            && let Some(max) = cfg.max_ops
+            && done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= max
+        {
+            break;
+        }
+        n += 1;
+        let r = one(&client, &cfg, &prepared, worker, n).await;
+        let t1 = Instant::now();
+        // Warm-up writes are remembered too: every acknowledged write must survive.
+        let r = match r {
+            Ok(Some(a)) => {
+                if tally.acked.len() < MAX_VERIFIED / cfg.concurrency {
+                    tally.acked.push(a);
+                }
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if t0 < start {
+            continue;
+        }
+        match r {
+            Ok(()) => tally.lat.push(u32::try_from((t1 - t0).as_micros()).unwrap_or(u32::MAX)),
+            Err(e) => {
+                tally.errors += 1;
+                *tally.kinds.entry(error_kind(&e)).or_default() += 1;
+                if tally.first_error.is_none() {
+                    tally.first_error = Some(e.to_string());
+                }
+            }
+        }
+    }
+    tally
 }
 
 #[cfg(test)]
