@@ -10,100 +10,114 @@ use anyhow::Context as _;
 use keyward_keyprovider::{BlockingProvider, Provider, WrapSpec};
 use keyward_ocicrypt::{DecryptOptions, EncryptOptions, ImageRef, KeyProvider, PrivateKey, Progress, PublicKey};
 
-use crate::cli::{Cli, ImageCmd, KeyproviderArgs, KeyproviderCmd, Output, ProviderArgs};
+use crate::cli::{Cli, ImageCmd, ImageCopyArgs, KeyproviderArgs, KeyproviderCmd, Output, ProviderArgs};
 use crate::output::{out, outln};
 
+/// Run a `keyward image` command.
 pub async fn run(cli: &Cli, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
-    let output = cli.output;
     match cmd {
-        ImageCmd::Encrypt { recipients, layers, io } => {
-            let (src, dst) = (ImageRef::parse(&io.src)?, ImageRef::parse(&io.dst)?);
-            let mut jwe = Vec::new();
-            let mut providers: Vec<BlockingProvider> = Vec::new();
-            for r in recipients {
-                if let Some(spec) = r.strip_prefix("keyward:") {
-                    let spec = WrapSpec::parse(spec.as_bytes(), None)?;
-                    let provider = Provider::new(
-                        keyward_keyprovider::PROVIDER_NAME,
-                        Some(crate::commands::client(cli)?),
-                        None,
-                        None,
-                    );
-                    providers.push(BlockingProvider::new(
-                        Arc::new(provider),
-                        Some(spec),
-                        tokio::runtime::Handle::current(),
-                    ));
-                } else {
-                    jwe.push(parse_recipient(r)?);
-                }
-            }
-            let recipients = jwe;
-            let (layers, parallel, durable) = (layers.clone(), io.parallel, io.sync);
-            let report = with_progress("encrypting", move |progress| {
-                let providers: Vec<&dyn KeyProvider> = providers.iter().map(|p| p as &dyn KeyProvider).collect();
-                keyward_ocicrypt::encrypt_image(
-                    &src,
-                    &dst,
-                    &EncryptOptions {
-                        recipients: &recipients,
-                        providers: &providers,
-                        layers: &layers,
-                        parallelism: parallel,
-                        durable,
-                        progress: Some(progress),
-                    },
-                )
-            })
-            .await?;
-            crate::commands::print_json_or_table(output, &serde_json::to_value(report)?)?;
-        }
+        ImageCmd::Encrypt { recipients, layers, io } => encrypt(cli, recipients, layers, io).await?,
         ImageCmd::Decrypt { keys, keyward, agent_socket, io } => {
-            let (src, dst) = (ImageRef::parse(&io.src)?, ImageRef::parse(&io.dst)?);
-            let keys = keys
-                .iter()
-                .map(|p| {
-                    let bytes =
-                        zeroize::Zeroizing::new(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?);
-                    Ok(PrivateKey::from_bytes(&bytes, &p.display().to_string())?)
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let (parallel, durable) = (io.parallel, io.sync);
-            let provider = match keyward {
-                true => {
-                    let agent = keyward_client::workload::WorkloadClient::new(agent_socket)?;
-                    let provider = Provider::new(keyward_keyprovider::PROVIDER_NAME, None, Some(agent), None);
-                    Some(BlockingProvider::new(Arc::new(provider), None, tokio::runtime::Handle::current()))
-                }
-                false => None,
-            };
-            let report = with_progress("decrypting", move |progress| {
-                let providers: Vec<&dyn KeyProvider> = provider.iter().map(|p| p as &dyn KeyProvider).collect();
-                keyward_ocicrypt::decrypt_image(
-                    &src,
-                    &dst,
-                    &DecryptOptions {
-                        keys: &keys,
-                        providers: &providers,
-                        parallelism: parallel,
-                        durable,
-                        progress: Some(progress),
-                    },
-                )
-            })
-            .await?;
-            crate::commands::print_json_or_table(output, &serde_json::to_value(report)?)?;
+            decrypt(cli.output, keys, *keyward, agent_socket, io).await?
         }
-        ImageCmd::Inspect { src } => {
-            let src = ImageRef::parse(src)?;
-            let layers = tokio::task::spawn_blocking(move || keyward_ocicrypt::inspect_image(&src)).await??;
-            match output {
-                Output::Json => outln!("{}", serde_json::to_string_pretty(&layers)?),
-                Output::Table => print_inspect(&layers)?,
-            }
-        }
+        ImageCmd::Inspect { src } => inspect(cli.output, src).await?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `image encrypt`: encrypt the layers of an image to its recipients (`jwe:` public keys, and
+/// `keyward:` keys wrapped by the server).
+async fn encrypt(cli: &Cli, recipients: &[String], layers: &[i64], io: &ImageCopyArgs) -> anyhow::Result<()> {
+    let output = cli.output;
+    let (src, dst) = (ImageRef::parse(&io.src)?, ImageRef::parse(&io.dst)?);
+    let mut jwe = Vec::new();
+    let mut providers: Vec<BlockingProvider> = Vec::new();
+    for r in recipients {
+        if let Some(spec) = r.strip_prefix("keyward:") {
+            let spec = WrapSpec::parse(spec.as_bytes(), None)?;
+            let provider =
+                Provider::new(keyward_keyprovider::PROVIDER_NAME, Some(crate::commands::client(cli)?), None, None);
+            providers.push(BlockingProvider::new(Arc::new(provider), Some(spec), tokio::runtime::Handle::current()));
+        } else {
+            jwe.push(parse_recipient(r)?);
+        }
+    }
+    let recipients = jwe;
+    let (layers, parallel, durable) = (layers.to_vec(), io.parallel, io.sync);
+    let report = with_progress("encrypting", move |progress| {
+        let providers: Vec<&dyn KeyProvider> = providers.iter().map(|p| p as &dyn KeyProvider).collect();
+        keyward_ocicrypt::encrypt_image(
+            &src,
+            &dst,
+            &EncryptOptions {
+                recipients: &recipients,
+                providers: &providers,
+                layers: &layers,
+                parallelism: parallel,
+                durable,
+                progress: Some(progress),
+            },
+        )
+    })
+    .await?;
+    crate::commands::print_json_or_table(output, &serde_json::to_value(report)?)?;
+    Ok(())
+}
+
+/// `image decrypt`: decrypt an image's layers with private keys, or (`--keyward`) with layer
+/// keys unwrapped through the node agent.
+async fn decrypt(
+    output: Output,
+    keys: &[std::path::PathBuf],
+    keyward: bool,
+    agent_socket: &std::path::Path,
+    io: &ImageCopyArgs,
+) -> anyhow::Result<()> {
+    let (src, dst) = (ImageRef::parse(&io.src)?, ImageRef::parse(&io.dst)?);
+    let keys = keys
+        .iter()
+        .map(|p| {
+            let bytes = zeroize::Zeroizing::new(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?);
+            Ok(PrivateKey::from_bytes(&bytes, &p.display().to_string())?)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (parallel, durable) = (io.parallel, io.sync);
+    let provider = match keyward {
+        true => {
+            let agent = keyward_client::workload::WorkloadClient::new(agent_socket)?;
+            let provider = Provider::new(keyward_keyprovider::PROVIDER_NAME, None, Some(agent), None);
+            Some(BlockingProvider::new(Arc::new(provider), None, tokio::runtime::Handle::current()))
+        }
+        false => None,
+    };
+    let report = with_progress("decrypting", move |progress| {
+        let providers: Vec<&dyn KeyProvider> = provider.iter().map(|p| p as &dyn KeyProvider).collect();
+        keyward_ocicrypt::decrypt_image(
+            &src,
+            &dst,
+            &DecryptOptions {
+                keys: &keys,
+                providers: &providers,
+                parallelism: parallel,
+                durable,
+                progress: Some(progress),
+            },
+        )
+    })
+    .await?;
+    crate::commands::print_json_or_table(output, &serde_json::to_value(report)?)?;
+    Ok(())
+}
+
+/// `image inspect`: show how each layer of an image is encrypted (if it is).
+async fn inspect(output: Output, src: &str) -> anyhow::Result<()> {
+    let src = ImageRef::parse(src)?;
+    let layers = tokio::task::spawn_blocking(move || keyward_ocicrypt::inspect_image(&src)).await??;
+    match output {
+        Output::Json => outln!("{}", serde_json::to_string_pretty(&layers)?),
+        Output::Table => print_inspect(&layers)?,
+    }
+    Ok(())
 }
 
 /// `keyward keyprovider`: one request on stdin (a `cmd` provider), or `serve` over gRPC.

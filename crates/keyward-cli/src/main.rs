@@ -19,51 +19,11 @@ const CLIENT_ONLY: [(&str, &str, Option<char>); 6] = [
 const SERVERS: [&str; 2] = ["server", "dev"];
 
 fn main() -> std::process::ExitCode {
-    // The client options are global (they may follow any subcommand), but `server` and `dev`
-    // neither show nor take them: each gets a hidden option of the same name, which keeps the
-    // global one out of it, and is refused if given.
-    let mut cmd = <cli::Cli as clap::CommandFactory>::command();
-    for name in SERVERS {
-        cmd = cmd.mut_subcommand(name, |s| {
-            CLIENT_ONLY.iter().fold(s, |s, (id, long, short)| {
-                let a = clap::Arg::new(*id).long(*long).hide(true).action(clap::ArgAction::Set);
-                s.arg(match short {
-                    Some(c) => a.short(*c),
-                    None => a,
-                })
-            })
-        })
-    }
-    let matches = cmd.get_matches();
-    if let Some((name, sub)) = matches.subcommand()
-        && SERVERS.contains(&name)
-        && let Some((_, long, _)) =
-            CLIENT_ONLY.iter().find(|(id, _, _)| sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
-    {
-        eprintln!("error: --{long} is an option of the client commands; `keyward {name}` does not take it");
-        return std::process::ExitCode::from(2);
-    }
-    let cli = match <cli::Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
-        Ok(c) => c,
-        Err(e) => e.exit(),
+    let cli = match parse_command_line() {
+        Ok(cli) => cli,
+        Err(code) => return code,
     };
-    let daemon = matches!(
-        cli.command,
-        cli::Command::Dev(_)
-            | cli::Command::Server(_)
-            | cli::Command::Agent(cli::AgentArgs { command: None, .. })
-            | cli::Command::KmsPlugin(cli::KmsPluginArgs { command: None, .. })
-            | cli::Command::CsiProvider(_)
-            | cli::Command::Keyprovider(cli::KeyproviderArgs { command: Some(_), .. })
-    );
-    let default_filter = if daemon { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    init_tracing(&cli.command);
 
     // Processes that hold secrets they did not measure themselves (the launcher, the key
     // provider) are made not dumpable first thing: no core file, and no process of the same uid
@@ -103,4 +63,59 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Parse the command line (clap exits by itself on `--help`, `--version` and errors); a client
+/// option given to a server command is refused with exit code 2.
+fn parse_command_line() -> Result<cli::Cli, std::process::ExitCode> {
+    // The client options are global (they may follow any subcommand), but `server` and `dev`
+    // neither show nor take them: each gets a hidden option of the same name, which keeps the
+    // global one out of it, and is refused if given.
+    let mut cmd = <cli::Cli as clap::CommandFactory>::command();
+    for name in SERVERS {
+        cmd = cmd.mut_subcommand(name, |s| {
+            CLIENT_ONLY.iter().fold(s, |s, (id, long, short)| {
+                let a = clap::Arg::new(*id).long(*long).hide(true).action(clap::ArgAction::Set);
+                s.arg(match short {
+                    Some(c) => a.short(*c),
+                    None => a,
+                })
+            })
+        })
+    }
+    let matches = cmd.get_matches();
+    if let Some((name, sub)) = matches.subcommand()
+        && SERVERS.contains(&name)
+        && let Some((_, long, _)) =
+            CLIENT_ONLY.iter().find(|(id, _, _)| sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+    {
+        eprintln!("error: --{long} is an option of the client commands; `keyward {name}` does not take it");
+        return Err(std::process::ExitCode::from(2));
+    }
+    match <cli::Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => Ok(c),
+        Err(e) => e.exit(),
+    }
+}
+
+/// Log to stderr, at `info` for the long-running processes and `warn` for the others unless
+/// RUST_LOG says otherwise.
+fn init_tracing(command: &cli::Command) {
+    let daemon = matches!(
+        command,
+        cli::Command::Dev(_)
+            | cli::Command::Server(_)
+            | cli::Command::Agent(cli::AgentArgs { command: None, .. })
+            | cli::Command::KmsPlugin(cli::KmsPluginArgs { command: None, .. })
+            | cli::Command::CsiProvider(_)
+            | cli::Command::Keyprovider(cli::KeyproviderArgs { command: Some(_), .. })
+    );
+    let default_filter = if daemon { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
 }

@@ -184,6 +184,7 @@ pub(super) async fn start_dev_agent(
     Ok((socket.to_path_buf(), stop, task))
 }
 
+/// `keyward agent`: join the server (if asked to) and serve the Workload API until a signal.
 pub(super) async fn agent(cli: &Cli, a: AgentArgs) -> anyhow::Result<ExitCode> {
     let stop = shutdown_signal();
     // The agent holds its Ed25519 key and token for as long as it runs.
@@ -195,7 +196,7 @@ pub(super) async fn agent(cli: &Cli, a: AgentArgs) -> anyhow::Result<ExitCode> {
         keyward_attest::cgroup::KubeletRoots::new(&a.cgroup_roots).map_err(|e| anyhow!("--cgroup-root: {e}"))?
     };
     let config = keyward_agent::AgentConfig {
-        socket: a.socket,
+        socket: a.socket.clone(),
         hash_limit: a.hash_limit,
         outage_window: a.outage_window,
         kubelet_roots,
@@ -203,8 +204,24 @@ pub(super) async fn agent(cli: &Cli, a: AgentArgs) -> anyhow::Result<ExitCode> {
         metrics_listen: a.metrics_listen,
         ..Default::default()
     };
+    let upstream = match join_credential(&a)? {
+        Some(join) => Some(join_server(cli, join).await?),
+        None => None,
+    };
+    let kubelet = kubelet_client(&a)?;
+    let listener = keyward_agent::bind(&config.socket)?;
+    // After the socket: a second agent started by mistake stops there, before it touches the
+    // first one's log.
+    let log = keyward_agent::AgentLog::open(&a.audit_dir)
+        .with_context(|| format!("opening the agent's audit log in {} (set --audit-dir)", a.audit_dir.display()))?;
+    keyward_agent::serve(&config, listener, upstream, kubelet, log, stop).await?;
+    Ok(ExitCode::SUCCESS)
+}
 
-    let join = match (&a.join_token_file, &a.k8s_join_role) {
+/// The credential the agent joins the server with: a join token from a file only this user can
+/// read, or a Kubernetes ServiceAccount token file; none without either (not joined).
+fn join_credential(a: &AgentArgs) -> anyhow::Result<Option<keyward_agent::upstream::JoinCredential>> {
+    Ok(match (&a.join_token_file, &a.k8s_join_role) {
         (Some(f), _) => {
             // A join token is a credential for the whole node until it is spent: whoever reads
             // it first joins as the node.
@@ -232,43 +249,38 @@ pub(super) async fn agent(cli: &Cli, a: AgentArgs) -> anyhow::Result<ExitCode> {
             path: a.k8s_token_file.clone(),
         }),
         (None, None) => None,
-    };
-    let upstream = match join {
-        Some(join) => {
-            let ca_pem = match &cli.cacert {
-                Some(p) => Some(std::fs::read(p).with_context(|| format!("reading CA certificate {}", p.display()))?),
-                None => None,
-            };
-            let cfg = keyward_agent::upstream::UpstreamConfig { addr: cli.addr.clone(), ca_pem, join };
-            let up = keyward_agent::upstream::Upstream::join(&cfg)
-                .await
-                .with_context(|| format!("joining the Keyward server at {}", cli.addr))?;
-            Some(std::sync::Arc::new(up))
-        }
+    })
+}
+
+/// Join the Keyward server at `--addr` (trusting `--cacert` if given) with `join`.
+async fn join_server(
+    cli: &Cli,
+    join: keyward_agent::upstream::JoinCredential,
+) -> anyhow::Result<std::sync::Arc<keyward_agent::upstream::Upstream>> {
+    let ca_pem = match &cli.cacert {
+        Some(p) => Some(std::fs::read(p).with_context(|| format!("reading CA certificate {}", p.display()))?),
         None => None,
     };
-    let kubelet = match &a.kubelet_url {
-        Some(url) => {
-            let ca_pem = std::fs::read(&a.kubelet_ca)
-                .with_context(|| format!("reading the kubelet CA {}", a.kubelet_ca.display()))?;
-            let cfg = keyward_agent::kubelet::KubeletConfig {
-                url: url.clone(),
-                token_file: a.kubelet_token_file.clone(),
-                ca_pem,
-                poll_attempts: a.kubelet_poll_attempts,
-                poll_interval: a.kubelet_poll_interval,
-            };
-            Some(std::sync::Arc::new(keyward_agent::kubelet::Kubelet::new(cfg)?))
-        }
-        None => None,
+    let cfg = keyward_agent::upstream::UpstreamConfig { addr: cli.addr.clone(), ca_pem, join };
+    let up = keyward_agent::upstream::Upstream::join(&cfg)
+        .await
+        .with_context(|| format!("joining the Keyward server at {}", cli.addr))?;
+    Ok(std::sync::Arc::new(up))
+}
+
+/// The kubelet client that places callers in pods, when `--kubelet-url` is given.
+fn kubelet_client(a: &AgentArgs) -> anyhow::Result<Option<std::sync::Arc<keyward_agent::kubelet::Kubelet>>> {
+    let Some(url) = &a.kubelet_url else { return Ok(None) };
+    let ca_pem =
+        std::fs::read(&a.kubelet_ca).with_context(|| format!("reading the kubelet CA {}", a.kubelet_ca.display()))?;
+    let cfg = keyward_agent::kubelet::KubeletConfig {
+        url: url.clone(),
+        token_file: a.kubelet_token_file.clone(),
+        ca_pem,
+        poll_attempts: a.kubelet_poll_attempts,
+        poll_interval: a.kubelet_poll_interval,
     };
-    let listener = keyward_agent::bind(&config.socket)?;
-    // After the socket: a second agent started by mistake stops there, before it touches the
-    // first one's log.
-    let log = keyward_agent::AgentLog::open(&a.audit_dir)
-        .with_context(|| format!("opening the agent's audit log in {} (set --audit-dir)", a.audit_dir.display()))?;
-    keyward_agent::serve(&config, listener, upstream, kubelet, log, stop).await?;
-    Ok(ExitCode::SUCCESS)
+    Ok(Some(std::sync::Arc::new(keyward_agent::kubelet::Kubelet::new(cfg)?)))
 }
 
 pub(super) async fn kms_plugin(cli: &Cli, a: KmsPluginArgs) -> anyhow::Result<ExitCode> {

@@ -88,89 +88,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Dev(a) => dev(a.clone()).await,
         Command::Server(a) => server(a.clone()).await,
-        Command::Agent(AgentArgs { command: Some(c), socket, .. }) => {
-            let cmd = match c {
-                AgentCmd::Whoami => WorkloadCmd::Whoami,
-                AgentCmd::Secret { path, version, field } => {
-                    WorkloadCmd::Secret { path: path.clone(), version: *version, field: field.clone() }
-                }
-            };
-            workload(cli.output, &WorkloadArgs { agent_socket: socket.clone(), command: cmd }).await
-        }
+        Command::Agent(AgentArgs { command: Some(c), socket, .. }) => agent_query(cli.output, c, socket).await,
         Command::Agent(a) => agent(&cli, a.clone()).await,
         Command::KmsPlugin(KmsPluginArgs { command: Some(KmsPluginCmd::Rotate), key, data_dir, local, .. }) => {
-            if !local {
-                bail!(
-                    "`kms-plugin rotate` rotates a local-mode key (pass --local); in service mode run `keyward key rotate {key}` against the server"
-                );
-            }
-            let k =
-                keyward_kms_plugin::kek::Local::rotate(data_dir, keyward_store::SqliteStore::open_shared, key).await?;
-            print_value(cli.output, &json!({"key": k.name, "version": k.version, "key_id": k.key_id()}))?;
-            Ok(ExitCode::SUCCESS)
+            kms_plugin_rotate(cli.output, key, data_dir, *local).await
         }
         Command::KmsPlugin(a) => kms_plugin(&cli, a.clone()).await,
         Command::CsiProvider(a) => csi_provider(&cli, a.clone()).await,
-        Command::Run(a) => {
-            // (Hardened in main, before anything else runs.)
-            Ok(keyward_agent::launcher::run(keyward_agent::launcher::RunSpec {
-                agent_socket: a.agent_socket.clone(),
-                secrets: a.secrets.clone(),
-                files: a.files.clone(),
-                refresh: a.refresh,
-                signal: a.signal,
-                command: a.command.clone(),
-            })
-            .await?)
-        }
-        Command::Node(NodeCmd::JoinToken { node, ttl }) => {
-            let r = keyward_client::api::JoinTokenReq { node: node.clone(), ttl: ttl.clone() };
-            let v = client(&cli)?.join_token(&r).await?;
-            print_value(cli.output, &v)?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Node(NodeCmd::List) => {
-            let v = client(&cli)?.agents().await?;
-            print_value(cli.output, &v)?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Node(NodeCmd::Revoke { node }) => {
-            let v = client(&cli)?.revoke_node(node).await?;
-            print_value(cli.output, &v)?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Run(a) => launch(a).await,
+        Command::Node(n) => node(&cli, n).await,
         Command::Workload(w) => workload(cli.output, w).await,
         Command::Image(c) => crate::image::run(&cli, c).await,
         Command::Keyprovider(a) => crate::image::keyprovider(&cli, a).await,
-        Command::Status => {
-            let v = client(&cli)?.health().await?;
-            print_value(cli.output, &v)?;
-            if cli.output == Output::Table {
-                let (threshold, progress) = v.seal_state.as_ref().map_or((0, 0), |s| (s.threshold, s.progress));
-                match v.status.as_str() {
-                    "uninitialized" => eprintln!("Not initialized: run `keyward operator init` once."),
-                    "sealed" => eprintln!(
-                        "Sealed: run `keyward operator unseal` with {threshold} share(s) ({progress} given so far)."
-                    ),
-                    _ => {}
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Completion { shell } => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
-            let mut buf = Vec::new();
-            clap_complete::generate(*shell, &mut cmd, "keyward", &mut buf);
-            write_out(&buf)?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Man { out } => {
-            std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-            let cmd = <Cli as clap::CommandFactory>::command();
-            clap_mangen::generate_to(cmd, out).with_context(|| format!("writing man pages into {}", out.display()))?;
-            eprintln!("Man pages written to {} (try `man -l {}/keyward.1`).", out.display(), out.display());
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Status => status(&cli).await,
+        Command::Completion { shell } => completion(*shell),
+        Command::Man { out } => man(out),
         Command::Operator(o) => operator(&cli, o).await,
         Command::Key(k) => key(&cli, k).await,
         c @ (Command::Encrypt { .. }
@@ -184,25 +116,136 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Command::Random { .. }) => crypto(&cli, c).await,
         Command::Secret(s) => secret(&cli, s).await,
         Command::Bench(b) => bench(&cli, b).await,
-        Command::Audit(AuditCmd::Verify { files, key_file, local_store }) => {
-            audit_verify(&cli, files, key_file.as_deref(), local_store.as_deref()).await
+        Command::Audit(a) => audit(&cli, a).await,
+        Command::Policy(p) => policy(&cli, p).await,
+        Command::Randomized(r) => randomized(&cli, r).await,
+        Command::Token(t) => token(&cli, t).await,
+        Command::Auth(a) => auth(&cli, a).await,
+    }
+}
+
+/// `keyward agent whoami|secret`: ask the running agent at `socket`, as `keyward workload` does.
+async fn agent_query(output: Output, c: &AgentCmd, socket: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let cmd = match c {
+        AgentCmd::Whoami => WorkloadCmd::Whoami,
+        AgentCmd::Secret { path, version, field } => {
+            WorkloadCmd::Secret { path: path.clone(), version: *version, field: field.clone() }
         }
-        Command::Audit(AuditCmd::Info) => {
-            let mut v = client(&cli)?.audit_info().await?;
+    };
+    workload(output, &WorkloadArgs { agent_socket: socket.to_path_buf(), command: cmd }).await
+}
+
+/// `keyward kms-plugin rotate --local`: rotate the local-mode key in `data_dir`.
+async fn kms_plugin_rotate(
+    output: Output,
+    key: &str,
+    data_dir: &std::path::Path,
+    local: bool,
+) -> anyhow::Result<ExitCode> {
+    if !local {
+        bail!(
+            "`kms-plugin rotate` rotates a local-mode key (pass --local); in service mode run `keyward key rotate {key}` against the server"
+        );
+    }
+    let k = keyward_kms_plugin::kek::Local::rotate(data_dir, keyward_store::SqliteStore::open_shared, key).await?;
+    print_value(output, &json!({"key": k.name, "version": k.version, "key_id": k.key_id()}))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `keyward run`: start the program with secrets from the node agent; its exit status.
+async fn launch(a: &RunArgs) -> anyhow::Result<ExitCode> {
+    // (Hardened in main, before anything else runs.)
+    Ok(keyward_agent::launcher::run(keyward_agent::launcher::RunSpec {
+        agent_socket: a.agent_socket.clone(),
+        secrets: a.secrets.clone(),
+        files: a.files.clone(),
+        refresh: a.refresh,
+        signal: a.signal,
+        command: a.command.clone(),
+    })
+    .await?)
+}
+
+/// `keyward node join-token|list|revoke`.
+async fn node(cli: &Cli, n: &NodeCmd) -> anyhow::Result<ExitCode> {
+    match n {
+        NodeCmd::JoinToken { node, ttl } => {
+            let r = keyward_client::api::JoinTokenReq { node: node.clone(), ttl: ttl.clone() };
+            let v = client(cli)?.join_token(&r).await?;
+            print_value(cli.output, &v)?;
+        }
+        NodeCmd::List => {
+            let v = client(cli)?.agents().await?;
+            print_value(cli.output, &v)?;
+        }
+        NodeCmd::Revoke { node } => {
+            let v = client(cli)?.revoke_node(node).await?;
+            print_value(cli.output, &v)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `keyward status`: the server's health, with what to do next when it is not initialised or sealed.
+async fn status(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let v = client(cli)?.health().await?;
+    print_value(cli.output, &v)?;
+    if cli.output == Output::Table {
+        let (threshold, progress) = v.seal_state.as_ref().map_or((0, 0), |s| (s.threshold, s.progress));
+        match v.status.as_str() {
+            "uninitialized" => eprintln!("Not initialized: run `keyward operator init` once."),
+            "sealed" => {
+                eprintln!("Sealed: run `keyward operator unseal` with {threshold} share(s) ({progress} given so far).")
+            }
+            _ => {}
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `keyward completion SHELL`: print the shell's completion script.
+fn completion(shell: clap_complete::Shell) -> anyhow::Result<ExitCode> {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    let mut buf = Vec::new();
+    clap_complete::generate(shell, &mut cmd, "keyward", &mut buf);
+    write_out(&buf)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `keyward man --out DIR`: write the man pages into DIR.
+fn man(out: &std::path::Path) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let cmd = <Cli as clap::CommandFactory>::command();
+    clap_mangen::generate_to(cmd, out).with_context(|| format!("writing man pages into {}", out.display()))?;
+    eprintln!("Man pages written to {} (try `man -l {}/keyward.1`).", out.display(), out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `keyward audit verify|info`.
+async fn audit(cli: &Cli, a: &AuditCmd) -> anyhow::Result<ExitCode> {
+    match a {
+        AuditCmd::Verify { files, key_file, local_store } => {
+            audit_verify(cli, files, key_file.as_deref(), local_store.as_deref()).await
+        }
+        AuditCmd::Info => {
+            let mut v = client(cli)?.audit_info().await?;
             // The chain key is for `audit verify`; it is not printed.
             v.key = None;
             print_value(cli.output, &v)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Policy(p) => policy(&cli, p).await,
-        Command::Randomized(r) => randomized(&cli, r).await,
-        Command::Token(t) => token(&cli, t).await,
-        Command::Auth(AuthCmd::Whoami) => {
-            let v = client(&cli)?.whoami().await?;
+    }
+}
+
+/// `keyward auth whoami|kubernetes`.
+async fn auth(cli: &Cli, a: &AuthCmd) -> anyhow::Result<ExitCode> {
+    match a {
+        AuthCmd::Whoami => {
+            let v = client(cli)?.whoami().await?;
             print_value(cli.output, &v)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Auth(AuthCmd::Kubernetes(k)) => kubernetes(&cli, k).await,
+        AuthCmd::Kubernetes(k) => kubernetes(cli, k).await,
     }
 }
 

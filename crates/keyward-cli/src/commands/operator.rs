@@ -46,110 +46,132 @@ pub(super) fn print_shares<T: serde::Serialize>(
     Ok(())
 }
 
+/// `keyward operator`: one function per ceremony (`snapshot restore` runs without a server).
 pub(super) async fn operator(cli: &Cli, o: &OperatorCmd) -> anyhow::Result<ExitCode> {
     if let OperatorCmd::Snapshot(SnapshotCmd::Restore { file, data }) = o {
-        let db = keyward_store::sqlite::restore_snapshot(file, data)?;
-        print_value(cli.output, &json!({"restored": db, "data": data}))?;
-        eprintln!(
-            "Restored. Start `keyward server --data {}` (with the same seal options), then unseal it with the \
-             shares of the server the snapshot came from.",
-            data.display()
-        );
-        return Ok(ExitCode::SUCCESS);
+        return snapshot_restore(cli.output, file, data);
     }
     let c = client(cli)?;
-    use keyward_client::api::{InitReq, RekeyShareReq, ShareReq};
     match o {
-        OperatorCmd::Init { shares, threshold } => {
-            let v = c.init(&InitReq { shares: Some(*shares), threshold: Some(*threshold) }).await?;
-            print_shares(cli.output, &v, &v.shares, Some(v.root_token.as_str()), !v.sealed)?;
-            if !v.sealed {
-                eprintln!(
-                    "The server unsealed itself with its HSM ({}). The shares are recovery shares: {threshold} of \
-                     them unseal it when the HSM cannot, and move it to another seal.",
-                    v.seal
-                );
-            } else {
-                eprintln!(
-                    "The server is sealed: run `keyward operator unseal` {threshold} times with different shares."
-                );
-            }
-        }
-        OperatorCmd::Unseal { migrate } => {
-            let share = read_share("Unseal share: ")?;
-            let v = c.unseal(&ShareReq { share, migrate: *migrate }).await?;
-            if cli.output == Output::Json {
-                print_value(cli.output, &v)?;
-            } else if v.complete && *migrate {
-                outln!("Unsealed; the seal was migrated to this server's seal.");
-            } else if v.complete {
-                outln!("Unsealed.");
-            } else {
-                outln!("Unseal progress: {}/{}", v.progress.unwrap_or(0), v.threshold.unwrap_or(0));
-            }
-        }
+        OperatorCmd::Init { shares, threshold } => init(cli.output, &c, *shares, *threshold).await?,
+        OperatorCmd::Unseal { migrate } => unseal(cli.output, &c, *migrate).await?,
         OperatorCmd::Seal => {
             c.seal().await?;
             outln!("Sealed.");
         }
-        OperatorCmd::Rekey { shares, threshold, cancel } => {
-            if *cancel {
-                print_value(cli.output, &c.rekey_cancel().await?)?;
-                return Ok(ExitCode::SUCCESS);
-            }
-            let st = c.rekey_status().await?;
-            let nonce = match st.nonce {
-                Some(n) => n,
-                None => {
-                    let v = c.rekey_start(&InitReq { shares: Some(*shares), threshold: Some(*threshold) }).await?;
-                    eprintln!("Started a rekey to {shares} shares with threshold {threshold}.");
-                    v.nonce
-                }
-            };
-            let share = read_share("Current unseal share: ")?;
-            let v = c.rekey_update(&RekeyShareReq { nonce, share }).await?;
-            if let Some(new_shares) = &v.shares {
-                let hsm = c.health().await.ok().and_then(|h| h.seal_state).is_some_and(|s| s.hsm_key.is_some());
-                print_shares(cli.output, &v, new_shares, None, hsm)?;
-                eprintln!("Rekeyed: the old shares no longer unseal this server.");
-            } else if cli.output == Output::Json {
-                print_value(cli.output, &v)?;
-            } else {
-                outln!("Rekey progress: {}/{}", v.progress.unwrap_or(0), v.threshold.unwrap_or(0));
-            }
-        }
-        OperatorCmd::Snapshot(SnapshotCmd::Save { file }) => {
-            use std::os::unix::fs::OpenOptionsExt;
-            let part = file.with_extension("partial");
-            let mut out = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&part)
-                .with_context(|| format!("creating {} (it must not exist)", part.display()))?;
-            if file.exists() {
-                let _ = std::fs::remove_file(&part);
-                bail!("{} exists: a snapshot is never written over another file", file.display());
-            }
-            let written = match c.download(keyward_client::api::routes::SYS_SNAPSHOT, &mut out).await {
-                Ok(n) => n,
-                Err(e) => {
-                    let _ = std::fs::remove_file(&part);
-                    return Err(e.into());
-                }
-            };
-            out.sync_all().with_context(|| format!("writing {}", part.display()))?;
-            std::fs::hard_link(&part, file)
-                .with_context(|| format!("{} exists: a snapshot is never written over another file", file.display()))?;
-            let _ = std::fs::remove_file(&part);
-            print_value(cli.output, &json!({"file": file, "bytes": written}))?;
-        }
+        OperatorCmd::Rekey { shares, threshold, cancel } => rekey(cli.output, &c, *shares, *threshold, *cancel).await?,
+        OperatorCmd::Snapshot(SnapshotCmd::Save { file }) => snapshot_save(cli.output, &c, file).await?,
         OperatorCmd::Snapshot(SnapshotCmd::Restore { .. }) => unreachable_restore()?,
         OperatorCmd::RotateRoot => {
             print_value(cli.output, &c.rotate_root().await?)?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `operator snapshot restore`: restore a snapshot into an empty data directory (no server involved).
+fn snapshot_restore(output: Output, file: &std::path::Path, data: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let db = keyward_store::sqlite::restore_snapshot(file, data)?;
+    print_value(output, &json!({"restored": db, "data": data}))?;
+    eprintln!(
+        "Restored. Start `keyward server --data {}` (with the same seal options), then unseal it with the \
+         shares of the server the snapshot came from.",
+        data.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `operator init`: initialise the server and print its shares and root token once.
+async fn init(output: Output, c: &Client, shares: u8, threshold: u8) -> anyhow::Result<()> {
+    let v = c.init(&keyward_client::api::InitReq { shares: Some(shares), threshold: Some(threshold) }).await?;
+    print_shares(output, &v, &v.shares, Some(v.root_token.as_str()), !v.sealed)?;
+    if !v.sealed {
+        eprintln!(
+            "The server unsealed itself with its HSM ({}). The shares are recovery shares: {threshold} of \
+             them unseal it when the HSM cannot, and move it to another seal.",
+            v.seal
+        );
+    } else {
+        eprintln!("The server is sealed: run `keyward operator unseal` {threshold} times with different shares.");
+    }
+    Ok(())
+}
+
+/// `operator unseal`: submit one share read from a prompt or stdin, and show the progress.
+async fn unseal(output: Output, c: &Client, migrate: bool) -> anyhow::Result<()> {
+    let share = read_share("Unseal share: ")?;
+    let v = c.unseal(&keyward_client::api::ShareReq { share, migrate }).await?;
+    if output == Output::Json {
+        print_value(output, &v)?;
+    } else if v.complete && migrate {
+        outln!("Unsealed; the seal was migrated to this server's seal.");
+    } else if v.complete {
+        outln!("Unsealed.");
+    } else {
+        outln!("Unseal progress: {}/{}", v.progress.unwrap_or(0), v.threshold.unwrap_or(0));
+    }
+    Ok(())
+}
+
+/// `operator rekey`: cancel the rekey in progress, or start one if none is and submit one current
+/// share; the last share gets the new shares printed once.
+async fn rekey(output: Output, c: &Client, shares: u8, threshold: u8, cancel: bool) -> anyhow::Result<()> {
+    use keyward_client::api::{InitReq, RekeyShareReq};
+    if cancel {
+        print_value(output, &c.rekey_cancel().await?)?;
+        return Ok(());
+    }
+    let st = c.rekey_status().await?;
+    let nonce = match st.nonce {
+        Some(n) => n,
+        None => {
+            let v = c.rekey_start(&InitReq { shares: Some(shares), threshold: Some(threshold) }).await?;
+            eprintln!("Started a rekey to {shares} shares with threshold {threshold}.");
+            v.nonce
+        }
+    };
+    let share = read_share("Current unseal share: ")?;
+    let v = c.rekey_update(&RekeyShareReq { nonce, share }).await?;
+    if let Some(new_shares) = &v.shares {
+        let hsm = c.health().await.ok().and_then(|h| h.seal_state).is_some_and(|s| s.hsm_key.is_some());
+        print_shares(output, &v, new_shares, None, hsm)?;
+        eprintln!("Rekeyed: the old shares no longer unseal this server.");
+    } else if output == Output::Json {
+        print_value(output, &v)?;
+    } else {
+        outln!("Rekey progress: {}/{}", v.progress.unwrap_or(0), v.threshold.unwrap_or(0));
+    }
+    Ok(())
+}
+
+/// `operator snapshot save`: download a snapshot into `file` (mode 0600, through a `.partial`
+/// file, never over an existing file).
+async fn snapshot_save(output: Output, c: &Client, file: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let part = file.with_extension("partial");
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&part)
+        .with_context(|| format!("creating {} (it must not exist)", part.display()))?;
+    if file.exists() {
+        let _ = std::fs::remove_file(&part);
+        bail!("{} exists: a snapshot is never written over another file", file.display());
+    }
+    let written = match c.download(keyward_client::api::routes::SYS_SNAPSHOT, &mut out).await {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = std::fs::remove_file(&part);
+            return Err(e.into());
+        }
+    };
+    out.sync_all().with_context(|| format!("writing {}", part.display()))?;
+    std::fs::hard_link(&part, file)
+        .with_context(|| format!("{} exists: a snapshot is never written over another file", file.display()))?;
+    let _ = std::fs::remove_file(&part);
+    print_value(output, &json!({"file": file, "bytes": written}))?;
+    Ok(())
 }
 
 /// `operator snapshot restore` is handled before a client exists.
