@@ -525,6 +525,11 @@ pub struct K8sConfig {
     pub jwks: JwksSource,
     pub leeway_secs: u64,
     pub custom_ca: bool,
+    /// The API server each login is confirmed with (TokenReview), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_review_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_reviewer_secret: Option<String>,
 }
 
 /// Where the signing keys come from: `"static"`, `"discovery"` or `{"url": …}`.

@@ -104,6 +104,12 @@ pub struct K8sConfigReq {
     pub ca_pem: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub leeway_secs: Option<u64>,
+    /// Confirm each login with this API server's TokenReview API (with `token_reviewer_secret`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_review_url: Option<String>,
+    /// `PATH#FIELD` of the Keyward secret holding the reviewer's ServiceAccount token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_reviewer_secret: Option<String>,
 }
 
 /// A Kubernetes auth role.

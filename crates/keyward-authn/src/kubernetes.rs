@@ -79,6 +79,13 @@ pub enum AuthnError {
     /// The configuration is invalid.
     #[error("invalid Kubernetes auth configuration: {0}")]
     Config(String),
+    /// The API server's TokenReview no longer accepts the token (its pod or ServiceAccount was
+    /// deleted, or it names someone else), although its signature verifies.
+    #[error("the Kubernetes API server does not accept this ServiceAccount token: {0}")]
+    Revoked(String),
+    /// The API server could not be asked (TokenReview): the login is refused, not let through.
+    #[error("the Kubernetes API server could not confirm the token: {0}")]
+    ReviewUnavailable(String),
 }
 
 /// Where the issuer's signing keys come from.
@@ -110,6 +117,15 @@ pub struct Config {
     /// Clock skew tolerated on `exp`/`nbf`, seconds.
     #[serde(default = "default_leeway")]
     pub leeway_secs: u64,
+    /// Confirm every login with this API server's TokenReview API (an https URL, trusted with
+    /// `ca_pem`): a token whose pod or ServiceAccount was deleted is refused, although its
+    /// signature still verifies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_review_url: Option<String>,
+    /// The Keyward secret, `PATH#FIELD`, holding the reviewer's credential: a ServiceAccount
+    /// token bound to `system:auth-delegator`. It stays encrypted in Keyward's store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_reviewer_secret: Option<String>,
 }
 
 fn default_leeway() -> u64 {
@@ -151,6 +167,24 @@ impl Config {
             }
             JwksSource::Url(u) => https_url("jwks URL", u)?,
             JwksSource::Discovery => {}
+        }
+        match (&self.token_review_url, &self.token_reviewer_secret) {
+            (None, None) => {}
+            (Some(url), Some(secret)) => {
+                https_url("token review URL", url)?;
+                let ok =
+                    secret.split_once('#').is_some_and(|(p, f)| !p.is_empty() && !f.is_empty() && !f.contains('#'));
+                if !ok {
+                    return Err(AuthnError::Config(
+                        "the token reviewer secret is PATH#FIELD, a Keyward secret and its field".into(),
+                    ));
+                }
+            }
+            _ => {
+                return Err(AuthnError::Config(
+                    "give both the token review URL and the reviewer's secret, or neither".into(),
+                ));
+            }
         }
         Ok(())
     }
@@ -507,6 +541,52 @@ impl Verifier {
         })
     }
 
+    /// Ask the API server (`token_review_url`) whether it still accepts `jwt`, verified as `id`,
+    /// with the reviewer's credential: `POST /apis/authentication.k8s.io/v1/tokenreviews` for
+    /// this configuration's audience. It must authenticate the token as the same
+    /// ServiceAccount, and for a pod-bound token the same pod. Anything else refuses.
+    pub async fn review(&self, jwt: &str, reviewer: &str, id: &ServiceAccountIdentity) -> Result<(), AuthnError> {
+        let Some(base) = &self.config.token_review_url else { return Ok(()) };
+        let url = format!("{}/apis/authentication.k8s.io/v1/tokenreviews", base.trim_end_matches('/'));
+        let body = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+            "spec": {"token": jwt, "audiences": [self.config.audience]}});
+        let unavailable = |e: String| AuthnError::ReviewUnavailable(e);
+        let resp = self
+            .http
+            .post(&url)
+            .bearer_auth(reviewer)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .map_err(|e| unavailable(format!("POST {url}: {e}")))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| unavailable(format!("POST {url}: {e}")))?;
+        if !status.is_success() {
+            return Err(unavailable(format!(
+                "POST {url}: HTTP {status} (is the reviewer bound to system:auth-delegator?)"
+            )));
+        }
+        let review: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|_| unavailable("the TokenReview answer is not JSON".into()))?;
+        let st = &review["status"];
+        if st["authenticated"] != true {
+            let why = st["error"].as_str().filter(|e| !e.is_empty()).unwrap_or("not authenticated");
+            return Err(AuthnError::Revoked(why.chars().take(200).collect()));
+        }
+        let want = format!("system:serviceaccount:{}:{}", id.namespace, id.service_account);
+        if st["user"]["username"] != want.as_str() {
+            return Err(AuthnError::Revoked(format!("it authenticates as another user than {want}")));
+        }
+        if let Some((_, pod_uid)) = &id.pod {
+            let uids = &st["user"]["extra"]["authentication.kubernetes.io/pod-uid"];
+            if !uids.as_array().is_some_and(|a| a.iter().any(|u| u == pod_uid.as_str())) {
+                return Err(AuthnError::Revoked("it is not bound to the pod it names".into()));
+            }
+        }
+        Ok(())
+    }
+
     async fn try_keys(&self, jwt: &str, alg: Algorithm, kid: Option<&str>) -> Result<Claims, AuthnError> {
         use jsonwebtoken::errors::ErrorKind as E;
         let cache = self.cache.read().await;
@@ -556,6 +636,8 @@ mod tests {
             jwks: JwksSource::Static(jwks.into()),
             ca_pem: None,
             leeway_secs: 30,
+            token_review_url: None,
+            token_reviewer_secret: None,
         }
     }
 
@@ -563,6 +645,20 @@ mod tests {
     fn config_validation() {
         let good = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"a","use":"sig","alg":"ES256","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}"#;
         assert!(cfg(good).validate().is_ok());
+        // TokenReview: an https URL and a PATH#FIELD secret, both or neither.
+        let review = |url: Option<&str>, secret: Option<&str>| {
+            let mut c = cfg(good);
+            c.token_review_url = url.map(str::to_string);
+            c.token_reviewer_secret = secret.map(str::to_string);
+            c.validate().is_ok()
+        };
+        assert!(review(Some("https://10.0.0.1:6443"), Some("kubernetes/reviewer#token")));
+        assert!(!review(Some("https://10.0.0.1:6443"), None));
+        assert!(!review(None, Some("kubernetes/reviewer#token")));
+        assert!(!review(Some("http://10.0.0.1:6443"), Some("kubernetes/reviewer#token")));
+        for bad in ["kubernetes/reviewer", "#token", "kubernetes/reviewer#", "a#b#c"] {
+            assert!(!review(Some("https://10.0.0.1:6443"), Some(bad)), "{bad}");
+        }
         let mut c = cfg(good);
         c.issuer = "http://insecure".into();
         assert!(c.validate().is_err());

@@ -457,6 +457,57 @@ fn real_serviceaccount_tokens_log_in_through_the_apiservers_own_discovery() {
     let r = mount("api-other", &other_uid, "borrowed.json");
     assert_eq!(r["grpc_error"], "PERMISSION_DENIED", "{r}");
     assert!(r.to_string().contains("own token"), "{r}");
+
+    // A deleted pod's token still verifies by its signature, until it expires...
+    let gone_uid = create_pod(&cp, "payments", "api-gone", "api");
+    let gone = sa_token(&cp, "payments", "api", Some(("api-gone", &gone_uid)));
+    cp.kubectl_ok(&["delete", "pod", "api-gone", "-n", "payments", "--grace-period=0", "--force"]);
+    assert!(login(&gone).status.success(), "without TokenReview the signature is all Keyward checks");
+    // ...so Keyward can ask the API server (TokenReview), as a reviewer bound to
+    // system:auth-delegator whose token stays encrypted in Keyward.
+    cp.kubectl_ok(&["create", "serviceaccount", "keyward-reviewer", "-n", "kube-system"]);
+    cp.kubectl_ok(&[
+        "create",
+        "clusterrolebinding",
+        "keyward-reviewer",
+        "--clusterrole=system:auth-delegator",
+        "--serviceaccount=kube-system:keyward-reviewer",
+    ]);
+    let reviewer =
+        String::from_utf8(cp.kubectl_ok(&["create", "token", "keyward-reviewer", "-n", "kube-system"])).unwrap();
+    kw(&["secret", "put", "kubernetes/reviewer", "token=-"], reviewer.trim().as_bytes());
+    kw(
+        &[
+            "auth",
+            "kubernetes",
+            "configure",
+            "--issuer",
+            &cp.url,
+            "--audience",
+            "keyward",
+            "--discovery",
+            "--ca-file",
+            &ca,
+            "--token-review-url",
+            &cp.url,
+            "--token-reviewer-secret",
+            "kubernetes/reviewer#token",
+        ],
+        b"",
+    );
+    let out = login(&gone);
+    assert!(!out.status.success(), "a deleted pod's token logged in with TokenReview on");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not accept"), "{err}");
+    // A live pod's token still logs in, and the refusal is audited with its reason.
+    let out = login(&sa_token(&cp, "payments", "api", Some(("api-7d9", &uid))));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info = common::json(&dev, &["audit", "info"]);
+    let log = keyward_test_support::audit_text(Path::new(info["file"].as_str().unwrap()));
+    assert!(
+        log.lines().any(|l| l.contains("\"deny\"") && l.contains("does not accept this ServiceAccount token")),
+        "the TokenReview refusal is audited"
+    );
 }
 
 /// The kubelet stand-in the agent tests serve has the shape of a real Pod: the API server

@@ -127,6 +127,12 @@ impl From<crate::k8s_auth::K8sAuthError> for ApiError {
                 message: "the issuer's signing keys could not be fetched; retry shortly".into(),
                 internal: Some(detail),
             },
+            E::Authn(A::ReviewUnavailable(detail)) => Self {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: "unavailable",
+                message: "the Kubernetes API server could not confirm the token (TokenReview); retry shortly".into(),
+                internal: Some(detail),
+            },
             E::Authn(a) => Self::new(StatusCode::UNAUTHORIZED, "invalid_identity", a.to_string()),
         }
     }

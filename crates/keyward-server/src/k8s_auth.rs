@@ -169,6 +169,34 @@ impl K8sAuth {
         Ok(existed)
     }
 
+    /// When the configuration asks for it, confirm `jwt` (verified as `id`) with the API
+    /// server's TokenReview, as the reviewer whose token is in the configured Keyward secret.
+    /// Without an answer the login is refused.
+    pub async fn review(
+        &self,
+        kms: &keyward_core::Kms,
+        jwt: &str,
+        id: &ServiceAccountIdentity,
+    ) -> Result<(), K8sAuthError> {
+        let (_, verifier) = self.load().await?;
+        let verifier = verifier.ok_or(K8sAuthError::NotConfigured)?;
+        let Some(secret) = verifier.config().token_reviewer_secret.clone() else { return Ok(()) };
+        let unavailable = |why: String| K8sAuthError::Authn(AuthnError::ReviewUnavailable(why));
+        let (path, field) =
+            secret.split_once('#').ok_or_else(|| unavailable("the reviewer secret is not PATH#FIELD".into()))?;
+        let value = kms
+            .get_secret(path, None)
+            .await
+            .map_err(|e| unavailable(format!("the reviewer's token (secret {path}) cannot be read: {e}")))?;
+        let reviewer = value
+            .data
+            .expose()
+            .get(field)
+            .map(|t| zeroize::Zeroizing::new(t.trim().to_string()))
+            .ok_or_else(|| unavailable(format!("the secret {path} has no field {field:?}")))?;
+        verifier.review(jwt, &reviewer, id).await.map_err(K8sAuthError::from)
+    }
+
     /// Verify `jwt` for `role`: the identity and the role it logs in with.
     pub async fn login(&self, role: &str, jwt: &str) -> Result<(ServiceAccountIdentity, Role), K8sAuthError> {
         self.login_verbose(role, jwt).await.map_err(|(_, e)| e)

@@ -227,6 +227,14 @@ pub enum K8sCmd {
         /// Clock skew tolerated on exp/nbf, seconds.
         #[arg(long)]
         leeway_secs: Option<u64>,
+        /// Confirm every login with this API server's TokenReview (an https URL, trusted with
+        /// --ca-file): the token of a deleted pod or ServiceAccount is then refused.
+        #[arg(long, requires = "token_reviewer_secret")]
+        token_review_url: Option<String>,
+        /// PATH#FIELD of the Keyward secret holding the reviewer's ServiceAccount token (bound to
+        /// `system:auth-delegator`).
+        #[arg(long, requires = "token_review_url")]
+        token_reviewer_secret: Option<String>,
     },
     /// Show the configuration.
     Show,

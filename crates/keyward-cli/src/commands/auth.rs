@@ -7,12 +7,24 @@ pub(super) async fn kubernetes(cli: &Cli, k: &K8sCmd) -> anyhow::Result<ExitCode
     let c = client(cli)?;
     let read = |p: &std::path::Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
     let v = match k {
-        K8sCmd::Configure { issuer, audience, jwks_file, jwks_url, discovery, ca_file, leeway_secs } => {
+        K8sCmd::Configure {
+            issuer,
+            audience,
+            jwks_file,
+            jwks_url,
+            discovery,
+            ca_file,
+            leeway_secs,
+            token_review_url,
+            token_reviewer_secret,
+        } => {
             let mut r = K8sConfigReq {
                 issuer: issuer.clone(),
                 audience: audience.clone(),
                 discovery: *discovery,
                 leeway_secs: *leeway_secs,
+                token_review_url: token_review_url.clone(),
+                token_reviewer_secret: token_reviewer_secret.clone(),
                 ..Default::default()
             };
             match (jwks_file, jwks_url, discovery) {

@@ -43,6 +43,8 @@ pub(super) async fn k8s_configure(
         jwks,
         ca_pem: r.ca_pem,
         leeway_secs: r.leeway_secs.unwrap_or(DEFAULT_LEEWAY_SECS),
+        token_review_url: r.token_review_url,
+        token_reviewer_secret: r.token_reviewer_secret,
     };
     let (keys, warning) = st.k8s.configure(config).await?;
     let warning =
@@ -66,6 +68,8 @@ pub(super) async fn k8s_get_config(State(st): State<AppState>, c: Caller) -> Api
         jwks,
         leeway_secs: cfg.leeway_secs,
         custom_ca: cfg.ca_pem.is_some(),
+        token_review_url: cfg.token_review_url.clone(),
+        token_reviewer_secret: cfg.token_reviewer_secret.clone(),
     })
 }
 
@@ -141,6 +145,11 @@ pub(super) async fn k8s_login(
     };
     let selectors = id.selectors();
     ctx.set_identity(&format!("{} [{}]", id.display(), selectors.join(" ")));
+    // The API server confirms the token is still its own (a deleted pod's token is refused).
+    if let Err(e) = st.k8s.review(&*st.kms()?, &r.jwt, &id).await {
+        ctx.set_decision("login", &resource, false, e.to_string());
+        return Err(e.into());
+    }
     if let Some(bad) = selectors.iter().find(|s| !keyward_core::policy::selector_ok(s)) {
         let reason = format!("the token's identity yields an unusable selector {bad:?}");
         ctx.set_decision("login", &resource, false, reason.clone());
