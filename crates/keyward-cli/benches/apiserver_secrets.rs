@@ -28,7 +28,7 @@ fn start_plugin(dir: &Path) -> Plugin {
     let socket = dir.join("kms.sock");
     let apiserver = std::fs::read(binaries().join("kube-apiserver")).unwrap();
     let uid = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap();
-    let child = Command::new(BIN)
+    let mut child = Command::new(BIN)
         .args(["kms-plugin", "--local", "--key", "k8s-secrets", "--data-dir"])
         .arg(dir.join("kms"))
         .arg("--listen")
@@ -45,7 +45,20 @@ fn start_plugin(dir: &Path) -> Plugin {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("kms-plugin never listened");
+}
+
+/// Send `req`, read the whole answer; how long it took. A failed call ends the run.
+async fn timed(req: reqwest::RequestBuilder, what: &str) -> Duration {
+    let t = Instant::now();
+    let r = req.send().await.unwrap();
+    let status = r.status();
+    let body = r.bytes().await.unwrap();
+    let took = t.elapsed();
+    assert!(status.is_success(), "{what}: {status} {}", String::from_utf8_lossy(&body));
+    took
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -68,8 +81,8 @@ async fn main() {
     );
     let planes = [("identity (no encryption)", &plain), ("KMS v2, keyward kms-plugin --local", &kms)];
     let clients: Vec<reqwest::Client> = planes.iter().map(|(_, cp)| cp.http_client()).collect();
-    let mut create = vec![Vec::with_capacity(n); 2];
-    let mut get = vec![Vec::with_capacity(n); 2];
+    let mut create: [Vec<Duration>; 2] = [Vec::with_capacity(n), Vec::with_capacity(n)];
+    let mut get: [Vec<Duration>; 2] = [Vec::with_capacity(n), Vec::with_capacity(n)];
     // Warm up each (connections, the KMS DEK).
     for (i, (_, cp)) in planes.iter().enumerate() {
         let body = serde_json::json!({"apiVersion": "v1", "kind": "Secret",
@@ -86,33 +99,19 @@ async fn main() {
     }
     for k in 0..n {
         for (i, (_, cp)) in planes.iter().enumerate() {
-            let name = format!("s-{k}");
             let body = serde_json::json!({"apiVersion": "v1", "kind": "Secret",
-                "metadata": {"name": name}, "stringData": {"password": format!("hunter2-{k}")}});
-            let url = format!("{}/api/v1/namespaces/default/secrets", cp.url);
-            let t = Instant::now();
-            let r = clients[i]
-                .post(&url)
+                "metadata": {"name": format!("s-{k}")}, "stringData": {"password": format!("hunter2-{k}")}});
+            let req = clients[i]
+                .post(format!("{}/api/v1/namespaces/default/secrets", cp.url))
                 .header("content-type", "application/json")
-                .body(body.to_string())
-                .send()
-                .await
-                .unwrap();
-            let ok = r.status().is_success();
-            let _ = r.bytes().await.unwrap();
-            create[i].push(t.elapsed());
-            assert!(ok, "create {name}");
+                .body(body.to_string());
+            create[i].push(timed(req, "create").await);
         }
     }
     for k in 0..n {
         for (i, (_, cp)) in planes.iter().enumerate() {
-            let url = format!("{}/api/v1/namespaces/default/secrets/s-{k}", cp.url);
-            let t = Instant::now();
-            let r = clients[i].get(&url).send().await.unwrap();
-            let ok = r.status().is_success();
-            let _ = r.bytes().await.unwrap();
-            get[i].push(t.elapsed());
-            assert!(ok, "get s-{k}");
+            let req = clients[i].get(format!("{}/api/v1/namespaces/default/secrets/s-{k}", cp.url));
+            get[i].push(timed(req, "get").await);
         }
     }
     println!("kube-apiserver Secrets, {n} of each operation per row, the rows alternating");
