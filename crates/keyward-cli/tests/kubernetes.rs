@@ -324,7 +324,8 @@ fn create_pod(cp: &ControlPlane, ns: &str, name: &str, sa: &str) -> String {
         "spec": {"serviceAccountName": sa, "nodeName": "node-a",
                  "containers": [{"name": "api", "image": "registry.example/payments/api:1.2"}]}
     });
-    cp.kubectl_stdin(&["create", "-f", "-"], Some(pod.to_string().as_bytes()));
+    let created = cp.kubectl_stdin(&["create", "-f", "-"], Some(pod.to_string().as_bytes()));
+    assert!(created.status.success(), "creating pod {name}: {}", String::from_utf8_lossy(&created.stderr));
     String::from_utf8(cp.kubectl_ok(&["get", "pod", name, "-n", ns, "-o", "jsonpath={.metadata.uid}"])).unwrap()
 }
 
