@@ -402,6 +402,9 @@ struct Cache {
     keys: Vec<Key>,
 }
 
+/// The largest TokenReview answer read.
+const MAX_REVIEW_BYTES: usize = 64 * 1024;
+
 /// Verifies ServiceAccount tokens for one configuration. Cheap to share; keeps the JWKS in
 /// memory and refetches on unknown `kid`s.
 pub struct Verifier {
@@ -561,11 +564,19 @@ impl Verifier {
             .await
             .map_err(|e| unavailable(format!("POST {url}: {e}")))?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| unavailable(format!("POST {url}: {e}")))?;
         if !status.is_success() {
             return Err(unavailable(format!(
                 "POST {url}: HTTP {status} (is the reviewer bound to system:auth-delegator?)"
             )));
+        }
+        // A TokenReview answer is small; a server that streams more is not one.
+        let mut resp = resp;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| unavailable(format!("POST {url}: {e}")))? {
+            bytes.extend_from_slice(&chunk);
+            if bytes.len() > MAX_REVIEW_BYTES {
+                return Err(unavailable(format!("{url} answered more than {MAX_REVIEW_BYTES} bytes")));
+            }
         }
         let review: serde_json::Value =
             serde_json::from_slice(&bytes).map_err(|_| unavailable("the TokenReview answer is not JSON".into()))?;

@@ -177,6 +177,16 @@ pub fn key_segment(name: &str) -> String {
     seg(name).replace('/', "%2F")
 }
 
+/// A name (key, alias, policy, role, node, randomized secret) as one path segment, refused
+/// when URL resolution would move it to another route (empty, `.` or `..`: their encoded forms
+/// are resolved too).
+pub(crate) fn name_segment(name: &str) -> Result<String, Error> {
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(Error::InvalidArgument(format!("{name:?} is not a name")));
+    }
+    Ok(key_segment(name))
+}
+
 /// Percent-encode one path segment (key names are already restricted; this is belt and braces).
 fn seg(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -383,7 +393,7 @@ impl Client {
 
     /// `GET /v1/keys/{name}`: a key and its versions.
     pub async fn describe_key(&self, name: &str) -> Result<api::Key, Error> {
-        self.call(reqwest::Method::GET, &fill(routes::KEY, &[&key_segment(name)]), None::<&api::Empty>).await
+        self.call(reqwest::Method::GET, &fill(routes::KEY, &[&name_segment(name)?]), None::<&api::Empty>).await
     }
 
     /// A key lifecycle action: `enable`, `disable`, `rotate`, `cancel-deletion`.
@@ -399,12 +409,12 @@ impl Client {
                 )));
             }
         };
-        self.call(reqwest::Method::POST, &fill(route, &[&key_segment(name)]), Some(&api::Empty {})).await
+        self.call(reqwest::Method::POST, &fill(route, &[&name_segment(name)?]), Some(&api::Empty {})).await
     }
 
     /// Schedule deletion after `pending_days` (server default 7).
     pub async fn schedule_deletion(&self, name: &str, pending_days: Option<u32>) -> Result<api::Key, Error> {
-        let path = fill(routes::KEY_SCHEDULE_DELETION, &[&key_segment(name)]);
+        let path = fill(routes::KEY_SCHEDULE_DELETION, &[&name_segment(name)?]);
         self.call(reqwest::Method::POST, &path, Some(&api::ScheduleDeletionReq { pending_days })).await
     }
 
@@ -416,7 +426,7 @@ impl Client {
         context: &BTreeMap<String, String>,
     ) -> Result<Encrypted, Error> {
         let body = api::EncryptReq { plaintext: Zeroizing::new(STANDARD.encode(plaintext)), context: context.clone() };
-        let path = fill(routes::KEY_ENCRYPT, &[&key_segment(key)]);
+        let path = fill(routes::KEY_ENCRYPT, &[&name_segment(key)?]);
         let o: api::Ciphertext = self.call(reqwest::Method::POST, &path, Some(&body)).await?;
         Ok(Encrypted { ciphertext: unb64(&o.ciphertext)?, key: o.key, key_version: o.key_version })
     }
@@ -462,7 +472,8 @@ impl Client {
     ) -> Result<DataKey, Error> {
         let route = if with_plaintext { routes::KEY_DATA_KEY } else { routes::KEY_DATA_KEY_WITHOUT_PLAINTEXT };
         let body = api::DataKeyReq { context: context.clone(), bytes };
-        let o: api::DataKey = self.call(reqwest::Method::POST, &fill(route, &[&key_segment(key)]), Some(&body)).await?;
+        let o: api::DataKey =
+            self.call(reqwest::Method::POST, &fill(route, &[&name_segment(key)?]), Some(&body)).await?;
         Ok(DataKey {
             plaintext: o.plaintext.as_deref().map(|p| unb64(p).map(Zeroizing::new)).transpose()?,
             ciphertext: unb64(&o.ciphertext)?,
@@ -501,6 +512,20 @@ mod tests {
 
     fn api(status: u16, code: &str) -> Error {
         Error::Api { status, code: code.into(), message: String::new(), request_id: String::new() }
+    }
+
+    /// The attack: a name that URL resolution would turn into another route (a script deleting
+    /// a role whose name a tenant chose must not delete a policy).
+    #[test]
+    fn a_name_stays_in_its_route() {
+        for bad in ["", ".", ".."] {
+            assert!(name_segment(bad).is_err(), "{bad:?}");
+        }
+        let path = fill(routes::K8S_ROLE, &[&name_segment("../../../policies/prod").unwrap()]);
+        let url = reqwest::Url::parse("http://h").unwrap().join(&path).unwrap();
+        assert_eq!(url.path(), "/v1/auth/kubernetes/roles/..%2F..%2F..%2Fpolicies%2Fprod");
+        let url = reqwest::Url::parse("http://h").unwrap().join(&fill(routes::KEY, &[&name_segment("a?b#c").unwrap()]));
+        assert_eq!(url.unwrap().path(), "/v1/keys/a%3Fb%23c");
     }
 
     #[test]

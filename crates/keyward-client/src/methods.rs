@@ -6,7 +6,7 @@ use keyward_api::routes::{self, fill};
 use keyward_api::*;
 use reqwest::Method;
 
-use crate::{Client, Error, check_path, key_segment, seg};
+use crate::{Client, Error, check_path, name_segment, seg};
 
 /// A query string from the pairs that are set, percent-encoded (`?a=1&b=x`, or nothing).
 fn query(pairs: &[(&str, Option<String>)]) -> String {
@@ -33,7 +33,7 @@ impl Client {
 
     /// `PUT /v1/auth/kubernetes/roles/{name}`.
     pub async fn k8s_put_role(&self, name: &str, r: &K8sRoleReq) -> Result<K8sRole, Error> {
-        self.call(Method::PUT, &fill(routes::K8S_ROLE, &[&seg(name)]), Some(r)).await
+        self.call(Method::PUT, &fill(routes::K8S_ROLE, &[&name_segment(name)?]), Some(r)).await
     }
 
     /// `GET /v1/auth/kubernetes/roles`.
@@ -43,12 +43,12 @@ impl Client {
 
     /// `GET /v1/auth/kubernetes/roles/{name}`.
     pub async fn k8s_role(&self, name: &str) -> Result<K8sRole, Error> {
-        self.call(Method::GET, &fill(routes::K8S_ROLE, &[&seg(name)]), None::<&Empty>).await
+        self.call(Method::GET, &fill(routes::K8S_ROLE, &[&name_segment(name)?]), None::<&Empty>).await
     }
 
     /// `DELETE /v1/auth/kubernetes/roles/{name}`.
     pub async fn k8s_delete_role(&self, name: &str) -> Result<(), Error> {
-        self.call(Method::DELETE, &fill(routes::K8S_ROLE, &[&seg(name)]), None::<&Empty>).await
+        self.call(Method::DELETE, &fill(routes::K8S_ROLE, &[&name_segment(name)?]), None::<&Empty>).await
     }
 
     /// `POST /v1/auth/kubernetes/login`.
@@ -58,7 +58,7 @@ impl Client {
 
     /// `PUT /v1/policies/{name}` with a policy document (as read from a policy file).
     pub async fn put_policy(&self, name: &str, document: &PolicyReq) -> Result<Policy, Error> {
-        self.call(Method::PUT, &fill(routes::POLICY, &[&seg(name)]), Some(document)).await
+        self.call(Method::PUT, &fill(routes::POLICY, &[&name_segment(name)?]), Some(document)).await
     }
 
     /// `GET /v1/policies`.
@@ -68,12 +68,12 @@ impl Client {
 
     /// `GET /v1/policies/{name}`.
     pub async fn policy(&self, name: &str) -> Result<Policy, Error> {
-        self.call(Method::GET, &fill(routes::POLICY, &[&seg(name)]), None::<&Empty>).await
+        self.call(Method::GET, &fill(routes::POLICY, &[&name_segment(name)?]), None::<&Empty>).await
     }
 
     /// `DELETE /v1/policies/{name}`.
     pub async fn delete_policy(&self, name: &str) -> Result<PolicyDeleted, Error> {
-        self.call(Method::DELETE, &fill(routes::POLICY, &[&seg(name)]), None::<&Empty>).await
+        self.call(Method::DELETE, &fill(routes::POLICY, &[&name_segment(name)?]), None::<&Empty>).await
     }
 
     /// `POST /v1/sys/authorize`: would this be allowed?
@@ -158,22 +158,22 @@ impl Client {
 
     /// `POST /v1/keys/{name}/sign`: a message or its SHA-256 digest.
     pub async fn sign(&self, key: &str, r: &SignReq) -> Result<Signature, Error> {
-        self.call(Method::POST, &fill(routes::KEY_SIGN, &[&key_segment(key)]), Some(r)).await
+        self.call(Method::POST, &fill(routes::KEY_SIGN, &[&name_segment(key)?]), Some(r)).await
     }
 
     /// `POST /v1/keys/{name}/verify`.
     pub async fn verify(&self, key: &str, r: &VerifyReq) -> Result<Validity, Error> {
-        self.call(Method::POST, &fill(routes::KEY_VERIFY, &[&key_segment(key)]), Some(r)).await
+        self.call(Method::POST, &fill(routes::KEY_VERIFY, &[&name_segment(key)?]), Some(r)).await
     }
 
     /// `POST /v1/keys/{name}/mac`.
     pub async fn mac(&self, key: &str, r: &MessageReq) -> Result<Mac, Error> {
-        self.call(Method::POST, &fill(routes::KEY_MAC, &[&key_segment(key)]), Some(r)).await
+        self.call(Method::POST, &fill(routes::KEY_MAC, &[&name_segment(key)?]), Some(r)).await
     }
 
     /// `POST /v1/keys/{name}/verify-mac`.
     pub async fn verify_mac(&self, key: &str, r: &VerifyMacReq) -> Result<Validity, Error> {
-        self.call(Method::POST, &fill(routes::KEY_VERIFY_MAC, &[&key_segment(key)]), Some(r)).await
+        self.call(Method::POST, &fill(routes::KEY_VERIFY_MAC, &[&name_segment(key)?]), Some(r)).await
     }
 
     /// `POST /v1/random`.
@@ -189,12 +189,12 @@ impl Client {
 
     /// `PATCH /v1/keys/{name}`.
     pub async fn update_key(&self, name: &str, r: &UpdateKeyReq) -> Result<Key, Error> {
-        self.call(Method::PATCH, &fill(routes::KEY, &[&key_segment(name)]), Some(r)).await
+        self.call(Method::PATCH, &fill(routes::KEY, &[&name_segment(name)?]), Some(r)).await
     }
 
     /// `PUT /v1/keys/{name}/rotation-policy` (`rotate_every: None` turns rotation off).
     pub async fn set_rotation(&self, name: &str, r: &RotationPolicyReq) -> Result<Key, Error> {
-        self.call(Method::PUT, &fill(routes::KEY_ROTATION_POLICY, &[&key_segment(name)]), Some(r)).await
+        self.call(Method::PUT, &fill(routes::KEY_ROTATION_POLICY, &[&name_segment(name)?]), Some(r)).await
     }
 
     /// `GET /v1/aliases`.
@@ -204,12 +204,12 @@ impl Client {
 
     /// `PUT /v1/aliases/{name}`: point `alias/NAME` (give NAME) at a key.
     pub async fn set_alias(&self, name: &str, r: &AliasReq) -> Result<AliasSet, Error> {
-        self.call(Method::PUT, &fill(routes::ALIAS, &[&key_segment(name)]), Some(r)).await
+        self.call(Method::PUT, &fill(routes::ALIAS, &[&name_segment(name)?]), Some(r)).await
     }
 
     /// `DELETE /v1/aliases/{name}` (give NAME of `alias/NAME`).
     pub async fn delete_alias(&self, name: &str) -> Result<AliasDeleted, Error> {
-        self.call(Method::DELETE, &fill(routes::ALIAS, &[&key_segment(name)]), None::<&Empty>).await
+        self.call(Method::DELETE, &fill(routes::ALIAS, &[&name_segment(name)?]), None::<&Empty>).await
     }
 
     /// `POST /v1/auth/agent/join-token`: a one-time token for a node's agent.
@@ -224,7 +224,7 @@ impl Client {
 
     /// `POST /v1/agents/{node}/revoke`.
     pub async fn revoke_node(&self, node: &str) -> Result<NodeRevoked, Error> {
-        self.call(Method::POST, &fill(routes::AGENT_REVOKE, &[&key_segment(node)]), Some(&Empty {})).await
+        self.call(Method::POST, &fill(routes::AGENT_REVOKE, &[&name_segment(node)?]), Some(&Empty {})).await
     }
 
     /// `GET /v1/sys/audit`: the audit log's head and chain key.
@@ -283,16 +283,16 @@ impl Client {
 
     /// `PUT /v1/randomized/{name}`: define a randomized secret.
     pub async fn define_randomized(&self, name: &str, r: &RandomizedReq) -> Result<RandomizedDefinition, Error> {
-        self.call(Method::PUT, &fill(routes::RANDOMIZED, &[&key_segment(name)]), Some(r)).await
+        self.call(Method::PUT, &fill(routes::RANDOMIZED, &[&name_segment(name)?]), Some(r)).await
     }
 
     /// `GET /v1/randomized/{name}/definition`.
     pub async fn randomized_definition(&self, name: &str) -> Result<RandomizedDefinition, Error> {
-        self.call(Method::GET, &fill(routes::RANDOMIZED_DEFINITION, &[&key_segment(name)]), None::<&Empty>).await
+        self.call(Method::GET, &fill(routes::RANDOMIZED_DEFINITION, &[&name_segment(name)?]), None::<&Empty>).await
     }
 
     /// `GET /v1/randomized/{name}`: this caller's value.
     pub async fn randomized(&self, name: &str) -> Result<RandomizedValue, Error> {
-        self.call(Method::GET, &fill(routes::RANDOMIZED, &[&key_segment(name)]), None::<&Empty>).await
+        self.call(Method::GET, &fill(routes::RANDOMIZED, &[&name_segment(name)?]), None::<&Empty>).await
     }
 }

@@ -169,17 +169,15 @@ impl K8sAuth {
         Ok(existed)
     }
 
-    /// When the configuration asks for it, confirm `jwt` (verified as `id`) with the API
-    /// server's TokenReview, as the reviewer whose token is in the configured Keyward secret.
-    /// Without an answer the login is refused.
-    pub async fn review(
-        &self,
+    /// When the configuration asks for it, confirm `jwt` (verified as `id` by `verifier`) with
+    /// the API server's TokenReview, as the reviewer whose token is in the configured Keyward
+    /// secret. Without an answer the login is refused.
+    async fn review(
         kms: &keyward_core::Kms,
+        verifier: &Verifier,
         jwt: &str,
         id: &ServiceAccountIdentity,
     ) -> Result<(), K8sAuthError> {
-        let (_, verifier) = self.load().await?;
-        let verifier = verifier.ok_or(K8sAuthError::NotConfigured)?;
         let Some(secret) = verifier.config().token_reviewer_secret.clone() else { return Ok(()) };
         let unavailable = |why: String| K8sAuthError::Authn(AuthnError::ReviewUnavailable(why));
         let (path, field) =
@@ -197,15 +195,14 @@ impl K8sAuth {
         verifier.review(jwt, &reviewer, id).await.map_err(K8sAuthError::from)
     }
 
-    /// Verify `jwt` for `role`: the identity and the role it logs in with.
-    pub async fn login(&self, role: &str, jwt: &str) -> Result<(ServiceAccountIdentity, Role), K8sAuthError> {
-        self.login_verbose(role, jwt).await.map_err(|(_, e)| e)
-    }
-
-    /// As [`K8sAuth::login`]; a refusal after the token verified also returns the verified
-    /// identity, so that the refusal is audited with the claims and not as anonymous.
+    /// Verify `jwt` for `role`: the identity and the role it logs in with. Every way in (a
+    /// login, an agent's join) goes through here, so none skips a step: the signature and
+    /// claims, the role's bindings, then the API server's TokenReview when configured, all
+    /// under one snapshot of the configuration. A refusal after the token verified also
+    /// returns the verified identity, so that it is audited with the claims, not as anonymous.
     pub async fn login_verbose(
         &self,
+        kms: &keyward_core::Kms,
         role: &str,
         jwt: &str,
     ) -> Result<(ServiceAccountIdentity, Role), (Option<ServiceAccountIdentity>, K8sAuthError)> {
@@ -215,6 +212,9 @@ impl K8sAuth {
         let id = verifier.verify(jwt).await.map_err(|e| (None, e.into()))?;
         if let Err(e) = r.check(&id) {
             return Err((Some(id), e.into()));
+        }
+        if let Err(e) = Self::review(kms, &verifier, jwt, &id).await {
+            return Err((Some(id), e));
         }
         Ok((id, r))
     }

@@ -151,7 +151,7 @@ impl ControlPlane {
             if let Some(st) = self.apiserver.as_mut().and_then(|c| c.try_wait().unwrap()) {
                 panic!("kube-apiserver exited ({st}):\n{}", self.log_tail());
             }
-            let o = self.kubectl(&["get", "--raw", "/readyz"]);
+            let o = self.kubectl(&["--request-timeout=5s", "get", "--raw", "/readyz"]);
             if o.status.success() && o.stdout.starts_with(b"ok") {
                 return;
             }

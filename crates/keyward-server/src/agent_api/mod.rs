@@ -281,7 +281,7 @@ async fn node_from_service_account(
     ctx: &AuditCtx,
     k: &K8sJoin,
 ) -> Result<String, ApiError> {
-    let (id, role) = match st.k8s.login_verbose(&k.role, &k.jwt).await {
+    let (id, role) = match st.k8s.login_verbose(kms, &k.role, &k.jwt).await {
         Ok(v) => v,
         Err((verified, e)) => {
             if let Some(id) = verified {
