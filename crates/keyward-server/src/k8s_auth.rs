@@ -46,6 +46,9 @@ pub enum K8sAuthError {
 pub struct K8sAuth {
     store: Arc<dyn Store>,
     cached: RwLock<Option<(Doc, Option<Arc<Verifier>>)>>,
+    /// Bumped by every change and invalidation: a load that read the store before one does
+    /// not cache what it read (it could put back a document older than the change).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for K8sAuth {
@@ -61,24 +64,30 @@ fn corrupt(e: serde_json::Error) -> K8sAuthError {
 impl K8sAuth {
     /// The method over `store`.
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store, cached: RwLock::new(None) }
+        Self { store, cached: RwLock::new(None), generation: std::sync::atomic::AtomicU64::new(0) }
     }
 
     /// Forget the cached document (another server changed it).
     pub async fn invalidate(&self) {
-        *self.cached.write().await = None;
+        let mut cached = self.cached.write().await;
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        *cached = None;
     }
 
     async fn load(&self) -> Result<(Doc, Option<Arc<Verifier>>), K8sAuthError> {
         if let Some(c) = self.cached.read().await.as_ref() {
             return Ok(c.clone());
         }
+        let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
         let doc: Doc = match self.store.get_meta(META).await.map_err(KmsError::from)? {
             Some(raw) => serde_json::from_slice(&raw).map_err(corrupt)?,
             None => Doc::default(),
         };
         let verifier = doc.config.clone().map(Verifier::new).transpose()?.map(Arc::new);
-        *self.cached.write().await = Some((doc.clone(), verifier.clone()));
+        let mut cached = self.cached.write().await;
+        if self.generation.load(std::sync::atomic::Ordering::SeqCst) == generation {
+            *cached = Some((doc.clone(), verifier.clone()));
+        }
         Ok((doc, verifier))
     }
 
@@ -104,7 +113,9 @@ impl K8sAuth {
             .map_err(KmsError::from)?;
             if stored {
                 let verifier = doc.config.clone().map(Verifier::new).transpose()?.map(Arc::new);
-                *self.cached.write().await = Some((doc.clone(), verifier));
+                let mut cached = self.cached.write().await;
+                self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                *cached = Some((doc.clone(), verifier));
                 return Ok(doc);
             }
         }
