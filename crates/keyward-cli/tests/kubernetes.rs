@@ -366,24 +366,14 @@ fn real_serviceaccount_tokens_log_in_through_the_apiservers_own_discovery() {
     let dev = start_dev(&dir.path().join("dev"));
     let kw = |args: &[&str], stdin: &[u8]| common::ok(&dev, args, stdin);
     let ca = cp.ca.display().to_string();
-    let configured: Value = serde_json::from_slice(&kw(
-        &[
-            "auth",
-            "kubernetes",
-            "configure",
-            "--issuer",
-            &cp.url,
-            "--audience",
-            "keyward",
-            "--discovery",
-            "--ca-file",
-            &ca,
-            "-o",
-            "json",
-        ],
-        b"",
-    ))
-    .unwrap();
+    // Keyward's Kubernetes auth, from the API server's own discovery, with more options.
+    let configure = |more: &[&str]| {
+        let mut args = vec!["auth", "kubernetes", "configure", "--issuer", &cp.url, "--audience", "keyward"];
+        args.extend(["--discovery", "--ca-file", &ca, "-o", "json"]);
+        args.extend(more);
+        kw(&args, b"")
+    };
+    let configured: Value = serde_json::from_slice(&configure(&[])).unwrap();
     assert!(configured["keys"].as_u64().unwrap() >= 1, "the API server's signing key was fetched: {configured}");
     assert!(configured.get("warning").is_none(), "{configured}");
     kw(&["secret", "put", "payments/db", "password=hunter2"], b"");
@@ -494,25 +484,8 @@ fn real_serviceaccount_tokens_log_in_through_the_apiservers_own_discovery() {
     let reviewer =
         String::from_utf8(cp.kubectl_ok(&["create", "token", "keyward-reviewer", "-n", "kube-system"])).unwrap();
     kw(&["secret", "put", "kubernetes/reviewer", "token=-"], reviewer.trim().as_bytes());
-    kw(
-        &[
-            "auth",
-            "kubernetes",
-            "configure",
-            "--issuer",
-            &cp.url,
-            "--audience",
-            "keyward",
-            "--discovery",
-            "--ca-file",
-            &ca,
-            "--token-review-url",
-            &cp.url,
-            "--token-reviewer-secret",
-            "kubernetes/reviewer#token",
-        ],
-        b"",
-    );
+    let url = cp.url.clone();
+    configure(&["--token-review-url", &url, "--token-reviewer-secret", "kubernetes/reviewer#token"]);
     let out = login(&gone);
     assert!(!out.status.success(), "a deleted pod's token logged in with TokenReview on");
     let err = String::from_utf8_lossy(&out.stderr);
