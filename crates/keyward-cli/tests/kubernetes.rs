@@ -362,6 +362,10 @@ fn real_serviceaccount_tokens_log_in_through_the_apiservers_own_discovery() {
     cp.kubectl_ok(&["create", "namespace", "payments"]);
     cp.kubectl_ok(&["create", "serviceaccount", "api", "-n", "payments"]);
     cp.kubectl_ok(&["create", "serviceaccount", "intruder", "-n", "default"]);
+    // The node the pods are bound to, so that pod-bound tokens name it (as agents' tokens do).
+    let node = serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"}});
+    let created = cp.kubectl_stdin(&["create", "-f", "-"], Some(node.to_string().as_bytes()));
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
 
     let dev = start_dev(&dir.path().join("dev"));
     let kw = |args: &[&str], stdin: &[u8]| common::ok(&dev, args, stdin);
@@ -490,6 +494,52 @@ fn real_serviceaccount_tokens_log_in_through_the_apiservers_own_discovery() {
     assert!(!out.status.success(), "a deleted pod's token logged in with TokenReview on");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not accept"), "{err}");
+    // An agent joining with its pod's token goes through the same review: it joins while its
+    // pod exists, and its token no longer joins once the pod is deleted.
+    kw(&["policy", "put", "agents-join", "-"], br#"{"rules": [{"resources": ["agents/*"], "operations": ["join"]}]}"#);
+    kw(
+        &[
+            "auth",
+            "kubernetes",
+            "role",
+            "put",
+            "agent",
+            "--namespace",
+            "payments",
+            "--service-account",
+            "api",
+            "--policy",
+            "agents-join",
+        ],
+        b"",
+    );
+    let agent_uid = create_pod(&cp, "payments", "agent-pod", "api");
+    let agent_jwt = sa_token(&cp, "payments", "api", Some(("agent-pod", &agent_uid)));
+    let join = || {
+        let body = serde_json::json!({"kubernetes": {"role": "agent", "jwt": agent_jwt},
+            "public_key": STANDARD.encode([7u8; 32])});
+        let out = Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}", "-H", "content-type: application/json", "-d"])
+            .arg(body.to_string())
+            .arg(format!("{}/v1/auth/agent/join", dev.addr))
+            .output()
+            .expect("curl is needed by this test");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let joined = join();
+    assert!(joined.ends_with("\n201") && joined.contains("node-a"), "{joined}");
+    cp.kubectl_ok(&["delete", "pod", "agent-pod", "-n", "payments", "--grace-period=0", "--force"]);
+    // The API server caches a successful token authentication for 10 s, so the refusal comes
+    // once that has passed.
+    let mut refused = join();
+    let deleted = Instant::now();
+    while !refused.ends_with("\n401") && deleted.elapsed() < Duration::from_secs(40) {
+        std::thread::sleep(Duration::from_secs(2));
+        refused = join();
+    }
+    assert!(refused.contains("does not accept"), "a deleted agent pod's token joined: {refused}");
+    println!("a deleted agent pod's token was refused {:?} after the deletion", deleted.elapsed());
+
     // A live pod's token still logs in, and the refusal is audited with its reason.
     let live = sa_token(&cp, "payments", "api", Some(("api-7d9", &uid)));
     let out = login(&live);
