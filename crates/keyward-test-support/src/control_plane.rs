@@ -32,11 +32,6 @@ pub fn binaries() -> PathBuf {
     dir
 }
 
-/// The `kubectl` built with the API server (the same release).
-pub fn kubectl_bin() -> PathBuf {
-    binaries().join("kubectl")
-}
-
 /// How the API server encrypts Secrets.
 #[derive(Debug, Clone)]
 pub enum Encryption {
@@ -107,8 +102,8 @@ impl ControlPlane {
             std::fs::write(&config, encryption_config(name, socket)).unwrap();
             args.push(format!("--encryption-provider-config={}", config.display()));
         }
-        let mut cp = Self { dir, url, etcd_url, kubeconfig, ca: PathBuf::new(), bin, etcd, apiserver: None, args };
-        cp.ca = cp.dir.join("ca.pem");
+        let ca = dir.join("ca.pem");
+        let mut cp = Self { dir, url, etcd_url, kubeconfig, ca, bin, etcd, apiserver: None, args };
         cp.start_apiserver();
         cp
     }
@@ -133,16 +128,6 @@ impl ControlPlane {
             let _ = c.kill();
             let _ = c.wait();
         }
-    }
-
-    /// The API server's process id.
-    pub fn apiserver_pid(&self) -> u32 {
-        self.apiserver.as_ref().expect("the API server is running").id()
-    }
-
-    /// The path of the `kube-apiserver` executable.
-    pub fn apiserver_bin(&self) -> PathBuf {
-        self.bin.join("kube-apiserver")
     }
 
     fn wait_ready(&mut self, limit: Duration) {
